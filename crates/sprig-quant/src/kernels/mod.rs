@@ -1,0 +1,144 @@
+//! Quantized matrix products `out[t, r] = sum_k W[r, k] * x[t, k]` on int8-quantized activations.
+//!
+//! One entry point, [`gemm`], serves decode (one token: a GEMV) and prefill (many tokens: each weight row is
+//! loaded once and reused against every token while it sits in L1). The instruction set is picked at runtime
+//! ([`Isa::detect`]); `SPRIG_CPU=scalar|avx2|avx512` forces one, and tests check each against [`scalar`].
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use std::sync::OnceLock;
+
+use crate::activation::QuantizedActivations;
+use crate::scheme::QMatrix;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C: `vpmaddubsw` integer dot products.
+    Avx2,
+    /// AVX-512 VNNI (256-bit, with VL): `vpdpbusd`.
+    Avx512Vnni,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512",
+        }
+    }
+
+    /// Every ISA this CPU can run, best last.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx2() {
+                v.push(Isa::Avx2);
+            }
+            if x86::has_avx512_vnni() {
+                v.push(Isa::Avx512Vnni);
+            }
+        }
+        v
+    }
+
+    /// The best available ISA, or the one `SPRIG_CPU` names (an unknown or unavailable name is an error).
+    pub fn detect() -> Result<Isa, String> {
+        let avail = Self::available();
+        match std::env::var("SPRIG_CPU") {
+            Ok(name) if !name.is_empty() => avail
+                .iter()
+                .copied()
+                .find(|i| i.name() == name)
+                .ok_or_else(|| format!("SPRIG_CPU={name}: not available on this CPU (available: {})",
+                    avail.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "))),
+            _ => Ok(*avail.last().unwrap()),
+        }
+    }
+
+    /// [`Isa::detect`] once per process; falls back to the best ISA if `SPRIG_CPU` is invalid.
+    pub fn current() -> Isa {
+        static ISA: OnceLock<Isa> = OnceLock::new();
+        *ISA.get_or_init(|| Isa::detect().unwrap_or_else(|_| *Self::available().last().unwrap()))
+    }
+}
+
+/// `out[t * ldo + r] = W[r] · x[t]` for every row `r < w.rows` and token `t < x.rows`.
+///
+/// Panics if the shapes disagree or `out` is too short (callers validate shapes at load time).
+pub fn gemm(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out: &mut [f32], ldo: usize) {
+    assert_eq!(w.cols, x.cols, "gemm: weight has {} inputs, activation {}", w.cols, x.cols);
+    assert!(ldo >= w.rows, "gemm: ldo");
+    if x.rows == 0 || w.rows == 0 {
+        return;
+    }
+    assert!(out.len() >= (x.rows - 1) * ldo + w.rows, "gemm: output too short");
+    match isa {
+        Isa::Scalar => scalar::gemm(w, x, out, ldo),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            assert!(x86::has_avx2(), "AVX2 not available");
+            // SAFETY: AVX2/FMA/F16C presence checked just above; shapes checked at the top of this fn.
+            unsafe { x86::gemm_avx2(w, x, out.as_mut_ptr(), ldo) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => {
+            assert!(x86::has_avx512_vnni(), "AVX-512 VNNI not available");
+            // SAFETY: AVX-512 VNNI/VL presence checked just above; shapes checked at the top of this fn.
+            unsafe { x86::gemm_vnni(w, x, out.as_mut_ptr(), ldo) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => scalar::gemm(w, x, out, ldo),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quantize::quantize;
+    use crate::scheme::Scheme;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn every_isa_matches_scalar_on_odd_shapes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for &(rows, cols, toks) in &[(1, 32, 1), (3, 31, 2), (17, 172, 5), (64, 576, 1), (5, 100, 9), (2, 33, 3)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let x: Vec<f32> = (0..toks * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
+            let mut xq = QuantizedActivations::default();
+            xq.quantize(&x, toks, cols);
+            for scheme in [Scheme::Q4, Scheme::Q4A, Scheme::Q8, Scheme::Q8A] {
+                let q = quantize(&w, rows, cols, scheme);
+                let ldo = rows + 3;
+                let mut reference = vec![0.0; toks * ldo];
+                gemm(Isa::Scalar, &q.view(), &xq, &mut reference, ldo);
+                // The scalar kernel itself against plain f32 math on the dequantized operands.
+                let wd = q.view().dequantize();
+                for t in 0..toks {
+                    for r in 0..rows {
+                        let mut exact = 0.0f64;
+                        for k in 0..cols {
+                            let nb = xq.nb();
+                            let b = t * nb + k / 32;
+                            let xv = xq.d[b] * xq.qs[t * nb * 32 + k] as f32;
+                            exact += wd[r * cols + k] as f64 * xv as f64;
+                        }
+                        let got = reference[t * ldo + r] as f64;
+                        assert!((got - exact).abs() <= 1e-3 * (1.0 + exact.abs()), "{scheme:?} scalar {got} vs {exact}");
+                    }
+                }
+                for isa in Isa::available() {
+                    let mut out = vec![0.0; toks * ldo];
+                    gemm(isa, &q.view(), &xq, &mut out, ldo);
+                    for (a, b) in out.iter().zip(&reference) {
+                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{isa:?} {scheme:?} {rows}x{cols}x{toks}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+}

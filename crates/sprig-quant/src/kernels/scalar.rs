@@ -1,0 +1,33 @@
+//! Portable reference kernel: exact integer block sums, f32 accumulation. Every SIMD kernel is tested
+//! against this one.
+
+use crate::activation::QuantizedActivations;
+use crate::scheme::{QMatrix, BLOCK};
+
+pub fn dot_row(w: &QMatrix, r: usize, x: &QuantizedActivations, t: usize) -> f32 {
+    let nb = w.nb();
+    let xq = x.row_qs(t);
+    let (xd, xs) = (x.row_d(t), x.row_sum(t));
+    let mut acc = 0.0f32;
+    for b in 0..nb {
+        let i = r * nb + b;
+        let xb = &xq[b * BLOCK..(b + 1) * BLOCK];
+        let isum: i32 = if w.scheme.is_int4() {
+            let q = &w.qs[i * 16..(i + 1) * 16];
+            (0..16).map(|j| (q[j] & 0x0f) as i32 * xb[j] as i32 + (q[j] >> 4) as i32 * xb[j + 16] as i32).sum()
+        } else {
+            let q = &w.qs[i * 32..(i + 1) * 32];
+            (0..32).map(|j| q[j] as i8 as i32 * xb[j] as i32).sum()
+        };
+        acc += w.scales[i].to_f32() * xd[b] * isum as f32 + w.eff_min(i) * xs[b];
+    }
+    acc
+}
+
+pub fn gemm(w: &QMatrix, x: &QuantizedActivations, out: &mut [f32], ldo: usize) {
+    for r in 0..w.rows {
+        for t in 0..x.rows {
+            out[t * ldo + r] = dot_row(w, r, x, t);
+        }
+    }
+}

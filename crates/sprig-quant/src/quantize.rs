@@ -1,0 +1,231 @@
+//! f32 → native int4/int8 with a per-group scale search that minimises squared error.
+//!
+//! Plain absmax (`d = max|x| / 8`, what GGUF's reference Q4_0 quantizer does) wastes a code level on the one
+//! extreme value. For each group we instead try a fan of candidate scales around absmax, re-fit the scale by
+//! least squares for the codes each candidate produces, round it to f16, and keep the one with the smallest
+//! reconstruction error (the same idea as ggml's `make_qx_quants`/`make_qkx2_quants`, written from the math).
+
+use half::f16;
+
+use crate::scheme::{blocks_per_row, QMatrixOwned, Scheme, BLOCK};
+
+/// Quantizes a row-major `rows x cols` f32 matrix.
+pub fn quantize(x: &[f32], rows: usize, cols: usize, scheme: Scheme) -> QMatrixOwned {
+    assert_eq!(x.len(), rows * cols, "matrix size");
+    let mut out = QMatrixOwned::new(scheme, rows, cols);
+    let nb = blocks_per_row(cols);
+    let qpb = scheme.qs_bytes_per_block();
+    for r in 0..rows {
+        for b in 0..nb {
+            let mut group = [0.0f32; BLOCK];
+            let src = &x[r * cols + b * BLOCK..r * cols + ((b + 1) * BLOCK).min(cols)];
+            group[..src.len()].copy_from_slice(src);
+            let i = r * nb + b;
+            let qs = &mut out.qs[i * qpb..(i + 1) * qpb];
+            match scheme {
+                Scheme::Q4 => {
+                    let (d, codes) = search_symmetric(&group, 8);
+                    out.scales[i] = d;
+                    pack_q4(&codes.map(|c| (c + 8) as u8), qs);
+                }
+                Scheme::Q8 => {
+                    let (d, codes) = search_symmetric(&group, 127);
+                    out.scales[i] = d;
+                    for (o, c) in qs.iter_mut().zip(codes) {
+                        *o = c as i8 as u8;
+                    }
+                }
+                Scheme::Q4A => {
+                    let (d, m, codes) = search_asymmetric(&group, 15);
+                    out.scales[i] = d;
+                    out.mins.as_mut().unwrap()[i] = m;
+                    pack_q4(&codes.map(|c| c as u8), qs);
+                }
+                Scheme::Q8A => {
+                    let (d, m, codes) = search_asymmetric(&group, 255);
+                    // int8 codes are signed: shift the range down by 128 and fold it into the min.
+                    let m2 = f16::from_f32(m.to_f32() + 128.0 * d.to_f32());
+                    out.scales[i] = d;
+                    out.mins.as_mut().unwrap()[i] = m2;
+                    for (o, c) in qs.iter_mut().zip(codes) {
+                        *o = (c - 128) as i8 as u8;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Packs 32 codes 0..15 into 16 bytes: byte j = code j | code j+16 << 4.
+pub fn pack_q4(codes: &[u8; BLOCK], out: &mut [u8]) {
+    for j in 0..BLOCK / 2 {
+        out[j] = (codes[j] & 0x0f) | (codes[j + BLOCK / 2] << 4);
+    }
+}
+
+fn sse_sym(x: &[f32; BLOCK], d: f32, codes: &[i32; BLOCK]) -> f32 {
+    x.iter().zip(codes).map(|(v, &q)| (v - d * q as f32).powi(2)).sum()
+}
+
+fn codes_sym(x: &[f32; BLOCK], id: f32, nmax: i32) -> [i32; BLOCK] {
+    // Codes span [-nmax, nmax-1] for int4 (so -8..7) and [-127, 127] for int8.
+    let hi = if nmax == 8 { 7 } else { nmax };
+    x.map(|v| ((v * id).round() as i32).clamp(-nmax, hi))
+}
+
+/// Returns the f16 scale and codes (in `[-nmax, nmax)`) minimising the group's squared error.
+pub fn search_symmetric(x: &[f32; BLOCK], nmax: i32) -> (f16, [i32; BLOCK]) {
+    let (mut amax, mut vmax) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            vmax = v;
+        }
+    }
+    if amax == 0.0 {
+        return (f16::ZERO, [0; BLOCK]);
+    }
+    let mut best = (f16::ZERO, [0i32; BLOCK], f32::INFINITY);
+    let n = nmax as f32;
+    // Candidates: the extreme value mapped to -n (GGUF style) or to n-1, and a fan of 0.1-step shrinks.
+    for step in -10..=10 {
+        for target in [-n, n - 1.0] {
+            let t = target + step as f32 * 0.1 * target.signum();
+            if t.abs() < 1.0 {
+                continue;
+            }
+            let id = t / vmax;
+            let codes = codes_sym(x, id, nmax);
+            // Least-squares scale for these codes.
+            let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
+            for (v, &q) in x.iter().zip(&codes) {
+                sxq += v * q as f32;
+                sqq += (q * q) as f32;
+            }
+            if sqq == 0.0 {
+                continue;
+            }
+            let d = f16::from_f32(sxq / sqq);
+            let err = sse_sym(x, d.to_f32(), &codes);
+            if err < best.2 {
+                best = (d, codes, err);
+            }
+        }
+    }
+    (best.0, best.1)
+}
+
+/// Returns f16 scale `d`, f16 min `m` and codes in `0..=nmax` minimising `sum (d*q + m - x)^2`.
+pub fn search_asymmetric(x: &[f32; BLOCK], nmax: i32) -> (f16, f16, [i32; BLOCK]) {
+    let lo = x.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if hi - lo <= 0.0 {
+        return (f16::ZERO, f16::from_f32(lo), [0; BLOCK]);
+    }
+    let n = nmax as f32;
+    let mut best = (f16::ZERO, f16::from_f32(lo), [0i32; BLOCK], f32::INFINITY);
+    for step in -10..=10 {
+        let iscale = (n + step as f32 * 0.1) / (hi - lo);
+        if iscale <= 0.0 {
+            continue;
+        }
+        let codes = x.map(|v| ((v - lo) * iscale).round().clamp(0.0, n) as i32);
+        // Least squares for (d, m): [sqq sq; sq N] [d m]^T = [sxq sx]^T.
+        let (mut sq, mut sqq, mut sx, mut sxq) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+        for (v, &q) in x.iter().zip(&codes) {
+            let (v, q) = (*v as f64, q as f64);
+            sq += q;
+            sqq += q * q;
+            sx += v;
+            sxq += v * q;
+        }
+        let nn = BLOCK as f64;
+        let det = sqq * nn - sq * sq;
+        if det.abs() < 1e-12 {
+            continue;
+        }
+        let d = f16::from_f32(((sxq * nn - sq * sx) / det) as f32);
+        // Re-fit the min for the rounded scale so f16 rounding of d is compensated.
+        let m = f16::from_f32(((sx - d.to_f64() * sq) / nn) as f32);
+        let (df, mf) = (d.to_f32(), m.to_f32());
+        let err: f32 = x.iter().zip(&codes).map(|(v, &q)| (df * q as f32 + mf - v).powi(2)).sum();
+        if err < best.3 {
+            best = (d, m, codes, err);
+        }
+    }
+    (best.0, best.1, best.2)
+}
+
+/// GGUF-reference-style Q4_0 (`d = max / -8`, no search), kept to measure what the search buys.
+pub fn quantize_absmax_q4(x: &[f32], rows: usize, cols: usize) -> QMatrixOwned {
+    let mut out = QMatrixOwned::new(Scheme::Q4, rows, cols);
+    let nb = blocks_per_row(cols);
+    for r in 0..rows {
+        for b in 0..nb {
+            let mut g = [0.0f32; BLOCK];
+            let src = &x[r * cols + b * BLOCK..r * cols + ((b + 1) * BLOCK).min(cols)];
+            g[..src.len()].copy_from_slice(src);
+            let vmax = g.iter().copied().fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+            let d = vmax / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let codes = g.map(|v| ((v * id + 8.5) as i32).min(15) as u8);
+            let i = r * nb + b;
+            out.scales[i] = f16::from_f32(d);
+            pack_q4(&codes, &mut out.qs[i * 16..(i + 1) * 16]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rms_err(a: &[f32], b: &[f32]) -> f64 {
+        (a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>() / a.len() as f64).sqrt()
+    }
+
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                let (u, v): (f32, f32) = (rng.gen_range(1e-7..1.0), rng.gen());
+                (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn search_beats_absmax_q4() {
+        let (rows, cols) = (64, 300); // ragged last group
+        let x = gaussian(rows * cols, 1);
+        let searched = quantize(&x, rows, cols, Scheme::Q4).view().dequantize();
+        let absmax = quantize_absmax_q4(&x, rows, cols).view().dequantize();
+        let (e1, e2) = (rms_err(&x, &searched), rms_err(&x, &absmax));
+        assert!(e1 < e2 * 0.95, "search {e1} vs absmax {e2}");
+    }
+
+    #[test]
+    fn all_schemes_roundtrip_within_their_precision() {
+        let (rows, cols) = (8, 70);
+        let x = gaussian(rows * cols, 2);
+        for (scheme, tol) in [(Scheme::Q4, 0.12), (Scheme::Q4A, 0.12), (Scheme::Q8, 0.01), (Scheme::Q8A, 0.01)] {
+            let q = quantize(&x, rows, cols, scheme);
+            q.view().validate().unwrap();
+            let e = rms_err(&x, &q.view().dequantize());
+            assert!(e < tol, "{scheme:?}: rms err {e}");
+        }
+    }
+
+    #[test]
+    fn zero_and_constant_groups() {
+        let x = vec![0.0f32; 64];
+        let q = quantize(&x, 2, 32, Scheme::Q4);
+        assert!(q.view().dequantize().iter().all(|&v| v == 0.0));
+        let x = vec![0.5f32; 32];
+        let q = quantize(&x, 1, 32, Scheme::Q4A);
+        assert!(q.view().dequantize().iter().all(|&v| (v - 0.5).abs() < 1e-3));
+    }
+}
