@@ -424,7 +424,12 @@ impl ModelFile {
     /// A view of tensor `name`; 1-D float tensors are returned as one row.
     pub fn weight(&self, name: &str) -> Result<WeightView<'_>> {
         let e = self.entries.get(name).ok_or_else(|| FormatError::tensor(name, "missing from the model file"))?;
-        Ok(match e {
+        Ok(self.view(e))
+    }
+
+    /// A view of an entry of this file (no name lookup: for hot paths that keep the entry).
+    pub fn view(&self, e: &TensorEntry) -> WeightView<'_> {
+        match e {
             TensorEntry::Float { dtype, shape, range } => {
                 let cols = *shape.last().unwrap();
                 let rows = shape.iter().product::<usize>() / cols;
@@ -444,7 +449,7 @@ impl ModelFile {
                 scales: bytemuck::cast_slice(self.bytes(*scale)),
                 mins: min.map(|m| bytemuck::cast_slice(self.bytes(m))),
             }),
-        })
+        }
     }
 
     /// Total bits per weight over every weight tensor.

@@ -1,0 +1,362 @@
+//! The CPU backend: quantized weights are used in place from the memory map, activations are quantized to int8
+//! per row on the fly (once per tensor, shared by every linear that reads it), and rows of each matrix product are
+//! split across a persistent thread pool.
+
+mod math;
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use sprig_format::{ModelFile, TensorEntry, WeightView};
+use sprig_quant::kernels::{self, Isa};
+use sprig_quant::QuantizedActivations;
+
+use crate::{Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeParams};
+
+pub struct CpuBackend {
+    pool: rayon::ThreadPool,
+    threads: usize,
+    isa: Isa,
+}
+
+impl CpuBackend {
+    /// `threads = 0` means one per physical core.
+    pub fn new(threads: usize) -> Result<Self> {
+        let isa = Isa::detect().map_err(BackendError::Device)?;
+        let threads = if threads == 0 { physical_cores() } else { threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("sprig-cpu-{i}"))
+            .build()
+            .map_err(|e| BackendError::Device(e.to_string()))?;
+        Ok(CpuBackend { pool, threads, isa })
+    }
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        self.isa = isa;
+        self
+    }
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+}
+
+/// Physical cores (hyper-threads share the SIMD units that bound these kernels).
+pub fn physical_cores() -> usize {
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut cores = std::collections::HashSet::new();
+    if let Ok(s) = std::fs::read_to_string("/proc/cpuinfo") {
+        let (mut phys, mut core) = (None, None);
+        for line in s.lines() {
+            if let Some(v) = line.strip_prefix("physical id") {
+                phys = Some(v.trim_start_matches([' ', '\t', ':']).to_string());
+            } else if let Some(v) = line.strip_prefix("core id") {
+                core = Some(v.trim_start_matches([' ', '\t', ':']).to_string());
+            } else if line.is_empty() {
+                if let (Some(p), Some(c)) = (phys.take(), core.take()) {
+                    cores.insert((p, c));
+                }
+            }
+        }
+    }
+    if cores.is_empty() { logical } else { cores.len().min(logical) }
+}
+
+/// Row-major f32 activations, plus a cached int8 quantization of them for the linear kernels.
+#[derive(Default)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+    quant: RefCell<QuantizedActivations>,
+    quant_valid: Cell<bool>,
+}
+
+impl CpuTensor {
+    /// Resizes (reusing capacity) and invalidates the cached quantization; returns the data to overwrite.
+    fn reshape(&mut self, rows: usize, cols: usize) -> &mut [f32] {
+        self.rows = rows;
+        self.cols = cols;
+        self.data.resize(rows * cols, 0.0);
+        self.quant_valid.set(false);
+        &mut self.data
+    }
+    fn mutate(&mut self) -> &mut [f32] {
+        self.quant_valid.set(false);
+        &mut self.data
+    }
+    fn quantized(&self) -> std::cell::Ref<'_, QuantizedActivations> {
+        if !self.quant_valid.get() {
+            self.quant.borrow_mut().quantize(&self.data, self.rows, self.cols);
+            self.quant_valid.set(true);
+        }
+        self.quant.borrow()
+    }
+    pub fn row(&self, r: usize) -> &[f32] {
+        &self.data[r * self.cols..(r + 1) * self.cols]
+    }
+}
+
+/// A weight: the model file (kept alive) and where the tensor lies in it.
+pub struct CpuWeight {
+    file: Arc<ModelFile>,
+    entry: TensorEntry,
+    rows: usize,
+    cols: usize,
+}
+
+impl CpuWeight {
+    pub fn view(&self) -> WeightView<'_> {
+        self.file.view(&self.entry)
+    }
+    fn vector(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self.view() {
+            WeightView::F32 { data, .. } => std::borrow::Cow::Borrowed(data),
+            v => std::borrow::Cow::Owned(v.to_f32()),
+        }
+    }
+}
+
+/// Per layer K and V rings: slot of position p is `p % capacity`.
+pub struct CpuKvCache {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    caps: Vec<usize>,
+    kv_dim: usize,
+}
+
+/// Raw output pointer shared by workers that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: workers write disjoint rows/columns of the same buffer; the buffer outlives the parallel scope.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above: no two workers touch the same element.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Method access makes closures capture the whole (Send) wrapper, not its raw-pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> String {
+        format!("cpu ({}, {} threads)", self.isa.name(), self.threads)
+    }
+
+    fn load_weight(&self, file: &Arc<ModelFile>, name: &str) -> Result<CpuWeight> {
+        let entry = file.entry(name).ok_or_else(|| sprig_format::FormatError::tensor(name, "missing from the model file"))?.clone();
+        let v = file.view(&entry);
+        Ok(CpuWeight { rows: v.rows(), cols: v.cols(), file: file.clone(), entry })
+    }
+    fn weight_shape(&self, w: &CpuWeight) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn tensor(&self) -> CpuTensor {
+        CpuTensor::default()
+    }
+    fn shape(&self, t: &CpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut CpuTensor) {
+        assert_eq!(data.len(), rows * cols);
+        t.reshape(rows, cols).copy_from_slice(data);
+    }
+    fn download(&self, t: &CpuTensor, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend_from_slice(&t.data);
+    }
+    fn rows(&self, x: &CpuTensor, start: usize, n: usize, out: &mut CpuTensor) {
+        let c = x.cols;
+        out.reshape(n, c).copy_from_slice(&x.data[start * c..(start + n) * c]);
+    }
+
+    fn embed(&self, table: &CpuWeight, tokens: &[u32], scale: f32, out: &mut CpuTensor) {
+        let v = table.view();
+        let c = table.cols;
+        let o = out.reshape(tokens.len(), c);
+        for (i, &t) in tokens.iter().enumerate() {
+            let row = &mut o[i * c..(i + 1) * c];
+            v.row_to_f32(t as usize, row);
+            if scale != 1.0 {
+                row.iter_mut().for_each(|x| *x *= scale);
+            }
+        }
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, add_one: bool, out: &mut CpuTensor) {
+        let w = w.vector();
+        let (rows, cols) = (x.rows, x.cols);
+        let o = out.reshape(rows, cols);
+        for (src, dst) in x.data.chunks_exact(w.len()).zip(o.chunks_exact_mut(w.len())) {
+            math::rms_norm(src, &w, eps, add_one, dst);
+        }
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>, out: &mut CpuTensor) {
+        let (t, k) = (x.rows, x.cols);
+        assert_eq!(k, w.cols, "linear: input has {k} features, weight expects {}", w.cols);
+        let n = w.rows;
+        out.reshape(t, n);
+        let ptr = OutPtr(out.data.as_mut_ptr());
+        // Enough chunks to balance the pool, each a multiple of 8 rows to keep kernels' loops whole.
+        let chunk = (n.div_ceil(self.threads * 4)).next_multiple_of(8).max(8);
+        let view = w.view();
+        match view {
+            WeightView::Quant(q) => {
+                let xq = x.quantized();
+                let xq = &*xq;
+                let isa = self.isa;
+                self.pool.install(|| {
+                    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
+                        let sub = q.rows_range(r0, r1);
+                        let p = ptr;
+                        let len = (t - 1) * n + (r1 - r0);
+                        // SAFETY: this worker writes only columns r0..r1 of the [t, n] output, disjoint from
+                        // every other worker's; the slice spans from column r0 of row 0 to column r1-1 of row t-1.
+                        let o = unsafe { std::slice::from_raw_parts_mut(p.get().add(r0), len) };
+                        kernels::gemm(isa, &sub, xq, o, n);
+                    })
+                });
+            }
+            _ => {
+                let xd = &x.data[..];
+                self.pool.install(|| {
+                    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
+                        let mut row = vec![0.0f32; k];
+                        for r in r0..r1 {
+                            let wr: &[f32] = match view {
+                                WeightView::F32 { data, .. } => &data[r * k..(r + 1) * k],
+                                _ => {
+                                    view.row_to_f32(r, &mut row);
+                                    &row
+                                }
+                            };
+                            for ti in 0..t {
+                                let v = math::dot(wr, &xd[ti * k..(ti + 1) * k]);
+                                // SAFETY: element (ti, r) belongs to this worker's row range only.
+                                unsafe { *ptr.get().add(ti * n + r) = v };
+                            }
+                        }
+                    })
+                });
+            }
+        }
+        if let Some(b) = bias {
+            let b = b.vector();
+            for row in out.mutate().chunks_exact_mut(n) {
+                row.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
+            }
+        }
+    }
+
+    fn rope(&self, x: &mut CpuTensor, pos0: usize, p: &RopeParams) {
+        let cols = x.cols;
+        assert_eq!(cols, p.n_heads * p.head_dim, "rope: width");
+        for (t, row) in x.mutate().chunks_exact_mut(cols).enumerate() {
+            math::rope_row(row, (pos0 + t) as f32 / p.scale, p);
+        }
+    }
+
+    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, cache: &mut CpuKvCache, layer: usize, pos0: usize, p: &AttentionParams, out: &mut CpuTensor) {
+        let t = q.rows;
+        let hd = p.head_dim;
+        let (qd, kvd) = (p.n_heads * hd, p.n_kv_heads * hd);
+        assert_eq!((q.cols, k.cols, v.cols), (qd, kvd, kvd), "attention: widths");
+        let cap = cache.caps[layer];
+        out.reshape(t, qd);
+        let ptr = OutPtr(out.data.as_mut_ptr());
+        let (kc, vc) = &cache.layers[layer];
+        let group = p.n_heads / p.n_kv_heads;
+        let (q, k, v) = (&q.data[..], &k.data[..], &v.data[..]);
+        self.pool.install(|| {
+            (0..t * p.n_heads).into_par_iter().for_each(|job| {
+                let (ti, h) = (job / p.n_heads, job % p.n_heads);
+                let pos = pos0 + ti;
+                let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w.min(cap)));
+                let g = h / group;
+                let qh = &q[ti * qd + h * hd..ti * qd + (h + 1) * hd];
+                math::SCRATCH.with(|s| {
+                    let mut s = s.borrow_mut();
+                    s.clear();
+                    // Cached positions lo..pos0, then the new ones pos0..=pos.
+                    let key = |j: usize| -> &[f32] {
+                        if j < pos0 {
+                            let slot = j % cap;
+                            &kc[slot * kvd + g * hd..slot * kvd + (g + 1) * hd]
+                        } else {
+                            let r = j - pos0;
+                            &k[r * kvd + g * hd..r * kvd + (g + 1) * hd]
+                        }
+                    };
+                    let val = |j: usize| -> &[f32] {
+                        if j < pos0 {
+                            let slot = j % cap;
+                            &vc[slot * kvd + g * hd..slot * kvd + (g + 1) * hd]
+                        } else {
+                            let r = j - pos0;
+                            &v[r * kvd + g * hd..r * kvd + (g + 1) * hd]
+                        }
+                    };
+                    for j in lo..=pos {
+                        s.push(math::dot(qh, key(j)) * p.scale);
+                    }
+                    math::softmax(&mut s);
+                    // SAFETY: job (ti, h) owns output elements ti*qd + h*hd .. +hd exclusively.
+                    let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(ti * qd + h * hd), hd) };
+                    o.fill(0.0);
+                    for (j, &a) in (lo..=pos).zip(s.iter()) {
+                        math::axpy(a, val(j), o);
+                    }
+                });
+            })
+        });
+        let (kc, vc) = &mut cache.layers[layer];
+        // Only the last `cap` new positions survive in a ring; write those.
+        for ti in t.saturating_sub(cap)..t {
+            let slot = (pos0 + ti) % cap;
+            kc[slot * kvd..(slot + 1) * kvd].copy_from_slice(&k[ti * kvd..(ti + 1) * kvd]);
+            vc[slot * kvd..(slot + 1) * kvd].copy_from_slice(&v[ti * kvd..(ti + 1) * kvd]);
+        }
+    }
+
+    fn glu(&self, gate: &CpuTensor, up: &CpuTensor, act: Activation, out: &mut CpuTensor) {
+        let (r, c) = (gate.rows, gate.cols);
+        let o = out.reshape(r, c);
+        for ((o, g), u) in o.iter_mut().zip(&gate.data).zip(&up.data) {
+            *o = math::activation(*g, act) * u;
+        }
+    }
+
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {
+        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes");
+        x.mutate().iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+    }
+
+    fn softcap(&self, x: &mut CpuTensor, cap: f32) {
+        x.mutate().iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+    }
+
+    fn kv_cache(&self, layout: &KvLayout) -> CpuKvCache {
+        let caps: Vec<usize> = (0..layout.windows.len()).map(|l| layout.layer_capacity(l)).collect();
+        // Zeroed allocations are lazily backed by the OS: untouched context costs no resident memory.
+        let layers = caps.iter().map(|&c| (vec![0.0; c * layout.kv_dim], vec![0.0; c * layout.kv_dim])).collect();
+        CpuKvCache { layers, caps, kv_dim: layout.kv_dim }
+    }
+}
+
+impl CpuKvCache {
+    pub fn kv_dim(&self) -> usize {
+        self.kv_dim
+    }
+}

@@ -1,0 +1,144 @@
+//! The backend seam (in the spirit of ggml's backend interface): a small set of ops that a backend must
+//! provide. Model code is written once against [`Backend`]; the CPU backend ([`cpu`]), the burn reference
+//! backend (`sprig-burn`) and the GPU backend implement it, and [`harness`] checks every op of a backend
+//! against another on random inputs.
+//!
+//! Ops write into caller-owned output tensors so a decode loop reuses its buffers (no allocation per token).
+//! A tensor is a row-major `[rows, cols]` f32 matrix: one row per token.
+
+pub mod cpu;
+pub mod harness;
+
+use std::sync::Arc;
+
+pub use sprig_format::config::{Activation, RopeLayout};
+use sprig_format::{ModelConfig, ModelFile};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Format(#[from] sprig_format::FormatError),
+    #[error("{0}")]
+    Shape(String),
+    #[error("context overflow: position {pos} + {tokens} tokens exceeds the context of {ctx}")]
+    ContextOverflow { pos: usize, tokens: usize, ctx: usize },
+    #[error("{0}")]
+    Device(String),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Per-layer attention geometry handed to [`Backend::attention`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionParams {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    /// `Some(w)`: a query at position p sees keys at positions `p-w+1 ..= p` only.
+    pub window: Option<usize>,
+}
+
+/// RoPE parameters of one layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RopeParams {
+    pub n_heads: usize,
+    pub head_dim: usize,
+    pub theta: f32,
+    /// Positions are divided by this (linear scaling); 1.0 = none.
+    pub scale: f32,
+    pub layout: RopeLayout,
+}
+
+/// Shape of the KV cache a model needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KvLayout {
+    pub kv_dim: usize,
+    /// Per layer: `None` = global (grows to the context), `Some(w)` = sliding window ring of `w` entries.
+    pub windows: Vec<Option<usize>>,
+    pub max_context: usize,
+}
+
+impl KvLayout {
+    pub fn for_model(cfg: &ModelConfig, max_context: usize) -> Self {
+        KvLayout {
+            kv_dim: cfg.kv_dim(),
+            windows: cfg
+                .attention
+                .iter()
+                .map(|a| match a {
+                    sprig_format::AttentionKind::Global => None,
+                    sprig_format::AttentionKind::Sliding { window } => Some(*window),
+                })
+                .collect(),
+            max_context,
+        }
+    }
+    /// Entries a layer keeps: its window or the whole context.
+    pub fn layer_capacity(&self, layer: usize) -> usize {
+        self.windows[layer].map_or(self.max_context, |w| w.min(self.max_context))
+    }
+    /// Bytes of f32 K and V at `ctx` tokens, per layer.
+    pub fn bytes_per_layer(&self, ctx: usize) -> Vec<usize> {
+        (0..self.windows.len())
+            .map(|l| 2 * 4 * self.kv_dim * self.windows[l].map_or(ctx, |w| w.min(ctx)))
+            .collect()
+    }
+}
+
+/// The op set. All tensors are f32 `[rows, cols]`; weights are whatever the backend keeps resident.
+pub trait Backend: Send + Sync + 'static {
+    type Tensor: Send;
+    type Weight: Send + Sync;
+    type KvCache: Send;
+
+    fn name(&self) -> String;
+
+    /// Makes tensor `name` of the model file resident (CPU: a view into the mmap; GPU: an upload).
+    fn load_weight(&self, file: &Arc<ModelFile>, name: &str) -> Result<Self::Weight>;
+    /// `[rows, cols]` of a weight (vectors are `[1, n]`).
+    fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+
+    fn tensor(&self) -> Self::Tensor;
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+    /// Sets `t` to the given host data.
+    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut Self::Tensor);
+    /// Copies `t` to the host (`out.len() == rows * cols`).
+    fn download(&self, t: &Self::Tensor, out: &mut Vec<f32>);
+    /// `out = x[start..start+n, :]`.
+    fn rows(&self, x: &Self::Tensor, start: usize, n: usize, out: &mut Self::Tensor);
+
+    /// `out[i] = table[tokens[i]] * scale` (rows dequantized from the weight's format).
+    fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32, out: &mut Self::Tensor);
+    /// RMSNorm over each contiguous group of `w.len()` elements of every row (`cols` must be a multiple, so a
+    /// `[tokens, heads*head_dim]` tensor with a `[head_dim]` weight normalises each head). Weight applied as
+    /// `w` or `1 + w`.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32, add_one: bool, out: &mut Self::Tensor);
+    /// `out = x · Wᵀ (+ bias)`: `x [T, in]`, `W [out, in]`.
+    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>, out: &mut Self::Tensor);
+    /// Rotates `x [T, n_heads*head_dim]` in place; row t is at position `pos0 + t`.
+    fn rope(&self, x: &mut Self::Tensor, pos0: usize, p: &RopeParams);
+    /// Causal attention of the T new queries (positions `pos0..pos0+T`) over the cached keys of this layer and
+    /// the T new keys, then appends the new K/V to the cache. `q [T, n_heads*hd]`, `k`/`v [T, n_kv*hd]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        pos0: usize,
+        p: &AttentionParams,
+        out: &mut Self::Tensor,
+    );
+    /// `out = act(gate) * up`.
+    fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Activation, out: &mut Self::Tensor);
+    /// `x += y`.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// `x = cap * tanh(x / cap)`.
+    fn softcap(&self, x: &mut Self::Tensor, cap: f32);
+
+    /// A fresh, empty KV cache.
+    fn kv_cache(&self, layout: &KvLayout) -> Self::KvCache;
+}

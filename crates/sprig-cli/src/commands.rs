@@ -1,0 +1,334 @@
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use sprig_backend::cpu::CpuBackend;
+use sprig_backend::Backend;
+use sprig_engine::{open_model_file, ChatMessage, Engine, LoadOptions, Sampler, SamplingParams};
+use sprig_format::ModelFile;
+use sprig_import::QuantChoice;
+
+#[derive(Parser)]
+#[command(name = "sprig", version, about = "Run small distilled language models fast and offline")]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Run(RunArgs),
+    /// Chat interactively (or with turns piped on stdin) using the model's chat template.
+    Chat(ChatArgs),
+    /// Convert a llama2.c .bin, a .gguf or a Hugging Face directory into a native .safetensors model.
+    Convert(ConvertArgs),
+    /// Show a model's architecture, tensors and metadata.
+    Inspect(InspectArgs),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// Model: native .safetensors, .gguf, llama2.c .bin, or Hugging Face directory.
+    #[arg(short = 'm', long = "model")]
+    model: PathBuf,
+    /// Tokenizer for llama2.c checkpoints (tokenizer.bin).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// CPU threads (default: physical cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    threads: usize,
+    /// Context length (default: the model's).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    ctx_size: usize,
+    /// Precision for sources converted on the fly (keep|q4|q4a|q8|f16).
+    #[arg(long, default_value = "keep")]
+    quant: String,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Temperature; 0 = greedy.
+    #[arg(long = "temp", default_value_t = 0.0)]
+    temp: f32,
+    #[arg(long = "top-k", default_value_t = 40)]
+    top_k: usize,
+    #[arg(long = "top-p", default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams { temperature: self.temp, top_k: self.top_k, top_p: self.top_p, seed: self.seed }
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt text.
+    #[arg(short = 'p', long)]
+    prompt: String,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    n: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt (default: the template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    n: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Source: llama2.c .bin, .gguf, or Hugging Face directory.
+    input: PathBuf,
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    /// keep | q4 | q4a | q8 | f16
+    #[arg(long, default_value = "q4")]
+    quant: String,
+    /// llama2.c tokenizer.bin.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    file: PathBuf,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Also print KV-cache bytes per layer kind at this context length.
+    #[arg(long)]
+    kv: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity on a text file (llama.cpp llama-perplexity protocol), optionally KL against a teacher.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text file.
+    #[arg(short = 'f', long)]
+    file: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    ctx: usize,
+    /// Stop after this many chunks.
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// Teacher model for KL(teacher‖student) and top-1 agreement.
+    #[arg(long)]
+    teacher: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Run(a) => run(a),
+        Command::Chat(a) => chat(a),
+        Command::Convert(a) => convert(a),
+        Command::Inspect(a) => inspect(a),
+        Command::Eval(EvalCommand::Perplexity(a)) => perplexity(a),
+    }
+}
+
+fn parse_quant(s: &str) -> Result<QuantChoice> {
+    QuantChoice::parse(s).with_context(|| format!("unknown --quant `{s}` (keep, q4, q4a, q8, f16)"))
+}
+
+fn open(m: &ModelArgs) -> Result<Arc<ModelFile>> {
+    let opts = LoadOptions { tokenizer: m.tokenizer.clone(), quant: parse_quant(&m.quant)? };
+    open_model_file(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))
+}
+
+fn engine(m: &ModelArgs) -> Result<Engine<CpuBackend>> {
+    let file = open(m)?;
+    let backend = Arc::new(CpuBackend::new(m.threads)?);
+    Ok(Engine::new(backend, file)?)
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let mut sampler = Sampler::new(a.sampling.params())?;
+    let e = engine(&a.model)?;
+    let prompt = e.tokenizer.encode_prompt(&a.prompt)?;
+    let mut st = e.model.new_state(a.model.ctx_size);
+    let mut out = std::io::stdout().lock();
+    let stats = e.generate(&mut st, &prompt, a.n, &mut sampler, true, |s| {
+        let _ = out.write_all(s.as_bytes());
+        let _ = out.flush();
+        true
+    })?;
+    writeln!(out)?;
+    eprintln!(
+        "sprig: {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s ({})",
+        stats.prompt_tokens, stats.prefill_tok_s(), stats.generated.len(), stats.decode_tok_s(), e.model.backend.name()
+    );
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let e = engine(&a.model)?;
+    if e.template.is_none() {
+        bail!("{} carries no chat template; use `sprig run`", a.model.model.display());
+    }
+    let params = a.sampling.params();
+    Sampler::new(params.clone())?;
+    let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let interactive = std::io::stdin().is_terminal();
+    let mut st = e.model.new_state(a.model.ctx_size);
+    let mut cached: Vec<u32> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin (is it valid UTF-8?)")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(ChatMessage::new("user", &line));
+        let text = e.render_chat(&messages)?;
+        let tokens = e.tokenizer.encode(&text, false)?;
+        let tokens = if e.tokenizer.special().add_bos && !text.starts_with(&e.tokenizer.piece(e.tokenizer.bos().unwrap_or(0))) {
+            let mut t = vec![e.tokenizer.bos().unwrap()];
+            t.extend(tokens);
+            t
+        } else {
+            tokens
+        };
+        // Reuse the cached prefix of the conversation when the new prompt extends it.
+        let reuse = cached.len() <= tokens.len() && tokens[..cached.len()] == cached[..] && cached.len() < tokens.len();
+        if !reuse {
+            st = e.model.new_state(a.model.ctx_size);
+            cached.clear();
+        }
+        let mut sampler = Sampler::new(params.clone())?;
+        let mut reply = String::new();
+        let mut out = std::io::stdout().lock();
+        let stats = e.generate(&mut st, &tokens[cached.len()..], a.n, &mut sampler, false, |s| {
+            reply.push_str(s);
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+            true
+        })?;
+        writeln!(out)?;
+        cached = tokens;
+        cached.extend(&stats.generated);
+        messages.push(ChatMessage::new("assistant", reply.trim()));
+    }
+    Ok(())
+}
+
+fn convert(a: ConvertArgs) -> Result<()> {
+    let quant = parse_quant(&a.quant)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors").unwrap().progress_chars("=> "));
+    bar.set_message(format!("converting {}", a.input.display()));
+    let imported = sprig_import::import(&a.input, a.tokenizer.as_deref(), quant, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("converting {}", a.input.display()))?;
+    bar.finish_and_clear();
+    for l in &imported.losses {
+        eprintln!("sprig: {} {} -> {}: relative RMS error {:.2e}", l.name, l.from, l.to, l.rel_rms_error);
+    }
+    if !imported.losses.is_empty() {
+        let worst = imported.losses.iter().map(|l| l.rel_rms_error).fold(0.0, f64::max);
+        eprintln!("sprig: {} tensors were not carried over exactly (worst relative RMS error {:.2e})", imported.losses.len(), worst);
+    }
+    imported.writer.write(&a.output)?;
+    // Re-open to validate what was written.
+    let f = ModelFile::open(&a.output)?;
+    eprintln!("sprig: wrote {} ({:.1} MB, {:.2} bits per weight)", a.output.display(), f.file_bytes() as f64 / 1e6, f.bits_per_weight());
+    Ok(())
+}
+
+fn inspect(a: InspectArgs) -> Result<()> {
+    let f = open_model_file(&a.file, &LoadOptions { tokenizer: a.tokenizer.clone(), quant: QuantChoice::Keep })?;
+    let c = &f.config;
+    println!("architecture: {}", c.arch);
+    println!("config: {}", serde_json::to_string(c)?);
+    println!("file bytes: {}", f.file_bytes());
+    println!("bits per weight: {:.3}", f.bits_per_weight());
+    println!("\n{:<40} {:>6} {:>16} {:>12}", "tensor", "type", "shape", "bytes");
+    let mut total = 0;
+    for (name, e) in f.entries() {
+        println!("{:<40} {:>6} {:>16} {:>12}", name, e.type_name(), format!("{:?}", e.shape()), e.bytes());
+        total += e.bytes();
+    }
+    println!("{:<40} {:>6} {:>16} {:>12}", "total", "", "", total);
+    println!("\nmetadata:");
+    for (k, v) in &f.metadata {
+        let shown: String = if v.len() > 120 { format!("{}... ({} bytes)", &v[..v.floor_char_boundary(120)], v.len()) } else { v.clone() };
+        println!("  {k}: {}", shown.replace('\n', "\\n"));
+    }
+    if let Some(ctx) = a.kv {
+        let layout = sprig_backend::KvLayout::for_model(c, ctx);
+        let per = layout.bytes_per_layer(ctx);
+        let global_all = 2 * 4 * layout.kv_dim * ctx * c.n_layers;
+        println!("\nKV cache at {ctx} tokens (f32):");
+        let (mut g, mut s, mut ng, mut ns) = (0, 0, 0, 0);
+        for (l, b) in per.iter().enumerate() {
+            if layout.windows[l].is_some() { s += b; ns += 1 } else { g += b; ng += 1 }
+        }
+        println!("  global layers: {ng}, {g} bytes");
+        println!("  sliding-window layers: {ns}, {s} bytes");
+        println!("  total: {} bytes ({:.3} of an all-global model's {global_all})", g + s, (g + s) as f64 / global_all as f64);
+    }
+    Ok(())
+}
+
+fn perplexity(a: PerplexityArgs) -> Result<()> {
+    let text = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let text = String::from_utf8(text).with_context(|| format!("{} is not valid UTF-8", a.file.display()))?;
+    let student = engine(&a.model)?;
+    let teacher = match &a.teacher {
+        Some(t) => Some(engine(&ModelArgs { model: t.clone(), ..a.model.clone() })?),
+        None => None,
+    };
+    let r = sprig_engine::eval::perplexity(&student, teacher.as_ref(), &text, a.ctx, a.chunks, |i, n, ppl| {
+        if !a.json {
+            eprintln!("[{i}/{n}] running PPL = {ppl:.4}");
+        }
+    })?;
+    if a.json {
+        println!("{}", serde_json::json!({
+            "perplexity": r.perplexity, "perplexity_err": r.perplexity_err, "chunks": r.chunks, "ctx": r.ctx,
+            "scored_tokens": r.scored_tokens, "mean_kl": r.mean_kl, "top1_agreement": r.top1_agreement,
+        }));
+    } else {
+        println!("Final estimate: PPL = {:.4} +/- {:.5} ({} chunks of {}, {} scored tokens)", r.perplexity, r.perplexity_err, r.chunks, r.ctx, r.scored_tokens);
+        if let (Some(kl), Some(ag)) = (r.mean_kl, r.top1_agreement) {
+            println!("Teacher fidelity: mean KL(teacher||student) = {kl:.6} nats/token, top-1 agreement = {:.2} %", ag * 100.0);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! Prefill + decode loop with streaming output.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sprig_backend::Backend;
+use sprig_format::ModelFile;
+use sprig_models::{Logits, Model, State};
+use sprig_tokenizer::{StreamDecoder, Tokenizer};
+
+use crate::chat::{ChatMessage, ChatTemplate};
+use crate::sampler::Sampler;
+use crate::{EngineError, Result};
+
+/// Longest prompt slice run through the model in one batched forward pass.
+pub const PREFILL_CHUNK: usize = 512;
+
+/// A model with its tokenizer and chat template.
+pub struct Engine<B: Backend> {
+    pub model: Model<B>,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced a stop token (EOS / end of turn).
+    StopToken,
+    /// `max_new` tokens were generated.
+    Length,
+    /// The callback asked to stop.
+    Cancelled,
+    /// The context is full.
+    ContextFull,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenerationStats {
+    pub prompt_tokens: usize,
+    pub generated: Vec<u32>,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    pub stop: StopReason,
+}
+
+impl GenerationStats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        // The first generated token comes from the prefill's logits.
+        self.generated.len().saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    pub fn new(backend: Arc<B>, file: Arc<ModelFile>) -> Result<Self> {
+        let tokenizer = Tokenizer::from_json(&file.tokenizer_json)?;
+        if tokenizer.vocab_size() > file.config.vocab_size {
+            return Err(EngineError::Invalid(format!(
+                "tokenizer has {} tokens but the model's vocabulary is {}", tokenizer.vocab_size(), file.config.vocab_size)));
+        }
+        let template = match &file.chat_template {
+            Some(src) => {
+                let piece = |id: Option<u32>| id.map(|i| tokenizer.piece(i)).unwrap_or_default();
+                let sp = tokenizer.special();
+                let bos = sp.bos.and_then(|b| special_text(&file.tokenizer_json, b)).unwrap_or_else(|| piece(sp.bos));
+                let eos = sp.eos.and_then(|b| special_text(&file.tokenizer_json, b)).unwrap_or_else(|| piece(sp.eos));
+                Some(ChatTemplate::new(src, &bos, &eos)?)
+            }
+            None => None,
+        };
+        let model = Model::load(backend, file)?;
+        Ok(Engine { model, tokenizer, template })
+    }
+
+    /// Renders a conversation with the model's template and opens the assistant's turn.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        let t = self.template.as_ref().ok_or_else(|| EngineError::Template("this model carries no chat template".into()))?;
+        t.render(messages, true)
+    }
+
+    /// Runs `prompt` from `state.pos`, then samples up to `max_new` tokens. `on_text` receives the decoded
+    /// prompt (when `echo_prompt`) and each completed piece of generated text; returning false stops.
+    pub fn generate(
+        &self,
+        state: &mut State<B>,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        echo_prompt: bool,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        if prompt.is_empty() {
+            return Err(EngineError::Invalid("empty prompt: nothing to condition on".into()));
+        }
+        let mut dec = StreamDecoder::new(&self.tokenizer);
+        let bos = self.tokenizer.bos();
+        let mut cancelled = false;
+        for &t in prompt {
+            let s = dec.push(t)?;
+            if echo_prompt && Some(t) != bos && !s.is_empty() && !cancelled {
+                cancelled = !on_text(&s);
+            }
+        }
+        let t0 = Instant::now();
+        for chunk in prompt.chunks(PREFILL_CHUNK) {
+            self.model.forward(state, chunk, Logits::Last)?;
+        }
+        let prefill_secs = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let mut logits = Vec::new();
+        let mut generated = Vec::new();
+        let mut stop = StopReason::Length;
+        if cancelled {
+            stop = StopReason::Cancelled;
+        }
+        while !cancelled && generated.len() < max_new {
+            self.model.read_logits(state, &mut logits);
+            let next = sampler.sample(&logits);
+            if self.tokenizer.is_stop(next) {
+                stop = StopReason::StopToken;
+                break;
+            }
+            generated.push(next);
+            let s = dec.push(next)?;
+            if !s.is_empty() && !on_text(&s) {
+                stop = StopReason::Cancelled;
+                break;
+            }
+            if generated.len() == max_new {
+                break;
+            }
+            if state.pos >= state.max_context {
+                stop = StopReason::ContextFull;
+                break;
+            }
+            self.model.forward(state, &[next], Logits::Last)?;
+        }
+        let tail = dec.finish();
+        if !tail.is_empty() {
+            on_text(&tail);
+        }
+        Ok(GenerationStats { prompt_tokens: prompt.len(), generated, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), stop })
+    }
+}
+
+/// The literal text of a special token, read from an HF tokenizer.json's added tokens if present.
+fn special_text(tokenizer_json: &str, id: u32) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(tokenizer_json).ok()?;
+    let inner = v.get("tokenizer_json")?.as_str()?;
+    let hf: serde_json::Value = serde_json::from_str(inner).ok()?;
+    hf.get("added_tokens")?.as_array()?.iter().find(|t| t.get("id").and_then(|i| i.as_u64()) == Some(id as u64))?
+        .get("content")?.as_str().map(String::from)
+}

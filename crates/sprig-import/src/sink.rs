@@ -1,0 +1,119 @@
+//! Where importers put tensors: applies the user's quantization choice uniformly.
+
+use half::{bf16, f16};
+use sprig_format::ContainerWriter;
+use sprig_quant::ggml::{self, GgmlType};
+use sprig_quant::quantize::quantize;
+use sprig_quant::Scheme;
+
+/// `--quant` of `sprig convert`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantChoice {
+    /// Keep the source's precision: float tensors stay float, GGUF quantized tensors map to native schemes.
+    Keep,
+    F16,
+    Q4,
+    Q4A,
+    Q8,
+}
+
+impl QuantChoice {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "keep" => QuantChoice::Keep,
+            "f16" => QuantChoice::F16,
+            "q4" => QuantChoice::Q4,
+            "q4a" => QuantChoice::Q4A,
+            "q8" => QuantChoice::Q8,
+            _ => return None,
+        })
+    }
+    fn scheme(self) -> Option<Scheme> {
+        match self {
+            QuantChoice::Q4 => Some(Scheme::Q4),
+            QuantChoice::Q4A => Some(Scheme::Q4A),
+            QuantChoice::Q8 => Some(Scheme::Q8),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorLoss {
+    pub name: String,
+    pub from: String,
+    pub to: String,
+    /// Relative RMS error of the stored weights against the source's.
+    pub rel_rms_error: f64,
+}
+
+pub(crate) struct Sink {
+    pub writer: ContainerWriter,
+    pub quant: QuantChoice,
+    pub losses: Vec<TensorLoss>,
+}
+
+impl Sink {
+    /// Adds an f32 tensor: 2-D matrices follow the quant choice, vectors stay f32.
+    pub fn add_f32(&mut self, name: &str, shape: &[usize], data: &[f32]) {
+        let matrix = shape.len() == 2;
+        match (matrix, self.quant) {
+            (true, QuantChoice::F16) => {
+                let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+                self.writer.add_f16(name, shape, &h)
+            }
+            (true, q) if q.scheme().is_some() => {
+                self.writer.add_quant(name, &quantize(data, shape[0], shape[1], q.scheme().unwrap()))
+            }
+            _ => self.writer.add_f32(name, shape, data),
+        }
+    }
+
+    /// Adds a GGUF tensor given in its own type (rows x cols, row-major).
+    pub fn add_ggml(&mut self, name: &str, ty: GgmlType, shape: &[usize], data: &[u8]) {
+        let n: usize = shape.iter().product();
+        let keep = self.quant == QuantChoice::Keep;
+        match ty {
+            GgmlType::F16 if keep => self.writer.add_f16(name, shape, bytemuck::cast_slice(&to_aligned::<f16>(data))),
+            GgmlType::BF16 if keep => self.writer.add_bf16(name, shape, bytemuck::cast_slice(&to_aligned::<bf16>(data))),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                let mut f = vec![0.0; n];
+                ggml::dequantize(ty, data, &mut f);
+                self.add_f32(name, shape, &f)
+            }
+            _ if keep && shape.len() == 2 => {
+                let m = ggml::to_native(ty, data, shape[0], shape[1]).expect("quantized type");
+                if let Some(e) = m.rel_rms_error {
+                    self.losses.push(TensorLoss {
+                        name: name.into(),
+                        from: ty.name().into(),
+                        to: m.matrix.scheme.unwrap().name().into(),
+                        rel_rms_error: e,
+                    });
+                }
+                self.writer.add_quant(name, &m.matrix)
+            }
+            _ => {
+                // Requantizing (or a quantized vector): go through f32 and report the loss against the source.
+                let mut f = vec![0.0; n];
+                ggml::dequantize(ty, data, &mut f);
+                self.add_f32(name, shape, &f);
+                if let (Some(s), 2) = (self.quant.scheme(), shape.len()) {
+                    let back = quantize(&f, shape[0], shape[1], s).view().dequantize();
+                    self.losses.push(TensorLoss {
+                        name: name.into(),
+                        from: ty.name().into(),
+                        to: s.name().into(),
+                        rel_rms_error: ggml::rel_rms(&f, &back),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn to_aligned<T: bytemuck::Pod + bytemuck::Zeroable>(bytes: &[u8]) -> Vec<T> {
+    let mut v = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
+    bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
+    v
+}

@@ -1,0 +1,229 @@
+//! The decoder-only transformer, llama2.c style: config, weights and run state as plain structs and one
+//! readable forward pass. Family differences are config flags, not copies of the model.
+
+use std::sync::Arc;
+
+use sprig_backend::{AttentionParams, Backend, KvLayout, RopeParams};
+use sprig_format::{AttentionKind, ModelConfig, ModelFile};
+
+use crate::{ModelError, Result};
+
+struct Layer<B: Backend> {
+    attn_norm: B::Weight,
+    wq: B::Weight,
+    wk: B::Weight,
+    wv: B::Weight,
+    wo: B::Weight,
+    /// Qwen2-style QKV biases.
+    bias: Option<[B::Weight; 3]>,
+    /// Gemma 3 per-head QK RMSNorm.
+    qk_norm: Option<[B::Weight; 2]>,
+    post_attn_norm: Option<B::Weight>,
+    ffn_norm: B::Weight,
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+    post_ffn_norm: Option<B::Weight>,
+    attn: AttentionParams,
+    rope: RopeParams,
+}
+
+/// Loaded weights of one model on one backend.
+pub struct Model<B: Backend> {
+    pub config: ModelConfig,
+    pub file: Arc<ModelFile>,
+    pub backend: Arc<B>,
+    embd: B::Weight,
+    /// `None` when the output projection is tied to the embedding table.
+    output: Option<B::Weight>,
+    output_norm: B::Weight,
+    layers: Vec<Layer<B>>,
+}
+
+/// Which positions' logits a forward pass produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token (generation).
+    Last,
+    /// Every token (perplexity, KL evaluation, speculative verification).
+    All,
+}
+
+/// Per-sequence run state: position, KV cache and reused activation buffers.
+pub struct State<B: Backend> {
+    pub pos: usize,
+    pub max_context: usize,
+    kv: B::KvCache,
+    x: B::Tensor,
+    xn: B::Tensor,
+    q: B::Tensor,
+    k: B::Tensor,
+    v: B::Tensor,
+    att: B::Tensor,
+    proj: B::Tensor,
+    gate: B::Tensor,
+    up: B::Tensor,
+    hid: B::Tensor,
+    last: B::Tensor,
+    /// Logits of the last forward pass: `[1 or T, vocab]`.
+    pub logits: B::Tensor,
+}
+
+impl<B: Backend> Model<B> {
+    pub fn load(backend: Arc<B>, file: Arc<ModelFile>) -> Result<Self> {
+        let c = file.config.clone();
+        let b = &*backend;
+        let load = |name: &str, rows: usize, cols: usize| -> Result<B::Weight> {
+            let w = b.load_weight(&file, name)?;
+            let got = b.weight_shape(&w);
+            if got != (rows, cols) {
+                return Err(ModelError::Shape { tensor: name.into(), got, expected: (rows, cols) });
+            }
+            Ok(w)
+        };
+        let opt = |name: &str, rows: usize, cols: usize| -> Result<Option<B::Weight>> {
+            if file.contains(name) { load(name, rows, cols).map(Some) } else { Ok(None) }
+        };
+        let (d, hd, qd, kvd) = (c.dim, c.head_dim, c.q_dim(), c.kv_dim());
+        let embd = load("token_embd.weight", c.vocab_size, d)?;
+        let output = if c.tied_embeddings { None } else { Some(load("output.weight", c.vocab_size, d)?) };
+        let output_norm = load("output_norm.weight", 1, d)?;
+        if c.moe.is_some() {
+            return Err(ModelError::Invalid("Mixture-of-Experts layers are not supported by this build yet".into()));
+        }
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let bias = match opt(&n("attn_q.bias"), 1, qd)? {
+                Some(bq) => Some([bq, load(&n("attn_k.bias"), 1, kvd)?, load(&n("attn_v.bias"), 1, kvd)?]),
+                None => None,
+            };
+            let qk_norm = match opt(&n("attn_q_norm.weight"), 1, hd)? {
+                Some(qn) => Some([qn, load(&n("attn_k_norm.weight"), 1, hd)?]),
+                None => None,
+            };
+            let (window, theta) = match c.attention[i] {
+                AttentionKind::Global => (None, c.rope_theta),
+                AttentionKind::Sliding { window } => (Some(window), c.rope_theta_local.unwrap_or(c.rope_theta)),
+            };
+            let rope_scale = if window.is_none() { c.rope_scale.unwrap_or(1.0) } else { 1.0 };
+            layers.push(Layer {
+                attn_norm: load(&n("attn_norm.weight"), 1, d)?,
+                wq: load(&n("attn_q.weight"), qd, d)?,
+                wk: load(&n("attn_k.weight"), kvd, d)?,
+                wv: load(&n("attn_v.weight"), kvd, d)?,
+                wo: load(&n("attn_output.weight"), d, qd)?,
+                bias,
+                qk_norm,
+                post_attn_norm: opt(&n("post_attention_norm.weight"), 1, d)?,
+                ffn_norm: load(&n("ffn_norm.weight"), 1, d)?,
+                gate: load(&n("ffn_gate.weight"), c.hidden_dim, d)?,
+                up: load(&n("ffn_up.weight"), c.hidden_dim, d)?,
+                down: load(&n("ffn_down.weight"), d, c.hidden_dim)?,
+                post_ffn_norm: opt(&n("post_ffw_norm.weight"), 1, d)?,
+                attn: AttentionParams { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, scale: c.attn_scale(), window },
+                rope: RopeParams { n_heads: 0, head_dim: hd, theta, scale: rope_scale, layout: c.rope_layout },
+            });
+        }
+        Ok(Model { config: c, file, backend, embd, output, output_norm, layers })
+    }
+
+    /// A fresh sequence state holding up to `max_context` positions (0 = the model's trained context).
+    pub fn new_state(&self, max_context: usize) -> State<B> {
+        let ctx = if max_context == 0 { self.config.max_seq_len } else { max_context };
+        let b = &*self.backend;
+        State {
+            pos: 0,
+            max_context: ctx,
+            kv: b.kv_cache(&self.kv_layout(ctx)),
+            x: b.tensor(),
+            xn: b.tensor(),
+            q: b.tensor(),
+            k: b.tensor(),
+            v: b.tensor(),
+            att: b.tensor(),
+            proj: b.tensor(),
+            gate: b.tensor(),
+            up: b.tensor(),
+            hid: b.tensor(),
+            last: b.tensor(),
+            logits: b.tensor(),
+        }
+    }
+
+    pub fn kv_layout(&self, ctx: usize) -> KvLayout {
+        KvLayout::for_model(&self.config, ctx)
+    }
+
+    /// Runs `tokens` (positions `st.pos ..`) through the model, all at once (batched prefill) or one at a time
+    /// (decode); leaves logits in `st.logits`.
+    pub fn forward(&self, st: &mut State<B>, tokens: &[u32], mode: Logits) -> Result<()> {
+        let c = &self.config;
+        let b = &*self.backend;
+        if tokens.is_empty() {
+            return Err(ModelError::Invalid("forward called with no tokens".into()));
+        }
+        if st.pos + tokens.len() > st.max_context {
+            return Err(ModelError::ContextOverflow { pos: st.pos, new: tokens.len(), ctx: st.max_context });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::BadToken { id, vocab: c.vocab_size });
+        }
+        let (eps, one) = (c.norm_eps, c.norm_add_one);
+        b.embed(&self.embd, tokens, c.embedding_scale.unwrap_or(1.0), &mut st.x);
+        for (li, l) in self.layers.iter().enumerate() {
+            // Attention block.
+            b.rms_norm(&st.x, &l.attn_norm, eps, one, &mut st.xn);
+            b.linear(&st.xn, &l.wq, l.bias.as_ref().map(|x| &x[0]), &mut st.q);
+            b.linear(&st.xn, &l.wk, l.bias.as_ref().map(|x| &x[1]), &mut st.k);
+            b.linear(&st.xn, &l.wv, l.bias.as_ref().map(|x| &x[2]), &mut st.v);
+            if let Some([qn, kn]) = &l.qk_norm {
+                b.rms_norm(&st.q, qn, eps, one, &mut st.att);
+                std::mem::swap(&mut st.q, &mut st.att);
+                b.rms_norm(&st.k, kn, eps, one, &mut st.att);
+                std::mem::swap(&mut st.k, &mut st.att);
+            }
+            b.rope(&mut st.q, st.pos, &RopeParams { n_heads: c.n_heads, ..l.rope });
+            b.rope(&mut st.k, st.pos, &RopeParams { n_heads: c.n_kv_heads, ..l.rope });
+            b.attention(&st.q, &st.k, &st.v, &mut st.kv, li, st.pos, &l.attn, &mut st.att);
+            b.linear(&st.att, &l.wo, None, &mut st.proj);
+            if let Some(pn) = &l.post_attn_norm {
+                b.rms_norm(&st.proj, pn, eps, one, &mut st.xn);
+                b.add(&mut st.x, &st.xn);
+            } else {
+                b.add(&mut st.x, &st.proj);
+            }
+            // Feed-forward block.
+            b.rms_norm(&st.x, &l.ffn_norm, eps, one, &mut st.xn);
+            b.linear(&st.xn, &l.gate, None, &mut st.gate);
+            b.linear(&st.xn, &l.up, None, &mut st.up);
+            b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
+            b.linear(&st.hid, &l.down, None, &mut st.proj);
+            if let Some(pn) = &l.post_ffn_norm {
+                b.rms_norm(&st.proj, pn, eps, one, &mut st.xn);
+                b.add(&mut st.x, &st.xn);
+            } else {
+                b.add(&mut st.x, &st.proj);
+            }
+        }
+        st.pos += tokens.len();
+        let head_in = match mode {
+            Logits::Last => {
+                b.rows(&st.x, tokens.len() - 1, 1, &mut st.last);
+                &st.last
+            }
+            Logits::All => &st.x,
+        };
+        b.rms_norm(head_in, &self.output_norm, eps, one, &mut st.xn);
+        b.linear(&st.xn, self.output.as_ref().unwrap_or(&self.embd), None, &mut st.logits);
+        if let Some(cap) = c.final_logit_softcap {
+            b.softcap(&mut st.logits, cap);
+        }
+        Ok(())
+    }
+
+    /// Copies the last forward pass's logits to the host.
+    pub fn read_logits(&self, st: &State<B>, out: &mut Vec<f32>) {
+        self.backend.download(&st.logits, out);
+    }
+}
