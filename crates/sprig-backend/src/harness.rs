@@ -1,2 +1,172 @@
 //! Checks every op of one backend against another (normally the burn reference) on random inputs, odd sizes
 //! included. Used by the test suites of every backend.
+
+use std::sync::Arc;
+
+use half::f16;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sprig_format::testutil::tiny_config;
+use sprig_format::{ContainerWriter, ModelFile};
+use sprig_quant::quantize::quantize;
+use sprig_quant::Scheme;
+
+use crate::{Activation, AttentionParams, Backend, KvLayout, RopeLayout, RopeParams};
+
+/// Weight kinds every backend must accept, with the largest error a quantized-activation backend may add
+/// (relative to the largest reference output).
+const WEIGHTS: &[(&str, f32)] = &[("f32", 1e-4), ("f16", 1e-3), ("q4", 2e-2), ("q4a", 2e-2), ("q8", 2e-2)];
+
+/// Odd shapes on purpose: K = 100 has a ragged last int4 group, rows not a multiple of the kernels' tiles.
+const ROWS: usize = 37;
+const COLS: usize = 100;
+
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+/// A model file holding one `ROWS x COLS` matrix per weight kind, vectors and a bias.
+pub fn op_test_file() -> Arc<ModelFile> {
+    let mut rng = StdRng::seed_from_u64(11);
+    let mut w = ContainerWriter::new(&tiny_config(), "{}".into(), None);
+    let m = random(&mut rng, ROWS * COLS, 1.0);
+    w.add_f32("w.f32", &[ROWS, COLS], &m);
+    w.add_f16("w.f16", &[ROWS, COLS], &m.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>());
+    w.add_quant("w.q4", &quantize(&m, ROWS, COLS, Scheme::Q4));
+    w.add_quant("w.q4a", &quantize(&m, ROWS, COLS, Scheme::Q4A));
+    w.add_quant("w.q8", &quantize(&m, ROWS, COLS, Scheme::Q8));
+    w.add_f32("bias", &[ROWS], &random(&mut rng, ROWS, 0.5));
+    w.add_f32("norm.full", &[COLS], &random(&mut rng, COLS, 1.0));
+    w.add_f32("norm.head", &[10], &random(&mut rng, 10, 1.0));
+    Arc::new(ModelFile::from_bytes(&w.to_bytes()).expect("op test file"))
+}
+
+/// Largest `|a - r|` relative to `max |r|` (plus a small absolute floor).
+fn rel_err(a: &[f32], r: &[f32]) -> f32 {
+    assert_eq!(a.len(), r.len(), "output lengths differ");
+    let scale = r.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(r).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+/// Runs every op on both backends and returns one line per failure (empty = all ops agree).
+pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
+    let mut fails = Vec::new();
+    let file = op_test_file();
+    let mut rng = StdRng::seed_from_u64(5);
+    let mut check = |what: String, got: Vec<f32>, want: Vec<f32>, tol: f32| {
+        let e = rel_err(&got, &want);
+        if !e.is_finite() || e > tol {
+            fails.push(format!("{what}: relative error {e:.3e} > {tol:.1e}"));
+        }
+    };
+    macro_rules! pair {
+        ($data:expr, $rows:expr, $cols:expr) => {{
+            let (mut ta, mut tr) = (a.tensor(), r.tensor());
+            a.upload(&$data, $rows, $cols, &mut ta);
+            r.upload(&$data, $rows, $cols, &mut tr);
+            (ta, tr)
+        }};
+    }
+    let dl = |t: &A::Tensor| {
+        let mut v = Vec::new();
+        a.download(t, &mut v);
+        v
+    };
+    let dlr = |t: &R::Tensor| {
+        let mut v = Vec::new();
+        r.download(t, &mut v);
+        v
+    };
+
+    for &(kind, tol) in WEIGHTS {
+        let name = format!("w.{kind}");
+        let (wa, wr) = (a.load_weight(&file, &name).unwrap(), r.load_weight(&file, &name).unwrap());
+        assert_eq!(a.weight_shape(&wa), (ROWS, COLS));
+        // Embedding lookup: exact dequantization on both sides.
+        let ids = [0u32, 36, 5, 5, 17];
+        let (mut oa, mut or) = (a.tensor(), r.tensor());
+        a.embed(&wa, &ids, 1.5, &mut oa);
+        r.embed(&wr, &ids, 1.5, &mut or);
+        check(format!("embed {kind}"), dl(&oa), dlr(&or), 1e-6);
+        for t in [1usize, 3, 17] {
+            let x = random(&mut rng, t * COLS, 2.0);
+            let (xa, xr) = pair!(x, t, COLS);
+            for with_bias in [false, true] {
+                let (ba, br) = (a.load_weight(&file, "bias").unwrap(), r.load_weight(&file, "bias").unwrap());
+                let (mut oa, mut or) = (a.tensor(), r.tensor());
+                a.linear(&xa, &wa, with_bias.then_some(&ba), &mut oa);
+                r.linear(&xr, &wr, with_bias.then_some(&br), &mut or);
+                assert_eq!(a.shape(&oa), (t, ROWS));
+                check(format!("linear {kind} T={t} bias={with_bias}"), dl(&oa), dlr(&or), tol);
+            }
+        }
+    }
+
+    // RMSNorm over whole rows and per head, with w and 1 + w.
+    for (wname, add_one) in [("norm.full", false), ("norm.full", true), ("norm.head", false), ("norm.head", true)] {
+        let x = random(&mut rng, 3 * COLS, 3.0);
+        let (xa, xr) = pair!(x, 3, COLS);
+        let (wa, wr) = (a.load_weight(&file, wname).unwrap(), r.load_weight(&file, wname).unwrap());
+        let (mut oa, mut or) = (a.tensor(), r.tensor());
+        a.rms_norm(&xa, &wa, 1e-5, add_one, &mut oa);
+        r.rms_norm(&xr, &wr, 1e-5, add_one, &mut or);
+        check(format!("rms_norm {wname} add_one={add_one}"), dl(&oa), dlr(&or), 1e-5);
+    }
+
+    // RoPE: both layouts, an offset start, linear scaling, a large theta.
+    for layout in [RopeLayout::Adjacent, RopeLayout::Half] {
+        for (pos0, scale, theta) in [(0usize, 1.0f32, 10000.0f32), (37, 1.0, 1e6), (500, 8.0, 10000.0)] {
+            let p = RopeParams { n_heads: 3, head_dim: 10, theta, scale, layout };
+            let x = random(&mut rng, 4 * 30, 1.0);
+            let (mut xa, mut xr) = pair!(x, 4, 30);
+            a.rope(&mut xa, pos0, &p);
+            r.rope(&mut xr, pos0, &p);
+            check(format!("rope {layout:?} pos0={pos0} scale={scale}"), dl(&xa), dlr(&xr), 1e-4);
+        }
+    }
+
+    // Attention: GQA (4 query heads on 2 KV heads), odd head size, global and a window smaller than the
+    // sequence; a prefill of 7 then 6 single-token steps, so cache reads and ring wrap-around are exercised.
+    for window in [None, Some(4usize), Some(1)] {
+        let p = AttentionParams { n_heads: 4, n_kv_heads: 2, head_dim: 6, scale: 0.4, window };
+        let layout = KvLayout { kv_dim: 12, windows: vec![None, window], max_context: 32 };
+        let (mut ca, mut cr) = (a.kv_cache(&layout), r.kv_cache(&layout));
+        let mut pos = 0;
+        for t in [7usize, 1, 1, 1, 1, 1, 1, 3] {
+            let q = random(&mut rng, t * 24, 1.0);
+            let k = random(&mut rng, t * 12, 1.0);
+            let v = random(&mut rng, t * 12, 1.0);
+            let (qa, qr) = pair!(q, t, 24);
+            let (ka, kr) = pair!(k, t, 12);
+            let (va, vr) = pair!(v, t, 12);
+            let (mut oa, mut or) = (a.tensor(), r.tensor());
+            a.attention(&qa, &ka, &va, &mut ca, 1, pos, &p, &mut oa);
+            r.attention(&qr, &kr, &vr, &mut cr, 1, pos, &p, &mut or);
+            check(format!("attention window={window:?} pos={pos} T={t}"), dl(&oa), dlr(&or), 1e-5);
+            pos += t;
+        }
+    }
+
+    // Element-wise ops.
+    let g = random(&mut rng, 5 * 33, 4.0);
+    let u = random(&mut rng, 5 * 33, 2.0);
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let ((ga, gr), (ua, ur)) = (pair!(g, 5, 33), pair!(u, 5, 33));
+        let (mut oa, mut or) = (a.tensor(), r.tensor());
+        a.glu(&ga, &ua, act, &mut oa);
+        r.glu(&gr, &ur, act, &mut or);
+        check(format!("glu {act:?}"), dl(&oa), dlr(&or), 1e-5);
+    }
+    let ((mut xa, mut xr), (ya, yr)) = (pair!(g, 5, 33), pair!(u, 5, 33));
+    a.add(&mut xa, &ya);
+    r.add(&mut xr, &yr);
+    check("add".into(), dl(&xa), dlr(&xr), 1e-6);
+    a.softcap(&mut xa, 3.0);
+    r.softcap(&mut xr, 3.0);
+    check("softcap".into(), dl(&xa), dlr(&xr), 1e-5);
+    let (mut oa, mut or) = (a.tensor(), r.tensor());
+    a.rows(&xa, 2, 2, &mut oa);
+    r.rows(&xr, 2, 2, &mut or);
+    check("rows".into(), dl(&oa), dlr(&or), 1e-6);
+    fails
+}

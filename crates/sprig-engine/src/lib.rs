@@ -5,6 +5,7 @@ pub mod chat;
 pub mod eval;
 pub mod generate;
 pub mod load;
+pub mod registry;
 pub mod sampler;
 
 pub use chat::{ChatMessage, ChatTemplate};

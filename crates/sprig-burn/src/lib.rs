@@ -1,0 +1,194 @@
+//! The f32 reference backend on burn.
+//!
+//! Built on `burn-flex` (burn's pure-Rust CPU backend) rather than `burn-ndarray`: burn 0.22 deprecates ndarray
+//! in favour of flex, and flex ran the same per-op workloads ~8x faster here (see `../shared/notes`), which keeps
+//! whole-model reference runs in tests short. It is a *reference*: weights are dequantized to f32 once, every
+//! op is plain tensor math (matmul, softmax, masks), the KV cache keeps the full history and sliding windows are a
+//! mask — deliberately a different implementation from the CPU backend's rings, fused loops and int8 kernels.
+
+use std::sync::Arc;
+
+use burn::tensor::activation::{gelu_approximate, silu, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use sprig_backend::{Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeLayout, RopeParams};
+use sprig_format::ModelFile;
+
+pub struct BurnBackend {
+    device: Device,
+}
+
+impl BurnBackend {
+    pub fn new() -> Self {
+        BurnBackend { device: Device::flex() }
+    }
+    fn t2(&self, data: Vec<f32>, rows: usize, cols: usize) -> Tensor<2> {
+        Tensor::<2>::from_data(TensorData::new(data, [rows, cols]), &self.device)
+    }
+}
+
+impl Default for BurnBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A weight as an f32 matrix `[rows, cols]` (vectors are `[1, n]`).
+pub struct BurnWeight {
+    w: Tensor<2>,
+    rows: usize,
+    cols: usize,
+}
+
+/// Full K/V history per layer (`[positions, kv_dim]`).
+pub struct BurnKvCache {
+    k: Vec<Option<Tensor<2>>>,
+    v: Vec<Option<Tensor<2>>>,
+}
+
+fn to_vec(t: &Tensor<2>) -> Vec<f32> {
+    t.to_data().try_to_vec::<f32>().expect("f32 tensor")
+}
+
+impl Backend for BurnBackend {
+    type Tensor = Tensor<2>;
+    type Weight = BurnWeight;
+    type KvCache = BurnKvCache;
+
+    fn name(&self) -> String {
+        "reference (burn-flex, f32)".into()
+    }
+
+    fn load_weight(&self, file: &Arc<ModelFile>, name: &str) -> Result<BurnWeight> {
+        let v = file.weight(name).map_err(BackendError::from)?;
+        let (rows, cols) = (v.rows(), v.cols());
+        Ok(BurnWeight { w: self.t2(v.to_f32(), rows, cols), rows, cols })
+    }
+    fn weight_shape(&self, w: &BurnWeight) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn tensor(&self) -> Tensor<2> {
+        Tensor::<2>::zeros([1, 1], &self.device)
+    }
+    fn shape(&self, t: &Tensor<2>) -> (usize, usize) {
+        let [r, c] = t.dims();
+        (r, c)
+    }
+    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut Tensor<2>) {
+        *t = self.t2(data.to_vec(), rows, cols);
+    }
+    fn download(&self, t: &Tensor<2>, out: &mut Vec<f32>) {
+        *out = to_vec(t);
+    }
+    fn rows(&self, x: &Tensor<2>, start: usize, n: usize, out: &mut Tensor<2>) {
+        *out = x.clone().narrow(0, start, n);
+    }
+
+    fn embed(&self, table: &BurnWeight, tokens: &[u32], scale: f32, out: &mut Tensor<2>) {
+        let ids = Tensor::<1, Int>::from_data(TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [tokens.len()]), &self.device);
+        *out = table.w.clone().select(0, ids) * scale;
+    }
+
+    fn rms_norm(&self, x: &Tensor<2>, w: &BurnWeight, eps: f32, add_one: bool, out: &mut Tensor<2>) {
+        let [t, c] = x.dims();
+        let g = w.cols;
+        let xg = x.clone().reshape([t * c / g, g]);
+        let inv = (xg.clone().powf_scalar(2.0).mean_dim(1) + eps).sqrt().recip();
+        let wv = if add_one { w.w.clone() + 1.0 } else { w.w.clone() };
+        *out = (xg * inv * wv).reshape([t, c]);
+    }
+
+    fn linear(&self, x: &Tensor<2>, w: &BurnWeight, bias: Option<&BurnWeight>, out: &mut Tensor<2>) {
+        let y = x.clone().matmul(w.w.clone().transpose());
+        *out = match bias {
+            Some(b) => y + b.w.clone(),
+            None => y,
+        };
+    }
+
+    fn rope(&self, x: &mut Tensor<2>, pos0: usize, p: &RopeParams) {
+        let [t, _] = x.dims();
+        let (h, hd) = (p.n_heads, p.head_dim);
+        let half = hd / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+        for ti in 0..t {
+            let pos = (pos0 + ti) as f64 / p.scale as f64;
+            for i in 0..half {
+                let freq = (p.theta as f64).powf(-((2 * i) as f64) / hd as f64);
+                cos.push((pos * freq).cos() as f32);
+                sin.push((pos * freq).sin() as f32);
+            }
+        }
+        let cos = self.t2(cos, t, half).reshape([t, 1, half, 1]);
+        let sin = self.t2(sin, t, half).reshape([t, 1, half, 1]);
+        // View each head as pairs: adjacent (x[2i], x[2i+1]) or halves (x[i], x[i+half]).
+        let pairs: Tensor<4> = match p.layout {
+            RopeLayout::Adjacent => x.clone().reshape([t, h, half, 2]),
+            RopeLayout::Half => x.clone().reshape([t, h, 2, half]).swap_dims(2, 3),
+        };
+        let x0 = pairs.clone().narrow(3, 0, 1);
+        let x1 = pairs.narrow(3, 1, 1);
+        let r0 = x0.clone() * cos.clone() - x1.clone() * sin.clone();
+        let r1 = x0 * sin + x1 * cos;
+        let rot = Tensor::cat(vec![r0, r1], 3);
+        *x = match p.layout {
+            RopeLayout::Adjacent => rot.reshape([t, h * hd]),
+            RopeLayout::Half => rot.swap_dims(2, 3).reshape([t, h * hd]),
+        };
+    }
+
+    fn attention(&self, q: &Tensor<2>, k: &Tensor<2>, v: &Tensor<2>, cache: &mut BurnKvCache, layer: usize, pos0: usize, p: &AttentionParams, out: &mut Tensor<2>) {
+        let [t, _] = q.dims();
+        let (h, g, hd) = (p.n_heads, p.n_kv_heads, p.head_dim);
+        let k_all = match cache.k[layer].take() {
+            Some(old) => Tensor::cat(vec![old, k.clone()], 0),
+            None => k.clone(),
+        };
+        let v_all = match cache.v[layer].take() {
+            Some(old) => Tensor::cat(vec![old, v.clone()], 0),
+            None => v.clone(),
+        };
+        let s = k_all.dims()[0];
+        assert_eq!(s, pos0 + t, "reference attention: cache holds {} positions, expected {}", s - t, pos0);
+        let expand = |x: &Tensor<2>| -> Tensor<3> {
+            x.clone().reshape([s, g, 1, hd]).repeat_dim(2, h / g).reshape([s, h, hd]).swap_dims(0, 1)
+        };
+        let (kh, vh) = (expand(&k_all), expand(&v_all));
+        let qh: Tensor<3> = q.clone().reshape([t, h, hd]).swap_dims(0, 1);
+        let scores = qh.matmul(kh.swap_dims(1, 2)) * p.scale;
+        let mut mask = Vec::with_capacity(t * s);
+        for i in 0..t {
+            let pos = pos0 + i;
+            for j in 0..s {
+                let visible = j <= pos && p.window.is_none_or(|w| j + w > pos);
+                mask.push(!visible);
+            }
+        }
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [t, s]), &self.device).reshape([1, t, s]).repeat_dim(0, h);
+        let probs = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 2);
+        *out = probs.matmul(vh).swap_dims(0, 1).reshape([t, h * hd]);
+        cache.k[layer] = Some(k_all);
+        cache.v[layer] = Some(v_all);
+    }
+
+    fn glu(&self, gate: &Tensor<2>, up: &Tensor<2>, act: Activation, out: &mut Tensor<2>) {
+        let a = match act {
+            Activation::Silu => silu(gate.clone()),
+            Activation::GeluTanh => gelu_approximate(gate.clone()),
+        };
+        *out = a * up.clone();
+    }
+
+    fn add(&self, x: &mut Tensor<2>, y: &Tensor<2>) {
+        *x = x.clone() + y.clone();
+    }
+
+    fn softcap(&self, x: &mut Tensor<2>, cap: f32) {
+        *x = (x.clone() / cap).tanh() * cap;
+    }
+
+    fn kv_cache(&self, layout: &KvLayout) -> BurnKvCache {
+        let n = layout.windows.len();
+        BurnKvCache { k: (0..n).map(|_| None).collect(), v: (0..n).map(|_| None).collect() }
+    }
+}
