@@ -5,6 +5,7 @@ pub mod gguf;
 pub mod hf;
 #[allow(unused)]
 pub mod llama2c;
+pub mod sentencepiece;
 mod sink;
 
 use std::path::Path;

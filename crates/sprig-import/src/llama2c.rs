@@ -109,6 +109,26 @@ pub fn read_tokenizer_bin(bytes: &[u8], vocab: usize) -> Result<TokenizerSpec> {
     })
 }
 
+/// A run.c `tokenizer.bin` or a SentencePiece `tokenizer.model` (told apart by content).
+pub fn read_tokenizer(bytes: &[u8], vocab: usize) -> Result<TokenizerSpec> {
+    // A tokenizer.model starts with field 1 (pieces), wire type 2: byte 0x0a. A tokenizer.bin starts with a small
+    // little-endian max token length, whose first byte is never 0x0a for real vocabularies... but may be, so try
+    // the protobuf only when the run.c parse fails.
+    match read_tokenizer_bin(bytes, vocab) {
+        Ok(spec) => Ok(spec),
+        Err(bin_err) if bytes.first() == Some(&0x0a) => {
+            let spec = crate::sentencepiece::parse(bytes).map_err(|_| bin_err)?;
+            if let TokenizerSpec::SentencePiece { tokens, .. } = &spec {
+                if tokens.len() != vocab {
+                    return Err(invalid(format!("tokenizer.model has {} pieces but the model's vocabulary is {vocab}", tokens.len())));
+                }
+            }
+            Ok(spec)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 pub fn import(model: &Path, tokenizer: &Path, quant: QuantChoice, progress: Progress) -> Result<Imported> {
     let bytes = std::fs::read(model).map_err(io_err(model))?;
     let tok_bytes = std::fs::read(tokenizer).map_err(io_err(tokenizer))?;
@@ -187,7 +207,7 @@ pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], quant: QuantChoice, progress
         final_logit_softcap: None,
     };
     config.validate()?;
-    let spec = read_tokenizer_bin(tok_bytes, v)?;
+    let spec = read_tokenizer(tok_bytes, v)?;
     let tok_json = serde_json::to_string(&spec).expect("spec serialises");
     let mut sink = Sink { writer: ContainerWriter::new(&config, tok_json, None), quant, losses: vec![] };
     let floats: &[u8] = &bytes[h.data_offset..need];

@@ -1,0 +1,60 @@
+//! Shared fixtures of the end-to-end tests: paths of the shared models and the registry models (pulled into
+//! the cache on first use, like `sprig pull`).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use sprig_backend::cpu::CpuBackend;
+use sprig_burn::BurnBackend;
+use sprig_engine::{open_model_file, registry, Engine, LoadOptions};
+use sprig_format::ModelFile;
+use sprig_import::QuantChoice;
+
+/// `../shared/models` beside the checkout.
+pub fn shared_models() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models")
+}
+
+pub fn stories260k() -> (PathBuf, PathBuf) {
+    let d = shared_models().join("stories260K");
+    (d.join("stories260K.bin"), d.join("tok512.bin"))
+}
+
+static PULL: Mutex<()> = Mutex::new(());
+
+/// The native file of a registry model, fetched and converted on first use.
+pub fn registry_model(name: &str) -> PathBuf {
+    let _g = PULL.lock().unwrap_or_else(|e| e.into_inner());
+    let e = registry::find(name).expect("known model");
+    registry::pull(&e, &mut |s| eprintln!("{s}")).unwrap_or_else(|err| panic!("pulling {name}: {err}"))
+}
+
+/// The GGUF source of a registry model.
+pub fn registry_source(name: &str) -> PathBuf {
+    let _g = PULL.lock().unwrap_or_else(|e| e.into_inner());
+    let e = registry::find(name).expect("known model");
+    registry::fetch_source(&e, &mut |s| eprintln!("{s}")).unwrap_or_else(|err| panic!("fetching {name}: {err}"))
+}
+
+pub fn open(path: &std::path::Path, tokenizer: Option<PathBuf>, quant: QuantChoice) -> Arc<ModelFile> {
+    open_model_file(path, &LoadOptions { tokenizer, quant }).unwrap()
+}
+
+pub fn cpu_engine(file: Arc<ModelFile>, threads: usize) -> Engine<CpuBackend> {
+    Engine::new(Arc::new(CpuBackend::new(threads).unwrap()), file).unwrap()
+}
+
+pub fn reference_engine(file: Arc<ModelFile>) -> Engine<BurnBackend> {
+    Engine::new(Arc::new(BurnBackend::new()), file).unwrap()
+}
+
+/// Largest |a-b| relative to max |b|.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+pub fn argmax(x: &[f32]) -> usize {
+    sprig_engine::sampler::argmax(x) as usize
+}

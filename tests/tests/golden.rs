@@ -1,0 +1,45 @@
+//! stories260K against llama2.c's own output.
+//!
+//! `golden_once_upon_a_time_steps256.txt` was produced by llama2.c `run.c` (commit 350e04fe), built with
+//! `gcc -Ofast -march=native -fopenmp run.c -lm` and run as
+//! `./run stories260K.bin -z tok512.bin -t 0.0 -n 256 -i "Once upon a time"` (see ../shared/models/README.md).
+//! run.c prints the prompt (without BOS) and stops after 256 positions, i.e. 256 - 4 = 252 generated tokens,
+//! then a newline.
+
+use sprig_engine::{Sampler, SamplingParams};
+use sprig_import::QuantChoice;
+use sprig_tests::*;
+
+fn generate_text<B: sprig_backend::Backend>(e: &sprig_engine::Engine<B>) -> String {
+    let prompt = e.tokenizer.encode_prompt("Once upon a time").unwrap();
+    assert_eq!(prompt, [1, 403, 407, 261, 378]);
+    let mut st = e.model.new_state(0);
+    let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }).unwrap();
+    let mut text = String::new();
+    e.generate(&mut st, &prompt, 256 - (prompt.len() - 1), &mut s, true, |t| {
+        text.push_str(t);
+        true
+    })
+    .unwrap();
+    text + "\n"
+}
+
+#[test]
+fn stories260k_greedy_matches_llama2c_on_both_headers() {
+    let (model, tok) = stories260k();
+    let golden = std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    for file in [model.clone(), model.with_file_name("stories260K.v1.bin")] {
+        for threads in [1, 2] {
+            let e = cpu_engine(open(&file, Some(tok.clone()), QuantChoice::Keep), threads);
+            assert_eq!(generate_text(&e), golden, "{} with {threads} threads", file.display());
+        }
+    }
+}
+
+#[test]
+fn stories260k_reference_backend_matches_llama2c() {
+    let (model, tok) = stories260k();
+    let golden = std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let e = reference_engine(open(&model, Some(tok), QuantChoice::Keep));
+    assert_eq!(generate_text(&e), golden);
+}

@@ -1,0 +1,60 @@
+//! Tokenizers against the ids independent implementations produce.
+
+use sprig_import::{llama2c, sentencepiece};
+use sprig_tests::*;
+use sprig_tokenizer::{StreamDecoder, Tokenizer};
+
+fn llama2_from(file: &str) -> Tokenizer {
+    let bytes = std::fs::read(shared_models().join("llama2-tokenizer").join(file)).unwrap();
+    let spec = if file.ends_with(".model") { sentencepiece::parse(&bytes).unwrap() } else { llama2c::read_tokenizer(&bytes, 32000).unwrap() };
+    Tokenizer::from_spec(&spec).unwrap()
+}
+
+#[test]
+fn llama2_tokenizer_bin_and_model_encode_once_upon_a_time() {
+    // Reference ids from ../shared/models/README.md (SentencePiece / llama2.c).
+    for file in ["tokenizer.bin", "tokenizer.model"] {
+        let t = llama2_from(file);
+        assert_eq!(t.encode_prompt("Once upon a time").unwrap(), [1, 9038, 2501, 263, 931], "{file}");
+        // Round trip, including characters that only byte fallback can spell.
+        let text = "Hello wörld, 1234 — 🙂 ok";
+        let ids = t.encode(text, false).unwrap();
+        assert_eq!(t.decode(&ids).unwrap(), text, "{file}");
+    }
+}
+
+#[test]
+fn byte_fallback_character_split_across_tokens_streams_whole() {
+    let t = llama2_from("tokenizer.model");
+    let ids = t.encode("a🙂b", false).unwrap();
+    // 🙂 is not a Llama 2 piece: it becomes its four UTF-8 bytes as <0xXX> tokens.
+    assert!(ids.len() >= 6, "{ids:?}");
+    let mut d = StreamDecoder::new(&t);
+    let pieces: Vec<String> = ids.iter().map(|&i| d.push(i).unwrap()).collect();
+    assert_eq!(pieces.concat(), "a🙂b");
+    assert!(pieces.iter().all(|p| p.chars().all(|c| c != '\u{FFFD}')), "{pieces:?}");
+    // The three leading bytes of the emoji produce no text; the fourth completes it.
+    assert_eq!(pieces.iter().filter(|p| p.is_empty()).count(), 3, "{pieces:?}");
+}
+
+#[test]
+fn smollm2_chatml_prompt_matches_llama_cpp() {
+    // Produced by llama.cpp 0c1e570 (llama-cpp-python 0.3.36's vendor/llama.cpp), on the registry's
+    // SmolLM2-135M-Instruct.Q4_1.gguf:
+    //   llama-tokenize -m SmolLM2-135M-Instruct.Q4_1.gguf -p "$P" --ids --log-disable
+    // with P the prompt below (bash $'...' quoting).
+    let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France? Answer in one word. 1234 café 🙂<|im_end|>\n<|im_start|>assistant\n";
+    let llama_cpp = [
+        1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198, 1,
+        4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 19842, 281, 582, 2229, 30, 216, 33, 34, 35, 36, 37366, 47526, 2, 198,
+        1, 520, 9531, 198,
+    ];
+    let f = open(&registry_model("smollm2-135m-instruct"), None, sprig_import::QuantChoice::Keep);
+    let t = Tokenizer::from_json(&f.tokenizer_json).unwrap();
+    let ids = t.encode_prompt(prompt).unwrap();
+    assert_eq!(ids, llama_cpp);
+    // Streaming the ids gives the text back, minus the control tokens.
+    let text = t.decode(&ids).unwrap();
+    assert!(text.contains("What is the capital of France? Answer in one word. 1234 café 🙂"), "{text}");
+    assert!(!text.contains("<|im_start|>"));
+}
