@@ -1,5 +1,219 @@
 //! Hugging Face directories: `config.json`, `*.safetensors` (f32/f16/bf16, sharded), `tokenizer.json`,
 //! `tokenizer_config.json` (chat template, special tokens).
-use std::path::Path;
-use crate::{sink::QuantChoice, Imported, Progress, Result, invalid};
-pub fn import(path: &Path, _q: QuantChoice, _p: Progress) -> Result<Imported> { Err(invalid(format!("{}: HF import not yet built", path.display()))) }
+
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use sprig_format::config::{Activation, AttentionKind, ModelConfig, RopeLayout};
+use sprig_format::ContainerWriter;
+use sprig_quant::ggml::GgmlType;
+use sprig_tokenizer::{SpecialTokens, TokenizerSpec};
+
+use crate::sink::{QuantChoice, Sink};
+use crate::{invalid, io_err, Imported, Progress, Result};
+
+fn read_json(path: &Path) -> Result<Value> {
+    let s = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&s).map_err(|e| invalid(format!("{}: {e}", path.display())))
+}
+
+fn get_usize(c: &Value, key: &str) -> Option<usize> {
+    c.get(key).and_then(|v| v.as_u64()).map(|v| v as usize)
+}
+
+/// The native config from an HF `config.json`.
+pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
+    let mt = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
+    let arch = match mt {
+        "llama" | "mistral" => "llama",
+        "qwen2" => "qwen2",
+        "gemma3_text" | "gemma3" => "gemma3",
+        other => return Err(invalid(format!("config.json: model_type `{other}` is not supported (llama, mistral, qwen2, gemma3_text)"))),
+    };
+    // Gemma 3 multimodal configs nest the language model.
+    let c = c.get("text_config").unwrap_or(c);
+    let req = |k: &str| get_usize(c, k).ok_or_else(|| invalid(format!("config.json: missing integer `{k}`")));
+    let dim = req("hidden_size")?;
+    let n_layers = req("num_hidden_layers")?;
+    let n_heads = req("num_attention_heads")?;
+    let n_kv_heads = get_usize(c, "num_key_value_heads").unwrap_or(n_heads);
+    let head_dim = get_usize(c, "head_dim").unwrap_or(dim / n_heads.max(1));
+    let gemma = arch == "gemma3";
+    let mut attention = vec![AttentionKind::Global; n_layers];
+    if let Some(types) = c.get("layer_types").and_then(|v| v.as_array()) {
+        let w = req("sliding_window")?;
+        for (i, t) in types.iter().enumerate().take(n_layers) {
+            if t.as_str() == Some("sliding_attention") {
+                attention[i] = AttentionKind::Sliding { window: w };
+            }
+        }
+    } else if gemma {
+        let w = req("sliding_window")?;
+        let pattern = get_usize(c, "sliding_window_pattern").unwrap_or(6).max(1);
+        for (i, a) in attention.iter_mut().enumerate() {
+            if (i + 1) % pattern != 0 {
+                *a = AttentionKind::Sliding { window: w };
+            }
+        }
+    }
+    let rope_scale = c.get("rope_scaling").filter(|v| v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()) == Some("linear"))
+        .and_then(|v| v.get("factor")).and_then(|f| f.as_f64()).map(|f| f as f32);
+    let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+    let cfg = ModelConfig {
+        arch: arch.into(),
+        dim,
+        n_layers,
+        n_heads,
+        n_kv_heads,
+        head_dim,
+        hidden_dim: req("intermediate_size")?,
+        vocab_size: req("vocab_size")?,
+        max_seq_len: get_usize(c, "max_position_embeddings").unwrap_or(2048),
+        norm_eps: f("rms_norm_eps", 1e-6) as f32,
+        rope_theta: f("rope_theta", 10000.0) as f32,
+        rope_theta_local: if gemma { Some(f("rope_local_base_freq", 10000.0) as f32) } else { None },
+        rope_scale,
+        rope_layout: RopeLayout::Half,
+        activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        tied_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(gemma),
+        embedding_scale: if gemma { Some((dim as f32).sqrt()) } else { None },
+        norm_add_one: gemma,
+        attention,
+        moe: None,
+        attn_scale: c.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).map(|s| (1.0 / s.sqrt()) as f32),
+        final_logit_softcap: c.get("final_logit_softcapping").and_then(|v| v.as_f64()).map(|v| v as f32),
+    };
+    if c.get("num_local_experts").or(c.get("num_experts")).and_then(|v| v.as_u64()).is_some_and(|n| n > 1) {
+        return Err(invalid("config.json: Mixture-of-Experts checkpoints are not supported by the HF importer yet"));
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// HF tensor name → native (GGUF-style) name.
+pub fn map_name(hf: &str, gemma: bool) -> Option<String> {
+    let n = hf.strip_prefix("model.language_model.").map(|s| format!("model.{s}")).unwrap_or_else(|| hf.to_string());
+    match n.as_str() {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = n.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let mapped = match tail {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "post_attention_layernorm.weight" if gemma => "post_attention_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
+        "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}"))
+}
+
+fn shards(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        return Err(invalid(format!("{}: no *.safetensors weights", dir.display())));
+    }
+    Ok(v)
+}
+
+fn tokenizer_spec(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
+    let tj_path = dir.join("tokenizer.json");
+    let tj = std::fs::read_to_string(&tj_path).map_err(io_err(&tj_path))?;
+    let tok: Value = serde_json::from_str(&tj).map_err(|e| invalid(format!("{}: {e}", tj_path.display())))?;
+    let cfg_path = dir.join("tokenizer_config.json");
+    let tc = if cfg_path.exists() { read_json(&cfg_path)? } else { Value::Null };
+    let id_of = |content: &str| -> Option<u32> {
+        let added = tok.get("added_tokens").and_then(|a| a.as_array());
+        added
+            .and_then(|a| a.iter().find(|t| t.get("content").and_then(|c| c.as_str()) == Some(content)))
+            .and_then(|t| t.get("id")).and_then(|i| i.as_u64()).map(|i| i as u32)
+            .or_else(|| tok.pointer("/model/vocab").and_then(|v| v.get(content)).and_then(|i| i.as_u64()).map(|i| i as u32))
+    };
+    let tok_str = |k: &str| -> Option<String> {
+        match tc.get(k)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+            _ => None,
+        }
+    };
+    let bos = tok_str("bos_token").and_then(|s| id_of(&s));
+    let eos = tok_str("eos_token").and_then(|s| id_of(&s));
+    let add_bos = tc.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false) && bos.is_some();
+    let mut stop: Vec<u32> = eos.into_iter().collect();
+    for t in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
+        if let Some(i) = id_of(t) {
+            if !stop.contains(&i) {
+                stop.push(i);
+            }
+        }
+    }
+    let template = tc.get("chat_template").and_then(|v| v.as_str()).map(String::from);
+    Ok((TokenizerSpec::HuggingFace { tokenizer_json: tj, special: SpecialTokens { bos, eos, add_bos, stop } }, template))
+}
+
+pub fn import(dir: &Path, quant: QuantChoice, progress: Progress) -> Result<Imported> {
+    let config = config_from_hf(&read_json(&dir.join("config.json"))?)?;
+    let (spec, template) = tokenizer_spec(dir)?;
+    let gemma = config.arch == "gemma3";
+    let mut sink = Sink { writer: ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template), quant, losses: vec![] };
+    let files = shards(dir)?;
+    let mut done = 0;
+    for path in &files {
+        let f = std::fs::File::open(path).map_err(io_err(path))?;
+        // SAFETY: read-only mapping of a checkpoint that is not modified while it is imported.
+        let map = unsafe { Mmap::map(&f) }.map_err(io_err(path))?;
+        let st = SafeTensors::deserialize(&map).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+        names.sort();
+        for name in names {
+            let t = st.tensor(&name).map_err(|e| invalid(format!("{}: {name}: {e}", path.display())))?;
+            let Some(native) = map_name(&name, gemma) else {
+                if name.contains("rotary_emb") {
+                    continue;
+                }
+                return Err(invalid(format!("{}: tensor `{name}` has no native mapping", path.display())));
+            };
+            if sink.writer.contains(&native) {
+                return Err(invalid(format!("tensor `{name}` appears twice")));
+            }
+            let ty = match t.dtype() {
+                Dtype::F32 => GgmlType::F32,
+                Dtype::F16 => GgmlType::F16,
+                Dtype::BF16 => GgmlType::BF16,
+                d => return Err(invalid(format!("{}: tensor `{name}` has dtype {d:?} (f32, f16, bf16 are supported)", path.display()))),
+            };
+            let shape = t.shape().to_vec();
+            if shape.is_empty() || shape.len() > 2 {
+                return Err(invalid(format!("tensor `{name}` has shape {shape:?}")));
+            }
+            sink.add_ggml(&native, ty, &shape, t.data());
+            done += 1;
+            progress(done, done);
+        }
+    }
+    Ok(Imported { writer: sink.writer, losses: sink.losses })
+}

@@ -3,9 +3,9 @@
 
 pub mod gguf;
 pub mod hf;
-#[allow(unused)]
 pub mod llama2c;
 pub mod sentencepiece;
+pub mod synth;
 mod sink;
 
 use std::path::Path;

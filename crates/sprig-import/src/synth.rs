@@ -1,0 +1,308 @@
+//! Synthetic checkpoint generator: small random models written in the *foreign* formats (Hugging Face
+//! directories, GGUF), so the importers and model code can be tested on architectures and edge cases no
+//! downloadable model covers. Same seed → same weights in every format.
+
+use std::io::Write;
+use std::path::Path;
+
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use sprig_tokenizer::hf::{bytes_to_unicode, from_gguf_bpe};
+use sprig_tokenizer::token_type;
+
+use crate::{invalid, io_err, Result};
+
+#[derive(Clone, Debug)]
+pub struct SynthSpec {
+    /// "llama" or "qwen2" (QKV bias, larger RoPE base).
+    pub arch: String,
+    pub dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub hidden_dim: usize,
+    pub tied: bool,
+    pub seed: u64,
+}
+
+impl SynthSpec {
+    pub fn tiny(arch: &str) -> Self {
+        SynthSpec { arch: arch.into(), dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, hidden_dim: 96, tied: false, seed: 1 }
+    }
+    fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+    fn rope_theta(&self) -> f64 {
+        if self.arch == "qwen2" { 1_000_000.0 } else { 10_000.0 }
+    }
+}
+
+/// A small byte-level BPE vocabulary: 256 byte tokens, a few merges, ChatML specials.
+pub struct SynthVocab {
+    pub tokens: Vec<String>,
+    pub merges: Vec<String>,
+    pub types: Vec<u8>,
+}
+
+pub fn synth_vocab() -> SynthVocab {
+    let byte_chars: Vec<char> = bytes_to_unicode().into_iter().map(|(_, c)| c).collect();
+    let mut tokens: Vec<String> = byte_chars.iter().map(|c| c.to_string()).collect();
+    let mut merges = Vec::new();
+    for (a, b) in [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("o", "n"), ("e", "r"), ("Ġ", "s")] {
+        merges.push(format!("{a} {b}"));
+        tokens.push(format!("{a}{b}"));
+    }
+    let mut types = vec![token_type::NORMAL; tokens.len()];
+    for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
+        tokens.push(s.into());
+        types.push(token_type::CONTROL);
+    }
+    SynthVocab { tokens, merges, types }
+}
+
+const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/// Weights in HF layout (`[out, in]`, rotate-half Q/K), by HF name.
+pub fn synth_weights(s: &SynthSpec, vocab: usize) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let mut rng = StdRng::seed_from_u64(s.seed);
+    let mut out = Vec::new();
+    let mat = |out: &mut Vec<_>, name: String, rows: usize, cols: usize, scale: f32, rng: &mut StdRng| {
+        let v: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-scale..scale)).collect();
+        out.push((name, vec![rows, cols], v));
+    };
+    let (d, hd, kvd) = (s.dim, s.head_dim(), s.n_kv_heads * s.head_dim());
+    mat(&mut out, "model.embed_tokens.weight".into(), vocab, d, 1.0, &mut rng);
+    for l in 0..s.n_layers {
+        let p = format!("model.layers.{l}");
+        let ws = 1.0 / (d as f32).sqrt();
+        mat(&mut out, format!("{p}.self_attn.q_proj.weight"), s.n_heads * hd, d, ws, &mut rng);
+        mat(&mut out, format!("{p}.self_attn.k_proj.weight"), kvd, d, ws, &mut rng);
+        mat(&mut out, format!("{p}.self_attn.v_proj.weight"), kvd, d, ws, &mut rng);
+        mat(&mut out, format!("{p}.self_attn.o_proj.weight"), d, s.n_heads * hd, ws, &mut rng);
+        mat(&mut out, format!("{p}.mlp.gate_proj.weight"), s.hidden_dim, d, ws, &mut rng);
+        mat(&mut out, format!("{p}.mlp.up_proj.weight"), s.hidden_dim, d, ws, &mut rng);
+        mat(&mut out, format!("{p}.mlp.down_proj.weight"), d, s.hidden_dim, 1.0 / (s.hidden_dim as f32).sqrt(), &mut rng);
+        if s.arch == "qwen2" {
+            for (n, len) in [("q_proj", s.n_heads * hd), ("k_proj", kvd), ("v_proj", kvd)] {
+                let v: Vec<f32> = (0..len).map(|_| rng.gen_range(-0.5..0.5)).collect();
+                out.push((format!("{p}.self_attn.{n}.bias"), vec![len], v));
+            }
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            let v: Vec<f32> = (0..d).map(|_| 1.0 + rng.gen_range(-0.2..0.2)).collect();
+            out.push((format!("{p}.{n}.weight"), vec![d], v));
+        }
+    }
+    let v: Vec<f32> = (0..d).map(|_| 1.0 + rng.gen_range(-0.2..0.2)).collect();
+    out.push(("model.norm.weight".into(), vec![d], v));
+    if !s.tied {
+        mat(&mut out, "lm_head.weight".into(), vocab, d, 1.0 / (d as f32).sqrt(), &mut rng);
+    }
+    out
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HfDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Writes an HF directory; `shards > 1` splits the weights over several safetensors files.
+pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let v = synth_vocab();
+    let mut config = json!({
+        "model_type": s.arch, "architectures": [if s.arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "hidden_size": s.dim, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
+        "num_key_value_heads": s.n_kv_heads, "intermediate_size": s.hidden_dim, "vocab_size": v.tokens.len(),
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": s.rope_theta(),
+        "tie_word_embeddings": s.tied, "torch_dtype": "float32",
+    });
+    config["torch_dtype"] = json!(match dtype { HfDtype::F32 => "float32", HfDtype::F16 => "float16", HfDtype::BF16 => "bfloat16" });
+    let write = |name: &str, text: String| -> Result<()> {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(io_err(&p))
+    };
+    write("config.json", serde_json::to_string_pretty(&config).unwrap())?;
+    write("tokenizer.json", from_gguf_bpe(&v.tokens, &v.merges, &v.types, "gpt2")?)?;
+    write("tokenizer_config.json", serde_json::to_string_pretty(&json!({
+        "bos_token": null, "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": CHATML,
+    })).unwrap())?;
+    let weights = synth_weights(s, v.tokens.len());
+    let per = weights.len().div_ceil(shards.max(1));
+    for (i, chunk) in weights.chunks(per).enumerate() {
+        let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = chunk
+            .iter()
+            .map(|(n, shape, v)| {
+                let (dt, bytes) = match dtype {
+                    HfDtype::F32 => (safetensors::Dtype::F32, bytemuck::cast_slice(v).to_vec()),
+                    HfDtype::F16 => (safetensors::Dtype::F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()),
+                    HfDtype::BF16 => (safetensors::Dtype::BF16, v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect()),
+                };
+                (n.clone(), dt, shape.clone(), bytes)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(n, dt, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, shape.clone(), b).unwrap()))
+            .collect();
+        let name = if shards > 1 { format!("model-{:05}-of-{:05}.safetensors", i + 1, shards) } else { "model.safetensors".into() };
+        let p = dir.join(name);
+        safetensors::serialize_to_file(views, None, &p).map_err(|e| invalid(format!("{}: {e}", p.display())))?;
+    }
+    Ok(())
+}
+
+/// HF → GGUF `llama` Q/K row order (rotate-half pairs become adjacent pairs), as llama.cpp's converter does.
+pub fn permute_qk(w: &[f32], n_heads: usize, cols: usize) -> Vec<f32> {
+    let rows = w.len() / cols;
+    let hd = rows / n_heads;
+    let mut out = vec![0.0; w.len()];
+    for h in 0..n_heads {
+        for i in 0..hd / 2 {
+            for (j, src) in [i, i + hd / 2].into_iter().enumerate() {
+                let dst_row = h * hd + 2 * i + j;
+                let src_row = h * hd + src;
+                out[dst_row * cols..(dst_row + 1) * cols].copy_from_slice(&w[src_row * cols..(src_row + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// Minimal GGUF v3 writer for the generator (f32 tensors and the metadata the importer reads).
+pub struct GgufWriter {
+    kv: Vec<u8>,
+    n_kv: u64,
+    tensors: Vec<(String, Vec<u64>, u32, Vec<u8>)>,
+}
+
+impl Default for GgufWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GgufWriter {
+    pub fn new() -> Self {
+        GgufWriter { kv: Vec::new(), n_kv: 0, tensors: Vec::new() }
+    }
+    fn key(&mut self, k: &str, ty: u32) {
+        self.kv.extend((k.len() as u64).to_le_bytes());
+        self.kv.extend(k.as_bytes());
+        self.kv.extend(ty.to_le_bytes());
+        self.n_kv += 1;
+    }
+    pub fn u32(&mut self, k: &str, v: u32) {
+        self.key(k, 4);
+        self.kv.extend(v.to_le_bytes());
+    }
+    pub fn f32(&mut self, k: &str, v: f32) {
+        self.key(k, 6);
+        self.kv.extend(v.to_le_bytes());
+    }
+    pub fn bool(&mut self, k: &str, v: bool) {
+        self.key(k, 7);
+        self.kv.push(v as u8);
+    }
+    pub fn str(&mut self, k: &str, v: &str) {
+        self.key(k, 8);
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        self.kv.extend(v.as_bytes());
+    }
+    pub fn strs(&mut self, k: &str, v: &[String]) {
+        self.key(k, 9);
+        self.kv.extend(8u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for s in v {
+            self.kv.extend((s.len() as u64).to_le_bytes());
+            self.kv.extend(s.as_bytes());
+        }
+    }
+    pub fn i32s(&mut self, k: &str, v: &[i32]) {
+        self.key(k, 9);
+        self.kv.extend(5u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        for x in v {
+            self.kv.extend(x.to_le_bytes());
+        }
+    }
+    /// A tensor in row-major `shape` (slowest first), stored as ggml type `ty` with the given raw bytes.
+    pub fn tensor(&mut self, name: &str, shape: &[usize], ty: u32, bytes: Vec<u8>) {
+        let dims = shape.iter().rev().map(|&d| d as u64).collect();
+        self.tensors.push((name.into(), dims, ty, bytes));
+    }
+    pub fn tensor_f32(&mut self, name: &str, shape: &[usize], v: &[f32]) {
+        self.tensor(name, shape, 0, bytemuck::cast_slice(v).to_vec());
+    }
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend(b"GGUF");
+        b.extend(3u32.to_le_bytes());
+        b.extend((self.tensors.len() as u64).to_le_bytes());
+        b.extend(self.n_kv.to_le_bytes());
+        b.extend(&self.kv);
+        let mut off = 0u64;
+        for (name, dims, ty, bytes) in &self.tensors {
+            b.extend((name.len() as u64).to_le_bytes());
+            b.extend(name.as_bytes());
+            b.extend((dims.len() as u32).to_le_bytes());
+            for d in dims {
+                b.extend(d.to_le_bytes());
+            }
+            b.extend(ty.to_le_bytes());
+            b.extend(off.to_le_bytes());
+            off += (bytes.len() as u64).next_multiple_of(32);
+        }
+        b.resize(b.len().next_multiple_of(32), 0);
+        for (_, _, _, bytes) in &self.tensors {
+            b.extend(bytes);
+            b.resize(b.len().next_multiple_of(32), 0);
+        }
+        b
+    }
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut f = std::fs::File::create(path).map_err(io_err(path))?;
+        f.write_all(&self.to_bytes()).map_err(io_err(path))
+    }
+}
+
+/// The same model as [`write_hf_dir`] as a GGUF file (`llama` arch: Q/K permuted; `qwen2`: as is).
+pub fn write_gguf(s: &SynthSpec, path: &Path) -> Result<()> {
+    let v = synth_vocab();
+    let mut g = GgufWriter::new();
+    let a = s.arch.as_str();
+    g.str("general.architecture", a);
+    g.str("general.name", &format!("sprig synthetic {a}"));
+    g.u32(&format!("{a}.embedding_length"), s.dim as u32);
+    g.u32(&format!("{a}.block_count"), s.n_layers as u32);
+    g.u32(&format!("{a}.attention.head_count"), s.n_heads as u32);
+    g.u32(&format!("{a}.attention.head_count_kv"), s.n_kv_heads as u32);
+    g.u32(&format!("{a}.feed_forward_length"), s.hidden_dim as u32);
+    g.u32(&format!("{a}.context_length"), 256);
+    g.f32(&format!("{a}.attention.layer_norm_rms_epsilon"), 1e-6);
+    g.f32(&format!("{a}.rope.freq_base"), s.rope_theta() as f32);
+    g.str("tokenizer.ggml.model", "gpt2");
+    g.str("tokenizer.ggml.pre", "gpt2");
+    g.strs("tokenizer.ggml.tokens", &v.tokens);
+    g.strs("tokenizer.ggml.merges", &v.merges);
+    g.i32s("tokenizer.ggml.token_type", &v.types.iter().map(|&t| t as i32).collect::<Vec<_>>());
+    g.u32("tokenizer.ggml.eos_token_id", (v.tokens.len() - 1) as u32);
+    g.bool("tokenizer.ggml.add_bos_token", false);
+    g.str("tokenizer.chat_template", CHATML);
+    for (name, shape, w) in synth_weights(s, v.tokens.len()) {
+        let native = crate::hf::map_name(&name, false).expect("synthetic names map");
+        let w = if a == "llama" && native.ends_with("attn_q.weight") {
+            permute_qk(&w, s.n_heads, shape[1])
+        } else if a == "llama" && native.ends_with("attn_k.weight") {
+            permute_qk(&w, s.n_kv_heads, shape[1])
+        } else {
+            w
+        };
+        g.tensor_f32(&native, &shape, &w);
+    }
+    g.write(path)
+}

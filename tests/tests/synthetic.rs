@@ -1,0 +1,86 @@
+//! Generated checkpoints (Llama- and Qwen2-style, as Hugging Face directories and GGUF files): every import
+//! path gives the same model, and the CPU backend agrees with the reference backend on them.
+
+use std::path::PathBuf;
+
+use sprig_engine::ChatMessage;
+use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthSpec};
+use sprig_import::QuantChoice;
+use sprig_models::Logits;
+use sprig_tests::*;
+
+fn tmp(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("sprig-synth-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    p
+}
+
+/// Logits of a prefill of `tokens` then two decode steps, concatenated.
+fn run<B: sprig_backend::Backend>(e: &sprig_engine::Engine<B>, tokens: &[u32]) -> Vec<f32> {
+    let mut st = e.model.new_state(64);
+    let mut all = Vec::new();
+    let mut l = Vec::new();
+    e.model.forward(&mut st, tokens, Logits::All).unwrap();
+    e.model.read_logits(&st, &mut l);
+    all.extend(&l);
+    for t in [5u32, 77] {
+        e.model.forward(&mut st, &[t], Logits::Last).unwrap();
+        e.model.read_logits(&st, &mut l);
+        all.extend(&l);
+    }
+    all
+}
+
+const TOKENS: [u32; 9] = [3, 200, 17, 99, 256, 261, 40, 40, 7];
+
+#[test]
+fn hf_and_gguf_imports_agree_and_cpu_matches_reference() {
+    for arch in ["llama", "qwen2"] {
+        let spec = SynthSpec::tiny(arch);
+        let dir = tmp(&format!("{arch}-hf"));
+        write_hf_dir(&spec, &dir, HfDtype::F32, 1).unwrap();
+        let gguf = tmp(&format!("{arch}.gguf"));
+        write_gguf(&spec, &gguf).unwrap();
+
+        let hf_file = open(&dir, None, QuantChoice::Keep);
+        assert_eq!(hf_file.config.arch, arch);
+        assert_eq!(hf_file.contains("blk.0.attn_q.bias"), arch == "qwen2");
+        let hf = cpu_engine(hf_file.clone(), 2);
+        let from_gguf = cpu_engine(open(&gguf, None, QuantChoice::Keep), 2);
+        let reference = reference_engine(hf_file);
+
+        let (a, b, r) = (run(&hf, &TOKENS), run(&from_gguf, &TOKENS), run(&reference, &TOKENS));
+        // HF (rotate-half, unpermuted) and GGUF (llama: permuted for adjacent pairs) are the same model.
+        assert!(rel_err(&b, &a) < 1e-5, "{arch}: GGUF vs HF import: {}", rel_err(&b, &a));
+        // f32 weights: the CPU backend runs f32 math, so it tracks the reference closely.
+        assert!(rel_err(&a, &r) < 1e-4, "{arch}: CPU vs reference: {}", rel_err(&a, &r));
+
+        // Tokenizer and chat template carried over from tokenizer.json / tokenizer_config.json.
+        let text = hf.render_chat(&[ChatMessage::new("user", "the cat")]).unwrap();
+        assert_eq!(text, "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n");
+        let ids = hf.tokenizer.encode_prompt(&text).unwrap();
+        assert_eq!(hf.tokenizer.decode(&ids).unwrap(), "user\nthe cat\nassistant\n");
+        assert_eq!(from_gguf.tokenizer.encode_prompt(&text).unwrap(), ids);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&gguf);
+    }
+}
+
+#[test]
+fn sharded_bf16_and_quantized_imports_stay_close() {
+    let spec = SynthSpec { tied: true, ..SynthSpec::tiny("qwen2") };
+    let (f32_dir, bf16_dir) = (tmp("q-f32"), tmp("q-bf16"));
+    write_hf_dir(&spec, &f32_dir, HfDtype::F32, 1).unwrap();
+    write_hf_dir(&spec, &bf16_dir, HfDtype::BF16, 3).unwrap();
+    let base = run(&cpu_engine(open(&f32_dir, None, QuantChoice::Keep), 1), &TOKENS);
+    let bf16 = open(&bf16_dir, None, QuantChoice::Keep);
+    assert!(bf16.config.tied_embeddings && !bf16.contains("output.weight"));
+    let e = rel_err(&run(&cpu_engine(bf16, 1), &TOKENS), &base);
+    assert!(e < 0.02, "bf16 shards: {e}");
+    for (q, tol) in [(QuantChoice::F16, 0.005), (QuantChoice::Q8, 0.03), (QuantChoice::Q4, 0.25), (QuantChoice::Q4A, 0.25)] {
+        let e = rel_err(&run(&cpu_engine(open(&f32_dir, None, q), 2), &TOKENS), &base);
+        assert!(e < tol, "{q:?}: {e}");
+    }
+    let _ = std::fs::remove_dir_all(&f32_dir);
+    let _ = std::fs::remove_dir_all(&bf16_dir);
+}
