@@ -34,6 +34,32 @@ enum Command {
     Pull { name: Option<String> },
     /// List the known models.
     Models,
+    /// Write a small synthetic checkpoint (random weights) as a Hugging Face directory or a GGUF file.
+    Gen(GenArgs),
+}
+
+#[derive(Args)]
+struct GenArgs {
+    /// llama | qwen2
+    #[arg(long, default_value = "llama")]
+    arch: String,
+    /// hf | gguf
+    #[arg(long, default_value = "hf")]
+    format: String,
+    #[arg(short = 'o', long)]
+    output: PathBuf,
+    #[arg(long, default_value_t = 64)]
+    dim: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 2)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 96)]
+    hidden: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 #[derive(Args, Clone)]
@@ -59,11 +85,11 @@ struct ModelArgs {
 #[derive(Args)]
 struct SamplingArgs {
     /// Temperature; 0 = greedy.
-    #[arg(long = "temp", default_value_t = 0.0)]
+    #[arg(long = "temp", default_value_t = 0.0, allow_negative_numbers = true)]
     temp: f32,
     #[arg(long = "top-k", default_value_t = 40)]
     top_k: usize,
-    #[arg(long = "top-p", default_value_t = 0.95)]
+    #[arg(long = "top-p", default_value_t = 0.95, allow_negative_numbers = true)]
     top_p: f32,
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -168,6 +194,23 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             println!("{}", p.display());
             Ok(())
         }
+        Command::Gen(a) => {
+            use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthSpec};
+            if !["llama", "qwen2"].contains(&a.arch.as_str()) {
+                bail!("--arch must be llama or qwen2");
+            }
+            let spec = SynthSpec { arch: a.arch, dim: a.dim, n_layers: a.layers, n_heads: a.heads, n_kv_heads: a.kv_heads, hidden_dim: a.hidden, tied: false, seed: a.seed };
+            if spec.n_heads == 0 || spec.dim % spec.n_heads != 0 || spec.n_kv_heads == 0 || spec.n_heads % spec.n_kv_heads != 0 {
+                bail!("--dim must be a multiple of --heads, and --heads a multiple of --kv-heads");
+            }
+            match a.format.as_str() {
+                "hf" => write_hf_dir(&spec, &a.output, HfDtype::F32, 1)?,
+                "gguf" => write_gguf(&spec, &a.output)?,
+                f => bail!("--format must be hf or gguf, not `{f}`"),
+            }
+            eprintln!("sprig: wrote {}", a.output.display());
+            Ok(())
+        }
         Command::Models => {
             for e in registry::entries() {
                 let d = if e.default { " (default)" } else { "" };
@@ -206,6 +249,9 @@ fn run(a: RunArgs) -> Result<()> {
         true
     })?;
     writeln!(out)?;
+    if stats.stop == sprig_engine::generate::StopReason::ContextFull {
+        eprintln!("sprig: stopped: the context of {} tokens is full (raise it with -c)", st.max_context);
+    }
     eprintln!(
         "sprig: {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s ({})",
         stats.prompt_tokens, stats.prefill_tok_s(), stats.generated.len(), stats.decode_tok_s(), e.model.backend.name()

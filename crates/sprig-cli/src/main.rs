@@ -3,22 +3,38 @@
 mod commands;
 
 use std::process::ExitCode;
+use std::sync::Mutex;
 
 use clap::Parser;
 
+static PANIC_MESSAGE: Mutex<Option<String>> = Mutex::new(None);
+
 fn main() -> ExitCode {
     let cli = commands::Cli::parse();
-    // Errors are one line on stderr and a non-zero exit code; panics are turned into the same.
-    let result = std::panic::catch_unwind(|| commands::dispatch(cli));
-    match result {
+    // No backtraces for users: a panic is recorded and reported as one line below.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        *PANIC_MESSAGE.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);
+    }));
+    match std::panic::catch_unwind(|| commands::dispatch(cli)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
+            if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+                return ExitCode::SUCCESS;
+            }
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("sprig: error: {msg}");
             ExitCode::from(1)
         }
         Err(_) => {
-            eprintln!("sprig: error: internal error (panic); please report it");
+            let msg = PANIC_MESSAGE.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+            // The reader of our output went away (e.g. `sprig inspect M | head`): not an error.
+            if msg.contains("Broken pipe") {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("sprig: error: internal error: {msg}");
             ExitCode::from(101)
         }
     }
