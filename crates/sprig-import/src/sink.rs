@@ -15,6 +15,8 @@ pub enum QuantChoice {
     Q4,
     Q4A,
     Q8,
+    /// int4 with GGUF's reference Q4_0 algorithm (absmax, no search); for measuring what the search buys.
+    Q4Absmax,
 }
 
 impl QuantChoice {
@@ -25,6 +27,7 @@ impl QuantChoice {
             "q4" => QuantChoice::Q4,
             "q4a" => QuantChoice::Q4A,
             "q8" => QuantChoice::Q8,
+            "q4-absmax" => QuantChoice::Q4Absmax,
             _ => return None,
         })
     }
@@ -54,10 +57,20 @@ pub(crate) struct Sink {
 }
 
 impl Sink {
-    /// Adds an f32 tensor: 2-D matrices follow the quant choice, vectors stay f32.
+    /// Adds an f32 tensor: 2-D matrices follow the quant choice, vectors stay f32. With the int4 choices the
+    /// embedding and output matrices are stored as int8 (as llama.cpp keeps them at 6-8 bits in its 4-bit
+    /// files): they are a small share of the bytes of any but the tiniest model and carry most of the error.
     pub fn add_f32(&mut self, name: &str, shape: &[usize], data: &[f32]) {
         let matrix = shape.len() == 2;
-        match (matrix, self.quant) {
+        let head = name == "token_embd.weight" || name == "output.weight";
+        let quant = match self.quant {
+            QuantChoice::Q4 | QuantChoice::Q4A | QuantChoice::Q4Absmax if head => QuantChoice::Q8,
+            q => q,
+        };
+        match (matrix, quant) {
+            (true, QuantChoice::Q4Absmax) => {
+                self.writer.add_quant(name, &sprig_quant::quantize::quantize_absmax_q4(data, shape[0], shape[1]))
+            }
             (true, QuantChoice::F16) => {
                 let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
                 self.writer.add_f16(name, shape, &h)
@@ -98,7 +111,9 @@ impl Sink {
                 let mut f = vec![0.0; n];
                 ggml::dequantize(ty, data, &mut f);
                 self.add_f32(name, shape, &f);
-                if let (Some(s), 2) = (self.quant.scheme(), shape.len()) {
+                let is_head = name == "token_embd.weight" || name == "output.weight";
+                let scheme = if is_head && self.quant.scheme().is_some_and(|s| s.is_int4()) { Some(Scheme::Q8) } else { self.quant.scheme() };
+                if let (Some(s), 2) = (scheme, shape.len()) {
                     let back = quantize(&f, shape[0], shape[1], s).view().dequantize();
                     self.losses.push(TensorLoss {
                         name: name.into(),

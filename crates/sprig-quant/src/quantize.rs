@@ -64,8 +64,9 @@ pub fn pack_q4(codes: &[u8; BLOCK], out: &mut [u8]) {
     }
 }
 
+/// Squared error weighted by `x²`: large weights dominate a layer's output, so their error costs more.
 fn sse_sym(x: &[f32; BLOCK], d: f32, codes: &[i32; BLOCK]) -> f32 {
-    x.iter().zip(codes).map(|(v, &q)| (v - d * q as f32).powi(2)).sum()
+    x.iter().zip(codes).map(|(v, &q)| v * v * (v - d * q as f32).powi(2)).sum()
 }
 
 fn codes_sym(x: &[f32; BLOCK], id: f32, nmax: i32) -> [i32; BLOCK] {
@@ -97,11 +98,12 @@ pub fn search_symmetric(x: &[f32; BLOCK], nmax: i32) -> (f16, [i32; BLOCK]) {
             }
             let id = t / vmax;
             let codes = codes_sym(x, id, nmax);
-            // Least-squares scale for these codes.
+            // Weighted least-squares scale for these codes.
             let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
             for (v, &q) in x.iter().zip(&codes) {
-                sxq += v * q as f32;
-                sqq += (q * q) as f32;
+                let w = v * v;
+                sxq += w * v * q as f32;
+                sqq += w * (q * q) as f32;
             }
             if sqq == 0.0 {
                 continue;
