@@ -11,7 +11,7 @@ fn chat_answers_paris() {
     // Default system prompt comes from the template itself.
     let text = e.render_chat(&[ChatMessage::new("user", "What is the capital of France? Answer in one word.")]).unwrap();
     assert!(text.starts_with("<|im_start|>system\n"), "{text}");
-    let prompt = e.tokenizer.encode_prompt(&text).unwrap();
+    let prompt = e.encode_chat(&text).unwrap();
     let mut st = e.model.new_state(512);
     let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }).unwrap();
     let mut reply = String::new();

@@ -141,6 +141,13 @@ struct ConvertArgs {
     /// llama2.c tokenizer.bin.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Calibration text: run the unquantized model over it and weight the quantizer's error by each input
+    /// feature's activation energy (activation-aware quantization).
+    #[arg(long)]
+    calibrate: Option<PathBuf>,
+    /// Chunks of 256 tokens of the calibration text to use.
+    #[arg(long, default_value_t = 16)]
+    calibrate_chunks: usize,
 }
 
 #[derive(Args)]
@@ -283,14 +290,7 @@ fn chat(a: ChatArgs) -> Result<()> {
         }
         messages.push(ChatMessage::new("user", &line));
         let text = e.render_chat(&messages)?;
-        let tokens = e.tokenizer.encode(&text, false)?;
-        let tokens = if e.tokenizer.special().add_bos && !text.starts_with(&e.tokenizer.piece(e.tokenizer.bos().unwrap_or(0))) {
-            let mut t = vec![e.tokenizer.bos().unwrap()];
-            t.extend(tokens);
-            t
-        } else {
-            tokens
-        };
+        let tokens = e.encode_chat(&text)?;
         // Reuse the cached prefix of the conversation when the new prompt extends it.
         let reuse = cached.len() <= tokens.len() && tokens[..cached.len()] == cached[..] && cached.len() < tokens.len();
         if !reuse {
@@ -318,8 +318,20 @@ fn convert(a: ConvertArgs) -> Result<()> {
     let quant = parse_quant(&a.quant)?;
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors").unwrap().progress_chars("=> "));
+    let importance = match &a.calibrate {
+        Some(text_path) => {
+            let text = std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
+            eprintln!("sprig: calibrating on {}", text_path.display());
+            let reference = sprig_import::import(&a.input, a.tokenizer.as_deref(), QuantChoice::Keep, &mut |_, _| {})?;
+            let file = Arc::new(ModelFile::from_bytes(&reference.writer.to_bytes())?);
+            let e = Engine::new(Arc::new(CpuBackend::new(0)?), file)?;
+            Some(sprig_engine::calibrate::calibrate(&e, &text, 256, a.calibrate_chunks)?)
+        }
+        None => None,
+    };
     bar.set_message(format!("converting {}", a.input.display()));
-    let imported = sprig_import::import(&a.input, a.tokenizer.as_deref(), quant, &mut |done, total| {
+    let opts = sprig_import::ImportOptions { quant, importance: importance.as_ref() };
+    let imported = sprig_import::import_with(&a.input, a.tokenizer.as_deref(), &opts, &mut |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     })

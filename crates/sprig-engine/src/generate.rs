@@ -62,11 +62,9 @@ impl<B: Backend> Engine<B> {
         }
         let template = match &file.chat_template {
             Some(src) => {
-                let piece = |id: Option<u32>| id.map(|i| tokenizer.piece(i)).unwrap_or_default();
+                let text = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
                 let sp = tokenizer.special();
-                let bos = sp.bos.and_then(|b| special_text(&file.tokenizer_json, b)).unwrap_or_else(|| piece(sp.bos));
-                let eos = sp.eos.and_then(|b| special_text(&file.tokenizer_json, b)).unwrap_or_else(|| piece(sp.eos));
-                Some(ChatTemplate::new(src, &bos, &eos)?)
+                Some(ChatTemplate::new(src, &text(sp.bos), &text(sp.eos))?)
             }
             None => None,
         };
@@ -78,6 +76,19 @@ impl<B: Backend> Engine<B> {
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
         let t = self.template.as_ref().ok_or_else(|| EngineError::Template("this model carries no chat template".into()))?;
         t.render(messages, true)
+    }
+
+    /// Tokens of a rendered chat: special-token strings become their ids, and BOS is prepended when the model
+    /// adds one and the template did not write it.
+    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.tokenizer.encode(text, false)?;
+        let sp = self.tokenizer.special();
+        if let (true, Some(bos)) = (sp.add_bos, sp.bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
     }
 
     /// Runs `prompt` from `state.pos`, then samples up to `max_new` tokens. `on_text` receives the decoded
@@ -143,13 +154,4 @@ impl<B: Backend> Engine<B> {
         }
         Ok(GenerationStats { prompt_tokens: prompt.len(), generated, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), stop })
     }
-}
-
-/// The literal text of a special token, read from an HF tokenizer.json's added tokens if present.
-fn special_text(tokenizer_json: &str, id: u32) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(tokenizer_json).ok()?;
-    let inner = v.get("tokenizer_json")?.as_str()?;
-    let hf: serde_json::Value = serde_json::from_str(inner).ok()?;
-    hf.get("added_tokens")?.as_array()?.iter().find(|t| t.get("id").and_then(|i| i.as_u64()) == Some(id as u64))?
-        .get("content")?.as_str().map(String::from)
 }

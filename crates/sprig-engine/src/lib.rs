@@ -1,6 +1,7 @@
 //! The engine: opens a model from any supported file, pairs it with its tokenizer and chat template, samples,
 //! streams generated text, and evaluates (perplexity, teacher/student KL).
 
+pub mod calibrate;
 pub mod chat;
 pub mod eval;
 pub mod generate;

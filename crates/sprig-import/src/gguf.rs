@@ -10,8 +10,8 @@ use sprig_format::ContainerWriter;
 use sprig_quant::ggml::GgmlType;
 use sprig_tokenizer::{hf as hftok, token_type, SpecialTokens, TokenizerSpec};
 
-use crate::sink::{QuantChoice, Sink};
-use crate::{invalid, io_err, Imported, Progress, Result};
+use crate::sink::Sink;
+use crate::{invalid, io_err, ImportOptions, Imported, Progress, Result};
 
 /// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -399,20 +399,29 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<TokenizerSpec> {
     }
 }
 
-pub fn import(path: &Path, quant: QuantChoice, progress: Progress) -> Result<Imported> {
-    let g = GgufFile::open(path)?;
-    import_file(&g, quant, progress)
+/// Gemma's turn format, for Gemma files that carry no template (llama.cpp likewise falls back to a built-in
+/// one): a system message is folded into the first user turn, the assistant's role is `model`.
+const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}{% else %}{% set prefix = '' %}{% set msgs = messages %}{% endif %}{% for m in msgs %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + (m['content'] | trim) + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
+
+fn builtin_template(arch: &str) -> Option<&'static str> {
+    (arch == "gemma3").then_some(GEMMA_TEMPLATE)
 }
 
-pub fn import_file(g: &GgufFile, quant: QuantChoice, progress: Progress) -> Result<Imported> {
+pub fn import(path: &Path, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
+    let g = GgufFile::open(path)?;
+    import_file(&g, opts, progress)
+}
+
+pub fn import_file(g: &GgufFile, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let config = config_from_gguf(g)?;
     let spec = tokenizer_from_gguf(g)?;
-    let template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from);
+    let template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from)
+        .or_else(|| builtin_template(&config.arch).map(String::from));
     let mut writer = ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template);
     if let Some(name) = g.get("general.name").and_then(|v| v.as_str()) {
         writer.set_metadata("general.name", name.to_string());
     }
-    let mut sink = Sink { writer, quant, losses: vec![] };
+    let mut sink = Sink { writer, quant: opts.quant, losses: vec![], importance: opts.importance };
     let total = g.tensors.len();
     for (i, t) in g.tensors.iter().enumerate() {
         // Stacked expert tensors [E, rows, cols] are stored as one [E*rows, cols] matrix: experts stay int4 and

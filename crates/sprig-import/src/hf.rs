@@ -11,8 +11,8 @@ use sprig_format::ContainerWriter;
 use sprig_quant::ggml::GgmlType;
 use sprig_tokenizer::{SpecialTokens, TokenizerSpec};
 
-use crate::sink::{QuantChoice, Sink};
-use crate::{invalid, io_err, Imported, Progress, Result};
+use crate::sink::Sink;
+use crate::{invalid, io_err, ImportOptions, Imported, Progress, Result};
 
 fn read_json(path: &Path) -> Result<Value> {
     let s = std::fs::read_to_string(path).map_err(io_err(path))?;
@@ -175,11 +175,11 @@ fn tokenizer_spec(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
     Ok((TokenizerSpec::HuggingFace { tokenizer_json: tj, special: SpecialTokens { bos, eos, add_bos, stop } }, template))
 }
 
-pub fn import(dir: &Path, quant: QuantChoice, progress: Progress) -> Result<Imported> {
+pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let config = config_from_hf(&read_json(&dir.join("config.json"))?)?;
     let (spec, template) = tokenizer_spec(dir)?;
     let gemma = config.arch == "gemma3";
-    let mut sink = Sink { writer: ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template), quant, losses: vec![] };
+    let mut sink = Sink { writer: ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template), quant: opts.quant, losses: vec![], importance: opts.importance };
     let files = shards(dir)?;
     let mut done = 0;
     for path in &files {

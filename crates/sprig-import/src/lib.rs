@@ -10,7 +10,7 @@ mod sink;
 
 use std::path::Path;
 
-pub use sink::{QuantChoice, TensorLoss};
+pub use sink::{Importance, QuantChoice, TensorLoss};
 use sprig_format::ContainerWriter;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,20 @@ pub struct Imported {
     pub writer: ContainerWriter,
     /// Tensors that did not map onto a native scheme exactly, with their error.
     pub losses: Vec<TensorLoss>,
+}
+
+/// How to import.
+#[derive(Clone, Copy)]
+pub struct ImportOptions<'a> {
+    pub quant: QuantChoice,
+    /// Calibration statistics steering the quantizer (see `sprig convert --calibrate`).
+    pub importance: Option<&'a Importance>,
+}
+
+impl ImportOptions<'_> {
+    pub fn quant(quant: QuantChoice) -> Self {
+        ImportOptions { quant, importance: None }
+    }
 }
 
 /// Progress callback: `(tensors done, tensors total)`.
@@ -82,13 +96,17 @@ pub fn detect(path: &Path) -> Result<SourceKind> {
 
 /// Imports any supported source (not a native file).
 pub fn import(path: &Path, tokenizer: Option<&Path>, quant: QuantChoice, progress: Progress) -> Result<Imported> {
+    import_with(path, tokenizer, &ImportOptions::quant(quant), progress)
+}
+
+pub fn import_with(path: &Path, tokenizer: Option<&Path>, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     match detect(path)? {
-        SourceKind::Gguf => gguf::import(path, quant, progress),
+        SourceKind::Gguf => gguf::import(path, opts, progress),
         SourceKind::Llama2c => {
             let tok = tokenizer.ok_or_else(|| invalid("a llama2.c checkpoint needs its tokenizer: pass --tokenizer tokenizer.bin"))?;
-            llama2c::import(path, tok, quant, progress)
+            llama2c::import(path, tok, opts, progress)
         }
-        SourceKind::HfDir => hf::import(path, quant, progress),
+        SourceKind::HfDir => hf::import(path, opts, progress),
         SourceKind::Native => Err(invalid(format!("{} is already a native sprig model", path.display()))),
     }
 }

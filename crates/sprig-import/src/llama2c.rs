@@ -7,8 +7,8 @@ use sprig_format::config::{Activation, AttentionKind, ModelConfig, RopeLayout, M
 use sprig_format::ContainerWriter;
 use sprig_tokenizer::{token_type, SpecialTokens, TokenizerSpec};
 
-use crate::sink::{QuantChoice, Sink};
-use crate::{invalid, io_err, Imported, Progress, Result};
+use crate::sink::Sink;
+use crate::{invalid, io_err, ImportOptions, Imported, Progress, Result};
 
 const MAGIC_V1: u32 = 0x616b_3432; // "ak42"
 
@@ -129,13 +129,13 @@ pub fn read_tokenizer(bytes: &[u8], vocab: usize) -> Result<TokenizerSpec> {
     }
 }
 
-pub fn import(model: &Path, tokenizer: &Path, quant: QuantChoice, progress: Progress) -> Result<Imported> {
+pub fn import(model: &Path, tokenizer: &Path, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let bytes = std::fs::read(model).map_err(io_err(model))?;
     let tok_bytes = std::fs::read(tokenizer).map_err(io_err(tokenizer))?;
-    import_bytes(&bytes, &tok_bytes, quant, progress)
+    import_bytes(&bytes, &tok_bytes, opts, progress)
 }
 
-pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], quant: QuantChoice, progress: Progress) -> Result<Imported> {
+pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let h = parse_header(bytes)?;
     let head = h.dim / h.heads;
     let kv_dim = h.kv_heads * head;
@@ -209,7 +209,7 @@ pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], quant: QuantChoice, progress
     config.validate()?;
     let spec = read_tokenizer(tok_bytes, v)?;
     let tok_json = serde_json::to_string(&spec).expect("spec serialises");
-    let mut sink = Sink { writer: ContainerWriter::new(&config, tok_json, None), quant, losses: vec![] };
+    let mut sink = Sink { writer: ContainerWriter::new(&config, tok_json, None), quant: opts.quant, losses: vec![], importance: opts.importance };
     let floats: &[u8] = &bytes[h.data_offset..need];
     let mut off = 0usize;
     let n_items: usize = order.iter().map(|o| if o.3 { l } else { 1 }).sum();

@@ -3,7 +3,7 @@
 use half::{bf16, f16};
 use sprig_format::ContainerWriter;
 use sprig_quant::ggml::{self, GgmlType};
-use sprig_quant::quantize::quantize;
+use sprig_quant::quantize::{quantize, quantize_with_importance};
 use sprig_quant::Scheme;
 
 /// `--quant` of `sprig convert`.
@@ -50,13 +50,17 @@ pub struct TensorLoss {
     pub rel_rms_error: f64,
 }
 
-pub(crate) struct Sink {
+/// Per-weight input importance (mean squared activation per input feature), from calibration.
+pub type Importance = std::collections::HashMap<String, Vec<f32>>;
+
+pub(crate) struct Sink<'a> {
     pub writer: ContainerWriter,
     pub quant: QuantChoice,
     pub losses: Vec<TensorLoss>,
+    pub importance: Option<&'a Importance>,
 }
 
-impl Sink {
+impl Sink<'_> {
     /// Adds an f32 tensor: 2-D matrices follow the quant choice, vectors stay f32. With the int4 choices the
     /// embedding and output matrices are stored as int8 (as llama.cpp keeps them at 6-8 bits in its 4-bit
     /// files): they are a small share of the bytes of any but the tiniest model and carry most of the error.
@@ -76,7 +80,8 @@ impl Sink {
                 self.writer.add_f16(name, shape, &h)
             }
             (true, q) if q.scheme().is_some() => {
-                self.writer.add_quant(name, &quantize(data, shape[0], shape[1], q.scheme().unwrap()))
+                let imp = self.importance.and_then(|m| m.get(name)).filter(|v| v.len() == shape[1]).map(|v| v.as_slice());
+                self.writer.add_quant(name, &quantize_with_importance(data, shape[0], shape[1], q.scheme().unwrap(), imp))
             }
             _ => self.writer.add_f32(name, shape, data),
         }

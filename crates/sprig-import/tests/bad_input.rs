@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use rand::{Rng, SeedableRng};
 use sprig_import::gguf::GgufFile;
 use sprig_import::synth::{write_gguf, write_hf_dir, GgufWriter, HfDtype, SynthSpec};
-use sprig_import::{llama2c, QuantChoice};
+use sprig_import::{llama2c, ImportOptions, QuantChoice};
 
 fn shared(p: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models").join(p)
@@ -21,7 +21,7 @@ fn synth_gguf() -> Vec<u8> {
 }
 
 fn gguf_err(b: Vec<u8>) -> String {
-    match GgufFile::from_bytes(b).and_then(|g| sprig_import::gguf::import_file(&g, QuantChoice::Keep, &mut |_, _| {})) {
+    match GgufFile::from_bytes(b).and_then(|g| sprig_import::gguf::import_file(&g, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {})) {
         Ok(_) => panic!("corrupt GGUF imported"),
         Err(e) => e.to_string(),
     }
@@ -91,7 +91,7 @@ fn gguf_missing_metadata_names_the_key() {
 fn llama2c_bad_inputs() {
     let model = std::fs::read(shared("stories260K/stories260K.bin")).unwrap();
     let tok = std::fs::read(shared("stories260K/tok512.bin")).unwrap();
-    let imp = |m: &[u8], t: &[u8]| llama2c::import_bytes(m, t, QuantChoice::Keep, &mut |_, _| {}).err().map(|e| e.to_string());
+    let imp = |m: &[u8], t: &[u8]| llama2c::import_bytes(m, t, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {}).err().map(|e| e.to_string());
     assert!(imp(&model, &tok).is_none(), "the real file imports");
     for cut in [0, 10, 27, 28, 1000, model.len() - 1] {
         assert!(imp(&model[..cut], &tok).is_some(), "truncated at {cut}");
@@ -120,7 +120,7 @@ fn hf_bad_inputs() {
     let dir = std::env::temp_dir().join(format!("sprig-bad-hf-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     write_hf_dir(&SynthSpec::tiny("llama"), &dir, HfDtype::F32, 1).unwrap();
-    let imp = || sprig_import::hf::import(&dir, QuantChoice::Keep, &mut |_, _| {}).err().map(|e| e.to_string());
+    let imp = || sprig_import::hf::import(&dir, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {}).err().map(|e| e.to_string());
     assert!(imp().is_none());
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     std::fs::write(dir.join("config.json"), cfg.replace("\"hidden_size\"", "\"hidden_sizzle\"")).unwrap();
@@ -142,7 +142,7 @@ fn mutation_fuzz_parsers() {
     let gguf = synth_gguf();
     let model = std::fs::read(shared("stories260K/stories260K.bin")).unwrap();
     let tok = std::fs::read(shared("stories260K/tok512.bin")).unwrap();
-    let imported = llama2c::import_bytes(&model, &tok, QuantChoice::Q4, &mut |_, _| {}).unwrap();
+    let imported = llama2c::import_bytes(&model, &tok, &ImportOptions::quant(QuantChoice::Q4), &mut |_, _| {}).unwrap();
     let native = imported.writer.to_bytes();
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
     let mutate = |b: &[u8], rng: &mut rand::rngs::StdRng| -> Vec<u8> {
@@ -161,11 +161,11 @@ fn mutation_fuzz_parsers() {
     for _ in 0..300 {
         let g = mutate(&gguf, &mut rng);
         if let Ok(f) = GgufFile::from_bytes(g) {
-            let _ = sprig_import::gguf::import_file(&f, QuantChoice::Keep, &mut |_, _| {});
+            let _ = sprig_import::gguf::import_file(&f, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {});
         }
         let n = mutate(&native, &mut rng);
         let _ = sprig_format::ModelFile::from_bytes(&n);
         let t = mutate(&tok, &mut rng);
-        let _ = llama2c::import_bytes(&model, &t, QuantChoice::Keep, &mut |_, _| {});
+        let _ = llama2c::import_bytes(&model, &t, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {});
     }
 }

@@ -158,6 +158,27 @@ impl<B: Backend> Model<B> {
     /// Runs `tokens` (positions `st.pos ..`) through the model, all at once (batched prefill) or one at a time
     /// (decode); leaves logits in `st.logits`.
     pub fn forward(&self, st: &mut State<B>, tokens: &[u32], mode: Logits) -> Result<()> {
+        self.forward_observed(st, tokens, mode, None)
+    }
+
+    /// [`Model::forward`] that also shows `observe` every linear layer's input (for calibration): the names
+    /// of the weights that read it and the activations, `[tokens, features]` row-major on the host.
+    pub fn forward_observed(
+        &self,
+        st: &mut State<B>,
+        tokens: &[u32],
+        mode: Logits,
+        mut observe: Option<&mut dyn FnMut(&[&str], &[f32])>,
+    ) -> Result<()> {
+        let mut host = Vec::new();
+        let mut show = |b: &B, t: &B::Tensor, li: usize, names: &[&str]| {
+            if let Some(f) = observe.as_mut() {
+                b.download(t, &mut host);
+                let full: Vec<String> = names.iter().map(|n| format!("blk.{li}.{n}.weight")).collect();
+                let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
+                f(&refs, &host);
+            }
+        };
         let c = &self.config;
         let b = &*self.backend;
         if tokens.is_empty() {
@@ -174,6 +195,7 @@ impl<B: Backend> Model<B> {
         for (li, l) in self.layers.iter().enumerate() {
             // Attention block.
             b.rms_norm(&st.x, &l.attn_norm, eps, one, &mut st.xn);
+            show(b, &st.xn, li, &["attn_q", "attn_k", "attn_v"]);
             b.linear(&st.xn, &l.wq, l.bias.as_ref().map(|x| &x[0]), &mut st.q);
             b.linear(&st.xn, &l.wk, l.bias.as_ref().map(|x| &x[1]), &mut st.k);
             b.linear(&st.xn, &l.wv, l.bias.as_ref().map(|x| &x[2]), &mut st.v);
@@ -186,6 +208,7 @@ impl<B: Backend> Model<B> {
             b.rope(&mut st.q, st.pos, &RopeParams { n_heads: c.n_heads, ..l.rope });
             b.rope(&mut st.k, st.pos, &RopeParams { n_heads: c.n_kv_heads, ..l.rope });
             b.attention(&st.q, &st.k, &st.v, &mut st.kv, li, st.pos, &l.attn, &mut st.att);
+            show(b, &st.att, li, &["attn_output"]);
             b.linear(&st.att, &l.wo, None, &mut st.proj);
             if let Some(pn) = &l.post_attn_norm {
                 b.rms_norm(&st.proj, pn, eps, one, &mut st.xn);
@@ -195,9 +218,11 @@ impl<B: Backend> Model<B> {
             }
             // Feed-forward block.
             b.rms_norm(&st.x, &l.ffn_norm, eps, one, &mut st.xn);
+            show(b, &st.xn, li, &["ffn_gate", "ffn_up"]);
             b.linear(&st.xn, &l.gate, None, &mut st.gate);
             b.linear(&st.xn, &l.up, None, &mut st.up);
             b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
+            show(b, &st.hid, li, &["ffn_down"]);
             b.linear(&st.hid, &l.down, None, &mut st.proj);
             if let Some(pn) = &l.post_ffn_norm {
                 b.rms_norm(&st.proj, pn, eps, one, &mut st.xn);

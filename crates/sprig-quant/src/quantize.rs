@@ -11,25 +11,50 @@ use crate::scheme::{blocks_per_row, QMatrixOwned, Scheme, BLOCK};
 
 /// Quantizes a row-major `rows x cols` f32 matrix.
 pub fn quantize(x: &[f32], rows: usize, cols: usize, scheme: Scheme) -> QMatrixOwned {
+    quantize_with_importance(x, rows, cols, scheme, None)
+}
+
+/// Quantizes with per-input-feature importance (the mean square of the activations each column multiplies,
+/// measured on calibration text): a weight's rounding error moves the output by `error * activation`, so the
+/// search minimises `sum importance[k] * (sigma² + x²) * error²` (the `sigma² + x²` term keeps large weights
+/// precise where activations are unknown or flat).
+pub fn quantize_with_importance(x: &[f32], rows: usize, cols: usize, scheme: Scheme, importance: Option<&[f32]>) -> QMatrixOwned {
     assert_eq!(x.len(), rows * cols, "matrix size");
+    if let Some(imp) = importance {
+        assert_eq!(imp.len(), cols, "importance length");
+    }
     let mut out = QMatrixOwned::new(scheme, rows, cols);
     let nb = blocks_per_row(cols);
     let qpb = scheme.qs_bytes_per_block();
     for r in 0..rows {
+        let row = &x[r * cols..(r + 1) * cols];
+        let sigma2 = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
         for b in 0..nb {
             let mut group = [0.0f32; BLOCK];
             let src = &x[r * cols + b * BLOCK..r * cols + ((b + 1) * BLOCK).min(cols)];
             group[..src.len()].copy_from_slice(src);
+            let mut weights = [0.0f32; BLOCK];
+            for (j, w) in weights.iter_mut().enumerate().take(src.len()) {
+                let v = group[j];
+                *w = match importance {
+                    Some(imp) => imp[b * BLOCK + j] * (sigma2 + v * v).sqrt(),
+                    None => v * v,
+                };
+            }
+            if weights.iter().sum::<f32>() <= 0.0 {
+                // Dead inputs (importance 0 everywhere in this group): fall back to the x² weighting.
+                weights = group.map(|v| v * v);
+            }
             let i = r * nb + b;
             let qs = &mut out.qs[i * qpb..(i + 1) * qpb];
             match scheme {
                 Scheme::Q4 => {
-                    let (d, codes) = search_symmetric(&group, 8);
+                    let (d, codes) = search_symmetric_weighted(&group, &weights, 8);
                     out.scales[i] = d;
                     pack_q4(&codes.map(|c| (c + 8) as u8), qs);
                 }
                 Scheme::Q8 => {
-                    let (d, codes) = search_symmetric(&group, 127);
+                    let (d, codes) = search_symmetric_weighted(&group, &weights, 127);
                     out.scales[i] = d;
                     for (o, c) in qs.iter_mut().zip(codes) {
                         *o = c as i8 as u8;
@@ -64,9 +89,8 @@ pub fn pack_q4(codes: &[u8; BLOCK], out: &mut [u8]) {
     }
 }
 
-/// Squared error weighted by `x²`: large weights dominate a layer's output, so their error costs more.
-fn sse_sym(x: &[f32; BLOCK], d: f32, codes: &[i32; BLOCK]) -> f32 {
-    x.iter().zip(codes).map(|(v, &q)| v * v * (v - d * q as f32).powi(2)).sum()
+fn sse_sym(x: &[f32; BLOCK], w: &[f32; BLOCK], d: f32, codes: &[i32; BLOCK]) -> f32 {
+    x.iter().zip(codes).zip(w).map(|((v, &q), w)| w * (v - d * q as f32).powi(2)).sum()
 }
 
 fn codes_sym(x: &[f32; BLOCK], id: f32, nmax: i32) -> [i32; BLOCK] {
@@ -75,8 +99,14 @@ fn codes_sym(x: &[f32; BLOCK], id: f32, nmax: i32) -> [i32; BLOCK] {
     x.map(|v| ((v * id).round() as i32).clamp(-nmax, hi))
 }
 
-/// Returns the f16 scale and codes (in `[-nmax, nmax)`) minimising the group's squared error.
+/// Returns the f16 scale and codes (in `[-nmax, nmax)`) minimising the group's squared error weighted by `x²`
+/// (large weights dominate a layer's output, so their error costs more).
 pub fn search_symmetric(x: &[f32; BLOCK], nmax: i32) -> (f16, [i32; BLOCK]) {
+    search_symmetric_weighted(x, &x.map(|v| v * v), nmax)
+}
+
+/// [`search_symmetric`] with explicit per-weight error weights.
+pub fn search_symmetric_weighted(x: &[f32; BLOCK], wt: &[f32; BLOCK], nmax: i32) -> (f16, [i32; BLOCK]) {
     let (mut amax, mut vmax) = (0.0f32, 0.0f32);
     for &v in x {
         if v.abs() > amax {
@@ -100,8 +130,7 @@ pub fn search_symmetric(x: &[f32; BLOCK], nmax: i32) -> (f16, [i32; BLOCK]) {
             let codes = codes_sym(x, id, nmax);
             // Weighted least-squares scale for these codes.
             let (mut sxq, mut sqq) = (0.0f32, 0.0f32);
-            for (v, &q) in x.iter().zip(&codes) {
-                let w = v * v;
+            for ((v, &q), &w) in x.iter().zip(&codes).zip(wt) {
                 sxq += w * v * q as f32;
                 sqq += w * (q * q) as f32;
             }
@@ -109,7 +138,7 @@ pub fn search_symmetric(x: &[f32; BLOCK], nmax: i32) -> (f16, [i32; BLOCK]) {
                 continue;
             }
             let d = f16::from_f32(sxq / sqq);
-            let err = sse_sym(x, d.to_f32(), &codes);
+            let err = sse_sym(x, wt, d.to_f32(), &codes);
             if err < best.2 {
                 best = (d, codes, err);
             }

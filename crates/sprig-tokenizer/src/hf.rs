@@ -41,6 +41,10 @@ impl HfTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tok.id_to_token(id)
+    }
+
     pub fn all_token_bytes(&self) -> Vec<Vec<u8>> {
         let n = self.tok.get_vocab_size(true);
         let specials: std::collections::HashSet<u32> = self

@@ -169,6 +169,14 @@ impl Tokenizer {
         Ok(s)
     }
 
+    /// The literal vocabulary string of a token (e.g. `<bos>`, `<|im_start|>`), as a template writes it.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        match &self.inner {
+            Inner::Spm(t) => t.token_text(id),
+            Inner::Hf(t) => t.token_text(id),
+        }
+    }
+
     /// Piece text of a token for display in tables (lossy).
     pub fn piece(&self, id: u32) -> String {
         self.token_bytes(id).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default()

@@ -164,6 +164,10 @@ impl SpmTokenizer {
         }
     }
 
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokens.get(id as usize).cloned()
+    }
+
     /// Bytes each token decodes to: `▁` → space, `<0xXX>` → that byte, control tokens → nothing.
     pub fn all_token_bytes(&self) -> Vec<Vec<u8>> {
         self.tokens
