@@ -17,7 +17,18 @@ fn gemma3_imports_and_perplexity_within_one_percent_of_llama_cpp() {
     let globals: Vec<usize> = (0..c.n_layers).filter(|&i| c.attention[i] == sprig_format::AttentionKind::Global).collect();
     assert_eq!(globals, [5, 11, 17]);
     assert!(f.chat_template.is_some(), "Gemma falls back to its built-in turn template");
+    // KV cache at 8192 tokens: 15 window layers of 512 + 3 global layers of 8192, against 18 global layers.
+    let layout = sprig_backend::KvLayout::for_model(c, 8192);
+    let hybrid: usize = layout.bytes_per_layer(8192).iter().sum();
+    let all_global = 2 * 4 * c.kv_dim() * 8192 * c.n_layers;
+    assert!((hybrid as f64) <= (1.0 / 6.0 + 512.0 / 8192.0) * all_global as f64, "{hybrid} of {all_global}");
     let e = cpu_engine(f, 2);
+    // The chat prompt tokenizes as llama.cpp's `llama-tokenize -m gemma-3-270m-q4_k_m.gguf -p "$P" --ids` does
+    // (which adds one more BOS in front of the template's own).
+    let msgs = [sprig_engine::ChatMessage::new("user", "What is the capital of France?")];
+    let text = e.render_chat(&msgs).unwrap();
+    assert_eq!(text, "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n");
+    assert_eq!(e.encode_chat(&text).unwrap(), [2, 105, 2364, 107, 3689, 563, 506, 5279, 529, 7001, 236881, 106, 107, 105, 4368, 107]);
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/apache-2.0.txt")).unwrap();
     let r = perplexity::<_, sprig_backend::cpu::CpuBackend>(&e, None, &text, 256, None, |_, _, _| {}).unwrap();
     let rel = (r.perplexity - LLAMA_CPP_PPL).abs() / LLAMA_CPP_PPL;

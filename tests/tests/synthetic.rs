@@ -84,3 +84,34 @@ fn sharded_bf16_and_quantized_imports_stay_close() {
     let _ = std::fs::remove_dir_all(&f32_dir);
     let _ = std::fs::remove_dir_all(&bf16_dir);
 }
+
+#[test]
+fn sliding_window_generation_past_the_window_matches_reference() {
+    // Window 8 on two of every three layers; 40 decode steps run the rings around several times.
+    let spec = SynthSpec { n_layers: 3, sliding: Some((8, 3)), ..SynthSpec::tiny("llama") };
+    let dir = tmp("sliding");
+    write_hf_dir(&spec, &dir, HfDtype::F32, 1).unwrap();
+    let f = open(&dir, None, QuantChoice::Keep);
+    assert_eq!(
+        f.config.attention,
+        [sprig_format::AttentionKind::Sliding { window: 8 }, sprig_format::AttentionKind::Sliding { window: 8 }, sprig_format::AttentionKind::Global]
+    );
+    let (cpu, reference) = (cpu_engine(f.clone(), 2), reference_engine(f));
+    let (mut sc, mut sr) = (cpu.model.new_state(64), reference.model.new_state(64));
+    let (mut lc, mut lr) = (Vec::new(), Vec::new());
+    // A 12-token prefill (longer than the window) then greedy decode.
+    let mut next: Vec<u32> = (0..12).map(|i| (i * 19 % 250) as u32).collect();
+    for step in 0..40 {
+        cpu.model.forward(&mut sc, &next, Logits::Last).unwrap();
+        reference.model.forward(&mut sr, &next, Logits::Last).unwrap();
+        cpu.model.read_logits(&sc, &mut lc);
+        reference.model.read_logits(&sr, &mut lr);
+        assert!(rel_err(&lc, &lr) < 1e-4, "step {step} (position {}): {}", sc.pos, rel_err(&lc, &lr));
+        next = vec![argmax(&lr) as u32];
+    }
+    // The sliding layers' caches hold 8 entries; only the global layer grows with the context.
+    let kv = cpu.model.kv_layout(8192).bytes_per_layer(8192);
+    assert_eq!(kv[0], 2 * 4 * 32 * 8);
+    assert_eq!(kv[2], 2 * 4 * 32 * 8192);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -206,7 +206,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             if !["llama", "qwen2"].contains(&a.arch.as_str()) {
                 bail!("--arch must be llama or qwen2");
             }
-            let spec = SynthSpec { arch: a.arch, dim: a.dim, n_layers: a.layers, n_heads: a.heads, n_kv_heads: a.kv_heads, hidden_dim: a.hidden, tied: false, seed: a.seed };
+            let spec = SynthSpec { arch: a.arch, dim: a.dim, n_layers: a.layers, n_heads: a.heads, n_kv_heads: a.kv_heads, hidden_dim: a.hidden, tied: false, seed: a.seed, sliding: None };
             if spec.n_heads == 0 || spec.dim % spec.n_heads != 0 || spec.n_kv_heads == 0 || spec.n_heads % spec.n_kv_heads != 0 {
                 bail!("--dim must be a multiple of --heads, and --heads a multiple of --kv-heads");
             }

@@ -25,11 +25,13 @@ pub struct SynthSpec {
     pub hidden_dim: usize,
     pub tied: bool,
     pub seed: u64,
+    /// `Some((window, pattern))`: every layer but each `pattern`-th is a sliding-window layer (HF `layer_types`).
+    pub sliding: Option<(usize, usize)>,
 }
 
 impl SynthSpec {
     pub fn tiny(arch: &str) -> Self {
-        SynthSpec { arch: arch.into(), dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, hidden_dim: 96, tied: false, seed: 1 }
+        SynthSpec { arch: arch.into(), dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, hidden_dim: 96, tied: false, seed: 1, sliding: None }
     }
     fn head_dim(&self) -> usize {
         self.dim / self.n_heads
@@ -121,6 +123,11 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
         "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": s.rope_theta(),
         "tie_word_embeddings": s.tied, "torch_dtype": "float32",
     });
+    if let Some((window, pattern)) = s.sliding {
+        let types: Vec<&str> = (0..s.n_layers).map(|i| if (i + 1) % pattern == 0 { "full_attention" } else { "sliding_attention" }).collect();
+        config["layer_types"] = json!(types);
+        config["sliding_window"] = json!(window);
+    }
     config["torch_dtype"] = json!(match dtype { HfDtype::F32 => "float32", HfDtype::F16 => "float16", HfDtype::BF16 => "bfloat16" });
     let write = |name: &str, text: String| -> Result<()> {
         let p = dir.join(name);
