@@ -32,6 +32,10 @@ impl HfTokenizer {
         Ok(HfTokenizer { tok, byte_level, strip_space })
     }
 
+    pub fn is_byte_level(&self) -> bool {
+        self.byte_level
+    }
+
     pub fn strips_leading_space(&self) -> bool {
         self.strip_space
     }

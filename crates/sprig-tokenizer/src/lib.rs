@@ -75,8 +75,10 @@ pub struct Tokenizer {
     special: SpecialTokens,
     /// Bytes each token decodes to (empty for control tokens).
     token_bytes: Vec<Vec<u8>>,
-    /// Strip one leading space from the first decoded piece (SentencePiece's space prefix).
+    /// Strip one leading space from the first decoded text (SentencePiece's space prefix).
     strip_leading_space: bool,
+    /// `▁` in decoded text means a space (SentencePiece-style vocabularies), also when byte fallback spelled it.
+    space_marker: bool,
 }
 
 enum Inner {
@@ -90,13 +92,14 @@ impl Tokenizer {
             TokenizerSpec::SentencePiece { tokens, scores, token_types, special, add_space_prefix } => {
                 let t = spm::SpmTokenizer::new(tokens.clone(), scores.clone(), token_types.clone(), *add_space_prefix)?;
                 let token_bytes = t.all_token_bytes();
-                Self::checked(Inner::Spm(t), special.clone(), token_bytes, *add_space_prefix)
+                Self::checked(Inner::Spm(t), special.clone(), token_bytes, *add_space_prefix, true)
             }
             TokenizerSpec::HuggingFace { tokenizer_json, special } => {
                 let t = hf::HfTokenizer::from_json(tokenizer_json)?;
                 let token_bytes = t.all_token_bytes();
                 let strip = t.strips_leading_space();
-                Self::checked(Inner::Hf(Box::new(t)), special.clone(), token_bytes, strip)
+                let marker = !t.is_byte_level();
+                Self::checked(Inner::Hf(Box::new(t)), special.clone(), token_bytes, strip, marker)
             }
         }
     }
@@ -106,14 +109,14 @@ impl Tokenizer {
         Self::from_spec(&spec)
     }
 
-    fn checked(inner: Inner, special: SpecialTokens, token_bytes: Vec<Vec<u8>>, strip: bool) -> Result<Self> {
+    fn checked(inner: Inner, special: SpecialTokens, token_bytes: Vec<Vec<u8>>, strip: bool, space_marker: bool) -> Result<Self> {
         let n = token_bytes.len() as u32;
         for id in special.bos.iter().chain(&special.eos).chain(&special.stop) {
             if *id >= n {
                 return Err(TokenizerError::Spec(format!("special token id {id} outside vocabulary of {n}")));
             }
         }
-        Ok(Tokenizer { inner, special, token_bytes, strip_leading_space: strip })
+        Ok(Tokenizer { inner, special, token_bytes, strip_leading_space: strip, space_marker })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -197,18 +200,28 @@ impl<'t> StreamDecoder<'t> {
 
     /// Feeds one token; returns the text that became complete (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
-        let mut bytes = self.tok.token_bytes(id)?;
+        let bytes = self.tok.token_bytes(id)?;
         if bytes.is_empty() {
             return Ok(String::new());
         }
-        if self.at_start {
+        self.pending.extend_from_slice(bytes);
+        let text = self.take_complete();
+        Ok(self.finish_text(text))
+    }
+
+    /// Space markers become spaces; the very first space of the output is dropped when the vocabulary
+    /// prefixes text with one.
+    fn finish_text(&mut self, mut text: String) -> String {
+        if self.tok.space_marker && text.contains('▁') {
+            text = text.replace('▁', " ");
+        }
+        if self.at_start && !text.is_empty() {
             self.at_start = false;
-            if self.tok.strip_leading_space && bytes[0] == b' ' {
-                bytes = &bytes[1..];
+            if self.tok.strip_leading_space && text.starts_with(' ') {
+                text.remove(0);
             }
         }
-        self.pending.extend_from_slice(bytes);
-        Ok(self.take_complete())
+        text
     }
 
     fn take_complete(&mut self) -> String {
@@ -243,6 +256,6 @@ impl<'t> StreamDecoder<'t> {
     pub fn finish(&mut self) -> String {
         let s = String::from_utf8_lossy(&self.pending).into_owned();
         self.pending.clear();
-        s
+        self.finish_text(s)
     }
 }
