@@ -34,8 +34,38 @@ enum Command {
     Pull { name: Option<String> },
     /// List the known models.
     Models,
+    /// Measure prompt processing and generation speed (llama-bench style), peak RSS and the bandwidth roofline.
+    Bench(BenchArgs),
     /// Write a small synthetic checkpoint (random weights) as a Hugging Face directory or a GGUF file.
     Gen(GenArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Model (as for `run`); omit with --bandwidth to only measure the machine.
+    #[arg(short = 'm', long = "model")]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Prompt tokens to process in one batch.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+    prompt: usize,
+    /// Tokens to generate one at a time.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    gen: usize,
+    #[arg(short = 't', long, default_value_t = 0)]
+    threads: usize,
+    /// Repetitions.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    reps: usize,
+    /// Also measure read bandwidth and report the fraction of the roofline decode reaches.
+    #[arg(long)]
+    bandwidth: bool,
+    /// Precision for sources converted on the fly (keep|q4|q4a|q8|f16).
+    #[arg(long, default_value = "keep")]
+    quant: String,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -200,6 +230,20 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let p = registry::pull(&e, &mut |s| eprintln!("sprig: {s}"))?;
             println!("{}", p.display());
             Ok(())
+        }
+        Command::Bench(a) => {
+            let threads = if a.threads == 0 { sprig_backend::cpu::physical_cores() } else { a.threads };
+            let Some(model) = a.model.clone() else {
+                if a.bandwidth {
+                    crate::bench::bandwidth_only(threads, a.json);
+                    return Ok(());
+                }
+                bail!("bench needs -m MODEL (or --bandwidth alone)");
+            };
+            let m = ModelArgs { model: model.clone(), tokenizer: a.tokenizer.clone(), threads, ctx_size: 0, quant: a.quant.clone() };
+            let e = engine(&m)?;
+            let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            crate::bench::run(&e, &crate::bench::BenchOptions { prompt: a.prompt, gen: a.gen, reps: a.reps, bandwidth: a.bandwidth, json: a.json, model_name: name })
         }
         Command::Gen(a) => {
             use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthSpec};

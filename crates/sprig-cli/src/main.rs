@@ -1,5 +1,6 @@
 //! `sprig`: run, chat with, convert, inspect and evaluate small language models.
 
+mod bench;
 mod commands;
 
 use std::process::ExitCode;

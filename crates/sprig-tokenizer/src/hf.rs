@@ -126,6 +126,14 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
 /// Builds a HF tokenizer JSON from a GGUF `gpt2`-model vocabulary.
 pub fn from_gguf_bpe(tokens: &[String], merges: &[String], types: &[u8], pre: &str) -> Result<String> {
     let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    if vocab.len() != tokens.len() {
+        let mut seen = HashMap::new();
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some(j) = seen.insert(t, i) {
+                return Err(err(format!("BPE vocabulary lists token `{t}` twice (ids {j} and {i})")));
+            }
+        }
+    }
     let merges: Vec<(String, String)> = merges
         .iter()
         .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| err(format!("bad merge `{m}`"))))

@@ -1,0 +1,143 @@
+//! `sprig bench`: prompt processing and generation throughput in the style of llama-bench, peak RSS, and the
+//! fraction of the memory-bandwidth roofline decode reaches.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use sprig_backend::cpu::CpuBackend;
+use sprig_backend::Backend;
+use sprig_engine::Engine;
+use sprig_models::Logits;
+
+pub struct BenchOptions {
+    pub prompt: usize,
+    pub gen: usize,
+    pub reps: usize,
+    pub bandwidth: bool,
+    pub json: bool,
+    pub model_name: String,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`).
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Read bandwidth in bytes/s: `threads` workers each sum their share of a 512 MiB buffer, best of 5.
+pub fn measure_bandwidth(threads: usize) -> f64 {
+    let n = 512 << 20;
+    let buf: Vec<u64> = (0..n / 8).map(|i| i as u64).collect();
+    let chunk = buf.len().div_ceil(threads);
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max(n as f64 / t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
+/// Weight bytes one decode step reads: every matrix except the embedding table (one row of it), plus the
+/// output projection, which is the embedding table again when tied.
+fn bytes_per_token(e: &Engine<CpuBackend>) -> f64 {
+    let f = &e.model.file;
+    let mut bytes = 0usize;
+    for (name, entry) in f.entries() {
+        if name == "token_embd.weight" {
+            let rows = entry.shape()[0].max(1);
+            bytes += entry.bytes() / rows;
+            if f.config.tied_embeddings {
+                bytes += entry.bytes();
+            }
+        } else {
+            bytes += entry.bytes();
+        }
+    }
+    bytes as f64
+}
+
+pub fn run(e: &Engine<CpuBackend>, o: &BenchOptions) -> Result<()> {
+    let vocab = e.model.config.vocab_size as u32;
+    // Deterministic pseudo-random tokens, as llama-bench uses random tokens.
+    let tokens: Vec<u32> = (0..o.prompt.max(o.gen).max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    let ctx = o.prompt + o.gen + 1;
+    // Warm-up: page the weights in and spin the pool up.
+    let mut st = e.model.new_state(ctx);
+    e.model.forward(&mut st, &tokens[..o.prompt.clamp(1, 8)], Logits::Last)?;
+    let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    for _ in 0..o.reps.max(1) {
+        if o.prompt > 0 {
+            let mut st = e.model.new_state(ctx);
+            let t0 = Instant::now();
+            e.model.forward(&mut st, &tokens[..o.prompt], Logits::Last)?;
+            pp.push(o.prompt as f64 / t0.elapsed().as_secs_f64());
+        }
+        if o.gen > 0 {
+            let mut st = e.model.new_state(ctx);
+            let t0 = Instant::now();
+            for &t in &tokens[..o.gen] {
+                e.model.forward(&mut st, &[t], Logits::Last)?;
+            }
+            tg.push(o.gen as f64 / t0.elapsed().as_secs_f64());
+        }
+    }
+    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let (pp_best, tg_best) = (best(&pp), best(&tg));
+    let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
+    let threads = e.model.backend.threads();
+    let bw = o.bandwidth.then(|| measure_bandwidth(threads));
+    let bpt = bytes_per_token(e);
+    let roofline = bw.map(|b| bpt * tg_med / b);
+    let rss = peak_rss_bytes();
+    if o.json {
+        println!("{}", serde_json::json!({
+            "model": o.model_name, "backend": e.model.backend.name(), "threads": threads,
+            "n_prompt": o.prompt, "n_gen": o.gen, "reps": o.reps,
+            "pp_tok_s": pp_med, "pp_tok_s_best": pp_best, "tg_tok_s": tg_med, "tg_tok_s_best": tg_best,
+            "peak_rss_bytes": rss, "weight_bytes_per_token": bpt,
+            "bandwidth_bytes_s": bw, "roofline_fraction": roofline,
+        }));
+    } else {
+        println!("| model | backend | threads | test | t/s (median) | t/s (best) |");
+        println!("|---|---|---|---|---|---|");
+        if o.prompt > 0 {
+            println!("| {} | {} | {threads} | pp{} | {pp_med:.2} | {pp_best:.2} |", o.model_name, e.model.backend.name(), o.prompt);
+        }
+        if o.gen > 0 {
+            println!("| {} | {} | {threads} | tg{} | {tg_med:.2} | {tg_best:.2} |", o.model_name, e.model.backend.name(), o.gen);
+        }
+        if let Some(r) = rss {
+            println!("\npeak RSS: {:.1} MB", r as f64 / 1e6);
+        }
+        println!("weights read per decoded token: {:.1} MB", bpt / 1e6);
+        if let (Some(b), Some(r)) = (bw, roofline) {
+            println!("read bandwidth ({threads} threads): {:.1} GB/s; decode reaches {:.0} % of that roofline", b / 1e9, r * 100.0);
+        }
+    }
+    Ok(())
+}
+
+/// `sprig bench --bandwidth` without a model.
+pub fn bandwidth_only(threads: usize, json: bool) {
+    let b = measure_bandwidth(threads);
+    if json {
+        println!("{}", serde_json::json!({ "threads": threads, "bandwidth_bytes_s": b }));
+    } else {
+        println!("read bandwidth ({threads} threads): {:.1} GB/s", b / 1e9);
+    }
+}

@@ -1,0 +1,93 @@
+//! The `sprig` binary: commands, streaming output, exit codes and one-line errors.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn sprig() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sprig"))
+}
+
+fn shared(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models").join(p)
+}
+
+fn run_ok(args: &[&str]) -> (String, String) {
+    let out = sprig().args(args).output().unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(out.status.success(), "sprig {args:?} failed: {se}");
+    (so, se)
+}
+
+/// Fails with exit code 1 and exactly one line on stderr, no backtrace.
+fn run_err(args: &[&str]) -> String {
+    let out = sprig().args(args).env("RUST_BACKTRACE", "1").output().unwrap();
+    let se = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "sprig {args:?}: {se}");
+    assert_eq!(se.trim_end().lines().count(), 1, "one line expected: {se}");
+    assert!(se.starts_with("sprig: error: ") && !se.contains("panicked") && !se.contains("backtrace"), "{se}");
+    se
+}
+
+#[test]
+fn run_convert_inspect_and_errors() {
+    let (m, t) = (shared("stories260K/stories260K.bin"), shared("stories260K/tok512.bin"));
+    let (m, t) = (m.to_str().unwrap(), t.to_str().unwrap());
+    let golden = std::fs::read_to_string(shared("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let (out, err) = run_ok(&["run", "-m", m, "--tokenizer", t, "-p", "Once upon a time", "-n", "252", "-t", "1"]);
+    assert_eq!(out, golden);
+    assert!(err.contains("tok/s"));
+
+    let dir = std::env::temp_dir().join(format!("sprig-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let native = dir.join("s.safetensors");
+    let (_, err) = run_ok(&["convert", m, "--tokenizer", t, "-o", native.to_str().unwrap(), "--quant", "q8"]);
+    assert!(err.contains("bits per weight"), "{err}");
+    let (out, _) = run_ok(&["inspect", native.to_str().unwrap(), "--kv", "512"]);
+    assert!(out.contains("architecture: llama") && out.contains("blk.0.attn_q.weight") && out.contains("q8"), "{out}");
+    let (out, _) = run_ok(&["bench", "-m", native.to_str().unwrap(), "-p", "8", "-n", "8", "-r", "1", "-t", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    for k in ["pp_tok_s", "tg_tok_s", "peak_rss_bytes", "threads", "model"] {
+        assert!(!v[k].is_null(), "bench --json lacks {k}: {out}");
+    }
+
+    // Errors: missing file, missing tokenizer, bad sampling, bad quant, corrupt file, bad UTF-8 text.
+    run_err(&["run", "-m", "/nonexistent/model.gguf", "-p", "x"]);
+    assert!(run_err(&["run", "-m", m, "-p", "x"]).contains("--tokenizer"));
+    assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--temp", "-1"]).contains("temperature"));
+    assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--top-p", "2"]).contains("top-p"));
+    assert!(run_err(&["convert", m, "--tokenizer", t, "-o", "/tmp/x.safetensors", "--quant", "q3"]).contains("q3"));
+    let corrupt = dir.join("corrupt.safetensors");
+    let bytes = std::fs::read(&native).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() / 2]).unwrap();
+    run_err(&["run", "-m", corrupt.to_str().unwrap(), "-p", "x"]);
+    let bad_text = dir.join("bad.txt");
+    std::fs::write(&bad_text, [0x66, 0xff, 0xfe]).unwrap();
+    assert!(run_err(&["eval", "perplexity", "-m", native.to_str().unwrap(), "-f", bad_text.to_str().unwrap()]).contains("UTF-8"));
+    // Context overflow is reported, not a crash.
+    let (_, err) = run_ok(&["run", "-m", native.to_str().unwrap(), "-p", "Once upon a time", "-n", "50", "-c", "8"]);
+    assert!(err.contains("context"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn chat_reads_turns_from_a_pipe() {
+    let dir = std::env::temp_dir().join(format!("sprig-cli-chat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    run_ok(&["gen", "--arch", "qwen2", "--format", "hf", "-o", dir.to_str().unwrap()]);
+    let mut child = sprig()
+        .args(["chat", "-m", dir.to_str().unwrap(), "-n", "5", "-t", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"the cat\nthe dog\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Two turns, two replies (one line each).
+    assert_eq!(String::from_utf8_lossy(&out.stdout).matches('\n').count(), 2);
+    // A model without BOS cannot start from an empty prompt: a clear error.
+    assert!(run_err(&["run", "-m", dir.to_str().unwrap(), "-p", ""]).contains("empty prompt"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
