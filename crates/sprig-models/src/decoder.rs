@@ -28,6 +28,17 @@ struct Layer<B: Backend> {
     rope: RopeParams,
 }
 
+/// `x += norm(y)` with a post-norm (Gemma), else `x += y`; `scratch` holds the normalised `y`.
+fn residual<B: Backend>(b: &B, x: &mut B::Tensor, y: &B::Tensor, post_norm: Option<&B::Weight>, eps: f32, add_one: bool, scratch: &mut B::Tensor) {
+    match post_norm {
+        Some(n) => {
+            b.rms_norm(y, n, eps, add_one, scratch);
+            b.add(x, scratch);
+        }
+        None => b.add(x, y),
+    }
+}
+
 /// Loaded weights of one model on one backend.
 pub struct Model<B: Backend> {
     pub config: ModelConfig,
@@ -210,12 +221,7 @@ impl<B: Backend> Model<B> {
             b.attention(&st.q, &st.k, &st.v, &mut st.kv, li, st.pos, &l.attn, &mut st.att);
             show(b, &st.att, li, &["attn_output"]);
             b.linear(&st.att, &l.wo, None, &mut st.proj);
-            if let Some(pn) = &l.post_attn_norm {
-                b.rms_norm(&st.proj, pn, eps, one, &mut st.xn);
-                b.add(&mut st.x, &st.xn);
-            } else {
-                b.add(&mut st.x, &st.proj);
-            }
+            residual(b, &mut st.x, &st.proj, l.post_attn_norm.as_ref(), eps, one, &mut st.xn);
             // Feed-forward block.
             b.rms_norm(&st.x, &l.ffn_norm, eps, one, &mut st.xn);
             show(b, &st.xn, li, &["ffn_gate", "ffn_up"]);
@@ -224,12 +230,7 @@ impl<B: Backend> Model<B> {
             b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
             show(b, &st.hid, li, &["ffn_down"]);
             b.linear(&st.hid, &l.down, None, &mut st.proj);
-            if let Some(pn) = &l.post_ffn_norm {
-                b.rms_norm(&st.proj, pn, eps, one, &mut st.xn);
-                b.add(&mut st.x, &st.xn);
-            } else {
-                b.add(&mut st.x, &st.proj);
-            }
+            residual(b, &mut st.x, &st.proj, l.post_ffn_norm.as_ref(), eps, one, &mut st.xn);
         }
         st.pos += tokens.len();
         let head_in = match mode {

@@ -289,25 +289,9 @@ impl Backend for CpuBackend {
                 math::SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
                     s.clear();
-                    // Cached positions lo..pos0, then the new ones pos0..=pos.
-                    let key = |j: usize| -> &[f32] {
-                        if j < pos0 {
-                            let slot = j % cap;
-                            &kc[slot * kvd + g * hd..slot * kvd + (g + 1) * hd]
-                        } else {
-                            let r = j - pos0;
-                            &k[r * kvd + g * hd..r * kvd + (g + 1) * hd]
-                        }
-                    };
-                    let val = |j: usize| -> &[f32] {
-                        if j < pos0 {
-                            let slot = j % cap;
-                            &vc[slot * kvd + g * hd..slot * kvd + (g + 1) * hd]
-                        } else {
-                            let r = j - pos0;
-                            &v[r * kvd + g * hd..r * kvd + (g + 1) * hd]
-                        }
-                    };
+                    // Cached positions lo..pos0 come from the ring, the new ones pos0..=pos from this batch.
+                    let key = |j: usize| kv_row(kc, k, j, pos0, cap, kvd, g * hd, hd);
+                    let val = |j: usize| kv_row(vc, v, j, pos0, cap, kvd, g * hd, hd);
                     for j in lo..=pos {
                         s.push(math::dot(qh, key(j)) * p.scale);
                     }
@@ -353,6 +337,14 @@ impl Backend for CpuBackend {
         let layers = caps.iter().map(|&c| (vec![0.0; c * layout.kv_dim], vec![0.0; c * layout.kv_dim])).collect();
         CpuKvCache { layers, caps, kv_dim: layout.kv_dim }
     }
+}
+
+/// Head slice `[off, off + hd)` of position `j`: from the ring (`j < pos0`) or from the new batch.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn kv_row<'a>(ring: &'a [f32], new: &'a [f32], j: usize, pos0: usize, cap: usize, kvd: usize, off: usize, hd: usize) -> &'a [f32] {
+    let (buf, row) = if j < pos0 { (ring, j % cap) } else { (new, j - pos0) };
+    &buf[row * kvd + off..row * kvd + off + hd]
 }
 
 impl CpuKvCache {
