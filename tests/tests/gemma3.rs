@@ -14,7 +14,8 @@ fn gemma3_imports_and_perplexity_within_one_percent_of_llama_cpp() {
     let f = open(&registry_model("gemma3-270m"), None, QuantChoice::Keep);
     let c = &f.config;
     assert_eq!((c.arch.as_str(), c.n_layers, c.vocab_size, c.head_dim), ("gemma3", 18, 262144, 256));
-    let globals: Vec<usize> = (0..c.n_layers).filter(|&i| c.attention[i] == sprig_format::AttentionKind::Global).collect();
+    let globals: Vec<usize> =
+        (0..c.n_layers).filter(|&i| c.attention[i] == sprig_format::AttentionKind::Global).collect();
     assert_eq!(globals, [5, 11, 17]);
     assert!(f.chat_template.is_some(), "Gemma falls back to its built-in turn template");
     // KV cache at 8192 tokens: 15 window layers of 512 + 3 global layers of 8192, against 18 global layers.
@@ -28,7 +29,10 @@ fn gemma3_imports_and_perplexity_within_one_percent_of_llama_cpp() {
     let msgs = [sprig_engine::ChatMessage::new("user", "What is the capital of France?")];
     let text = e.render_chat(&msgs).unwrap();
     assert_eq!(text, "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n");
-    assert_eq!(e.encode_chat(&text).unwrap(), [2, 105, 2364, 107, 3689, 563, 506, 5279, 529, 7001, 236881, 106, 107, 105, 4368, 107]);
+    assert_eq!(
+        e.encode_chat(&text).unwrap(),
+        [2, 105, 2364, 107, 3689, 563, 506, 5279, 529, 7001, 236881, 106, 107, 105, 4368, 107]
+    );
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/apache-2.0.txt")).unwrap();
     let r = perplexity::<_, sprig_backend::cpu::CpuBackend>(&e, None, &text, 256, None, |_, _, _| {}).unwrap();
     let rel = (r.perplexity - LLAMA_CPP_PPL).abs() / LLAMA_CPP_PPL;

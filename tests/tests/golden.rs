@@ -27,7 +27,8 @@ fn generate_text<B: sprig_backend::Backend>(e: &sprig_engine::Engine<B>) -> Stri
 #[test]
 fn stories260k_greedy_matches_llama2c_on_both_headers() {
     let (model, tok) = stories260k();
-    let golden = std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden =
+        std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     for file in [model.clone(), model.with_file_name("stories260K.v1.bin")] {
         for threads in [1, 2] {
             let e = cpu_engine(open(&file, Some(tok.clone()), QuantChoice::Keep), threads);
@@ -39,7 +40,8 @@ fn stories260k_greedy_matches_llama2c_on_both_headers() {
 #[test]
 fn stories260k_reference_backend_matches_llama2c() {
     let (model, tok) = stories260k();
-    let golden = std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden =
+        std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let e = reference_engine(open(&model, Some(tok), QuantChoice::Keep));
     assert_eq!(generate_text(&e), golden);
 }
@@ -49,7 +51,8 @@ fn stories260k_reference_backend_matches_llama2c() {
 #[test]
 fn stories260k_unshared_classifier_variants() {
     let (model, tok) = stories260k();
-    let golden = std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden =
+        std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let (dim, vocab) = (64usize, 512usize);
     let legacy = std::fs::read(&model).unwrap();
     let emb = legacy[28..28 + vocab * dim * 4].to_vec();

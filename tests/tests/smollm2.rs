@@ -9,19 +9,25 @@ use sprig_tests::*;
 fn chat_answers_paris() {
     let e = cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2);
     // Default system prompt comes from the template itself.
-    let text = e.render_chat(&[ChatMessage::new("user", "What is the capital of France? Answer in one word.")]).unwrap();
+    let text =
+        e.render_chat(&[ChatMessage::new("user", "What is the capital of France? Answer in one word.")]).unwrap();
     assert!(text.starts_with("<|im_start|>system\n"), "{text}");
     let prompt = e.encode_chat(&text).unwrap();
     let mut st = e.model.new_state(512);
     let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }).unwrap();
     let mut reply = String::new();
-    let stats = e.generate(&mut st, &prompt, 40, &mut s, false, |t| {
-        reply.push_str(t);
-        true
-    })
-    .unwrap();
+    let stats = e
+        .generate(&mut st, &prompt, 40, &mut s, false, |t| {
+            reply.push_str(t);
+            true
+        })
+        .unwrap();
     assert!(reply.contains("Paris"), "reply: {reply:?}");
-    assert_eq!(stats.stop, sprig_engine::generate::StopReason::StopToken, "reply should end with <|im_end|>: {reply:?}");
+    assert_eq!(
+        stats.stop,
+        sprig_engine::generate::StopReason::StopToken,
+        "reply should end with <|im_end|>: {reply:?}"
+    );
 }
 
 /// llama.cpp 0c1e570 (vendor/llama.cpp of PyPI llama-cpp-python 0.3.36, built with

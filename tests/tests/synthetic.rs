@@ -77,7 +77,9 @@ fn sharded_bf16_and_quantized_imports_stay_close() {
     assert!(bf16.config.tied_embeddings && !bf16.contains("output.weight"));
     let e = rel_err(&run(&cpu_engine(bf16, 1), &TOKENS), &base);
     assert!(e < 0.02, "bf16 shards: {e}");
-    for (q, tol) in [(QuantChoice::F16, 0.005), (QuantChoice::Q8, 0.03), (QuantChoice::Q4, 0.25), (QuantChoice::Q4A, 0.25)] {
+    for (q, tol) in
+        [(QuantChoice::F16, 0.005), (QuantChoice::Q8, 0.03), (QuantChoice::Q4, 0.25), (QuantChoice::Q4A, 0.25)]
+    {
         let e = rel_err(&run(&cpu_engine(open(&f32_dir, None, q), 2), &TOKENS), &base);
         assert!(e < tol, "{q:?}: {e}");
     }
@@ -94,7 +96,11 @@ fn sliding_window_generation_past_the_window_matches_reference() {
     let f = open(&dir, None, QuantChoice::Keep);
     assert_eq!(
         f.config.attention,
-        [sprig_format::AttentionKind::Sliding { window: 8 }, sprig_format::AttentionKind::Sliding { window: 8 }, sprig_format::AttentionKind::Global]
+        [
+            sprig_format::AttentionKind::Sliding { window: 8 },
+            sprig_format::AttentionKind::Sliding { window: 8 },
+            sprig_format::AttentionKind::Global
+        ]
     );
     let (cpu, reference) = (cpu_engine(f.clone(), 2), reference_engine(f));
     let (mut sc, mut sr) = (cpu.model.new_state(64), reference.model.new_state(64));

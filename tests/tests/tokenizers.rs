@@ -6,7 +6,11 @@ use sprig_tokenizer::{StreamDecoder, Tokenizer};
 
 fn llama2_from(file: &str) -> Tokenizer {
     let bytes = std::fs::read(shared_models().join("llama2-tokenizer").join(file)).unwrap();
-    let spec = if file.ends_with(".model") { sentencepiece::parse(&bytes).unwrap() } else { llama2c::read_tokenizer(&bytes, 32000).unwrap() };
+    let spec = if file.ends_with(".model") {
+        sentencepiece::parse(&bytes).unwrap()
+    } else {
+        llama2c::read_tokenizer(&bytes, 32000).unwrap()
+    };
     Tokenizer::from_spec(&spec).unwrap()
 }
 
@@ -45,9 +49,9 @@ fn smollm2_chatml_prompt_matches_llama_cpp() {
     // with P the prompt below (bash $'...' quoting).
     let prompt = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWhat is the capital of France? Answer in one word. 1234 café 🙂<|im_end|>\n<|im_start|>assistant\n";
     let llama_cpp = [
-        1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2, 198, 1,
-        4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 19842, 281, 582, 2229, 30, 216, 33, 34, 35, 36, 37366, 47526, 2, 198,
-        1, 520, 9531, 198,
+        1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2,
+        198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 19842, 281, 582, 2229, 30, 216, 33, 34, 35, 36, 37366,
+        47526, 2, 198, 1, 520, 9531, 198,
     ];
     let f = open(&registry_model("smollm2-135m-instruct"), None, sprig_import::QuantChoice::Keep);
     let t = Tokenizer::from_json(&f.tokenizer_json).unwrap();

@@ -80,9 +80,7 @@ impl KvLayout {
     }
     /// Bytes of f32 K and V at `ctx` tokens, per layer.
     pub fn bytes_per_layer(&self, ctx: usize) -> Vec<usize> {
-        (0..self.windows.len())
-            .map(|l| 2 * 4 * self.kv_dim * self.windows[l].map_or(ctx, |w| w.min(ctx)))
-            .collect()
+        (0..self.windows.len()).map(|l| 2 * 4 * self.kv_dim * self.windows[l].map_or(ctx, |w| w.min(ctx))).collect()
     }
 }
 

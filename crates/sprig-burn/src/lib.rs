@@ -85,7 +85,10 @@ impl Backend for BurnBackend {
     }
 
     fn embed(&self, table: &BurnWeight, tokens: &[u32], scale: f32, out: &mut Tensor<2>) {
-        let ids = Tensor::<1, Int>::from_data(TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [tokens.len()]), &self.device);
+        let ids = Tensor::<1, Int>::from_data(
+            TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [tokens.len()]),
+            &self.device,
+        );
         *out = table.w.clone().select(0, ids) * scale;
     }
 
@@ -137,7 +140,17 @@ impl Backend for BurnBackend {
         };
     }
 
-    fn attention(&self, q: &Tensor<2>, k: &Tensor<2>, v: &Tensor<2>, cache: &mut BurnKvCache, layer: usize, pos0: usize, p: &AttentionParams, out: &mut Tensor<2>) {
+    fn attention(
+        &self,
+        q: &Tensor<2>,
+        k: &Tensor<2>,
+        v: &Tensor<2>,
+        cache: &mut BurnKvCache,
+        layer: usize,
+        pos0: usize,
+        p: &AttentionParams,
+        out: &mut Tensor<2>,
+    ) {
         let [t, _] = q.dims();
         let (h, g, hd) = (p.n_heads, p.n_kv_heads, p.head_dim);
         let k_all = match cache.k[layer].take() {
@@ -164,7 +177,9 @@ impl Backend for BurnBackend {
                 mask.push(!visible);
             }
         }
-        let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [t, s]), &self.device).reshape([1, t, s]).repeat_dim(0, h);
+        let mask = Tensor::<2, Bool>::from_data(TensorData::new(mask, [t, s]), &self.device)
+            .reshape([1, t, s])
+            .repeat_dim(0, h);
         let probs = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 2);
         *out = probs.matmul(vh).swap_dims(0, 1).reshape([t, h * hd]);
         cache.k[layer] = Some(k_all);

@@ -20,7 +20,11 @@ pub struct BenchOptions {
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`).
@@ -40,10 +44,8 @@ pub fn measure_bandwidth(threads: usize) -> f64 {
     for _ in 0..5 {
         let t0 = Instant::now();
         let total: u64 = std::thread::scope(|s| {
-            let hs: Vec<_> = buf
-                .chunks(chunk)
-                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
-                .collect();
+            let hs: Vec<_> =
+                buf.chunks(chunk).map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))).collect();
             hs.into_iter().map(|h| h.join().unwrap()).fold(0u64, u64::wrapping_add)
         });
         std::hint::black_box(total);
@@ -74,7 +76,8 @@ fn bytes_per_token(e: &Engine<CpuBackend>) -> f64 {
 pub fn run(e: &Engine<CpuBackend>, o: &BenchOptions) -> Result<()> {
     let vocab = e.model.config.vocab_size as u32;
     // Deterministic pseudo-random tokens, as llama-bench uses random tokens.
-    let tokens: Vec<u32> = (0..o.prompt.max(o.gen).max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    let tokens: Vec<u32> =
+        (0..o.prompt.max(o.gen).max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
     let ctx = o.prompt + o.gen + 1;
     // Warm-up: page the weights in and spin the pool up.
     let mut st = e.model.new_state(ctx);
@@ -105,28 +108,45 @@ pub fn run(e: &Engine<CpuBackend>, o: &BenchOptions) -> Result<()> {
     let roofline = bw.map(|b| bpt * tg_med / b);
     let rss = peak_rss_bytes();
     if o.json {
-        println!("{}", serde_json::json!({
-            "model": o.model_name, "backend": e.model.backend.name(), "threads": threads,
-            "n_prompt": o.prompt, "n_gen": o.gen, "reps": o.reps,
-            "pp_tok_s": pp_med, "pp_tok_s_best": pp_best, "tg_tok_s": tg_med, "tg_tok_s_best": tg_best,
-            "peak_rss_bytes": rss, "weight_bytes_per_token": bpt,
-            "bandwidth_bytes_s": bw, "roofline_fraction": roofline,
-        }));
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": o.model_name, "backend": e.model.backend.name(), "threads": threads,
+                "n_prompt": o.prompt, "n_gen": o.gen, "reps": o.reps,
+                "pp_tok_s": pp_med, "pp_tok_s_best": pp_best, "tg_tok_s": tg_med, "tg_tok_s_best": tg_best,
+                "peak_rss_bytes": rss, "weight_bytes_per_token": bpt,
+                "bandwidth_bytes_s": bw, "roofline_fraction": roofline,
+            })
+        );
     } else {
         println!("| model | backend | threads | test | t/s (median) | t/s (best) |");
         println!("|---|---|---|---|---|---|");
         if o.prompt > 0 {
-            println!("| {} | {} | {threads} | pp{} | {pp_med:.2} | {pp_best:.2} |", o.model_name, e.model.backend.name(), o.prompt);
+            println!(
+                "| {} | {} | {threads} | pp{} | {pp_med:.2} | {pp_best:.2} |",
+                o.model_name,
+                e.model.backend.name(),
+                o.prompt
+            );
         }
         if o.gen > 0 {
-            println!("| {} | {} | {threads} | tg{} | {tg_med:.2} | {tg_best:.2} |", o.model_name, e.model.backend.name(), o.gen);
+            println!(
+                "| {} | {} | {threads} | tg{} | {tg_med:.2} | {tg_best:.2} |",
+                o.model_name,
+                e.model.backend.name(),
+                o.gen
+            );
         }
         if let Some(r) = rss {
             println!("\npeak RSS: {:.1} MB", r as f64 / 1e6);
         }
         println!("weights read per decoded token: {:.1} MB", bpt / 1e6);
         if let (Some(b), Some(r)) = (bw, roofline) {
-            println!("read bandwidth ({threads} threads): {:.1} GB/s; decode reaches {:.0} % of that roofline", b / 1e9, r * 100.0);
+            println!(
+                "read bandwidth ({threads} threads): {:.1} GB/s; decode reaches {:.0} % of that roofline",
+                b / 1e9,
+                r * 100.0
+            );
         }
     }
     Ok(())

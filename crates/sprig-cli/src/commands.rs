@@ -240,18 +240,48 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 }
                 bail!("bench needs -m MODEL (or --bandwidth alone)");
             };
-            let m = ModelArgs { model: model.clone(), tokenizer: a.tokenizer.clone(), threads, ctx_size: 0, quant: a.quant.clone() };
+            let m = ModelArgs {
+                model: model.clone(),
+                tokenizer: a.tokenizer.clone(),
+                threads,
+                ctx_size: 0,
+                quant: a.quant.clone(),
+            };
             let e = engine(&m)?;
             let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            crate::bench::run(&e, &crate::bench::BenchOptions { prompt: a.prompt, gen: a.gen, reps: a.reps, bandwidth: a.bandwidth, json: a.json, model_name: name })
+            crate::bench::run(
+                &e,
+                &crate::bench::BenchOptions {
+                    prompt: a.prompt,
+                    gen: a.gen,
+                    reps: a.reps,
+                    bandwidth: a.bandwidth,
+                    json: a.json,
+                    model_name: name,
+                },
+            )
         }
         Command::Gen(a) => {
             use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthSpec};
             if !["llama", "qwen2"].contains(&a.arch.as_str()) {
                 bail!("--arch must be llama or qwen2");
             }
-            let spec = SynthSpec { arch: a.arch, dim: a.dim, n_layers: a.layers, n_heads: a.heads, n_kv_heads: a.kv_heads, hidden_dim: a.hidden, tied: false, seed: a.seed, sliding: None };
-            if spec.n_heads == 0 || spec.dim % spec.n_heads != 0 || spec.n_kv_heads == 0 || spec.n_heads % spec.n_kv_heads != 0 {
+            let spec = SynthSpec {
+                arch: a.arch,
+                dim: a.dim,
+                n_layers: a.layers,
+                n_heads: a.heads,
+                n_kv_heads: a.kv_heads,
+                hidden_dim: a.hidden,
+                tied: false,
+                seed: a.seed,
+                sliding: None,
+            };
+            if spec.n_heads == 0
+                || !spec.dim.is_multiple_of(spec.n_heads)
+                || spec.n_kv_heads == 0
+                || !spec.n_heads.is_multiple_of(spec.n_kv_heads)
+            {
                 bail!("--dim must be a multiple of --heads, and --heads a multiple of --kv-heads");
             }
             match a.format.as_str() {
@@ -265,7 +295,14 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Models => {
             for e in registry::entries() {
                 let d = if e.default { " (default)" } else { "" };
-                println!("{}{d}\n  {}\n  licence: {}; source: PyPI {}; sha256 {}", e.name, e.description, e.licence, e.pypi.join(" + "), e.sha256);
+                println!(
+                    "{}{d}\n  {}\n  licence: {}; source: PyPI {}; sha256 {}",
+                    e.name,
+                    e.description,
+                    e.licence,
+                    e.pypi.join(" + "),
+                    e.sha256
+                );
             }
             Ok(())
         }
@@ -305,7 +342,11 @@ fn run(a: RunArgs) -> Result<()> {
     }
     eprintln!(
         "sprig: {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s ({})",
-        stats.prompt_tokens, stats.prefill_tok_s(), stats.generated.len(), stats.decode_tok_s(), e.model.backend.name()
+        stats.prompt_tokens,
+        stats.prefill_tok_s(),
+        stats.generated.len(),
+        stats.decode_tok_s(),
+        e.model.backend.name()
     );
     Ok(())
 }
@@ -361,10 +402,13 @@ fn chat(a: ChatArgs) -> Result<()> {
 fn convert(a: ConvertArgs) -> Result<()> {
     let quant = parse_quant(&a.quant)?;
     let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors").unwrap().progress_chars("=> "));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors").unwrap().progress_chars("=> "),
+    );
     let importance = match &a.calibrate {
         Some(text_path) => {
-            let text = std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
+            let text =
+                std::fs::read_to_string(text_path).with_context(|| format!("reading {}", text_path.display()))?;
             eprintln!("sprig: calibrating on {}", text_path.display());
             let reference = sprig_import::import(&a.input, a.tokenizer.as_deref(), QuantChoice::Keep, &mut |_, _| {})?;
             let file = Arc::new(ModelFile::from_bytes(&reference.writer.to_bytes())?);
@@ -386,12 +430,21 @@ fn convert(a: ConvertArgs) -> Result<()> {
     }
     if !imported.losses.is_empty() {
         let worst = imported.losses.iter().map(|l| l.rel_rms_error).fold(0.0, f64::max);
-        eprintln!("sprig: {} tensors were not carried over exactly (worst relative RMS error {:.2e})", imported.losses.len(), worst);
+        eprintln!(
+            "sprig: {} tensors were not carried over exactly (worst relative RMS error {:.2e})",
+            imported.losses.len(),
+            worst
+        );
     }
     imported.writer.write(&a.output)?;
     // Re-open to validate what was written.
     let f = ModelFile::open(&a.output)?;
-    eprintln!("sprig: wrote {} ({:.1} MB, {:.2} bits per weight)", a.output.display(), f.file_bytes() as f64 / 1e6, f.bits_per_weight());
+    eprintln!(
+        "sprig: wrote {} ({:.1} MB, {:.2} bits per weight)",
+        a.output.display(),
+        f.file_bytes() as f64 / 1e6,
+        f.bits_per_weight()
+    );
     Ok(())
 }
 
@@ -412,7 +465,11 @@ fn inspect(a: InspectArgs) -> Result<()> {
     println!("{:<40} {:>6} {:>16} {:>12}", "total", "", "", total);
     println!("\nmetadata:");
     for (k, v) in &f.metadata {
-        let shown: String = if v.len() > 120 { format!("{}... ({} bytes)", &v[..v.floor_char_boundary(120)], v.len()) } else { v.clone() };
+        let shown: String = if v.len() > 120 {
+            format!("{}... ({} bytes)", &v[..v.floor_char_boundary(120)], v.len())
+        } else {
+            v.clone()
+        };
         println!("  {k}: {}", shown.replace('\n', "\\n"));
     }
     if let Some(ctx) = a.kv {
@@ -422,11 +479,21 @@ fn inspect(a: InspectArgs) -> Result<()> {
         println!("\nKV cache at {ctx} tokens (f32):");
         let (mut g, mut s, mut ng, mut ns) = (0, 0, 0, 0);
         for (l, b) in per.iter().enumerate() {
-            if layout.windows[l].is_some() { s += b; ns += 1 } else { g += b; ng += 1 }
+            if layout.windows[l].is_some() {
+                s += b;
+                ns += 1
+            } else {
+                g += b;
+                ng += 1
+            }
         }
         println!("  global layers: {ng}, {g} bytes");
         println!("  sliding-window layers: {ns}, {s} bytes");
-        println!("  total: {} bytes ({:.3} of an all-global model's {global_all})", g + s, (g + s) as f64 / global_all as f64);
+        println!(
+            "  total: {} bytes ({:.3} of an all-global model's {global_all})",
+            g + s,
+            (g + s) as f64 / global_all as f64
+        );
     }
     Ok(())
 }
@@ -445,14 +512,23 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         }
     })?;
     if a.json {
-        println!("{}", serde_json::json!({
-            "perplexity": r.perplexity, "perplexity_err": r.perplexity_err, "chunks": r.chunks, "ctx": r.ctx,
-            "scored_tokens": r.scored_tokens, "mean_kl": r.mean_kl, "top1_agreement": r.top1_agreement,
-        }));
+        println!(
+            "{}",
+            serde_json::json!({
+                "perplexity": r.perplexity, "perplexity_err": r.perplexity_err, "chunks": r.chunks, "ctx": r.ctx,
+                "scored_tokens": r.scored_tokens, "mean_kl": r.mean_kl, "top1_agreement": r.top1_agreement,
+            })
+        );
     } else {
-        println!("Final estimate: PPL = {:.4} +/- {:.5} ({} chunks of {}, {} scored tokens)", r.perplexity, r.perplexity_err, r.chunks, r.ctx, r.scored_tokens);
+        println!(
+            "Final estimate: PPL = {:.4} +/- {:.5} ({} chunks of {}, {} scored tokens)",
+            r.perplexity, r.perplexity_err, r.chunks, r.ctx, r.scored_tokens
+        );
         if let (Some(kl), Some(ag)) = (r.mean_kl, r.top1_agreement) {
-            println!("Teacher fidelity: mean KL(teacher||student) = {kl:.6} nats/token, top-1 agreement = {:.2} %", ag * 100.0);
+            println!(
+                "Teacher fidelity: mean KL(teacher||student) = {kl:.6} nats/token, top-1 agreement = {:.2} %",
+                ag * 100.0
+            );
         }
     }
     Ok(())

@@ -14,7 +14,10 @@ fn main() -> ExitCode {
     let cli = commands::Cli::parse();
     // No backtraces for users: a panic is recorded and reported as one line below.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string())
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
             .or_else(|| info.payload().downcast_ref::<String>().cloned())
             .unwrap_or_default();
         *PANIC_MESSAGE.lock().unwrap_or_else(|e| e.into_inner()) = Some(msg);

@@ -14,7 +14,8 @@ fn shared(p: &str) -> PathBuf {
 
 fn run_ok(args: &[&str]) -> (String, String) {
     let out = sprig().args(args).output().unwrap();
-    let (so, se) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+    let (so, se) =
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
     assert!(out.status.success(), "sprig {args:?} failed: {se}");
     (so, se)
 }
@@ -45,7 +46,8 @@ fn run_convert_inspect_and_errors() {
     assert!(err.contains("bits per weight"), "{err}");
     let (out, _) = run_ok(&["inspect", native.to_str().unwrap(), "--kv", "512"]);
     assert!(out.contains("architecture: llama") && out.contains("blk.0.attn_q.weight") && out.contains("q8"), "{out}");
-    let (out, _) = run_ok(&["bench", "-m", native.to_str().unwrap(), "-p", "8", "-n", "8", "-r", "1", "-t", "1", "--json"]);
+    let (out, _) =
+        run_ok(&["bench", "-m", native.to_str().unwrap(), "-p", "8", "-n", "8", "-r", "1", "-t", "1", "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     for k in ["pp_tok_s", "tg_tok_s", "peak_rss_bytes", "threads", "model"] {
         assert!(!v[k].is_null(), "bench --json lacks {k}: {out}");
@@ -63,7 +65,8 @@ fn run_convert_inspect_and_errors() {
     run_err(&["run", "-m", corrupt.to_str().unwrap(), "-p", "x"]);
     let bad_text = dir.join("bad.txt");
     std::fs::write(&bad_text, [0x66, 0xff, 0xfe]).unwrap();
-    assert!(run_err(&["eval", "perplexity", "-m", native.to_str().unwrap(), "-f", bad_text.to_str().unwrap()]).contains("UTF-8"));
+    assert!(run_err(&["eval", "perplexity", "-m", native.to_str().unwrap(), "-f", bad_text.to_str().unwrap()])
+        .contains("UTF-8"));
     // Context overflow is reported, not a crash.
     let (_, err) = run_ok(&["run", "-m", native.to_str().unwrap(), "-p", "Once upon a time", "-n", "50", "-c", "8"]);
     assert!(err.contains("context"), "{err}");

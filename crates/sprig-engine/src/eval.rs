@@ -48,12 +48,17 @@ pub fn perplexity<B: Backend, T: Backend>(
     let tokens = tok.encode_prompt(text)?;
     if tokens.len() < 2 * ctx {
         return Err(EngineError::Invalid(format!(
-            "the text has {} tokens; perplexity with --ctx {ctx} needs at least {}", tokens.len(), 2 * ctx)));
+            "the text has {} tokens; perplexity with --ctx {ctx} needs at least {}",
+            tokens.len(),
+            2 * ctx
+        )));
     }
     if let Some(t) = teacher {
         let tt = t.tokenizer.encode_prompt(text)?;
         if tt != tokens {
-            return Err(EngineError::Invalid("teacher and student tokenize the text differently; KL needs a shared vocabulary".into()));
+            return Err(EngineError::Invalid(
+                "teacher and student tokenize the text differently; KL needs a shared vocabulary".into(),
+            ));
         }
     }
     let mut n_chunks = tokens.len() / ctx;

@@ -58,7 +58,10 @@ impl<B: Backend> Engine<B> {
         let tokenizer = Tokenizer::from_json(&file.tokenizer_json)?;
         if tokenizer.vocab_size() > file.config.vocab_size {
             return Err(EngineError::Invalid(format!(
-                "tokenizer has {} tokens but the model's vocabulary is {}", tokenizer.vocab_size(), file.config.vocab_size)));
+                "tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                file.config.vocab_size
+            )));
         }
         let template = match &file.chat_template {
             Some(src) => {
@@ -74,7 +77,10 @@ impl<B: Backend> Engine<B> {
 
     /// Renders a conversation with the model's template and opens the assistant's turn.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
-        let t = self.template.as_ref().ok_or_else(|| EngineError::Template("this model carries no chat template".into()))?;
+        let t = self
+            .template
+            .as_ref()
+            .ok_or_else(|| EngineError::Template("this model carries no chat template".into()))?;
         t.render(messages, true)
     }
 
@@ -152,6 +158,12 @@ impl<B: Backend> Engine<B> {
         if !tail.is_empty() {
             on_text(&tail);
         }
-        Ok(GenerationStats { prompt_tokens: prompt.len(), generated, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), stop })
+        Ok(GenerationStats {
+            prompt_tokens: prompt.len(),
+            generated,
+            prefill_secs,
+            decode_secs: t1.elapsed().as_secs_f64(),
+            stop,
+        })
     }
 }

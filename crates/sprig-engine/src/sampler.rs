@@ -25,7 +25,10 @@ impl Default for SamplingParams {
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(EngineError::Sampling(format!("temperature must be a finite number >= 0, got {}", self.temperature)));
+            return Err(EngineError::Sampling(format!(
+                "temperature must be a finite number >= 0, got {}",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(EngineError::Sampling(format!("top-p must be in (0, 1], got {}", self.top_p)));

@@ -29,7 +29,9 @@ pub enum Activation {
 pub enum AttentionKind {
     Global,
     /// Attends to the last `window` positions (itself included); its KV cache is a ring of `window` entries.
-    Sliding { window: usize },
+    Sliding {
+        window: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,10 +133,10 @@ impl ModelConfig {
                 return bad(name, format!("{v} is out of range 1..={max}"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad("n_kv_heads", format!("{} does not divide n_heads {}", self.n_kv_heads, self.n_heads));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad("head_dim", format!("{} is odd; RoPE needs pairs", self.head_dim));
         }
         if self.attention.len() != self.n_layers {

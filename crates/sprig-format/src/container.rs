@@ -62,8 +62,19 @@ struct IndexEntry {
 /// Where a logical tensor's bytes lie in the file (byte ranges are absolute offsets into the mapping).
 #[derive(Clone, Debug)]
 pub enum TensorEntry {
-    Float { dtype: FloatDType, shape: Vec<usize>, range: (usize, usize) },
-    Quant { scheme: Scheme, rows: usize, cols: usize, qs: (usize, usize), scale: (usize, usize), min: Option<(usize, usize)> },
+    Float {
+        dtype: FloatDType,
+        shape: Vec<usize>,
+        range: (usize, usize),
+    },
+    Quant {
+        scheme: Scheme,
+        rows: usize,
+        cols: usize,
+        qs: (usize, usize),
+        scale: (usize, usize),
+        min: Option<(usize, usize)>,
+    },
 }
 
 impl TensorEntry {
@@ -209,9 +220,19 @@ impl ContainerWriter {
         let qdt = if scheme.is_int4() { Dtype::U8 } else { Dtype::I8 };
         let qcols = nb * scheme.qs_bytes_per_block();
         self.physical.push((format!("{name}.qs"), qdt, vec![m.rows, qcols], m.qs.clone()));
-        self.physical.push((format!("{name}.scale"), Dtype::F16, vec![m.rows, nb], bytemuck::cast_slice(&m.scales).to_vec()));
+        self.physical.push((
+            format!("{name}.scale"),
+            Dtype::F16,
+            vec![m.rows, nb],
+            bytemuck::cast_slice(&m.scales).to_vec(),
+        ));
         if let Some(mins) = &m.mins {
-            self.physical.push((format!("{name}.min"), Dtype::F16, vec![m.rows, nb], bytemuck::cast_slice(mins).to_vec()));
+            self.physical.push((
+                format!("{name}.min"),
+                Dtype::F16,
+                vec![m.rows, nb],
+                bytemuck::cast_slice(mins).to_vec(),
+            ));
         }
     }
 
@@ -245,7 +266,10 @@ impl ContainerWriter {
         for (name, dtype, shape, bytes) in &self.physical {
             let pad = off.next_multiple_of(ALIGN) - off;
             if pad > 0 {
-                header.insert(format!("__pad.{pads}"), serde_json::json!({"dtype": "U8", "shape": [pad], "data_offsets": [off, off + pad]}));
+                header.insert(
+                    format!("__pad.{pads}"),
+                    serde_json::json!({"dtype": "U8", "shape": [pad], "data_offsets": [off, off + pad]}),
+                );
                 pads += 1;
                 off += pad;
             }
@@ -340,7 +364,8 @@ impl ModelFile {
 
         let physical = st_meta.tensors();
         let plane = |name: &str, want: &[Dtype], shape: &[usize]| -> Result<(usize, usize)> {
-            let info = physical.get(name).ok_or_else(|| FormatError::tensor(name, "listed in the index but missing"))?;
+            let info =
+                physical.get(name).ok_or_else(|| FormatError::tensor(name, "listed in the index but missing"))?;
             if !want.contains(&info.dtype) {
                 return Err(FormatError::tensor(name, format!("dtype {:?}, expected {:?}", info.dtype, want)));
             }
@@ -376,13 +401,20 @@ impl ModelFile {
                     let scheme = Scheme::from_name(other)
                         .ok_or_else(|| FormatError::tensor(name, format!("unknown tensor type `{other}`")))?;
                     let [rows, cols] = ie.shape[..] else {
-                        return Err(FormatError::tensor(name, format!("quantized tensor must be 2-D, got {:?}", ie.shape)));
+                        return Err(FormatError::tensor(
+                            name,
+                            format!("quantized tensor must be 2-D, got {:?}", ie.shape),
+                        ));
                     };
                     let nb = blocks_per_row(cols);
                     let qdt = if scheme.is_int4() { Dtype::U8 } else { Dtype::I8 };
                     let qs = plane(&format!("{name}.qs"), &[qdt], &[rows, nb * scheme.qs_bytes_per_block()])?;
                     let scale = plane(&format!("{name}.scale"), &[Dtype::F16], &[rows, nb])?;
-                    let min = if scheme.has_min() { Some(plane(&format!("{name}.min"), &[Dtype::F16], &[rows, nb])?) } else { None };
+                    let min = if scheme.has_min() {
+                        Some(plane(&format!("{name}.min"), &[Dtype::F16], &[rows, nb])?)
+                    } else {
+                        None
+                    };
                     TensorEntry::Quant { scheme, rows, cols, qs, scale, min }
                 }
             };

@@ -14,7 +14,7 @@ fn sample() -> Vec<u8> {
     w.add_quant("blk.0.ffn_up.weight", &quantize(&emb[..3 * 64], 3, 64, Scheme::Q4A));
     w.add_quant("blk.0.ffn_down.weight", &quantize(&emb[..2 * 50], 2, 50, Scheme::Q8));
     w.add_f32("output_norm.weight", &[63], &vec![1.0; 63]);
-    w.add_f16("blk.0.attn_norm.weight", &[64], &vec![f16::ONE; 64]);
+    w.add_f16("blk.0.attn_norm.weight", &[64], &[f16::ONE; 64]);
     w.to_bytes()
 }
 

@@ -210,7 +210,8 @@ impl GgufFile {
             }
             let dims = (0..nd).map(|_| r.u64(&name)).collect::<Result<Vec<_>>>()?;
             let tid = r.u32(&name)?;
-            let ty = GgmlType::from_id(tid).ok_or_else(|| invalid(format!("GGUF: tensor `{name}`: unsupported type id {tid}")))?;
+            let ty = GgmlType::from_id(tid)
+                .ok_or_else(|| invalid(format!("GGUF: tensor `{name}`: unsupported type id {tid}")))?;
             let off = r.u64(&name)?;
             raw.push((name, dims, ty, off));
         }
@@ -222,14 +223,21 @@ impl GgufFile {
         let mut tensors = Vec::with_capacity(raw.len());
         for (name, dims, ty, off) in raw {
             let numel = dims.iter().try_fold(1u64, |a, &d| if d == 0 { None } else { a.checked_mul(d) });
-            let numel = numel.ok_or_else(|| invalid(format!("GGUF: tensor `{name}`: dims {dims:?} are zero or overflow")))?;
+            let numel =
+                numel.ok_or_else(|| invalid(format!("GGUF: tensor `{name}`: dims {dims:?} are zero or overflow")))?;
             if dims[0] % ty.block_elems() as u64 != 0 {
-                return Err(invalid(format!("GGUF: tensor `{name}`: row length {} is not a multiple of the {} block", dims[0], ty.name())));
+                return Err(invalid(format!(
+                    "GGUF: tensor `{name}`: row length {} is not a multiple of the {} block",
+                    dims[0],
+                    ty.name()
+                )));
             }
             let bytes = ty.bytes_for(numel).ok_or_else(|| invalid(format!("GGUF: tensor `{name}`: size overflows")))?;
             let start = data_start.checked_add(off);
             let end = start.and_then(|s| s.checked_add(bytes)).filter(|&e| e <= b.len() as u64);
-            let end = end.ok_or_else(|| invalid(format!("GGUF: tensor `{name}`: data (offset {off}, {bytes} bytes) lies outside the file")))?;
+            let end = end.ok_or_else(|| {
+                invalid(format!("GGUF: tensor `{name}`: data (offset {off}, {bytes} bytes) lies outside the file"))
+            })?;
             tensors.push(TensorInfo { name, dims, ty, range: ((end - bytes) as usize, end as usize) });
         }
         Ok(GgufFile { version, metadata, tensors, data })
@@ -245,30 +253,45 @@ impl GgufFile {
         &self.data[t.range.0..t.range.1]
     }
     fn req_u(&self, key: &str) -> Result<usize> {
-        self.get(key).and_then(|v| v.as_u64()).map(|v| v as usize).ok_or_else(|| invalid(format!("GGUF: missing or non-integer `{key}`")))
+        self.get(key)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .ok_or_else(|| invalid(format!("GGUF: missing or non-integer `{key}`")))
     }
     fn opt_f(&self, key: &str) -> Option<f64> {
         self.get(key).and_then(|v| v.as_f64())
     }
     fn strings(&self, key: &str) -> Result<Vec<String>> {
-        let a = self.get(key).and_then(|v| v.as_array()).ok_or_else(|| invalid(format!("GGUF: missing array `{key}`")))?;
-        a.iter().map(|v| v.as_str().map(String::from).ok_or_else(|| invalid(format!("GGUF: `{key}` holds a non-string")))).collect()
+        let a =
+            self.get(key).and_then(|v| v.as_array()).ok_or_else(|| invalid(format!("GGUF: missing array `{key}`")))?;
+        a.iter()
+            .map(|v| v.as_str().map(String::from).ok_or_else(|| invalid(format!("GGUF: `{key}` holds a non-string"))))
+            .collect()
     }
 }
 
 /// Builds the native config from GGUF metadata.
 pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
-    let arch = g.get("general.architecture").and_then(|v| v.as_str()).ok_or_else(|| invalid("GGUF: missing general.architecture"))?.to_string();
+    let arch = g
+        .get("general.architecture")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| invalid("GGUF: missing general.architecture"))?
+        .to_string();
     let k = |s: &str| format!("{arch}.{s}");
     let supported = ["llama", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe", "olmoe"];
     if !supported.contains(&arch.as_str()) {
-        return Err(invalid(format!("GGUF: architecture `{arch}` is not supported (supported: {})", supported.join(", "))));
+        return Err(invalid(format!(
+            "GGUF: architecture `{arch}` is not supported (supported: {})",
+            supported.join(", ")
+        )));
     }
     let dim = g.req_u(&k("embedding_length"))?;
     let n_layers = g.req_u(&k("block_count"))?;
     let n_heads = g.req_u(&k("attention.head_count"))?;
-    let n_kv_heads = g.get(&k("attention.head_count_kv")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(n_heads);
-    let head_dim = g.get(&k("attention.key_length")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(dim / n_heads.max(1));
+    let n_kv_heads =
+        g.get(&k("attention.head_count_kv")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(n_heads);
+    let head_dim =
+        g.get(&k("attention.key_length")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(dim / n_heads.max(1));
     let hidden_dim = g.get(&k("feed_forward_length")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(0);
     let tokens = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len());
     let vocab_size = g.get(&k("vocab_size")).and_then(|v| v.as_u64()).map(|v| v as usize).or(tokens).unwrap_or(0);
@@ -286,7 +309,11 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     let moe = match g.get(&k("expert_count")).and_then(|v| v.as_u64()) {
         Some(n) if n > 0 => {
             let top_k = g.req_u(&k("expert_used_count"))?;
-            let expert_hidden_dim = g.get(&k("expert_feed_forward_length")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(hidden_dim);
+            let expert_hidden_dim = g
+                .get(&k("expert_feed_forward_length"))
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .unwrap_or(hidden_dim);
             let shared = g.get(&k("expert_shared_feed_forward_length")).and_then(|v| v.as_u64()).map(|v| v as usize);
             let leading_dense = g.get(&k("leading_dense_block_count")).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
             let scoring = match g.get(&k("expert_gating_func")).and_then(|v| v.as_u64()) {
@@ -298,7 +325,11 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
             let norm_topk = g.get(&k("expert_weights_norm")).and_then(|v| v.as_bool()).unwrap_or(norm_default);
             let has_shared = g.tensor("blk.0.ffn_up_shexp.weight").is_some() || shared.is_some();
             let shared_dim = if has_shared {
-                Some(shared.or_else(|| g.tensor("blk.0.ffn_up_shexp.weight").map(|t| t.dims[1] as usize)).unwrap_or(expert_hidden_dim))
+                Some(
+                    shared
+                        .or_else(|| g.tensor("blk.0.ffn_up_shexp.weight").map(|t| t.dims[1] as usize))
+                        .unwrap_or(expert_hidden_dim),
+                )
             } else {
                 None
             };
@@ -309,7 +340,9 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
                 scoring,
                 norm_topk,
                 shared_expert_hidden_dim: shared_dim,
-                moe_layers: (0..n_layers).map(|i| i >= leading_dense && g.tensor(&format!("blk.{i}.ffn_gate_inp.weight")).is_some()).collect(),
+                moe_layers: (0..n_layers)
+                    .map(|i| i >= leading_dense && g.tensor(&format!("blk.{i}.ffn_gate_inp.weight")).is_some())
+                    .collect(),
             })
         }
         _ => None,
@@ -351,7 +384,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
 
 /// Builds the tokenizer spec from the `tokenizer.ggml.*` keys.
 pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<TokenizerSpec> {
-    let model = g.get("tokenizer.ggml.model").and_then(|v| v.as_str()).ok_or_else(|| invalid("GGUF: missing tokenizer.ggml.model"))?;
+    let model = g
+        .get("tokenizer.ggml.model")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| invalid("GGUF: missing tokenizer.ggml.model"))?;
     let tokens = g.strings("tokenizer.ggml.tokens")?;
     let n = tokens.len();
     let types: Vec<u8> = match g.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
@@ -373,12 +409,15 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<TokenizerSpec> {
     }
     // End-of-turn markers that chat templates emit even when the file names no EOT id.
     for (i, t) in tokens.iter().enumerate() {
-        if matches!(t.as_str(), "<end_of_turn>" | "<|im_end|>" | "<|eot_id|>" | "<|endoftext|>") && !stop.contains(&(i as u32)) {
+        if matches!(t.as_str(), "<end_of_turn>" | "<|im_end|>" | "<|eot_id|>" | "<|endoftext|>")
+            && !stop.contains(&(i as u32))
+        {
             stop.push(i as u32);
         }
     }
     let default_add_bos = model == "llama";
-    let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(default_add_bos) && bos.is_some();
+    let add_bos =
+        g.get("tokenizer.ggml.add_bos_token").and_then(|v| v.as_bool()).unwrap_or(default_add_bos) && bos.is_some();
     let special = SpecialTokens { bos, eos, add_bos, stop };
     match model {
         "llama" => {
@@ -415,7 +454,10 @@ pub fn import(path: &Path, opts: &ImportOptions, progress: Progress) -> Result<I
 pub fn import_file(g: &GgufFile, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let config = config_from_gguf(g)?;
     let spec = tokenizer_from_gguf(g)?;
-    let template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(String::from)
+    let template = g
+        .get("tokenizer.chat_template")
+        .and_then(|v| v.as_str())
+        .map(String::from)
         .or_else(|| builtin_template(&config.arch).map(String::from));
     let mut writer = ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template);
     if let Some(name) = g.get("general.name").and_then(|v| v.as_str()) {

@@ -30,7 +30,11 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
         "llama" | "mistral" => "llama",
         "qwen2" => "qwen2",
         "gemma3_text" | "gemma3" => "gemma3",
-        other => return Err(invalid(format!("config.json: model_type `{other}` is not supported (llama, mistral, qwen2, gemma3_text)"))),
+        other => {
+            return Err(invalid(format!(
+                "config.json: model_type `{other}` is not supported (llama, mistral, qwen2, gemma3_text)"
+            )))
+        }
     };
     // Gemma 3 multimodal configs nest the language model.
     let c = c.get("text_config").unwrap_or(c);
@@ -58,8 +62,12 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
             }
         }
     }
-    let rope_scale = c.get("rope_scaling").filter(|v| v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()) == Some("linear"))
-        .and_then(|v| v.get("factor")).and_then(|f| f.as_f64()).map(|f| f as f32);
+    let rope_scale = c
+        .get("rope_scaling")
+        .filter(|v| v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()) == Some("linear"))
+        .and_then(|v| v.get("factor"))
+        .and_then(|f| f.as_f64())
+        .map(|f| f as f32);
     let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
     let cfg = ModelConfig {
         arch: arch.into(),
@@ -150,8 +158,12 @@ fn tokenizer_spec(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
         let added = tok.get("added_tokens").and_then(|a| a.as_array());
         added
             .and_then(|a| a.iter().find(|t| t.get("content").and_then(|c| c.as_str()) == Some(content)))
-            .and_then(|t| t.get("id")).and_then(|i| i.as_u64()).map(|i| i as u32)
-            .or_else(|| tok.pointer("/model/vocab").and_then(|v| v.get(content)).and_then(|i| i.as_u64()).map(|i| i as u32))
+            .and_then(|t| t.get("id"))
+            .and_then(|i| i.as_u64())
+            .map(|i| i as u32)
+            .or_else(|| {
+                tok.pointer("/model/vocab").and_then(|v| v.get(content)).and_then(|i| i.as_u64()).map(|i| i as u32)
+            })
     };
     let tok_str = |k: &str| -> Option<String> {
         match tc.get(k)? {
@@ -172,14 +184,22 @@ fn tokenizer_spec(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
         }
     }
     let template = tc.get("chat_template").and_then(|v| v.as_str()).map(String::from);
-    Ok((TokenizerSpec::HuggingFace { tokenizer_json: tj, special: SpecialTokens { bos, eos, add_bos, stop } }, template))
+    Ok((
+        TokenizerSpec::HuggingFace { tokenizer_json: tj, special: SpecialTokens { bos, eos, add_bos, stop } },
+        template,
+    ))
 }
 
 pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let config = config_from_hf(&read_json(&dir.join("config.json"))?)?;
     let (spec, template) = tokenizer_spec(dir)?;
     let gemma = config.arch == "gemma3";
-    let mut sink = Sink { writer: ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template), quant: opts.quant, losses: vec![], importance: opts.importance };
+    let mut sink = Sink {
+        writer: ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template),
+        quant: opts.quant,
+        losses: vec![],
+        importance: opts.importance,
+    };
     let files = shards(dir)?;
     let mut done = 0;
     for path in &files {
@@ -204,7 +224,12 @@ pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Im
                 Dtype::F32 => GgmlType::F32,
                 Dtype::F16 => GgmlType::F16,
                 Dtype::BF16 => GgmlType::BF16,
-                d => return Err(invalid(format!("{}: tensor `{name}` has dtype {d:?} (f32, f16, bf16 are supported)", path.display()))),
+                d => {
+                    return Err(invalid(format!(
+                        "{}: tensor `{name}` has dtype {d:?} (f32, f16, bf16 are supported)",
+                        path.display()
+                    )))
+                }
             };
             let shape = t.shape().to_vec();
             if shape.is_empty() || shape.len() > 2 {

@@ -5,8 +5,8 @@ pub mod gguf;
 pub mod hf;
 pub mod llama2c;
 pub mod sentencepiece;
-pub mod synth;
 mod sink;
+pub mod synth;
 
 use std::path::Path;
 
@@ -99,11 +99,17 @@ pub fn import(path: &Path, tokenizer: Option<&Path>, quant: QuantChoice, progres
     import_with(path, tokenizer, &ImportOptions::quant(quant), progress)
 }
 
-pub fn import_with(path: &Path, tokenizer: Option<&Path>, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
+pub fn import_with(
+    path: &Path,
+    tokenizer: Option<&Path>,
+    opts: &ImportOptions,
+    progress: Progress,
+) -> Result<Imported> {
     match detect(path)? {
         SourceKind::Gguf => gguf::import(path, opts, progress),
         SourceKind::Llama2c => {
-            let tok = tokenizer.ok_or_else(|| invalid("a llama2.c checkpoint needs its tokenizer: pass --tokenizer tokenizer.bin"))?;
+            let tok = tokenizer
+                .ok_or_else(|| invalid("a llama2.c checkpoint needs its tokenizer: pass --tokenizer tokenizer.bin"))?;
             llama2c::import(path, tok, opts, progress)
         }
         SourceKind::HfDir => hf::import(path, opts, progress),

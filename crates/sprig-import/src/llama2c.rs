@@ -36,7 +36,9 @@ fn parse_header(b: &[u8]) -> Result<Header> {
     let base = if v1 {
         let version = read_i32(b, 4)?;
         if version != 1 {
-            return Err(invalid(format!("llama2.c checkpoint: version {version} is not supported (only 1 and legacy)")));
+            return Err(invalid(format!(
+                "llama2.c checkpoint: version {version} is not supported (only 1 and legacy)"
+            )));
         }
         8
     } else {
@@ -62,29 +64,48 @@ fn parse_header(b: &[u8]) -> Result<Header> {
     }
     let [dim, hidden, layers, heads, kv_heads, vocab, seq_len] = p.map(|v| v as usize);
     if dim % heads != 0 || heads % kv_heads != 0 {
-        return Err(invalid(format!("llama2.c checkpoint: dim {dim}, n_heads {heads}, n_kv_heads {kv_heads} are inconsistent")));
+        return Err(invalid(format!(
+            "llama2.c checkpoint: dim {dim}, n_heads {heads}, n_kv_heads {kv_heads} are inconsistent"
+        )));
     }
-    Ok(Header { dim, hidden, layers, heads, kv_heads, vocab, seq_len, shared, v1, data_offset: if v1 { 256 } else { 28 } })
+    Ok(Header {
+        dim,
+        hidden,
+        layers,
+        heads,
+        kv_heads,
+        vocab,
+        seq_len,
+        shared,
+        v1,
+        data_offset: if v1 { 256 } else { 28 },
+    })
 }
 
 /// Reads the run.c tokenizer format: `max_len: i32`, then per token `score: f32, len: i32, bytes`.
 pub fn read_tokenizer_bin(bytes: &[u8], vocab: usize) -> Result<TokenizerSpec> {
     let mut off = 4;
-    let (mut tokens, mut scores, mut types) = (Vec::with_capacity(vocab), Vec::with_capacity(vocab), Vec::with_capacity(vocab));
+    let (mut tokens, mut scores, mut types) =
+        (Vec::with_capacity(vocab), Vec::with_capacity(vocab), Vec::with_capacity(vocab));
     if bytes.len() < 4 {
         return Err(invalid("tokenizer.bin: truncated"));
     }
     for i in 0..vocab {
-        let hdr = bytes.get(off..off + 8).ok_or_else(|| invalid(format!("tokenizer.bin: truncated at token {i} (the model has {vocab} tokens)")))?;
+        let hdr = bytes
+            .get(off..off + 8)
+            .ok_or_else(|| invalid(format!("tokenizer.bin: truncated at token {i} (the model has {vocab} tokens)")))?;
         let score = f32::from_le_bytes(hdr[..4].try_into().unwrap());
         let len = i32::from_le_bytes(hdr[4..].try_into().unwrap());
-        if len < 0 || len > 4096 {
+        if !(0..=4096).contains(&len) {
             return Err(invalid(format!("tokenizer.bin: token {i} has length {len}")));
         }
         off += 8;
-        let raw = bytes.get(off..off + len as usize).ok_or_else(|| invalid(format!("tokenizer.bin: truncated in token {i}")))?;
+        let raw = bytes
+            .get(off..off + len as usize)
+            .ok_or_else(|| invalid(format!("tokenizer.bin: truncated in token {i}")))?;
         off += len as usize;
-        let text = String::from_utf8(raw.to_vec()).map_err(|_| invalid(format!("tokenizer.bin: token {i} is not valid UTF-8")))?;
+        let text = String::from_utf8(raw.to_vec())
+            .map_err(|_| invalid(format!("tokenizer.bin: token {i} is not valid UTF-8")))?;
         if !score.is_finite() {
             return Err(invalid(format!("tokenizer.bin: token {i} has a non-finite score")));
         }
@@ -120,7 +141,10 @@ pub fn read_tokenizer(bytes: &[u8], vocab: usize) -> Result<TokenizerSpec> {
             let spec = crate::sentencepiece::parse(bytes).map_err(|_| bin_err)?;
             if let TokenizerSpec::SentencePiece { tokens, .. } = &spec {
                 if tokens.len() != vocab {
-                    return Err(invalid(format!("tokenizer.model has {} pieces but the model's vocabulary is {vocab}", tokens.len())));
+                    return Err(invalid(format!(
+                        "tokenizer.model has {} pieces but the model's vocabulary is {vocab}",
+                        tokens.len()
+                    )));
                 }
             }
             Ok(spec)
@@ -209,7 +233,12 @@ pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], opts: &ImportOptions, progre
     config.validate()?;
     let spec = read_tokenizer(tok_bytes, v)?;
     let tok_json = serde_json::to_string(&spec).expect("spec serialises");
-    let mut sink = Sink { writer: ContainerWriter::new(&config, tok_json, None), quant: opts.quant, losses: vec![], importance: opts.importance };
+    let mut sink = Sink {
+        writer: ContainerWriter::new(&config, tok_json, None),
+        quant: opts.quant,
+        losses: vec![],
+        importance: opts.importance,
+    };
     let floats: &[u8] = &bytes[h.data_offset..need];
     let mut off = 0usize;
     let n_items: usize = order.iter().map(|o| if o.3 { l } else { 1 }).sum();
@@ -219,10 +248,14 @@ pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], opts: &ImportOptions, progre
         for layer in 0..if *per_layer { l } else { 1 } {
             let n = rows * cols;
             buf.clear();
-            buf.extend(floats[off * 4..(off + n) * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())));
+            buf.extend(
+                floats[off * 4..(off + n) * 4].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())),
+            );
             off += n;
             if buf.iter().any(|x| !x.is_finite()) {
-                return Err(invalid(format!("llama2.c checkpoint: tensor {name} (layer {layer}) holds NaN or infinity")));
+                return Err(invalid(format!(
+                    "llama2.c checkpoint: tensor {name} (layer {layer}) holds NaN or infinity"
+                )));
             }
             let full = if *per_layer { format!("blk.{layer}.{name}.weight") } else { format!("{name}.weight") };
             if name != "freq_cis" {

@@ -48,7 +48,8 @@ struct NormalizerSpec {
 
 /// Parses a SentencePiece BPE model into the tokenizer spec sprig stores.
 pub fn parse(bytes: &[u8]) -> Result<TokenizerSpec> {
-    let m = ModelProto::decode(bytes).map_err(|e| invalid(format!("tokenizer.model: not a SentencePiece model: {e}")))?;
+    let m =
+        ModelProto::decode(bytes).map_err(|e| invalid(format!("tokenizer.model: not a SentencePiece model: {e}")))?;
     if m.pieces.is_empty() {
         return Err(invalid("tokenizer.model: no pieces"));
     }

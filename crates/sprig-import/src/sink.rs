@@ -80,8 +80,10 @@ impl Sink<'_> {
                 self.writer.add_f16(name, shape, &h)
             }
             (true, q) if q.scheme().is_some() => {
-                let imp = self.importance.and_then(|m| m.get(name)).filter(|v| v.len() == shape[1]).map(|v| v.as_slice());
-                self.writer.add_quant(name, &quantize_with_importance(data, shape[0], shape[1], q.scheme().unwrap(), imp))
+                let imp =
+                    self.importance.and_then(|m| m.get(name)).filter(|v| v.len() == shape[1]).map(|v| v.as_slice());
+                self.writer
+                    .add_quant(name, &quantize_with_importance(data, shape[0], shape[1], q.scheme().unwrap(), imp))
             }
             _ => self.writer.add_f32(name, shape, data),
         }
@@ -93,7 +95,9 @@ impl Sink<'_> {
         let keep = self.quant == QuantChoice::Keep;
         match ty {
             GgmlType::F16 if keep => self.writer.add_f16(name, shape, bytemuck::cast_slice(&to_aligned::<f16>(data))),
-            GgmlType::BF16 if keep => self.writer.add_bf16(name, shape, bytemuck::cast_slice(&to_aligned::<bf16>(data))),
+            GgmlType::BF16 if keep => {
+                self.writer.add_bf16(name, shape, bytemuck::cast_slice(&to_aligned::<bf16>(data)))
+            }
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
                 let mut f = vec![0.0; n];
                 ggml::dequantize(ty, data, &mut f);
@@ -117,7 +121,11 @@ impl Sink<'_> {
                 ggml::dequantize(ty, data, &mut f);
                 self.add_f32(name, shape, &f);
                 let is_head = name == "token_embd.weight" || name == "output.weight";
-                let scheme = if is_head && self.quant.scheme().is_some_and(|s| s.is_int4()) { Some(Scheme::Q8) } else { self.quant.scheme() };
+                let scheme = if is_head && self.quant.scheme().is_some_and(|s| s.is_int4()) {
+                    Some(Scheme::Q8)
+                } else {
+                    self.quant.scheme()
+                };
                 if let (Some(s), 2) = (scheme, shape.len()) {
                     let back = quantize(&f, shape[0], shape[1], s).view().dequantize();
                     self.losses.push(TensorLoss {

@@ -31,13 +31,27 @@ pub struct SynthSpec {
 
 impl SynthSpec {
     pub fn tiny(arch: &str) -> Self {
-        SynthSpec { arch: arch.into(), dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, hidden_dim: 96, tied: false, seed: 1, sliding: None }
+        SynthSpec {
+            arch: arch.into(),
+            dim: 64,
+            n_layers: 2,
+            n_heads: 4,
+            n_kv_heads: 2,
+            hidden_dim: 96,
+            tied: false,
+            seed: 1,
+            sliding: None,
+        }
     }
     fn head_dim(&self) -> usize {
         self.dim / self.n_heads
     }
     fn rope_theta(&self) -> f64 {
-        if self.arch == "qwen2" { 1_000_000.0 } else { 10_000.0 }
+        if self.arch == "qwen2" {
+            1_000_000.0
+        } else {
+            10_000.0
+        }
     }
 }
 
@@ -52,7 +66,8 @@ pub fn synth_vocab() -> SynthVocab {
     let byte_chars: Vec<char> = bytes_to_unicode().into_iter().map(|(_, c)| c).collect();
     let mut tokens: Vec<String> = byte_chars.iter().map(|c| c.to_string()).collect();
     let mut merges = Vec::new();
-    for (a, b) in [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("o", "n"), ("e", "r"), ("Ġ", "s")] {
+    for (a, b) in [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("o", "n"), ("e", "r"), ("Ġ", "s")]
+    {
         merges.push(format!("{a} {b}"));
         tokens.push(format!("{a}{b}"));
     }
@@ -85,7 +100,14 @@ pub fn synth_weights(s: &SynthSpec, vocab: usize) -> Vec<(String, Vec<usize>, Ve
         mat(&mut out, format!("{p}.self_attn.o_proj.weight"), d, s.n_heads * hd, ws, &mut rng);
         mat(&mut out, format!("{p}.mlp.gate_proj.weight"), s.hidden_dim, d, ws, &mut rng);
         mat(&mut out, format!("{p}.mlp.up_proj.weight"), s.hidden_dim, d, ws, &mut rng);
-        mat(&mut out, format!("{p}.mlp.down_proj.weight"), d, s.hidden_dim, 1.0 / (s.hidden_dim as f32).sqrt(), &mut rng);
+        mat(
+            &mut out,
+            format!("{p}.mlp.down_proj.weight"),
+            d,
+            s.hidden_dim,
+            1.0 / (s.hidden_dim as f32).sqrt(),
+            &mut rng,
+        );
         if s.arch == "qwen2" {
             for (n, len) in [("q_proj", s.n_heads * hd), ("k_proj", kvd), ("v_proj", kvd)] {
                 let v: Vec<f32> = (0..len).map(|_| rng.gen_range(-0.5..0.5)).collect();
@@ -124,20 +146,30 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
         "tie_word_embeddings": s.tied, "torch_dtype": "float32",
     });
     if let Some((window, pattern)) = s.sliding {
-        let types: Vec<&str> = (0..s.n_layers).map(|i| if (i + 1) % pattern == 0 { "full_attention" } else { "sliding_attention" }).collect();
+        let types: Vec<&str> = (0..s.n_layers)
+            .map(|i| if (i + 1) % pattern == 0 { "full_attention" } else { "sliding_attention" })
+            .collect();
         config["layer_types"] = json!(types);
         config["sliding_window"] = json!(window);
     }
-    config["torch_dtype"] = json!(match dtype { HfDtype::F32 => "float32", HfDtype::F16 => "float16", HfDtype::BF16 => "bfloat16" });
+    config["torch_dtype"] = json!(match dtype {
+        HfDtype::F32 => "float32",
+        HfDtype::F16 => "float16",
+        HfDtype::BF16 => "bfloat16",
+    });
     let write = |name: &str, text: String| -> Result<()> {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(io_err(&p))
     };
     write("config.json", serde_json::to_string_pretty(&config).unwrap())?;
     write("tokenizer.json", from_gguf_bpe(&v.tokens, &v.merges, &v.types, "gpt2")?)?;
-    write("tokenizer_config.json", serde_json::to_string_pretty(&json!({
-        "bos_token": null, "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": CHATML,
-    })).unwrap())?;
+    write(
+        "tokenizer_config.json",
+        serde_json::to_string_pretty(&json!({
+            "bos_token": null, "eos_token": "<|im_end|>", "add_bos_token": false, "chat_template": CHATML,
+        }))
+        .unwrap(),
+    )?;
     let weights = synth_weights(s, v.tokens.len());
     let per = weights.len().div_ceil(shards.max(1));
     for (i, chunk) in weights.chunks(per).enumerate() {
@@ -146,8 +178,12 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
             .map(|(n, shape, v)| {
                 let (dt, bytes) = match dtype {
                     HfDtype::F32 => (safetensors::Dtype::F32, bytemuck::cast_slice(v).to_vec()),
-                    HfDtype::F16 => (safetensors::Dtype::F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect()),
-                    HfDtype::BF16 => (safetensors::Dtype::BF16, v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect()),
+                    HfDtype::F16 => {
+                        (safetensors::Dtype::F16, v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect())
+                    }
+                    HfDtype::BF16 => {
+                        (safetensors::Dtype::BF16, v.iter().flat_map(|x| bf16::from_f32(*x).to_le_bytes()).collect())
+                    }
                 };
                 (n.clone(), dt, shape.clone(), bytes)
             })
@@ -156,7 +192,11 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
             .iter()
             .map(|(n, dt, shape, b)| (n.clone(), safetensors::tensor::TensorView::new(*dt, shape.clone(), b).unwrap()))
             .collect();
-        let name = if shards > 1 { format!("model-{:05}-of-{:05}.safetensors", i + 1, shards) } else { "model.safetensors".into() };
+        let name = if shards > 1 {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
+        } else {
+            "model.safetensors".into()
+        };
         let p = dir.join(name);
         safetensors::serialize_to_file(views, None, &p).map_err(|e| invalid(format!("{}: {e}", p.display())))?;
     }

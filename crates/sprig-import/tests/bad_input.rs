@@ -21,7 +21,9 @@ fn synth_gguf() -> Vec<u8> {
 }
 
 fn gguf_err(b: Vec<u8>) -> String {
-    match GgufFile::from_bytes(b).and_then(|g| sprig_import::gguf::import_file(&g, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {})) {
+    match GgufFile::from_bytes(b)
+        .and_then(|g| sprig_import::gguf::import_file(&g, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {}))
+    {
         Ok(_) => panic!("corrupt GGUF imported"),
         Err(e) => e.to_string(),
     }
@@ -91,7 +93,11 @@ fn gguf_missing_metadata_names_the_key() {
 fn llama2c_bad_inputs() {
     let model = std::fs::read(shared("stories260K/stories260K.bin")).unwrap();
     let tok = std::fs::read(shared("stories260K/tok512.bin")).unwrap();
-    let imp = |m: &[u8], t: &[u8]| llama2c::import_bytes(m, t, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {}).err().map(|e| e.to_string());
+    let imp = |m: &[u8], t: &[u8]| {
+        llama2c::import_bytes(m, t, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {})
+            .err()
+            .map(|e| e.to_string())
+    };
     assert!(imp(&model, &tok).is_none(), "the real file imports");
     for cut in [0, 10, 27, 28, 1000, model.len() - 1] {
         assert!(imp(&model[..cut], &tok).is_some(), "truncated at {cut}");
@@ -120,7 +126,11 @@ fn hf_bad_inputs() {
     let dir = std::env::temp_dir().join(format!("sprig-bad-hf-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     write_hf_dir(&SynthSpec::tiny("llama"), &dir, HfDtype::F32, 1).unwrap();
-    let imp = || sprig_import::hf::import(&dir, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {}).err().map(|e| e.to_string());
+    let imp = || {
+        sprig_import::hf::import(&dir, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {})
+            .err()
+            .map(|e| e.to_string())
+    };
     assert!(imp().is_none());
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     std::fs::write(dir.join("config.json"), cfg.replace("\"hidden_size\"", "\"hidden_sizzle\"")).unwrap();

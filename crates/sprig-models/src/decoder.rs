@@ -29,7 +29,15 @@ struct Layer<B: Backend> {
 }
 
 /// `x += norm(y)` with a post-norm (Gemma), else `x += y`; `scratch` holds the normalised `y`.
-fn residual<B: Backend>(b: &B, x: &mut B::Tensor, y: &B::Tensor, post_norm: Option<&B::Weight>, eps: f32, add_one: bool, scratch: &mut B::Tensor) {
+fn residual<B: Backend>(
+    b: &B,
+    x: &mut B::Tensor,
+    y: &B::Tensor,
+    post_norm: Option<&B::Weight>,
+    eps: f32,
+    add_one: bool,
+    scratch: &mut B::Tensor,
+) {
     match post_norm {
         Some(n) => {
             b.rms_norm(y, n, eps, add_one, scratch);
@@ -50,6 +58,9 @@ pub struct Model<B: Backend> {
     output_norm: B::Weight,
     layers: Vec<Layer<B>>,
 }
+
+/// Sees each linear layer's input: the names of the weights that read it, and the activations.
+pub type LinearInputObserver<'a> = dyn FnMut(&[&str], &[f32]) + 'a;
 
 /// Which positions' logits a forward pass produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +104,11 @@ impl<B: Backend> Model<B> {
             Ok(w)
         };
         let opt = |name: &str, rows: usize, cols: usize| -> Result<Option<B::Weight>> {
-            if file.contains(name) { load(name, rows, cols).map(Some) } else { Ok(None) }
+            if file.contains(name) {
+                load(name, rows, cols).map(Some)
+            } else {
+                Ok(None)
+            }
         };
         let (d, hd, qd, kvd) = (c.dim, c.head_dim, c.q_dim(), c.kv_dim());
         let embd = load("token_embd.weight", c.vocab_size, d)?;
@@ -132,7 +147,13 @@ impl<B: Backend> Model<B> {
                 up: load(&n("ffn_up.weight"), c.hidden_dim, d)?,
                 down: load(&n("ffn_down.weight"), d, c.hidden_dim)?,
                 post_ffn_norm: opt(&n("post_ffw_norm.weight"), 1, d)?,
-                attn: AttentionParams { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: hd, scale: c.attn_scale(), window },
+                attn: AttentionParams {
+                    n_heads: c.n_heads,
+                    n_kv_heads: c.n_kv_heads,
+                    head_dim: hd,
+                    scale: c.attn_scale(),
+                    window,
+                },
                 rope: RopeParams { n_heads: 0, head_dim: hd, theta, scale: rope_scale, layout: c.rope_layout },
             });
         }
@@ -179,7 +200,7 @@ impl<B: Backend> Model<B> {
         st: &mut State<B>,
         tokens: &[u32],
         mode: Logits,
-        mut observe: Option<&mut dyn FnMut(&[&str], &[f32])>,
+        mut observe: Option<&mut LinearInputObserver>,
     ) -> Result<()> {
         let mut host = Vec::new();
         let mut show = |b: &B, t: &B::Tensor, li: usize, names: &[&str]| {

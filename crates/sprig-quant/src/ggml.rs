@@ -83,7 +83,7 @@ impl GgmlType {
     /// Bytes for `n` elements, or None if `n` is not a whole number of blocks or overflows.
     pub fn bytes_for(self, n: u64) -> Option<u64> {
         let be = self.block_elems() as u64;
-        if n % be != 0 {
+        if !n.is_multiple_of(be) {
             return None;
         }
         (n / be).checked_mul(self.block_bytes() as u64)
@@ -204,11 +204,19 @@ fn legacy_block(ty: GgmlType, blk: &[u8]) -> (f32, f32, [i32; 32]) {
     match ty {
         GgmlType::Q4_0 => {
             let qs = &blk[2..18];
-            (d, 0.0, std::array::from_fn(|j| if j < 16 { (qs[j] & 0xf) as i32 - 8 } else { (qs[j - 16] >> 4) as i32 - 8 }))
+            (
+                d,
+                0.0,
+                std::array::from_fn(|j| if j < 16 { (qs[j] & 0xf) as i32 - 8 } else { (qs[j - 16] >> 4) as i32 - 8 }),
+            )
         }
         GgmlType::Q4_1 => {
             let qs = &blk[4..20];
-            (d, h(blk, 2), std::array::from_fn(|j| if j < 16 { (qs[j] & 0xf) as i32 } else { (qs[j - 16] >> 4) as i32 }))
+            (
+                d,
+                h(blk, 2),
+                std::array::from_fn(|j| if j < 16 { (qs[j] & 0xf) as i32 } else { (qs[j - 16] >> 4) as i32 }),
+            )
         }
         GgmlType::Q5_0 | GgmlType::Q5_1 => {
             let off = if ty == GgmlType::Q5_0 { 2 } else { 4 };
@@ -216,10 +224,14 @@ fn legacy_block(ty: GgmlType, blk: &[u8]) -> (f32, f32, [i32; 32]) {
             let qs = &blk[off + 4..off + 20];
             let bias = if ty == GgmlType::Q5_0 { 16 } else { 0 };
             let m = if ty == GgmlType::Q5_1 { h(blk, 2) } else { 0.0 };
-            (d, m, std::array::from_fn(|j| {
-                let lo = if j < 16 { qs[j] & 0xf } else { qs[j - 16] >> 4 } as u32;
-                ((lo | ((qh >> j) & 1) << 4) as i32) - bias
-            }))
+            (
+                d,
+                m,
+                std::array::from_fn(|j| {
+                    let lo = if j < 16 { qs[j] & 0xf } else { qs[j - 16] >> 4 } as u32;
+                    ((lo | ((qh >> j) & 1) << 4) as i32) - bias
+                }),
+            )
         }
         GgmlType::Q8_0 => (d, 0.0, std::array::from_fn(|j| blk[2 + j] as i8 as i32)),
         _ => unreachable!(),
@@ -297,7 +309,11 @@ pub fn to_native(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<
 pub fn rel_rms(reference: &[f32], approx: &[f32]) -> f64 {
     let num: f64 = reference.iter().zip(approx).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
     let den: f64 = reference.iter().map(|a| (*a as f64).powi(2)).sum();
-    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,13 @@ pub fn quantize(x: &[f32], rows: usize, cols: usize, scheme: Scheme) -> QMatrixO
 /// measured on calibration text): a weight's rounding error moves the output by `error * activation`, so the
 /// search minimises `sum importance[k] * (sigma² + x²) * error²` (the `sigma² + x²` term keeps large weights
 /// precise where activations are unknown or flat).
-pub fn quantize_with_importance(x: &[f32], rows: usize, cols: usize, scheme: Scheme, importance: Option<&[f32]>) -> QMatrixOwned {
+pub fn quantize_with_importance(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    scheme: Scheme,
+    importance: Option<&[f32]>,
+) -> QMatrixOwned {
     assert_eq!(x.len(), rows * cols, "matrix size");
     if let Some(imp) = importance {
         assert_eq!(imp.len(), cols, "importance length");

@@ -51,13 +51,8 @@ impl HfTokenizer {
 
     pub fn all_token_bytes(&self) -> Vec<Vec<u8>> {
         let n = self.tok.get_vocab_size(true);
-        let specials: std::collections::HashSet<u32> = self
-            .tok
-            .get_added_tokens_decoder()
-            .iter()
-            .filter(|(_, t)| t.special)
-            .map(|(id, _)| *id)
-            .collect();
+        let specials: std::collections::HashSet<u32> =
+            self.tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let unicode_to_byte: HashMap<char, u8> = bytes_to_unicode().into_iter().map(|(b, c)| (c, b)).collect();
         (0..n as u32)
             .map(|id| {
@@ -71,7 +66,11 @@ impl HfTokenizer {
                         return piece.into_bytes();
                     }
                     piece.chars().map(|c| unicode_to_byte.get(&c).copied().unwrap_or(b'?')).collect()
-                } else if let Some(b) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                } else if let Some(b) = piece
+                    .strip_prefix("<0x")
+                    .and_then(|h| h.strip_suffix('>'))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
                     vec![b]
                 } else {
                     piece.replace('▁', " ").into_bytes()
@@ -102,7 +101,8 @@ const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}
 /// Llama 3 / many newer BPE vocabularies (GGUF pre `llama-bpe`).
 const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2 (GGUF pre `qwen2`).
-const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
@@ -136,7 +136,11 @@ pub fn from_gguf_bpe(tokens: &[String], merges: &[String], types: &[u8], pre: &s
     }
     let merges: Vec<(String, String)> = merges
         .iter()
-        .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| err(format!("bad merge `{m}`"))))
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| err(format!("bad merge `{m}`")))
+        })
         .collect::<Result<_>>()?;
     let bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(false).build().map_err(err)?;
     let mut tok = tokenizers::Tokenizer::new(bpe);

@@ -82,7 +82,7 @@ pub struct Tokenizer {
 }
 
 enum Inner {
-    Spm(spm::SpmTokenizer),
+    Spm(Box<spm::SpmTokenizer>),
     Hf(Box<hf::HfTokenizer>),
 }
 
@@ -92,7 +92,7 @@ impl Tokenizer {
             TokenizerSpec::SentencePiece { tokens, scores, token_types, special, add_space_prefix } => {
                 let t = spm::SpmTokenizer::new(tokens.clone(), scores.clone(), token_types.clone(), *add_space_prefix)?;
                 let token_bytes = t.all_token_bytes();
-                Self::checked(Inner::Spm(t), special.clone(), token_bytes, *add_space_prefix, true)
+                Self::checked(Inner::Spm(Box::new(t)), special.clone(), token_bytes, *add_space_prefix, true)
             }
             TokenizerSpec::HuggingFace { tokenizer_json, special } => {
                 let t = hf::HfTokenizer::from_json(tokenizer_json)?;
@@ -109,7 +109,13 @@ impl Tokenizer {
         Self::from_spec(&spec)
     }
 
-    fn checked(inner: Inner, special: SpecialTokens, token_bytes: Vec<Vec<u8>>, strip: bool, space_marker: bool) -> Result<Self> {
+    fn checked(
+        inner: Inner,
+        special: SpecialTokens,
+        token_bytes: Vec<Vec<u8>>,
+        strip: bool,
+        space_marker: bool,
+    ) -> Result<Self> {
         let n = token_bytes.len() as u32;
         for id in special.bos.iter().chain(&special.eos).chain(&special.stop) {
             if *id >= n {

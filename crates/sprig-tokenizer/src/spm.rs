@@ -51,7 +51,11 @@ impl SpmTokenizer {
         let n = tokens.len();
         if n == 0 || scores.len() != n || types.len() != n {
             return Err(TokenizerError::Spec(format!(
-                "{} tokens, {} scores, {} types: must be equal and non-zero", n, scores.len(), types.len())));
+                "{} tokens, {} scores, {} types: must be equal and non-zero",
+                n,
+                scores.len(),
+                types.len()
+            )));
         }
         let mut lookup = HashMap::with_capacity(n);
         let mut byte_tokens = [None; 256];
@@ -71,7 +75,7 @@ impl SpmTokenizer {
             }
             lookup.entry(t.clone()).or_insert(id);
         }
-        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Ok(SpmTokenizer { tokens, scores, types, lookup, byte_tokens, unk, specials, add_space_prefix })
     }
 

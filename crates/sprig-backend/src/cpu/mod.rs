@@ -62,7 +62,11 @@ pub fn physical_cores() -> usize {
             }
         }
     }
-    if cores.is_empty() { logical } else { cores.len().min(logical) }
+    if cores.is_empty() {
+        logical
+    } else {
+        cores.len().min(logical)
+    }
 }
 
 /// Row-major f32 activations, plus a cached int8 quantization of them for the linear kernels.
@@ -152,7 +156,10 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, file: &Arc<ModelFile>, name: &str) -> Result<CpuWeight> {
-        let entry = file.entry(name).ok_or_else(|| sprig_format::FormatError::tensor(name, "missing from the model file"))?.clone();
+        let entry = file
+            .entry(name)
+            .ok_or_else(|| sprig_format::FormatError::tensor(name, "missing from the model file"))?
+            .clone();
         let v = file.view(&entry);
         Ok(CpuWeight { rows: v.rows(), cols: v.cols(), file: file.clone(), entry })
     }
@@ -268,7 +275,17 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn attention(&self, q: &CpuTensor, k: &CpuTensor, v: &CpuTensor, cache: &mut CpuKvCache, layer: usize, pos0: usize, p: &AttentionParams, out: &mut CpuTensor) {
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        pos0: usize,
+        p: &AttentionParams,
+        out: &mut CpuTensor,
+    ) {
         let t = q.rows;
         let hd = p.head_dim;
         let (qd, kvd) = (p.n_heads * hd, p.n_kv_heads * hd);
@@ -342,7 +359,16 @@ impl Backend for CpuBackend {
 /// Head slice `[off, off + hd)` of position `j`: from the ring (`j < pos0`) or from the new batch.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn kv_row<'a>(ring: &'a [f32], new: &'a [f32], j: usize, pos0: usize, cap: usize, kvd: usize, off: usize, hd: usize) -> &'a [f32] {
+fn kv_row<'a>(
+    ring: &'a [f32],
+    new: &'a [f32],
+    j: usize,
+    pos0: usize,
+    cap: usize,
+    kvd: usize,
+    off: usize,
+    hd: usize,
+) -> &'a [f32] {
     let (buf, row) = if j < pos0 { (ring, j % cap) } else { (new, j - pos0) };
     &buf[row * kvd + off..row * kvd + off + hd]
 }

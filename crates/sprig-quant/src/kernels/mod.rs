@@ -50,12 +50,12 @@ impl Isa {
     pub fn detect() -> Result<Isa, String> {
         let avail = Self::available();
         match std::env::var("SPRIG_CPU") {
-            Ok(name) if !name.is_empty() => avail
-                .iter()
-                .copied()
-                .find(|i| i.name() == name)
-                .ok_or_else(|| format!("SPRIG_CPU={name}: not available on this CPU (available: {})",
-                    avail.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "))),
+            Ok(name) if !name.is_empty() => avail.iter().copied().find(|i| i.name() == name).ok_or_else(|| {
+                format!(
+                    "SPRIG_CPU={name}: not available on this CPU (available: {})",
+                    avail.iter().map(|i| i.name()).collect::<Vec<_>>().join(", ")
+                )
+            }),
             _ => Ok(*avail.last().unwrap()),
         }
     }
@@ -128,14 +128,20 @@ mod tests {
                             exact += wd[r * cols + k] as f64 * xv as f64;
                         }
                         let got = reference[t * ldo + r] as f64;
-                        assert!((got - exact).abs() <= 1e-3 * (1.0 + exact.abs()), "{scheme:?} scalar {got} vs {exact}");
+                        assert!(
+                            (got - exact).abs() <= 1e-3 * (1.0 + exact.abs()),
+                            "{scheme:?} scalar {got} vs {exact}"
+                        );
                     }
                 }
                 for isa in Isa::available() {
                     let mut out = vec![0.0; toks * ldo];
                     gemm(isa, &q.view(), &xq, &mut out, ldo);
                     for (a, b) in out.iter().zip(&reference) {
-                        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{isa:?} {scheme:?} {rows}x{cols}x{toks}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{isa:?} {scheme:?} {rows}x{cols}x{toks}: {a} vs {b}"
+                        );
                     }
                 }
             }

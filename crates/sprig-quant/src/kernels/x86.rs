@@ -13,7 +13,9 @@ pub fn has_avx2() -> bool {
 }
 
 pub fn has_avx512_vnni() -> bool {
-    has_avx2() && is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl")
+    has_avx2()
+        && is_x86_feature_detected!("avx512vnni")
+        && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512bw")
 }
 
