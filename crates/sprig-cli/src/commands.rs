@@ -392,8 +392,11 @@ fn chat(a: ChatArgs) -> Result<()> {
             true
         })?;
         writeln!(out)?;
+        // What the KV cache now holds: the prompt and the generated tokens that were fed back (a reply cut
+        // by -n leaves its last token unfed).
         cached = tokens;
         cached.extend(&stats.generated);
+        cached.truncate(st.pos);
         messages.push(ChatMessage::new("assistant", reply.trim()));
     }
     Ok(())
