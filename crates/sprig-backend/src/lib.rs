@@ -92,6 +92,13 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> String;
 
+    /// Runs a whole forward pass "on" the backend. The CPU backend enters its thread pool once here, so the
+    /// per-op parallel loops inside are plain fork/joins on pool threads instead of a cross-thread handoff per
+    /// op (which cost more than the small decode matmuls themselves).
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// Makes tensor `name` of the model file resident (CPU: a view into the mmap; GPU: an upload).
     fn load_weight(&self, file: &Arc<ModelFile>, name: &str) -> Result<Self::Weight>;
     /// `[rows, cols]` of a weight (vectors are `[1, n]`).

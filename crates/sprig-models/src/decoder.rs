@@ -190,7 +190,7 @@ impl<B: Backend> Model<B> {
     /// Runs `tokens` (positions `st.pos ..`) through the model, all at once (batched prefill) or one at a time
     /// (decode); leaves logits in `st.logits`.
     pub fn forward(&self, st: &mut State<B>, tokens: &[u32], mode: Logits) -> Result<()> {
-        self.forward_observed(st, tokens, mode, None)
+        self.backend.run(|| self.forward_observed(st, tokens, mode, None))
     }
 
     /// [`Model::forward`] that also shows `observe` every linear layer's input (for calibration): the names

@@ -155,6 +155,10 @@ impl Backend for CpuBackend {
         format!("cpu ({}, {} threads)", self.isa.name(), self.threads)
     }
 
+    fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
     fn load_weight(&self, file: &Arc<ModelFile>, name: &str) -> Result<CpuWeight> {
         let entry = file
             .entry(name)
