@@ -230,12 +230,9 @@ impl Backend for CpuBackend {
                     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
                         let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
                         let sub = q.rows_range(r0, r1);
-                        let p = ptr;
-                        let len = (t - 1) * n + (r1 - r0);
-                        // SAFETY: this worker writes only columns r0..r1 of the [t, n] output, disjoint from
-                        // every other worker's; the slice spans from column r0 of row 0 to column r1-1 of row t-1.
-                        let o = unsafe { std::slice::from_raw_parts_mut(p.get().add(r0), len) };
-                        kernels::gemm(isa, &sub, xq, o, n);
+                        // SAFETY: `out` holds t*n floats; this worker writes only columns r0..r1 of each of the t
+                        // rows (element t*n + r0 + r), which no other worker touches; no slice of `out` is alive.
+                        unsafe { kernels::gemm_strided(isa, &sub, xq, ptr.get().add(r0), n) };
                     })
                 });
             }

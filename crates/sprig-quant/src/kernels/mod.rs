@@ -77,22 +77,39 @@ pub fn gemm(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out: &mut [f32], ld
         return;
     }
     assert!(out.len() >= (x.rows - 1) * ldo + w.rows, "gemm: output too short");
+    // SAFETY: `out` is exclusively borrowed and long enough for every (t, r) written (checked above).
+    unsafe { gemm_strided(isa, w, x, out.as_mut_ptr(), ldo) }
+}
+
+/// [`gemm`] into a strided output that other threads also write (different columns of the same rows), so no
+/// `&mut` slice of it may exist.
+///
+/// # Safety
+/// `out` must be valid for writes at `t * ldo + r` for every `t < x.rows`, `r < w.rows`, and no other thread
+/// may access those elements during the call; `w.cols == x.cols`; the planes of `w` match its shape.
+pub unsafe fn gemm_strided(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    assert_eq!(w.cols, x.cols, "gemm: weight has {} inputs, activation {}", w.cols, x.cols);
     match isa {
-        Isa::Scalar => scalar::gemm(w, x, out, ldo),
+        Isa::Scalar => {
+            for r in 0..w.rows {
+                for t in 0..x.rows {
+                    // SAFETY: the caller guarantees (t, r) is writable and ours alone.
+                    unsafe { *out.add(t * ldo + r) = scalar::dot_row(w, r, x, t) };
+                }
+            }
+        }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => {
             assert!(x86::has_avx2(), "AVX2 not available");
-            // SAFETY: AVX2/FMA/F16C presence checked just above; shapes checked at the top of this fn.
-            unsafe { x86::gemm_avx2(w, x, out.as_mut_ptr(), ldo) }
+            // SAFETY: AVX2/FMA/F16C presence checked just above; output contract forwarded from our caller.
+            unsafe { x86::gemm_avx2(w, x, out, ldo) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => {
             assert!(x86::has_avx512_vnni(), "AVX-512 VNNI not available");
-            // SAFETY: AVX-512 VNNI/VL presence checked just above; shapes checked at the top of this fn.
-            unsafe { x86::gemm_vnni(w, x, out.as_mut_ptr(), ldo) }
+            // SAFETY: AVX-512 VNNI/VL presence checked just above; output contract forwarded from our caller.
+            unsafe { x86::gemm_vnni(w, x, out, ldo) }
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => scalar::gemm(w, x, out, ldo),
     }
 }
 

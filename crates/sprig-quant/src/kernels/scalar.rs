@@ -23,11 +23,3 @@ pub fn dot_row(w: &QMatrix, r: usize, x: &QuantizedActivations, t: usize) -> f32
     }
     acc
 }
-
-pub fn gemm(w: &QMatrix, x: &QuantizedActivations, out: &mut [f32], ldo: usize) {
-    for r in 0..w.rows {
-        for t in 0..x.rows {
-            out[t * ldo + r] = dot_row(w, r, x, t);
-        }
-    }
-}
