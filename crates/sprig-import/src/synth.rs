@@ -319,6 +319,15 @@ impl GgufWriter {
 
 /// The same model as [`write_hf_dir`] as a GGUF file (`llama` arch: Q/K permuted; `qwen2`: as is).
 pub fn write_gguf(s: &SynthSpec, path: &Path) -> Result<()> {
+    gguf_writer(s)?.write(path)
+}
+
+/// [`write_gguf`]'s bytes, in memory.
+pub fn gguf_bytes(s: &SynthSpec) -> Result<Vec<u8>> {
+    Ok(gguf_writer(s)?.to_bytes())
+}
+
+fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     let v = synth_vocab();
     let mut g = GgufWriter::new();
     let a = s.arch.as_str();
@@ -351,5 +360,5 @@ pub fn write_gguf(s: &SynthSpec, path: &Path) -> Result<()> {
         };
         g.tensor_f32(&native, &shape, &w);
     }
-    g.write(path)
+    Ok(g)
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 use sprig_import::gguf::GgufFile;
-use sprig_import::synth::{write_gguf, write_hf_dir, GgufWriter, HfDtype, SynthSpec};
+use sprig_import::synth::{gguf_bytes, write_hf_dir, GgufWriter, HfDtype, SynthSpec};
 use sprig_import::{llama2c, ImportOptions, QuantChoice};
 
 fn shared(p: &str) -> PathBuf {
@@ -13,11 +13,7 @@ fn shared(p: &str) -> PathBuf {
 }
 
 fn synth_gguf() -> Vec<u8> {
-    let p = std::env::temp_dir().join(format!("sprig-bad-{}.gguf", std::process::id()));
-    write_gguf(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny("llama") }, &p).unwrap();
-    let b = std::fs::read(&p).unwrap();
-    let _ = std::fs::remove_file(&p);
-    b
+    gguf_bytes(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny("llama") }).unwrap()
 }
 
 fn gguf_err(b: Vec<u8>) -> String {
