@@ -61,17 +61,21 @@ pub(crate) struct Sink<'a> {
 }
 
 impl Sink<'_> {
+    /// The choice that applies to tensor `name`: the int4 choices store the embedding and output as int8.
+    fn quant_for(&self, name: &str) -> QuantChoice {
+        let head = name == "token_embd.weight" || name == "output.weight";
+        match self.quant {
+            QuantChoice::Q4 | QuantChoice::Q4A | QuantChoice::Q4Absmax if head => QuantChoice::Q8,
+            q => q,
+        }
+    }
+
     /// Adds an f32 tensor: 2-D matrices follow the quant choice, vectors stay f32. With the int4 choices the
     /// embedding and output matrices are stored as int8 (as llama.cpp keeps them at 6-8 bits in its 4-bit
     /// files): they are a small share of the bytes of any but the tiniest model and carry most of the error.
     pub fn add_f32(&mut self, name: &str, shape: &[usize], data: &[f32]) {
         let matrix = shape.len() == 2;
-        let head = name == "token_embd.weight" || name == "output.weight";
-        let quant = match self.quant {
-            QuantChoice::Q4 | QuantChoice::Q4A | QuantChoice::Q4Absmax if head => QuantChoice::Q8,
-            q => q,
-        };
-        match (matrix, quant) {
+        match (matrix, self.quant_for(name)) {
             (true, QuantChoice::Q4Absmax) => {
                 self.writer.add_quant(name, &sprig_quant::quantize::quantize_absmax_q4(data, shape[0], shape[1]))
             }
@@ -120,12 +124,7 @@ impl Sink<'_> {
                 let mut f = vec![0.0; n];
                 ggml::dequantize(ty, data, &mut f);
                 self.add_f32(name, shape, &f);
-                let is_head = name == "token_embd.weight" || name == "output.weight";
-                let scheme = if is_head && self.quant.scheme().is_some_and(|s| s.is_int4()) {
-                    Some(Scheme::Q8)
-                } else {
-                    self.quant.scheme()
-                };
+                let scheme = self.quant_for(name).scheme();
                 if let (Some(s), 2) = (scheme, shape.len()) {
                     let back = quantize(&f, shape[0], shape[1], s).view().dequantize();
                     self.losses.push(TensorLoss {

@@ -185,11 +185,6 @@ impl Tokenizer {
             Inner::Hf(t) => t.token_text(id),
         }
     }
-
-    /// Piece text of a token for display in tables (lossy).
-    pub fn piece(&self, id: u32) -> String {
-        self.token_bytes(id).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default()
-    }
 }
 
 /// Turns a stream of token ids into text, holding back bytes of a UTF-8 character until it is complete.

@@ -99,9 +99,6 @@ impl CpuTensor {
         }
         self.quant.borrow()
     }
-    pub fn row(&self, r: usize) -> &[f32] {
-        &self.data[r * self.cols..(r + 1) * self.cols]
-    }
 }
 
 /// A weight: the model file (kept alive) and where the tensor lies in it.
@@ -128,7 +125,6 @@ impl CpuWeight {
 pub struct CpuKvCache {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
     caps: Vec<usize>,
-    kv_dim: usize,
 }
 
 /// Raw output pointer shared by workers that write disjoint elements.
@@ -241,7 +237,8 @@ impl Backend for CpuBackend {
                 self.pool.install(|| {
                     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
                         let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
-                        let mut row = vec![0.0f32; k];
+                        // Scratch for non-f32 rows only: f32 weights are read in place.
+                        let mut row = if matches!(view, WeightView::F32 { .. }) { Vec::new() } else { vec![0.0f32; k] };
                         for r in r0..r1 {
                             let wr: &[f32] = match view {
                                 WeightView::F32 { data, .. } => &data[r * k..(r + 1) * k],
@@ -353,7 +350,7 @@ impl Backend for CpuBackend {
         let caps: Vec<usize> = (0..layout.windows.len()).map(|l| layout.layer_capacity(l)).collect();
         // Zeroed allocations are lazily backed by the OS: untouched context costs no resident memory.
         let layers = caps.iter().map(|&c| (vec![0.0; c * layout.kv_dim], vec![0.0; c * layout.kv_dim])).collect();
-        CpuKvCache { layers, caps, kv_dim: layout.kv_dim }
+        CpuKvCache { layers, caps }
     }
 }
 
@@ -372,10 +369,4 @@ fn kv_row<'a>(
 ) -> &'a [f32] {
     let (buf, row) = if j < pos0 { (ring, j % cap) } else { (new, j - pos0) };
     &buf[row * kvd + off..row * kvd + off + hd]
-}
-
-impl CpuKvCache {
-    pub fn kv_dim(&self) -> usize {
-        self.kv_dim
-    }
 }

@@ -8,8 +8,6 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
-use std::sync::OnceLock;
-
 use crate::activation::QuantizedActivations;
 use crate::scheme::QMatrix;
 
@@ -58,12 +56,6 @@ impl Isa {
             }),
             _ => Ok(*avail.last().unwrap()),
         }
-    }
-
-    /// [`Isa::detect`] once per process; falls back to the best ISA if `SPRIG_CPU` is invalid.
-    pub fn current() -> Isa {
-        static ISA: OnceLock<Isa> = OnceLock::new();
-        *ISA.get_or_init(|| Isa::detect().unwrap_or_else(|_| *Self::available().last().unwrap()))
     }
 }
 
