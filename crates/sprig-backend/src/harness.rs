@@ -11,7 +11,10 @@ use sprig_format::{ContainerWriter, ModelFile};
 use sprig_quant::quantize::quantize;
 use sprig_quant::Scheme;
 
-use crate::{Activation, AttentionParams, Backend, KvLayout, RopeLayout, RopeParams};
+use crate::{
+    Activation, AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeLayout, RopeParams,
+};
+use sprig_format::config::RouterScoring;
 
 /// Weight kinds every backend must accept, with the largest error a quantized-activation backend may add
 /// (relative to the largest reference output).
@@ -20,6 +23,9 @@ const WEIGHTS: &[(&str, f32)] = &[("f32", 1e-4), ("f16", 1e-3), ("q4", 2e-2), ("
 /// Odd shapes on purpose: K = 100 has a ragged last int4 group, rows not a multiple of the kernels' tiles.
 const ROWS: usize = 37;
 const COLS: usize = 100;
+const EXPERTS: usize = 5;
+/// Not a multiple of 32: the down projection's rows have a ragged last group.
+const EXPERT_HIDDEN: usize = 40;
 
 fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
@@ -38,6 +44,17 @@ pub fn op_test_file() -> Arc<ModelFile> {
     w.add_f32("bias", &[ROWS], &random(&mut rng, ROWS, 0.5));
     w.add_f32("norm.full", &[COLS], &random(&mut rng, COLS, 1.0));
     w.add_f32("norm.head", &[10], &random(&mut rng, 10, 1.0));
+    // Stacked experts: EXPERTS x (EXPERT_HIDDEN x COLS) gate/up, EXPERTS x (COLS x EXPERT_HIDDEN) down.
+    for (proj, rows, cols) in [
+        ("gate", EXPERTS * EXPERT_HIDDEN, COLS),
+        ("up", EXPERTS * EXPERT_HIDDEN, COLS),
+        ("down", EXPERTS * COLS, EXPERT_HIDDEN),
+    ] {
+        let m = random(&mut rng, rows * cols, 1.0 / (cols as f32).sqrt());
+        w.add_f32(&format!("exps.{proj}.f32"), &[rows, cols], &m);
+        w.add_quant(&format!("exps.{proj}.q4"), &quantize(&m, rows, cols, Scheme::Q4));
+        w.add_quant(&format!("exps.{proj}.q8"), &quantize(&m, rows, cols, Scheme::Q8));
+    }
     Arc::new(ModelFile::from_bytes(&w.to_bytes()).expect("op test file"))
 }
 
@@ -168,5 +185,55 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
     a.rows(&xa, 2, 2, &mut oa);
     r.rows(&xr, 2, 2, &mut or);
     check("rows".into(), dl(&oa), dlr(&or), 1e-6);
+    let gate = random(&mut rng, 5, 3.0);
+    let ((mut xa, mut xr), (ga, gr)) = (pair!(u, 5, 33), pair!(gate, 5, 1));
+    a.sigmoid_gate(&mut xa, &ga);
+    r.sigmoid_gate(&mut xr, &gr);
+    check("sigmoid_gate".into(), dl(&xa), dlr(&xr), 1e-6);
+
+    let mut routing_fails = Vec::new();
+    // MoE: softmax and sigmoid routers, top-k below and equal to E, renormalised or not, a routed scale;
+    // one token (decode) and a batch (prefill, several tokens per expert).
+    for (kind, tol) in [("f32", 1e-4), ("q4", 2e-2), ("q8", 2e-2)] {
+        let wa: Vec<A::Weight> =
+            ["gate", "up", "down"].iter().map(|p| a.load_weight(&file, &format!("exps.{p}.{kind}")).unwrap()).collect();
+        let wr: Vec<R::Weight> =
+            ["gate", "up", "down"].iter().map(|p| r.load_weight(&file, &format!("exps.{p}.{kind}")).unwrap()).collect();
+        let ea = ExpertWeights { gate: &wa[0], up: &wa[1], down: &wa[2] };
+        let er = ExpertWeights { gate: &wr[0], up: &wr[1], down: &wr[2] };
+        for (scoring, top_k, norm_topk, routed_scale, act) in [
+            (RouterScoring::Softmax, 2, true, 1.0, Activation::Silu),
+            (RouterScoring::Softmax, 2, false, 1.0, Activation::GeluTanh),
+            (RouterScoring::Sigmoid, 3, false, 2.5, Activation::Silu),
+            (RouterScoring::Softmax, EXPERTS, true, 1.0, Activation::Silu),
+        ] {
+            let p = MoeParams {
+                n_experts: EXPERTS,
+                top_k,
+                expert_hidden: EXPERT_HIDDEN,
+                scoring,
+                norm_topk,
+                routed_scale,
+                activation: act,
+            };
+            for t in [1usize, 9] {
+                let x = random(&mut rng, t * COLS, 2.0);
+                let logits = random(&mut rng, t * EXPERTS, 3.0);
+                let ((xa, xr), (la, lr)) = (pair!(x, t, COLS), pair!(logits, t, EXPERTS));
+                let (mut oa, mut or) = (a.tensor(), r.tensor());
+                let (mut ua, mut ur) = (MoeUsage::new(EXPERTS), MoeUsage::new(EXPERTS));
+                a.moe(&xa, &la, &ea, &p, &mut oa, Some(&mut ua));
+                r.moe(&xr, &lr, &er, &p, &mut or, Some(&mut ur));
+                let what = format!("moe {kind} {scoring:?} top{top_k} norm={norm_topk} T={t}");
+                assert_eq!(a.shape(&oa), (t, COLS), "{what}");
+                check(what.clone(), dl(&oa), dlr(&or), tol);
+                if ua.tokens != ur.tokens {
+                    routing_fails
+                        .push(format!("{what}: tokens per expert {:?} vs reference {:?}", ua.tokens, ur.tokens));
+                }
+            }
+        }
+    }
+    fails.extend(routing_fails);
     fails
 }

@@ -8,10 +8,12 @@
 
 pub mod cpu;
 pub mod harness;
+pub mod moe;
 
 use std::sync::Arc;
 
-pub use sprig_format::config::{Activation, RopeLayout};
+pub use moe::{ExpertWeights, MoeParams, MoeUsage};
+pub use sprig_format::config::{Activation, RopeLayout, RouterScoring};
 use sprig_format::{ModelConfig, ModelFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +145,23 @@ pub trait Backend: Send + Sync + 'static {
     fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor);
     /// `x = cap * tanh(x / cap)`.
     fn softcap(&self, x: &mut Self::Tensor, cap: f32);
+    /// `x[t, :] *= sigmoid(g[t, 0])` (`g` is `[T, 1]`): Qwen-MoE's gate on the shared expert.
+    fn sigmoid_gate(&self, x: &mut Self::Tensor, g: &Self::Tensor);
+
+    /// Routed experts of one MoE FFN layer: each token of `x [T, dim]` goes to the `top_k` experts its row of
+    /// `router_logits [T, n_experts]` selects (see [`moe::route`]); `out [T, dim]` is the routing-weighted sum
+    /// of those experts' GLU FFNs. Only the selected experts' weights may be read; backends that can, group
+    /// the batch's tokens by expert. `usage`, when given, accumulates tokens per expert and weight bytes read.
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        &self,
+        x: &Self::Tensor,
+        router_logits: &Self::Tensor,
+        experts: &ExpertWeights<'_, Self::Weight>,
+        p: &MoeParams,
+        out: &mut Self::Tensor,
+        usage: Option<&mut MoeUsage>,
+    );
 
     /// A fresh, empty KV cache.
     fn kv_cache(&self, layout: &KvLayout) -> Self::KvCache;

@@ -8,9 +8,12 @@
 
 use std::sync::Arc;
 
-use burn::tensor::activation::{gelu_approximate, silu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
-use sprig_backend::{Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeLayout, RopeParams};
+use burn::tensor::activation::{gelu_approximate, sigmoid, silu, softmax};
+use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use sprig_backend::{
+    Activation, AttentionParams, Backend, BackendError, ExpertWeights, KvLayout, MoeParams, MoeUsage, Result,
+    RopeLayout, RopeParams, RouterScoring,
+};
 use sprig_format::ModelFile;
 
 pub struct BurnBackend {
@@ -43,6 +46,13 @@ pub struct BurnWeight {
 pub struct BurnKvCache {
     k: Vec<Option<Tensor<2>>>,
     v: Vec<Option<Tensor<2>>>,
+}
+
+fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
+    match act {
+        Activation::Silu => silu(x),
+        Activation::GeluTanh => gelu_approximate(x),
+    }
 }
 
 fn to_vec(t: &Tensor<2>) -> Vec<f32> {
@@ -187,11 +197,7 @@ impl Backend for BurnBackend {
     }
 
     fn glu(&self, gate: &Tensor<2>, up: &Tensor<2>, act: Activation, out: &mut Tensor<2>) {
-        let a = match act {
-            Activation::Silu => silu(gate.clone()),
-            Activation::GeluTanh => gelu_approximate(gate.clone()),
-        };
-        *out = a * up.clone();
+        *out = activate(gate.clone(), act) * up.clone();
     }
 
     fn add(&self, x: &mut Tensor<2>, y: &Tensor<2>) {
@@ -200,6 +206,49 @@ impl Backend for BurnBackend {
 
     fn softcap(&self, x: &mut Tensor<2>, cap: f32) {
         *x = (x.clone() / cap).tanh() * cap;
+    }
+
+    fn sigmoid_gate(&self, x: &mut Tensor<2>, g: &Tensor<2>) {
+        *x = x.clone() * sigmoid(g.clone());
+    }
+
+    /// Dense on purpose: every expert runs on every token and the routing weights (zero for experts a token did
+    /// not select) mix them — a different computation from the CPU backend's grouped, selected-only one.
+    fn moe(
+        &self,
+        x: &Tensor<2>,
+        router_logits: &Tensor<2>,
+        experts: &ExpertWeights<'_, BurnWeight>,
+        p: &MoeParams,
+        out: &mut Tensor<2>,
+        usage: Option<&mut MoeUsage>,
+    ) {
+        let [t, d] = x.dims();
+        let (ne, h) = (p.n_experts, p.expert_hidden);
+        let scores = match p.scoring {
+            RouterScoring::Softmax => softmax(router_logits.clone(), 1),
+            RouterScoring::Sigmoid => sigmoid(router_logits.clone()),
+        };
+        let (mut top, idx) = scores.topk_with_indices(p.top_k, 1);
+        if p.norm_topk {
+            top = top.clone() / top.sum_dim(1);
+        }
+        let top = top * p.routed_scale;
+        let weights = Tensor::<2>::zeros([t, ne], &self.device).scatter(1, idx.clone(), top, IndexingUpdateOp::Add);
+        let g = x.clone().matmul(experts.gate.w.clone().transpose()).reshape([t, ne, h]);
+        let u = x.clone().matmul(experts.up.w.clone().transpose()).reshape([t, ne, h]);
+        let a: Tensor<3> = activate(g, p.activation) * u;
+        let down: Tensor<3> = experts.down.w.clone().reshape([ne, d, h]);
+        // [E, T, H] x [E, H, D] -> [E, T, D] -> [T, E, D]
+        let y = a.swap_dims(0, 1).matmul(down.swap_dims(1, 2)).swap_dims(0, 1);
+        *out = (y * weights.reshape([t, ne, 1])).sum_dim(1).reshape([t, d]);
+        if let Some(u) = usage {
+            u.tokens.resize(ne, 0);
+            for e in idx.to_data().convert::<i64>().try_to_vec::<i64>().expect("indices") {
+                u.tokens[e as usize] += 1;
+            }
+            u.bytes_read += 4 * (3 * ne * h * d) as u64;
+        }
     }
 
     fn kv_cache(&self, layout: &KvLayout) -> BurnKvCache {

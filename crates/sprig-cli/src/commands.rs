@@ -70,7 +70,7 @@ struct BenchArgs {
 
 #[derive(Args)]
 struct GenArgs {
-    /// llama | qwen2
+    /// llama | qwen2 | qwen2moe | qwen3moe | olmoe (llama with --experts: Mixtral-style)
     #[arg(long, default_value = "llama")]
     arch: String,
     /// hf | gguf
@@ -90,6 +90,24 @@ struct GenArgs {
     hidden: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Mixture-of-Experts FFNs with this many experts (required for the MoE archs).
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Experts used per token.
+    #[arg(long, default_value_t = 2)]
+    top_k: usize,
+    /// Hidden size of one expert (default: --hidden).
+    #[arg(long)]
+    expert_hidden: Option<usize>,
+    /// Hidden size of an always-applied shared expert.
+    #[arg(long)]
+    shared_hidden: Option<usize>,
+    /// Layers at the start that keep a dense FFN.
+    #[arg(long, default_value_t = 0)]
+    dense_layers: usize,
+    /// Sliding-window attention: WINDOW:PATTERN (every PATTERN-th layer global).
+    #[arg(long)]
+    sliding: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -141,6 +159,9 @@ struct RunArgs {
     /// Tokens to generate.
     #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
     n: usize,
+    /// After generating, print expert usage per MoE layer (tokens per expert, expert bytes read).
+    #[arg(long)]
+    stats: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -262,10 +283,43 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             )
         }
         Command::Gen(a) => {
-            use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthSpec};
-            if !["llama", "qwen2"].contains(&a.arch.as_str()) {
-                bail!("--arch must be llama or qwen2");
+            use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthMoe, SynthSpec};
+            let moe_arch = ["qwen2moe", "qwen3moe", "olmoe"].contains(&a.arch.as_str());
+            if !["llama", "qwen2"].contains(&a.arch.as_str()) && !moe_arch {
+                bail!("--arch must be llama, qwen2, qwen2moe, qwen3moe or olmoe");
             }
+            if moe_arch && a.experts.is_none() {
+                bail!("--arch {} needs --experts", a.arch);
+            }
+            let moe = match a.experts {
+                Some(n) => {
+                    if n == 0 || a.top_k == 0 || a.top_k > n {
+                        bail!("--top-k must be in 1..=--experts");
+                    }
+                    let eh = a.expert_hidden.unwrap_or(a.hidden);
+                    if a.arch == "llama" && eh != a.hidden {
+                        bail!("Mixtral-style (llama) experts have --hidden units; drop --expert-hidden");
+                    }
+                    if a.shared_hidden.is_some() && a.arch == "llama" {
+                        bail!("--shared-hidden needs a Qwen-MoE / OLMoE arch");
+                    }
+                    let mut m = SynthMoe::new(n, a.top_k, eh);
+                    m.shared_hidden = a.shared_hidden;
+                    m.leading_dense = a.dense_layers;
+                    Some(m)
+                }
+                None => None,
+            };
+            let sliding = match &a.sliding {
+                Some(s) => {
+                    let parsed = s.split_once(':').and_then(|(w, p)| Some((w.parse().ok()?, p.parse().ok()?)));
+                    match parsed {
+                        Some((w, p)) if w > 0 && p > 0 => Some((w, p)),
+                        _ => bail!("--sliding takes WINDOW:PATTERN, e.g. 512:6"),
+                    }
+                }
+                None => None,
+            };
             let spec = SynthSpec {
                 arch: a.arch,
                 dim: a.dim,
@@ -275,7 +329,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 hidden_dim: a.hidden,
                 tied: false,
                 seed: a.seed,
-                sliding: None,
+                sliding,
+                moe,
             };
             if spec.n_heads == 0
                 || !spec.dim.is_multiple_of(spec.n_heads)
@@ -348,7 +403,37 @@ fn run(a: RunArgs) -> Result<()> {
         stats.decode_tok_s(),
         e.model.backend.name()
     );
+    if a.stats {
+        print_expert_stats(&e.model.file, &st.moe_usage, st.pos);
+    }
     Ok(())
+}
+
+/// Per MoE layer: how many tokens each expert took and how many expert weight bytes were read per token.
+fn print_expert_stats(file: &ModelFile, usage: &[Option<sprig_backend::MoeUsage>], positions: usize) {
+    if usage.iter().all(|u| u.is_none()) {
+        eprintln!("sprig: stats: the model has no Mixture-of-Experts layers");
+        return;
+    }
+    eprintln!("sprig: expert usage over {positions} positions (tokens routed to each expert; expert bytes read):");
+    for (layer, u) in usage.iter().enumerate() {
+        let Some(u) = u else { continue };
+        let all: usize = ["gate", "up", "down"]
+            .iter()
+            .filter_map(|p| file.entry(&format!("blk.{layer}.ffn_{p}_exps.weight")))
+            .map(|e| e.bytes())
+            .sum();
+        let used = u.tokens.iter().filter(|&&t| t > 0).count();
+        let per_token = u.bytes_read as f64 / positions.max(1) as f64;
+        eprintln!(
+            "  layer {layer:>3}: {used}/{} experts used, tokens {:?}; read {:.1} KiB/token of {:.1} KiB ({:.1} %)",
+            u.tokens.len(),
+            u.tokens,
+            per_token / 1024.0,
+            all as f64 / 1024.0,
+            100.0 * per_token / all.max(1) as f64
+        );
+    }
 }
 
 fn chat(a: ChatArgs) -> Result<()> {

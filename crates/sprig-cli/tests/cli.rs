@@ -94,3 +94,42 @@ fn chat_reads_turns_from_a_pipe() {
     assert!(run_err(&["run", "-m", dir.to_str().unwrap(), "-p", ""]).contains("empty prompt"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn generated_moe_model_runs_with_expert_stats() {
+    let path = std::env::temp_dir().join(format!("sprig-cli-moe-{}.gguf", std::process::id()));
+    let p = path.to_str().unwrap();
+    run_ok(&[
+        "gen",
+        "--arch",
+        "qwen2moe",
+        "--format",
+        "gguf",
+        "-o",
+        p,
+        "--layers",
+        "3",
+        "--experts",
+        "8",
+        "--top-k",
+        "2",
+        "--expert-hidden",
+        "32",
+        "--shared-hidden",
+        "48",
+        "--dense-layers",
+        "1",
+    ]);
+    let (out, err) = run_ok(&["run", "-m", p, "-p", "the cat", "-n", "6", "--stats", "-t", "1"]);
+    assert!(!out.is_empty());
+    // One line per MoE layer (layers 1 and 2), none for the dense layer 0.
+    assert!(err.contains("expert usage") && err.contains("layer   1:") && err.contains("layer   2:"), "{err}");
+    assert!(!err.contains("layer   0:") && err.contains("/8 experts used"), "{err}");
+    let (out, _) = run_ok(&["inspect", p]);
+    assert!(out.contains("ffn_gate_exps") && out.contains("n_experts"), "{out}");
+    let (_, err) = run_ok(&["run", "-m", p, "-p", "x", "-n", "1", "--stats"]);
+    assert!(err.contains("layer   2:"));
+    assert!(run_err(&["gen", "--arch", "olmoe", "--format", "gguf", "-o", p]).contains("--experts"));
+    assert!(run_err(&["gen", "--arch", "olmoe", "-o", p, "--experts", "4", "--top-k", "5"]).contains("--top-k"));
+    let _ = std::fs::remove_file(&path);
+}

@@ -54,6 +54,10 @@ pub struct MoeConfig {
     pub shared_expert_hidden_dim: Option<usize>,
     /// Per layer: true = MoE FFN, false = dense FFN.
     pub moe_layers: Vec<bool>,
+    /// Routing weights are multiplied by this after selection/renormalisation (DeepSeek's
+    /// `routed_scaling_factor`, GGUF `expert_weights_scale`); `None` = 1.
+    #[serde(default)]
+    pub routed_scale: Option<f32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -161,6 +165,12 @@ impl ModelConfig {
             }
             if m.expert_hidden_dim == 0 || m.expert_hidden_dim > MAX_DIM {
                 return bad("moe.expert_hidden_dim", format!("{}", m.expert_hidden_dim));
+            }
+            if m.shared_expert_hidden_dim.is_some_and(|h| h == 0 || h > MAX_DIM) {
+                return bad("moe.shared_expert_hidden_dim", format!("{:?}", m.shared_expert_hidden_dim));
+            }
+            if m.routed_scale.is_some_and(|s| !s.is_finite()) {
+                return bad("moe.routed_scale", format!("{:?}", m.routed_scale));
             }
             if m.moe_layers.len() != self.n_layers {
                 return bad("moe.moe_layers", format!("{} entries for {} layers", m.moe_layers.len(), self.n_layers));

@@ -154,6 +154,27 @@ impl<'a> WeightView<'a> {
         }
         out
     }
+    /// Rows `start..end` as a view of their own (an expert's block of a stacked tensor).
+    pub fn rows_range(&self, start: usize, end: usize) -> WeightView<'a> {
+        assert!(start <= end && end <= self.rows(), "rows {start}..{end} of {}", self.rows());
+        let c = self.cols();
+        let rows = end - start;
+        match *self {
+            WeightView::F32 { data, .. } => WeightView::F32 { data: &data[start * c..end * c], rows, cols: c },
+            WeightView::F16 { data, .. } => WeightView::F16 { data: &data[start * c..end * c], rows, cols: c },
+            WeightView::BF16 { data, .. } => WeightView::BF16 { data: &data[start * c..end * c], rows, cols: c },
+            WeightView::Quant(q) => WeightView::Quant(q.rows_range(start, end)),
+        }
+    }
+    /// Bytes of weight data this view covers.
+    pub fn bytes(&self) -> usize {
+        match self {
+            WeightView::F32 { data, .. } => data.len() * 4,
+            WeightView::F16 { data, .. } => data.len() * 2,
+            WeightView::BF16 { data, .. } => data.len() * 2,
+            WeightView::Quant(q) => q.qs.len() + 2 * q.scales.len() + 2 * q.mins.map_or(0, |m| m.len()),
+        }
+    }
     /// Pointer to the first byte of the weight data (used by zero-copy tests).
     pub fn data_ptr(&self) -> *const u8 {
         match self {

@@ -343,6 +343,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
                 moe_layers: (0..n_layers)
                     .map(|i| i >= leading_dense && g.tensor(&format!("blk.{i}.ffn_gate_inp.weight")).is_some())
                     .collect(),
+                routed_scale: g.opt_f(&k("expert_weights_scale")).map(|v| v as f32).filter(|&v| v != 0.0),
             })
         }
         _ => None,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
-use sprig_format::config::{Activation, AttentionKind, ModelConfig, RopeLayout};
+use sprig_format::config::{Activation, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RouterScoring};
 use sprig_format::ContainerWriter;
 use sprig_quant::ggml::GgmlType;
 use sprig_tokenizer::{SpecialTokens, TokenizerSpec};
@@ -27,12 +27,17 @@ fn get_usize(c: &Value, key: &str) -> Option<usize> {
 pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
     let mt = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
     let arch = match mt {
-        "llama" | "mistral" => "llama",
+        "llama" | "mistral" | "mixtral" => "llama",
         "qwen2" => "qwen2",
+        "qwen3" => "qwen3",
         "gemma3_text" | "gemma3" => "gemma3",
+        "qwen2_moe" => "qwen2moe",
+        "qwen3_moe" => "qwen3moe",
+        "olmoe" => "olmoe",
         other => {
             return Err(invalid(format!(
-                "config.json: model_type `{other}` is not supported (llama, mistral, qwen2, gemma3_text)"
+                "config.json: model_type `{other}` is not supported (llama, mistral, mixtral, qwen2, qwen3, \
+                 qwen2_moe, qwen3_moe, olmoe, gemma3_text)"
             )))
         }
     };
@@ -89,15 +94,53 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
         embedding_scale: if gemma { Some((dim as f32).sqrt()) } else { None },
         norm_add_one: gemma,
         attention,
-        moe: None,
+        moe: moe_from_hf(c, mt, n_layers)?,
         attn_scale: c.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).map(|s| (1.0 / s.sqrt()) as f32),
         final_logit_softcap: c.get("final_logit_softcapping").and_then(|v| v.as_f64()).map(|v| v as f32),
     };
-    if c.get("num_local_experts").or(c.get("num_experts")).and_then(|v| v.as_u64()).is_some_and(|n| n > 1) {
-        return Err(invalid("config.json: Mixture-of-Experts checkpoints are not supported by the HF importer yet"));
-    }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// MoE keys of Mixtral (`num_local_experts`), Qwen2/3-MoE and OLMoE (`num_experts`), with DeepSeek's
+/// `scoring_func` / `routed_scaling_factor` / `first_k_dense_replace` where present.
+fn moe_from_hf(c: &Value, model_type: &str, n_layers: usize) -> Result<Option<MoeConfig>> {
+    let Some(n_experts) = get_usize(c, "num_local_experts").or(get_usize(c, "num_experts")).filter(|&n| n > 0) else {
+        return Ok(None);
+    };
+    let req = |k: &str| get_usize(c, k).ok_or_else(|| invalid(format!("config.json: missing integer `{k}`")));
+    let top_k = req("num_experts_per_tok")?;
+    let expert_hidden_dim = match get_usize(c, "moe_intermediate_size") {
+        Some(h) => h,
+        None => req("intermediate_size")?,
+    };
+    let scoring = match c.get("scoring_func").and_then(|v| v.as_str()) {
+        None | Some("softmax") => RouterScoring::Softmax,
+        Some("sigmoid") => RouterScoring::Sigmoid,
+        Some(other) => return Err(invalid(format!("config.json: scoring_func `{other}` is not supported"))),
+    };
+    // Mixtral's softmax over the top-k logits is a renormalised top-k softmax.
+    let norm_default = model_type == "mixtral";
+    let norm_topk = c.get("norm_topk_prob").and_then(|v| v.as_bool()).unwrap_or(norm_default);
+    let step = get_usize(c, "decoder_sparse_step").unwrap_or(1).max(1);
+    let dense_only: Vec<usize> = c
+        .get("mlp_only_layers")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+        .unwrap_or_default();
+    let first_dense = get_usize(c, "first_k_dense_replace").unwrap_or(0);
+    Ok(Some(MoeConfig {
+        n_experts,
+        top_k,
+        expert_hidden_dim,
+        scoring,
+        norm_topk,
+        shared_expert_hidden_dim: get_usize(c, "shared_expert_intermediate_size").filter(|&h| h > 0),
+        moe_layers: (0..n_layers)
+            .map(|i| i >= first_dense && !dense_only.contains(&i) && (i + 1) % step == 0)
+            .collect(),
+        routed_scale: c.get("routed_scaling_factor").and_then(|v| v.as_f64()).map(|v| v as f32),
+    }))
 }
 
 /// HF tensor name → native (GGUF-style) name.
@@ -130,9 +173,46 @@ pub fn map_name(hf: &str, gemma: bool) -> Option<String> {
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
+        "mlp.gate.weight" | "block_sparse_moe.gate.weight" => "ffn_gate_inp.weight",
+        "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
+        "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
+        "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
+        "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
         _ => return None,
     };
     Some(format!("blk.{layer}.{mapped}"))
+}
+
+/// An HF per-expert tensor (`mlp.experts.E.gate_proj`, Mixtral's `block_sparse_moe.experts.E.w1`) → the native
+/// stacked tensor it belongs to and the expert index.
+pub fn map_expert_name(hf: &str) -> Option<(String, usize)> {
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let tail = tail.strip_prefix("mlp.experts.").or_else(|| tail.strip_prefix("block_sparse_moe.experts."))?;
+    let (expert, proj) = tail.split_once('.')?;
+    let stacked = match proj {
+        "gate_proj.weight" | "w1.weight" => "ffn_gate_exps.weight",
+        "up_proj.weight" | "w3.weight" => "ffn_up_exps.weight",
+        "down_proj.weight" | "w2.weight" => "ffn_down_exps.weight",
+        _ => return None,
+    };
+    Some((format!("blk.{layer}.{stacked}"), expert.parse().ok()?))
+}
+
+/// A tensor's ggml type and shape, or why it cannot be imported.
+fn checked(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Result<(GgmlType, Vec<usize>)> {
+    let ty = match t.dtype() {
+        Dtype::F32 => GgmlType::F32,
+        Dtype::F16 => GgmlType::F16,
+        Dtype::BF16 => GgmlType::BF16,
+        d => return Err(invalid(format!("tensor `{name}` has dtype {d:?} (f32, f16, bf16 are supported)"))),
+    };
+    let shape = t.shape().to_vec();
+    if shape.is_empty() || shape.len() > 2 {
+        return Err(invalid(format!("tensor `{name}` has shape {shape:?}")));
+    }
+    Ok((ty, shape))
 }
 
 fn shards(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -201,15 +281,38 @@ pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Im
         importance: opts.importance,
     };
     let files = shards(dir)?;
-    let mut done = 0;
+    let mut maps = Vec::with_capacity(files.len());
     for path in &files {
         let f = std::fs::File::open(path).map_err(io_err(path))?;
         // SAFETY: read-only mapping of a checkpoint that is not modified while it is imported.
-        let map = unsafe { Mmap::map(&f) }.map_err(io_err(path))?;
-        let st = SafeTensors::deserialize(&map).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+        maps.push(unsafe { Mmap::map(&f) }.map_err(io_err(path))?);
+    }
+    let mut tensors = Vec::with_capacity(files.len());
+    for (path, map) in files.iter().zip(&maps) {
+        tensors.push(SafeTensors::deserialize(map).map_err(|e| invalid(format!("{}: {e}", path.display())))?);
+    }
+    let n_experts = config.moe.as_ref().map_or(0, |m| m.n_experts);
+    // Per stacked expert tensor: each expert's (shard, HF name); experts may be spread over shards.
+    let mut stacks: std::collections::BTreeMap<String, Vec<Option<(usize, String)>>> = Default::default();
+    let total: usize = tensors.iter().map(|st| st.len()).sum();
+    let mut done = 0;
+    for (si, st) in tensors.iter().enumerate() {
+        let path = &files[si];
         let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
         names.sort();
         for name in names {
+            if let Some((stacked, e)) = map_expert_name(&name) {
+                if e >= n_experts {
+                    return Err(invalid(format!(
+                        "tensor `{name}`: expert {e} but config.json has {n_experts} experts"
+                    )));
+                }
+                let slots = stacks.entry(stacked).or_insert_with(|| vec![None; n_experts]);
+                if slots[e].replace((si, name.clone())).is_some() {
+                    return Err(invalid(format!("tensor `{name}` appears twice")));
+                }
+                continue;
+            }
             let t = st.tensor(&name).map_err(|e| invalid(format!("{}: {name}: {e}", path.display())))?;
             let Some(native) = map_name(&name, gemma) else {
                 if name.contains("rotary_emb") {
@@ -220,25 +323,30 @@ pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Im
             if sink.writer.contains(&native) {
                 return Err(invalid(format!("tensor `{name}` appears twice")));
             }
-            let ty = match t.dtype() {
-                Dtype::F32 => GgmlType::F32,
-                Dtype::F16 => GgmlType::F16,
-                Dtype::BF16 => GgmlType::BF16,
-                d => {
-                    return Err(invalid(format!(
-                        "{}: tensor `{name}` has dtype {d:?} (f32, f16, bf16 are supported)",
-                        path.display()
-                    )))
-                }
-            };
-            let shape = t.shape().to_vec();
-            if shape.is_empty() || shape.len() > 2 {
-                return Err(invalid(format!("tensor `{name}` has shape {shape:?}")));
-            }
+            let (ty, shape) = checked(&name, &t)?;
             sink.add_ggml(&native, ty, &shape, t.data());
             done += 1;
-            progress(done, done);
+            progress(done, total);
         }
+    }
+    // Experts of one projection are stacked into one [E * rows, cols] matrix (the GGUF layout).
+    for (stacked, slots) in stacks {
+        let mut bytes = Vec::new();
+        let mut first: Option<(GgmlType, Vec<usize>)> = None;
+        for (e, slot) in slots.iter().enumerate() {
+            let (si, name) = slot.as_ref().ok_or_else(|| invalid(format!("`{stacked}`: expert {e} is missing")))?;
+            let t = tensors[*si].tensor(name).map_err(|err| invalid(format!("{name}: {err}")))?;
+            let (ty, shape) = checked(name, &t)?;
+            if shape.len() != 2 || first.as_ref().is_some_and(|f| *f != (ty, shape.clone())) {
+                return Err(invalid(format!("tensor `{name}`: {ty:?} {shape:?} differs from expert 0 or is not 2-D")));
+            }
+            first.get_or_insert((ty, shape));
+            bytes.extend_from_slice(t.data());
+            done += 1;
+            progress(done, total);
+        }
+        let (ty, shape) = first.expect("at least one expert");
+        sink.add_ggml(&stacked, ty, &[shape[0] * n_experts, shape[1]], &bytes);
     }
     Ok(Imported { writer: sink.writer, losses: sink.losses })
 }

@@ -61,8 +61,13 @@ pub(crate) struct Sink<'a> {
 }
 
 impl Sink<'_> {
-    /// The choice that applies to tensor `name`: the int4 choices store the embedding and output as int8.
+    /// The choice that applies to tensor `name`: the int4 choices store the embedding and output as int8; MoE
+    /// routers (and Qwen-MoE's shared-expert gate) stay in float: they are tiny, and an error in them flips
+    /// which experts run.
     fn quant_for(&self, name: &str) -> QuantChoice {
+        if name.contains("ffn_gate_inp") {
+            return QuantChoice::Keep;
+        }
         let head = name == "token_embd.weight" || name == "output.weight";
         match self.quant {
             QuantChoice::Q4 | QuantChoice::Q4A | QuantChoice::Q4Absmax if head => QuantChoice::Q8,

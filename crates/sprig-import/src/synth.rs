@@ -16,7 +16,8 @@ use crate::{invalid, io_err, Result};
 
 #[derive(Clone, Debug)]
 pub struct SynthSpec {
-    /// "llama" or "qwen2" (QKV bias, larger RoPE base).
+    /// "llama" (with `moe`: Mixtral), "qwen2" (QKV bias, larger RoPE base), or the MoE families "qwen2moe"
+    /// (QKV bias, gated shared expert), "qwen3moe" (per-head QK norm), "olmoe" (QK norm over the projection).
     pub arch: String,
     pub dim: usize,
     pub n_layers: usize,
@@ -27,6 +28,50 @@ pub struct SynthSpec {
     pub seed: u64,
     /// `Some((window, pattern))`: every layer but each `pattern`-th is a sliding-window layer (HF `layer_types`).
     pub sliding: Option<(usize, usize)>,
+    pub moe: Option<SynthMoe>,
+}
+
+/// Mixture-of-Experts FFNs for the generator.
+#[derive(Clone, Debug)]
+pub struct SynthMoe {
+    pub n_experts: usize,
+    pub top_k: usize,
+    pub expert_hidden: usize,
+    /// Hidden size of a shared expert (qwen2moe adds a sigmoid gate on it).
+    pub shared_hidden: Option<usize>,
+    pub sigmoid: bool,
+    pub norm_topk: bool,
+    pub routed_scale: Option<f32>,
+    /// The first layers keep a dense FFN.
+    pub leading_dense: usize,
+    /// The experts are the layer's dense FFN cut into `n_experts` slices of its hidden units and the router is
+    /// all zeros; with `top_k = n_experts`, renormalisation and `routed_scale = n_experts`, every expert gets
+    /// weight exactly 1 and the model equals the dense one (`moe = None`, same seed).
+    pub split_dense: bool,
+}
+
+impl SynthMoe {
+    pub fn new(n_experts: usize, top_k: usize, expert_hidden: usize) -> Self {
+        SynthMoe {
+            n_experts,
+            top_k,
+            expert_hidden,
+            shared_hidden: None,
+            sigmoid: false,
+            norm_topk: true,
+            routed_scale: None,
+            leading_dense: 0,
+            split_dense: false,
+        }
+    }
+    /// The exact dense split described at [`SynthMoe::split_dense`].
+    pub fn split_of_dense(n_experts: usize, dense_hidden: usize) -> Self {
+        SynthMoe {
+            routed_scale: Some(n_experts as f32),
+            split_dense: true,
+            ..SynthMoe::new(n_experts, n_experts, dense_hidden / n_experts)
+        }
+    }
 }
 
 impl SynthSpec {
@@ -41,13 +86,42 @@ impl SynthSpec {
             tied: false,
             seed: 1,
             sliding: None,
+            moe: None,
+        }
+    }
+    /// A small MoE model of one of the MoE families (see [`SynthSpec::arch`]): 8 experts, top-2, a dense first
+    /// layer; qwen2moe with a shared expert, olmoe without renormalisation.
+    pub fn tiny_moe(arch: &str) -> Self {
+        let mut m = SynthMoe::new(8, 2, 32);
+        m.leading_dense = 1;
+        match arch {
+            "qwen2moe" => {
+                m.shared_hidden = Some(48);
+                m.norm_topk = false;
+            }
+            "olmoe" => m.norm_topk = false,
+            _ => {}
+        }
+        // Mixtral's experts have the model's intermediate size.
+        let hidden_dim = if arch == "llama" { m.expert_hidden } else { 96 };
+        SynthSpec { n_layers: 3, hidden_dim, moe: Some(m), ..SynthSpec::tiny(arch) }
+    }
+    fn qkv_bias(&self) -> bool {
+        matches!(self.arch.as_str(), "qwen2" | "qwen2moe")
+    }
+    fn hf_model_type(&self) -> &str {
+        match (self.arch.as_str(), &self.moe) {
+            ("llama", Some(_)) => "mixtral",
+            ("qwen2moe", _) => "qwen2_moe",
+            ("qwen3moe", _) => "qwen3_moe",
+            (a, _) => a,
         }
     }
     fn head_dim(&self) -> usize {
         self.dim / self.n_heads
     }
     fn rope_theta(&self) -> f64 {
-        if self.arch == "qwen2" {
+        if self.arch != "llama" {
             1_000_000.0
         } else {
             10_000.0
@@ -98,6 +172,7 @@ pub fn synth_weights(s: &SynthSpec, vocab: usize) -> Vec<(String, Vec<usize>, Ve
         mat(&mut out, format!("{p}.self_attn.k_proj.weight"), kvd, d, ws, &mut rng);
         mat(&mut out, format!("{p}.self_attn.v_proj.weight"), kvd, d, ws, &mut rng);
         mat(&mut out, format!("{p}.self_attn.o_proj.weight"), d, s.n_heads * hd, ws, &mut rng);
+        let first_ffn = out.len();
         mat(&mut out, format!("{p}.mlp.gate_proj.weight"), s.hidden_dim, d, ws, &mut rng);
         mat(&mut out, format!("{p}.mlp.up_proj.weight"), s.hidden_dim, d, ws, &mut rng);
         mat(
@@ -108,7 +183,26 @@ pub fn synth_weights(s: &SynthSpec, vocab: usize) -> Vec<(String, Vec<usize>, Ve
             1.0 / (s.hidden_dim as f32).sqrt(),
             &mut rng,
         );
-        if s.arch == "qwen2" {
+        if let Some(m) = s.moe.as_ref().filter(|m| l >= m.leading_dense) {
+            let dense: Vec<_> = out.drain(first_ffn..).collect();
+            moe_weights(s, m, &p, dense, &mut out, &mut rng);
+        }
+        match s.arch.as_str() {
+            "qwen3moe" => {
+                for n in ["q_norm", "k_norm"] {
+                    let v: Vec<f32> = (0..hd).map(|_| 1.0 + rng.gen_range(-0.3..0.3)).collect();
+                    out.push((format!("{p}.self_attn.{n}.weight"), vec![hd], v));
+                }
+            }
+            "olmoe" => {
+                for (n, len) in [("q_norm", s.n_heads * hd), ("k_norm", kvd)] {
+                    let v: Vec<f32> = (0..len).map(|_| 1.0 + rng.gen_range(-0.3..0.3)).collect();
+                    out.push((format!("{p}.self_attn.{n}.weight"), vec![len], v));
+                }
+            }
+            _ => {}
+        }
+        if s.qkv_bias() {
             for (n, len) in [("q_proj", s.n_heads * hd), ("k_proj", kvd), ("v_proj", kvd)] {
                 let v: Vec<f32> = (0..len).map(|_| rng.gen_range(-0.5..0.5)).collect();
                 out.push((format!("{p}.self_attn.{n}.bias"), vec![len], v));
@@ -127,6 +221,57 @@ pub fn synth_weights(s: &SynthSpec, vocab: usize) -> Vec<(String, Vec<usize>, Ve
     out
 }
 
+/// A layer's MoE tensors (HF names of the spec's family) in place of its dense FFN `[gate, up, down]`.
+fn moe_weights(
+    s: &SynthSpec,
+    m: &SynthMoe,
+    p: &str,
+    dense: Vec<(String, Vec<usize>, Vec<f32>)>,
+    out: &mut Vec<(String, Vec<usize>, Vec<f32>)>,
+    rng: &mut StdRng,
+) {
+    let d = s.dim;
+    let (eh, ne) = (m.expert_hidden, m.n_experts);
+    let mixtral = s.hf_model_type() == "mixtral";
+    let (block, names) =
+        if mixtral { ("block_sparse_moe", ["w1", "w3", "w2"]) } else { ("mlp", ["gate_proj", "up_proj", "down_proj"]) };
+    let router = if m.split_dense {
+        vec![0.0; ne * d]
+    } else {
+        (0..ne * d).map(|_| rng.gen_range(-1.0..1.0) * 3.0 / (d as f32).sqrt()).collect()
+    };
+    out.push((format!("{p}.{block}.gate.weight"), vec![ne, d], router));
+    for e in 0..ne {
+        let (gate, up, down): (Vec<f32>, Vec<f32>, Vec<f32>) = if m.split_dense {
+            assert_eq!(eh * ne, s.hidden_dim, "split_dense: experts must tile the dense hidden size");
+            let rows = |w: &[f32]| w[e * eh * d..(e + 1) * eh * d].to_vec();
+            let h = s.hidden_dim;
+            let cols: Vec<f32> =
+                (0..d).flat_map(|r| dense[2].2[r * h + e * eh..r * h + (e + 1) * eh].to_vec()).collect();
+            (rows(&dense[0].2), rows(&dense[1].2), cols)
+        } else {
+            let ws = 1.0 / (d as f32).sqrt();
+            let mut r = |n: usize, sc: f32| (0..n).map(|_| rng.gen_range(-sc..sc)).collect::<Vec<f32>>();
+            (r(eh * d, ws), r(eh * d, ws), r(d * eh, 1.0 / (eh as f32).sqrt()))
+        };
+        let name = |i: usize| format!("{p}.{block}.experts.{e}.{}.weight", names[i]);
+        out.push((name(0), vec![eh, d], gate));
+        out.push((name(1), vec![eh, d], up));
+        out.push((name(2), vec![d, eh], down));
+    }
+    if let Some(sh) = m.shared_hidden {
+        let ws = 1.0 / (d as f32).sqrt();
+        let mut r = |n: usize, sc: f32| (0..n).map(|_| rng.gen_range(-sc..sc)).collect::<Vec<f32>>();
+        let (g, u, dn) = (r(sh * d, ws), r(sh * d, ws), r(d * sh, 1.0 / (sh as f32).sqrt()));
+        out.push((format!("{p}.mlp.shared_expert.gate_proj.weight"), vec![sh, d], g));
+        out.push((format!("{p}.mlp.shared_expert.up_proj.weight"), vec![sh, d], u));
+        out.push((format!("{p}.mlp.shared_expert.down_proj.weight"), vec![d, sh], dn));
+        if s.arch == "qwen2moe" {
+            out.push((format!("{p}.mlp.shared_expert_gate.weight"), vec![1, d], r(d, 3.0 * ws)));
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HfDtype {
     F32,
@@ -139,7 +284,7 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let v = synth_vocab();
     let mut config = json!({
-        "model_type": s.arch, "architectures": [if s.arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "model_type": s.hf_model_type(), "architectures": ["ForCausalLM"],
         "hidden_size": s.dim, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
         "num_key_value_heads": s.n_kv_heads, "intermediate_size": s.hidden_dim, "vocab_size": v.tokens.len(),
         "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": s.rope_theta(),
@@ -151,6 +296,27 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
             .collect();
         config["layer_types"] = json!(types);
         config["sliding_window"] = json!(window);
+    }
+    if let Some(m) = &s.moe {
+        let key = if s.hf_model_type() == "mixtral" { "num_local_experts" } else { "num_experts" };
+        config[key] = json!(m.n_experts);
+        config["num_experts_per_tok"] = json!(m.top_k);
+        config["norm_topk_prob"] = json!(m.norm_topk);
+        config["first_k_dense_replace"] = json!(m.leading_dense);
+        if s.hf_model_type() == "mixtral" {
+            assert_eq!(m.expert_hidden, s.hidden_dim, "Mixtral's experts have the model's intermediate_size");
+        } else {
+            config["moe_intermediate_size"] = json!(m.expert_hidden);
+        }
+        if let Some(sh) = m.shared_hidden {
+            config["shared_expert_intermediate_size"] = json!(sh);
+        }
+        if m.sigmoid {
+            config["scoring_func"] = json!("sigmoid");
+        }
+        if let Some(r) = m.routed_scale {
+            config["routed_scaling_factor"] = json!(r);
+        }
     }
     config["torch_dtype"] = json!(match dtype {
         HfDtype::F32 => "float32",
@@ -349,8 +515,31 @@ fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     g.u32("tokenizer.ggml.eos_token_id", (v.tokens.len() - 1) as u32);
     g.bool("tokenizer.ggml.add_bos_token", false);
     g.str("tokenizer.chat_template", CHATML);
+    if let Some(m) = &s.moe {
+        g.u32(&format!("{a}.expert_count"), m.n_experts as u32);
+        g.u32(&format!("{a}.expert_used_count"), m.top_k as u32);
+        g.u32(&format!("{a}.expert_feed_forward_length"), m.expert_hidden as u32);
+        g.u32(&format!("{a}.leading_dense_block_count"), m.leading_dense as u32);
+        g.bool(&format!("{a}.expert_weights_norm"), m.norm_topk);
+        g.u32(&format!("{a}.expert_gating_func"), if m.sigmoid { 2 } else { 1 });
+        if let Some(sh) = m.shared_hidden {
+            g.u32(&format!("{a}.expert_shared_feed_forward_length"), sh as u32);
+        }
+        if let Some(r) = m.routed_scale {
+            g.f32(&format!("{a}.expert_weights_scale"), r);
+        }
+    }
+    // Per-expert tensors are stacked into GGUF's 3-D [experts, rows, cols] tensors.
+    let mut stacks: std::collections::BTreeMap<String, (Vec<usize>, Vec<Vec<f32>>)> = Default::default();
     for (name, shape, w) in synth_weights(s, v.tokens.len()) {
+        if let Some((stacked, _)) = crate::hf::map_expert_name(&name) {
+            let entry = stacks.entry(stacked).or_insert_with(|| (shape.clone(), Vec::new()));
+            entry.1.push(w);
+            continue;
+        }
         let native = crate::hf::map_name(&name, false).expect("synthetic names map");
+        // GGUF keeps the shared-expert gate as a vector.
+        let shape = if native.ends_with("ffn_gate_inp_shexp.weight") { vec![shape[1]] } else { shape };
         let w = if a == "llama" && native.ends_with("attn_q.weight") {
             permute_qk(&w, s.n_heads, shape[1])
         } else if a == "llama" && native.ends_with("attn_k.weight") {
@@ -359,6 +548,10 @@ fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
             w
         };
         g.tensor_f32(&native, &shape, &w);
+    }
+    for (name, (shape, experts)) in stacks {
+        let all: Vec<f32> = experts.concat();
+        g.tensor_f32(&name, &[experts.len(), shape[0], shape[1]], &all);
     }
     Ok(g)
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use sprig_backend::{AttentionParams, Backend, KvLayout, RopeParams};
+use sprig_backend::{AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeParams};
 use sprig_format::{AttentionKind, ModelConfig, ModelFile};
 
 use crate::{ModelError, Result};
@@ -20,12 +20,33 @@ struct Layer<B: Backend> {
     qk_norm: Option<[B::Weight; 2]>,
     post_attn_norm: Option<B::Weight>,
     ffn_norm: B::Weight,
-    gate: B::Weight,
-    up: B::Weight,
-    down: B::Weight,
+    ffn: Ffn<B>,
     post_ffn_norm: Option<B::Weight>,
     attn: AttentionParams,
     rope: RopeParams,
+}
+
+/// A GLU feed-forward network: `down(act(gate x) * up x)`.
+struct Glu<B: Backend> {
+    gate: B::Weight,
+    up: B::Weight,
+    down: B::Weight,
+}
+
+/// The FFN of one layer: dense, or a Mixture-of-Experts.
+enum Ffn<B: Backend> {
+    Dense(Glu<B>),
+    Moe {
+        /// `[n_experts, dim]`: router logits = x · routerᵀ.
+        router: B::Weight,
+        /// Stacked experts (see [`ExpertWeights`]).
+        gate: B::Weight,
+        up: B::Weight,
+        down: B::Weight,
+        /// Always-applied shared expert (Qwen-MoE / DeepSeek), optionally gated by sigmoid(x · gate_inp).
+        shared: Option<(Glu<B>, Option<B::Weight>)>,
+        params: MoeParams,
+    },
 }
 
 /// `x += norm(y)` with a post-norm (Gemma), else `x += y`; `scratch` holds the normalised `y`.
@@ -86,9 +107,14 @@ pub struct State<B: Backend> {
     gate: B::Tensor,
     up: B::Tensor,
     hid: B::Tensor,
+    router: B::Tensor,
+    shared: B::Tensor,
     last: B::Tensor,
     /// Logits of the last forward pass: `[1 or T, vocab]`.
     pub logits: B::Tensor,
+    /// Per layer (`None` for dense layers): tokens routed to each expert and expert bytes read, accumulated
+    /// over this sequence's forward passes.
+    pub moe_usage: Vec<Option<MoeUsage>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -114,9 +140,6 @@ impl<B: Backend> Model<B> {
         let embd = load("token_embd.weight", c.vocab_size, d)?;
         let output = if c.tied_embeddings { None } else { Some(load("output.weight", c.vocab_size, d)?) };
         let output_norm = load("output_norm.weight", 1, d)?;
-        if c.moe.is_some() {
-            return Err(ModelError::Invalid("Mixture-of-Experts layers are not supported by this build yet".into()));
-        }
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}");
@@ -124,9 +147,45 @@ impl<B: Backend> Model<B> {
                 Some(bq) => Some([bq, load(&n("attn_k.bias"), 1, kvd)?, load(&n("attn_v.bias"), 1, kvd)?]),
                 None => None,
             };
-            let qk_norm = match opt(&n("attn_q_norm.weight"), 1, hd)? {
-                Some(qn) => Some([qn, load(&n("attn_k_norm.weight"), 1, hd)?]),
+            // Per-head QK norm (Gemma 3, Qwen3) or over the whole projection (OLMoE).
+            let (qn, kn) = (n("attn_q_norm.weight"), n("attn_k_norm.weight"));
+            let qk_norm = match file.entry(&qn).map(|e| e.numel()) {
                 None => None,
+                Some(w) if w == qd && qd != hd => Some([load(&qn, 1, qd)?, load(&kn, 1, kvd)?]),
+                Some(_) => Some([load(&qn, 1, hd)?, load(&kn, 1, hd)?]),
+            };
+            let glu = |prefix: &str, suffix: &str, hidden: usize| -> Result<Glu<B>> {
+                Ok(Glu {
+                    gate: load(&n(&format!("{prefix}_gate{suffix}.weight")), hidden, d)?,
+                    up: load(&n(&format!("{prefix}_up{suffix}.weight")), hidden, d)?,
+                    down: load(&n(&format!("{prefix}_down{suffix}.weight")), d, hidden)?,
+                })
+            };
+            let ffn = match &c.moe {
+                Some(m) if m.moe_layers[i] => {
+                    let (ne, eh) = (m.n_experts, m.expert_hidden_dim);
+                    let shared = match m.shared_expert_hidden_dim {
+                        Some(sh) => Some((glu("ffn", "_shexp", sh)?, opt(&n("ffn_gate_inp_shexp.weight"), 1, d)?)),
+                        None => None,
+                    };
+                    Ffn::Moe {
+                        router: load(&n("ffn_gate_inp.weight"), ne, d)?,
+                        gate: load(&n("ffn_gate_exps.weight"), ne * eh, d)?,
+                        up: load(&n("ffn_up_exps.weight"), ne * eh, d)?,
+                        down: load(&n("ffn_down_exps.weight"), ne * d, eh)?,
+                        shared,
+                        params: MoeParams {
+                            n_experts: ne,
+                            top_k: m.top_k,
+                            expert_hidden: eh,
+                            scoring: m.scoring,
+                            norm_topk: m.norm_topk,
+                            routed_scale: m.routed_scale.unwrap_or(1.0),
+                            activation: c.activation,
+                        },
+                    }
+                }
+                _ => Ffn::Dense(glu("ffn", "", c.hidden_dim)?),
             };
             let (window, theta) = match c.attention[i] {
                 AttentionKind::Global => (None, c.rope_theta),
@@ -143,9 +202,7 @@ impl<B: Backend> Model<B> {
                 qk_norm,
                 post_attn_norm: opt(&n("post_attention_norm.weight"), 1, d)?,
                 ffn_norm: load(&n("ffn_norm.weight"), 1, d)?,
-                gate: load(&n("ffn_gate.weight"), c.hidden_dim, d)?,
-                up: load(&n("ffn_up.weight"), c.hidden_dim, d)?,
-                down: load(&n("ffn_down.weight"), d, c.hidden_dim)?,
+                ffn,
                 post_ffn_norm: opt(&n("post_ffw_norm.weight"), 1, d)?,
                 attn: AttentionParams {
                     n_heads: c.n_heads,
@@ -178,8 +235,18 @@ impl<B: Backend> Model<B> {
             gate: b.tensor(),
             up: b.tensor(),
             hid: b.tensor(),
+            router: b.tensor(),
+            shared: b.tensor(),
             last: b.tensor(),
             logits: b.tensor(),
+            moe_usage: self
+                .layers
+                .iter()
+                .map(|l| match &l.ffn {
+                    Ffn::Moe { params, .. } => Some(MoeUsage::new(params.n_experts)),
+                    Ffn::Dense(_) => None,
+                })
+                .collect(),
         }
     }
 
@@ -245,12 +312,35 @@ impl<B: Backend> Model<B> {
             residual(b, &mut st.x, &st.proj, l.post_attn_norm.as_ref(), eps, one, &mut st.xn);
             // Feed-forward block.
             b.rms_norm(&st.x, &l.ffn_norm, eps, one, &mut st.xn);
-            show(b, &st.xn, li, &["ffn_gate", "ffn_up"]);
-            b.linear(&st.xn, &l.gate, None, &mut st.gate);
-            b.linear(&st.xn, &l.up, None, &mut st.up);
-            b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
-            show(b, &st.hid, li, &["ffn_down"]);
-            b.linear(&st.hid, &l.down, None, &mut st.proj);
+            match &l.ffn {
+                Ffn::Dense(f) => {
+                    show(b, &st.xn, li, &["ffn_gate", "ffn_up"]);
+                    b.linear(&st.xn, &f.gate, None, &mut st.gate);
+                    b.linear(&st.xn, &f.up, None, &mut st.up);
+                    b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
+                    show(b, &st.hid, li, &["ffn_down"]);
+                    b.linear(&st.hid, &f.down, None, &mut st.proj);
+                }
+                Ffn::Moe { router, gate, up, down, shared, params } => {
+                    show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"]);
+                    b.linear(&st.xn, router, None, &mut st.router);
+                    let experts = ExpertWeights { gate, up, down };
+                    b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, st.moe_usage[li].as_mut());
+                    if let Some((f, gate_inp)) = shared {
+                        show(b, &st.xn, li, &["ffn_gate_shexp", "ffn_up_shexp"]);
+                        b.linear(&st.xn, &f.gate, None, &mut st.gate);
+                        b.linear(&st.xn, &f.up, None, &mut st.up);
+                        b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
+                        show(b, &st.hid, li, &["ffn_down_shexp"]);
+                        b.linear(&st.hid, &f.down, None, &mut st.shared);
+                        if let Some(g) = gate_inp {
+                            b.linear(&st.xn, g, None, &mut st.router);
+                            b.sigmoid_gate(&mut st.shared, &st.router);
+                        }
+                        b.add(&mut st.proj, &st.shared);
+                    }
+                }
+            }
             residual(b, &mut st.x, &st.proj, l.post_ffn_norm.as_ref(), eps, one, &mut st.xn);
         }
         st.pos += tokens.len();

@@ -12,6 +12,7 @@ use sprig_format::{ModelFile, TensorEntry, WeightView};
 use sprig_quant::kernels::{self, Isa};
 use sprig_quant::QuantizedActivations;
 
+use crate::moe::{self, ExpertWeights, MoeParams, MoeUsage};
 use crate::{Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeParams};
 
 pub struct CpuBackend {
@@ -42,6 +43,75 @@ impl CpuBackend {
     pub fn threads(&self) -> usize {
         self.threads
     }
+
+    /// `out = x · Wᵀ` for any weight view (a whole matrix or an expert's rows of a stacked one).
+    fn linear_view(&self, x: &CpuTensor, view: WeightView<'_>, out: &mut CpuTensor) {
+        let (t, k) = (x.rows, x.cols);
+        assert_eq!(k, view.cols(), "linear: input has {k} features, weight expects {}", view.cols());
+        let n = view.rows();
+        out.reshape(t, n);
+        let ptr = OutPtr(out.data.as_mut_ptr());
+        // Enough chunks to balance the pool, each a multiple of 8 rows to keep kernels' loops whole.
+        let chunk = (n.div_ceil(self.threads * 4)).next_multiple_of(8).max(8);
+        match view {
+            WeightView::Quant(q) => {
+                let xq = x.quantized();
+                let xq = &*xq;
+                let isa = self.isa;
+                self.pool.install(|| {
+                    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
+                        let sub = q.rows_range(r0, r1);
+                        // SAFETY: `out` holds t*n floats; this worker writes only columns r0..r1 of each of the t
+                        // rows (element t*n + r0 + r), which no other worker touches; no slice of `out` is alive.
+                        unsafe { kernels::gemm_strided(isa, &sub, xq, ptr.get().add(r0), n) };
+                    })
+                });
+            }
+            _ => {
+                let xd = &x.data[..];
+                self.pool.install(|| {
+                    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+                        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
+                        // Scratch for non-f32 rows only: f32 weights are read in place.
+                        let mut row = if matches!(view, WeightView::F32 { .. }) { Vec::new() } else { vec![0.0f32; k] };
+                        for r in r0..r1 {
+                            let wr: &[f32] = match view {
+                                WeightView::F32 { data, .. } => &data[r * k..(r + 1) * k],
+                                _ => {
+                                    view.row_to_f32(r, &mut row);
+                                    &row
+                                }
+                            };
+                            for ti in 0..t {
+                                let v = math::dot(wr, &xd[ti * k..(ti + 1) * k]);
+                                // SAFETY: element (ti, r) belongs to this worker's row range only.
+                                unsafe { *ptr.get().add(ti * n + r) = v };
+                            }
+                        }
+                    })
+                });
+            }
+        }
+    }
+}
+
+/// Reused buffers of the MoE op: routing, then one expert's gathered tokens and intermediate activations.
+#[derive(Default)]
+struct MoeScratch {
+    scores: Vec<f32>,
+    selected: Vec<(usize, f32)>,
+    /// Per expert: (token, weight) pairs routed to it.
+    groups: Vec<Vec<(usize, f32)>>,
+    x: CpuTensor,
+    gate: CpuTensor,
+    up: CpuTensor,
+    hidden: CpuTensor,
+    y: CpuTensor,
+}
+
+thread_local! {
+    static MOE_SCRATCH: RefCell<MoeScratch> = RefCell::default();
 }
 
 /// Physical cores (hyper-threads share the SIMD units that bound these kernels).
@@ -209,54 +279,8 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>, out: &mut CpuTensor) {
-        let (t, k) = (x.rows, x.cols);
-        assert_eq!(k, w.cols, "linear: input has {k} features, weight expects {}", w.cols);
+        self.linear_view(x, w.view(), out);
         let n = w.rows;
-        out.reshape(t, n);
-        let ptr = OutPtr(out.data.as_mut_ptr());
-        // Enough chunks to balance the pool, each a multiple of 8 rows to keep kernels' loops whole.
-        let chunk = (n.div_ceil(self.threads * 4)).next_multiple_of(8).max(8);
-        let view = w.view();
-        match view {
-            WeightView::Quant(q) => {
-                let xq = x.quantized();
-                let xq = &*xq;
-                let isa = self.isa;
-                self.pool.install(|| {
-                    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
-                        let sub = q.rows_range(r0, r1);
-                        // SAFETY: `out` holds t*n floats; this worker writes only columns r0..r1 of each of the t
-                        // rows (element t*n + r0 + r), which no other worker touches; no slice of `out` is alive.
-                        unsafe { kernels::gemm_strided(isa, &sub, xq, ptr.get().add(r0), n) };
-                    })
-                });
-            }
-            _ => {
-                let xd = &x.data[..];
-                self.pool.install(|| {
-                    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
-                        // Scratch for non-f32 rows only: f32 weights are read in place.
-                        let mut row = if matches!(view, WeightView::F32 { .. }) { Vec::new() } else { vec![0.0f32; k] };
-                        for r in r0..r1 {
-                            let wr: &[f32] = match view {
-                                WeightView::F32 { data, .. } => &data[r * k..(r + 1) * k],
-                                _ => {
-                                    view.row_to_f32(r, &mut row);
-                                    &row
-                                }
-                            };
-                            for ti in 0..t {
-                                let v = math::dot(wr, &xd[ti * k..(ti + 1) * k]);
-                                // SAFETY: element (ti, r) belongs to this worker's row range only.
-                                unsafe { *ptr.get().add(ti * n + r) = v };
-                            }
-                        }
-                    })
-                });
-            }
-        }
         if let Some(b) = bias {
             let b = b.vector();
             for row in out.mutate().chunks_exact_mut(n) {
@@ -344,6 +368,82 @@ impl Backend for CpuBackend {
 
     fn softcap(&self, x: &mut CpuTensor, cap: f32) {
         x.mutate().iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+    }
+
+    fn sigmoid_gate(&self, x: &mut CpuTensor, g: &CpuTensor) {
+        assert_eq!((g.rows, g.cols), (x.rows, 1), "sigmoid_gate: gate shape");
+        let c = x.cols;
+        for (row, &gv) in x.mutate().chunks_exact_mut(c).zip(&g.data) {
+            let s = 1.0 / (1.0 + (-gv).exp());
+            row.iter_mut().for_each(|v| *v *= s);
+        }
+    }
+
+    fn moe(
+        &self,
+        x: &CpuTensor,
+        router_logits: &CpuTensor,
+        experts: &ExpertWeights<'_, CpuWeight>,
+        p: &MoeParams,
+        out: &mut CpuTensor,
+        mut usage: Option<&mut MoeUsage>,
+    ) {
+        let (t, d) = (x.rows, x.cols);
+        let (ne, h) = (p.n_experts, p.expert_hidden);
+        assert_eq!((router_logits.rows, router_logits.cols), (t, ne), "moe: router logits shape");
+        assert_eq!((experts.gate.rows, experts.gate.cols), (ne * h, d), "moe: gate experts shape");
+        assert_eq!((experts.up.rows, experts.up.cols), (ne * h, d), "moe: up experts shape");
+        assert_eq!((experts.down.rows, experts.down.cols), (ne * d, h), "moe: down experts shape");
+        let (gv, uv, dv) = (experts.gate.view(), experts.up.view(), experts.down.view());
+        let mut run = |s: &mut MoeScratch| {
+            s.groups.resize_with(ne, Vec::new);
+            s.groups.iter_mut().for_each(|g| g.clear());
+            for ti in 0..t {
+                moe::route(&router_logits.data[ti * ne..(ti + 1) * ne], p, &mut s.scores, &mut s.selected);
+                for &(e, w) in &s.selected {
+                    s.groups[e].push((ti, w));
+                }
+            }
+            let o = out.reshape(t, d);
+            o.fill(0.0);
+            // One expert at a time over all the tokens routed to it: its weights are read once per batch, and
+            // the experts nobody chose are never touched.
+            for e in 0..ne {
+                let group = &s.groups[e];
+                if group.is_empty() {
+                    continue;
+                }
+                let xe = s.x.reshape(group.len(), d);
+                for (i, &(ti, _)) in group.iter().enumerate() {
+                    xe[i * d..(i + 1) * d].copy_from_slice(&x.data[ti * d..(ti + 1) * d]);
+                }
+                let (ge, ue, de) = (
+                    gv.rows_range(e * h, (e + 1) * h),
+                    uv.rows_range(e * h, (e + 1) * h),
+                    dv.rows_range(e * d, (e + 1) * d),
+                );
+                self.linear_view(&s.x, ge, &mut s.gate);
+                self.linear_view(&s.x, ue, &mut s.up);
+                let hid = s.hidden.reshape(group.len(), h);
+                for ((o, g), u) in hid.iter_mut().zip(&s.gate.data).zip(&s.up.data) {
+                    *o = math::activation(*g, p.activation) * u;
+                }
+                self.linear_view(&s.hidden, de, &mut s.y);
+                for (i, &(ti, w)) in group.iter().enumerate() {
+                    math::axpy(w, &s.y.data[i * d..(i + 1) * d], &mut o[ti * d..(ti + 1) * d]);
+                }
+                if let Some(u) = usage.as_deref_mut() {
+                    u.tokens.resize(ne, 0);
+                    u.tokens[e] += group.len() as u64;
+                    u.bytes_read += (ge.bytes() + ue.bytes() + de.bytes()) as u64;
+                }
+            }
+        };
+        // A nested forward on the same thread (work stealing while this one waits) gets fresh buffers.
+        MOE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut s) => run(&mut s),
+            Err(_) => run(&mut MoeScratch::default()),
+        });
     }
 
     fn kv_cache(&self, layout: &KvLayout) -> CpuKvCache {
