@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use sprig_backend::cpu::CpuBackend;
 use sprig_backend::Backend;
-use sprig_engine::{open_model_file, registry, ChatMessage, Engine, LoadOptions, Sampler, SamplingParams};
+use sprig_engine::{open_model_file, registry, ChatMessage, Engine, LoadOptions, Sampler, SamplingParams, Session};
 use sprig_format::ModelFile;
 use sprig_import::QuantChoice;
 
@@ -437,7 +437,7 @@ fn print_expert_stats(file: &ModelFile, usage: &[Option<sprig_backend::MoeUsage>
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
-    let e = engine(&a.model)?;
+    let e = Arc::new(engine(&a.model)?);
     if e.template.is_none() {
         bail!("{} carries no chat template; use `sprig run`", a.model.model.display());
     }
@@ -445,8 +445,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     Sampler::new(params.clone())?;
     let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
-    let mut st = e.model.new_state(a.model.ctx_size);
-    let mut cached: Vec<u32> = Vec::new();
+    let mut session = Session::new(e, a.model.ctx_size);
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -459,29 +458,15 @@ fn chat(a: ChatArgs) -> Result<()> {
             continue;
         }
         messages.push(ChatMessage::new("user", &line));
-        let text = e.render_chat(&messages)?;
-        let tokens = e.encode_chat(&text)?;
-        // Reuse the cached prefix of the conversation when the new prompt extends it.
-        let reuse = cached.len() <= tokens.len() && tokens[..cached.len()] == cached[..] && cached.len() < tokens.len();
-        if !reuse {
-            st = e.model.new_state(a.model.ctx_size);
-            cached.clear();
-        }
-        let mut sampler = Sampler::new(params.clone())?;
         let mut reply = String::new();
         let mut out = std::io::stdout().lock();
-        let stats = e.generate(&mut st, &tokens[cached.len()..], a.n, &mut sampler, false, |s| {
+        session.chat(&messages, &params, a.n, |s| {
             reply.push_str(s);
             let _ = out.write_all(s.as_bytes());
             let _ = out.flush();
             true
         })?;
         writeln!(out)?;
-        // What the KV cache now holds: the prompt and the generated tokens that were fed back (a reply cut
-        // by -n leaves its last token unfed).
-        cached = tokens;
-        cached.extend(&stats.generated);
-        cached.truncate(st.pos);
         messages.push(ChatMessage::new("assistant", reply.trim()));
     }
     Ok(())

@@ -8,11 +8,13 @@ pub mod generate;
 pub mod load;
 pub mod registry;
 pub mod sampler;
+pub mod session;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use generate::{Engine, GenerationStats};
 pub use load::{open_model_file, LoadOptions};
 pub use sampler::{Sampler, SamplingParams};
+pub use session::Session;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

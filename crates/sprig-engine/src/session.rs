@@ -1,0 +1,113 @@
+//! A conversation with a model: one KV cache that carries over between calls. Sessions of one [`Engine`]
+//! share its weights. Chat turns reuse the cached prefix when the new rendered conversation extends it.
+
+use std::sync::Arc;
+
+use sprig_backend::Backend;
+use sprig_models::State;
+
+use crate::chat::ChatMessage;
+use crate::generate::{Engine, GenerationStats};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::{EngineError, Result};
+
+pub struct Session<B: Backend> {
+    pub engine: Arc<Engine<B>>,
+    pub state: State<B>,
+    /// Tokens whose K/V the state holds, in order (`cached.len() == state.pos`).
+    cached: Vec<u32>,
+    max_context: usize,
+}
+
+impl<B: Backend> Session<B> {
+    /// `max_context = 0`: the model's trained context.
+    pub fn new(engine: Arc<Engine<B>>, max_context: usize) -> Self {
+        let state = engine.model.new_state(max_context);
+        Session { engine, state, cached: Vec::new(), max_context }
+    }
+
+    /// Forgets the conversation.
+    pub fn reset(&mut self) {
+        self.state = self.engine.model.new_state(self.max_context);
+        self.cached.clear();
+    }
+
+    /// Tokens in the context so far.
+    pub fn position(&self) -> usize {
+        self.state.pos
+    }
+
+    /// Continues the context with raw `text` (the tokenizer's BOS rule applies only at position 0), then
+    /// generates up to `max_new` tokens.
+    pub fn generate(
+        &mut self,
+        text: &str,
+        params: &SamplingParams,
+        max_new: usize,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        let mut sampler = Sampler::new(params.clone())?;
+        let tokens = if self.state.pos == 0 {
+            self.engine.tokenizer.encode_prompt(text)?
+        } else {
+            self.engine.tokenizer.encode(text, false)?
+        };
+        let mut all = self.cached.clone();
+        all.extend(&tokens);
+        self.run(&all, self.cached.len(), &mut sampler, max_new, on_text)
+    }
+
+    /// Renders the whole conversation with the model's chat template and answers its last turn. When the
+    /// rendered prompt extends what the cache holds (the previous turns and reply), only the new part is run.
+    pub fn chat(
+        &mut self,
+        messages: &[ChatMessage],
+        params: &SamplingParams,
+        max_new: usize,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        let mut sampler = Sampler::new(params.clone())?;
+        let text = self.engine.render_chat(messages)?;
+        let tokens = self.engine.encode_chat(&text)?;
+        let n = self.cached.len();
+        let reuse = n < tokens.len() && tokens[..n] == self.cached[..];
+        if !reuse {
+            self.reset();
+        }
+        let start = self.cached.len();
+        self.run(&tokens, start, &mut sampler, max_new, on_text)
+    }
+
+    fn run(
+        &mut self,
+        all: &[u32],
+        start: usize,
+        sampler: &mut Sampler,
+        max_new: usize,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        let new = &all[start..];
+        if new.is_empty() {
+            return Err(EngineError::Invalid("empty prompt: nothing to condition on".into()));
+        }
+        if self.state.pos + new.len() > self.state.max_context {
+            return Err(EngineError::Model(sprig_models::ModelError::ContextOverflow {
+                pos: self.state.pos,
+                new: new.len(),
+                ctx: self.state.max_context,
+            }));
+        }
+        let stats = self.engine.generate(&mut self.state, new, max_new, sampler, false, on_text);
+        match &stats {
+            Ok(s) => {
+                // The cache holds the prompt and the generated tokens fed back (the last one may be unfed).
+                self.cached = all.to_vec();
+                self.cached.extend(&s.generated);
+                self.cached.truncate(self.state.pos);
+            }
+            // A failed forward pass leaves the cache in an unknown state: start over next time.
+            Err(_) => self.reset(),
+        }
+        stats
+    }
+}

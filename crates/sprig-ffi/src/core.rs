@@ -1,0 +1,276 @@
+//! What the C ABI and the JNI layer share: handle registries, errors, and the operations themselves in safe
+//! Rust. Handles are registry ids, never pointers to Rust objects, so a null, stale, freed or made-up handle is
+//! a lookup miss (an error code), not undefined behaviour; ids are never reused.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, TryLockError};
+
+use sprig_backend::cpu::CpuBackend;
+use sprig_engine::generate::StopReason;
+use sprig_engine::{ChatMessage, Engine, EngineError, GenerationStats, LoadOptions, SamplingParams, Session};
+use sprig_import::QuantChoice;
+
+use crate::{
+    SPRIG_DEVICE_AUTO, SPRIG_DEVICE_CPU, SPRIG_DEVICE_GPU, SPRIG_STOP_CANCELLED, SPRIG_STOP_CONTEXT_FULL,
+    SPRIG_STOP_LENGTH, SPRIG_STOP_TOKEN,
+};
+
+/// Status codes (`SprigStatus` in C; the same numbers in `SprigException.code` on the JVM).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SprigStatus {
+    Ok = 0,
+    /// A null or malformed argument: a null pointer, invalid UTF-8, a bad sampling parameter, an empty prompt.
+    InvalidArgument = 1,
+    /// A null, unknown or already freed model/session handle.
+    InvalidHandle = 2,
+    /// The model could not be opened: missing file, unsupported or corrupt format.
+    LoadFailed = 3,
+    /// The prompt does not fit in the session's context.
+    ContextFull = 4,
+    /// Another generation is running on this session.
+    Busy = 5,
+    /// The requested device is not available.
+    Device = 6,
+    /// A bug in sprig (a caught panic); the message says where.
+    Internal = 7,
+}
+
+#[derive(Debug)]
+pub struct FfiError {
+    pub status: SprigStatus,
+    pub message: String,
+}
+
+impl FfiError {
+    pub fn new(status: SprigStatus, message: impl Into<String>) -> Self {
+        FfiError { status, message: message.into() }
+    }
+    pub fn arg(message: impl Into<String>) -> Self {
+        Self::new(SprigStatus::InvalidArgument, message)
+    }
+}
+
+pub type FfiResult<T> = Result<T, FfiError>;
+
+fn engine_error(e: EngineError, loading: bool) -> FfiError {
+    use sprig_models::ModelError;
+    let status = match &e {
+        EngineError::Model(ModelError::ContextOverflow { .. }) => SprigStatus::ContextFull,
+        EngineError::Backend(sprig_backend::BackendError::Device(_)) => SprigStatus::Device,
+        _ if loading => SprigStatus::LoadFailed,
+        _ => SprigStatus::InvalidArgument,
+    };
+    FfiError::new(status, e.to_string())
+}
+
+pub struct LoadRequest<'a> {
+    pub path: &'a str,
+    pub tokenizer: Option<&'a str>,
+    pub threads: u32,
+    pub device: u32,
+    pub context_length: u32,
+}
+
+pub struct ModelHandle {
+    pub engine: Arc<Engine<CpuBackend>>,
+    pub context_length: usize,
+}
+
+pub struct SessionHandle {
+    session: Mutex<Session<CpuBackend>>,
+    cancel: AtomicBool,
+}
+
+struct Registry<T> {
+    next: AtomicU64,
+    map: Mutex<Option<HashMap<u64, Arc<T>>>>,
+}
+
+impl<T> Registry<T> {
+    const fn new() -> Self {
+        Registry { next: AtomicU64::new(1), map: Mutex::new(None) }
+    }
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<u64, Arc<T>>) -> R) -> R {
+        // A panic never happens while the lock is held (plain map operations), but stay usable if it did.
+        let mut g = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        f(g.get_or_insert_with(HashMap::new))
+    }
+    fn insert(&self, v: T) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.with(|m| m.insert(id, Arc::new(v)));
+        id
+    }
+    fn get(&self, id: u64, what: &str) -> FfiResult<Arc<T>> {
+        self.with(|m| m.get(&id).cloned())
+            .ok_or_else(|| FfiError::new(SprigStatus::InvalidHandle, format!("invalid or already freed {what} handle")))
+    }
+    fn remove(&self, id: u64, what: &str) -> FfiResult<Arc<T>> {
+        self.with(|m| m.remove(&id))
+            .ok_or_else(|| FfiError::new(SprigStatus::InvalidHandle, format!("invalid or already freed {what} handle")))
+    }
+}
+
+static MODELS: Registry<ModelHandle> = Registry::new();
+static SESSIONS: Registry<SessionHandle> = Registry::new();
+
+pub fn load_model(r: &LoadRequest) -> FfiResult<u64> {
+    if r.path.is_empty() {
+        return Err(FfiError::arg("model path is empty"));
+    }
+    match r.device {
+        SPRIG_DEVICE_CPU => {}
+        SPRIG_DEVICE_AUTO => {}
+        SPRIG_DEVICE_GPU => {
+            return Err(FfiError::new(
+                SprigStatus::Device,
+                "no GPU backend in this build (the `wgpu` cargo feature is off); use SPRIG_DEVICE_CPU or AUTO",
+            ))
+        }
+        d => return Err(FfiError::arg(format!("device {d} is not one of CPU (0), GPU (1), AUTO (2)"))),
+    }
+    if r.threads > 1024 {
+        return Err(FfiError::arg(format!("threads = {} is out of range (0 = one per core)", r.threads)));
+    }
+    let opts = LoadOptions { tokenizer: r.tokenizer.map(Into::into), quant: QuantChoice::Keep };
+    let file = sprig_engine::open_model_file(std::path::Path::new(r.path), &opts).map_err(|e| engine_error(e, true))?;
+    let trained = file.config.max_seq_len;
+    let ctx = if r.context_length == 0 { trained } else { r.context_length as usize };
+    if ctx > trained {
+        return Err(FfiError::arg(format!("context length {ctx} exceeds the model's trained context of {trained}")));
+    }
+    let backend = CpuBackend::new(r.threads as usize).map_err(|e| FfiError::new(SprigStatus::Device, e.to_string()))?;
+    let engine = Engine::new(Arc::new(backend), file).map_err(|e| engine_error(e, true))?;
+    Ok(MODELS.insert(ModelHandle { engine: Arc::new(engine), context_length: ctx }))
+}
+
+pub fn model(id: u64) -> FfiResult<Arc<ModelHandle>> {
+    MODELS.get(id, "model")
+}
+
+/// Sessions created from the model keep its weights alive until they are freed too.
+pub fn free_model(id: u64) -> FfiResult<()> {
+    MODELS.remove(id, "model").map(drop)
+}
+
+pub fn new_session(model_id: u64) -> FfiResult<u64> {
+    let m = model(model_id)?;
+    let session = Session::new(m.engine.clone(), m.context_length);
+    Ok(SESSIONS.insert(SessionHandle { session: Mutex::new(session), cancel: AtomicBool::new(false) }))
+}
+
+/// Freeing a session while it generates on another thread cancels that generation; its memory goes when it
+/// returns.
+pub fn free_session(id: u64) -> FfiResult<()> {
+    let s = SESSIONS.remove(id, "session")?;
+    s.cancel.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+pub fn cancel(id: u64) -> FfiResult<()> {
+    SESSIONS.get(id, "session")?.cancel.store(true, Ordering::SeqCst);
+    Ok(())
+}
+
+fn lock(s: &SessionHandle) -> FfiResult<std::sync::MutexGuard<'_, Session<CpuBackend>>> {
+    match s.session.try_lock() {
+        Ok(g) => Ok(g),
+        Err(TryLockError::WouldBlock) => {
+            Err(FfiError::new(SprigStatus::Busy, "another generation is running on this session"))
+        }
+        // A previous call panicked mid-generation: the state is unknown, start the conversation over.
+        Err(TryLockError::Poisoned(p)) => {
+            let mut g = p.into_inner();
+            g.reset();
+            Ok(g)
+        }
+    }
+}
+
+pub fn reset(id: u64) -> FfiResult<()> {
+    let s = SESSIONS.get(id, "session")?;
+    lock(&s)?.reset();
+    Ok(())
+}
+
+/// What a generation did (`SprigGenerateResult` in C).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Outcome {
+    pub stop_reason: u32,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+}
+
+fn outcome(s: &GenerationStats) -> Outcome {
+    Outcome {
+        stop_reason: match s.stop {
+            StopReason::StopToken => SPRIG_STOP_TOKEN,
+            StopReason::Length => SPRIG_STOP_LENGTH,
+            StopReason::Cancelled => SPRIG_STOP_CANCELLED,
+            StopReason::ContextFull => SPRIG_STOP_CONTEXT_FULL,
+        },
+        prompt_tokens: s.prompt_tokens as u32,
+        generated_tokens: s.generated.len() as u32,
+        prefill_tok_s: s.prefill_tok_s(),
+        decode_tok_s: s.decode_tok_s(),
+    }
+}
+
+pub struct Sampling {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub seed: u64,
+    pub max_tokens: u32,
+}
+
+impl Sampling {
+    fn params(&self) -> SamplingParams {
+        SamplingParams { temperature: self.temperature, top_k: self.top_k as usize, top_p: self.top_p, seed: self.seed }
+    }
+}
+
+pub enum Input<'a> {
+    Text(&'a str),
+    Chat(Vec<ChatMessage>),
+}
+
+/// Runs one generation on session `id`; `on_text` gets each piece of text and returns false to stop.
+/// Cancellation (another thread calling [`cancel`]) is checked before each new token.
+pub fn generate(id: u64, input: Input, p: &Sampling, mut on_text: impl FnMut(&str) -> bool) -> FfiResult<Outcome> {
+    let handle = SESSIONS.get(id, "session")?;
+    let mut session = lock(&handle)?;
+    handle.cancel.store(false, Ordering::SeqCst);
+    let params = p.params();
+    let cb = |s: &str| !handle.cancel.load(Ordering::SeqCst) && on_text(s) && !handle.cancel.load(Ordering::SeqCst);
+    let max = p.max_tokens as usize;
+    let stats = match input {
+        Input::Text(t) => session.generate(t, &params, max, cb),
+        Input::Chat(m) => {
+            if session.engine.template.is_none() {
+                return Err(FfiError::arg("this model carries no chat template; use generate"));
+            }
+            session.chat(&m, &params, max, cb)
+        }
+    }
+    .map_err(|e| engine_error(e, false))?;
+    Ok(outcome(&stats))
+}
+
+/// Runs `f`, turning a panic into an `Internal` error so none crosses the boundary.
+pub fn guard<T>(f: impl FnOnce() -> FfiResult<T>) -> FfiResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(FfiError::new(SprigStatus::Internal, format!("internal error: {msg}")))
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! sprig's C ABI. The header `include/sprig.h` is generated from this file by cbindgen (a test fails when it
+//! is stale; `SPRIG_BLESS=1 cargo test -p sprig-ffi --test header` rewrites it).
+//!
+//! Conventions:
+//! - Every function returns a `SprigStatus`; on failure `sprig_last_error()` gives the message (thread-local:
+//!   the last failure on the calling thread). No panic crosses the boundary: it becomes `SPRIG_STATUS_INTERNAL`.
+//! - `SprigModel*` / `SprigSession*` are opaque handles, never dereferenced: null, freed or made-up handles
+//!   give `SPRIG_STATUS_INVALID_HANDLE`, including a second free.
+//! - Strings are NUL-terminated UTF-8; invalid UTF-8 gives `SPRIG_STATUS_INVALID_ARGUMENT`.
+//!
+//! Thread safety: every function may be called from any thread. A model may be shared by sessions on many
+//! threads. One session runs one generation at a time (a concurrent call gets `SPRIG_STATUS_BUSY`);
+//! `sprig_session_cancel` may be called from any thread while it runs.
+
+mod core;
+mod jni;
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+
+pub use crate::core::SprigStatus;
+use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
+
+/// Bumped when a function signature or struct layout changes incompatibly.
+pub const SPRIG_ABI_VERSION: u32 = 1;
+
+/// Run on the CPU.
+pub const SPRIG_DEVICE_CPU: u32 = 0;
+/// Run on the GPU (wgpu); `SPRIG_STATUS_DEVICE` when the build or the machine has none.
+pub const SPRIG_DEVICE_GPU: u32 = 1;
+/// The GPU when there is one, else the CPU.
+pub const SPRIG_DEVICE_AUTO: u32 = 2;
+
+/// The model produced a stop token (end of sequence / end of turn).
+pub const SPRIG_STOP_TOKEN: u32 = 0;
+/// `max_tokens` were generated.
+pub const SPRIG_STOP_LENGTH: u32 = 1;
+/// `sprig_session_cancel` was called, or the callback returned false.
+pub const SPRIG_STOP_CANCELLED: u32 = 2;
+/// The session's context is full.
+pub const SPRIG_STOP_CONTEXT_FULL: u32 = 3;
+
+/// A loaded model (opaque).
+pub struct SprigModel {
+    _private: [u8; 0],
+}
+
+/// A conversation with a model: its own KV cache, sharing the model's weights (opaque).
+pub struct SprigSession {
+    _private: [u8; 0],
+}
+
+/// Options of `sprig_model_load`; start from `sprig_model_options_default()`.
+#[repr(C)]
+pub struct SprigModelOptions {
+    /// Tokenizer file for llama2.c checkpoints (`tokenizer.bin` / `tokenizer.model`); NULL otherwise.
+    pub tokenizer_path: *const c_char,
+    /// Worker threads; 0 = one per physical core.
+    pub threads: u32,
+    /// `SPRIG_DEVICE_*`.
+    pub device: u32,
+    /// Tokens each session can hold; 0 = the model's trained context.
+    pub context_length: u32,
+}
+
+/// Sampling of `sprig_session_generate` / `sprig_session_chat`; start from `sprig_sampling_params_default()`.
+#[repr(C)]
+pub struct SprigSamplingParams {
+    /// 0 = greedy; must be ≥ 0.
+    pub temperature: f32,
+    /// 0 = no top-k cut.
+    pub top_k: u32,
+    /// In (0, 1]; 1 = no nucleus cut.
+    pub top_p: f32,
+    pub seed: u64,
+    /// Most tokens to generate.
+    pub max_tokens: u32,
+}
+
+/// One chat turn.
+#[repr(C)]
+pub struct SprigChatMessage {
+    /// "system", "user" or "assistant".
+    pub role: *const c_char,
+    pub content: *const c_char,
+}
+
+/// What a generation did.
+#[repr(C)]
+#[derive(Default)]
+pub struct SprigGenerateResult {
+    /// `SPRIG_STOP_*`.
+    pub stop_reason: u32,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub prefill_tokens_per_second: f64,
+    pub decode_tokens_per_second: f64,
+}
+
+/// Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).
+/// Return false to stop generating. Called on the thread that called generate/chat.
+pub type SprigTokenCallback =
+    Option<unsafe extern "C" fn(text: *const c_char, len: usize, user_data: *mut c_void) -> bool>;
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn fail(e: FfiError) -> SprigStatus {
+    let msg = CString::new(e.message.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|l| *l.borrow_mut() = msg);
+    e.status
+}
+
+/// Runs an API call: its error (or a caught panic) becomes the status and the thread's last error.
+fn call(f: impl FnOnce() -> FfiResult<()>) -> SprigStatus {
+    match core::guard(f) {
+        Ok(()) => SprigStatus::Ok,
+        Err(e) => fail(e),
+    }
+}
+
+/// # Safety
+/// `p` is null or a NUL-terminated string that stays valid for the call.
+unsafe fn str_arg<'a>(p: *const c_char, what: &str) -> FfiResult<&'a str> {
+    if p.is_null() {
+        return Err(FfiError::arg(format!("{what} is NULL")));
+    }
+    // SAFETY: non-null and NUL-terminated per this function's contract.
+    unsafe { CStr::from_ptr(p) }.to_str().map_err(|e| FfiError::arg(format!("{what} is not valid UTF-8: {e}")))
+}
+
+fn handle_id<T>(p: *const T, what: &str) -> FfiResult<u64> {
+    if p.is_null() {
+        return Err(FfiError::new(SprigStatus::InvalidHandle, format!("{what} handle is NULL")));
+    }
+    Ok(p as usize as u64)
+}
+
+/// The library version, e.g. "0.1.0" (static storage).
+#[no_mangle]
+pub extern "C" fn sprig_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// `SPRIG_ABI_VERSION` of the library actually loaded (compare with the header's).
+#[no_mangle]
+pub extern "C" fn sprig_abi_version() -> u32 {
+    SPRIG_ABI_VERSION
+}
+
+/// The message of the last failed call on this thread ("" if none). Valid until the next failing call on
+/// this thread.
+#[no_mangle]
+pub extern "C" fn sprig_last_error() -> *const c_char {
+    LAST_ERROR.with(|l| l.borrow().as_ptr())
+}
+
+#[no_mangle]
+pub extern "C" fn sprig_model_options_default() -> SprigModelOptions {
+    SprigModelOptions { tokenizer_path: std::ptr::null(), threads: 0, device: SPRIG_DEVICE_CPU, context_length: 0 }
+}
+
+#[no_mangle]
+pub extern "C" fn sprig_sampling_params_default() -> SprigSamplingParams {
+    SprigSamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 0, max_tokens: 256 }
+}
+
+/// Loads a model: a native `.safetensors`, a `.gguf`, a llama2.c `.bin` (with `tokenizer_path`) or a Hugging
+/// Face directory. `options` may be NULL (defaults). On success `*out_model` is the new handle.
+///
+/// # Safety
+/// `path` and the strings in `options` are NULL or NUL-terminated; `options` is NULL or points to a
+/// `SprigModelOptions`; `out_model` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_model_load(
+    path: *const c_char,
+    options: *const SprigModelOptions,
+    out_model: *mut *mut SprigModel,
+) -> SprigStatus {
+    call(|| {
+        if out_model.is_null() {
+            return Err(FfiError::arg("out_model is NULL"));
+        }
+        // SAFETY: caller contract: `path` is NULL or a NUL-terminated string.
+        let path = unsafe { str_arg(path, "path") }?;
+        let defaults = sprig_model_options_default();
+        // SAFETY: caller contract: `options` is NULL or points to a valid SprigModelOptions.
+        let o = if options.is_null() { &defaults } else { unsafe { &*options } };
+        let tokenizer = if o.tokenizer_path.is_null() {
+            None
+        } else {
+            // SAFETY: non-null, NUL-terminated per the caller contract.
+            Some(unsafe { str_arg(o.tokenizer_path, "tokenizer_path") }?)
+        };
+        let req =
+            LoadRequest { path, tokenizer, threads: o.threads, device: o.device, context_length: o.context_length };
+        let id = core::load_model(&req)?;
+        // SAFETY: `out_model` is non-null and writable per the caller contract.
+        unsafe { *out_model = id as usize as *mut SprigModel };
+        Ok(())
+    })
+}
+
+/// Frees a model handle. Sessions still open keep the weights alive until they are freed.
+#[no_mangle]
+pub extern "C" fn sprig_model_free(model: *mut SprigModel) -> SprigStatus {
+    call(|| core::free_model(handle_id(model, "model")?))
+}
+
+/// Tokens a session of this model holds (the context length chosen at load).
+///
+/// # Safety
+/// `out_tokens` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_model_context_length(model: *const SprigModel, out_tokens: *mut u32) -> SprigStatus {
+    call(|| {
+        let m = core::model(handle_id(model, "model")?)?;
+        if out_tokens.is_null() {
+            return Err(FfiError::arg("out_tokens is NULL"));
+        }
+        // SAFETY: non-null and writable per the caller contract.
+        unsafe { *out_tokens = m.context_length as u32 };
+        Ok(())
+    })
+}
+
+/// Creates a session (an empty conversation) on a model.
+///
+/// # Safety
+/// `out_session` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_new(
+    model: *const SprigModel,
+    out_session: *mut *mut SprigSession,
+) -> SprigStatus {
+    call(|| {
+        let id = handle_id(model, "model")?;
+        if out_session.is_null() {
+            return Err(FfiError::arg("out_session is NULL"));
+        }
+        let s = core::new_session(id)?;
+        // SAFETY: non-null and writable per the caller contract.
+        unsafe { *out_session = s as usize as *mut SprigSession };
+        Ok(())
+    })
+}
+
+/// Frees a session. If it is generating on another thread, that generation is cancelled and the memory is
+/// released when it returns.
+#[no_mangle]
+pub extern "C" fn sprig_session_free(session: *mut SprigSession) -> SprigStatus {
+    call(|| core::free_session(handle_id(session, "session")?))
+}
+
+/// Forgets the conversation (empties the KV cache).
+#[no_mangle]
+pub extern "C" fn sprig_session_reset(session: *mut SprigSession) -> SprigStatus {
+    call(|| core::reset(handle_id(session, "session")?))
+}
+
+/// Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with
+/// `SPRIG_STOP_CANCELLED`). Safe from any thread; no effect on a later generation.
+#[no_mangle]
+pub extern "C" fn sprig_session_cancel(session: *mut SprigSession) -> SprigStatus {
+    call(|| core::cancel(handle_id(session, "session")?))
+}
+
+/// # Safety
+/// `params` is NULL or points to a SprigSamplingParams.
+unsafe fn sampling(params: *const SprigSamplingParams) -> Sampling {
+    let d = sprig_sampling_params_default();
+    // SAFETY: caller contract.
+    let p = if params.is_null() { &d } else { unsafe { &*params } };
+    Sampling { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, seed: p.seed, max_tokens: p.max_tokens }
+}
+
+/// # Safety
+/// `callback` is NULL or a function valid for the call; `user_data` is whatever it expects; `out` is NULL or
+/// writable.
+unsafe fn run_generation(
+    session: *mut SprigSession,
+    input: impl FnOnce() -> FfiResult<Input<'static>>,
+    params: Sampling,
+    callback: SprigTokenCallback,
+    user_data: *mut c_void,
+    out: *mut SprigGenerateResult,
+) -> SprigStatus {
+    call(|| {
+        let id = handle_id(session, "session")?;
+        let input = input()?;
+        let mut buf = Vec::new();
+        let r: Outcome = core::generate(id, input, &params, |text| match callback {
+            None => true,
+            Some(cb) => {
+                buf.clear();
+                buf.extend_from_slice(text.as_bytes());
+                buf.push(0);
+                // SAFETY: the callback is valid for this call (caller contract); the text is NUL-terminated and
+                // lives until the callback returns.
+                unsafe { cb(buf.as_ptr().cast(), text.len(), user_data) }
+            }
+        })?;
+        if !out.is_null() {
+            // SAFETY: non-null and writable per the caller contract.
+            unsafe {
+                *out = SprigGenerateResult {
+                    stop_reason: r.stop_reason,
+                    prompt_tokens: r.prompt_tokens,
+                    generated_tokens: r.generated_tokens,
+                    prefill_tokens_per_second: r.prefill_tok_s,
+                    decode_tokens_per_second: r.decode_tok_s,
+                }
+            };
+        }
+        Ok(())
+    })
+}
+
+/// Continues the session's context with raw `prompt` text and generates, streaming text to `callback`.
+/// `params` may be NULL (defaults), `callback` may be NULL, `out_result` may be NULL.
+///
+/// # Safety
+/// `prompt` is NULL or NUL-terminated; `params` is NULL or valid; `callback` is NULL or valid for the call;
+/// `out_result` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_generate(
+    session: *mut SprigSession,
+    prompt: *const c_char,
+    params: *const SprigSamplingParams,
+    callback: SprigTokenCallback,
+    user_data: *mut c_void,
+    out_result: *mut SprigGenerateResult,
+) -> SprigStatus {
+    // SAFETY: caller contract on `params`.
+    let p = unsafe { sampling(params) };
+    // SAFETY: caller contract on `prompt` (the &'static is only used during this call).
+    let input = || Ok(Input::Text(unsafe { str_arg(prompt, "prompt") }?));
+    // SAFETY: caller contract on callback, user_data and out_result.
+    unsafe { run_generation(session, input, p, callback, user_data, out_result) }
+}
+
+/// Answers the last turn of `messages` (`n_messages` turns) with the model's chat template. When the
+/// conversation extends the previous call's (same earlier turns plus the reply), only the new turns are run.
+///
+/// # Safety
+/// `messages` points to `n_messages` valid SprigChatMessage (or is NULL with 0); the rest as for
+/// `sprig_session_generate`.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_chat(
+    session: *mut SprigSession,
+    messages: *const SprigChatMessage,
+    n_messages: usize,
+    params: *const SprigSamplingParams,
+    callback: SprigTokenCallback,
+    user_data: *mut c_void,
+    out_result: *mut SprigGenerateResult,
+) -> SprigStatus {
+    // SAFETY: caller contract on `params`.
+    let p = unsafe { sampling(params) };
+    let input = || {
+        if n_messages == 0 || messages.is_null() {
+            return Err(FfiError::arg("messages is NULL or empty"));
+        }
+        if n_messages > 1 << 20 {
+            return Err(FfiError::arg(format!("n_messages = {n_messages} is implausible")));
+        }
+        // SAFETY: caller contract: `messages` points to `n_messages` entries.
+        let ms = unsafe { std::slice::from_raw_parts(messages, n_messages) };
+        let mut out = Vec::with_capacity(n_messages);
+        for (i, m) in ms.iter().enumerate() {
+            // SAFETY: caller contract: each string is NULL or NUL-terminated.
+            let role = unsafe { str_arg(m.role, &format!("messages[{i}].role")) }?;
+            // SAFETY: as above.
+            let content = unsafe { str_arg(m.content, &format!("messages[{i}].content")) }?;
+            out.push(sprig_engine::ChatMessage::new(role, content));
+        }
+        Ok(Input::Chat(out))
+    };
+    // SAFETY: caller contract on callback, user_data and out_result.
+    unsafe { run_generation(session, input, p, callback, user_data, out_result) }
+}

@@ -1,0 +1,294 @@
+/* Exercises the C API the way a host app does: compiled with `cc` against include/sprig.h and linked with the
+ * host-built libsprig. Usage: api_test STORIES260K.bin TOK512.bin GOLDEN.txt CHAT_MODEL.gguf
+ * Prints one line per failed check and exits non-zero if any failed. */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "sprig.h"
+
+static int failures = 0;
+
+#define CHECK(cond, ...)                                          \
+    do {                                                          \
+        if (!(cond)) {                                            \
+            failures++;                                           \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                         \
+            fprintf(stderr, " (last error: %s)\n", sprig_last_error()); \
+        }                                                         \
+    } while (0)
+
+/* Expects `call` to fail with `status` and leave a non-empty message. */
+#define EXPECT_ERR(call, status)                                                        \
+    do {                                                                                \
+        SprigStatus s_ = (call);                                                        \
+        CHECK(s_ == (status), #call " returned %d, expected %d", (int)s_, (int)(status)); \
+        CHECK(strlen(sprig_last_error()) > 0, #call ": empty error message");            \
+    } while (0)
+
+struct buffer {
+    char *data;
+    size_t len, cap;
+    int pieces;
+    int stop_after; /* return false after this many pieces (0 = never) */
+};
+
+static bool collect(const char *text, size_t len, void *user_data) {
+    struct buffer *b = user_data;
+    if (strlen(text) != len) {
+        failures++;
+        fprintf(stderr, "FAIL: callback text length %zu != strlen %zu\n", len, strlen(text));
+    }
+    if (b->len + len + 1 > b->cap) {
+        b->cap = (b->len + len + 1) * 2;
+        b->data = realloc(b->data, b->cap);
+    }
+    memcpy(b->data + b->len, text, len);
+    b->len += len;
+    b->data[b->len] = 0;
+    b->pieces++;
+    return b->stop_after == 0 || b->pieces < b->stop_after;
+}
+
+static char *read_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *s = calloc(1, n + 1);
+    if (fread(s, 1, n, f) != (size_t)n) n = 0;
+    fclose(f);
+    return s;
+}
+
+/* --- cancellation from another thread --- */
+struct cancel_ctx {
+    SprigSession *session;
+    struct buffer buf;
+    volatile int go;
+};
+
+static void *canceller(void *arg) {
+    struct cancel_ctx *c = arg;
+    while (!c->go) usleep(100);
+    CHECK(sprig_session_cancel(c->session) == SPRIG_STATUS_OK, "cancel from another thread");
+    return NULL;
+}
+
+static bool slow_collect(const char *text, size_t len, void *user_data) {
+    struct cancel_ctx *c = user_data;
+    collect(text, len, &c->buf);
+    if (c->buf.pieces == 5) c->go = 1;
+    usleep(2000);
+    return true;
+}
+
+/* --- a second generate on a busy session --- */
+struct busy_ctx {
+    SprigSession *session;
+    int checked;
+};
+
+static void *second_generate(void *arg) {
+    struct busy_ctx *c = arg;
+    SprigStatus s = sprig_session_generate(c->session, "x", NULL, NULL, NULL, NULL);
+    CHECK(s == SPRIG_STATUS_BUSY, "concurrent generate returned %d, expected BUSY", (int)s);
+    return NULL;
+}
+
+static bool busy_collect(const char *text, size_t len, void *user_data) {
+    (void)text;
+    (void)len;
+    struct busy_ctx *c = user_data;
+    if (!c->checked) {
+        c->checked = 1;
+        pthread_t t;
+        pthread_create(&t, NULL, second_generate, c);
+        pthread_join(t, NULL);
+    }
+    return true;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s MODEL.bin TOKENIZER.bin GOLDEN.txt CHAT_MODEL.gguf\n", argv[0]);
+        return 2;
+    }
+    const char *model_path = argv[1], *tok_path = argv[2], *chat_path = argv[4];
+    char *golden = read_file(argv[3]);
+    CHECK(golden != NULL, "cannot read golden file");
+
+    CHECK(sprig_abi_version() == SPRIG_ABI_VERSION, "ABI version mismatch");
+    CHECK(strlen(sprig_version()) > 0, "empty version");
+
+    /* Loading: bad arguments and bad files are errors with messages. */
+    SprigModel *model = NULL;
+    SprigModelOptions opts = sprig_model_options_default();
+    opts.tokenizer_path = tok_path;
+    opts.threads = 1;
+    EXPECT_ERR(sprig_model_load(NULL, &opts, &model), SPRIG_STATUS_INVALID_ARGUMENT);
+    EXPECT_ERR(sprig_model_load(model_path, &opts, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    EXPECT_ERR(sprig_model_load("/nonexistent/model.gguf", NULL, &model), SPRIG_STATUS_LOAD_FAILED);
+    EXPECT_ERR(sprig_model_load("\xff\xfe.gguf", NULL, &model), SPRIG_STATUS_INVALID_ARGUMENT);
+    EXPECT_ERR(sprig_model_load(model_path, NULL, &model), SPRIG_STATUS_LOAD_FAILED); /* no tokenizer */
+    char corrupt[] = "/tmp/sprig-c-corrupt-XXXXXX";
+    int fd = mkstemp(corrupt);
+    CHECK(fd >= 0 && write(fd, "GGUF\x03\0\0\0garbage", 15) == 15, "write corrupt file");
+    close(fd);
+    EXPECT_ERR(sprig_model_load(corrupt, NULL, &model), SPRIG_STATUS_LOAD_FAILED);
+    unlink(corrupt);
+    SprigModelOptions gpu = opts;
+    gpu.device = SPRIG_DEVICE_GPU;
+    EXPECT_ERR(sprig_model_load(model_path, &gpu, &model), SPRIG_STATUS_DEVICE);
+    gpu.device = 7;
+    EXPECT_ERR(sprig_model_load(model_path, &gpu, &model), SPRIG_STATUS_INVALID_ARGUMENT);
+    CHECK(model == NULL, "failed loads must not set the handle");
+
+    CHECK(sprig_model_load(model_path, &opts, &model) == SPRIG_STATUS_OK, "load stories260K");
+    uint32_t ctx = 0;
+    CHECK(sprig_model_context_length(model, &ctx) == SPRIG_STATUS_OK && ctx == 512, "context %u", ctx);
+
+    /* Sessions and the golden text (greedy, the same as llama2.c's run.c). */
+    SprigSession *session = NULL;
+    EXPECT_ERR(sprig_session_new(NULL, &session), SPRIG_STATUS_INVALID_HANDLE);
+    EXPECT_ERR(sprig_session_new(model, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    CHECK(sprig_session_new(model, &session) == SPRIG_STATUS_OK, "session_new");
+    SprigSamplingParams greedy = sprig_sampling_params_default();
+    greedy.temperature = 0;
+    greedy.max_tokens = 252;
+    struct buffer out = {0};
+    SprigGenerateResult res;
+    CHECK(sprig_session_generate(session, "Once upon a time", &greedy, collect, &out, &res) == SPRIG_STATUS_OK,
+          "generate");
+    char expected[8192];
+    snprintf(expected, sizeof expected, "%s", golden ? golden : "");
+    size_t el = strlen(expected);
+    while (el > 0 && expected[el - 1] == '\n') expected[--el] = 0;
+    char got[8192];
+    snprintf(got, sizeof got, "Once upon a time%s", out.data ? out.data : "");
+    CHECK(strcmp(got, expected) == 0, "golden text differs:\n--- got\n%s\n--- expected\n%s", got, expected);
+    CHECK(res.prompt_tokens == 5 && res.stop_reason == SPRIG_STOP_LENGTH && res.generated_tokens == 252,
+          "result: prompt %u generated %u stop %u", res.prompt_tokens, res.generated_tokens, res.stop_reason);
+
+    /* Bad generation arguments. */
+    EXPECT_ERR(sprig_session_generate(session, NULL, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    EXPECT_ERR(sprig_session_generate(session, "caf\xc3", NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    /* An empty prompt at the start generates from BOS alone (as llama.cpp does); later it is an error. */
+    CHECK(sprig_session_reset(session) == SPRIG_STATUS_OK, "reset");
+    SprigSamplingParams two = greedy;
+    two.max_tokens = 2;
+    CHECK(sprig_session_generate(session, "", &two, NULL, NULL, &res) == SPRIG_STATUS_OK && res.prompt_tokens == 1,
+          "empty prompt at position 0");
+    EXPECT_ERR(sprig_session_generate(session, "", NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    SprigSamplingParams bad = greedy;
+    bad.temperature = -1;
+    EXPECT_ERR(sprig_session_generate(session, "x", &bad, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    bad = greedy;
+    bad.top_p = 2;
+    EXPECT_ERR(sprig_session_generate(session, "x", &bad, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    SprigChatMessage msg = {"user", "hi"};
+    EXPECT_ERR(sprig_session_chat(session, &msg, 1, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    EXPECT_ERR(sprig_session_chat(session, NULL, 0, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+
+    /* The callback stops generation; a reset session reproduces the golden text. */
+    CHECK(sprig_session_reset(session) == SPRIG_STATUS_OK, "reset");
+    struct buffer few = {0};
+    few.stop_after = 3;
+    CHECK(sprig_session_generate(session, "Once upon a time", &greedy, collect, &few, &res) == SPRIG_STATUS_OK &&
+              res.stop_reason == SPRIG_STOP_CANCELLED && few.pieces == 3,
+          "callback stop: reason %u pieces %d", res.stop_reason, few.pieces);
+    CHECK(few.data && strncmp(few.data, out.data, few.len) == 0, "stopped text is a prefix of the golden text");
+
+    /* Cancel from another thread mid-stream. */
+    CHECK(sprig_session_reset(session) == SPRIG_STATUS_OK, "reset");
+    struct cancel_ctx cc = {session, {0}, 0};
+    pthread_t t;
+    pthread_create(&t, NULL, canceller, &cc);
+    CHECK(sprig_session_generate(session, "Once upon a time", &greedy, slow_collect, &cc, &res) == SPRIG_STATUS_OK,
+          "generate with cancel");
+    pthread_join(t, NULL);
+    CHECK(res.stop_reason == SPRIG_STOP_CANCELLED && cc.buf.pieces >= 5 && cc.buf.pieces < 252,
+          "cancelled: reason %u after %d pieces", res.stop_reason, cc.buf.pieces);
+
+    /* A second generate while one runs: BUSY, and the first one is unaffected. */
+    CHECK(sprig_session_reset(session) == SPRIG_STATUS_OK, "reset");
+    struct busy_ctx bc = {session, 0};
+    SprigSamplingParams short_run = greedy;
+    short_run.max_tokens = 4;
+    CHECK(sprig_session_generate(session, "Once", &short_run, busy_collect, &bc, &res) == SPRIG_STATUS_OK &&
+              bc.checked && res.generated_tokens == 4,
+          "generate during busy check");
+
+    /* Context: a session of 16 tokens stops when full; a prompt that does not fit is an error. */
+    SprigModel *small = NULL;
+    SprigModelOptions small_opts = opts;
+    small_opts.context_length = 16;
+    CHECK(sprig_model_load(model_path, &small_opts, &small) == SPRIG_STATUS_OK, "load ctx 16");
+    SprigSession *s16 = NULL;
+    CHECK(sprig_session_new(small, &s16) == SPRIG_STATUS_OK, "session ctx 16");
+    CHECK(sprig_session_generate(s16, "Once upon a time", &greedy, NULL, NULL, &res) == SPRIG_STATUS_OK &&
+              res.stop_reason == SPRIG_STOP_CONTEXT_FULL,
+          "context full: reason %u", res.stop_reason);
+    CHECK(sprig_session_reset(s16) == SPRIG_STATUS_OK, "reset");
+    EXPECT_ERR(sprig_session_generate(s16, "Once upon a time there was a girl named Lily who liked to play outside",
+                                      &greedy, NULL, NULL, NULL),
+               SPRIG_STATUS_CONTEXT_FULL);
+    SprigModelOptions huge = opts;
+    huge.context_length = 1 << 20;
+    SprigModel *none = NULL;
+    EXPECT_ERR(sprig_model_load(model_path, &huge, &none), SPRIG_STATUS_INVALID_ARGUMENT);
+
+    /* Chat with a template (synthetic ChatML model); the second turn reuses the first turn's cache. */
+    SprigModel *chat_model = NULL;
+    CHECK(sprig_model_load(chat_path, NULL, &chat_model) == SPRIG_STATUS_OK, "load chat model");
+    SprigSession *chat = NULL;
+    CHECK(sprig_session_new(chat_model, &chat) == SPRIG_STATUS_OK, "chat session");
+    SprigSamplingParams few_tokens = greedy;
+    few_tokens.max_tokens = 5;
+    struct buffer reply = {0};
+    SprigChatMessage turn1[1] = {{"user", "the cat"}};
+    CHECK(sprig_session_chat(chat, turn1, 1, &few_tokens, collect, &reply, &res) == SPRIG_STATUS_OK &&
+              res.generated_tokens > 0,
+          "chat turn 1");
+    uint32_t first_prompt = res.prompt_tokens;
+    SprigChatMessage turn2[3] = {{"user", "the cat"}, {"assistant", reply.data ? reply.data : ""}, {"user", "on"}};
+    CHECK(sprig_session_chat(chat, turn2, 3, &few_tokens, NULL, NULL, &res) == SPRIG_STATUS_OK, "chat turn 2");
+    CHECK(res.prompt_tokens < first_prompt + 12, "turn 2 ran %u prompt tokens: the cache was not reused",
+          res.prompt_tokens);
+    SprigChatMessage bad_msg = {"user", NULL};
+    EXPECT_ERR(sprig_session_chat(chat, &bad_msg, 1, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+
+    /* Handles: freed, doubled, made-up. A session outlives its model's handle. */
+    CHECK(sprig_model_free(model) == SPRIG_STATUS_OK, "model free");
+    EXPECT_ERR(sprig_model_free(model), SPRIG_STATUS_INVALID_HANDLE);
+    EXPECT_ERR(sprig_session_new(model, &session), SPRIG_STATUS_INVALID_HANDLE);
+    CHECK(sprig_session_reset(session) == SPRIG_STATUS_OK &&
+              sprig_session_generate(session, "Once", &short_run, NULL, NULL, &res) == SPRIG_STATUS_OK,
+          "a session keeps its model's weights alive");
+    CHECK(sprig_session_free(session) == SPRIG_STATUS_OK, "session free");
+    EXPECT_ERR(sprig_session_free(session), SPRIG_STATUS_INVALID_HANDLE);
+    EXPECT_ERR(sprig_session_generate(session, "x", NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_HANDLE);
+    EXPECT_ERR(sprig_session_cancel(session), SPRIG_STATUS_INVALID_HANDLE);
+    EXPECT_ERR(sprig_session_free(NULL), SPRIG_STATUS_INVALID_HANDLE);
+    EXPECT_ERR(sprig_model_free((SprigModel *)(uintptr_t)0xdead), SPRIG_STATUS_INVALID_HANDLE);
+    EXPECT_ERR(sprig_session_reset((SprigSession *)(uintptr_t)12345), SPRIG_STATUS_INVALID_HANDLE);
+    CHECK(sprig_session_free(s16) == SPRIG_STATUS_OK && sprig_model_free(small) == SPRIG_STATUS_OK, "free ctx 16");
+    CHECK(sprig_session_free(chat) == SPRIG_STATUS_OK && sprig_model_free(chat_model) == SPRIG_STATUS_OK,
+          "free chat");
+
+    free(out.data);
+    free(few.data);
+    free(cc.buf.data);
+    free(reply.data);
+    free(golden);
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("all C API checks passed\n");
+    return 0;
+}

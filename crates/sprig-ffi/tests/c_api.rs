@@ -1,0 +1,61 @@
+//! Compiles `tests/c/api_test.c` with the system C compiler against the checked-in header, links it with the
+//! host-built `libsprig.so`, and runs it on stories260K (golden text) and a generated chat model; the C program
+//! also exercises every error path of the API.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `target/<profile>`, where cargo puts libsprig.so (this test binary lives in its `deps/`).
+pub fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    assert!(dir.join("libsprig.so").exists(), "{} has no libsprig.so (cargo builds it with the crate)", dir.display());
+    dir
+}
+
+pub fn shared_models() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models")
+}
+
+/// A small synthetic model with a ChatML template, as a GGUF file.
+pub fn chat_model(dir: &Path) -> PathBuf {
+    let p = dir.join("chat.gguf");
+    sprig_import::synth::write_gguf(&sprig_import::synth::SynthSpec::tiny("qwen2"), &p).unwrap();
+    p
+}
+
+#[test]
+fn c_program_runs_the_golden_text_and_every_error_path() {
+    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tmp = std::env::temp_dir().join(format!("sprig-c-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let exe = tmp.join("api_test");
+    let lib = lib_dir();
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let out = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-D_DEFAULT_SOURCE", "-o"])
+        .arg(&exe)
+        .arg(crate_dir.join("tests/c/api_test.c"))
+        .arg("-I")
+        .arg(crate_dir.join("include"))
+        .arg("-L")
+        .arg(&lib)
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args(["-lsprig", "-lpthread"])
+        .output()
+        .unwrap_or_else(|e| panic!("running {cc}: {e}"));
+    assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
+
+    let m = shared_models().join("stories260K");
+    let run = Command::new(&exe)
+        .arg(m.join("stories260K.bin"))
+        .arg(m.join("tok512.bin"))
+        .arg(m.join("golden_once_upon_a_time_steps256.txt"))
+        .arg(chat_model(&tmp))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "C API test failed ({:?}):\n{stderr}", run.status);
+    assert!(String::from_utf8_lossy(&run.stdout).contains("all C API checks passed"));
+    let _ = std::fs::remove_dir_all(&tmp);
+}
