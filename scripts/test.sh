@@ -12,4 +12,16 @@ if ! python3 -c "import safetensors, numpy" 2>/dev/null; then
     python3 -m pip install --quiet safetensors numpy
 fi
 
+# The JNI binding is compiled with kotlinc and run on the host JVM (crates/sprig-ffi/tests/jvm.rs); the C API
+# test needs a C compiler.
+missing=()
+command -v kotlinc >/dev/null || missing+=(kotlin)
+command -v java >/dev/null || missing+=(default-jdk-headless)
+command -v cc >/dev/null || missing+=(gcc)
+if [ ${#missing[@]} -gt 0 ]; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
 cargo test --workspace --locked

@@ -1,0 +1,195 @@
+// Host-JVM test of the JNI binding (run by crates/sprig-ffi/tests/jvm.rs against the host-built libsprig):
+// golden text, streaming, cancellation mid-stream, misuse, chat, and RSS across 100 load/unload cycles.
+// Usage: HostTestKt STORIES260K.bin TOK512.bin GOLDEN.txt CHAT_MODEL.gguf
+package dev.sprig
+
+import java.io.File
+import kotlin.concurrent.thread
+
+private var failures = 0
+
+/** AutoCloseable.use lives in kotlin-stdlib-jdk7, which the host's kotlinc 1.3 does not put on the classpath. */
+private inline fun <T : AutoCloseable, R> T.use(block: (T) -> R): R {
+    try {
+        return block(this)
+    } finally {
+        close()
+    }
+}
+
+private fun check(ok: Boolean, what: () -> String) {
+    if (!ok) {
+        failures++
+        System.err.println("FAIL: " + what())
+    }
+}
+
+/** Runs [block], expecting a SprigException with [code] and a non-empty message. */
+private fun expectError(code: Int, what: String, block: () -> Unit) {
+    try {
+        block()
+        check(false) { "$what: no exception" }
+    } catch (e: SprigException) {
+        check(e.code == code && !e.message.isNullOrEmpty()) { "$what: code ${e.code} (${e.message}), expected $code" }
+    }
+}
+
+private fun rssKb(): Long =
+    File("/proc/self/status").readLines().first { it.startsWith("VmRSS:") }.split(Regex("\\s+"))[1].toLong()
+
+private class Collect(val stopAfter: Int = 0, val onPiece: (Int) -> Unit = {}) : TokenCallback {
+    val text = StringBuilder()
+    var pieces = 0
+    override fun onToken(text: String): Boolean {
+        this.text.append(text)
+        pieces++
+        onPiece(pieces)
+        return stopAfter == 0 || pieces < stopAfter
+    }
+}
+
+fun main(args: Array<String>) {
+    val (modelPath, tokPath, goldenPath, chatPath) = args
+    val golden = File(goldenPath).readText().trimEnd('\n')
+    check(SprigModel.version.isNotEmpty()) { "empty version" }
+    val opts = ModelOptions(tokenizerPath = tokPath, threads = 1)
+    val greedy = SamplingParams(temperature = 0f, maxTokens = 252)
+
+    expectError(SprigException.LOAD_FAILED, "missing file") { SprigModel.load("/nonexistent/m.gguf") }
+    expectError(SprigException.LOAD_FAILED, "llama2.c without tokenizer") { SprigModel.load(modelPath) }
+    expectError(SprigException.DEVICE, "GPU in a CPU build") { SprigModel.load(modelPath, opts.copy(device = Device.GPU)) }
+    expectError(SprigException.INVALID_ARGUMENT, "negative threads") { SprigModel.load(modelPath, opts.copy(threads = -1)) }
+
+    SprigModel.load(modelPath, opts).use { model ->
+        check(model.contextLength == 512) { "context ${model.contextLength}" }
+        val session = model.newSession()
+
+        // Golden text, streamed in pieces.
+        val c = Collect()
+        val r = session.generateStreaming("Once upon a time", greedy, c)
+        check("Once upon a time" + c.text == golden) { "golden text differs:\n${c.text}" }
+        check(r.stopReason == StopReason.LENGTH && r.generatedTokens == 252 && r.promptTokens == 5) { "$r" }
+        check(c.pieces > 100) { "only ${c.pieces} pieces: not streamed" }
+
+        // The callback stops generation.
+        session.reset()
+        val few = Collect(stopAfter = 3)
+        check(session.generateStreaming("Once upon a time", greedy, few).stopReason == StopReason.CANCELLED) { "stop" }
+        check(few.pieces == 3 && golden.startsWith("Once upon a time" + few.text)) { "stopped text ${few.text}" }
+
+        // Cancel from another thread mid-stream.
+        session.reset()
+        var canceller: Thread? = null
+        val slow = Collect { n ->
+            if (n == 5) canceller = thread { session.cancel() }
+            Thread.sleep(2)
+        }
+        val rc = session.generateStreaming("Once upon a time", greedy, slow)
+        canceller?.join()
+        check(rc.stopReason == StopReason.CANCELLED && slow.pieces in 5..251) { "cancel: $rc after ${slow.pieces}" }
+
+        // A concurrent generate on the same session is refused with BUSY.
+        session.reset()
+        var busyChecked = false
+        val busy = Collect { n ->
+            if (n == 1) {
+                thread {
+                    expectError(SprigException.BUSY, "concurrent generate") {
+                        session.generateStreaming("x", greedy, Collect())
+                    }
+                    busyChecked = true
+                }.join()
+            }
+        }
+        session.generateStreaming("Once", greedy.copy(maxTokens = 4), busy)
+        check(busyChecked) { "busy check did not run" }
+
+        // An exception thrown by the callback reaches the caller and stops generation.
+        session.reset()
+        try {
+            session.generateStreaming("Once", greedy, Collect { throw IllegalStateException("from callback") })
+            check(false) { "callback exception swallowed" }
+        } catch (e: IllegalStateException) {
+            check(e.message == "from callback") { "wrong exception ${e.message}" }
+        }
+
+        // Bad parameters; context overflow.
+        expectError(SprigException.INVALID_ARGUMENT, "temperature -1") {
+            session.generateStreaming("x", greedy.copy(temperature = -1f), Collect())
+        }
+        expectError(SprigException.INVALID_ARGUMENT, "top-p 2") {
+            session.generateStreaming("x", greedy.copy(topP = 2f), Collect())
+        }
+        expectError(SprigException.INVALID_ARGUMENT, "chat without a template") {
+            session.chatStreaming(listOf(ChatMessage("user", "hi")), greedy, Collect())
+        }
+        SprigModel.load(modelPath, opts.copy(contextLength = 16)).use { small ->
+            small.newSession().use { s ->
+                check(s.generateStreaming("Once upon a time", greedy, Collect()).stopReason == StopReason.CONTEXT_FULL) {
+                    "context full"
+                }
+                s.reset()
+                expectError(SprigException.CONTEXT_FULL, "prompt longer than the context") {
+                    s.generateStreaming("Once upon a time there was a girl named Lily who liked to play", greedy, Collect())
+                }
+            }
+        }
+        // A lone surrogate is not valid text: an error or a result, never a crash.
+        try {
+            session.reset()
+            session.generateStreaming("\uD800", greedy.copy(maxTokens = 2), Collect())
+        } catch (e: SprigException) {
+            check(e.code == SprigException.INVALID_ARGUMENT) { "surrogate: ${e.code}" }
+        }
+
+        // Misuse: closed handles, double close, made-up handles.
+        session.close()
+        session.close()
+        expectError(SprigException.INVALID_HANDLE, "generate on a closed session") {
+            session.generateStreaming("x", greedy, Collect())
+        }
+        expectError(SprigException.INVALID_HANDLE, "cancel on a closed session") { session.cancel() }
+        expectError(SprigException.INVALID_HANDLE, "made-up session") { Native.sessionFree(987654321L) }
+        expectError(SprigException.INVALID_HANDLE, "made-up model") { Native.modelFree(0L) }
+        val orphan = model.newSession()
+        model.close()
+        model.close()
+        expectError(SprigException.INVALID_HANDLE, "session on a closed model") { model.newSession() }
+        check(orphan.generateStreaming("Once", greedy.copy(maxTokens = 3), Collect()).generatedTokens == 3) {
+            "a session keeps its model alive"
+        }
+        orphan.close()
+    }
+
+    // Chat: the template is applied and the second turn reuses the cached first turn.
+    SprigModel.load(chatPath).use { model ->
+        model.newSession().use { s ->
+            val p = SamplingParams(temperature = 0f, maxTokens = 5)
+            val reply = Collect()
+            val r1 = s.chatStreaming(listOf(ChatMessage("user", "the cat")), p, reply)
+            check(r1.generatedTokens > 0) { "chat produced nothing" }
+            val turns = listOf(ChatMessage("user", "the cat"), ChatMessage("assistant", reply.text.toString()),
+                ChatMessage("user", "on"))
+            val r2 = s.chatStreaming(turns, p, Collect())
+            check(r2.promptTokens < r1.promptTokens + 12) { "turn 2 ran ${r2.promptTokens} prompt tokens" }
+        }
+    }
+
+    // Load/unload 100 times: resident memory stays flat.
+    repeat(5) { SprigModel.load(modelPath, opts).use { m -> m.newSession().use { } } }
+    val before = rssKb()
+    repeat(100) {
+        SprigModel.load(modelPath, opts).use { m ->
+            m.newSession().use { s -> s.generateStreaming("Once", SamplingParams(temperature = 0f, maxTokens = 2), Collect()) }
+        }
+    }
+    val after = rssKb()
+    println("RSS before/after 100 load+unload cycles: $before / $after KiB")
+    check(after - before < 16 * 1024) { "RSS grew by ${after - before} KiB over 100 cycles" }
+
+    if (failures > 0) {
+        System.err.println("$failures check(s) failed")
+        System.exit(1)
+    }
+    println("all JVM checks passed")
+}

@@ -1,0 +1,149 @@
+// The JNI-facing binding of sprig: handles, native calls, callbacks, errors, AutoCloseable. Plain Kotlin with
+// no dependency beyond the standard library, so it compiles with the host's kotlinc and is tested for real on
+// the host JVM against the host-built libsprig (crates/sprig-ffi/tests/jvm.rs). The coroutine/Flow surface is a
+// thin adapter over it in SprigFlow.kt.
+package dev.sprig
+
+/** A failure inside sprig; [code] is the C API's `SprigStatus` number, [message] the native message. */
+class SprigException(val code: Int, message: String) : RuntimeException(message) {
+    companion object {
+        const val INVALID_ARGUMENT = 1
+        const val INVALID_HANDLE = 2
+        const val LOAD_FAILED = 3
+        const val CONTEXT_FULL = 4
+        const val BUSY = 5
+        const val DEVICE = 6
+        const val INTERNAL = 7
+    }
+}
+
+enum class Device(internal val code: Int) { CPU(0), GPU(1), AUTO(2) }
+
+/** Options of [SprigModel.load]. `threads = 0`: one per core; `contextLength = 0`: the model's own. */
+data class ModelOptions(
+    val tokenizerPath: String? = null,
+    val threads: Int = 0,
+    val device: Device = Device.CPU,
+    val contextLength: Int = 0
+)
+
+/** Sampling; `temperature = 0` is greedy. */
+data class SamplingParams(
+    val temperature: Float = 0.8f,
+    val topK: Int = 40,
+    val topP: Float = 0.95f,
+    val seed: Long = 0,
+    val maxTokens: Int = 256
+)
+
+data class ChatMessage(val role: String, val content: String)
+
+enum class StopReason { STOP_TOKEN, LENGTH, CANCELLED, CONTEXT_FULL }
+
+data class GenerationResult(val stopReason: StopReason, val promptTokens: Int, val generatedTokens: Int)
+
+/** Receives generated text piece by piece; return false to stop. Called on the generating thread. */
+interface TokenCallback {
+    fun onToken(text: String): Boolean
+}
+
+/** The native methods (crates/sprig-ffi/src/jni.rs). Handles are registry ids: a stale one is an error. */
+internal object Native {
+    init {
+        System.loadLibrary("sprig")
+    }
+
+    @JvmStatic external fun version(): String
+    @JvmStatic external fun modelLoad(path: String, tokenizer: String?, threads: Int, device: Int, contextLength: Int): Long
+    @JvmStatic external fun modelFree(model: Long)
+    @JvmStatic external fun modelContextLength(model: Long): Int
+    @JvmStatic external fun sessionNew(model: Long): Long
+    @JvmStatic external fun sessionFree(session: Long)
+    @JvmStatic external fun sessionReset(session: Long)
+    @JvmStatic external fun sessionCancel(session: Long)
+    @JvmStatic external fun sessionGenerate(
+        session: Long, prompt: String, temperature: Float, topK: Int, topP: Float, seed: Long, maxTokens: Int,
+        callback: TokenCallback
+    ): IntArray
+    @JvmStatic external fun sessionChat(
+        session: Long, roles: Array<String>, contents: Array<String>, temperature: Float, topK: Int, topP: Float,
+        seed: Long, maxTokens: Int, callback: TokenCallback
+    ): IntArray
+}
+
+private fun result(r: IntArray) = GenerationResult(StopReason.values()[r[0]], r[1], r[2])
+
+/**
+ * A loaded model. Thread-safe; share it between sessions. [close] releases it (sessions still open keep the
+ * weights alive until they are closed); closing twice does nothing; any other use after close throws
+ * [SprigException] with code INVALID_HANDLE.
+ */
+class SprigModel private constructor(private val handle: Long) : AutoCloseable {
+    @Volatile private var closed = false
+
+    companion object {
+        @JvmStatic
+        fun load(path: String, options: ModelOptions = ModelOptions()): SprigModel = SprigModel(
+            Native.modelLoad(path, options.tokenizerPath, options.threads, options.device.code, options.contextLength)
+        )
+
+        @JvmStatic
+        val version: String
+            get() = Native.version()
+    }
+
+    /** Tokens a session of this model holds. */
+    val contextLength: Int
+        get() = Native.modelContextLength(handle)
+
+    /** A new, empty conversation on this model. */
+    fun newSession(): SprigSession = SprigSession(Native.sessionNew(handle))
+
+    @Synchronized
+    override fun close() {
+        if (!closed) {
+            closed = true
+            Native.modelFree(handle)
+        }
+    }
+}
+
+/**
+ * A conversation (its own KV cache). One generation at a time: a concurrent call throws [SprigException] with
+ * code BUSY. [cancel] may be called from any thread. [close] while generating cancels the generation.
+ */
+class SprigSession internal constructor(private val handle: Long) : AutoCloseable {
+    @Volatile private var closed = false
+
+    /** Continues the context with [prompt] and streams generated text to [onToken] (blocking). */
+    fun generateStreaming(prompt: String, params: SamplingParams, onToken: TokenCallback): GenerationResult =
+        result(
+            Native.sessionGenerate(
+                handle, prompt, params.temperature, params.topK, params.topP, params.seed, params.maxTokens, onToken
+            )
+        )
+
+    /** Answers the last turn of [messages] with the model's chat template, streaming to [onToken] (blocking).
+     *  Earlier turns already in the cache are not run again. */
+    fun chatStreaming(messages: List<ChatMessage>, params: SamplingParams, onToken: TokenCallback): GenerationResult =
+        result(
+            Native.sessionChat(
+                handle, messages.map { it.role }.toTypedArray(), messages.map { it.content }.toTypedArray(),
+                params.temperature, params.topK, params.topP, params.seed, params.maxTokens, onToken
+            )
+        )
+
+    /** Stops the running generation before its next token (it returns with [StopReason.CANCELLED]). */
+    fun cancel() = Native.sessionCancel(handle)
+
+    /** Forgets the conversation. */
+    fun reset() = Native.sessionReset(handle)
+
+    @Synchronized
+    override fun close() {
+        if (!closed) {
+            closed = true
+            Native.sessionFree(handle)
+        }
+    }
+}

@@ -1,0 +1,34 @@
+// The coroutine surface of the Android library: Flow adapters over the blocking, callback-based binding in
+// Sprig.kt. Cancelling the collecting coroutine cancels the native generation. Compiled by the Android build
+// (kotlinx-coroutines ≥ 1.6); the host tests exercise the binding underneath.
+package dev.sprig
+
+import kotlinx.coroutines.Dispatchers
+import kotlinx.coroutines.channels.awaitClose
+import kotlinx.coroutines.channels.trySendBlocking
+import kotlinx.coroutines.flow.Flow
+import kotlinx.coroutines.flow.callbackFlow
+import kotlinx.coroutines.launch
+
+private fun SprigSession.stream(run: SprigSession.(TokenCallback) -> GenerationResult): Flow<String> = callbackFlow {
+    val session = this@stream
+    launch(Dispatchers.IO) {
+        try {
+            session.run(object : TokenCallback {
+                override fun onToken(text: String): Boolean = trySendBlocking(text).isSuccess
+            })
+            close()
+        } catch (e: Throwable) {
+            close(e)
+        }
+    }
+    awaitClose { session.cancel() }
+}
+
+/** Generated text of [prompt], piece by piece. Cancelling the collector cancels generation. */
+fun SprigSession.generate(prompt: String, params: SamplingParams = SamplingParams()): Flow<String> =
+    stream { generateStreaming(prompt, params, it) }
+
+/** The model's reply to the last turn of [messages] (chat template applied), piece by piece. */
+fun SprigSession.chat(messages: List<ChatMessage>, params: SamplingParams = SamplingParams()): Flow<String> =
+    stream { chatStreaming(messages, params, it) }
