@@ -110,14 +110,14 @@ typedef struct SprigChatMessage {
 extern "C" {
 #endif // __cplusplus
 
-// The library version, e.g. "0.1.0" (static storage).
+// The library version, e.g. "0.1.0" (static storage). Thread safety: any thread.
 const char *sprig_version(void);
 
-// `SPRIG_ABI_VERSION` of the library actually loaded (compare with the header's).
+// `SPRIG_ABI_VERSION` of the library actually loaded (compare with the header's). Thread safety: any thread.
 uint32_t sprig_abi_version(void);
 
 // The message of the last failed call on this thread ("" if none). Valid until the next failing call on
-// this thread.
+// this thread. Thread safety: per thread by design.
 const char *sprig_last_error(void);
 
 struct SprigModelOptions sprig_model_options_default(void);
@@ -126,6 +126,7 @@ struct SprigSamplingParams sprig_sampling_params_default(void);
 
 // Loads a model: a native `.safetensors`, a `.gguf`, a llama2.c `.bin` (with `tokenizer_path`) or a Hugging
 // Face directory. `options` may be NULL (defaults). On success `*out_model` is the new handle.
+// Thread safety: any thread; loads may run concurrently.
 //
 // # Safety
 // `path` and the strings in `options` are NULL or NUL-terminated; `options` is NULL or points to a
@@ -135,15 +136,18 @@ enum SprigStatus sprig_model_load(const char *path,
                                   struct SprigModel **out_model);
 
 // Frees a model handle. Sessions still open keep the weights alive until they are freed.
+// Thread safety: any thread; the handle is invalid for every thread afterwards.
 enum SprigStatus sprig_model_free(struct SprigModel *model);
 
-// Tokens a session of this model holds (the context length chosen at load).
+// Tokens a session of this model holds (the context length chosen at load). Thread safety: any thread.
 //
 // # Safety
 // `out_tokens` is NULL or writable.
-enum SprigStatus sprig_model_context_length(const struct SprigModel *model, uint32_t *out_tokens);
+enum SprigStatus sprig_model_context_length(const struct SprigModel *model,
+                                            uint32_t *out_tokens);
 
-// Creates a session (an empty conversation) on a model.
+// Creates a session (an empty conversation) on a model. Thread safety: any thread; sessions of one model
+// may generate concurrently on different threads.
 //
 // # Safety
 // `out_session` is NULL or writable.
@@ -151,10 +155,11 @@ enum SprigStatus sprig_session_new(const struct SprigModel *model,
                                    struct SprigSession **out_session);
 
 // Frees a session. If it is generating on another thread, that generation is cancelled and the memory is
-// released when it returns.
+// released when it returns. Thread safety: any thread.
 enum SprigStatus sprig_session_free(struct SprigSession *session);
 
-// Forgets the conversation (empties the KV cache).
+// Forgets the conversation (empties the KV cache). Thread safety: any thread; `SPRIG_STATUS_BUSY` while the
+// session generates.
 enum SprigStatus sprig_session_reset(struct SprigSession *session);
 
 // Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with
@@ -163,6 +168,7 @@ enum SprigStatus sprig_session_cancel(struct SprigSession *session);
 
 // Continues the session's context with raw `prompt` text and generates, streaming text to `callback`.
 // `params` may be NULL (defaults), `callback` may be NULL, `out_result` may be NULL.
+// Thread safety: any thread; one generation per session at a time (`SPRIG_STATUS_BUSY` otherwise).
 //
 // # Safety
 // `prompt` is NULL or NUL-terminated; `params` is NULL or valid; `callback` is NULL or valid for the call;
@@ -176,6 +182,7 @@ enum SprigStatus sprig_session_generate(struct SprigSession *session,
 
 // Answers the last turn of `messages` (`n_messages` turns) with the model's chat template. When the
 // conversation extends the previous call's (same earlier turns plus the reply), only the new turns are run.
+// Thread safety: as `sprig_session_generate`.
 //
 // # Safety
 // `messages` points to `n_messages` valid SprigChatMessage (or is NULL with 0); the rest as for

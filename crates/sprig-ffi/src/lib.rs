@@ -137,20 +137,20 @@ fn handle_id<T>(p: *const T, what: &str) -> FfiResult<u64> {
     Ok(p as usize as u64)
 }
 
-/// The library version, e.g. "0.1.0" (static storage).
+/// The library version, e.g. "0.1.0" (static storage). Thread safety: any thread.
 #[no_mangle]
 pub extern "C" fn sprig_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
 
-/// `SPRIG_ABI_VERSION` of the library actually loaded (compare with the header's).
+/// `SPRIG_ABI_VERSION` of the library actually loaded (compare with the header's). Thread safety: any thread.
 #[no_mangle]
 pub extern "C" fn sprig_abi_version() -> u32 {
     SPRIG_ABI_VERSION
 }
 
 /// The message of the last failed call on this thread ("" if none). Valid until the next failing call on
-/// this thread.
+/// this thread. Thread safety: per thread by design.
 #[no_mangle]
 pub extern "C" fn sprig_last_error() -> *const c_char {
     LAST_ERROR.with(|l| l.borrow().as_ptr())
@@ -168,6 +168,7 @@ pub extern "C" fn sprig_sampling_params_default() -> SprigSamplingParams {
 
 /// Loads a model: a native `.safetensors`, a `.gguf`, a llama2.c `.bin` (with `tokenizer_path`) or a Hugging
 /// Face directory. `options` may be NULL (defaults). On success `*out_model` is the new handle.
+/// Thread safety: any thread; loads may run concurrently.
 ///
 /// # Safety
 /// `path` and the strings in `options` are NULL or NUL-terminated; `options` is NULL or points to a
@@ -203,12 +204,13 @@ pub unsafe extern "C" fn sprig_model_load(
 }
 
 /// Frees a model handle. Sessions still open keep the weights alive until they are freed.
+/// Thread safety: any thread; the handle is invalid for every thread afterwards.
 #[no_mangle]
 pub extern "C" fn sprig_model_free(model: *mut SprigModel) -> SprigStatus {
     call(|| core::free_model(handle_id(model, "model")?))
 }
 
-/// Tokens a session of this model holds (the context length chosen at load).
+/// Tokens a session of this model holds (the context length chosen at load). Thread safety: any thread.
 ///
 /// # Safety
 /// `out_tokens` is NULL or writable.
@@ -225,7 +227,8 @@ pub unsafe extern "C" fn sprig_model_context_length(model: *const SprigModel, ou
     })
 }
 
-/// Creates a session (an empty conversation) on a model.
+/// Creates a session (an empty conversation) on a model. Thread safety: any thread; sessions of one model
+/// may generate concurrently on different threads.
 ///
 /// # Safety
 /// `out_session` is NULL or writable.
@@ -247,13 +250,14 @@ pub unsafe extern "C" fn sprig_session_new(
 }
 
 /// Frees a session. If it is generating on another thread, that generation is cancelled and the memory is
-/// released when it returns.
+/// released when it returns. Thread safety: any thread.
 #[no_mangle]
 pub extern "C" fn sprig_session_free(session: *mut SprigSession) -> SprigStatus {
     call(|| core::free_session(handle_id(session, "session")?))
 }
 
-/// Forgets the conversation (empties the KV cache).
+/// Forgets the conversation (empties the KV cache). Thread safety: any thread; `SPRIG_STATUS_BUSY` while the
+/// session generates.
 #[no_mangle]
 pub extern "C" fn sprig_session_reset(session: *mut SprigSession) -> SprigStatus {
     call(|| core::reset(handle_id(session, "session")?))
@@ -319,6 +323,7 @@ unsafe fn run_generation(
 
 /// Continues the session's context with raw `prompt` text and generates, streaming text to `callback`.
 /// `params` may be NULL (defaults), `callback` may be NULL, `out_result` may be NULL.
+/// Thread safety: any thread; one generation per session at a time (`SPRIG_STATUS_BUSY` otherwise).
 ///
 /// # Safety
 /// `prompt` is NULL or NUL-terminated; `params` is NULL or valid; `callback` is NULL or valid for the call;
@@ -342,6 +347,7 @@ pub unsafe extern "C" fn sprig_session_generate(
 
 /// Answers the last turn of `messages` (`n_messages` turns) with the model's chat template. When the
 /// conversation extends the previous call's (same earlier turns plus the reply), only the new turns are run.
+/// Thread safety: as `sprig_session_generate`.
 ///
 /// # Safety
 /// `messages` points to `n_messages` valid SprigChatMessage (or is NULL with 0); the rest as for
