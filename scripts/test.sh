@@ -25,3 +25,16 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo test --workspace --locked
+
+# The NEON kernels (baseline and sdot), cross-compiled for aarch64 and checked against the scalar kernel under
+# qemu's user-mode emulation.
+rustup target add aarch64-unknown-linux-gnu >/dev/null
+if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user >/dev/null
+fi
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+SPRIG_EXPECT_ISA=neon,dotprod \
+    cargo test --locked -p sprig-quant --lib --target aarch64-unknown-linux-gnu

@@ -2,8 +2,11 @@
 //!
 //! One entry point, [`gemm`], serves decode (one token: a GEMV) and prefill (many tokens: each weight row is
 //! loaded once and reused against every token while it sits in L1). The instruction set is picked at runtime
-//! ([`Isa::detect`]); `SPRIG_CPU=scalar|avx2|avx512` forces one, and tests check each against [`scalar`].
+//! ([`Isa::detect`]); `SPRIG_CPU=scalar|avx2|avx512|neon|dotprod` forces one, and tests check each against
+//! [`scalar`].
 
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -18,6 +21,10 @@ pub enum Isa {
     Avx2,
     /// AVX-512 VNNI (256-bit, with VL): `vpdpbusd`.
     Avx512Vnni,
+    /// aarch64 baseline NEON: `smull` + `sadalp`.
+    Neon,
+    /// aarch64 with the dot-product extension: `sdot`.
+    NeonDot,
 }
 
 impl Isa {
@@ -26,6 +33,8 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::Avx512Vnni => "avx512",
+            Isa::Neon => "neon",
+            Isa::NeonDot => "dotprod",
         }
     }
 
@@ -39,6 +48,14 @@ impl Isa {
             }
             if x86::has_avx512_vnni() {
                 v.push(Isa::Avx512Vnni);
+            }
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // NEON is part of the aarch64 baseline.
+            v.push(Isa::Neon);
+            if neon::has_dotprod() {
+                v.push(Isa::NeonDot);
             }
         }
         v
@@ -102,6 +119,19 @@ pub unsafe fn gemm_strided(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out:
             // SAFETY: AVX-512 VNNI/VL presence checked just above; output contract forwarded from our caller.
             unsafe { x86::gemm_vnni(w, x, out, ldo) }
         }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => {
+            // SAFETY: NEON is baseline on aarch64; output contract forwarded from our caller.
+            unsafe { neon::gemm_neon(w, x, out, ldo) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonDot => {
+            assert!(neon::has_dotprod(), "the dot-product extension is not available");
+            // SAFETY: dotprod presence checked just above; output contract forwarded from our caller.
+            unsafe { neon::gemm_dotprod(w, x, out, ldo) }
+        }
+        #[allow(unreachable_patterns)]
+        other => panic!("{} kernels are not compiled for this architecture", other.name()),
     }
 }
 
@@ -111,6 +141,16 @@ mod tests {
     use crate::quantize::quantize;
     use crate::scheme::Scheme;
     use rand::{Rng, SeedableRng};
+
+    /// `SPRIG_EXPECT_ISA=neon,dotprod` (set by scripts/test.sh for the qemu run) makes sure the kernels the run
+    /// is meant to check were really detected, so a detection failure cannot silently test only scalar.
+    #[test]
+    fn expected_instruction_sets_are_detected() {
+        let avail = Isa::available();
+        for name in std::env::var("SPRIG_EXPECT_ISA").unwrap_or_default().split(',').filter(|s| !s.is_empty()) {
+            assert!(avail.iter().any(|i| i.name() == name), "{name} not detected; available: {avail:?}");
+        }
+    }
 
     #[test]
     fn every_isa_matches_scalar_on_odd_shapes() {
