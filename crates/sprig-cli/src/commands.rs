@@ -108,6 +108,9 @@ struct GenArgs {
     /// Sliding-window attention: WINDOW:PATTERN (every PATTERN-th layer global).
     #[arg(long)]
     sliding: Option<String>,
+    /// Vocabulary size (padded with filler tokens; at least the generator's 267).
+    #[arg(long)]
+    vocab: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -331,7 +334,11 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 seed: a.seed,
                 sliding,
                 moe,
+                vocab: a.vocab,
             };
+            if a.vocab.is_some_and(|v| !(267..=1 << 20).contains(&v)) {
+                bail!("--vocab must be in 267..=1048576");
+            }
             if spec.n_heads == 0
                 || !spec.dim.is_multiple_of(spec.n_heads)
                 || spec.n_kv_heads == 0

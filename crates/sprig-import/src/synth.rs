@@ -29,6 +29,9 @@ pub struct SynthSpec {
     /// `Some((window, pattern))`: every layer but each `pattern`-th is a sliding-window layer (HF `layer_types`).
     pub sliding: Option<(usize, usize)>,
     pub moe: Option<SynthMoe>,
+    /// Vocabulary size; `None` = the generator's natural 267 tokens. Larger sizes pad with filler tokens that
+    /// the merges never produce (a stories110M-shaped model has 32000).
+    pub vocab: Option<usize>,
 }
 
 /// Mixture-of-Experts FFNs for the generator.
@@ -87,6 +90,7 @@ impl SynthSpec {
             seed: 1,
             sliding: None,
             moe: None,
+            vocab: None,
         }
     }
     /// A small MoE model of one of the MoE families (see [`SynthSpec::arch`]): 8 experts, top-2, a dense first
@@ -136,7 +140,7 @@ pub struct SynthVocab {
     pub types: Vec<u8>,
 }
 
-pub fn synth_vocab() -> SynthVocab {
+pub fn synth_vocab(size: Option<usize>) -> SynthVocab {
     let byte_chars: Vec<char> = bytes_to_unicode().into_iter().map(|(_, c)| c).collect();
     let mut tokens: Vec<String> = byte_chars.iter().map(|c| c.to_string()).collect();
     let mut merges = Vec::new();
@@ -144,6 +148,10 @@ pub fn synth_vocab() -> SynthVocab {
     {
         merges.push(format!("{a} {b}"));
         tokens.push(format!("{a}{b}"));
+    }
+    let natural = tokens.len() + 3;
+    for i in 0..size.unwrap_or(natural).saturating_sub(natural) {
+        tokens.push(format!("<fill{i}>"));
     }
     let mut types = vec![token_type::NORMAL; tokens.len()];
     for s in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
@@ -282,7 +290,7 @@ pub enum HfDtype {
 /// Writes an HF directory; `shards > 1` splits the weights over several safetensors files.
 pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let v = synth_vocab();
+    let v = synth_vocab(s.vocab);
     let mut config = json!({
         "model_type": s.hf_model_type(), "architectures": ["ForCausalLM"],
         "hidden_size": s.dim, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
@@ -494,7 +502,7 @@ pub fn gguf_bytes(s: &SynthSpec) -> Result<Vec<u8>> {
 }
 
 fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
-    let v = synth_vocab();
+    let v = synth_vocab(s.vocab);
     let mut g = GgufWriter::new();
     let a = s.arch.as_str();
     g.str("general.architecture", a);
