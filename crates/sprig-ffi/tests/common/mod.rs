@@ -2,12 +2,27 @@
 
 use std::path::{Path, PathBuf};
 
-/// `target/<profile>`, where cargo puts libsprig.so (this test binary lives in its `deps/`).
+/// A directory holding a freshly built `libsprig.so` (and `libsprig.a`). `cargo test` builds this crate only as
+/// an rlib for its tests, so the cdylib is built here with cargo itself, into a target directory of its own
+/// (the outer `cargo test` holds the lock of the main one while tests run); incremental after the first time.
 pub fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    assert!(dir.join("libsprig.so").exists(), "{} has no libsprig.so (cargo builds it with the crate)", dir.display());
-    dir
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/<test> -> target/ffi-host
+        let target = exe.parent().unwrap().parent().unwrap().parent().unwrap().join("ffi-host");
+        let out = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--locked", "-p", "sprig-ffi", "--lib", "--target-dir"])
+            .arg(&target)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("running cargo");
+        assert!(out.status.success(), "building libsprig failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        let dir = target.join("debug");
+        assert!(dir.join("libsprig.so").exists(), "{} has no libsprig.so", dir.display());
+        dir
+    })
+    .clone()
 }
 
 pub fn shared_models() -> PathBuf {
