@@ -516,7 +516,7 @@ fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     g.f32(&format!("{a}.attention.layer_norm_rms_epsilon"), 1e-6);
     g.f32(&format!("{a}.rope.freq_base"), s.rope_theta() as f32);
     g.str("tokenizer.ggml.model", "gpt2");
-    g.str("tokenizer.ggml.pre", "gpt2");
+    g.str("tokenizer.ggml.pre", "gpt-2");
     g.strs("tokenizer.ggml.tokens", &v.tokens);
     g.strs("tokenizer.ggml.merges", &v.merges);
     g.i32s("tokenizer.ggml.token_type", &v.types.iter().map(|&t| t as i32).collect::<Vec<_>>());
