@@ -146,6 +146,7 @@ fn hf_bad_inputs() {
 #[test]
 fn mutation_fuzz_parsers() {
     let gguf = synth_gguf();
+    let moe = gguf_bytes(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny_moe("qwen2moe") }).unwrap();
     let model = std::fs::read(shared("stories260K/stories260K.bin")).unwrap();
     let tok = std::fs::read(shared("stories260K/tok512.bin")).unwrap();
     let imported = llama2c::import_bytes(&model, &tok, &ImportOptions::quant(QuantChoice::Q4), &mut |_, _| {}).unwrap();
@@ -168,6 +169,9 @@ fn mutation_fuzz_parsers() {
         let g = mutate(&gguf, &mut rng);
         if let Ok(f) = GgufFile::from_bytes(g) {
             let _ = sprig_import::gguf::import_file(&f, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {});
+        }
+        if let Ok(f) = GgufFile::from_bytes(mutate(&moe, &mut rng)) {
+            let _ = sprig_import::gguf::import_file(&f, &ImportOptions::quant(QuantChoice::Q4), &mut |_, _| {});
         }
         let n = mutate(&native, &mut rng);
         let _ = sprig_format::ModelFile::from_bytes(&n);
