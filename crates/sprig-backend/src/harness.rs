@@ -119,6 +119,32 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
         }
     }
 
+    // Several linears on one input in one pass (Q/K/V style), with and without bias, mixed weight kinds.
+    for t in [1usize, 6] {
+        let x = random(&mut rng, t * COLS, 2.0);
+        let (xa, xr) = pair!(x, t, COLS);
+        let names = ["w.q4", "w.q8", "w.q4a"];
+        let wa: Vec<A::Weight> = names.iter().map(|n| a.load_weight(&file, n).unwrap()).collect();
+        let (ba, br) = (a.load_weight(&file, "bias").unwrap(), r.load_weight(&file, "bias").unwrap());
+        let (mut o0, mut o1, mut o2) = (a.tensor(), a.tensor(), a.tensor());
+        a.linear_many(
+            &xa,
+            &[(&wa[0], Some(&ba)), (&wa[1], None), (&wa[2], Some(&ba))],
+            &mut [&mut o0, &mut o1, &mut o2],
+        );
+        for (i, (name, o)) in names.iter().zip([&o0, &o1, &o2]).enumerate() {
+            // The same math as one linear at a time on this backend (same kernels: equal up to rounding order)...
+            let mut one = a.tensor();
+            a.linear(&xa, &wa[i], (i != 1).then_some(&ba), &mut one);
+            check(format!("linear_many {name} T={t} vs linear"), dl(o), dl(&one), 1e-6);
+            // ...and close to the reference.
+            let wr = r.load_weight(&file, name).unwrap();
+            let mut or = r.tensor();
+            r.linear(&xr, &wr, (i != 1).then_some(&br), &mut or);
+            check(format!("linear_many {name} T={t}"), dl(o), dlr(&or), 2e-2);
+        }
+    }
+
     // RMSNorm over whole rows and per head, with w and 1 + w.
     for (wname, add_one) in [("norm.full", false), ("norm.full", true), ("norm.head", false), ("norm.head", true)] {
         let x = random(&mut rng, 3 * COLS, 3.0);

@@ -123,6 +123,19 @@ pub trait Backend: Send + Sync + 'static {
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32, add_one: bool, out: &mut Self::Tensor);
     /// `out = x · Wᵀ (+ bias)`: `x [T, in]`, `W [out, in]`.
     fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>, out: &mut Self::Tensor);
+    /// Several linears reading the same input (Q/K/V, gate/up): `outs[i] = x · W_iᵀ (+ b_i)`. Backends may run
+    /// them as one parallel pass instead of one per matrix.
+    fn linear_many(
+        &self,
+        x: &Self::Tensor,
+        ws: &[(&Self::Weight, Option<&Self::Weight>)],
+        outs: &mut [&mut Self::Tensor],
+    ) {
+        assert_eq!(ws.len(), outs.len(), "linear_many: weights and outputs");
+        for ((w, b), o) in ws.iter().zip(outs.iter_mut()) {
+            self.linear(x, w, *b, o);
+        }
+    }
     /// Rotates `x [T, n_heads*head_dim]` in place; row t is at position `pos0 + t`.
     fn rope(&self, x: &mut Self::Tensor, pos0: usize, p: &RopeParams);
     /// Causal attention of the T new queries (positions `pos0..pos0+T`) over the cached keys of this layer and

@@ -295,9 +295,12 @@ impl<B: Backend> Model<B> {
             // Attention block.
             b.rms_norm(&st.x, &l.attn_norm, eps, one, &mut st.xn);
             show(b, &st.xn, li, &["attn_q", "attn_k", "attn_v"]);
-            b.linear(&st.xn, &l.wq, l.bias.as_ref().map(|x| &x[0]), &mut st.q);
-            b.linear(&st.xn, &l.wk, l.bias.as_ref().map(|x| &x[1]), &mut st.k);
-            b.linear(&st.xn, &l.wv, l.bias.as_ref().map(|x| &x[2]), &mut st.v);
+            let bias = |i: usize| l.bias.as_ref().map(|x| &x[i]);
+            b.linear_many(
+                &st.xn,
+                &[(&l.wq, bias(0)), (&l.wk, bias(1)), (&l.wv, bias(2))],
+                &mut [&mut st.q, &mut st.k, &mut st.v],
+            );
             if let Some([qn, kn]) = &l.qk_norm {
                 b.rms_norm(&st.q, qn, eps, one, &mut st.att);
                 std::mem::swap(&mut st.q, &mut st.att);
@@ -315,8 +318,7 @@ impl<B: Backend> Model<B> {
             match &l.ffn {
                 Ffn::Dense(f) => {
                     show(b, &st.xn, li, &["ffn_gate", "ffn_up"]);
-                    b.linear(&st.xn, &f.gate, None, &mut st.gate);
-                    b.linear(&st.xn, &f.up, None, &mut st.up);
+                    b.linear_many(&st.xn, &[(&f.gate, None), (&f.up, None)], &mut [&mut st.gate, &mut st.up]);
                     b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
                     show(b, &st.hid, li, &["ffn_down"]);
                     b.linear(&st.hid, &f.down, None, &mut st.proj);

@@ -289,6 +289,51 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn linear_many(&self, x: &CpuTensor, ws: &[(&CpuWeight, Option<&CpuWeight>)], outs: &mut [&mut CpuTensor]) {
+        assert_eq!(ws.len(), outs.len(), "linear_many: weights and outputs");
+        let views: Vec<WeightView<'_>> = ws.iter().map(|(w, _)| w.view()).collect();
+        if !views.iter().all(|v| matches!(v, WeightView::Quant(_))) {
+            for ((w, b), o) in ws.iter().zip(outs.iter_mut()) {
+                self.linear(x, w, *b, o);
+            }
+            return;
+        }
+        let t = x.rows;
+        // One job list over every matrix's row chunks, so the pool forks and joins once for all of them.
+        let mut jobs = Vec::new();
+        let mut ptrs = Vec::with_capacity(outs.len());
+        for (m, (v, o)) in views.iter().zip(outs.iter_mut()).enumerate() {
+            assert_eq!(x.cols, v.cols(), "linear: input has {} features, weight expects {}", x.cols, v.cols());
+            let n = v.rows();
+            o.reshape(t, n);
+            ptrs.push(OutPtr(o.data.as_mut_ptr()));
+            let chunk = (n.div_ceil(self.threads * 4)).next_multiple_of(8).max(8);
+            jobs.extend((0..n.div_ceil(chunk)).map(|c| (m, c * chunk, ((c + 1) * chunk).min(n))));
+        }
+        let xq = x.quantized();
+        let xq = &*xq;
+        let isa = self.isa;
+        let (views, ptrs) = (&views, &ptrs);
+        self.pool.install(|| {
+            jobs.par_iter().for_each(|&(m, r0, r1)| {
+                let WeightView::Quant(q) = views[m] else { unreachable!("checked above") };
+                let n = q.rows;
+                // SAFETY: output m holds t*n floats; this job writes only its columns r0..r1 of each row, which no
+                // other job touches; no slice of the output is alive during the pass.
+                unsafe { kernels::gemm_strided(isa, &q.rows_range(r0, r1), xq, ptrs[m].get().add(r0), n) };
+            })
+        });
+        for ((w, b), o) in ws.iter().zip(outs.iter_mut()) {
+            if let Some(b) = b {
+                let b = b.vector();
+                let n = w.rows;
+                for row in o.mutate().chunks_exact_mut(n) {
+                    row.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
+                }
+            }
+        }
+    }
+
     fn rope(&self, x: &mut CpuTensor, pos0: usize, p: &RopeParams) {
         let cols = x.cols;
         assert_eq!(cols, p.n_heads * p.head_dim, "rope: width");
