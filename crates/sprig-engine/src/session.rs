@@ -32,11 +32,6 @@ impl<B: Backend> Session<B> {
         self.cached.clear();
     }
 
-    /// Tokens in the context so far.
-    pub fn position(&self) -> usize {
-        self.state.pos
-    }
-
     /// Continues the context with raw `text` (the tokenizer's BOS rule applies only at position 0), then
     /// generates up to `max_new` tokens.
     pub fn generate(
@@ -52,9 +47,7 @@ impl<B: Backend> Session<B> {
         } else {
             self.engine.tokenizer.encode(text, false)?
         };
-        let mut all = self.cached.clone();
-        all.extend(&tokens);
-        self.run(&all, self.cached.len(), &mut sampler, max_new, on_text)
+        self.run(&tokens, &mut sampler, max_new, on_text)
     }
 
     /// Renders the whole conversation with the model's chat template and answers its last turn. When the
@@ -75,18 +68,17 @@ impl<B: Backend> Session<B> {
             self.reset();
         }
         let start = self.cached.len();
-        self.run(&tokens, start, &mut sampler, max_new, on_text)
+        self.run(&tokens[start..], &mut sampler, max_new, on_text)
     }
 
+    /// Runs `new` tokens after the cached ones and generates.
     fn run(
         &mut self,
-        all: &[u32],
-        start: usize,
+        new: &[u32],
         sampler: &mut Sampler,
         max_new: usize,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
-        let new = &all[start..];
         if new.is_empty() {
             return Err(EngineError::Invalid("empty prompt: nothing to condition on".into()));
         }
@@ -101,7 +93,7 @@ impl<B: Backend> Session<B> {
         match &stats {
             Ok(s) => {
                 // The cache holds the prompt and the generated tokens fed back (the last one may be unfed).
-                self.cached = all.to_vec();
+                self.cached.extend_from_slice(new);
                 self.cached.extend(&s.generated);
                 self.cached.truncate(self.state.pos);
             }

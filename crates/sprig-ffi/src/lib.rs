@@ -282,9 +282,9 @@ unsafe fn sampling(params: *const SprigSamplingParams) -> Sampling {
 /// # Safety
 /// `callback` is NULL or a function valid for the call; `user_data` is whatever it expects; `out` is NULL or
 /// writable.
-unsafe fn run_generation(
+unsafe fn run_generation<'a>(
     session: *mut SprigSession,
-    input: impl FnOnce() -> FfiResult<Input<'static>>,
+    input: impl FnOnce() -> FfiResult<Input<'a>>,
     params: Sampling,
     callback: SprigTokenCallback,
     user_data: *mut c_void,
@@ -339,7 +339,7 @@ pub unsafe extern "C" fn sprig_session_generate(
 ) -> SprigStatus {
     // SAFETY: caller contract on `params`.
     let p = unsafe { sampling(params) };
-    // SAFETY: caller contract on `prompt` (the &'static is only used during this call).
+    // SAFETY: caller contract on `prompt` (the borrowed text is used during this call only).
     let input = || Ok(Input::Text(unsafe { str_arg(prompt, "prompt") }?));
     // SAFETY: caller contract on callback, user_data and out_result.
     unsafe { run_generation(session, input, p, callback, user_data, out_result) }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use sprig_backend::{AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeParams};
+use sprig_backend::{Activation, AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeParams};
 use sprig_format::{AttentionKind, ModelConfig, ModelFile};
 
 use crate::{ModelError, Result};
@@ -31,6 +31,16 @@ struct Glu<B: Backend> {
     gate: B::Weight,
     up: B::Weight,
     down: B::Weight,
+}
+
+impl<B: Backend> Glu<B> {
+    /// `out = down(act(gate · x) * (up · x))`; `scratch` receives gate, up and the hidden activations.
+    fn run(&self, b: &B, act: Activation, x: &B::Tensor, scratch: [&mut B::Tensor; 3], out: &mut B::Tensor) {
+        let [gate, up, hid] = scratch;
+        b.linear_many(x, &[(&self.gate, None), (&self.up, None)], &mut [&mut *gate, &mut *up]);
+        b.glu(gate, up, act, hid);
+        b.linear(hid, &self.down, None, out);
+    }
 }
 
 /// The FFN of one layer: dense, or a Mixture-of-Experts.
@@ -318,10 +328,8 @@ impl<B: Backend> Model<B> {
             match &l.ffn {
                 Ffn::Dense(f) => {
                     show(b, &st.xn, li, &["ffn_gate", "ffn_up"]);
-                    b.linear_many(&st.xn, &[(&f.gate, None), (&f.up, None)], &mut [&mut st.gate, &mut st.up]);
-                    b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
+                    f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.proj);
                     show(b, &st.hid, li, &["ffn_down"]);
-                    b.linear(&st.hid, &f.down, None, &mut st.proj);
                 }
                 Ffn::Moe { router, gate, up, down, shared, params } => {
                     show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"]);
@@ -330,11 +338,8 @@ impl<B: Backend> Model<B> {
                     b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, st.moe_usage[li].as_mut());
                     if let Some((f, gate_inp)) = shared {
                         show(b, &st.xn, li, &["ffn_gate_shexp", "ffn_up_shexp"]);
-                        b.linear(&st.xn, &f.gate, None, &mut st.gate);
-                        b.linear(&st.xn, &f.up, None, &mut st.up);
-                        b.glu(&st.gate, &st.up, c.activation, &mut st.hid);
+                        f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.shared);
                         show(b, &st.hid, li, &["ffn_down_shexp"]);
-                        b.linear(&st.hid, &f.down, None, &mut st.shared);
                         if let Some(g) = gate_inp {
                             b.linear(&st.xn, g, None, &mut st.router);
                             b.sigmoid_gate(&mut st.shared, &st.router);

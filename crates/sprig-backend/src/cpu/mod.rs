@@ -10,7 +10,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use sprig_format::{ModelFile, TensorEntry, WeightView};
 use sprig_quant::kernels::{self, Isa};
-use sprig_quant::QuantizedActivations;
+use sprig_quant::{QMatrix, QuantizedActivations};
 
 use crate::moe::{self, ExpertWeights, MoeParams, MoeUsage};
 use crate::{Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeParams};
@@ -48,27 +48,13 @@ impl CpuBackend {
     fn linear_view(&self, x: &CpuTensor, view: WeightView<'_>, out: &mut CpuTensor) {
         let (t, k) = (x.rows, x.cols);
         assert_eq!(k, view.cols(), "linear: input has {k} features, weight expects {}", view.cols());
-        let n = view.rows();
-        out.reshape(t, n);
-        let ptr = OutPtr(out.data.as_mut_ptr());
-        // Enough chunks to balance the pool, each a multiple of 8 rows to keep kernels' loops whole.
-        let chunk = (n.div_ceil(self.threads * 4)).next_multiple_of(8).max(8);
         match view {
-            WeightView::Quant(q) => {
-                let xq = x.quantized();
-                let xq = &*xq;
-                let isa = self.isa;
-                self.pool.install(|| {
-                    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
-                        let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
-                        let sub = q.rows_range(r0, r1);
-                        // SAFETY: `out` holds t*n floats; this worker writes only columns r0..r1 of each of the t
-                        // rows (element t*n + r0 + r), which no other worker touches; no slice of `out` is alive.
-                        unsafe { kernels::gemm_strided(isa, &sub, xq, ptr.get().add(r0), n) };
-                    })
-                });
-            }
+            WeightView::Quant(q) => self.quant_linears(x, &[q], &mut [out]),
             _ => {
+                let n = view.rows();
+                out.reshape(t, n);
+                let ptr = OutPtr(out.data.as_mut_ptr());
+                let chunk = self.row_chunk(n);
                 let xd = &x.data[..];
                 self.pool.install(|| {
                     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
@@ -93,6 +79,54 @@ impl CpuBackend {
                 });
             }
         }
+    }
+}
+
+impl CpuBackend {
+    /// Rows per parallel job: enough jobs to balance the pool, each a multiple of 8 rows to keep kernels' loops
+    /// whole.
+    fn row_chunk(&self, n: usize) -> usize {
+        (n.div_ceil(self.threads * 4)).next_multiple_of(8).max(8)
+    }
+
+    /// `outs[i] = x · W_iᵀ` for up to [`MAX_PASS`] quantized matrices, as one parallel pass over every matrix's
+    /// row chunks (one fork/join for all of them); `x` is quantized once. Allocation-free: it runs per token.
+    fn quant_linears(&self, x: &CpuTensor, ws: &[QMatrix<'_>], outs: &mut [&mut CpuTensor]) {
+        assert!(ws.len() == outs.len() && ws.len() <= MAX_PASS, "linear: {} weights, {} outputs", ws.len(), outs.len());
+        let t = x.rows;
+        let mut ptrs = [OutPtr(std::ptr::null_mut()); MAX_PASS];
+        // Job j belongs to matrix m when first[m] <= j < first[m + 1].
+        let mut first = [0usize; MAX_PASS + 1];
+        for (m, (q, o)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+            assert_eq!(x.cols, q.cols, "linear: input has {} features, weight expects {}", x.cols, q.cols);
+            o.reshape(t, q.rows);
+            ptrs[m] = OutPtr(o.data.as_mut_ptr());
+            first[m + 1] = first[m] + q.rows.div_ceil(self.row_chunk(q.rows));
+        }
+        let xq = x.quantized();
+        let (xq, isa) = (&*xq, self.isa);
+        let run = |j: usize| {
+            let m = (0..ws.len()).find(|&m| j < first[m + 1]).expect("job index in range");
+            let (q, chunk) = (&ws[m], self.row_chunk(ws[m].rows));
+            let r0 = (j - first[m]) * chunk;
+            let r1 = (r0 + chunk).min(q.rows);
+            // SAFETY: output m holds t*rows floats; this job writes only its columns r0..r1 of each of the t rows
+            // (element t*rows + r0 + r), which no other job touches; no slice of the output is alive.
+            unsafe { kernels::gemm_strided(isa, &q.rows_range(r0, r1), xq, ptrs[m].get().add(r0), q.rows) };
+        };
+        self.pool.install(|| (0..first[ws.len()]).into_par_iter().for_each(run));
+    }
+}
+
+/// Most matrices one [`CpuBackend::quant_linears`] pass takes (Q/K/V is three).
+const MAX_PASS: usize = 4;
+
+/// `x[t, :] += b` for every row.
+fn add_bias(x: &mut CpuTensor, b: &CpuWeight) {
+    let b = b.vector();
+    let n = b.len();
+    for row in x.mutate().chunks_exact_mut(n) {
+        row.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
     }
 }
 
@@ -280,56 +314,36 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>, out: &mut CpuTensor) {
         self.linear_view(x, w.view(), out);
-        let n = w.rows;
         if let Some(b) = bias {
-            let b = b.vector();
-            for row in out.mutate().chunks_exact_mut(n) {
-                row.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
-            }
+            add_bias(out, b);
         }
     }
 
     fn linear_many(&self, x: &CpuTensor, ws: &[(&CpuWeight, Option<&CpuWeight>)], outs: &mut [&mut CpuTensor]) {
         assert_eq!(ws.len(), outs.len(), "linear_many: weights and outputs");
-        let views: Vec<WeightView<'_>> = ws.iter().map(|(w, _)| w.view()).collect();
-        if !views.iter().all(|v| matches!(v, WeightView::Quant(_))) {
+        if ws.is_empty() {
+            return;
+        }
+        let views = ws.iter().map(|(w, _)| w.view());
+        let all_quant = ws.len() <= MAX_PASS && views.clone().all(|v| matches!(v, WeightView::Quant(_)));
+        if !all_quant {
             for ((w, b), o) in ws.iter().zip(outs.iter_mut()) {
                 self.linear(x, w, *b, o);
             }
             return;
         }
-        let t = x.rows;
-        // One job list over every matrix's row chunks, so the pool forks and joins once for all of them.
-        let mut jobs = Vec::new();
-        let mut ptrs = Vec::with_capacity(outs.len());
-        for (m, (v, o)) in views.iter().zip(outs.iter_mut()).enumerate() {
-            assert_eq!(x.cols, v.cols(), "linear: input has {} features, weight expects {}", x.cols, v.cols());
-            let n = v.rows();
-            o.reshape(t, n);
-            ptrs.push(OutPtr(o.data.as_mut_ptr()));
-            let chunk = (n.div_ceil(self.threads * 4)).next_multiple_of(8).max(8);
-            jobs.extend((0..n.div_ceil(chunk)).map(|c| (m, c * chunk, ((c + 1) * chunk).min(n))));
+        let mut qs = [None; MAX_PASS];
+        for (slot, v) in qs.iter_mut().zip(views) {
+            *slot = match v {
+                WeightView::Quant(q) => Some(q),
+                _ => None,
+            };
         }
-        let xq = x.quantized();
-        let xq = &*xq;
-        let isa = self.isa;
-        let (views, ptrs) = (&views, &ptrs);
-        self.pool.install(|| {
-            jobs.par_iter().for_each(|&(m, r0, r1)| {
-                let WeightView::Quant(q) = views[m] else { unreachable!("checked above") };
-                let n = q.rows;
-                // SAFETY: output m holds t*n floats; this job writes only its columns r0..r1 of each row, which no
-                // other job touches; no slice of the output is alive during the pass.
-                unsafe { kernels::gemm_strided(isa, &q.rows_range(r0, r1), xq, ptrs[m].get().add(r0), n) };
-            })
-        });
-        for ((w, b), o) in ws.iter().zip(outs.iter_mut()) {
+        let qs = qs.map(|q| q.unwrap_or_else(|| qs[0].expect("at least one weight")));
+        self.quant_linears(x, &qs[..ws.len()], outs);
+        for ((_, b), o) in ws.iter().zip(outs.iter_mut()) {
             if let Some(b) = b {
-                let b = b.vector();
-                let n = w.rows;
-                for row in o.mutate().chunks_exact_mut(n) {
-                    row.iter_mut().zip(b.iter()).for_each(|(o, b)| *o += b);
-                }
+                add_bias(o, b);
             }
         }
     }
@@ -440,6 +454,9 @@ impl Backend for CpuBackend {
         assert_eq!((experts.up.rows, experts.up.cols), (ne * h, d), "moe: up experts shape");
         assert_eq!((experts.down.rows, experts.down.cols), (ne * d, h), "moe: down experts shape");
         let (gv, uv, dv) = (experts.gate.view(), experts.up.view(), experts.down.view());
+        if let Some(u) = usage.as_deref_mut() {
+            u.tokens.resize(ne, 0);
+        }
         let mut run = |s: &mut MoeScratch| {
             s.groups.resize_with(ne, Vec::new);
             s.groups.iter_mut().for_each(|g| g.clear());
@@ -469,16 +486,12 @@ impl Backend for CpuBackend {
                 );
                 self.linear_view(&s.x, ge, &mut s.gate);
                 self.linear_view(&s.x, ue, &mut s.up);
-                let hid = s.hidden.reshape(group.len(), h);
-                for ((o, g), u) in hid.iter_mut().zip(&s.gate.data).zip(&s.up.data) {
-                    *o = math::activation(*g, p.activation) * u;
-                }
+                self.glu(&s.gate, &s.up, p.activation, &mut s.hidden);
                 self.linear_view(&s.hidden, de, &mut s.y);
                 for (i, &(ti, w)) in group.iter().enumerate() {
                     math::axpy(w, &s.y.data[i * d..(i + 1) * d], &mut o[ti * d..(ti + 1) * d]);
                 }
                 if let Some(u) = usage.as_deref_mut() {
-                    u.tokens.resize(ne, 0);
                     u.tokens[e] += group.len() as u64;
                     u.bytes_read += (ge.bytes() + ue.bytes() + de.bytes()) as u64;
                 }
