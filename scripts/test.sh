@@ -18,13 +18,23 @@ missing=()
 command -v kotlinc >/dev/null || missing+=(kotlin)
 command -v java >/dev/null || missing+=(default-jdk-headless)
 command -v cc >/dev/null || missing+=(gcc)
+# The GPU backend's tests run on Mesa's software Vulkan driver (lavapipe) when the machine has no GPU.
+[ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || [ -e /usr/share/vulkan/icd.d/lvp_icd.aarch64.json ] \
+    || missing+=(mesa-vulkan-drivers)
 if [ ${#missing[@]} -gt 0 ]; then
     SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-cargo test --workspace --locked
+# XDG_RUNTIME_DIR silences Mesa's harmless warnings on headless machines.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+
+# Every crate, with the GPU backend (feature `wgpu`) switched on where it has tests: its op-by-op checks
+# (crates/sprig-wgpu/tests), whole models against the CPU backend and the golden text (tests/tests/gpu.rs), the
+# CLI's `--device gpu` and `sprig devices`, SPRIG_DEVICE_GPU through the C ABI. One invocation, so the wgpu
+# stack is compiled once (separate `-p X --features wgpu` runs unify features differently and rebuild it).
+cargo test --workspace --locked --features sprig-tests/wgpu,sprig-cli/wgpu,sprig-ffi/wgpu
 
 # The NEON kernels (baseline and sdot), cross-compiled for aarch64 and checked against the scalar kernel under
 # qemu's user-mode emulation.

@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use sprig_backend::cpu::CpuBackend;
 use sprig_backend::Backend;
 use sprig_engine::Engine;
 use sprig_models::Logits;
@@ -16,6 +15,8 @@ pub struct BenchOptions {
     pub bandwidth: bool,
     pub json: bool,
     pub model_name: String,
+    /// CPU threads (reported; the GPU backend ignores them).
+    pub threads: usize,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -56,7 +57,7 @@ pub fn measure_bandwidth(threads: usize) -> f64 {
 
 /// Weight bytes one decode step reads: every matrix except the embedding table (one row of it), plus the
 /// output projection, which is the embedding table again when tied.
-fn bytes_per_token(e: &Engine<CpuBackend>) -> f64 {
+fn bytes_per_token<B: Backend>(e: &Engine<B>) -> f64 {
     let f = &e.model.file;
     let mut bytes = 0usize;
     for (name, entry) in f.entries() {
@@ -73,7 +74,7 @@ fn bytes_per_token(e: &Engine<CpuBackend>) -> f64 {
     bytes as f64
 }
 
-pub fn run(e: &Engine<CpuBackend>, o: &BenchOptions) -> Result<()> {
+pub fn run<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
     let vocab = e.model.config.vocab_size as u32;
     // Deterministic pseudo-random tokens, as llama-bench uses random tokens.
     let tokens: Vec<u32> =
@@ -83,11 +84,15 @@ pub fn run(e: &Engine<CpuBackend>, o: &BenchOptions) -> Result<()> {
     let mut st = e.model.new_state(ctx);
     e.model.forward(&mut st, &tokens[..o.prompt.clamp(1, 8)], Logits::Last)?;
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    // Every timed forward pass ends with the logits on the host, as sampling needs them (and a GPU backend
+    // runs asynchronously until then).
+    let mut logits = Vec::new();
     for _ in 0..o.reps.max(1) {
         if o.prompt > 0 {
             let mut st = e.model.new_state(ctx);
             let t0 = Instant::now();
             e.model.forward(&mut st, &tokens[..o.prompt], Logits::Last)?;
+            e.model.read_logits(&st, &mut logits);
             pp.push(o.prompt as f64 / t0.elapsed().as_secs_f64());
         }
         if o.gen > 0 {
@@ -95,6 +100,7 @@ pub fn run(e: &Engine<CpuBackend>, o: &BenchOptions) -> Result<()> {
             let t0 = Instant::now();
             for &t in &tokens[..o.gen] {
                 e.model.forward(&mut st, &[t], Logits::Last)?;
+                e.model.read_logits(&st, &mut logits);
             }
             tg.push(o.gen as f64 / t0.elapsed().as_secs_f64());
         }
@@ -102,7 +108,7 @@ pub fn run(e: &Engine<CpuBackend>, o: &BenchOptions) -> Result<()> {
     let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let (pp_best, tg_best) = (best(&pp), best(&tg));
     let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
-    let threads = e.model.backend.threads();
+    let threads = o.threads;
     let bw = o.bandwidth.then(|| measure_bandwidth(threads));
     let bpt = bytes_per_token(e);
     let roofline = bw.map(|b| bpt * tg_med / b);

@@ -4,9 +4,11 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use sprig_backend::cpu::CpuBackend;
 use sprig_backend::Backend;
-use sprig_engine::{open_model_file, registry, ChatMessage, Engine, LoadOptions, Sampler, SamplingParams, Session};
+use sprig_engine::{
+    open_model_file, registry, with_engine, AnyEngine, ChatMessage, DeviceChoice, Engine, LoadOptions, Sampler,
+    SamplingParams, Session,
+};
 use sprig_format::ModelFile;
 use sprig_import::QuantChoice;
 
@@ -38,6 +40,8 @@ enum Command {
     Bench(BenchArgs),
     /// Write a small synthetic checkpoint (random weights) as a Hugging Face directory or a GGUF file.
     Gen(GenArgs),
+    /// List the devices models can run on: the CPU and the GPU adapters the GPU backend reaches.
+    Devices,
 }
 
 #[derive(Args)]
@@ -55,6 +59,9 @@ struct BenchArgs {
     gen: usize,
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
+    /// cpu | gpu | auto (auto: a hardware GPU when present and the build has the GPU backend, else the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Repetitions.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     reps: usize,
@@ -125,6 +132,9 @@ struct ModelArgs {
     /// CPU threads (default: physical cores).
     #[arg(short = 't', long, default_value_t = 0)]
     threads: usize,
+    /// cpu | gpu | auto (auto: a hardware GPU when present and the build has the GPU backend, else the CPU).
+    #[arg(long, default_value = "cpu")]
+    device: String,
     /// Context length (default: the model's).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
     ctx_size: usize,
@@ -202,6 +212,9 @@ struct ConvertArgs {
     /// Chunks of 256 tokens of the calibration text to use.
     #[arg(long, default_value_t = 16)]
     calibrate_chunks: usize,
+    /// Device the calibration runs on: cpu | gpu | auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -268,22 +281,38 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 model: model.clone(),
                 tokenizer: a.tokenizer.clone(),
                 threads,
+                device: a.device.clone(),
                 ctx_size: 0,
                 quant: a.quant.clone(),
             };
             let e = engine(&m)?;
             let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            crate::bench::run(
-                &e,
-                &crate::bench::BenchOptions {
-                    prompt: a.prompt,
-                    gen: a.gen,
-                    reps: a.reps,
-                    bandwidth: a.bandwidth,
-                    json: a.json,
-                    model_name: name,
-                },
-            )
+            let o = crate::bench::BenchOptions {
+                prompt: a.prompt,
+                gen: a.gen,
+                reps: a.reps,
+                bandwidth: a.bandwidth,
+                json: a.json,
+                model_name: name,
+                threads,
+            };
+            with_engine!(&e, |e| crate::bench::run(&**e, &o))
+        }
+        Command::Devices => {
+            let isa = sprig_quant::kernels::Isa::detect().map(|i| i.name().to_string()).unwrap_or_else(|e| e);
+            println!("cpu: {} physical cores, kernels: {isa}", sprig_backend::cpu::physical_cores());
+            if !sprig_engine::device::GPU_BACKEND {
+                println!("gpu: this build has no GPU backend (rebuild with `--features wgpu`)");
+                return Ok(());
+            }
+            let adapters = sprig_engine::device::gpu_adapters();
+            if adapters.is_empty() {
+                println!("gpu: no adapter found (no GPU driver; `apt-get install mesa-vulkan-drivers` adds lavapipe)");
+            }
+            for (i, a) in adapters.iter().enumerate() {
+                println!("gpu {i}: {} ({}, {}; driver {})", a.name, a.backend, a.device_type, a.driver);
+            }
+            Ok(())
         }
         Command::Gen(a) => {
             use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthMoe, SynthSpec};
@@ -381,15 +410,23 @@ fn open(m: &ModelArgs) -> Result<Arc<ModelFile>> {
     open_model_file(&path, &opts).with_context(|| format!("loading {}", m.model.display()))
 }
 
-fn engine(m: &ModelArgs) -> Result<Engine<CpuBackend>> {
+fn parse_device(s: &str) -> Result<DeviceChoice> {
+    DeviceChoice::parse(s).with_context(|| format!("unknown --device `{s}` (cpu, gpu, auto)"))
+}
+
+fn engine(m: &ModelArgs) -> Result<AnyEngine> {
+    let device = parse_device(&m.device)?;
     let file = open(m)?;
-    let backend = Arc::new(CpuBackend::new(m.threads)?);
-    Ok(Engine::new(backend, file)?)
+    Ok(AnyEngine::new(file, device, m.threads, &mut |s| eprintln!("sprig: {s}"))?)
 }
 
 fn run(a: RunArgs) -> Result<()> {
-    let mut sampler = Sampler::new(a.sampling.params())?;
     let e = engine(&a.model)?;
+    with_engine!(&e, |e| run_on(&**e, &a))
+}
+
+fn run_on<B: Backend>(e: &Engine<B>, a: &RunArgs) -> Result<()> {
+    let mut sampler = Sampler::new(a.sampling.params())?;
     let prompt = e.tokenizer.encode_prompt(&a.prompt)?;
     let mut st = e.model.new_state(a.model.ctx_size);
     let mut out = std::io::stdout().lock();
@@ -444,7 +481,11 @@ fn print_expert_stats(file: &ModelFile, usage: &[Option<sprig_backend::MoeUsage>
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
-    let e = Arc::new(engine(&a.model)?);
+    let e = engine(&a.model)?;
+    with_engine!(&e, |e| chat_on(e.clone(), &a))
+}
+
+fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
     if e.template.is_none() {
         bail!("{} carries no chat template; use `sprig run`", a.model.model.display());
     }
@@ -492,8 +533,8 @@ fn convert(a: ConvertArgs) -> Result<()> {
             eprintln!("sprig: calibrating on {}", text_path.display());
             let reference = sprig_import::import(&a.input, a.tokenizer.as_deref(), QuantChoice::Keep, &mut |_, _| {})?;
             let file = Arc::new(ModelFile::from_bytes(&reference.writer.to_bytes())?);
-            let e = Engine::new(Arc::new(CpuBackend::new(0)?), file)?;
-            Some(sprig_engine::calibrate::calibrate(&e, &text, 256, a.calibrate_chunks)?)
+            let e = AnyEngine::new(file, parse_device(&a.device)?, 0, &mut |s| eprintln!("sprig: {s}"))?;
+            Some(with_engine!(&e, |e| sprig_engine::calibrate::calibrate(&**e, &text, 256, a.calibrate_chunks))?)
         }
         None => None,
     };
@@ -586,10 +627,17 @@ fn perplexity(a: PerplexityArgs) -> Result<()> {
         Some(t) => Some(engine(&ModelArgs { model: t.clone(), ..a.model.clone() })?),
         None => None,
     };
-    let r = sprig_engine::eval::perplexity(&student, teacher.as_ref(), &text, a.ctx, a.chunks, |i, n, ppl| {
+    let progress = |i, n, ppl: f64| {
         if !a.json {
             eprintln!("[{i}/{n}] running PPL = {ppl:.4}");
         }
+    };
+    let r = with_engine!(&student, |s| match &teacher {
+        None => sprig_engine::eval::perplexity::<_, sprig_backend::cpu::CpuBackend>(
+            &**s, None, &text, a.ctx, a.chunks, progress
+        ),
+        Some(t) =>
+            with_engine!(t, |t| sprig_engine::eval::perplexity(&**s, Some(&**t), &text, a.ctx, a.chunks, progress)),
     })?;
     if a.json {
         println!(

@@ -133,3 +133,22 @@ fn generated_moe_model_runs_with_expert_stats() {
     assert!(run_err(&["gen", "--arch", "olmoe", "-o", p, "--experts", "4", "--top-k", "5"]).contains("--top-k"));
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn device_flag_and_devices_command() {
+    let (m, t) = (shared("stories260K/stories260K.bin"), shared("stories260K/tok512.bin"));
+    let (m, t) = (m.to_str().unwrap(), t.to_str().unwrap());
+    let e = run_err(&["run", "-m", m, "--tokenizer", t, "-p", "Once", "--device", "tpu"]);
+    assert!(e.contains("unknown --device `tpu`"), "{e}");
+    let (out, _) = run_ok(&["devices"]);
+    assert!(out.starts_with("cpu: "), "{out}");
+    if cfg!(not(feature = "wgpu")) {
+        let e = run_err(&["run", "-m", m, "--tokenizer", t, "-p", "Once", "--device", "gpu"]);
+        assert!(e.contains("no GPU backend"), "{e}");
+        assert!(out.contains("no GPU backend"), "{out}");
+        // auto falls back to the CPU and says so.
+        let (out, err) =
+            run_ok(&["run", "-m", m, "--tokenizer", t, "-p", "Once upon a time", "-n", "8", "--device", "auto"]);
+        assert!(err.contains("using the CPU") && !out.is_empty(), "{err}");
+    }
+}

@@ -3,6 +3,7 @@
 
 pub mod calibrate;
 pub mod chat;
+pub mod device;
 pub mod eval;
 pub mod generate;
 pub mod load;
@@ -11,6 +12,7 @@ pub mod sampler;
 pub mod session;
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use device::{AnyEngine, AnySession, DeviceChoice};
 pub use generate::{Engine, GenerationStats};
 pub use load::{open_model_file, LoadOptions};
 pub use sampler::{Sampler, SamplingParams};

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 
-use sprig_backend::cpu::CpuBackend;
 use sprig_engine::generate::StopReason;
-use sprig_engine::{ChatMessage, Engine, EngineError, GenerationStats, LoadOptions, SamplingParams, Session};
+use sprig_engine::{
+    AnyEngine, AnySession, ChatMessage, DeviceChoice, EngineError, GenerationStats, LoadOptions, SamplingParams,
+};
 use sprig_import::QuantChoice;
 
 use crate::{
@@ -74,12 +75,12 @@ pub struct LoadRequest<'a> {
 }
 
 pub struct ModelHandle {
-    pub engine: Arc<Engine<CpuBackend>>,
+    pub engine: AnyEngine,
     pub context_length: usize,
 }
 
 pub struct SessionHandle {
-    session: Mutex<Session<CpuBackend>>,
+    session: Mutex<AnySession>,
     cancel: AtomicBool,
 }
 
@@ -119,17 +120,12 @@ pub fn load_model(r: &LoadRequest) -> FfiResult<u64> {
     if r.path.is_empty() {
         return Err(FfiError::arg("model path is empty"));
     }
-    match r.device {
-        SPRIG_DEVICE_CPU => {}
-        SPRIG_DEVICE_AUTO => {}
-        SPRIG_DEVICE_GPU => {
-            return Err(FfiError::new(
-                SprigStatus::Device,
-                "no GPU backend in this build (the `wgpu` cargo feature is off); use SPRIG_DEVICE_CPU or AUTO",
-            ))
-        }
+    let device = match r.device {
+        SPRIG_DEVICE_CPU => DeviceChoice::Cpu,
+        SPRIG_DEVICE_AUTO => DeviceChoice::Auto,
+        SPRIG_DEVICE_GPU => DeviceChoice::Gpu,
         d => return Err(FfiError::arg(format!("device {d} is not one of CPU (0), GPU (1), AUTO (2)"))),
-    }
+    };
     if r.threads > 1024 {
         return Err(FfiError::arg(format!("threads = {} is out of range (0 = one per core)", r.threads)));
     }
@@ -140,13 +136,22 @@ pub fn load_model(r: &LoadRequest) -> FfiResult<u64> {
     if ctx > trained {
         return Err(FfiError::arg(format!("context length {ctx} exceeds the model's trained context of {trained}")));
     }
-    let backend = CpuBackend::new(r.threads as usize).map_err(|e| FfiError::new(SprigStatus::Device, e.to_string()))?;
-    let engine = Engine::new(Arc::new(backend), file).map_err(|e| engine_error(e, true))?;
-    Ok(MODELS.insert(ModelHandle { engine: Arc::new(engine), context_length: ctx }))
+    // Auto's fallback to the CPU is not an error; hosts see the device in use with sprig_model_device.
+    let engine = AnyEngine::new(file, device, r.threads as usize, &mut |_| {}).map_err(|e| engine_error(e, true))?;
+    Ok(MODELS.insert(ModelHandle { engine, context_length: ctx }))
 }
 
 pub fn model(id: u64) -> FfiResult<Arc<ModelHandle>> {
     MODELS.get(id, "model")
+}
+
+/// `SPRIG_DEVICE_CPU` or `SPRIG_DEVICE_GPU`: where the model runs (what `AUTO` resolved to).
+pub fn model_device(id: u64) -> FfiResult<u32> {
+    Ok(match model(id)?.engine {
+        AnyEngine::Cpu(_) => SPRIG_DEVICE_CPU,
+        #[allow(unreachable_patterns)]
+        _ => SPRIG_DEVICE_GPU,
+    })
 }
 
 /// Sessions created from the model keep its weights alive until they are freed too.
@@ -156,7 +161,7 @@ pub fn free_model(id: u64) -> FfiResult<()> {
 
 pub fn new_session(model_id: u64) -> FfiResult<u64> {
     let m = model(model_id)?;
-    let session = Session::new(m.engine.clone(), m.context_length);
+    let session = m.engine.new_session(m.context_length);
     Ok(SESSIONS.insert(SessionHandle { session: Mutex::new(session), cancel: AtomicBool::new(false) }))
 }
 
@@ -173,7 +178,7 @@ pub fn cancel(id: u64) -> FfiResult<()> {
     Ok(())
 }
 
-fn lock(s: &SessionHandle) -> FfiResult<std::sync::MutexGuard<'_, Session<CpuBackend>>> {
+fn lock(s: &SessionHandle) -> FfiResult<std::sync::MutexGuard<'_, AnySession>> {
     match s.session.try_lock() {
         Ok(g) => Ok(g),
         Err(TryLockError::WouldBlock) => {
@@ -250,7 +255,7 @@ pub fn generate(id: u64, input: Input, p: &Sampling, mut on_text: impl FnMut(&st
     let stats = match input {
         Input::Text(t) => session.generate(t, &params, max, cb),
         Input::Chat(m) => {
-            if session.engine.template.is_none() {
+            if !session.has_chat_template() {
                 return Err(FfiError::arg("this model carries no chat template; use generate"));
             }
             session.chat(&m, &params, max, cb)

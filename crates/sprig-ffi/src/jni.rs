@@ -96,6 +96,11 @@ pub extern "system" fn Java_dev_sprig_Native_modelContextLength<'l>(
 }
 
 #[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_modelDevice<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) -> jint {
+    entry(&mut env, 0, |_| Ok(core::model_device(id(h))? as jint))
+}
+
+#[no_mangle]
 pub extern "system" fn Java_dev_sprig_Native_sessionNew<'l>(
     mut env: JNIEnv<'l>,
     _c: JClass<'l>,

@@ -227,6 +227,24 @@ pub unsafe extern "C" fn sprig_model_context_length(model: *const SprigModel, ou
     })
 }
 
+/// The device the model runs on: `SPRIG_DEVICE_CPU` or `SPRIG_DEVICE_GPU` (what `SPRIG_DEVICE_AUTO` chose).
+/// Thread safety: any thread.
+///
+/// # Safety
+/// `out_device` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_model_device(model: *const SprigModel, out_device: *mut u32) -> SprigStatus {
+    call(|| {
+        let d = core::model_device(handle_id(model, "model")?)?;
+        if out_device.is_null() {
+            return Err(FfiError::arg("out_device is NULL"));
+        }
+        // SAFETY: non-null and writable per the caller contract.
+        unsafe { *out_device = d };
+        Ok(())
+    })
+}
+
 /// Creates a session (an empty conversation) on a model. Thread safety: any thread; sessions of one model
 /// may generate concurrently on different threads.
 ///

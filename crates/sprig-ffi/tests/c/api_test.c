@@ -151,6 +151,10 @@ int main(int argc, char **argv) {
     CHECK(sprig_model_load(model_path, &opts, &model) == SPRIG_STATUS_OK, "load stories260K");
     uint32_t ctx = 0;
     CHECK(sprig_model_context_length(model, &ctx) == SPRIG_STATUS_OK && ctx == 512, "context %u", ctx);
+    uint32_t device = 99;
+    CHECK(sprig_model_device(model, &device) == SPRIG_STATUS_OK && device == SPRIG_DEVICE_CPU, "device %u", device);
+    EXPECT_ERR(sprig_model_device(model, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    EXPECT_ERR(sprig_model_device(NULL, &device), SPRIG_STATUS_INVALID_HANDLE);
 
     /* Sessions and the golden text (greedy, the same as llama2.c's run.c). */
     SprigSession *session = NULL;

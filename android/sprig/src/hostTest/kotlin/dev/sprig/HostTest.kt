@@ -62,6 +62,7 @@ fun main(args: Array<String>) {
 
     SprigModel.load(modelPath, opts).use { model ->
         check(model.contextLength == 512) { "context ${model.contextLength}" }
+        check(model.device == Device.CPU) { "device ${model.device}" }
         val session = model.newSession()
 
         // Golden text, streamed in pieces.

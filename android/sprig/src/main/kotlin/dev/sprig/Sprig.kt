@@ -57,6 +57,7 @@ internal object Native {
     @JvmStatic external fun modelLoad(path: String, tokenizer: String?, threads: Int, device: Int, contextLength: Int): Long
     @JvmStatic external fun modelFree(model: Long)
     @JvmStatic external fun modelContextLength(model: Long): Int
+    @JvmStatic external fun modelDevice(model: Long): Int
     @JvmStatic external fun sessionNew(model: Long): Long
     @JvmStatic external fun sessionFree(session: Long)
     @JvmStatic external fun sessionReset(session: Long)
@@ -95,6 +96,10 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
     /** Tokens a session of this model holds. */
     val contextLength: Int
         get() = Native.modelContextLength(handle)
+
+    /** Where the model runs: [Device.CPU] or [Device.GPU] (what [Device.AUTO] chose). */
+    val device: Device
+        get() = Native.modelDevice(handle).let { c -> Device.values().first { it.code == c } }
 
     /** A new, empty conversation on this model. */
     fun newSession(): SprigSession = SprigSession(Native.sessionNew(handle))

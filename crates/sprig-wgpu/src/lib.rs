@@ -1,0 +1,675 @@
+//! The GPU backend: sprig's op set as cubecl kernels on burn-wgpu's runtime (Vulkan, Metal, DX12, WebGPU).
+//!
+//! The model code is the same as on the CPU (`sprig-models` over [`Backend`]); this crate only provides the
+//! ops. Weights are uploaded once at load, still packed (int4/int8 codes + widened scales), and split into
+//! chunks of rows when a plane is larger than the device's largest storage-buffer binding. Activations and
+//! the KV cache live on the GPU; the only per-token transfers are the token ids up and the logits down.
+//!
+//! burn-wgpu is used without burn's fusion and autotune: every op here is one hand-written kernel, so those
+//! would only add build time.
+
+pub mod kernels;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use burn_wgpu::{graphics::AutoGraphicsApi, RuntimeOptions, WgpuDevice, WgpuRuntime};
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+use cubecl_runtime::runtime::Runtime;
+use sprig_backend::{
+    Activation, AttentionParams, Backend, BackendError, ExpertWeights, KvLayout, MoeParams, MoeUsage, Result,
+    RopeLayout, RopeParams, RouterScoring,
+};
+use sprig_format::{ModelFile, WeightView};
+use sprig_quant::Scheme;
+
+use kernels::*;
+
+/// One GPU adapter as wgpu reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+}
+
+/// Lists the adapters wgpu can reach (empty when there is no GPU and no software Vulkan driver).
+pub fn adapters() -> Vec<AdapterInfo> {
+    use burn_wgpu::wgpu;
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let list = cubecl::future::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    list.into_iter()
+        .map(|a| {
+            let i = a.get_info();
+            AdapterInfo {
+                name: i.name,
+                backend: format!("{:?}", i.backend),
+                device_type: format!("{:?}", i.device_type),
+                driver: format!("{} {}", i.driver, i.driver_info).trim().to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Options of [`WgpuBackend::new`].
+#[derive(Clone, Debug, Default)]
+pub struct WgpuOptions {
+    /// Largest buffer one weight chunk may use, in bytes; `None` = the device's storage-binding limit.
+    /// Tests set it small to exercise the splitting on small models.
+    pub max_chunk_bytes: Option<usize>,
+}
+
+/// The default adapter, initialised once per process (wgpu/cubecl register a device once).
+fn default_device() -> Result<(WgpuDevice, String, bool)> {
+    static DEVICE: OnceLock<std::result::Result<(WgpuDevice, String, bool), String>> = OnceLock::new();
+    DEVICE
+        .get_or_init(|| {
+            let device = WgpuDevice::default();
+            let setup = burn_wgpu::try_init_setup::<AutoGraphicsApi>(&device, RuntimeOptions::default())
+                .map_err(|e| format!("no usable GPU adapter (wgpu: {e})"))?;
+            let info = setup.adapter.get_info();
+            let software = info.device_type == burn_wgpu::wgpu::DeviceType::Cpu;
+            Ok((device, format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type), software))
+        })
+        .clone()
+        .map_err(BackendError::Device)
+}
+
+pub struct WgpuBackend {
+    client: Client,
+    adapter: String,
+    software: bool,
+    max_chunk_bytes: usize,
+    /// Bound in place of the planes a kernel variant does not read.
+    dummy_f32: Handle,
+    dummy_u32: Handle,
+    /// cos/sin tables per (theta, scale, head_dim), grown to the largest position seen.
+    rope_tables: Mutex<HashMap<(u32, u32, usize), RopeTable>>,
+}
+
+struct RopeTable {
+    positions: usize,
+    cos: Handle,
+    sin: Handle,
+}
+
+/// An f32 `[rows, cols]` activation on the device (exactly `rows * cols` elements).
+pub struct GpuTensor {
+    handle: Option<Handle>,
+    rows: usize,
+    cols: usize,
+}
+
+impl GpuTensor {
+    fn h(&self) -> Handle {
+        self.handle.clone().expect("tensor used before it was written")
+    }
+    fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// How a weight is stored on the device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    F32,
+    Quant(Scheme),
+}
+
+/// Rows `row0 .. row0 + rows` of a weight, each plane its own buffer.
+struct Chunk {
+    row0: usize,
+    rows: usize,
+    /// f32 weights (Kind::F32) or the code plane as u32 words.
+    data: Handle,
+    scales: Option<Handle>,
+    mins: Option<Handle>,
+}
+
+pub struct GpuWeight {
+    rows: usize,
+    cols: usize,
+    kind: Kind,
+    chunks: Vec<Chunk>,
+    /// Bytes as stored in the file (for MoE byte accounting).
+    file_bytes: usize,
+}
+
+impl GpuWeight {
+    fn kernel_kind(&self) -> (u32, bool) {
+        match self.kind {
+            Kind::F32 => (KIND_F32, false),
+            Kind::Quant(s) => (if s.is_int4() { KIND_Q4 } else { KIND_Q8 }, s.has_min()),
+        }
+    }
+}
+
+/// Per layer: K and V rings of `cap` entries of `kv_dim` floats.
+pub struct GpuKvCache {
+    layers: Vec<(Handle, Handle, usize)>,
+    kv_dim: usize,
+}
+
+fn elementwise(n: usize) -> (CubeCount, CubeDim) {
+    grid(n.div_ceil(ELEMWISE_THREADS), CubeDim::new_1d(ELEMWISE_THREADS as u32))
+}
+
+/// `cubes` cubes as a 2-D grid (one axis holds at most 65535); kernels linearise it back.
+fn grid(cubes: usize, dim: CubeDim) -> (CubeCount, CubeDim) {
+    let cubes = cubes.max(1);
+    let x = cubes.min(65535);
+    let y = cubes.div_ceil(x);
+    (CubeCount::Static(x as u32, y as u32, 1), dim)
+}
+
+/// Kernel buffer argument over a whole handle of `len` elements.
+fn arg<'a>(h: &Handle, len: usize) -> BufferArg {
+    // SAFETY: every handle passed here was allocated with at least `len` elements of the kernel's element
+    // type (tensors are allocated exactly, weights from their plane sizes, dummies with 4 elements that the
+    // kernel variant binding them never reads).
+    unsafe { BufferArg::from_raw_parts(h.clone(), len.max(1)) }
+}
+
+impl WgpuBackend {
+    /// Opens the default adapter (the first GPU, else a software Vulkan device such as lavapipe).
+    pub fn new(opts: WgpuOptions) -> Result<Self> {
+        let (device, adapter, software) = default_device()?;
+        let client = <WgpuRuntime as Runtime>::client(&device);
+        let limit = client.properties().memory.max_page_size as usize;
+        let max_chunk_bytes = opts.max_chunk_bytes.unwrap_or(limit).min(limit).max(64);
+        let dummy_f32 = client.create_from_slice(bytemuck::cast_slice(&[0f32; 4]));
+        let dummy_u32 = client.create_from_slice(bytemuck::cast_slice(&[0u32; 4]));
+        Ok(WgpuBackend {
+            client,
+            adapter,
+            software,
+            max_chunk_bytes,
+            dummy_f32,
+            dummy_u32,
+            rope_tables: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether the adapter is a CPU-emulated one (lavapipe, SwiftShader): correct, not fast.
+    pub fn is_software(&self) -> bool {
+        self.software
+    }
+
+    /// The adapter in use, e.g. "llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)".
+    pub fn adapter(&self) -> &str {
+        &self.adapter
+    }
+
+    fn alloc(&self, t: &mut GpuTensor, rows: usize, cols: usize) {
+        if t.handle.is_none() || t.rows * t.cols != rows * cols {
+            t.handle = Some(self.client.empty(4 * (rows * cols).max(1)));
+        }
+        t.rows = rows;
+        t.cols = cols;
+    }
+
+    fn upload_f32(&self, data: &[f32]) -> Handle {
+        if data.is_empty() {
+            return self.client.create_from_slice(bytemuck::cast_slice(&[0f32]));
+        }
+        self.client.create_from_slice(bytemuck::cast_slice(data))
+    }
+
+    fn upload_u32(&self, data: &[u32]) -> Handle {
+        if data.is_empty() {
+            return self.client.create_from_slice(bytemuck::cast_slice(&[0u32]));
+        }
+        self.client.create_from_slice(bytemuck::cast_slice(data))
+    }
+
+    /// The weight planes of one chunk as kernel arguments: (wf, qs, scales, mins).
+    fn planes(&self, w: &GpuWeight, c: &Chunk) -> (BufferArg, BufferArg, BufferArg, BufferArg) {
+        let nb = w.cols.div_ceil(32);
+        match w.kind {
+            Kind::F32 => (
+                arg(&c.data, c.rows * w.cols),
+                arg(&self.dummy_u32, 4),
+                arg(&self.dummy_f32, 4),
+                arg(&self.dummy_f32, 4),
+            ),
+            Kind::Quant(s) => {
+                let words = c.rows * nb * s.qs_bytes_per_block() / 4;
+                let sc = c.scales.as_ref().expect("scales");
+                let mn = c.mins.as_ref().unwrap_or(&self.dummy_f32);
+                let mins_len = if c.mins.is_some() { c.rows * nb } else { 4 };
+                (arg(&self.dummy_f32, 4), arg(&c.data, words), arg(sc, c.rows * nb), arg(mn, mins_len))
+            }
+        }
+    }
+
+    fn rope_table(&self, p: &RopeParams, positions: usize) -> (Handle, Handle, usize) {
+        let key = (p.theta.to_bits(), p.scale.to_bits(), p.head_dim);
+        let mut tables = self.rope_tables.lock().unwrap_or_else(|e| e.into_inner());
+        let half = p.head_dim / 2;
+        if let Some(t) = tables.get(&key) {
+            if t.positions >= positions {
+                return (t.cos.clone(), t.sin.clone(), t.positions * half);
+            }
+        }
+        let n = positions.next_power_of_two().max(256);
+        let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
+        for pos in 0..n {
+            // The CPU backend's f32 formula (llama2.c's), so both backends rotate by the same angles.
+            let pos = pos as f32 / p.scale;
+            for i in 0..half {
+                let freq = 1.0f32 / p.theta.powf((2 * i) as f32 / p.head_dim as f32);
+                let (s, c) = (pos * freq).sin_cos();
+                cos.push(c);
+                sin.push(s);
+            }
+        }
+        let t = RopeTable { positions: n, cos: self.upload_f32(&cos), sin: self.upload_f32(&sin) };
+        let r = (t.cos.clone(), t.sin.clone(), n * half);
+        tables.insert(key, t);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gathered_linear(
+        &self,
+        x: &GpuTensor,
+        idx: &Handle,
+        w: &GpuWeight,
+        n_experts: usize,
+        vtokens: usize,
+        x_div: usize,
+        out: &mut GpuTensor,
+    ) {
+        let expert_rows = w.rows / n_experts;
+        self.alloc(out, vtokens, expert_rows);
+        let (kind, has_min) = w.kernel_kind();
+        for c in &w.chunks {
+            let (wf, qs, sc, mn) = self.planes(w, c);
+            moe_linear_kernel::launch(
+                &self.client,
+                CubeCount::Static(expert_rows.div_ceil(ROWS_PER_CUBE) as u32, vtokens as u32, 1),
+                CubeDim::new_2d(LANES as u32, ROWS_PER_CUBE as u32),
+                arg(&x.h(), x.len()),
+                arg(idx, vtokens),
+                wf,
+                qs,
+                sc,
+                mn,
+                arg(&out.h(), out.len()),
+                vtokens,
+                x_div,
+                w.cols,
+                expert_rows,
+                c.rows,
+                c.row0,
+                kind,
+                has_min,
+            );
+        }
+    }
+}
+
+/// Tokens per cube of the prefill GEMM (each dequantized weight block is reused this many times).
+const PREFILL_TILE: usize = 8;
+
+impl Backend for WgpuBackend {
+    type Tensor = GpuTensor;
+    type Weight = GpuWeight;
+    type KvCache = GpuKvCache;
+
+    fn name(&self) -> String {
+        format!("wgpu: {}", self.adapter)
+    }
+
+    fn load_weight(&self, file: &Arc<ModelFile>, name: &str) -> Result<GpuWeight> {
+        let v = file.weight(name).map_err(BackendError::from)?;
+        let (rows, cols) = (v.rows(), v.cols());
+        let file_bytes = v.bytes();
+        let nb = cols.div_ceil(32);
+        let (kind, row_bytes) = match &v {
+            WeightView::Quant(q) => (Kind::Quant(q.scheme), nb * q.scheme.qs_bytes_per_block().max(4)),
+            _ => (Kind::F32, 4 * cols),
+        };
+        if rows == 0 || cols == 0 {
+            return Err(BackendError::Shape(format!("{name}: empty weight ({rows}x{cols})")));
+        }
+        let per_chunk = (self.max_chunk_bytes / row_bytes).max(1);
+        let mut chunks = Vec::new();
+        let mut row0 = 0;
+        while row0 < rows {
+            let n = per_chunk.min(rows - row0);
+            let part = v.rows_range(row0, row0 + n);
+            let chunk = match part {
+                WeightView::Quant(q) => {
+                    if q.qs.len() % 4 != 0 {
+                        return Err(BackendError::Shape(format!(
+                            "{name}: code plane of {} bytes is not whole words",
+                            q.qs.len()
+                        )));
+                    }
+                    let words: Vec<u32> =
+                        q.qs.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                    let scales: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
+                    let mins = q.mins.map(|m| self.upload_f32(&m.iter().map(|s| s.to_f32()).collect::<Vec<_>>()));
+                    Chunk { row0, rows: n, data: self.upload_u32(&words), scales: Some(self.upload_f32(&scales)), mins }
+                }
+                other => Chunk { row0, rows: n, data: self.upload_f32(&other.to_f32()), scales: None, mins: None },
+            };
+            chunks.push(chunk);
+            row0 += n;
+        }
+        Ok(GpuWeight { rows, cols, kind, chunks, file_bytes })
+    }
+
+    fn weight_shape(&self, w: &GpuWeight) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+
+    fn tensor(&self) -> GpuTensor {
+        GpuTensor { handle: None, rows: 0, cols: 0 }
+    }
+    fn shape(&self, t: &GpuTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut GpuTensor) {
+        assert_eq!(data.len(), rows * cols, "upload: {} values for a {rows}x{cols} tensor", data.len());
+        t.handle = Some(self.upload_f32(data));
+        t.rows = rows;
+        t.cols = cols;
+    }
+    fn download(&self, t: &GpuTensor, out: &mut Vec<f32>) {
+        out.clear();
+        if t.len() == 0 {
+            return;
+        }
+        let bytes = self.client.read_one(t.h()).expect("GPU read failed");
+        out.extend_from_slice(&bytemuck::cast_slice::<u8, f32>(&bytes)[..t.len()]);
+    }
+    fn rows(&self, x: &GpuTensor, start: usize, n: usize, out: &mut GpuTensor) {
+        assert!(start + n <= x.rows, "rows {start}..{} of {}", start + n, x.rows);
+        self.alloc(out, n, x.cols);
+        let len = n * x.cols;
+        let (count, dim) = elementwise(len);
+        copy_kernel::launch(&self.client, count, dim, arg(&x.h(), x.len()), arg(&out.h(), len), start * x.cols, len);
+    }
+
+    fn embed(&self, table: &GpuWeight, tokens: &[u32], scale: f32, out: &mut GpuTensor) {
+        let cols = table.cols;
+        self.alloc(out, tokens.len(), cols);
+        let ids = self.upload_u32(tokens);
+        let (kind, has_min) = table.kernel_kind();
+        let len = tokens.len() * cols;
+        for c in &table.chunks {
+            let (wf, qs, sc, mn) = self.planes(table, c);
+            let (count, dim) = elementwise(len);
+            embed_kernel::launch(
+                &self.client,
+                count,
+                dim,
+                arg(&ids, tokens.len()),
+                wf,
+                qs,
+                sc,
+                mn,
+                arg(&out.h(), len),
+                tokens.len(),
+                cols,
+                c.rows,
+                c.row0,
+                scale,
+                kind,
+                has_min,
+            );
+        }
+    }
+
+    fn rms_norm(&self, x: &GpuTensor, w: &GpuWeight, eps: f32, add_one: bool, out: &mut GpuTensor) {
+        let g = w.cols;
+        assert!(g > 0 && x.cols % g == 0, "rms_norm: width {} is not a multiple of {g}", x.cols);
+        assert_eq!(w.kind, Kind::F32, "rms_norm: norm weights are float");
+        self.alloc(out, x.rows, x.cols);
+        let groups = x.len() / g;
+        let (count, dim) = grid(groups, CubeDim::new_1d(REDUCE_THREADS as u32));
+        rms_norm_kernel::launch(
+            &self.client,
+            count,
+            dim,
+            arg(&x.h(), x.len()),
+            arg(&w.chunks[0].data, g),
+            arg(&out.h(), out.len()),
+            groups,
+            g,
+            eps,
+            add_one as u32,
+        );
+    }
+
+    fn linear(&self, x: &GpuTensor, w: &GpuWeight, bias: Option<&GpuWeight>, out: &mut GpuTensor) {
+        assert_eq!(x.cols, w.cols, "linear: input width {} vs weight {}x{}", x.cols, w.rows, w.cols);
+        let t = x.rows;
+        self.alloc(out, t, w.rows);
+        let (kind, has_min) = w.kernel_kind();
+        let tile = if t == 1 { 1 } else { PREFILL_TILE };
+        let bias_arg = || match bias {
+            Some(b) => arg(&b.chunks[0].data, b.cols),
+            None => arg(&self.dummy_f32, 4),
+        };
+        for c in &w.chunks {
+            let (wf, qs, sc, mn) = self.planes(w, c);
+            linear_kernel::launch(
+                &self.client,
+                CubeCount::Static(c.rows.div_ceil(ROWS_PER_CUBE) as u32, t.div_ceil(tile) as u32, 1),
+                CubeDim::new_2d(LANES as u32, ROWS_PER_CUBE as u32),
+                arg(&x.h(), x.len()),
+                wf,
+                qs,
+                sc,
+                mn,
+                bias_arg(),
+                arg(&out.h(), out.len()),
+                t,
+                w.cols,
+                c.rows,
+                c.row0,
+                w.rows,
+                kind,
+                has_min,
+                bias.is_some(),
+                tile,
+            );
+        }
+    }
+
+    fn rope(&self, x: &mut GpuTensor, pos0: usize, p: &RopeParams) {
+        assert_eq!(x.cols, p.n_heads * p.head_dim, "rope: width");
+        let (cos, sin, len) = self.rope_table(p, pos0 + x.rows);
+        let n = x.rows * p.n_heads * (p.head_dim / 2);
+        let (count, dim) = elementwise(n);
+        rope_kernel::launch(
+            &self.client,
+            count,
+            dim,
+            arg(&x.h(), x.len()),
+            arg(&cos, len),
+            arg(&sin, len),
+            x.rows,
+            p.n_heads,
+            p.head_dim,
+            pos0,
+            p.layout == RopeLayout::Adjacent,
+        );
+    }
+
+    fn attention(
+        &self,
+        q: &GpuTensor,
+        k: &GpuTensor,
+        v: &GpuTensor,
+        cache: &mut GpuKvCache,
+        layer: usize,
+        pos0: usize,
+        p: &AttentionParams,
+        out: &mut GpuTensor,
+    ) {
+        let t = q.rows;
+        let hd = p.head_dim;
+        let (qd, kvd) = (p.n_heads * hd, p.n_kv_heads * hd);
+        assert_eq!((q.cols, k.cols, v.cols, cache.kv_dim), (qd, kvd, kvd, kvd), "attention: widths");
+        let (kc, vc, cap) = cache.layers[layer].clone();
+        self.alloc(out, t, qd);
+        let (count, dim) = grid(t * p.n_heads, CubeDim::new_1d(REDUCE_THREADS as u32));
+        attention_kernel::launch(
+            &self.client,
+            count,
+            dim,
+            arg(&q.h(), q.len()),
+            arg(&k.h(), k.len()),
+            arg(&v.h(), v.len()),
+            arg(&kc, cap * kvd),
+            arg(&vc, cap * kvd),
+            arg(&out.h(), out.len()),
+            t,
+            p.n_heads,
+            p.n_kv_heads,
+            pos0,
+            cap,
+            p.window.unwrap_or(0),
+            p.scale,
+            hd,
+        );
+        // Only the last `cap` new entries survive in the ring.
+        let first = t.saturating_sub(cap);
+        let n = (t - first) * kvd;
+        let (count, dim) = elementwise(n);
+        kv_append_kernel::launch(
+            &self.client,
+            count,
+            dim,
+            arg(&k.h(), k.len()),
+            arg(&v.h(), v.len()),
+            arg(&kc, cap * kvd),
+            arg(&vc, cap * kvd),
+            first,
+            t,
+            kvd,
+            pos0,
+            cap,
+        );
+    }
+
+    fn glu(&self, gate: &GpuTensor, up: &GpuTensor, act: Activation, out: &mut GpuTensor) {
+        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "glu: shapes");
+        self.alloc(out, gate.rows, gate.cols);
+        let n = gate.len();
+        let (count, dim) = elementwise(n);
+        glu_kernel::launch(
+            &self.client,
+            count,
+            dim,
+            arg(&gate.h(), n),
+            arg(&up.h(), n),
+            arg(&out.h(), n),
+            n,
+            act == Activation::GeluTanh,
+        );
+    }
+
+    fn add(&self, x: &mut GpuTensor, y: &GpuTensor) {
+        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes");
+        let n = x.len();
+        let (count, dim) = elementwise(n);
+        add_kernel::launch(&self.client, count, dim, arg(&x.h(), n), arg(&y.h(), n), n);
+    }
+
+    fn softcap(&self, x: &mut GpuTensor, cap: f32) {
+        let n = x.len();
+        let (count, dim) = elementwise(n);
+        softcap_kernel::launch(&self.client, count, dim, arg(&x.h(), n), n, cap);
+    }
+
+    fn sigmoid_gate(&self, x: &mut GpuTensor, g: &GpuTensor) {
+        assert_eq!((g.rows, g.cols), (x.rows, 1), "sigmoid_gate: gate shape");
+        let n = x.len();
+        let (count, dim) = elementwise(n);
+        sigmoid_gate_kernel::launch(&self.client, count, dim, arg(&x.h(), n), arg(&g.h(), g.len()), n, x.cols);
+    }
+
+    /// Routing, the gathered expert GLU and the weighted combine all run on the device: no host round trip
+    /// (unless `usage` is asked for, which downloads the chosen expert ids).
+    fn moe(
+        &self,
+        x: &GpuTensor,
+        router_logits: &GpuTensor,
+        experts: &ExpertWeights<'_, GpuWeight>,
+        p: &MoeParams,
+        out: &mut GpuTensor,
+        usage: Option<&mut MoeUsage>,
+    ) {
+        let (t, d) = (x.rows, x.cols);
+        let (ne, k) = (p.n_experts, p.top_k.min(p.n_experts));
+        assert_eq!((router_logits.rows, router_logits.cols), (t, ne), "moe: router logits");
+        let scores = self.client.empty(4 * (t * ne).max(1));
+        let idx = self.client.empty(4 * (t * k).max(1));
+        let wts = self.client.empty(4 * (t * k).max(1));
+        let (count, dim) = elementwise(t);
+        moe_route_kernel::launch(
+            &self.client,
+            count,
+            dim,
+            arg(&router_logits.h(), t * ne),
+            arg(&scores, t * ne),
+            arg(&idx, t * k),
+            arg(&wts, t * k),
+            t,
+            ne,
+            k,
+            p.routed_scale,
+            p.scoring == RouterScoring::Sigmoid,
+            p.norm_topk,
+        );
+        let (mut g, mut u, mut h, mut y) = (self.tensor(), self.tensor(), self.tensor(), self.tensor());
+        self.gathered_linear(x, &idx, experts.gate, ne, t * k, k, &mut g);
+        self.gathered_linear(x, &idx, experts.up, ne, t * k, k, &mut u);
+        self.glu(&g, &u, p.activation, &mut h);
+        self.gathered_linear(&h, &idx, experts.down, ne, t * k, 1, &mut y);
+        self.alloc(out, t, d);
+        let (count, dim) = elementwise(t * d);
+        moe_combine_kernel::launch(
+            &self.client,
+            count,
+            dim,
+            arg(&y.h(), y.len()),
+            arg(&wts, t * k),
+            arg(&out.h(), t * d),
+            t,
+            d,
+            k,
+        );
+        if let Some(u) = usage {
+            let bytes = self.client.read_one(idx).expect("GPU read failed");
+            let ids: &[u32] = bytemuck::cast_slice(&bytes);
+            u.tokens.resize(ne, 0);
+            let mut used = vec![false; ne];
+            for &e in &ids[..t * k] {
+                u.tokens[e as usize] += 1;
+                used[e as usize] = true;
+            }
+            let per_expert =
+                (experts.gate.file_bytes + experts.up.file_bytes + experts.down.file_bytes) as u64 / ne as u64;
+            u.bytes_read += per_expert * used.iter().filter(|&&b| b).count() as u64;
+        }
+    }
+
+    fn kv_cache(&self, layout: &KvLayout) -> GpuKvCache {
+        let layers = (0..layout.windows.len())
+            .map(|l| {
+                let cap = layout.layer_capacity(l).max(1);
+                let bytes = 4 * cap * layout.kv_dim.max(1);
+                (self.client.empty(bytes), self.client.empty(bytes), cap)
+            })
+            .collect();
+        GpuKvCache { layers, kv_dim: layout.kv_dim }
+    }
+}

@@ -1,0 +1,138 @@
+//! Whole models on the GPU backend (burn-wgpu) against the CPU backend and llama2.c's golden text. Built only
+//! with `--features wgpu`; without a GPU it runs on Mesa's lavapipe (correctness only, never timings).
+#![cfg(feature = "wgpu")]
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sprig_backend::Backend;
+use sprig_engine::{Engine, Sampler, SamplingParams};
+use sprig_format::ModelFile;
+use sprig_import::synth::{write_gguf, SynthSpec};
+use sprig_import::QuantChoice;
+use sprig_models::Logits;
+use sprig_tests::*;
+use sprig_wgpu::{WgpuBackend, WgpuOptions};
+
+fn gpu_engine(file: Arc<ModelFile>, opts: WgpuOptions) -> Engine<WgpuBackend> {
+    Engine::new(Arc::new(WgpuBackend::new(opts).expect("a wgpu adapter (lavapipe: mesa-vulkan-drivers)")), file)
+        .unwrap()
+}
+
+/// Logits of a batched prefill (all positions), then decode steps fed with `decode`, concatenated.
+fn logits<B: Backend>(e: &Engine<B>, prompt: &[u32], decode: &[u32]) -> Vec<Vec<f32>> {
+    let mut st = e.model.new_state(prompt.len() + decode.len() + 1);
+    let mut out = Vec::new();
+    let mut l = Vec::new();
+    e.model.forward(&mut st, prompt, Logits::All).unwrap();
+    e.model.read_logits(&st, &mut l);
+    out.push(l.clone());
+    for &t in decode {
+        e.model.forward(&mut st, &[t], Logits::Last).unwrap();
+        e.model.read_logits(&st, &mut l);
+        out.push(l.clone());
+    }
+    out
+}
+
+/// GPU vs CPU logits, step by step: relative error under `tol` and the same greedy token at every position.
+fn compare(file: Arc<ModelFile>, prompt: &[u32], decode: &[u32], tol: f32, opts: WgpuOptions) {
+    let cpu = cpu_engine(file.clone(), 2);
+    let gpu = gpu_engine(file, opts);
+    let (lc, lg) = (logits(&cpu, prompt, decode), logits(&gpu, prompt, decode));
+    let vocab = cpu.model.config.vocab_size;
+    for (step, (c, g)) in lc.iter().zip(&lg).enumerate() {
+        assert_eq!(c.len(), g.len(), "step {step}: logit count");
+        let e = rel_err(g, c);
+        assert!(e < tol, "step {step}: relative logit error {e} > {tol}");
+        for (row, (rc, rg)) in c.chunks(vocab).zip(g.chunks(vocab)).enumerate() {
+            assert_eq!(argmax(rg), argmax(rc), "step {step} row {row}: greedy token differs");
+        }
+    }
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("sprig-gpu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+#[test]
+fn stories260k_greedy_matches_llama2c() {
+    let (model, tok) = stories260k();
+    let golden =
+        std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let e = gpu_engine(open(&model, Some(tok), QuantChoice::Keep), WgpuOptions::default());
+    let prompt = e.tokenizer.encode_prompt("Once upon a time").unwrap();
+    let mut st = e.model.new_state(0);
+    let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }).unwrap();
+    let mut text = String::new();
+    e.generate(&mut st, &prompt, 256 - (prompt.len() - 1), &mut s, true, |t| {
+        text.push_str(t);
+        true
+    })
+    .unwrap();
+    assert_eq!(text + "\n", golden);
+}
+
+#[test]
+fn stories260k_f32_and_int4_logits_match_the_cpu() {
+    let (model, tok) = stories260k();
+    let prompt = [1u32, 403, 407, 261, 378, 300, 17];
+    let decode = [40u32, 41, 42, 500, 3];
+    compare(open(&model, Some(tok.clone()), QuantChoice::Keep), &prompt, &decode, 1e-4, WgpuOptions::default());
+    // int4 with a ragged last group (hidden 172): the CPU quantizes activations to int8, the GPU does not.
+    let q4 = open(&model, Some(tok), QuantChoice::parse("q4").unwrap());
+    compare(q4.clone(), &prompt, &decode, 0.05, WgpuOptions::default());
+    // Every weight split into many chunks: the same answer.
+    compare(q4, &prompt, &decode, 0.05, WgpuOptions { max_chunk_bytes: Some(2048) });
+}
+
+#[test]
+fn smollm2_logits_match_the_cpu() {
+    let f = open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep);
+    let prompt = [1u32, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 2583];
+    compare(f, &prompt, &[28, 253, 1115], 0.05, WgpuOptions::default());
+}
+
+#[test]
+fn moe_and_hybrid_attention_models_match_the_cpu() {
+    let prompt = [3u32, 200, 17, 99, 256, 261, 40, 40, 7, 12, 13, 14];
+    let decode = [5u32, 77, 8, 9, 10];
+    for (name, spec) in [
+        ("mixtral", SynthSpec::tiny_moe("llama")),
+        ("qwen2moe", SynthSpec::tiny_moe("qwen2moe")),
+        ("olmoe", SynthSpec::tiny_moe("olmoe")),
+        // Sliding window of 4 on every layer but each 3rd: the prefill is longer than the window and the decode
+        // steps wrap the rings.
+        ("hybrid", SynthSpec { sliding: Some((4, 3)), n_layers: 3, ..SynthSpec::tiny("llama") }),
+        ("hybrid-moe", SynthSpec { sliding: Some((5, 2)), ..SynthSpec::tiny_moe("qwen3moe") }),
+    ] {
+        let path = tmp(&format!("{name}.gguf"));
+        write_gguf(&spec, &path).unwrap();
+        for quant in ["keep", "q4", "q8"] {
+            let f = open(&path, None, QuantChoice::parse(quant).unwrap());
+            let tol = if quant == "keep" { 1e-4 } else { 0.05 };
+            eprintln!("{name} {quant}");
+            compare(f, &prompt, &decode, tol, WgpuOptions::default());
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[test]
+fn moe_usage_matches_the_cpu() {
+    let path = tmp("usage.gguf");
+    write_gguf(&SynthSpec::tiny_moe("qwen2moe"), &path).unwrap();
+    let f = open(&path, None, QuantChoice::Keep);
+    let (cpu, gpu) = (cpu_engine(f.clone(), 2), gpu_engine(f, WgpuOptions::default()));
+    let prompt = [3u32, 200, 17, 99, 256, 261, 40];
+    let (mut sc, mut sg) = (cpu.model.new_state(16), gpu.model.new_state(16));
+    cpu.model.forward(&mut sc, &prompt, Logits::Last).unwrap();
+    gpu.model.forward(&mut sg, &prompt, Logits::Last).unwrap();
+    let tokens = |u: &[Option<sprig_backend::MoeUsage>]| -> Vec<Vec<u64>> {
+        u.iter().flatten().map(|m| m.tokens.clone()).collect()
+    };
+    assert_eq!(tokens(&sg.moe_usage), tokens(&sc.moe_usage));
+    let _ = std::fs::remove_file(&path);
+}
