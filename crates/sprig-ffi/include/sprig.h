@@ -146,6 +146,13 @@ enum SprigStatus sprig_model_free(struct SprigModel *model);
 enum SprigStatus sprig_model_context_length(const struct SprigModel *model,
                                             uint32_t *out_tokens);
 
+// The device the model runs on: `SPRIG_DEVICE_CPU` or `SPRIG_DEVICE_GPU` (what `SPRIG_DEVICE_AUTO` chose).
+// Thread safety: any thread.
+//
+// # Safety
+// `out_device` is NULL or writable.
+enum SprigStatus sprig_model_device(const struct SprigModel *model, uint32_t *out_device);
+
 // Creates a session (an empty conversation) on a model. Thread safety: any thread; sessions of one model
 // may generate concurrently on different threads.
 //
