@@ -58,3 +58,20 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 pub fn argmax(x: &[f32]) -> usize {
     sprig_engine::sampler::argmax(x) as usize
 }
+
+/// stories260K's greedy continuation of "Once upon a time" to 256 positions, as llama2.c `run.c` prints it
+/// (`golden_once_upon_a_time_steps256.txt`: no BOS, a final newline).
+pub fn stories260k_greedy_text<B: sprig_backend::Backend>(e: &Engine<B>) -> String {
+    let prompt = e.tokenizer.encode_prompt("Once upon a time").unwrap();
+    assert_eq!(prompt, [1, 403, 407, 261, 378]);
+    let mut st = e.model.new_state(0);
+    let mut s =
+        sprig_engine::Sampler::new(sprig_engine::SamplingParams { temperature: 0.0, ..Default::default() }).unwrap();
+    let mut text = String::new();
+    e.generate(&mut st, &prompt, 256 - (prompt.len() - 1), &mut s, true, |t| {
+        text.push_str(t);
+        true
+    })
+    .unwrap();
+    text + "\n"
+}

@@ -6,23 +6,8 @@
 //! run.c prints the prompt (without BOS) and stops after 256 positions, i.e. 256 - 4 = 252 generated tokens,
 //! then a newline.
 
-use sprig_engine::{Sampler, SamplingParams};
 use sprig_import::QuantChoice;
 use sprig_tests::*;
-
-fn generate_text<B: sprig_backend::Backend>(e: &sprig_engine::Engine<B>) -> String {
-    let prompt = e.tokenizer.encode_prompt("Once upon a time").unwrap();
-    assert_eq!(prompt, [1, 403, 407, 261, 378]);
-    let mut st = e.model.new_state(0);
-    let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }).unwrap();
-    let mut text = String::new();
-    e.generate(&mut st, &prompt, 256 - (prompt.len() - 1), &mut s, true, |t| {
-        text.push_str(t);
-        true
-    })
-    .unwrap();
-    text + "\n"
-}
 
 #[test]
 fn stories260k_greedy_matches_llama2c_on_both_headers() {
@@ -32,7 +17,7 @@ fn stories260k_greedy_matches_llama2c_on_both_headers() {
     for file in [model.clone(), model.with_file_name("stories260K.v1.bin")] {
         for threads in [1, 2] {
             let e = cpu_engine(open(&file, Some(tok.clone()), QuantChoice::Keep), threads);
-            assert_eq!(generate_text(&e), golden, "{} with {threads} threads", file.display());
+            assert_eq!(stories260k_greedy_text(&e), golden, "{} with {threads} threads", file.display());
         }
     }
 }
@@ -43,7 +28,7 @@ fn stories260k_reference_backend_matches_llama2c() {
     let golden =
         std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let e = reference_engine(open(&model, Some(tok), QuantChoice::Keep));
-    assert_eq!(generate_text(&e), golden);
+    assert_eq!(stories260k_greedy_text(&e), golden);
 }
 
 /// llama2.c files with a separate classifier (legacy: negative vocab size; v1: shared flag 0) and `wcls` appended.
@@ -67,7 +52,7 @@ fn stories260k_unshared_classifier_variants() {
         std::fs::write(&path, bytes).unwrap();
         let f = open(&path, Some(tok.clone()), QuantChoice::Keep);
         assert!(!f.config.tied_embeddings && f.contains("output.weight"), "{name}");
-        assert_eq!(generate_text(&cpu_engine(f, 2)), golden, "{name}");
+        assert_eq!(stories260k_greedy_text(&cpu_engine(f, 2)), golden, "{name}");
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -1,34 +1,10 @@
 //! The `sprig` binary: commands, streaming output, exit codes and one-line errors.
 
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-fn sprig() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sprig"))
-}
-
-fn shared(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models").join(p)
-}
-
-fn run_ok(args: &[&str]) -> (String, String) {
-    let out = sprig().args(args).output().unwrap();
-    let (so, se) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(out.status.success(), "sprig {args:?} failed: {se}");
-    (so, se)
-}
-
-/// Fails with exit code 1 and exactly one line on stderr, no backtrace.
-fn run_err(args: &[&str]) -> String {
-    let out = sprig().args(args).env("RUST_BACKTRACE", "1").output().unwrap();
-    let se = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "sprig {args:?}: {se}");
-    assert_eq!(se.trim_end().lines().count(), 1, "one line expected: {se}");
-    assert!(se.starts_with("sprig: error: ") && !se.contains("panicked") && !se.contains("backtrace"), "{se}");
-    se
-}
+mod common;
+use common::*;
 
 #[test]
 fn run_convert_inspect_and_errors() {

@@ -2,24 +2,8 @@
 //! that run a model. Without a GPU this runs on Mesa's lavapipe (correctness only).
 #![cfg(feature = "wgpu")]
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn sprig() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sprig"))
-}
-
-fn shared(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models").join(p)
-}
-
-fn run_ok(args: &[&str]) -> (String, String) {
-    let out = sprig().args(args).output().unwrap();
-    let (so, se) =
-        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(out.status.success(), "sprig {args:?} failed: {se}");
-    (so, se)
-}
+mod common;
+use common::*;
 
 #[test]
 fn devices_lists_an_adapter() {

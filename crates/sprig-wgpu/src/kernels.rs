@@ -140,16 +140,13 @@ pub fn linear_kernel(
     for t in 0..tile {
         sm[ly * LANES + lane] = acc[t];
         sync_cube();
-        if lane == 0 {
-            let mut total = 0.0f32;
-            for i in 0..LANES {
-                total += sm[ly * LANES + i];
-            }
-            sm[ly * LANES] = total;
-        }
+        // Lane 0 sums the row's partials (cheap next to the row's weight reads).
         let tt = t0 + t;
         if lane == 0 && r < chunk_rows && tt < tokens {
-            let mut v = sm[ly * LANES];
+            let mut v = 0.0f32;
+            for i in 0..LANES {
+                v += sm[ly * LANES + i];
+            }
             if comptime![has_bias] {
                 v += bias[row0 + r];
             }
@@ -213,15 +210,12 @@ pub fn moe_linear_kernel(
     let mut sm = Shared::<[f32]>::new_slice(comptime![LANES * ROWS_PER_CUBE]);
     sm[ly * LANES + lane] = acc;
     sync_cube();
-    if lane == 0 {
-        let mut total = 0.0f32;
-        for i in 0..LANES {
-            total += sm[ly * LANES + i];
-        }
-        sm[ly * LANES] = total;
-    }
     if lane == 0 && mine {
-        out[vt * expert_rows + r] = sm[ly * LANES];
+        let mut v = 0.0f32;
+        for i in 0..LANES {
+            v += sm[ly * LANES + i];
+        }
+        out[vt * expert_rows + r] = v;
     }
 }
 
@@ -577,7 +571,7 @@ pub fn glu_kernel(gate: &[f32], up: &[f32], out: &mut [f32], n: usize, #[comptim
     }
 }
 
-/// `x += y`, then (when `bias_cols > 0`) `x[t, c] += bias[c]`.
+/// `x += y`.
 #[cube(launch)]
 pub fn add_kernel(x: &mut [f32], y: &[f32], n: usize) {
     let i = job_index(ELEMWISE_THREADS);

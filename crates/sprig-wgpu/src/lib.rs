@@ -165,7 +165,7 @@ fn grid(cubes: usize, dim: CubeDim) -> (CubeCount, CubeDim) {
 }
 
 /// Kernel buffer argument over a whole handle of `len` elements.
-fn arg<'a>(h: &Handle, len: usize) -> BufferArg {
+fn arg(h: &Handle, len: usize) -> BufferArg {
     // SAFETY: every handle passed here was allocated with at least `len` elements of the kernel's element
     // type (tensors are allocated exactly, weights from their plane sizes, dummies with 4 elements that the
     // kernel variant binding them never reads).
@@ -210,16 +210,10 @@ impl WgpuBackend {
         t.cols = cols;
     }
 
-    fn upload_f32(&self, data: &[f32]) -> Handle {
+    /// A device copy of `data` (a one-element zero buffer for empty data: bindings cannot be empty).
+    fn upload_slice<T: bytemuck::Pod>(&self, data: &[T]) -> Handle {
         if data.is_empty() {
-            return self.client.create_from_slice(bytemuck::cast_slice(&[0f32]));
-        }
-        self.client.create_from_slice(bytemuck::cast_slice(data))
-    }
-
-    fn upload_u32(&self, data: &[u32]) -> Handle {
-        if data.is_empty() {
-            return self.client.create_from_slice(bytemuck::cast_slice(&[0u32]));
+            return self.client.create_from_slice(&[0u8; 4]);
         }
         self.client.create_from_slice(bytemuck::cast_slice(data))
     }
@@ -265,7 +259,7 @@ impl WgpuBackend {
                 sin.push(s);
             }
         }
-        let t = RopeTable { positions: n, cos: self.upload_f32(&cos), sin: self.upload_f32(&sin) };
+        let t = RopeTable { positions: n, cos: self.upload_slice(&cos), sin: self.upload_slice(&sin) };
         let r = (t.cos.clone(), t.sin.clone(), n * half);
         tables.insert(key, t);
         r
@@ -329,7 +323,7 @@ impl Backend for WgpuBackend {
         let file_bytes = v.bytes();
         let nb = cols.div_ceil(32);
         let (kind, row_bytes) = match &v {
-            WeightView::Quant(q) => (Kind::Quant(q.scheme), nb * q.scheme.qs_bytes_per_block().max(4)),
+            WeightView::Quant(q) => (Kind::Quant(q.scheme), nb * q.scheme.qs_bytes_per_block()),
             _ => (Kind::F32, 4 * cols),
         };
         if rows == 0 || cols == 0 {
@@ -352,10 +346,16 @@ impl Backend for WgpuBackend {
                     let words: Vec<u32> =
                         q.qs.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
                     let scales: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
-                    let mins = q.mins.map(|m| self.upload_f32(&m.iter().map(|s| s.to_f32()).collect::<Vec<_>>()));
-                    Chunk { row0, rows: n, data: self.upload_u32(&words), scales: Some(self.upload_f32(&scales)), mins }
+                    let mins = q.mins.map(|m| self.upload_slice(&m.iter().map(|s| s.to_f32()).collect::<Vec<_>>()));
+                    Chunk {
+                        row0,
+                        rows: n,
+                        data: self.upload_slice(&words),
+                        scales: Some(self.upload_slice(&scales)),
+                        mins,
+                    }
                 }
-                other => Chunk { row0, rows: n, data: self.upload_f32(&other.to_f32()), scales: None, mins: None },
+                other => Chunk { row0, rows: n, data: self.upload_slice(&other.to_f32()), scales: None, mins: None },
             };
             chunks.push(chunk);
             row0 += n;
@@ -375,7 +375,7 @@ impl Backend for WgpuBackend {
     }
     fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut GpuTensor) {
         assert_eq!(data.len(), rows * cols, "upload: {} values for a {rows}x{cols} tensor", data.len());
-        t.handle = Some(self.upload_f32(data));
+        t.handle = Some(self.upload_slice(data));
         t.rows = rows;
         t.cols = cols;
     }
@@ -398,7 +398,7 @@ impl Backend for WgpuBackend {
     fn embed(&self, table: &GpuWeight, tokens: &[u32], scale: f32, out: &mut GpuTensor) {
         let cols = table.cols;
         self.alloc(out, tokens.len(), cols);
-        let ids = self.upload_u32(tokens);
+        let ids = self.upload_slice(tokens);
         let (kind, has_min) = table.kernel_kind();
         let len = tokens.len() * cols;
         for c in &table.chunks {
