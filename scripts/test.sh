@@ -30,12 +30,12 @@ fi
 # XDG_RUNTIME_DIR silences Mesa's harmless warnings on headless machines.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
-# Every crate, the GPU backend's op-by-op checks on lavapipe (crates/sprig-wgpu/tests) included.
-# The feature-gated end-to-end GPU tests (tests/tests/gpu.rs, crates/sprig-cli/tests/gpu.rs,
-# crates/sprig-ffi/tests/gpu.rs) run with
-#   cargo test --workspace --locked --features sprig-tests/wgpu,sprig-cli/wgpu,sprig-ffi/wgpu
-# (one invocation, so the wgpu stack is compiled once); they join this script once they have been run green.
-cargo test --workspace --locked
+# Every crate, with the GPU backend (feature `wgpu`) switched on where it has tests: its op-by-op checks
+# (crates/sprig-wgpu/tests), whole models against the reference and CPU backends and the golden text
+# (tests/tests/gpu.rs), the CLI's `--device gpu` and `sprig devices`, SPRIG_DEVICE_GPU through the C ABI. One
+# invocation, so the wgpu stack is compiled once (separate `-p X --features wgpu` runs unify features
+# differently and rebuild it).
+cargo test --workspace --locked --features sprig-tests/wgpu,sprig-cli/wgpu,sprig-ffi/wgpu
 
 # The NEON kernels (baseline and sdot), cross-compiled for aarch64 and checked against the scalar kernel under
 # qemu's user-mode emulation.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sprig_backend::Backend;
-use sprig_engine::{Engine, Sampler, SamplingParams};
+use sprig_engine::Engine;
 use sprig_format::ModelFile;
 use sprig_import::synth::{write_gguf, SynthSpec};
 use sprig_import::QuantChoice;
@@ -35,19 +35,26 @@ fn logits<B: Backend>(e: &Engine<B>, prompt: &[u32], decode: &[u32]) -> Vec<Vec<
     out
 }
 
-/// GPU vs CPU logits, step by step: relative error under `tol` and the same greedy token at every position.
-fn compare(file: Arc<ModelFile>, prompt: &[u32], decode: &[u32], tol: f32, opts: WgpuOptions) {
+/// GPU logits step by step against the burn reference (f32 throughout) and the CPU backend. The GPU, like the
+/// reference, runs f32 activations against the dequantized weights, so it must match the reference to rounding
+/// (`1e-3` relative) with the same greedy token at every position. The CPU quantizes activations to int8 for
+/// its integer kernels (up to 0.075 relative error seen on these models, enough to flip near-tied greedy
+/// tokens): within 0.1 of it.
+fn compare(file: Arc<ModelFile>, prompt: &[u32], decode: &[u32], opts: WgpuOptions) {
     let cpu = cpu_engine(file.clone(), 2);
+    let reference = reference_engine(file.clone());
     let gpu = gpu_engine(file, opts);
-    let (lc, lg) = (logits(&cpu, prompt, decode), logits(&gpu, prompt, decode));
+    let (lc, lr, lg) = (logits(&cpu, prompt, decode), logits(&reference, prompt, decode), logits(&gpu, prompt, decode));
     let vocab = cpu.model.config.vocab_size;
-    for (step, (c, g)) in lc.iter().zip(&lg).enumerate() {
+    for (step, ((c, r), g)) in lc.iter().zip(&lr).zip(&lg).enumerate() {
         assert_eq!(c.len(), g.len(), "step {step}: logit count");
-        let e = rel_err(g, c);
-        assert!(e < tol, "step {step}: relative logit error {e} > {tol}");
-        for (row, (rc, rg)) in c.chunks(vocab).zip(g.chunks(vocab)).enumerate() {
-            assert_eq!(argmax(rg), argmax(rc), "step {step} row {row}: greedy token differs");
+        let e = rel_err(g, r);
+        assert!(e < 1e-3, "step {step}: relative logit error against the reference {e}");
+        for (row, (rr, rg)) in r.chunks(vocab).zip(g.chunks(vocab)).enumerate() {
+            assert_eq!(argmax(rg), argmax(rr), "step {step} row {row}: greedy token differs from the reference");
         }
+        let e = rel_err(g, c);
+        assert!(e < 0.1, "step {step}: relative logit error against the CPU {e}");
     }
 }
 
@@ -63,16 +70,7 @@ fn stories260k_greedy_matches_llama2c() {
     let golden =
         std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let e = gpu_engine(open(&model, Some(tok), QuantChoice::Keep), WgpuOptions::default());
-    let prompt = e.tokenizer.encode_prompt("Once upon a time").unwrap();
-    let mut st = e.model.new_state(0);
-    let mut s = Sampler::new(SamplingParams { temperature: 0.0, ..Default::default() }).unwrap();
-    let mut text = String::new();
-    e.generate(&mut st, &prompt, 256 - (prompt.len() - 1), &mut s, true, |t| {
-        text.push_str(t);
-        true
-    })
-    .unwrap();
-    assert_eq!(text + "\n", golden);
+    assert_eq!(stories260k_greedy_text(&e), golden);
 }
 
 #[test]
@@ -80,19 +78,19 @@ fn stories260k_f32_and_int4_logits_match_the_cpu() {
     let (model, tok) = stories260k();
     let prompt = [1u32, 403, 407, 261, 378, 300, 17];
     let decode = [40u32, 41, 42, 500, 3];
-    compare(open(&model, Some(tok.clone()), QuantChoice::Keep), &prompt, &decode, 1e-4, WgpuOptions::default());
-    // int4 with a ragged last group (hidden 172): the CPU quantizes activations to int8, the GPU does not.
+    compare(open(&model, Some(tok.clone()), QuantChoice::Keep), &prompt, &decode, WgpuOptions::default());
+    // int4 with a ragged last group (hidden 172).
     let q4 = open(&model, Some(tok), QuantChoice::parse("q4").unwrap());
-    compare(q4.clone(), &prompt, &decode, 0.05, WgpuOptions::default());
+    compare(q4.clone(), &prompt, &decode, WgpuOptions::default());
     // Every weight split into many chunks: the same answer.
-    compare(q4, &prompt, &decode, 0.05, WgpuOptions { max_chunk_bytes: Some(2048) });
+    compare(q4, &prompt, &decode, WgpuOptions { max_chunk_bytes: Some(2048) });
 }
 
 #[test]
 fn smollm2_logits_match_the_cpu() {
     let f = open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep);
     let prompt = [1u32, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 2583];
-    compare(f, &prompt, &[28, 253, 1115], 0.05, WgpuOptions::default());
+    compare(f, &prompt, &[28, 253, 1115], WgpuOptions::default());
 }
 
 #[test]
@@ -112,9 +110,8 @@ fn moe_and_hybrid_attention_models_match_the_cpu() {
         write_gguf(&spec, &path).unwrap();
         for quant in ["keep", "q4", "q8"] {
             let f = open(&path, None, QuantChoice::parse(quant).unwrap());
-            let tol = if quant == "keep" { 1e-4 } else { 0.05 };
             eprintln!("{name} {quant}");
-            compare(f, &prompt, &decode, tol, WgpuOptions::default());
+            compare(f, &prompt, &decode, WgpuOptions::default());
         }
         let _ = std::fs::remove_file(&path);
     }

@@ -151,7 +151,8 @@ enum SprigStatus sprig_model_context_length(const struct SprigModel *model,
 //
 // # Safety
 // `out_device` is NULL or writable.
-enum SprigStatus sprig_model_device(const struct SprigModel *model, uint32_t *out_device);
+enum SprigStatus sprig_model_device(const struct SprigModel *model,
+                                    uint32_t *out_device);
 
 // Creates a session (an empty conversation) on a model. Thread safety: any thread; sessions of one model
 // may generate concurrently on different threads.

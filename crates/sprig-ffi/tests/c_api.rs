@@ -36,6 +36,9 @@ fn c_program_runs_the_golden_text_and_every_error_path() {
         .arg(m.join("tok512.bin"))
         .arg(m.join("golden_once_upon_a_time_steps256.txt"))
         .arg(chat_model(&tmp))
+        // `cargo test` puts its own target/debug/deps on LD_LIBRARY_PATH, which beats the program's RUNPATH: that
+        // libsprig.so may be one built with other features (e.g. `wgpu`). Load the one linked against.
+        .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
