@@ -1,12 +1,20 @@
-//! Scalar f32 helpers of the CPU backend (the compiler vectorises these loops).
+//! f32 helpers of the CPU backend, written as plain loops the compiler vectorises. The hot ones are compiled
+//! twice, for the baseline target and with AVX-512, and pick one at run time (same operations, same bits).
 
 use std::cell::RefCell;
 
 use crate::{Activation, RopeLayout, RopeParams};
 
+/// Per-worker attention buffers, reused across calls: keys transposed, values, scores.
+#[derive(Default)]
+pub struct AttentionScratch {
+    pub keys_t: Vec<f32>,
+    pub values: Vec<f32>,
+    pub scores: Vec<f32>,
+}
+
 thread_local! {
-    /// Per-worker attention score buffer, reused across tokens.
-    pub static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    pub static SCRATCH: RefCell<AttentionScratch> = RefCell::default();
 }
 
 #[inline]
@@ -27,22 +35,88 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-#[inline]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+/// Defines `$name` from a loop body, plus an AVX-512 copy of the same body chosen at run time on x86-64.
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        #[inline]
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn wide($($arg: $ty),*) $(-> $ret)? $body
+                if has_avx512() {
+                    // SAFETY: AVX-512F presence checked just above.
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma"))
+}
+
+multiversion! {
+    /// `y += a * x`.
+    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        for (y, x) in y.iter_mut().zip(x) {
+            *y += a * x;
+        }
     }
 }
 
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+/// `e^x` in branch-free f32 arithmetic that vectorises (range reduction by `ln 2`, degree-6 polynomial,
+/// exponent by bit arithmetic); within 2 ulp of `f32::exp` on [-87, 88]; inputs are clamped to [-88, 88.5] (so e^-inf gives ~6e-39, not 0).
+#[inline(always)]
+pub fn exp_approx(x: f32) -> f32 {
+    let x = x.clamp(-88.0, 88.5);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    // ln 2 split in two so that x - n ln 2 is exact enough.
+    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
+    let p = 1.0
+        + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_452 + r * 0.001_388_893)))));
+    // 2^n, split in two factors so n = -127..128 stays representable.
+    let n = n as i32;
+    let (n1, n2) = (n / 2, n - n / 2);
+    p * f32::from_bits(((n1 + 127) as u32) << 23) * f32::from_bits(((n2 + 127) as u32) << 23)
+}
+
+multiversion! {
+    pub fn softmax(x: &mut [f32]) {
+        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in x.iter_mut() {
+            *v = exp_approx(*v - max);
+        }
+        for v in x.iter() {
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        x.iter_mut().for_each(|v| *v *= inv);
     }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+multiversion! {
+    /// `out = act(gate) * up`, elementwise.
+    pub fn glu(gate: &[f32], up: &[f32], act: Activation, out: &mut [f32]) {
+        match act {
+            Activation::Silu => {
+                for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = *g / (1.0 + exp_approx(-*g)) * u;
+                }
+            }
+            Activation::GeluTanh => {
+                for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+                    *o = activation(*g, act) * u;
+                }
+            }
+        }
+    }
 }
 
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, add_one: bool, out: &mut [f32]) {
@@ -82,6 +156,42 @@ pub fn activation(x: f32, act: Activation) -> f32 {
         Activation::GeluTanh => {
             const C: f32 = 0.797_884_6; // sqrt(2/pi)
             0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_approx_is_within_a_few_ulp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp_approx(x), x.exp());
+            assert!((got - want).abs() <= 4e-7 * want, "exp({x}) = {got}, expected {want}");
+            x += 0.0137;
+        }
+        assert_eq!(exp_approx(0.0), 1.0);
+        assert!(exp_approx(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn softmax_and_glu_match_the_direct_formulas() {
+        let mut v: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = v.iter().map(|x| (x - max).exp()).sum();
+        let want: Vec<f32> = v.iter().map(|x| (x - max).exp() / total).collect();
+        softmax(&mut v);
+        for (a, b) in v.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+        }
+        let g: Vec<f32> = (0..37).map(|i| i as f32 * 0.5 - 9.0).collect();
+        let mut out = vec![0.0; 37];
+        glu(&g, &g, Activation::Silu, &mut out);
+        for ((o, x), _) in out.iter().zip(&g).zip(0..) {
+            let want = x / (1.0 + (-x).exp()) * x;
+            assert!((o - want).abs() <= 1e-5 * (1.0 + want.abs()), "{o} vs {want}");
         }
     }
 }

@@ -83,10 +83,10 @@ impl CpuBackend {
 }
 
 impl CpuBackend {
-    /// Rows per parallel job: enough jobs to balance the pool, each a multiple of 8 rows to keep kernels' loops
-    /// whole.
+    /// Rows per parallel job: enough jobs to balance the pool, each a multiple of 16 rows to keep kernels'
+    /// tiles (4 rows) and panels (16 rows) whole.
     fn row_chunk(&self, n: usize) -> usize {
-        (n.div_ceil(self.threads * 4)).next_multiple_of(8).max(8)
+        (n.div_ceil(self.threads * 4)).next_multiple_of(16).max(16)
     }
 
     /// `outs[i] = x · W_iᵀ` for up to [`MAX_PASS`] quantized matrices, as one parallel pass over every matrix's
@@ -103,7 +103,7 @@ impl CpuBackend {
             ptrs[m] = OutPtr(o.data.as_mut_ptr());
             first[m + 1] = first[m] + q.rows.div_ceil(self.row_chunk(q.rows));
         }
-        let xq = x.quantized();
+        let xq = x.quantized(self.isa);
         let (xq, isa) = (&*xq, self.isa);
         let run = |j: usize| {
             let m = (0..ws.len()).find(|&m| j < first[m + 1]).expect("job index in range");
@@ -196,9 +196,13 @@ impl CpuTensor {
         self.quant_valid.set(false);
         &mut self.data
     }
-    fn quantized(&self) -> std::cell::Ref<'_, QuantizedActivations> {
+    fn quantized(&self, isa: Isa) -> std::cell::Ref<'_, QuantizedActivations> {
         if !self.quant_valid.get() {
-            self.quant.borrow_mut().quantize(&self.data, self.rows, self.cols);
+            let mut q = self.quant.borrow_mut();
+            q.quantize(&self.data, self.rows, self.cols);
+            // Kernel-specific packing once here, not once per matrix and thread.
+            kernels::prepare(isa, &mut q);
+            drop(q);
             self.quant_valid.set(true);
         }
         self.quant.borrow()
@@ -377,28 +381,53 @@ impl Backend for CpuBackend {
         let (kc, vc) = &cache.layers[layer];
         let group = p.n_heads / p.n_kv_heads;
         let (q, k, v) = (&q.data[..], &k.data[..], &v.data[..]);
+        // First key position query `ti` sees (causal, and within its window).
+        let first_key = |ti: usize| p.window.map_or(0, |w| (pos0 + ti + 1).saturating_sub(w.min(cap)));
+        // Batched: one job per (KV head, tile of queries). The job lays the keys its queries can see out
+        // transposed and the values contiguously once, then every query of the tile and of the KV head's group
+        // computes its scores as `hd` vector AXPYs over keys (no horizontal sums) and its output as AXPYs over
+        // value rows.
+        let tile = if t >= 32 { 16 } else { t.max(1) };
+        let tiles = t.div_ceil(tile);
         self.pool.install(|| {
-            (0..t * p.n_heads).into_par_iter().for_each(|job| {
-                let (ti, h) = (job / p.n_heads, job % p.n_heads);
-                let pos = pos0 + ti;
-                let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w.min(cap)));
-                let g = h / group;
-                let qh = &q[ti * qd + h * hd..ti * qd + (h + 1) * hd];
+            (0..p.n_kv_heads * tiles).into_par_iter().for_each(|job| {
+                let (g, tt) = (job / tiles, job % tiles);
+                let (t0, t1) = (tt * tile, ((tt + 1) * tile).min(t));
+                let lo = first_key(t0);
+                let n = pos0 + t1 - lo;
                 math::SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
-                    s.clear();
-                    // Cached positions lo..pos0 come from the ring, the new ones pos0..=pos from this batch.
-                    let key = |j: usize| kv_row(kc, k, j, pos0, cap, kvd, g * hd, hd);
-                    let val = |j: usize| kv_row(vc, v, j, pos0, cap, kvd, g * hd, hd);
-                    for j in lo..=pos {
-                        s.push(math::dot(qh, key(j)) * p.scale);
+                    let math::AttentionScratch { keys_t, values, scores } = &mut *s;
+                    keys_t.resize(hd * n, 0.0);
+                    values.resize(n * hd, 0.0);
+                    scores.resize(n, 0.0);
+                    // Cached positions lo..pos0 come from the ring, the new ones pos0.. from this batch.
+                    for j in 0..n {
+                        let key = kv_row(kc, k, lo + j, pos0, cap, kvd, g * hd, hd);
+                        for (d, &kv) in key.iter().enumerate() {
+                            keys_t[d * n + j] = kv;
+                        }
+                        values[j * hd..(j + 1) * hd].copy_from_slice(kv_row(vc, v, lo + j, pos0, cap, kvd, g * hd, hd));
                     }
-                    math::softmax(&mut s);
-                    // SAFETY: job (ti, h) owns output elements ti*qd + h*hd .. +hd exclusively.
-                    let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(ti * qd + h * hd), hd) };
-                    o.fill(0.0);
-                    for (j, &a) in (lo..=pos).zip(s.iter()) {
-                        math::axpy(a, val(j), o);
+                    for ti in t0..t1 {
+                        // This query's keys: a = first visible, b = one past its own position.
+                        let (a, b) = (first_key(ti) - lo, pos0 + ti + 1 - lo);
+                        for h in g * group..(g + 1) * group {
+                            let qh = &q[ti * qd + h * hd..ti * qd + (h + 1) * hd];
+                            let sc = &mut scores[a..b];
+                            sc.fill(0.0);
+                            for (d, &qv) in qh.iter().enumerate() {
+                                math::axpy(qv * p.scale, &keys_t[d * n + a..d * n + b], sc);
+                            }
+                            math::softmax(sc);
+                            // SAFETY: job (g, tile) owns output elements ti*qd + h*hd .. +hd of its queries and
+                            // of the heads of group g exclusively.
+                            let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(ti * qd + h * hd), hd) };
+                            o.fill(0.0);
+                            for (j, &w) in (a..b).zip(sc.iter()) {
+                                math::axpy(w, &values[j * hd..(j + 1) * hd], o);
+                            }
+                        }
                     }
                 });
             })
@@ -414,10 +443,7 @@ impl Backend for CpuBackend {
 
     fn glu(&self, gate: &CpuTensor, up: &CpuTensor, act: Activation, out: &mut CpuTensor) {
         let (r, c) = (gate.rows, gate.cols);
-        let o = out.reshape(r, c);
-        for ((o, g), u) in o.iter_mut().zip(&gate.data).zip(&up.data) {
-            *o = math::activation(*g, act) * u;
-        }
+        math::glu(&gate.data, &up.data, act, out.reshape(r, c));
     }
 
     fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {

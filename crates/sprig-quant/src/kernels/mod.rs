@@ -5,6 +5,8 @@
 //! ([`Isa::detect`]); `SPRIG_CPU=scalar|avx2|avx512|neon|dotprod` forces one, and tests check each against
 //! [`scalar`].
 
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub mod neon;
 pub mod scalar;
@@ -19,7 +21,7 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C: `vpmaddubsw` integer dot products.
     Avx2,
-    /// AVX-512 VNNI (256-bit, with VL): `vpdpbusd`.
+    /// AVX-512 VNNI on 512-bit registers: `vpdpbusd`, 4-row × 4-token tiles on repacked activations.
     Avx512Vnni,
     /// aarch64 baseline NEON: `smull` + `sadalp`.
     Neon,
@@ -46,7 +48,7 @@ impl Isa {
             if x86::has_avx2() {
                 v.push(Isa::Avx2);
             }
-            if x86::has_avx512_vnni() {
+            if avx512::available() {
                 v.push(Isa::Avx512Vnni);
             }
         }
@@ -74,6 +76,34 @@ impl Isa {
             _ => Ok(*avail.last().unwrap()),
         }
     }
+}
+
+/// Quantizes one activation row: `(row, codes, scales, scaled sums, code sums)`.
+pub type QuantizeRowFn = fn(&[f32], &mut [i8], &mut [f32], &mut [f32], &mut [i32]);
+
+/// The fastest bit-exact implementation of [`crate::activation::quantize_row`] on this CPU.
+pub fn quantize_row_fn() -> QuantizeRowFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        return |row, qs, d, sum, isum| {
+            // SAFETY: AVX-512 availability checked when this function pointer was chosen.
+            unsafe { avx512::quantize_row(row, qs, d, sum, isum) }
+        };
+    }
+    crate::activation::quantize_row
+}
+
+/// Repacks `x` once for `isa`'s kernel, so that every matrix product reading it (and every thread) shares one
+/// packing instead of making its own. Optional: kernels pack on the fly when it was not done.
+pub fn prepare(isa: Isa, x: &mut QuantizedActivations) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni && avx512::uses_quads(x.rows) && !x.packed_ready {
+        let mut buf = std::mem::take(&mut x.packed);
+        avx512::pack(x, &mut buf);
+        x.packed = buf;
+        x.packed_ready = true;
+    }
+    let _ = (isa, x);
 }
 
 /// `out[t * ldo + r] = W[r] · x[t]` for every row `r < w.rows` and token `t < x.rows`.
@@ -115,9 +145,9 @@ pub unsafe fn gemm_strided(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out:
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => {
-            assert!(x86::has_avx512_vnni(), "AVX-512 VNNI not available");
-            // SAFETY: AVX-512 VNNI/VL presence checked just above; output contract forwarded from our caller.
-            unsafe { x86::gemm_vnni(w, x, out, ldo) }
+            assert!(avx512::available(), "AVX-512 VNNI not available");
+            // SAFETY: AVX-512 VNNI/BW/VL presence checked just above; output contract forwarded from our caller.
+            unsafe { avx512::gemm(w, x, out, ldo) }
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon => {
@@ -153,9 +183,48 @@ mod tests {
     }
 
     #[test]
+    fn simd_activation_quantization_is_bit_exact() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        for cols in [1usize, 7, 16, 31, 32, 33, 100, 172, 576] {
+            let nb = cols.div_ceil(32);
+            // Exact ties (k + 0.5 after scaling) are included: both paths must round them to even.
+            let mut row: Vec<f32> = (0..cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
+            row[0] = 127.0;
+            if cols > 2 {
+                row[1] = 2.5;
+                row[2] = -0.5;
+            }
+            let run = |f: QuantizeRowFn| {
+                let (mut qs, mut d, mut sum, mut isum) =
+                    (vec![0i8; nb * 32], vec![0.0; nb], vec![0.0; nb], vec![0; nb]);
+                f(&row, &mut qs, &mut d, &mut sum, &mut isum);
+                (qs, d, sum, isum)
+            };
+            let portable = run(crate::activation::quantize_row);
+            if cols > 2 {
+                assert_eq!((portable.0[1], portable.0[2]), (2, 0), "ties round to even");
+            }
+            assert_eq!(run(quantize_row_fn()), portable, "cols {cols}");
+        }
+    }
+
+    #[test]
     fn every_isa_matches_scalar_on_odd_shapes() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        for &(rows, cols, toks) in &[(1, 32, 1), (3, 31, 2), (17, 172, 5), (64, 576, 1), (5, 100, 9), (2, 33, 3)] {
+        // Odd row/token counts exercise every tile size; K spans ragged blocks, partial groups of 4 blocks and
+        // partial chunks of 16 (nb = 17, 19, 32).
+        let shapes = [
+            (1, 32, 1),
+            (3, 31, 2),
+            (17, 172, 5),
+            (64, 576, 1),
+            (5, 100, 9),
+            (2, 33, 3),
+            (7, 530, 6),
+            (6, 600, 4),
+            (9, 1024, 7),
+        ];
+        for &(rows, cols, toks) in &shapes {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let x: Vec<f32> = (0..toks * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let mut xq = QuantizedActivations::default();
@@ -186,6 +255,12 @@ mod tests {
                 for isa in Isa::available() {
                     let mut out = vec![0.0; toks * ldo];
                     gemm(isa, &q.view(), &xq, &mut out, ldo);
+                    // Activations packed in advance (the CPU backend's path) give the same result.
+                    let mut prepared = xq.clone();
+                    prepare(isa, &mut prepared);
+                    let mut out2 = vec![0.0; toks * ldo];
+                    gemm(isa, &q.view(), &prepared, &mut out2, ldo);
+                    assert_eq!(out, out2, "{isa:?} {scheme:?}: prepared activations");
                     for (a, b) in out.iter().zip(&reference) {
                         assert!(
                             (a - b).abs() <= 1e-4 * (1.0 + b.abs()),

@@ -1,4 +1,4 @@
-//! x86-64 kernels: AVX2 (`vpmaddubsw` + `vpmaddwd`) and AVX-512 VNNI (`vpdpbusd`, 256-bit via VL).
+//! x86-64 AVX2 kernel (`vpmaddubsw` + `vpmaddwd`); the AVX-512 VNNI one is in `avx512.rs`.
 //!
 //! Both multiply unsigned weight codes by signed activation codes. int4 codes are already unsigned (0..15);
 //! int8 weights use the sign trick `|w| * (x * sign(w))`, valid because activation codes lie in -127..=127.
@@ -10,13 +10,6 @@ use crate::scheme::QMatrix;
 
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-}
-
-pub fn has_avx512_vnni() -> bool {
-    has_avx2()
-        && is_x86_feature_detected!("avx512vnni")
-        && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512bw")
 }
 
 #[inline]
@@ -37,12 +30,6 @@ fn hsum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn mul_sum_avx2(w: __m256i, x: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw")]
-fn mul_sum_vnni(w: __m256i, x: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
 }
 
 /// Generates one GEMM per ISA so that the block loop is compiled (and inlined) with that ISA's features.
@@ -95,4 +82,3 @@ macro_rules! x86_gemm {
 }
 
 x86_gemm!(gemm_avx2, "avx2,fma,f16c", mul_sum_avx2);
-x86_gemm!(gemm_vnni, "avx2,fma,f16c,avx512vnni,avx512vl,avx512bw", mul_sum_vnni);

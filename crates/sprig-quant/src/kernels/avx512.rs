@@ -1,0 +1,460 @@
+//! AVX-512 VNNI kernels on 512-bit registers: one `vpdpbusd` multiplies four int4 blocks' halves (or two int8
+//! blocks' halves) at once, and a tile of up to 4 weight rows × 4 tokens shares every unpacked weight vector
+//! and every activation load (prefill is a blocked GEMM; decode is the 4 × 1 tile).
+//!
+//! The activations are first packed into *quads* ([`pack`]): per token, per group of four blocks, the low
+//! halves (codes 0..16) of the four blocks, then their high halves (16..32), then each block's scale repeated
+//! over the four 32-bit lanes its products land in. That is the order in which the int4 planes unpack (low
+//! nibbles are codes 0..16 of a block, high nibbles 16..32), so an int4 group needs no shuffle; int8 groups
+//! are permuted into it with one `vpermt2q` per half. Per-block scales are then applied as whole vectors
+//! (`int32 → f32`, × weight scale × activation scale), and the `w = d·q + m` offsets of every scheme as one
+//! extra vector FMA per 16 blocks against the activation block sums.
+
+// Register tiles are indexed by row and token on purpose: the loops unroll into straight-line code.
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use crate::activation::QuantizedActivations;
+use crate::scheme::{QMatrix, Scheme, BLOCK};
+
+/// Blocks per group: one 64-byte code vector holds one half of each of four blocks.
+const GROUP: usize = 4;
+/// Bytes of one token's group in the packed activations: low halves, high halves, 16 f32 scales.
+pub const GROUP_BYTES: usize = 192;
+/// Tokens per tile (rows per tile is 4).
+const TILE_TOKENS: usize = 4;
+
+pub fn available() -> bool {
+    super::x86::has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// Packs `x` into the quad layout (`rows * ceil(nb/4) * GROUP_BYTES` bytes; blocks past `nb` are zero).
+pub fn pack(x: &QuantizedActivations, out: &mut Vec<u8>) {
+    let nb = x.nb();
+    let ng = nb.div_ceil(GROUP);
+    out.clear();
+    out.resize(x.rows * ng * GROUP_BYTES, 0);
+    for t in 0..x.rows {
+        let (qs, d) = (x.row_qs(t), x.row_d(t));
+        for b in 0..nb {
+            let (g, c) = (b / GROUP, b % GROUP);
+            let dst = &mut out[(t * ng + g) * GROUP_BYTES..(t * ng + g + 1) * GROUP_BYTES];
+            let src: &[u8] = bytemuck::cast_slice(&qs[b * BLOCK..(b + 1) * BLOCK]);
+            dst[16 * c..16 * c + 16].copy_from_slice(&src[..16]);
+            dst[64 + 16 * c..64 + 16 * c + 16].copy_from_slice(&src[16..]);
+            for lane in 0..4 {
+                let at = 128 + 4 * (4 * c + lane);
+                dst[at..at + 4].copy_from_slice(&d[b].to_le_bytes());
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Packed activations for callers that did not pack them in advance.
+    static PACKED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether products over `tokens` activation rows use the packed quads (the tile kernel) rather than panels.
+pub fn uses_quads(tokens: usize) -> bool {
+    tokens < PANEL_MIN_TOKENS
+}
+
+/// `out[t * ldo + r] = W[r] · x[t]`: panels for prefill, tiles on packed quads (packed here unless
+/// `x.packed_quads()` already holds them) for decode.
+///
+/// # Safety
+/// [`available`] must be true; `out` must be valid for writes at `t * ldo + r` for every `t < x.rows`,
+/// `r < w.rows`, with no other thread touching those elements; `w.cols == x.cols`; the planes of `w` must
+/// match its shape (as [`QMatrix::validate`] checks).
+pub unsafe fn gemm(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    if !uses_quads(x.rows) {
+        // SAFETY: forwarded from our caller.
+        return unsafe { gemm_panels(w, x, out, ldo) };
+    }
+    match x.packed_quads() {
+        // SAFETY: forwarded from our caller; the packed buffer belongs to `x`.
+        Some(quads) => unsafe { gemm_packed(w, x, quads, out, ldo) },
+        None => PACKED.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            pack(x, &mut buf);
+            // SAFETY: forwarded from our caller; `buf` was packed from `x` just above.
+            unsafe { gemm_packed(w, x, &buf, out, ldo) }
+        }),
+    }
+}
+
+/// # Safety
+/// As [`gemm`], and `quads` is `x` packed by [`pack`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn gemm_packed(w: &QMatrix, x: &QuantizedActivations, quads: &[u8], out: *mut f32, ldo: usize) {
+    let nb = w.nb();
+    assert_eq!(quads.len(), x.rows * nb.div_ceil(GROUP) * GROUP_BYTES, "packed activations size");
+    let mut r0 = 0;
+    while r0 < w.rows {
+        let nr = (w.rows - r0).min(4);
+        let mut t0 = 0;
+        while t0 < x.rows {
+            let nt = (x.rows - t0).min(TILE_TOKENS);
+            let tile = Tile { w, x, quads, r0, t0, out, ldo };
+            macro_rules! dispatch {
+                ($($r:literal, $t:literal);*) => {
+                    match (nr, nt, w.scheme.is_int4()) {
+                        // SAFETY: the tile lies inside the matrix and the token range; the rest is forwarded.
+                        $(($r, $t, true) => unsafe { tile.run::<$r, $t, false>() },
+                          ($r, $t, false) => unsafe { tile.run::<$r, $t, true>() },)*
+                        _ => unreachable!("tile sizes are 1..=4"),
+                    }
+                };
+            }
+            dispatch!(4, 4; 4, 3; 4, 2; 4, 1; 3, 4; 3, 3; 3, 2; 3, 1; 2, 4; 2, 3; 2, 2; 2, 1; 1, 4; 1, 3; 1, 2; 1, 1);
+            t0 += nt;
+        }
+        r0 += nr;
+    }
+}
+
+/// One R-row × T-token block of the output.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    w: &'a QMatrix<'a>,
+    x: &'a QuantizedActivations,
+    quads: &'a [u8],
+    r0: usize,
+    t0: usize,
+    out: *mut f32,
+    ldo: usize,
+}
+
+impl Tile<'_> {
+    /// # Safety
+    /// AVX-512 VNNI must be available; `r0 + R <= rows`, `t0 + T <= x.rows`; `out` as for [`gemm`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn run<const R: usize, const T: usize, const INT8: bool>(self) {
+        let Tile { w, x, quads, r0, t0, out, ldo } = self;
+        let nb = w.nb();
+        let ng = nb.div_ceil(GROUP);
+        let qs_row = nb * w.scheme.qs_bytes_per_block();
+        let scales: *const u16 = w.scales.as_ptr().cast();
+        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
+        let (has_min, offset) = match w.scheme {
+            Scheme::Q4 => (false, -8.0),
+            Scheme::Q4A => (true, 0.0),
+            // int8 codes are made unsigned by flipping the top bit (q + 128); the offset takes the 128 back.
+            Scheme::Q8 => (false, -128.0),
+            Scheme::Q8A => (true, -128.0),
+        };
+        let low4 = _mm512_set1_epi8(0x0f);
+        let flip = _mm512_set1_epi8(-128);
+        // 128-bit lanes (0, 2) of the first register and (0, 2) of the second: the low halves of 4 int8 blocks.
+        let int8_lo = _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0);
+        let int8_hi = _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2);
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        let mut k = 0;
+        while k < nb {
+            // One chunk of 16 blocks: scales for every row, the offset term, then its (up to) four groups.
+            let nbk = (nb - k).min(16);
+            let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
+            let mut dw = [_mm512_setzero_ps(); R];
+            for r in 0..R {
+                let at = (r0 + r) * nb + k;
+                // SAFETY: the masked load reads only blocks k..k+nbk of row r0+r, all inside the scale plane.
+                dw[r] = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, scales.add(at).cast()) });
+                let mut m = _mm512_mul_ps(dw[r], _mm512_set1_ps(offset));
+                if has_min {
+                    // SAFETY: as above, in the min plane (present: has_min schemes are validated to carry one).
+                    let mn = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, mins.add(at).cast()) });
+                    m = _mm512_add_ps(m, mn);
+                }
+                for t in 0..T {
+                    // SAFETY: the sums of token t0+t hold nb floats; the mask stops at nb.
+                    let xs = unsafe { _mm512_maskz_loadu_ps(m16, x.row_sum(t0 + t).as_ptr().add(k)) };
+                    acc[r][t] = _mm512_fmadd_ps(m, xs, acc[r][t]);
+                }
+            }
+            let mut j = 0;
+            while j * GROUP < nbk {
+                let g = k / GROUP + j;
+                let nbg = (nb - g * GROUP).min(GROUP);
+                let lane = 4 * j as i32;
+                let idx = _mm512_set_epi32(
+                    lane + 3,
+                    lane + 3,
+                    lane + 3,
+                    lane + 3,
+                    lane + 2,
+                    lane + 2,
+                    lane + 2,
+                    lane + 2,
+                    lane + 1,
+                    lane + 1,
+                    lane + 1,
+                    lane + 1,
+                    lane,
+                    lane,
+                    lane,
+                    lane,
+                );
+                let mut lo = [_mm512_setzero_si512(); R];
+                let mut hi = [_mm512_setzero_si512(); R];
+                let mut dwp = [_mm512_setzero_ps(); R];
+                for r in 0..R {
+                    dwp[r] = _mm512_permutexvar_ps(idx, dw[r]);
+                    if INT8 {
+                        let base = w.qs.as_ptr().wrapping_add((r0 + r) * qs_row + g * 128);
+                        let bytes = 32 * nbg;
+                        let (ma, mb) = (byte_mask(bytes.min(64)), byte_mask(bytes.saturating_sub(64)));
+                        // SAFETY: masked loads touch only this row's blocks g*4..g*4+nbg.
+                        let (a, b) = unsafe {
+                            (_mm512_maskz_loadu_epi8(ma, base.cast()), _mm512_maskz_loadu_epi8(mb, base.add(64).cast()))
+                        };
+                        lo[r] = _mm512_xor_si512(_mm512_permutex2var_epi64(a, int8_lo, b), flip);
+                        hi[r] = _mm512_xor_si512(_mm512_permutex2var_epi64(a, int8_hi, b), flip);
+                    } else {
+                        let base = w.qs.as_ptr().wrapping_add((r0 + r) * qs_row + g * 64);
+                        // SAFETY: the masked load touches only this row's blocks g*4..g*4+nbg.
+                        let v = unsafe { _mm512_maskz_loadu_epi8(byte_mask(16 * nbg), base.cast()) };
+                        lo[r] = _mm512_and_si512(v, low4);
+                        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                    }
+                }
+                for t in 0..T {
+                    let xp = quads.as_ptr().wrapping_add(((t0 + t) * ng + g) * GROUP_BYTES);
+                    // SAFETY: group g of token t0+t lies inside `quads` (size asserted by the caller).
+                    let (xlo, xhi, dx) = unsafe {
+                        (
+                            _mm512_loadu_si512(xp.cast()),
+                            _mm512_loadu_si512(xp.add(64).cast()),
+                            _mm512_loadu_ps(xp.add(128).cast()),
+                        )
+                    };
+                    for r in 0..R {
+                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xlo);
+                        let s = _mm512_dpbusd_epi32(s, hi[r], xhi);
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dwp[r], dx), acc[r][t]);
+                    }
+                }
+                j += 1;
+            }
+            k += nbk;
+        }
+        for r in 0..R {
+            for t in 0..T {
+                // SAFETY: (t0+t, r0+r) is inside the output the caller handed us, and ours alone.
+                unsafe { *out.add((t0 + t) * ldo + r0 + r) = _mm512_reduce_add_ps(acc[r][t]) };
+            }
+        }
+    }
+}
+
+#[inline]
+fn byte_mask(bytes: usize) -> __mmask64 {
+    if bytes >= 64 {
+        !0
+    } else {
+        (1u64 << bytes) - 1
+    }
+}
+
+/// Tokens from which a product runs on row panels (below: 4 × 4 tiles on quads, better for a GEMV).
+const PANEL_MIN_TOKENS: usize = 4;
+/// Rows per panel: one 32-bit lane of a register each.
+const PANEL_ROWS: usize = 16;
+/// Registers per block of a panel: 8 code vectors (codes 4q..4q+4 of each of the 16 rows, one row per 32-bit
+/// lane), the 16 rows' scales, their mins.
+const PANEL_BLOCK: usize = 10;
+
+thread_local! {
+    /// One panel of weights, rebuilt for every 16 rows (it stays in L1 while every token streams past it).
+    static PANEL: RefCell<Vec<__m512i>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Prefill GEMM: each 16-row panel of `w` is transposed once into `PANEL` (one row per 32-bit lane, codes
+/// unpacked to bytes, unsigned), then every token multiplies it with the token's 4 codes broadcast per
+/// `vpdpbusd`: a register accumulates a whole block for 16 rows at once, and the scales cost one conversion
+/// and one FMA per block and token for all 16 rows. The unsigned-code offset (8 for int4, 128 for int8) is
+/// taken back in integer arithmetic by starting each block's sum at `-offset · sum(x codes)`.
+///
+/// # Safety
+/// As [`gemm`].
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn gemm_panels(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    let nb = w.nb();
+    let qrow = nb * w.scheme.qs_bytes_per_block();
+    assert!(qrow.checked_mul(PANEL_ROWS).is_some_and(|v| v < i32::MAX as usize), "row too long for gather offsets");
+    let (neg_offset, has_min) = match w.scheme {
+        Scheme::Q4 => (-8, false),
+        Scheme::Q4A => (0, true),
+        Scheme::Q8 => (-128, false),
+        Scheme::Q8A => (-128, true),
+    };
+    PANEL.with(|cell| {
+        let mut panel = cell.borrow_mut();
+        let mut r0 = 0;
+        while r0 < w.rows {
+            let nr = (w.rows - r0).min(PANEL_ROWS);
+            let rmask: __mmask16 = if nr == PANEL_ROWS { !0 } else { (1u16 << nr) - 1 };
+            // SAFETY: rows r0..r0+nr exist; AVX-512 is enabled in this function.
+            unsafe { build_panel(w, r0, nr, rmask, &mut panel) };
+            let p = PanelRun { x, panel: &panel, nb, neg_offset, has_min, out, ldo, r0, rmask };
+            let mut t0 = 0;
+            while t0 < x.rows {
+                let left = x.rows - t0;
+                // SAFETY (each arm): tokens t0..t0+T exist; the output contract is forwarded from our caller.
+                t0 += match left {
+                    8.. => unsafe { p.tokens::<8>(t0) },
+                    4..=7 => unsafe { p.tokens::<4>(t0) },
+                    2..=3 => unsafe { p.tokens::<2>(t0) },
+                    _ => unsafe { p.tokens::<1>(t0) },
+                };
+            }
+            r0 += nr;
+        }
+    });
+}
+
+/// Transposes rows `r0..r0+nr` of `w` into the panel layout (rows past `nr` are zero).
+///
+/// # Safety
+/// AVX-512 must be available; `r0 + nr <= w.rows`; `rmask` has the low `nr` bits set.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn build_panel(w: &QMatrix, r0: usize, nr: usize, rmask: __mmask16, panel: &mut Vec<__m512i>) {
+    let nb = w.nb();
+    let qrow = nb * w.scheme.qs_bytes_per_block();
+    panel.clear();
+    panel.resize(nb * PANEL_BLOCK, _mm512_setzero_si512());
+    let base: *const u8 = w.qs.as_ptr().wrapping_add(r0 * qrow);
+    let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    let row_offsets = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(qrow as i32));
+    let low4 = _mm512_set1_epi8(0x0f);
+    let flip = _mm512_set1_epi8(-128);
+    let int4 = w.scheme.is_int4();
+    let (mut d, mut m) = ([0.0f32; PANEL_ROWS], [0.0f32; PANEL_ROWS]);
+    for b in 0..nb {
+        let p = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
+        if int4 {
+            for q in 0..4 {
+                let idx = _mm512_add_epi32(row_offsets, _mm512_set1_epi32((b * 16 + 4 * q) as i32));
+                // SAFETY: lane r (< nr) reads 4 bytes of block b of row r0+r; masked-off lanes read nothing.
+                let g = unsafe { _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), rmask, idx, base.cast()) };
+                p[q] = _mm512_and_si512(g, low4);
+                p[4 + q] = _mm512_and_si512(_mm512_srli_epi32(g, 4), low4);
+            }
+        } else {
+            for (q, slot) in p[..8].iter_mut().enumerate() {
+                let idx = _mm512_add_epi32(row_offsets, _mm512_set1_epi32((b * 32 + 4 * q) as i32));
+                // SAFETY: as above, 4 bytes of block b of row r0+r.
+                let g = unsafe { _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), rmask, idx, base.cast()) };
+                *slot = _mm512_xor_si512(g, flip);
+            }
+        }
+        for r in 0..nr {
+            let i = (r0 + r) * nb + b;
+            d[r] = w.scales[i].to_f32();
+            m[r] = w.mins.map_or(0.0, |mins| mins[i].to_f32());
+        }
+        // SAFETY: both arrays hold 16 floats.
+        unsafe {
+            p[8] = _mm512_castps_si512(_mm512_loadu_ps(d.as_ptr()));
+            p[9] = _mm512_castps_si512(_mm512_loadu_ps(m.as_ptr()));
+        }
+    }
+}
+
+/// The tokens' side of a panel product.
+struct PanelRun<'a> {
+    x: &'a QuantizedActivations,
+    panel: &'a [__m512i],
+    nb: usize,
+    neg_offset: i32,
+    has_min: bool,
+    out: *mut f32,
+    ldo: usize,
+    r0: usize,
+    rmask: __mmask16,
+}
+
+impl PanelRun<'_> {
+    /// Tokens `t0..t0+T` against the panel; returns `T`.
+    ///
+    /// # Safety
+    /// AVX-512 VNNI available; `t0 + T <= x.rows`; the output contract of [`gemm`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tokens<const T: usize>(&self, t0: usize) -> usize {
+        let (x, nb) = (self.x, self.nb);
+        let xq: *const u8 = x.qs.as_ptr().cast();
+        let mut acc = [_mm512_setzero_ps(); T];
+        for b in 0..nb {
+            let p = &self.panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
+            let mut sums = [_mm512_setzero_si512(); T];
+            for (t, s) in sums.iter_mut().enumerate() {
+                *s = _mm512_set1_epi32(self.neg_offset * x.isum[(t0 + t) * nb + b]);
+            }
+            for (q, &wv) in p[..8].iter().enumerate() {
+                for (t, s) in sums.iter_mut().enumerate() {
+                    // SAFETY: codes 4q..4q+4 of block b of token t0+t lie inside `x.qs` (nb*32 per token).
+                    let xv = unsafe { (xq.add(((t0 + t) * nb + b) * 32 + 4 * q) as *const i32).read_unaligned() };
+                    *s = _mm512_dpbusd_epi32(*s, wv, _mm512_set1_epi32(xv));
+                }
+            }
+            let dw = _mm512_castsi512_ps(p[8]);
+            for t in 0..T {
+                let scale = _mm512_mul_ps(dw, _mm512_set1_ps(x.d[(t0 + t) * nb + b]));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), scale, acc[t]);
+            }
+            if self.has_min {
+                let m = _mm512_castsi512_ps(p[9]);
+                for (t, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(m, _mm512_set1_ps(x.sum[(t0 + t) * nb + b]), *a);
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            // SAFETY: the caller owns output elements (t0+t)*ldo + r0 + r for the rows r the mask selects.
+            unsafe { _mm512_mask_storeu_ps(self.out.add((t0 + t) * self.ldo + self.r0), self.rmask, *a) };
+        }
+        T
+    }
+}
+
+/// [`crate::activation::quantize_row`] with 512-bit registers, bit for bit.
+///
+/// # Safety
+/// [`available`] must be true; the slices have the sizes `quantize_row` expects (`qs`: 32 per block).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn quantize_row(row: &[f32], qs: &mut [i8], d: &mut [f32], sum: &mut [f32], isum: &mut [i32]) {
+    let cols = row.len();
+    assert!(qs.len() >= d.len() * BLOCK && sum.len() >= d.len() && isum.len() >= d.len() && cols <= d.len() * BLOCK);
+    for b in 0..d.len() {
+        let n = (cols - b * BLOCK).min(BLOCK);
+        let (m0, m1): (__mmask16, __mmask16) =
+            ((((1u32 << n.min(16)) - 1) as u16), (((1u32 << n.saturating_sub(16)) - 1) as u16));
+        let src = row.as_ptr().wrapping_add(b * BLOCK);
+        // SAFETY: the masks stop at the row's end.
+        let (v0, v1) = unsafe { (_mm512_maskz_loadu_ps(m0, src), _mm512_maskz_loadu_ps(m1, src.add(16))) };
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        let db = amax / 127.0;
+        let id = if db > 0.0 { 1.0 / db } else { 0.0 };
+        let idv = _mm512_set1_ps(id);
+        // Round half to even: the default MXCSR mode of the conversion.
+        let (q0, q1) = (_mm512_cvtps_epi32(_mm512_mul_ps(v0, idv)), _mm512_cvtps_epi32(_mm512_mul_ps(v1, idv)));
+        let s = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        let dst = qs.as_mut_ptr().wrapping_add(b * BLOCK);
+        // SAFETY: 32 codes per block fit in `qs` (asserted above).
+        unsafe {
+            _mm_storeu_si128(dst.cast(), _mm512_cvtsepi32_epi8(q0));
+            _mm_storeu_si128(dst.add(16).cast(), _mm512_cvtsepi32_epi8(q1));
+        }
+        d[b] = db;
+        sum[b] = db * s as f32;
+        isum[b] = s;
+    }
+}
