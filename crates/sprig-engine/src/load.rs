@@ -32,7 +32,7 @@ pub fn open_model_file(path: &Path, opts: &LoadOptions) -> Result<Arc<ModelFile>
         SourceKind::Native => Ok(Arc::new(ModelFile::open(path)?)),
         _ => {
             let imported = sprig_import::import(path, opts.tokenizer.as_deref(), opts.quant, &mut |_, _| {})?;
-            Ok(Arc::new(ModelFile::from_bytes(&imported.writer.to_bytes())?))
+            Ok(Arc::new(imported.writer.into_model_file()?))
         }
     }
 }

@@ -275,6 +275,19 @@ impl ContainerWriter {
     }
 
     fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        let (h, layout) = self.header();
+        w.write_all(&(h.len() as u64).to_le_bytes())?;
+        w.write_all(&h)?;
+        let zeros = [0u8; ALIGN];
+        for ((pad, _), (_, _, _, bytes)) in layout.iter().zip(&self.physical) {
+            w.write_all(&zeros[..*pad])?;
+            w.write_all(bytes)?;
+        }
+        Ok(())
+    }
+
+    /// The serialised header (padded so the data starts 64-byte aligned) and each tensor's (padding, length).
+    fn header(&self) -> (Vec<u8>, Vec<(usize, usize)>) {
         let mut meta = self.metadata.clone();
         meta.insert(META_TENSORS.into(), serde_json::to_string(&self.index).expect("index serialises"));
         // Lay out tensors with padding tensors so each one starts 64-byte aligned relative to the data start;
@@ -301,14 +314,26 @@ impl ContainerWriter {
         let mut h = serde_json::to_string(&header).unwrap().into_bytes();
         let total = (8 + h.len()).next_multiple_of(ALIGN);
         h.resize(total - 8, b' ');
-        w.write_all(&(h.len() as u64).to_le_bytes())?;
-        w.write_all(&h)?;
-        let zeros = [0u8; ALIGN];
-        for ((pad, _), (_, _, _, bytes)) in layout.iter().zip(&self.physical) {
-            w.write_all(&zeros[..*pad])?;
-            w.write_all(bytes)?;
+        (h, layout)
+    }
+
+    /// Opens what was written as a model file in memory, moving each tensor into one anonymous mapping and
+    /// freeing it at once: the peak is about one copy of the model, not the two or three that serialising
+    /// to a buffer and then mapping it would hold.
+    pub fn into_model_file(mut self) -> Result<ModelFile> {
+        let io = |e| FormatError::Io { path: "<memory>".into(), source: e };
+        let (h, layout) = self.header();
+        let total = 8 + h.len() + layout.iter().map(|(pad, len)| pad + len).sum::<usize>();
+        let mut m = MmapMut::map_anon(total).map_err(io)?;
+        m[..8].copy_from_slice(&(h.len() as u64).to_le_bytes());
+        m[8..8 + h.len()].copy_from_slice(&h);
+        let mut off = 8 + h.len();
+        for ((pad, len), (_, _, _, bytes)) in layout.into_iter().zip(std::mem::take(&mut self.physical)) {
+            off += pad; // anonymous memory is already zero
+            m[off..off + len].copy_from_slice(&bytes);
+            off += len;
         }
-        Ok(())
+        ModelFile::from_map(m.make_read_only().map_err(io)?)
     }
 }
 

@@ -7,6 +7,10 @@ use sprig_quant::quantize::quantize;
 use sprig_quant::Scheme;
 
 fn sample() -> Vec<u8> {
+    sample_writer().to_bytes()
+}
+
+fn sample_writer() -> ContainerWriter {
     let cfg = tiny_config();
     let mut w = ContainerWriter::new(&cfg, "{\"kind\":\"test\"}".into(), Some("{{ messages }}".into()));
     let emb: Vec<f32> = (0..32 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
@@ -15,7 +19,13 @@ fn sample() -> Vec<u8> {
     w.add_quant("blk.0.ffn_down.weight", &quantize(&emb[..2 * 50], 2, 50, Scheme::Q8));
     w.add_f32("output_norm.weight", &[63], &vec![1.0; 63]);
     w.add_f16("blk.0.attn_norm.weight", &[64], &[f16::ONE; 64]);
-    w.to_bytes()
+    w
+}
+
+#[test]
+fn writer_opens_in_memory_byte_for_byte_like_the_serialised_file() {
+    let f = sample_writer().into_model_file().unwrap();
+    assert_eq!(f.mapping(), &sample()[..]);
 }
 
 #[test]

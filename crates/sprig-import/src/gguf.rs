@@ -252,6 +252,20 @@ impl GgufFile {
     pub fn tensor_data(&self, t: &TensorInfo) -> &[u8] {
         &self.data[t.range.0..t.range.1]
     }
+    /// Tells the kernel a converted tensor's pages are not needed any more, so that converting a file does not
+    /// hold the source and the converted copy in memory at once. A later read still sees the file's bytes.
+    pub fn release(&self, t: &TensorInfo) {
+        if let GgufBytes::Map(m) = &self.data {
+            // Only whole pages strictly inside the tensor: neighbours' bytes stay resident.
+            let page = 4096;
+            let (start, end) = (t.range.0.next_multiple_of(page), t.range.1 / page * page);
+            if end > start {
+                // SAFETY: the map is a read-only shared file mapping, so dropping its pages loses nothing: they
+                // are read back from the file if touched again. No slice of it is mutated.
+                let _ = unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+            }
+        }
+    }
     fn req_u(&self, key: &str) -> Result<usize> {
         self.get(key)
             .and_then(|v| v.as_u64())
@@ -477,6 +491,7 @@ pub fn import_file(g: &GgufFile, opts: &ImportOptions, progress: Progress) -> Re
             return Err(invalid(format!("GGUF: tensor `{}` has {} dims", t.name, shape.len())));
         }
         sink.add_ggml(&t.name, t.ty, &shape, g.tensor_data(t));
+        g.release(t);
         progress(i + 1, total);
     }
     Ok(Imported { writer: sink.writer, losses: sink.losses })

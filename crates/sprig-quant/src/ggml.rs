@@ -259,11 +259,20 @@ pub fn to_native(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<
         _ => return None,
     };
     if ty == GgmlType::Q6K {
-        let mut f = vec![0.0; rows * cols];
-        dequantize(ty, data, &mut f);
-        let matrix = quantize(&f, rows, cols, Scheme::Q8);
-        let err = rel_rms(&f, &matrix.view().dequantize());
-        return Some(NativeMapping { matrix, rel_rms_error: Some(err) });
+        // Requantized to int8 a slice of rows at a time: no full-size f32 copy (an output projection is
+        // 100+ MB as f32, which would set the load's peak memory).
+        let mut matrix = QMatrixOwned::new(Scheme::Q8, rows, cols);
+        let (nb, mut err) = (matrix.view().nb(), RmsError::default());
+        for r0 in (0..rows).step_by(CHUNK_ROWS) {
+            let n = CHUNK_ROWS.min(rows - r0);
+            let mut f = vec![0.0; n * cols];
+            dequantize(ty, &data[r0 * row_bytes..(r0 + n) * row_bytes], &mut f);
+            let part = quantize(&f, n, cols, Scheme::Q8);
+            err.add(&f, &part.view().dequantize());
+            matrix.qs[r0 * nb * 32..(r0 + n) * nb * 32].copy_from_slice(&part.qs);
+            matrix.scales[r0 * nb..(r0 + n) * nb].copy_from_slice(&part.scales);
+        }
+        return Some(NativeMapping { matrix, rel_rms_error: Some(err.value()) });
     }
     let mut m = QMatrixOwned::new(scheme, rows, cols);
     let qpb = scheme.qs_bytes_per_block();
@@ -297,13 +306,42 @@ pub fn to_native(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<
     }
     let rel_rms_error = match ty {
         GgmlType::Q4K | GgmlType::Q5K => {
-            let mut f = vec![0.0; rows * cols];
-            dequantize(ty, data, &mut f);
-            Some(rel_rms(&f, &m.view().dequantize()))
+            let mut err = RmsError::default();
+            for r0 in (0..rows).step_by(CHUNK_ROWS) {
+                let n = CHUNK_ROWS.min(rows - r0);
+                let mut f = vec![0.0; n * cols];
+                dequantize(ty, &data[r0 * row_bytes..(r0 + n) * row_bytes], &mut f);
+                err.add(&f, &m.view().rows_range(r0, r0 + n).dequantize());
+            }
+            Some(err.value())
         }
         _ => None,
     };
     Some(NativeMapping { matrix: m, rel_rms_error })
+}
+
+/// Rows converted at a time when a block type must go through f32.
+const CHUNK_ROWS: usize = 1024;
+
+/// [`rel_rms`] accumulated over slices.
+#[derive(Default)]
+struct RmsError {
+    num: f64,
+    den: f64,
+}
+
+impl RmsError {
+    fn add(&mut self, reference: &[f32], approx: &[f32]) {
+        self.num += reference.iter().zip(approx).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>();
+        self.den += reference.iter().map(|a| (*a as f64).powi(2)).sum::<f64>();
+    }
+    fn value(&self) -> f64 {
+        if self.den == 0.0 {
+            self.num.sqrt()
+        } else {
+            (self.num / self.den).sqrt()
+        }
+    }
 }
 
 pub fn rel_rms(reference: &[f32], approx: &[f32]) -> f64 {

@@ -70,6 +70,65 @@ multiversion! {
     }
 }
 
+/// Width of the register-resident accumulators of [`attention_scores`] and [`weighted_rows`] (four 512-bit
+/// registers).
+const LANES: usize = 64;
+
+multiversion! {
+    /// `out[i] = scale * sum_d q[d] * keys_t[d * stride + i]` for `i < out.len()`: one query's scores against
+    /// keys stored transposed (row `d` holds dimension `d` of every key), accumulated in registers 64 keys at
+    /// a time. Same operation order as `axpy` over `d`, so the same bits.
+    pub fn attention_scores(q: &[f32], keys_t: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        let m = out.len();
+        let full = m - m % LANES;
+        for c in (0..full).step_by(LANES) {
+            let mut acc = [0.0f32; LANES];
+            for (d, &qv) in q.iter().enumerate() {
+                let qv = qv * scale;
+                let row: &[f32; LANES] = keys_t[d * stride + c..d * stride + c + LANES].try_into().unwrap();
+                for i in 0..LANES {
+                    acc[i] += qv * row[i];
+                }
+            }
+            out[c..c + LANES].copy_from_slice(&acc);
+        }
+        let tail = &mut out[full..];
+        tail.fill(0.0);
+        for (d, &qv) in q.iter().enumerate() {
+            let qv = qv * scale;
+            for (o, k) in tail.iter_mut().zip(&keys_t[d * stride + full..]) {
+                *o += qv * k;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out = sum_j w[j] * rows[j * width ..][..width]` (`width = out.len()`), 64 columns at a time in
+    /// registers.
+    pub fn weighted_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
+        let width = out.len();
+        let full = width - width % LANES;
+        for c in (0..full).step_by(LANES) {
+            let mut acc = [0.0f32; LANES];
+            for (j, &wj) in w.iter().enumerate() {
+                let row: &[f32; LANES] = rows[j * width + c..j * width + c + LANES].try_into().unwrap();
+                for i in 0..LANES {
+                    acc[i] += wj * row[i];
+                }
+            }
+            out[c..c + LANES].copy_from_slice(&acc);
+        }
+        let tail = &mut out[full..];
+        tail.fill(0.0);
+        for (j, &wj) in w.iter().enumerate() {
+            for (o, v) in tail.iter_mut().zip(&rows[j * width + full..(j + 1) * width]) {
+                *o += wj * v;
+            }
+        }
+    }
+}
+
 /// `e^x` in branch-free f32 arithmetic that vectorises (range reduction by `ln 2`, degree-6 polynomial,
 /// exponent by bit arithmetic); within 2 ulp of `f32::exp` on [-87, 88]; inputs are clamped to [-88, 88.5] (so e^-inf gives ~6e-39, not 0).
 #[inline(always)]
@@ -174,6 +233,28 @@ mod tests {
         }
         assert_eq!(exp_approx(0.0), 1.0);
         assert!(exp_approx(f32::NEG_INFINITY) < 1e-37);
+    }
+
+    #[test]
+    fn register_blocked_attention_helpers_match_naive_loops() {
+        let f = |i: usize| ((i * 7919 % 1000) as f32 / 500.0) - 1.0;
+        for (n, hd) in [(1, 64), (63, 64), (64, 48), (130, 80), (200, 256)] {
+            let q: Vec<f32> = (0..hd).map(f).collect();
+            let keys_t: Vec<f32> = (0..hd * n).map(|i| f(i + 3)).collect();
+            let mut scores = vec![0.0; n];
+            attention_scores(&q, &keys_t, n, 0.125, &mut scores);
+            for (j, s) in scores.iter().enumerate() {
+                let want: f32 = (0..hd).map(|d| q[d] * 0.125 * keys_t[d * n + j]).sum();
+                assert!((s - want).abs() <= 1e-4, "score {j}: {s} vs {want}");
+            }
+            let rows: Vec<f32> = (0..n * hd).map(|i| f(i + 11)).collect();
+            let mut out = vec![0.0; hd];
+            weighted_rows(&scores, &rows, &mut out);
+            for (c, o) in out.iter().enumerate() {
+                let want: f32 = (0..n).map(|j| scores[j] * rows[j * hd + c]).sum();
+                assert!((o - want).abs() <= 1e-3 * (1.0 + want.abs()), "column {c}: {o} vs {want}");
+            }
+        }
     }
 
     #[test]

@@ -415,18 +415,12 @@ impl Backend for CpuBackend {
                         for h in g * group..(g + 1) * group {
                             let qh = &q[ti * qd + h * hd..ti * qd + (h + 1) * hd];
                             let sc = &mut scores[a..b];
-                            sc.fill(0.0);
-                            for (d, &qv) in qh.iter().enumerate() {
-                                math::axpy(qv * p.scale, &keys_t[d * n + a..d * n + b], sc);
-                            }
+                            math::attention_scores(qh, &keys_t[a..], n, p.scale, sc);
                             math::softmax(sc);
                             // SAFETY: job (g, tile) owns output elements ti*qd + h*hd .. +hd of its queries and
                             // of the heads of group g exclusively.
                             let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(ti * qd + h * hd), hd) };
-                            o.fill(0.0);
-                            for (j, &w) in (a..b).zip(sc.iter()) {
-                                math::axpy(w, &values[j * hd..(j + 1) * hd], o);
-                            }
+                            math::weighted_rows(sc, &values[a * hd..b * hd], o);
                         }
                     }
                 });
