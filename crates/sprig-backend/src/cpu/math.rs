@@ -5,11 +5,10 @@ use std::cell::RefCell;
 
 use crate::{Activation, RopeLayout, RopeParams};
 
-/// Per-worker attention buffers, reused across calls: keys transposed, values, scores.
+/// Per-worker attention buffers, reused across calls: the batch's new keys transposed, scores.
 #[derive(Default)]
 pub struct AttentionScratch {
-    pub keys_t: Vec<f32>,
-    pub values: Vec<f32>,
+    pub new_keys_t: Vec<f32>,
     pub scores: Vec<f32>,
 }
 
@@ -104,15 +103,14 @@ multiversion! {
 }
 
 multiversion! {
-    /// `out = sum_j w[j] * rows[j * width ..][..width]` (`width = out.len()`), 64 columns at a time in
-    /// registers.
-    pub fn weighted_rows(w: &[f32], rows: &[f32], out: &mut [f32]) {
+    /// `out += sum_j w[j] * rows[j * stride ..][..out.len()]`, 64 columns at a time in registers.
+    pub fn weighted_rows(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
         let width = out.len();
         let full = width - width % LANES;
         for c in (0..full).step_by(LANES) {
-            let mut acc = [0.0f32; LANES];
+            let mut acc: [f32; LANES] = out[c..c + LANES].try_into().unwrap();
             for (j, &wj) in w.iter().enumerate() {
-                let row: &[f32; LANES] = rows[j * width + c..j * width + c + LANES].try_into().unwrap();
+                let row: &[f32; LANES] = rows[j * stride + c..j * stride + c + LANES].try_into().unwrap();
                 for i in 0..LANES {
                     acc[i] += wj * row[i];
                 }
@@ -120,9 +118,8 @@ multiversion! {
             out[c..c + LANES].copy_from_slice(&acc);
         }
         let tail = &mut out[full..];
-        tail.fill(0.0);
         for (j, &wj) in w.iter().enumerate() {
-            for (o, v) in tail.iter_mut().zip(&rows[j * width + full..(j + 1) * width]) {
+            for (o, v) in tail.iter_mut().zip(&rows[j * stride + full..j * stride + width]) {
                 *o += wj * v;
             }
         }
@@ -249,7 +246,7 @@ mod tests {
             }
             let rows: Vec<f32> = (0..n * hd).map(|i| f(i + 11)).collect();
             let mut out = vec![0.0; hd];
-            weighted_rows(&scores, &rows, &mut out);
+            weighted_rows(&scores, &rows, hd, &mut out);
             for (c, o) in out.iter().enumerate() {
                 let want: f32 = (0..n).map(|j| scores[j] * rows[j * hd + c]).sum();
                 assert!((o - want).abs() <= 1e-3 * (1.0 + want.abs()), "column {c}: {o} vs {want}");

@@ -229,7 +229,10 @@ impl CpuWeight {
     }
 }
 
-/// Per layer K and V rings: slot of position p is `p % capacity`.
+/// Per layer K and V rings: slot of position p is `p % capacity`. Values are rows (`slot * kv_dim + i`); keys
+/// are stored transposed in blocks of [`KEY_BLOCK`] slots (`((slot / 64) * kv_dim + i) * 64 + slot % 64`), so
+/// attention reads a run of keys dimension by dimension straight from the cache, and appending a position
+/// only touches the block it falls in (untouched context stays unbacked by memory).
 pub struct CpuKvCache {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
     caps: Vec<usize>,
@@ -383,9 +386,9 @@ impl Backend for CpuBackend {
         let (q, k, v) = (&q.data[..], &k.data[..], &v.data[..]);
         // First key position query `ti` sees (causal, and within its window).
         let first_key = |ti: usize| p.window.map_or(0, |w| (pos0 + ti + 1).saturating_sub(w.min(cap)));
-        // Batched: one job per (KV head, tile of queries). The job lays the keys its queries can see out
-        // transposed and the values contiguously once, then every query of the tile and of the KV head's group
-        // computes its scores as `hd` vector AXPYs over keys (no horizontal sums) and its output as AXPYs over
+        // Batched: one job per (KV head, tile of queries). Cached keys and values are read in place; only the
+        // batch's new keys are transposed (once per job). Every query of the tile and of the KV head's group
+        // then computes its scores as vector AXPYs over keys (no horizontal sums) and its output as AXPYs over
         // value rows.
         let tile = if t >= 32 { 16 } else { t.max(1) };
         let tiles = t.div_ceil(tile);
@@ -394,33 +397,39 @@ impl Backend for CpuBackend {
                 let (g, tt) = (job / tiles, job % tiles);
                 let (t0, t1) = (tt * tile, ((tt + 1) * tile).min(t));
                 let lo = first_key(t0);
-                let n = pos0 + t1 - lo;
                 math::SCRATCH.with(|s| {
                     let mut s = s.borrow_mut();
-                    let math::AttentionScratch { keys_t, values, scores } = &mut *s;
-                    keys_t.resize(hd * n, 0.0);
-                    values.resize(n * hd, 0.0);
-                    scores.resize(n, 0.0);
-                    // Cached positions lo..pos0 come from the ring, the new ones pos0.. from this batch.
-                    for j in 0..n {
-                        let key = kv_row(kc, k, lo + j, pos0, cap, kvd, g * hd, hd);
-                        for (d, &kv) in key.iter().enumerate() {
-                            keys_t[d * n + j] = kv;
+                    let math::AttentionScratch { new_keys_t, scores } = &mut *s;
+                    new_keys_t.resize(hd * t1, 0.0);
+                    for (j, key) in k.chunks_exact(kvd).take(t1).enumerate() {
+                        for (d, &kv) in key[g * hd..(g + 1) * hd].iter().enumerate() {
+                            new_keys_t[d * t1 + j] = kv;
                         }
-                        values[j * hd..(j + 1) * hd].copy_from_slice(kv_row(vc, v, lo + j, pos0, cap, kvd, g * hd, hd));
                     }
+                    scores.resize(pos0 + t1 - lo, 0.0);
+                    let runs = KvRuns { kc, vc, k: new_keys_t, v, pos0, cap, kvd, off: g * hd, new: t1 };
                     for ti in t0..t1 {
-                        // This query's keys: a = first visible, b = one past its own position.
-                        let (a, b) = (first_key(ti) - lo, pos0 + ti + 1 - lo);
+                        // This query's keys: first visible .. its own position.
+                        let (a, b) = (first_key(ti), pos0 + ti + 1);
                         for h in g * group..(g + 1) * group {
                             let qh = &q[ti * qd + h * hd..ti * qd + (h + 1) * hd];
-                            let sc = &mut scores[a..b];
-                            math::attention_scores(qh, &keys_t[a..], n, p.scale, sc);
-                            math::softmax(sc);
+                            for r in runs.between(a, b) {
+                                math::attention_scores(
+                                    qh,
+                                    r.keys,
+                                    r.key_stride,
+                                    p.scale,
+                                    &mut scores[r.start - lo..r.end - lo],
+                                );
+                            }
+                            math::softmax(&mut scores[a - lo..b - lo]);
                             // SAFETY: job (g, tile) owns output elements ti*qd + h*hd .. +hd of its queries and
                             // of the heads of group g exclusively.
                             let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(ti * qd + h * hd), hd) };
-                            math::weighted_rows(sc, &values[a * hd..b * hd], o);
+                            o.fill(0.0);
+                            for r in runs.between(a, b) {
+                                math::weighted_rows(&scores[r.start - lo..r.end - lo], r.values, kvd, o);
+                            }
                         }
                     }
                 });
@@ -430,7 +439,10 @@ impl Backend for CpuBackend {
         // Only the last `cap` new positions survive in a ring; write those.
         for ti in t.saturating_sub(cap)..t {
             let slot = (pos0 + ti) % cap;
-            kc[slot * kvd..(slot + 1) * kvd].copy_from_slice(&k[ti * kvd..(ti + 1) * kvd]);
+            let block = (slot / KEY_BLOCK) * kvd * KEY_BLOCK + slot % KEY_BLOCK;
+            for (i, &kv) in k[ti * kvd..(ti + 1) * kvd].iter().enumerate() {
+                kc[block + i * KEY_BLOCK] = kv;
+            }
             vc[slot * kvd..(slot + 1) * kvd].copy_from_slice(&v[ti * kvd..(ti + 1) * kvd]);
         }
     }
@@ -527,24 +539,76 @@ impl Backend for CpuBackend {
     fn kv_cache(&self, layout: &KvLayout) -> CpuKvCache {
         let caps: Vec<usize> = (0..layout.windows.len()).map(|l| layout.layer_capacity(l)).collect();
         // Zeroed allocations are lazily backed by the OS: untouched context costs no resident memory.
-        let layers = caps.iter().map(|&c| (vec![0.0; c * layout.kv_dim], vec![0.0; c * layout.kv_dim])).collect();
+        let layers = caps
+            .iter()
+            .map(|&c| (vec![0.0; c.next_multiple_of(KEY_BLOCK) * layout.kv_dim], vec![0.0; c * layout.kv_dim]))
+            .collect();
         CpuKvCache { layers, caps }
     }
 }
 
-/// Head slice `[off, off + hd)` of position `j`: from the ring (`j < pos0`) or from the new batch.
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn kv_row<'a>(
-    ring: &'a [f32],
-    new: &'a [f32],
-    j: usize,
+/// Slots per transposed key block of the KV cache (one register-accumulated chunk of attention scores).
+const KEY_BLOCK: usize = 64;
+
+/// Where one KV head's keys and values live for an attention call: the cache's rings (positions before
+/// `pos0`) and this batch's `new` positions (keys transposed into a scratch of stride `new`, values rows of
+/// the batch).
+struct KvRuns<'a> {
+    kc: &'a [f32],
+    vc: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
     pos0: usize,
     cap: usize,
     kvd: usize,
+    /// First dimension of the KV head.
     off: usize,
-    hd: usize,
-) -> &'a [f32] {
-    let (buf, row) = if j < pos0 { (ring, j % cap) } else { (new, j - pos0) };
-    &buf[row * kvd + off..row * kvd + off + hd]
+    new: usize,
+}
+
+/// Positions `start..end` whose keys are at `keys[d * key_stride + (p - start)]` for dimension `d` of the head
+/// and whose values are rows `values[(p - start) * kv_dim..]`.
+struct KvRun<'a> {
+    start: usize,
+    end: usize,
+    keys: &'a [f32],
+    key_stride: usize,
+    values: &'a [f32],
+}
+
+impl<'a> KvRuns<'a> {
+    /// Positions `a..b` as runs: cached ones split where a key block ends or the ring wraps, new ones as one.
+    fn between(&self, a: usize, b: usize) -> impl Iterator<Item = KvRun<'a>> + '_ {
+        let mut p = a;
+        std::iter::from_fn(move || {
+            if p >= b {
+                return None;
+            }
+            let start = p;
+            let run = if p < self.pos0 {
+                let slot = p % self.cap;
+                let len = (KEY_BLOCK - slot % KEY_BLOCK).min(self.cap - slot).min(self.pos0.min(b) - p);
+                let key0 = ((slot / KEY_BLOCK) * self.kvd + self.off) * KEY_BLOCK + slot % KEY_BLOCK;
+                p += len;
+                KvRun {
+                    start,
+                    end: p,
+                    keys: &self.kc[key0..],
+                    key_stride: KEY_BLOCK,
+                    values: &self.vc[slot * self.kvd + self.off..],
+                }
+            } else {
+                let j = p - self.pos0;
+                p = b;
+                KvRun {
+                    start,
+                    end: b,
+                    keys: &self.k[j..],
+                    key_stride: self.new,
+                    values: &self.v[j * self.kvd + self.off..],
+                }
+            };
+            Some(run)
+        })
+    }
 }

@@ -23,8 +23,8 @@ use crate::scheme::{QMatrix, Scheme, BLOCK};
 const GROUP: usize = 4;
 /// Bytes of one token's group in the packed activations: low halves, high halves, 16 f32 scales.
 pub const GROUP_BYTES: usize = 192;
-/// Tokens per tile (rows per tile is 4).
-const TILE_TOKENS: usize = 4;
+/// Tokens per tile (rows per tile is 4): tiles only serve products over fewer tokens than a panel takes.
+const TILE_TOKENS: usize = PANEL_MIN_TOKENS - 1;
 
 pub fn available() -> bool {
     super::x86::has_avx2()
@@ -109,11 +109,11 @@ unsafe fn gemm_packed(w: &QMatrix, x: &QuantizedActivations, quads: &[u8], out: 
                         // SAFETY: the tile lies inside the matrix and the token range; the rest is forwarded.
                         $(($r, $t, true) => unsafe { tile.run::<$r, $t, false>() },
                           ($r, $t, false) => unsafe { tile.run::<$r, $t, true>() },)*
-                        _ => unreachable!("tile sizes are 1..=4"),
+                        _ => unreachable!("tiles are 1..=4 rows by 1..=3 tokens"),
                     }
                 };
             }
-            dispatch!(4, 4; 4, 3; 4, 2; 4, 1; 3, 4; 3, 3; 3, 2; 3, 1; 2, 4; 2, 3; 2, 2; 2, 1; 1, 4; 1, 3; 1, 2; 1, 1);
+            dispatch!(4, 3; 4, 2; 4, 1; 3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1);
             t0 += nt;
         }
         r0 += nr;

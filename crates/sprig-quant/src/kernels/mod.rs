@@ -95,6 +95,7 @@ pub fn quantize_row_fn() -> QuantizeRowFn {
 
 /// Repacks `x` once for `isa`'s kernel, so that every matrix product reading it (and every thread) shares one
 /// packing instead of making its own. Optional: kernels pack on the fly when it was not done.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn prepare(isa: Isa, x: &mut QuantizedActivations) {
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512Vnni && avx512::uses_quads(x.rows) && !x.packed_ready {
@@ -103,7 +104,6 @@ pub fn prepare(isa: Isa, x: &mut QuantizedActivations) {
         x.packed = buf;
         x.packed_ready = true;
     }
-    let _ = (isa, x);
 }
 
 /// `out[t * ldo + r] = W[r] · x[t]` for every row `r < w.rows` and token `t < x.rows`.
