@@ -37,7 +37,7 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # differently and rebuild it).
 cargo test --workspace --locked --features sprig-tests/wgpu,sprig-cli/wgpu,sprig-ffi/wgpu
 
-# The NEON kernels (baseline and sdot), cross-compiled for aarch64 and checked against the scalar kernel under
+# The NEON kernels (baseline, sdot and smmla), cross-compiled for aarch64 and checked against the scalar kernel under
 # qemu's user-mode emulation.
 rustup target add aarch64-unknown-linux-gnu >/dev/null
 if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
@@ -47,5 +47,5 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/
 fi
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
 CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
-SPRIG_EXPECT_ISA=neon,dotprod \
+SPRIG_EXPECT_ISA=neon,dotprod,i8mm \
     cargo test --locked -p sprig-quant --lib --target aarch64-unknown-linux-gnu

@@ -4,10 +4,9 @@
 use std::sync::Arc;
 
 use sprig_backend::cpu::CpuBackend;
-use sprig_backend::BackendError;
 use sprig_format::ModelFile;
 
-use crate::{ChatMessage, Engine, EngineError, GenerationStats, Result, SamplingParams, Session};
+use crate::{ChatMessage, Engine, GenerationStats, Result, SamplingParams, Session};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -100,7 +99,7 @@ impl AnyEngine {
                 Ok(AnyEngine::Gpu(Arc::new(Engine::new(Arc::new(b), file)?)))
             }
             #[cfg(not(feature = "wgpu"))]
-            DeviceChoice::Gpu => Err(EngineError::Backend(BackendError::Device(
+            DeviceChoice::Gpu => Err(crate::EngineError::Backend(sprig_backend::BackendError::Device(
                 "this build has no GPU backend (rebuild with the `wgpu` cargo feature)".into(),
             ))),
             DeviceChoice::Auto => {

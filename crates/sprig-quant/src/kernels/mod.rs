@@ -2,7 +2,7 @@
 //!
 //! One entry point, [`gemm`], serves decode (one token: a GEMV) and prefill (many tokens: each weight row is
 //! loaded once and reused against every token while it sits in L1). The instruction set is picked at runtime
-//! ([`Isa::detect`]); `SPRIG_CPU=scalar|avx2|avx512|neon|dotprod` forces one, and tests check each against
+//! ([`Isa::detect`]); `SPRIG_CPU=scalar|avx2|avx512|neon|dotprod|i8mm` forces one, and tests check each against
 //! [`scalar`].
 
 #[cfg(target_arch = "x86_64")]
@@ -27,6 +27,8 @@ pub enum Isa {
     Neon,
     /// aarch64 with the dot-product extension: `sdot`.
     NeonDot,
+    /// aarch64 with the int8 matrix-multiply extension (and `sdot`): `smmla` 2 × 2 tiles for prefill.
+    NeonI8mm,
 }
 
 impl Isa {
@@ -37,6 +39,7 @@ impl Isa {
             Isa::Avx512Vnni => "avx512",
             Isa::Neon => "neon",
             Isa::NeonDot => "dotprod",
+            Isa::NeonI8mm => "i8mm",
         }
     }
 
@@ -59,6 +62,9 @@ impl Isa {
             if neon::has_dotprod() {
                 v.push(Isa::NeonDot);
             }
+            if neon::has_i8mm() {
+                v.push(Isa::NeonI8mm);
+            }
         }
         v
     }
@@ -75,6 +81,119 @@ impl Isa {
             }),
             _ => Ok(*avail.last().unwrap()),
         }
+    }
+}
+
+/// Rows whose weights stay in L1 while every token tile of a product streams past them: the cache blocking
+/// of the tiled kernels (16 rows of 1536 int4 inputs are 14 KiB).
+pub(crate) const ROW_BLOCK: usize = 16;
+
+/// One step of [`for_each_tile`]'s walk.
+#[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TileStep {
+    /// Rows `start..end` begin: the next tiles all lie inside them.
+    RowBlock { start: usize, end: usize },
+    /// The register tile of rows `r0..r0 + nr` × tokens `t0..t0 + nt`.
+    Tile { r0: usize, nr: usize, t0: usize, nt: usize },
+}
+
+/// Walks an output of `rows` × `tokens` in register tiles of up to `tile_rows` × `tile_tokens`: row blocks of
+/// [`ROW_BLOCK`] outermost, then token tiles, then the row tiles of the block, so a block's weights are read
+/// from memory once and from L1 for every further token tile.
+#[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
+pub(crate) fn for_each_tile(
+    rows: usize,
+    tokens: usize,
+    tile_rows: usize,
+    tile_tokens: usize,
+    mut f: impl FnMut(TileStep),
+) {
+    let mut rb = 0;
+    while rb < rows {
+        let re = (rb + ROW_BLOCK).min(rows);
+        f(TileStep::RowBlock { start: rb, end: re });
+        let mut t0 = 0;
+        while t0 < tokens {
+            let nt = (tokens - t0).min(tile_tokens);
+            let mut r0 = rb;
+            while r0 < re {
+                let nr = (re - r0).min(tile_rows);
+                f(TileStep::Tile { r0, nr, t0, nt });
+                r0 += nr;
+            }
+            t0 += nt;
+        }
+        rb = re;
+    }
+}
+
+/// Per-block scales of a product in f32, each row padded with zeros to a multiple of a kernel's vector width
+/// `width`, so the tiled kernels load whole vectors of them with no partial tail: the activations' scales and
+/// block sums once per product, the weights' scales and effective mins (`w = d·q + m`, int4's −8 folded in)
+/// once per row block.
+#[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
+#[derive(Default)]
+pub(crate) struct PaddedScales {
+    /// Blocks per padded row.
+    pub stride: usize,
+    pub x_d: Vec<f32>,
+    pub x_sum: Vec<f32>,
+    pub w_d: Vec<f32>,
+    pub w_min: Vec<f32>,
+    /// First row of the current row block.
+    pub w_row0: usize,
+}
+
+#[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
+impl PaddedScales {
+    /// Starts a product of `w` by `x`: sizes the buffers and copies the activation scales.
+    pub fn start(&mut self, w: &QMatrix, x: &QuantizedActivations, width: usize) {
+        let nb = x.nb();
+        self.stride = nb.next_multiple_of(width);
+        for (dst, src) in [(&mut self.x_d, &x.d), (&mut self.x_sum, &x.sum)] {
+            dst.clear();
+            dst.resize(x.rows * self.stride, 0.0);
+            for t in 0..x.rows {
+                dst[t * self.stride..t * self.stride + nb].copy_from_slice(&src[t * nb..(t + 1) * nb]);
+            }
+        }
+        let n = ROW_BLOCK.min(w.rows) * self.stride;
+        self.w_d.resize(n, 0.0);
+        self.w_min.resize(n, 0.0);
+    }
+
+    /// Converts the scales of rows `start..end` (at most [`ROW_BLOCK`]) with `convert(f16 in, f32 out)`.
+    pub fn row_block(&mut self, w: &QMatrix, start: usize, end: usize, convert: impl Fn(&[half::f16], &mut [f32])) {
+        let (nb, stride) = (w.nb(), self.stride);
+        self.w_row0 = start;
+        for r in start..end {
+            let row = (r - start) * stride..(r - start) * stride + nb;
+            convert(&w.scales[r * nb..(r + 1) * nb], &mut self.w_d[row.clone()]);
+            match (w.scheme, w.mins) {
+                (_, Some(m)) => convert(&m[r * nb..(r + 1) * nb], &mut self.w_min[row]),
+                (crate::Scheme::Q4, None) => {
+                    for (m, &d) in self.w_min[row.clone()].iter_mut().zip(&self.w_d[row]) {
+                        *m = -8.0 * d;
+                    }
+                }
+                _ => self.w_min[row].fill(0.0),
+            }
+        }
+    }
+
+    /// Row `r`'s (absolute index) padded weight scales and mins.
+    #[inline]
+    pub fn w_row(&self, r: usize) -> (&[f32], &[f32]) {
+        let at = (r - self.w_row0) * self.stride;
+        (&self.w_d[at..at + self.stride], &self.w_min[at..at + self.stride])
+    }
+
+    /// Token `t`'s padded activation scales and block sums.
+    #[inline]
+    pub fn x_row(&self, t: usize) -> (&[f32], &[f32]) {
+        let at = t * self.stride;
+        (&self.x_d[at..at + self.stride], &self.x_sum[at..at + self.stride])
     }
 }
 
@@ -160,6 +279,12 @@ pub unsafe fn gemm_strided(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out:
             // SAFETY: dotprod presence checked just above; output contract forwarded from our caller.
             unsafe { neon::gemm_dotprod(w, x, out, ldo) }
         }
+        #[cfg(target_arch = "aarch64")]
+        Isa::NeonI8mm => {
+            assert!(neon::has_i8mm(), "the int8 matrix-multiply extension is not available");
+            // SAFETY: i8mm (and dotprod) presence checked just above; output contract forwarded from our caller.
+            unsafe { neon::gemm_i8mm(w, x, out, ldo) }
+        }
         #[allow(unreachable_patterns)]
         other => panic!("{} kernels are not compiled for this architecture", other.name()),
     }
@@ -223,6 +348,7 @@ mod tests {
             (7, 530, 6),
             (6, 600, 4),
             (9, 1024, 7),
+            (37, 96, 11),
         ];
         for &(rows, cols, toks) in &shapes {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();

@@ -1,15 +1,36 @@
-//! aarch64 kernels: baseline NEON (`smull` + `sadalp`, every ARMv8 core) and the ARMv8.2 dot-product
-//! extension (`sdot`, four int8 products summed per 32-bit lane; Cortex-A55/A75 and later, all current phone and
-//! car SoCs). Weight codes (int4: 0..15, int8: -127..127) and activation codes (-127..127) are both signed
-//! 8-bit here, so no sign trick is needed.
+//! aarch64 kernels: baseline NEON (`smull` + `sadalp`, every ARMv8 core), the ARMv8.2 dot-product extension
+//! (`sdot`, four int8 products summed per 32-bit lane; Cortex-A55/A75 and later, all current phone and car
+//! SoCs) and the int8 matrix-multiply extension (`smmla`, a 2 × 8 by 8 × 2 int8 product per instruction;
+//! Cortex-A510/A710/X2 and later, Apple M2+, Neoverse V1/N2).
+//!
+//! Weight codes (int4: 0..15, int8: −127..127) and activation codes (−127..127) are both signed 8-bit here, so
+//! no sign trick is needed; int4's −8 and the asymmetric mins enter through the activation block sums.
+//!
+//! The products are register tiles, walked by [`super::for_each_tile`] so that a row block's weights stay in L1
+//! while every token tile streams past them (prefill is a blocked GEMM, decode the 4-row × 1-token tile):
+//! `sdot`/`smull` tiles of up to 4 rows × 2 tokens, each unpacked weight block reused by every token and each
+//! activation block by every row; `smmla` tiles of 2 row pairs × 2 token pairs, whose instructions produce a
+//! 2 × 2 block of dot products each (rows and tokens interleaved 8 codes at a time with `zip1`/`zip2`).
+
+// Register tiles are indexed by row and token on purpose: the loops unroll into straight-line code.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::aarch64::*;
+use std::cell::RefCell;
 
+use super::{PaddedScales, TileStep};
 use crate::activation::QuantizedActivations;
-use crate::scheme::QMatrix;
+use crate::scheme::{QMatrix, Scheme};
+
+/// Blocks whose scales are handled together (one `float32x4_t`).
+const CHUNK: usize = 4;
 
 pub fn has_dotprod() -> bool {
     std::arch::is_aarch64_feature_detected!("dotprod")
+}
+
+pub fn has_i8mm() -> bool {
+    has_dotprod() && std::arch::is_aarch64_feature_detected!("i8mm")
 }
 
 /// `sum(a[i] * b[i])` of 16 int8 lanes, accumulated into four int32 lanes (baseline NEON).
@@ -39,55 +60,325 @@ fn dot_sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     acc
 }
 
-/// Generates one GEMM per feature set so the block loop is compiled and inlined with it.
+/// `acc[2i + j] += a[8i..8i+8] · b[8j..8j+8]` (`smmla`; its intrinsic is not yet stable either).
+#[inline]
+#[target_feature(enable = "neon,dotprod,i8mm")]
+fn mmla(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: `smmla` only reads the two source registers and updates `acc`; the i8mm feature is enabled for
+    // this function, so callers have checked the CPU supports it.
+    unsafe {
+        std::arch::asm!(
+            "smmla {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack)
+        );
+    }
+    acc
+}
+
+/// f16 → f32 for a whole slice, 4 at a time with `fcvtl` (baseline ARMv8; the `float16x4_t` intrinsics are not
+/// yet stable).
+#[target_feature(enable = "neon")]
+fn convert_f16(src: &[half::f16], dst: &mut [f32]) {
+    let mut i = 0;
+    while i + CHUNK <= src.len() {
+        // SAFETY: 4 values exist at i in both slices (loop condition; dst is at least as long as src).
+        let h = unsafe { vld1_u16(src[i..i + CHUNK].as_ptr().cast()) };
+        let f: float32x4_t;
+        // SAFETY: `fcvtl` widens the four halves of one register into another; no memory is touched.
+        unsafe {
+            std::arch::asm!("fcvtl {f:v}.4s, {h:v}.4h", f = out(vreg) f, h = in(vreg) h,
+                options(pure, nomem, nostack));
+        }
+        // SAFETY: as above.
+        unsafe { vst1q_f32(dst[i..i + CHUNK].as_mut_ptr(), f) };
+        i += CHUNK;
+    }
+    for (d, s) in dst[i..src.len()].iter_mut().zip(&src[i..]) {
+        *d = s.to_f32();
+    }
+}
+
+thread_local! {
+    static SCALES: RefCell<PaddedScales> = RefCell::new(PaddedScales::default());
+}
+
+/// Block `b` of row `r` as two registers: codes 0..16 and 16..32.
+///
+/// # Safety
+/// `r < w.rows`, `b < w.nb()`, the planes of `w` match its shape.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn weight_block<const INT8: bool>(w: &QMatrix, r: usize, b: usize) -> (int8x16_t, int8x16_t) {
+    let at = (r * w.nb() + b) * w.scheme.qs_bytes_per_block();
+    let p = w.qs.as_ptr().wrapping_add(at);
+    if INT8 {
+        // SAFETY: int8 rows hold nb*32 code bytes (caller's contract); block b of row r.
+        unsafe { (vld1q_s8(p.cast()), vld1q_s8(p.add(16).cast())) }
+    } else {
+        // SAFETY: int4 rows hold nb*16 code bytes (caller's contract); block b of row r.
+        let raw = unsafe { vld1q_u8(p) };
+        (vreinterpretq_s8_u8(vandq_u8(raw, vdupq_n_u8(0x0f))), vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw)))
+    }
+}
+
+/// Block `b` of token `t`'s activation codes as two registers.
+///
+/// # Safety
+/// `t < x.rows`, `b < x.nb()`.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn act_block(x: &QuantizedActivations, t: usize, b: usize) -> (int8x16_t, int8x16_t) {
+    let p = x.qs.as_ptr().wrapping_add((t * x.nb() + b) * 32);
+    // SAFETY: token t holds nb*32 codes (QuantizedActivations invariant); block b of them.
+    unsafe { (vld1q_s8(p), vld1q_s8(p.add(16))) }
+}
+
+/// Calls `$tile::<R, T, INT8>($arg)` for the runtime tile size (`R` ≤ 4 rows, `T` ≤ 2 tokens) and scheme.
+macro_rules! dispatch_tile {
+    ($tile:ident, $arg:expr, $nr:expr, $nt:expr, $int4:expr) => {
+        match ($nr, $nt, $int4) {
+            (4, 2, true) => $tile::<4, 2, false>($arg),
+            (4, 1, true) => $tile::<4, 1, false>($arg),
+            (3, 2, true) => $tile::<3, 2, false>($arg),
+            (3, 1, true) => $tile::<3, 1, false>($arg),
+            (2, 2, true) => $tile::<2, 2, false>($arg),
+            (2, 1, true) => $tile::<2, 1, false>($arg),
+            (1, 2, true) => $tile::<1, 2, false>($arg),
+            (1, 1, true) => $tile::<1, 1, false>($arg),
+            (4, 2, false) => $tile::<4, 2, true>($arg),
+            (4, 1, false) => $tile::<4, 1, true>($arg),
+            (3, 2, false) => $tile::<3, 2, true>($arg),
+            (3, 1, false) => $tile::<3, 1, true>($arg),
+            (2, 2, false) => $tile::<2, 2, true>($arg),
+            (2, 1, false) => $tile::<2, 1, true>($arg),
+            (1, 2, false) => $tile::<1, 2, true>($arg),
+            (1, 1, false) => $tile::<1, 1, true>($arg),
+            _ => unreachable!("tiles are 1..=4 rows by 1..=2 tokens"),
+        }
+    };
+}
+
+/// Generates the `sdot`/`smull` tiled GEMM for one feature set, so the block loop is compiled and inlined
+/// with it.
 macro_rules! neon_gemm {
-    ($name:ident, $feat:literal, $dot:ident) => {
+    ($name:ident, $tile:ident, $feat:literal, $dot:ident) => {
+        /// `out[t * ldo + r] = W[r] · x[t]` in register tiles of up to 4 rows × 2 tokens.
+        ///
         /// # Safety
         /// The CPU must support the enabled features; `out` must be valid for writes at `t * ldo + r` for every
-        /// `t < x.rows`, `r < w.rows`; `w.cols == x.cols`; the planes of `w` must match its shape (as
-        /// [`QMatrix::validate`] checks).
+        /// `t < x.rows`, `r < w.rows`, with no other thread touching them; `w.cols == x.cols`; the planes of `w`
+        /// must match its shape (as [`QMatrix::validate`] checks).
         #[target_feature(enable = $feat)]
         pub unsafe fn $name(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
-            let nb = w.nb();
-            let int4 = w.scheme.is_int4();
-            let sym4 = w.scheme == crate::Scheme::Q4;
-            let mask = vdupq_n_u8(0x0f);
-            for r in 0..w.rows {
-                for t in 0..x.rows {
-                    let xq = x.row_qs(t).as_ptr();
-                    let (xd, xs) = (x.row_d(t), x.row_sum(t));
-                    let (mut acc, mut macc) = (0.0f32, 0.0f32);
-                    for b in 0..nb {
-                        let i = r * nb + b;
-                        // SAFETY: `xq` holds nb*32 codes for this token (QuantizedActivations invariant).
-                        let (x0, x1) = unsafe { (vld1q_s8(xq.add(b * 32)), vld1q_s8(xq.add(b * 32 + 16))) };
-                        let zero = vdupq_n_s32(0);
-                        let p = if int4 {
-                            // SAFETY: int4 qs has nb*16 bytes per row (validated layout), i < rows*nb.
-                            let raw = unsafe { vld1q_u8(w.qs.as_ptr().add(i * 16)) };
-                            let lo = vreinterpretq_s8_u8(vandq_u8(raw, mask));
-                            let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(raw));
-                            $dot($dot(zero, lo, x0), hi, x1)
-                        } else {
-                            // SAFETY: int8 qs has nb*32 bytes per row (validated layout), i < rows*nb.
-                            let (w0, w1) = unsafe {
-                                let p = w.qs.as_ptr().add(i * 32) as *const i8;
-                                (vld1q_s8(p), vld1q_s8(p.add(16)))
-                            };
-                            $dot($dot(zero, w0, x0), w1, x1)
-                        };
-                        let d = w.scales[i].to_f32();
-                        acc += d * xd[b] * vaddvq_s32(p) as f32;
-                        let m = if sym4 { -8.0 * d } else { w.mins.map_or(0.0, |m| m[i].to_f32()) };
-                        macc += m * xs[b];
+            SCALES.with(|cell| {
+                let mut scales = cell.borrow_mut();
+                scales.start(w, x, CHUNK);
+                super::for_each_tile(w.rows, x.rows, 4, 2, |step| match step {
+                    TileStep::RowBlock { start, end } => scales.row_block(w, start, end, |s, d| convert_f16(s, d)),
+                    TileStep::Tile { r0, nr, t0, nt } => {
+                        let tile = Tile { w, x, scales: &scales, r0, t0, out, ldo };
+                        // SAFETY: the features are available (our contract); the tile lies inside the matrix,
+                        // the token range and the current row block (for_each_tile); the output contract is
+                        // forwarded from our caller.
+                        unsafe { dispatch_tile!($tile, tile, nr, nt, w.scheme.is_int4()) }
                     }
-                    // SAFETY: the caller guarantees `out` is writable at t*ldo + r.
-                    unsafe { *out.add(t * ldo + r) = acc + macc };
+                });
+            });
+        }
+
+        /// One R-row × T-token block of the output.
+        ///
+        /// # Safety
+        /// The features are available; `r0 + R <= w.rows` inside the row block `scales` holds,
+        /// `t0 + T <= x.rows`; `out` as for the GEMM.
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn $tile<const R: usize, const T: usize, const INT8: bool>(tile: Tile) {
+            let Tile { w, x, scales, r0, t0, out, ldo } = tile;
+            let nb = w.nb();
+            let has_offset = w.scheme != Scheme::Q8;
+            let wrow: [_; R] = std::array::from_fn(|r| scales.w_row(r0 + r));
+            let xrow: [_; T] = std::array::from_fn(|t| scales.x_row(t0 + t));
+            let mut acc = [[vdupq_n_f32(0.0); T]; R];
+            let mut k = 0;
+            while k < nb {
+                let nbk = (nb - k).min(CHUNK);
+                // This chunk's products of weight and activation scales per (row, token), and its offset term.
+                let mut scale = [[vdupq_n_f32(0.0); T]; R];
+                for r in 0..R {
+                    // SAFETY (all four loads): padded rows hold a multiple of 4 floats, so 4 exist at k.
+                    let d = unsafe { vld1q_f32(wrow[r].0.as_ptr().add(k)) };
+                    let m = unsafe { vld1q_f32(wrow[r].1.as_ptr().add(k)) };
+                    for t in 0..T {
+                        scale[r][t] = vmulq_f32(d, unsafe { vld1q_f32(xrow[t].0.as_ptr().add(k)) });
+                        if has_offset {
+                            acc[r][t] = vfmaq_f32(acc[r][t], m, unsafe { vld1q_f32(xrow[t].1.as_ptr().add(k)) });
+                        }
+                    }
+                }
+                for j in 0..nbk {
+                    let b = k + j;
+                    // SAFETY: rows r0..r0+R and block b exist (our contract).
+                    let wv: [_; R] = std::array::from_fn(|r| unsafe { weight_block::<INT8>(w, r0 + r, b) });
+                    for t in 0..T {
+                        // SAFETY: token t0+t and block b exist (our contract).
+                        let (x0, x1) = unsafe { act_block(x, t0 + t, b) };
+                        for r in 0..R {
+                            let p = $dot($dot(vdupq_n_s32(0), wv[r].0, x0), wv[r].1, x1);
+                            let s = lane(scale[r][t], j);
+                            acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(p), s);
+                        }
+                    }
+                }
+                k += nbk;
+            }
+            for r in 0..R {
+                for t in 0..T {
+                    // SAFETY: (t0+t, r0+r) is inside the output our caller handed us, and ours alone.
+                    unsafe { *out.add((t0 + t) * ldo + r0 + r) = vaddvq_f32(acc[r][t]) };
                 }
             }
         }
     };
 }
 
-neon_gemm!(gemm_neon, "neon", dot_neon);
-neon_gemm!(gemm_dotprod, "neon,dotprod", dot_sdot);
+/// Lane `j` (< 4) of `v`.
+#[inline(always)]
+fn lane(v: float32x4_t, j: usize) -> f32 {
+    // SAFETY: float32x4_t is four f32 in memory order; j < 4 is checked by the index.
+    (unsafe { std::mem::transmute::<float32x4_t, [f32; 4]>(v) })[j]
+}
+
+/// One register tile of the output and what it reads.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    w: &'a QMatrix<'a>,
+    x: &'a QuantizedActivations,
+    scales: &'a PaddedScales,
+    r0: usize,
+    t0: usize,
+    out: *mut f32,
+    ldo: usize,
+}
+
+neon_gemm!(gemm_neon, tile_neon, "neon", dot_neon);
+neon_gemm!(gemm_dotprod, tile_dotprod, "neon,dotprod", dot_sdot);
+
+/// `out[t * ldo + r] = W[r] · x[t]` with `smmla`: tiles of 2 row pairs × 2 token pairs; a GEMV (one token)
+/// goes to the `sdot` kernel, as half of every `smmla` would be wasted on it.
+///
+/// # Safety
+/// As [`gemm_dotprod`], and the CPU must support i8mm.
+#[target_feature(enable = "neon,dotprod,i8mm")]
+pub unsafe fn gemm_i8mm(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    if x.rows < 2 {
+        // SAFETY: forwarded; i8mm implies dotprod here (`has_i8mm` checks both).
+        return unsafe { gemm_dotprod(w, x, out, ldo) };
+    }
+    SCALES.with(|cell| {
+        let mut scales = cell.borrow_mut();
+        scales.start(w, x, CHUNK);
+        super::for_each_tile(w.rows, x.rows, 4, 4, |step| match step {
+            TileStep::RowBlock { start, end } => scales.row_block(w, start, end, |s, d| convert_f16(s, d)),
+            TileStep::Tile { r0, nr, t0, nt } => {
+                let tile = Tile { w, x, scales: &scales, r0, t0, out, ldo };
+                // SAFETY: i8mm available (our contract); the tile lies inside the matrix, the tokens and the row
+                // block; the output contract is forwarded.
+                unsafe {
+                    if w.scheme.is_int4() {
+                        tile_i8mm::<false>(tile, nr, nt)
+                    } else {
+                        tile_i8mm::<true>(tile, nr, nt)
+                    }
+                }
+            }
+        });
+    });
+}
+
+/// Rows `r0..r0+nr` × tokens `t0..t0+nt` (each ≤ 4) as 2 × 2 pairs; a missing row or token of a pair repeats
+/// its partner and its results are not stored.
+///
+/// # Safety
+/// As for the `sdot` tiles, with `1 <= nr, nt <= 4`.
+#[inline]
+#[target_feature(enable = "neon,dotprod,i8mm")]
+unsafe fn tile_i8mm<const INT8: bool>(tile: Tile, nr: usize, nt: usize) {
+    let Tile { w, x, scales, r0, t0, out, ldo } = tile;
+    let nb = w.nb();
+    let has_offset = w.scheme != Scheme::Q8;
+    // Row (token) `i` of the tile, clamped to the last real one.
+    let row = |i: usize| r0 + i.min(nr - 1);
+    let tok = |i: usize| t0 + i.min(nt - 1);
+    let wrow: [_; 4] = std::array::from_fn(|i| scales.w_row(row(i)));
+    let xrow: [_; 4] = std::array::from_fn(|i| scales.x_row(tok(i)));
+    // acc[p][q] lanes: (row 2p, token 2q), (2p, 2q+1), (2p+1, 2q), (2p+1, 2q+1).
+    let mut acc = [[vdupq_n_f32(0.0); 2]; 2];
+    let mut k = 0;
+    while k < nb {
+        let nbk = (nb - k).min(CHUNK);
+        // Per pair of pairs, the four products of scales for each block j of the chunk, laid out as `vld4q`
+        // de-interleaves them: scale[p][q].j = [d(2p)·dx(2q), d(2p)·dx(2q+1), d(2p+1)·dx(2q), d(2p+1)·dx(2q+1)].
+        let mut scale = [[float32x4x4_t(vdupq_n_f32(0.0), vdupq_n_f32(0.0), vdupq_n_f32(0.0), vdupq_n_f32(0.0)); 2]; 2];
+        // SAFETY (every vld1q_f32 below): padded rows hold a multiple of 4 floats, so 4 exist at k.
+        let ld = |s: &[f32]| unsafe { vld1q_f32(s.as_ptr().add(k)) };
+        for p in 0..2 {
+            let (da, db) = (ld(wrow[2 * p].0), ld(wrow[2 * p + 1].0));
+            let (ma, mb) = (ld(wrow[2 * p].1), ld(wrow[2 * p + 1].1));
+            for q in 0..2 {
+                let (xa, xb) = (ld(xrow[2 * q].0), ld(xrow[2 * q + 1].0));
+                let prods = [vmulq_f32(da, xa), vmulq_f32(da, xb), vmulq_f32(db, xa), vmulq_f32(db, xb)];
+                // SAFETY: `prods` is 16 contiguous floats.
+                scale[p][q] = unsafe { vld4q_f32(prods.as_ptr().cast()) };
+                if has_offset {
+                    let (sa, sb) = (ld(xrow[2 * q].1), ld(xrow[2 * q + 1].1));
+                    let o = vpaddq_f32(
+                        vpaddq_f32(vmulq_f32(ma, sa), vmulq_f32(ma, sb)),
+                        vpaddq_f32(vmulq_f32(mb, sa), vmulq_f32(mb, sb)),
+                    );
+                    acc[p][q] = vaddq_f32(acc[p][q], o);
+                }
+            }
+        }
+        for j in 0..nbk {
+            let b = k + j;
+            // Two rows (tokens) interleaved 8 codes at a time: the four 2 × 8 operands of one block.
+            let zip = |a: (int8x16_t, int8x16_t), c: (int8x16_t, int8x16_t)| {
+                let (a0, a1) = (vreinterpretq_s64_s8(a.0), vreinterpretq_s64_s8(a.1));
+                let (c0, c1) = (vreinterpretq_s64_s8(c.0), vreinterpretq_s64_s8(c.1));
+                [vzip1q_s64(a0, c0), vzip2q_s64(a0, c0), vzip1q_s64(a1, c1), vzip2q_s64(a1, c1)].map(|v| vreinterpretq_s8_s64(v))
+            };
+            // SAFETY: rows and tokens are clamped into the tile; block b exists.
+            let wz: [_; 2] = std::array::from_fn(|p| unsafe {
+                zip(weight_block::<INT8>(w, row(2 * p), b), weight_block::<INT8>(w, row(2 * p + 1), b))
+            });
+            // SAFETY: as above.
+            let xz: [_; 2] = std::array::from_fn(|q| unsafe { zip(act_block(x, tok(2 * q), b), act_block(x, tok(2 * q + 1), b)) });
+            for p in 0..2 {
+                for q in 0..2 {
+                    let mut s = vdupq_n_s32(0);
+                    for h in 0..4 {
+                        s = mmla(s, wz[p][h], xz[q][h]);
+                    }
+                    let sc = [scale[p][q].0, scale[p][q].1, scale[p][q].2, scale[p][q].3][j];
+                    acc[p][q] = vfmaq_f32(acc[p][q], vcvtq_f32_s32(s), sc);
+                }
+            }
+        }
+        k += nbk;
+    }
+    for p in 0..2 {
+        for q in 0..2 {
+            for (l, v) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().zip(0..) {
+                let (ri, ti) = (2 * p + l.0, 2 * q + l.1);
+                if ri < nr && ti < nt {
+                    // SAFETY: (t0+ti, r0+ri) is inside the output our caller handed us, and ours alone.
+                    unsafe { *out.add((t0 + ti) * ldo + r0 + ri) = lane(acc[p][q], v) };
+                }
+            }
+        }
+    }
+}

@@ -1,21 +1,35 @@
-//! x86-64 AVX2 kernel (`vpmaddubsw` + `vpmaddwd`); the AVX-512 VNNI one is in `avx512.rs`.
+//! x86-64 AVX2 kernel (`vpmaddubsw` + `vpmaddwd`, for CPUs without VNNI); the AVX-512 VNNI one is in
+//! `avx512.rs`.
 //!
-//! Both multiply unsigned weight codes by signed activation codes. int4 codes are already unsigned (0..15);
-//! int8 weights use the sign trick `|w| * (x * sign(w))`, valid because activation codes lie in -127..=127.
+//! Register tiles of up to 4 weight rows × 2 tokens: each block's unpacked weights are reused by every token of
+//! the tile and each activation load by every row, and row blocks of [`super::ROW_BLOCK`] rows stay in L1 while
+//! all token tiles stream past them (prefill is a blocked GEMM; decode is the 4 × 1 tile). Weight scales are
+//! converted 8 blocks at a time, and the `w = d·q + m` offsets (int4's −8, the asymmetric mins) enter as one
+//! vector FMA per 8 blocks against the activation block sums.
+//!
+//! Both operands of `vpmaddubsw` are bytes, the first unsigned: int4 codes already are (0..15); int8 weights
+//! use the sign trick `|w| · (x · sign(w))`, exact because activation codes lie in −127..=127 (a pair of
+//! products stays inside i16).
+
+// Register tiles are indexed by row and token on purpose: the loops unroll into straight-line code.
+#![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
+use std::cell::RefCell;
+
+use super::{PaddedScales, TileStep};
 use crate::activation::QuantizedActivations;
-use crate::scheme::QMatrix;
+use crate::scheme::{QMatrix, Scheme};
+
+/// Blocks whose scales are converted together (one `__m256` of f32).
+const CHUNK: usize = 8;
+/// Largest register tile: rows × tokens.
+const TILE_ROWS: usize = 4;
+const TILE_TOKENS: usize = 2;
 
 pub fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-}
-
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn f16_to_f32(bits: u16) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 #[inline]
@@ -26,59 +40,156 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-#[inline]
+/// f16 → f32 for a whole slice, 8 at a time with `vcvtph2ps`.
 #[target_feature(enable = "avx2,fma,f16c")]
-fn mul_sum_avx2(w: __m256i, x: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+fn convert_f16(src: &[half::f16], dst: &mut [f32]) {
+    let mut i = 0;
+    while i + CHUNK <= src.len() {
+        // SAFETY: 8 values exist at i in both slices (loop condition; dst is at least as long as src).
+        unsafe {
+            let v = _mm256_cvtph_ps(_mm_loadu_si128(src[i..i + CHUNK].as_ptr().cast()));
+            _mm256_storeu_ps(dst[i..i + CHUNK].as_mut_ptr(), v);
+        }
+        i += CHUNK;
+    }
+    for (d, s) in dst[i..src.len()].iter_mut().zip(&src[i..]) {
+        *d = s.to_f32();
+    }
 }
 
-/// Generates one GEMM per ISA so that the block loop is compiled (and inlined) with that ISA's features.
-macro_rules! x86_gemm {
-    ($name:ident, $feat:literal, $mul_sum:ident) => {
-        /// # Safety
-        /// The CPU must support the enabled features; `out` must be valid for writes at
-        /// `t * ldo + r` for every `t < x.rows`, `r < w.rows`; `w.cols == x.cols`; the planes of `w` must match
-        /// its shape (as [`QMatrix::validate`] checks).
-        #[target_feature(enable = $feat)]
-        pub unsafe fn $name(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
-            let nb = w.nb();
-            let int4 = w.scheme.is_int4();
-            let scales: &[u16] = bytemuck::cast_slice(w.scales);
-            let mins: Option<&[u16]> = w.mins.map(|m| bytemuck::cast_slice(m));
-            let sym4 = w.scheme == crate::Scheme::Q4;
-            let mask = _mm_set1_epi8(0x0f);
-            for r in 0..w.rows {
-                for t in 0..x.rows {
-                    let xq = x.row_qs(t).as_ptr();
-                    let (xd, xs) = (x.row_d(t), x.row_sum(t));
-                    let mut acc = _mm256_setzero_ps();
-                    let mut macc = 0.0f32;
-                    for b in 0..nb {
-                        let i = r * nb + b;
-                        // SAFETY: `xq` holds nb*32 codes for this token (QuantizedActivations invariant).
-                        let xv = unsafe { _mm256_loadu_si256(xq.add(b * 32) as *const __m256i) };
-                        let p = if int4 {
-                            // SAFETY: int4 qs has nb*16 bytes per row (validated layout), i < rows*nb.
-                            let raw = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(i * 16) as *const __m128i) };
-                            let lo = _mm_and_si128(raw, mask);
-                            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-                            $mul_sum(_mm256_set_m128i(hi, lo), xv)
-                        } else {
-                            // SAFETY: int8 qs has nb*32 bytes per row (validated layout), i < rows*nb.
-                            let wv = unsafe { _mm256_loadu_si256(w.qs.as_ptr().add(i * 32) as *const __m256i) };
-                            $mul_sum(_mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv))
-                        };
-                        let d = f16_to_f32(scales[i]);
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[b]), _mm256_cvtepi32_ps(p), acc);
-                        let m = if sym4 { -8.0 * d } else { mins.map_or(0.0, |m| f16_to_f32(m[i])) };
-                        macc += m * xs[b];
+thread_local! {
+    static SCALES: RefCell<PaddedScales> = RefCell::new(PaddedScales::default());
+}
+
+/// `out[t * ldo + r] = W[r] · x[t]` in register tiles.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `out` must be valid for writes at `t * ldo + r` for every
+/// `t < x.rows`, `r < w.rows`, with no other thread touching those elements; `w.cols == x.cols`; the planes of
+/// `w` must match its shape (as [`QMatrix::validate`] checks).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_avx2(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    SCALES.with(|cell| {
+        let mut scales = cell.borrow_mut();
+        scales.start(w, x, CHUNK);
+        super::for_each_tile(w.rows, x.rows, TILE_ROWS, TILE_TOKENS, |step| match step {
+            TileStep::RowBlock { start, end } => scales.row_block(w, start, end, |s, d| convert_f16(s, d)),
+            TileStep::Tile { r0, nr, t0, nt } => {
+                let tile = Tile { w, x, scales: &scales, r0, t0, out, ldo };
+                macro_rules! dispatch {
+                    ($($r:literal, $t:literal);*) => {
+                        match (nr, nt, w.scheme.is_int4()) {
+                            // SAFETY: AVX2 is available (our contract); the tile lies inside the matrix, the
+                            // token range and the current row block (for_each_tile); the output contract is
+                            // forwarded from our caller.
+                            $(($r, $t, true) => unsafe { tile.run::<$r, $t, false>() },
+                              ($r, $t, false) => unsafe { tile.run::<$r, $t, true>() },)*
+                            _ => unreachable!("tiles are 1..=4 rows by 1..=2 tokens"),
+                        }
+                    };
+                }
+                dispatch!(4, 2; 4, 1; 3, 2; 3, 1; 2, 2; 2, 1; 1, 2; 1, 1);
+            }
+        });
+    });
+}
+
+/// One R-row × T-token block of the output.
+#[derive(Clone, Copy)]
+struct Tile<'a> {
+    w: &'a QMatrix<'a>,
+    x: &'a QuantizedActivations,
+    scales: &'a PaddedScales,
+    r0: usize,
+    t0: usize,
+    out: *mut f32,
+    ldo: usize,
+}
+
+impl Tile<'_> {
+    /// # Safety
+    /// AVX2/FMA/F16C available; `r0 + R <= w.rows` inside the row block `scales` holds, `t0 + T <= x.rows`;
+    /// `out` as for [`gemm_avx2`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run<const R: usize, const T: usize, const INT8: bool>(self) {
+        let Tile { w, x, scales, r0, t0, out, ldo } = self;
+        let nb = w.nb();
+        let qs_block = w.scheme.qs_bytes_per_block();
+        let has_offset = w.scheme != Scheme::Q8;
+        let xq: *const i8 = x.qs.as_ptr();
+        let low4 = _mm_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let wrow: [_; R] = std::array::from_fn(|r| scales.w_row(r0 + r));
+        let xrow: [_; T] = std::array::from_fn(|t| scales.x_row(t0 + t));
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let mut k = 0;
+        while k < nb {
+            let nbk = (nb - k).min(CHUNK);
+            // This chunk's products of weight and activation scales per (row, token), kept in memory so that
+            // each block broadcasts its own from there (a load, not an ALU operation), and its offset term.
+            let mut scale = [[[0.0f32; CHUNK]; T]; R];
+            let mut dx = [_mm256_setzero_ps(); T];
+            for t in 0..T {
+                // SAFETY: padded rows hold a multiple of 8 floats, so 8 exist at k (k < nb, k % 8 == 0).
+                dx[t] = unsafe { _mm256_loadu_ps(xrow[t].0.as_ptr().add(k)) };
+            }
+            for r in 0..R {
+                // SAFETY: as above, in the row's padded weight scales.
+                let d = unsafe { _mm256_loadu_ps(wrow[r].0.as_ptr().add(k)) };
+                for t in 0..T {
+                    // SAFETY: `scale[r][t]` holds 8 floats.
+                    unsafe { _mm256_storeu_ps(scale[r][t].as_mut_ptr(), _mm256_mul_ps(d, dx[t])) };
+                }
+                if has_offset {
+                    // SAFETY: as above, in the padded mins and block sums.
+                    let m = unsafe { _mm256_loadu_ps(wrow[r].1.as_ptr().add(k)) };
+                    for t in 0..T {
+                        // SAFETY: as above.
+                        let xs = unsafe { _mm256_loadu_ps(xrow[t].1.as_ptr().add(k)) };
+                        acc[r][t] = _mm256_fmadd_ps(m, xs, acc[r][t]);
                     }
-                    // SAFETY: the caller guarantees `out` is writable at t*ldo + r.
-                    unsafe { *out.add(t * ldo + r) = hsum(acc) + macc };
                 }
             }
+            for j in 0..nbk {
+                let b = k + j;
+                // Row r's block b: `wu` the unsigned operand, `ws` (int8 only) the signs to move onto x.
+                let mut wu = [_mm256_setzero_si256(); R];
+                let mut ws = [_mm256_setzero_si256(); R];
+                for r in 0..R {
+                    let at = ((r0 + r) * nb + b) * qs_block;
+                    if INT8 {
+                        // SAFETY: int8 rows hold nb*32 code bytes (validated layout); block b of row r0+r.
+                        let v = unsafe { _mm256_loadu_si256(w.qs.as_ptr().add(at).cast()) };
+                        wu[r] = _mm256_sign_epi8(v, v);
+                        ws[r] = v;
+                    } else {
+                        // SAFETY: int4 rows hold nb*16 code bytes (validated layout); block b of row r0+r.
+                        let raw = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(at).cast()) };
+                        let lo = _mm_and_si128(raw, low4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+                        wu[r] = _mm256_set_m128i(hi, lo);
+                    }
+                }
+                for t in 0..T {
+                    let i = (t0 + t) * nb + b;
+                    // SAFETY: token t0+t has nb*32 codes (QuantizedActivations invariant); block b of them.
+                    let xv = unsafe { _mm256_loadu_si256(xq.add(i * 32).cast()) };
+                    for r in 0..R {
+                        let xs = if INT8 { _mm256_sign_epi8(xv, ws[r]) } else { xv };
+                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu[r], xs), ones);
+                        let s = _mm256_broadcast_ss(&scale[r][t][j]);
+                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
+                    }
+                }
+            }
+            k += nbk;
         }
-    };
+        for r in 0..R {
+            for t in 0..T {
+                // SAFETY: (t0+t, r0+r) is inside the output our caller handed us, and ours alone.
+                unsafe { *out.add((t0 + t) * ldo + r0 + r) = hsum(acc[r][t]) };
+            }
+        }
+    }
 }
-
-x86_gemm!(gemm_avx2, "avx2,fma,f16c", mul_sum_avx2);
