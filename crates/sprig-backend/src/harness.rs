@@ -145,26 +145,31 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
         }
     }
 
-    // RMSNorm over whole rows and per head, with w and 1 + w.
+    // RMSNorm over whole rows and per head, with w and 1 + w; a few rows (decode-like) and enough rows for a
+    // backend to split them across threads (prefill-like).
     for (wname, add_one) in [("norm.full", false), ("norm.full", true), ("norm.head", false), ("norm.head", true)] {
-        let x = random(&mut rng, 3 * COLS, 3.0);
-        let (xa, xr) = pair!(x, 3, COLS);
-        let (wa, wr) = (a.load_weight(&file, wname).unwrap(), r.load_weight(&file, wname).unwrap());
-        let (mut oa, mut or) = (a.tensor(), r.tensor());
-        a.rms_norm(&xa, &wa, 1e-5, add_one, &mut oa);
-        r.rms_norm(&xr, &wr, 1e-5, add_one, &mut or);
-        check(format!("rms_norm {wname} add_one={add_one}"), dl(&oa), dlr(&or), 1e-5);
+        for n in [3, 11] {
+            let x = random(&mut rng, n * COLS, 3.0);
+            let (xa, xr) = pair!(x, n, COLS);
+            let (wa, wr) = (a.load_weight(&file, wname).unwrap(), r.load_weight(&file, wname).unwrap());
+            let (mut oa, mut or) = (a.tensor(), r.tensor());
+            a.rms_norm(&xa, &wa, 1e-5, add_one, &mut oa);
+            r.rms_norm(&xr, &wr, 1e-5, add_one, &mut or);
+            check(format!("rms_norm {wname} add_one={add_one} rows={n}"), dl(&oa), dlr(&or), 1e-5);
+        }
     }
 
     // RoPE: both layouts, an offset start, linear scaling, a large theta.
     for layout in [RopeLayout::Adjacent, RopeLayout::Half] {
         for (pos0, scale, theta) in [(0usize, 1.0f32, 10000.0f32), (37, 1.0, 1e6), (500, 8.0, 10000.0)] {
             let p = RopeParams { n_heads: 3, head_dim: 10, theta, scale, layout };
-            let x = random(&mut rng, 4 * 30, 1.0);
-            let (mut xa, mut xr) = pair!(x, 4, 30);
-            a.rope(&mut xa, pos0, &p);
-            r.rope(&mut xr, pos0, &p);
-            check(format!("rope {layout:?} pos0={pos0} scale={scale}"), dl(&xa), dlr(&xr), 1e-4);
+            for n in [4, 11] {
+                let x = random(&mut rng, n * 30, 1.0);
+                let (mut xa, mut xr) = pair!(x, n, 30);
+                a.rope(&mut xa, pos0, &p);
+                r.rope(&mut xr, pos0, &p);
+                check(format!("rope {layout:?} pos0={pos0} scale={scale} rows={n}"), dl(&xa), dlr(&xr), 1e-4);
+            }
         }
     }
 
@@ -190,7 +195,21 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
         }
     }
 
-    // Element-wise ops.
+    // Element-wise ops, on enough rows for a backend to split them across threads...
+    let g11 = random(&mut rng, 11 * 33, 4.0);
+    let u11 = random(&mut rng, 11 * 33, 2.0);
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let ((ga, gr), (ua, ur)) = (pair!(g11, 11, 33), pair!(u11, 11, 33));
+        let (mut oa, mut or) = (a.tensor(), r.tensor());
+        a.glu(&ga, &ua, act, &mut oa);
+        r.glu(&gr, &ur, act, &mut or);
+        check(format!("glu {act:?} rows=11"), dl(&oa), dlr(&or), 1e-5);
+    }
+    let ((mut xa, mut xr), (ya, yr)) = (pair!(g11, 11, 33), pair!(u11, 11, 33));
+    a.add(&mut xa, &ya);
+    r.add(&mut xr, &yr);
+    check("add rows=11".into(), dl(&xa), dlr(&xr), 1e-6);
+    // ...and on a few.
     let g = random(&mut rng, 5 * 33, 4.0);
     let u = random(&mut rng, 5 * 33, 2.0);
     for act in [Activation::Silu, Activation::GeluTanh] {

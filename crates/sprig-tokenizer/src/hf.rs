@@ -25,8 +25,19 @@ fn err(e: impl std::fmt::Display) -> TokenizerError {
 impl HfTokenizer {
     pub fn from_json(json: &str) -> Result<Self> {
         let tok: tokenizers::Tokenizer = json.parse().map_err(err)?;
-        let v: serde_json::Value = serde_json::from_str(json).map_err(err)?;
-        let dec = v.get("decoder").map(|d| d.to_string()).unwrap_or_default();
+        // Only the decoder is read back: parsing the whole file into a `Value` would build a second copy of
+        // the vocabulary and merges (megabytes the allocator keeps after they are freed).
+        // (A present `"decoder": null` reads as `Some(Null)`, "null"; a missing one as `None`, "".)
+        #[derive(serde::Deserialize)]
+        struct DecoderOnly {
+            #[serde(default, deserialize_with = "present")]
+            decoder: Option<serde_json::Value>,
+        }
+        fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<serde_json::Value>, D::Error> {
+            serde::Deserialize::deserialize(d).map(Some)
+        }
+        let probe: DecoderOnly = serde_json::from_str(json).map_err(err)?;
+        let dec = probe.decoder.map(|d| d.to_string()).unwrap_or_default();
         let byte_level = dec.contains("\"ByteLevel\"") || (dec.is_empty() && json.contains("\"ByteLevel\""));
         let strip_space = !byte_level && (dec.contains("\"Strip\"") || dec.contains("\"Metaspace\""));
         Ok(HfTokenizer { tok, byte_level, strip_space })

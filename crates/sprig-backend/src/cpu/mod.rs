@@ -120,6 +120,10 @@ impl CpuBackend {
 
 /// Most matrices one [`CpuBackend::quant_linears`] pass takes (Q/K/V is three).
 const MAX_PASS: usize = 4;
+/// Rows (tokens) from which the element-wise ops (norm, RoPE, GLU, residual add) split rows across the pool:
+/// in prefill they would otherwise leave the other threads idle; in decode the fork would cost more than it
+/// saves.
+const PAR_ROWS: usize = 8;
 
 /// `x[t, :] += b` for every row.
 fn add_bias(x: &mut CpuTensor, b: &CpuWeight) {
@@ -314,8 +318,17 @@ impl Backend for CpuBackend {
         let w = w.vector();
         let (rows, cols) = (x.rows, x.cols);
         let o = out.reshape(rows, cols);
-        for (src, dst) in x.data.chunks_exact(w.len()).zip(o.chunks_exact_mut(w.len())) {
-            math::rms_norm(src, &w, eps, add_one, dst);
+        let job = |(src, dst): (&[f32], &mut [f32])| math::rms_norm(src, &w, eps, add_one, dst);
+        // Normalised groups are `w.len()` wide: whole rows, or each head of a row (per-head norms).
+        let n = w.len().max(1);
+        if rows >= PAR_ROWS {
+            x.data
+                .par_chunks_exact(n)
+                .zip(o.par_chunks_exact_mut(n))
+                .with_min_len(PAR_ROWS / 2 * (cols / n).max(1))
+                .for_each(job);
+        } else {
+            x.data.chunks_exact(n).zip(o.chunks_exact_mut(n)).for_each(job);
         }
     }
 
@@ -358,8 +371,12 @@ impl Backend for CpuBackend {
     fn rope(&self, x: &mut CpuTensor, pos0: usize, p: &RopeParams) {
         let cols = x.cols;
         assert_eq!(cols, p.n_heads * p.head_dim, "rope: width");
-        for (t, row) in x.mutate().chunks_exact_mut(cols).enumerate() {
-            math::rope_row(row, (pos0 + t) as f32 / p.scale, p);
+        let rows = x.rows;
+        let job = |(t, row): (usize, &mut [f32])| math::rope_row(row, (pos0 + t) as f32 / p.scale, p);
+        if rows >= PAR_ROWS {
+            x.mutate().par_chunks_exact_mut(cols.max(1)).enumerate().with_min_len(PAR_ROWS / 2).for_each(job);
+        } else {
+            x.mutate().chunks_exact_mut(cols.max(1)).enumerate().for_each(job);
         }
     }
 
@@ -449,12 +466,28 @@ impl Backend for CpuBackend {
 
     fn glu(&self, gate: &CpuTensor, up: &CpuTensor, act: Activation, out: &mut CpuTensor) {
         let (r, c) = (gate.rows, gate.cols);
-        math::glu(&gate.data, &up.data, act, out.reshape(r, c));
+        let o = out.reshape(r, c);
+        if r >= PAR_ROWS {
+            let job = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| math::glu(g, u, act, o);
+            o.par_chunks_mut(c.max(1))
+                .zip(gate.data.par_chunks(c.max(1)))
+                .zip(up.data.par_chunks(c.max(1)))
+                .with_min_len(PAR_ROWS / 2)
+                .for_each(job);
+        } else {
+            math::glu(&gate.data, &up.data, act, o);
+        }
     }
 
     fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {
         assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes");
-        x.mutate().iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
+        let (rows, c) = (x.rows, x.cols.max(1));
+        let job = |(a, b): (&mut [f32], &[f32])| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        if rows >= PAR_ROWS {
+            x.mutate().par_chunks_mut(c).zip(y.data.par_chunks(c)).with_min_len(PAR_ROWS / 2).for_each(job);
+        } else {
+            job((x.mutate(), &y.data));
+        }
     }
 
     fn softcap(&self, x: &mut CpuTensor, cap: f32) {

@@ -349,14 +349,16 @@ unsafe fn tile_i8mm<const INT8: bool>(tile: Tile, nr: usize, nt: usize) {
             let zip = |a: (int8x16_t, int8x16_t), c: (int8x16_t, int8x16_t)| {
                 let (a0, a1) = (vreinterpretq_s64_s8(a.0), vreinterpretq_s64_s8(a.1));
                 let (c0, c1) = (vreinterpretq_s64_s8(c.0), vreinterpretq_s64_s8(c.1));
-                [vzip1q_s64(a0, c0), vzip2q_s64(a0, c0), vzip1q_s64(a1, c1), vzip2q_s64(a1, c1)].map(|v| vreinterpretq_s8_s64(v))
+                [vzip1q_s64(a0, c0), vzip2q_s64(a0, c0), vzip1q_s64(a1, c1), vzip2q_s64(a1, c1)]
+                    .map(|v| vreinterpretq_s8_s64(v))
             };
             // SAFETY: rows and tokens are clamped into the tile; block b exists.
             let wz: [_; 2] = std::array::from_fn(|p| unsafe {
                 zip(weight_block::<INT8>(w, row(2 * p), b), weight_block::<INT8>(w, row(2 * p + 1), b))
             });
             // SAFETY: as above.
-            let xz: [_; 2] = std::array::from_fn(|q| unsafe { zip(act_block(x, tok(2 * q), b), act_block(x, tok(2 * q + 1), b)) });
+            let xz: [_; 2] =
+                std::array::from_fn(|q| unsafe { zip(act_block(x, tok(2 * q), b), act_block(x, tok(2 * q + 1), b)) });
             for p in 0..2 {
                 for q in 0..2 {
                     let mut s = vdupq_n_s32(0);
