@@ -4,8 +4,10 @@
 //! Register tiles of up to 4 weight rows × 2 tokens: each block's unpacked weights are reused by every token of
 //! the tile and each activation load by every row, and row blocks of [`super::ROW_BLOCK`] rows stay in L1 while
 //! all token tiles stream past them (prefill is a blocked GEMM; decode is the 4 × 1 tile). Weight scales are
-//! converted 8 blocks at a time, and the `w = d·q + m` offsets (int4's −8, the asymmetric mins) enter as one
-//! vector FMA per 8 blocks against the activation block sums.
+//! converted once per row block ([`PaddedScales`]), their products with the activation scales formed 8 blocks
+//! at a time, and the `w = d·q + m` offsets (int4's −8, the asymmetric mins) enter as one vector FMA per 8
+//! blocks against the activation block sums. int4 runs two blocks per step against activations packed in block
+//! pairs ([`pack_pairs`]).
 //!
 //! Both operands of `vpmaddubsw` are bytes, the first unsigned: int4 codes already are (0..15); int8 weights
 //! use the sign trick `|w| · (x · sign(w))`, exact because activation codes lie in −127..=127 (a pair of
@@ -53,12 +55,32 @@ fn convert_f16(src: &[half::f16], dst: &mut [f32]) {
         i += CHUNK;
     }
     for (d, s) in dst[i..src.len()].iter_mut().zip(&src[i..]) {
-        *d = s.to_f32();
+        // One value through the same instruction (`half`'s portable conversion costs more).
+        *d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(s.to_bits() as i32)));
     }
 }
 
 thread_local! {
     static SCALES: RefCell<PaddedScales> = RefCell::new(PaddedScales::default());
+    static PAIRS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Packs `x` in pairs of blocks, 64 bytes each: codes 0..16 of both blocks, then codes 16..32 of both (the
+/// order in which two contiguous int4 blocks unpack); a row's odd last block is paired with zeros.
+fn pack_pairs(x: &QuantizedActivations, out: &mut Vec<u8>) {
+    let nb = x.nb();
+    let np = nb.div_ceil(2);
+    out.clear();
+    out.resize(x.rows * np * 64, 0);
+    for t in 0..x.rows {
+        let qs: &[u8] = bytemuck::cast_slice(x.row_qs(t));
+        for b in 0..nb {
+            let dst = &mut out[(t * np + b / 2) * 64..][..64];
+            let h = 16 * (b % 2);
+            dst[h..h + 16].copy_from_slice(&qs[b * 32..b * 32 + 16]);
+            dst[32 + h..32 + h + 16].copy_from_slice(&qs[b * 32 + 16..b * 32 + 32]);
+        }
+    }
 }
 
 /// `out[t * ldo + r] = W[r] · x[t]` in register tiles.
@@ -70,13 +92,19 @@ thread_local! {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_avx2(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
     SCALES.with(|cell| {
-        let mut scales = cell.borrow_mut();
-        scales.start(w, x, CHUNK);
-        super::for_each_tile(w.rows, x.rows, TILE_ROWS, TILE_TOKENS, |step| match step {
-            TileStep::RowBlock { start, end } => scales.row_block(w, start, end, |s, d| convert_f16(s, d)),
-            TileStep::Tile { r0, nr, t0, nt } => {
-                let tile = Tile { w, x, scales: &scales, r0, t0, out, ldo };
-                macro_rules! dispatch {
+        PAIRS.with(|pairs| {
+            let mut scales = cell.borrow_mut();
+            scales.start(w, x, CHUNK);
+            let mut pairs = pairs.borrow_mut();
+            if w.scheme.is_int4() {
+                pack_pairs(x, &mut pairs);
+            }
+            let pairs = &pairs[..];
+            super::for_each_tile(w.rows, x.rows, TILE_ROWS, TILE_TOKENS, |step| match step {
+                TileStep::RowBlock { start, end } => scales.row_block(w, start, end, |s, d| convert_f16(s, d)),
+                TileStep::Tile { r0, nr, t0, nt } => {
+                    let tile = Tile { w, x, scales: &scales, pairs, r0, t0, out, ldo };
+                    macro_rules! dispatch {
                     ($($r:literal, $t:literal);*) => {
                         match (nr, nt, w.scheme.is_int4()) {
                             // SAFETY: AVX2 is available (our contract); the tile lies inside the matrix, the
@@ -88,9 +116,10 @@ pub unsafe fn gemm_avx2(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ld
                         }
                     };
                 }
-                dispatch!(4, 2; 4, 1; 3, 2; 3, 1; 2, 2; 2, 1; 1, 2; 1, 1);
-            }
-        });
+                    dispatch!(4, 2; 4, 1; 3, 2; 3, 1; 2, 2; 2, 1; 1, 2; 1, 1);
+                }
+            });
+        })
     });
 }
 
@@ -100,6 +129,8 @@ struct Tile<'a> {
     w: &'a QMatrix<'a>,
     x: &'a QuantizedActivations,
     scales: &'a PaddedScales,
+    /// The activations packed by [`pack_pairs`] (int4 products only).
+    pairs: &'a [u8],
     r0: usize,
     t0: usize,
     out: *mut f32,
@@ -113,12 +144,12 @@ impl Tile<'_> {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run<const R: usize, const T: usize, const INT8: bool>(self) {
-        let Tile { w, x, scales, r0, t0, out, ldo } = self;
+        let Tile { w, x, scales, pairs, r0, t0, out, ldo } = self;
         let nb = w.nb();
         let qs_block = w.scheme.qs_bytes_per_block();
         let has_offset = w.scheme != Scheme::Q8;
         let xq: *const i8 = x.qs.as_ptr();
-        let low4 = _mm_set1_epi8(0x0f);
+        let low4x = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
         let wrow: [_; R] = std::array::from_fn(|r| scales.w_row(r0 + r));
         let xrow: [_; T] = std::array::from_fn(|t| scales.x_row(t0 + t));
@@ -151,36 +182,83 @@ impl Tile<'_> {
                     }
                 }
             }
-            for j in 0..nbk {
-                let b = k + j;
-                // Row r's block b: `wu` the unsigned operand, `ws` (int8 only) the signs to move onto x.
-                let mut wu = [_mm256_setzero_si256(); R];
-                let mut ws = [_mm256_setzero_si256(); R];
-                for r in 0..R {
-                    let at = ((r0 + r) * nb + b) * qs_block;
-                    if INT8 {
+            if INT8 {
+                for j in 0..nbk {
+                    let b = k + j;
+                    // Row r's block b: `wu` the unsigned operand |w|, `ws` the signs to move onto x.
+                    let mut wu = [_mm256_setzero_si256(); R];
+                    let mut ws = [_mm256_setzero_si256(); R];
+                    for r in 0..R {
+                        let at = ((r0 + r) * nb + b) * qs_block;
                         // SAFETY: int8 rows hold nb*32 code bytes (validated layout); block b of row r0+r.
                         let v = unsafe { _mm256_loadu_si256(w.qs.as_ptr().add(at).cast()) };
                         wu[r] = _mm256_sign_epi8(v, v);
                         ws[r] = v;
-                    } else {
-                        // SAFETY: int4 rows hold nb*16 code bytes (validated layout); block b of row r0+r.
-                        let raw = unsafe { _mm_loadu_si128(w.qs.as_ptr().add(at).cast()) };
-                        let lo = _mm_and_si128(raw, low4);
-                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
-                        wu[r] = _mm256_set_m128i(hi, lo);
+                    }
+                    for t in 0..T {
+                        let i = (t0 + t) * nb + b;
+                        // SAFETY: token t0+t has nb*32 codes (QuantizedActivations invariant); block b of them.
+                        let xv = unsafe { _mm256_loadu_si256(xq.add(i * 32).cast()) };
+                        for r in 0..R {
+                            let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu[r], _mm256_sign_epi8(xv, ws[r])), ones);
+                            let s = _mm256_broadcast_ss(&scale[r][t][j]);
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
+                        }
                     }
                 }
-                for t in 0..T {
-                    let i = (t0 + t) * nb + b;
-                    // SAFETY: token t0+t has nb*32 codes (QuantizedActivations invariant); block b of them.
-                    let xv = unsafe { _mm256_loadu_si256(xq.add(i * 32).cast()) };
-                    for r in 0..R {
-                        let xs = if INT8 { _mm256_sign_epi8(xv, ws[r]) } else { xv };
-                        let p = _mm256_madd_epi16(_mm256_maddubs_epi16(wu[r], xs), ones);
-                        let s = _mm256_broadcast_ss(&scale[r][t][j]);
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
+            } else {
+                // int4, two blocks per step: their 32 code bytes are contiguous, so one load and one unpack give
+                // the low-nibble codes (0..16) of both in `lo` and the high ones (16..32) in `hi`, against
+                // activations packed the same way ([`pack_pairs`]); the two blocks' i16 products are summed
+                // before one widening, conversion and FMA (each 32-bit lane holds one block's partial sum).
+                // Per pair, its two blocks' scale products, each over the four lanes its sums land in.
+                let mut pair_scale = [[[_mm256_setzero_ps(); CHUNK / 2]; T]; R];
+                for r in 0..R {
+                    for t in 0..T {
+                        // SAFETY: `scale[r][t]` holds 8 floats.
+                        let sc = unsafe { _mm256_loadu_ps(scale[r][t].as_ptr()) };
+                        for q in 0..CHUNK / 2 {
+                            let (a, b) = (2 * q as i32, 2 * q as i32 + 1);
+                            let idx = _mm256_setr_epi32(a, a, a, a, b, b, b, b);
+                            pair_scale[r][t][q] = _mm256_permutevar8x32_ps(sc, idx);
+                        }
                     }
+                }
+                let np = nb.div_ceil(2);
+                let mut j = 0;
+                while j < nbk {
+                    let b = k + j;
+                    let mut lo = [_mm256_setzero_si256(); R];
+                    let mut hi = [_mm256_setzero_si256(); R];
+                    for r in 0..R {
+                        let p = w.qs.as_ptr().wrapping_add(((r0 + r) * nb + b) * 16);
+                        // SAFETY: int4 rows hold nb*16 code bytes (validated layout): blocks b and b+1 of row
+                        // r0+r when b+1 < nb (chunks hold an even number of blocks but for the row's last),
+                        // else block b alone with the upper half zero.
+                        let v = unsafe {
+                            if j + 1 < nbk {
+                                _mm256_loadu_si256(p.cast())
+                            } else {
+                                _mm256_zextsi128_si256(_mm_loadu_si128(p.cast()))
+                            }
+                        };
+                        lo[r] = _mm256_and_si256(v, low4x);
+                        hi[r] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4x);
+                    }
+                    for t in 0..T {
+                        let xp = pairs.as_ptr().wrapping_add(((t0 + t) * np + b / 2) * 64);
+                        // SAFETY: pair b/2 of token t0+t lies inside `pairs` (packed for every token and pair).
+                        let (xlo, xhi) =
+                            unsafe { (_mm256_loadu_si256(xp.cast()), _mm256_loadu_si256(xp.add(32).cast())) };
+                        for r in 0..R {
+                            // Each i16 lane sums 4 products of at most 15 · 127: no saturation.
+                            let s16 =
+                                _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xlo), _mm256_maddubs_epi16(hi[r], xhi));
+                            let p = _mm256_madd_epi16(s16, ones);
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), pair_scale[r][t][j / 2], acc[r][t]);
+                        }
+                    }
+                    j += 2;
                 }
             }
             k += nbk;
