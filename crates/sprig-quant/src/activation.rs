@@ -1,6 +1,7 @@
 //! Activations quantized per row to int8 on the fly, in blocks of 32 aligned with the weight blocks, so the
 //! kernels' inner loop is an integer dot product.
 
+use crate::kernels::Isa;
 use crate::scheme::{blocks_per_row, BLOCK};
 
 /// `rows` activation vectors of `cols` features, each split in blocks of 32 (last block zero-padded).
@@ -17,10 +18,10 @@ pub struct QuantizedActivations {
     pub sum: Vec<f32>,
     /// Per-block `sum(q)`, exact (kernels that offset codes correct for it in integer arithmetic).
     pub isum: Vec<i32>,
-    /// The same codes repacked for a kernel that wants its own order (see [`crate::kernels::prepare`]),
-    /// valid only while `packed_ready`: quantizing again invalidates it.
+    /// The same codes repacked for a kernel that wants its own order (see [`crate::kernels::prepare`]).
     pub(crate) packed: Vec<u8>,
-    pub(crate) packed_ready: bool,
+    /// The kernel `packed` was made for; quantizing again resets it.
+    pub(crate) packed_for: Option<Isa>,
 }
 
 impl QuantizedActivations {
@@ -36,7 +37,7 @@ impl QuantizedActivations {
         let nb = blocks_per_row(cols);
         self.rows = rows;
         self.cols = cols;
-        self.packed_ready = false;
+        self.packed_for = None;
         self.qs.resize(rows * nb * BLOCK, 0);
         self.d.resize(rows * nb, 0.0);
         self.sum.resize(rows * nb, 0.0);
@@ -58,9 +59,9 @@ impl QuantizedActivations {
         }
     }
 
-    /// The kernel-specific packing of these activations, if [`crate::kernels::prepare`] made one.
-    pub fn packed_quads(&self) -> Option<&[u8]> {
-        self.packed_ready.then_some(&self.packed[..])
+    /// The packing of these activations for `isa`'s kernel, if [`crate::kernels::prepare`] made one.
+    pub fn packed_for(&self, isa: Isa) -> Option<&[u8]> {
+        (self.packed_for == Some(isa)).then_some(&self.packed[..])
     }
 
     pub fn row_qs(&self, r: usize) -> &[i8] {

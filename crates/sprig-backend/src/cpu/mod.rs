@@ -120,10 +120,10 @@ impl CpuBackend {
 
 /// Most matrices one [`CpuBackend::quant_linears`] pass takes (Q/K/V is three).
 const MAX_PASS: usize = 4;
-/// Rows (tokens) from which the element-wise ops (norm, RoPE, GLU, residual add) split rows across the pool:
-/// in prefill they would otherwise leave the other threads idle; in decode the fork would cost more than it
-/// saves.
-const PAR_ROWS: usize = 8;
+/// Fewest rows (tokens) per job of the element-wise ops (norm, RoPE, GLU, residual add): rayon splits only
+/// lengths of at least two jobs, so prefill spreads them over the pool (they would otherwise leave the other
+/// threads idle) while decode's one row runs inline on the calling thread, with no fork.
+const ROWS_PER_JOB: usize = 4;
 
 /// `x[t, :] += b` for every row.
 fn add_bias(x: &mut CpuTensor, b: &CpuWeight) {
@@ -318,18 +318,13 @@ impl Backend for CpuBackend {
         let w = w.vector();
         let (rows, cols) = (x.rows, x.cols);
         let o = out.reshape(rows, cols);
-        let job = |(src, dst): (&[f32], &mut [f32])| math::rms_norm(src, &w, eps, add_one, dst);
         // Normalised groups are `w.len()` wide: whole rows, or each head of a row (per-head norms).
         let n = w.len().max(1);
-        if rows >= PAR_ROWS {
-            x.data
-                .par_chunks_exact(n)
-                .zip(o.par_chunks_exact_mut(n))
-                .with_min_len(PAR_ROWS / 2 * (cols / n).max(1))
-                .for_each(job);
-        } else {
-            x.data.chunks_exact(n).zip(o.chunks_exact_mut(n)).for_each(job);
-        }
+        x.data
+            .par_chunks_exact(n)
+            .zip(o.par_chunks_exact_mut(n))
+            .with_min_len(ROWS_PER_JOB * (cols / n).max(1))
+            .for_each(|(src, dst)| math::rms_norm(src, &w, eps, add_one, dst));
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>, out: &mut CpuTensor) {
@@ -371,13 +366,11 @@ impl Backend for CpuBackend {
     fn rope(&self, x: &mut CpuTensor, pos0: usize, p: &RopeParams) {
         let cols = x.cols;
         assert_eq!(cols, p.n_heads * p.head_dim, "rope: width");
-        let rows = x.rows;
-        let job = |(t, row): (usize, &mut [f32])| math::rope_row(row, (pos0 + t) as f32 / p.scale, p);
-        if rows >= PAR_ROWS {
-            x.mutate().par_chunks_exact_mut(cols.max(1)).enumerate().with_min_len(PAR_ROWS / 2).for_each(job);
-        } else {
-            x.mutate().chunks_exact_mut(cols.max(1)).enumerate().for_each(job);
-        }
+        x.mutate()
+            .par_chunks_exact_mut(cols.max(1))
+            .enumerate()
+            .with_min_len(ROWS_PER_JOB)
+            .for_each(|(t, row)| math::rope_row(row, (pos0 + t) as f32 / p.scale, p));
     }
 
     fn attention(
@@ -466,28 +459,22 @@ impl Backend for CpuBackend {
 
     fn glu(&self, gate: &CpuTensor, up: &CpuTensor, act: Activation, out: &mut CpuTensor) {
         let (r, c) = (gate.rows, gate.cols);
-        let o = out.reshape(r, c);
-        if r >= PAR_ROWS {
-            let job = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| math::glu(g, u, act, o);
-            o.par_chunks_mut(c.max(1))
-                .zip(gate.data.par_chunks(c.max(1)))
-                .zip(up.data.par_chunks(c.max(1)))
-                .with_min_len(PAR_ROWS / 2)
-                .for_each(job);
-        } else {
-            math::glu(&gate.data, &up.data, act, o);
-        }
+        out.reshape(r, c)
+            .par_chunks_mut(c.max(1))
+            .zip(gate.data.par_chunks(c.max(1)))
+            .zip(up.data.par_chunks(c.max(1)))
+            .with_min_len(ROWS_PER_JOB)
+            .for_each(|((o, g), u)| math::glu(g, u, act, o));
     }
 
     fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {
         assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes");
-        let (rows, c) = (x.rows, x.cols.max(1));
-        let job = |(a, b): (&mut [f32], &[f32])| a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-        if rows >= PAR_ROWS {
-            x.mutate().par_chunks_mut(c).zip(y.data.par_chunks(c)).with_min_len(PAR_ROWS / 2).for_each(job);
-        } else {
-            job((x.mutate(), &y.data));
-        }
+        let c = x.cols.max(1);
+        x.mutate()
+            .par_chunks_mut(c)
+            .zip(y.data.par_chunks(c))
+            .with_min_len(ROWS_PER_JOB)
+            .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
     }
 
     fn softcap(&self, x: &mut CpuTensor, cap: f32) {

@@ -67,7 +67,7 @@ pub fn uses_quads(tokens: usize) -> bool {
 }
 
 /// `out[t * ldo + r] = W[r] · x[t]`: panels for prefill, tiles on packed quads (packed here unless
-/// `x.packed_quads()` already holds them) for decode.
+/// [`super::prepare`] packed them) for decode.
 ///
 /// # Safety
 /// [`available`] must be true; `out` must be valid for writes at `t * ldo + r` for every `t < x.rows`,
@@ -78,7 +78,7 @@ pub unsafe fn gemm(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: us
         // SAFETY: forwarded from our caller.
         return unsafe { gemm_panels(w, x, out, ldo) };
     }
-    match x.packed_quads() {
+    match x.packed_for(super::Isa::Avx512Vnni) {
         // SAFETY: forwarded from our caller; the packed buffer belongs to `x`.
         Some(quads) => unsafe { gemm_packed(w, x, quads, out, ldo) },
         None => PACKED.with(|cell| {

@@ -5,6 +5,33 @@
 //! ([`Isa::detect`]); `SPRIG_CPU=scalar|avx2|avx512|neon|dotprod|i8mm` forces one, and tests check each against
 //! [`scalar`].
 
+/// Calls `$tile::<R, T, INT8>($arg)` for a runtime tile of `$nr` ≤ 4 rows × `$nt` ≤ 2 tokens and the weight
+/// scheme (`$int4`): the register tiles of the AVX2 and NEON kernels are compiled once per size.
+#[allow(unused_macros)] // Used by the x86 and aarch64 kernels only.
+macro_rules! dispatch_tile {
+    ($($tile:ident)::+, $arg:expr, $nr:expr, $nt:expr, $int4:expr) => {
+        match ($nr, $nt, $int4) {
+            (4, 2, true) => $($tile)::+::<4, 2, false>($arg),
+            (4, 1, true) => $($tile)::+::<4, 1, false>($arg),
+            (3, 2, true) => $($tile)::+::<3, 2, false>($arg),
+            (3, 1, true) => $($tile)::+::<3, 1, false>($arg),
+            (2, 2, true) => $($tile)::+::<2, 2, false>($arg),
+            (2, 1, true) => $($tile)::+::<2, 1, false>($arg),
+            (1, 2, true) => $($tile)::+::<1, 2, false>($arg),
+            (1, 1, true) => $($tile)::+::<1, 1, false>($arg),
+            (4, 2, false) => $($tile)::+::<4, 2, true>($arg),
+            (4, 1, false) => $($tile)::+::<4, 1, true>($arg),
+            (3, 2, false) => $($tile)::+::<3, 2, true>($arg),
+            (3, 1, false) => $($tile)::+::<3, 1, true>($arg),
+            (2, 2, false) => $($tile)::+::<2, 2, true>($arg),
+            (2, 1, false) => $($tile)::+::<2, 1, true>($arg),
+            (1, 2, false) => $($tile)::+::<1, 2, true>($arg),
+            (1, 1, false) => $($tile)::+::<1, 1, true>($arg),
+            _ => unreachable!("tiles are 1..=4 rows by 1..=2 tokens"),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod avx512;
 #[cfg(target_arch = "aarch64")]
@@ -12,6 +39,8 @@ pub mod neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+
+use std::cell::RefCell;
 
 use crate::activation::QuantizedActivations;
 use crate::scheme::QMatrix;
@@ -88,67 +117,68 @@ impl Isa {
 /// of the tiled kernels (16 rows of 1536 int4 inputs are 14 KiB).
 pub(crate) const ROW_BLOCK: usize = 16;
 
-/// One step of [`for_each_tile`]'s walk.
-#[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum TileStep {
-    /// Rows `start..end` begin: the next tiles all lie inside them.
-    RowBlock { start: usize, end: usize },
-    /// The register tile of rows `r0..r0 + nr` × tokens `t0..t0 + nt`.
-    Tile { r0: usize, nr: usize, t0: usize, nt: usize },
-}
-
-/// Walks an output of `rows` × `tokens` in register tiles of up to `tile_rows` × `tile_tokens`: row blocks of
-/// [`ROW_BLOCK`] outermost, then token tiles, then the row tiles of the block, so a block's weights are read
-/// from memory once and from L1 for every further token tile.
-#[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
-pub(crate) fn for_each_tile(
-    rows: usize,
-    tokens: usize,
-    tile_rows: usize,
-    tile_tokens: usize,
-    mut f: impl FnMut(TileStep),
-) {
-    let mut rb = 0;
-    while rb < rows {
-        let re = (rb + ROW_BLOCK).min(rows);
-        f(TileStep::RowBlock { start: rb, end: re });
-        let mut t0 = 0;
-        while t0 < tokens {
-            let nt = (tokens - t0).min(tile_tokens);
-            let mut r0 = rb;
-            while r0 < re {
-                let nr = (re - r0).min(tile_rows);
-                f(TileStep::Tile { r0, nr, t0, nt });
-                r0 += nr;
-            }
-            t0 += nt;
-        }
-        rb = re;
-    }
-}
-
-/// Per-block scales of a product in f32, each row padded with zeros to a multiple of a kernel's vector width
-/// `width`, so the tiled kernels load whole vectors of them with no partial tail: the activations' scales and
-/// block sums once per product, the weights' scales and effective mins (`w = d·q + m`, int4's −8 folded in)
-/// once per row block.
+/// Per-block scales of a product in f32, each row padded with zeros to a multiple of a kernel's vector width,
+/// so the tiled kernels load whole vectors of them with no partial tail: the activations' scales and block sums
+/// once per product, the weights' scales and effective mins (`w = d·q + m`, int4's −8 folded in) once per row
+/// block. One per thread, reused (no allocation once grown).
 #[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
 #[derive(Default)]
 pub(crate) struct PaddedScales {
     /// Blocks per padded row.
-    pub stride: usize,
-    pub x_d: Vec<f32>,
-    pub x_sum: Vec<f32>,
-    pub w_d: Vec<f32>,
-    pub w_min: Vec<f32>,
+    stride: usize,
+    x_d: Vec<f32>,
+    x_sum: Vec<f32>,
+    w_d: Vec<f32>,
+    w_min: Vec<f32>,
     /// First row of the current row block.
-    pub w_row0: usize,
+    w_row0: usize,
+}
+
+thread_local! {
+    static PADDED_SCALES: RefCell<PaddedScales> = RefCell::new(PaddedScales::default());
 }
 
 #[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
 impl PaddedScales {
-    /// Starts a product of `w` by `x`: sizes the buffers and copies the activation scales.
-    pub fn start(&mut self, w: &QMatrix, x: &QuantizedActivations, width: usize) {
+    /// Walks the product `w · x` in register tiles of up to `tile_rows` × `tile_tokens`, calling
+    /// `tile(scales, r0, nr, t0, nt)` for each with this thread's padded scales (vectors of `width`): row blocks
+    /// of [`ROW_BLOCK`] outermost (their scales converted by `convert` first), then token tiles, then the row
+    /// tiles of the block, so a block's weights are read from memory once and from L1 for every further token
+    /// tile.
+    pub fn walk(
+        w: &QMatrix,
+        x: &QuantizedActivations,
+        width: usize,
+        tile_rows: usize,
+        tile_tokens: usize,
+        convert: impl Fn(&[half::f16], &mut [f32]),
+        mut tile: impl FnMut(&PaddedScales, usize, usize, usize, usize),
+    ) {
+        PADDED_SCALES.with(|cell| {
+            let mut scales = cell.borrow_mut();
+            scales.start(w, x, width);
+            let mut rb = 0;
+            while rb < w.rows {
+                let re = (rb + ROW_BLOCK).min(w.rows);
+                scales.row_block(w, rb, re, &convert);
+                let mut t0 = 0;
+                while t0 < x.rows {
+                    let nt = (x.rows - t0).min(tile_tokens);
+                    let mut r0 = rb;
+                    while r0 < re {
+                        let nr = (re - r0).min(tile_rows);
+                        tile(&scales, r0, nr, t0, nt);
+                        r0 += nr;
+                    }
+                    t0 += nt;
+                }
+                rb = re;
+            }
+        });
+    }
+
+    /// Sizes the buffers and copies the activation scales.
+    fn start(&mut self, w: &QMatrix, x: &QuantizedActivations, width: usize) {
         let nb = x.nb();
         self.stride = nb.next_multiple_of(width);
         for (dst, src) in [(&mut self.x_d, &x.d), (&mut self.x_sum, &x.sum)] {
@@ -164,7 +194,7 @@ impl PaddedScales {
     }
 
     /// Converts the scales of rows `start..end` (at most [`ROW_BLOCK`]) with `convert(f16 in, f32 out)`.
-    pub fn row_block(&mut self, w: &QMatrix, start: usize, end: usize, convert: impl Fn(&[half::f16], &mut [f32])) {
+    fn row_block(&mut self, w: &QMatrix, start: usize, end: usize, convert: &impl Fn(&[half::f16], &mut [f32])) {
         let (nb, stride) = (w.nb(), self.stride);
         self.w_row0 = start;
         for r in start..end {
@@ -214,15 +244,27 @@ pub fn quantize_row_fn() -> QuantizeRowFn {
 
 /// Repacks `x` once for `isa`'s kernel, so that every matrix product reading it (and every thread) shares one
 /// packing instead of making its own. Optional: kernels pack on the fly when it was not done.
-#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub fn prepare(isa: Isa, x: &mut QuantizedActivations) {
-    #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && avx512::uses_quads(x.rows) && !x.packed_ready {
-        let mut buf = std::mem::take(&mut x.packed);
-        avx512::pack(x, &mut buf);
-        x.packed = buf;
-        x.packed_ready = true;
+    if x.packed_for == Some(isa) {
+        return;
     }
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
+    let mut buf = std::mem::take(&mut x.packed);
+    let packed = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni if avx512::uses_quads(x.rows) => {
+            avx512::pack(x, &mut buf);
+            true
+        }
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => {
+            x86::pack_pairs(x, &mut buf);
+            true
+        }
+        _ => false,
+    };
+    x.packed = buf;
+    x.packed_for = packed.then_some(isa);
 }
 
 /// `out[t * ldo + r] = W[r] · x[t]` for every row `r < w.rows` and token `t < x.rows`.

@@ -6,7 +6,7 @@
 //! Weight codes (int4: 0..15, int8: −127..127) and activation codes (−127..127) are both signed 8-bit here, so
 //! no sign trick is needed; int4's −8 and the asymmetric mins enter through the activation block sums.
 //!
-//! The products are register tiles, walked by [`super::for_each_tile`] so that a row block's weights stay in L1
+//! The products are register tiles, walked by [`PaddedScales::walk`] so that a row block's weights stay in L1
 //! while every token tile streams past them (prefill is a blocked GEMM, decode the 4-row × 1-token tile):
 //! `sdot`/`smull` tiles of up to 4 rows × 2 tokens, each unpacked weight block reused by every token and each
 //! activation block by every row; `smmla` tiles of 2 row pairs × 2 token pairs, whose instructions produce a
@@ -16,9 +16,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::aarch64::*;
-use std::cell::RefCell;
 
-use super::{PaddedScales, TileStep};
+use super::PaddedScales;
 use crate::activation::QuantizedActivations;
 use crate::scheme::{QMatrix, Scheme};
 
@@ -101,10 +100,6 @@ fn convert_f16(src: &[half::f16], dst: &mut [f32]) {
     }
 }
 
-thread_local! {
-    static SCALES: RefCell<PaddedScales> = RefCell::new(PaddedScales::default());
-}
-
 /// Block `b` of row `r` as two registers: codes 0..16 and 16..32.
 ///
 /// # Safety
@@ -136,31 +131,6 @@ unsafe fn act_block(x: &QuantizedActivations, t: usize, b: usize) -> (int8x16_t,
     unsafe { (vld1q_s8(p), vld1q_s8(p.add(16))) }
 }
 
-/// Calls `$tile::<R, T, INT8>($arg)` for the runtime tile size (`R` ≤ 4 rows, `T` ≤ 2 tokens) and scheme.
-macro_rules! dispatch_tile {
-    ($tile:ident, $arg:expr, $nr:expr, $nt:expr, $int4:expr) => {
-        match ($nr, $nt, $int4) {
-            (4, 2, true) => $tile::<4, 2, false>($arg),
-            (4, 1, true) => $tile::<4, 1, false>($arg),
-            (3, 2, true) => $tile::<3, 2, false>($arg),
-            (3, 1, true) => $tile::<3, 1, false>($arg),
-            (2, 2, true) => $tile::<2, 2, false>($arg),
-            (2, 1, true) => $tile::<2, 1, false>($arg),
-            (1, 2, true) => $tile::<1, 2, false>($arg),
-            (1, 1, true) => $tile::<1, 1, false>($arg),
-            (4, 2, false) => $tile::<4, 2, true>($arg),
-            (4, 1, false) => $tile::<4, 1, true>($arg),
-            (3, 2, false) => $tile::<3, 2, true>($arg),
-            (3, 1, false) => $tile::<3, 1, true>($arg),
-            (2, 2, false) => $tile::<2, 2, true>($arg),
-            (2, 1, false) => $tile::<2, 1, true>($arg),
-            (1, 2, false) => $tile::<1, 2, true>($arg),
-            (1, 1, false) => $tile::<1, 1, true>($arg),
-            _ => unreachable!("tiles are 1..=4 rows by 1..=2 tokens"),
-        }
-    };
-}
-
 /// Generates the `sdot`/`smull` tiled GEMM for one feature set, so the block loop is compiled and inlined
 /// with it.
 macro_rules! neon_gemm {
@@ -173,19 +143,12 @@ macro_rules! neon_gemm {
         /// must match its shape (as [`QMatrix::validate`] checks).
         #[target_feature(enable = $feat)]
         pub unsafe fn $name(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
-            SCALES.with(|cell| {
-                let mut scales = cell.borrow_mut();
-                scales.start(w, x, CHUNK);
-                super::for_each_tile(w.rows, x.rows, 4, 2, |step| match step {
-                    TileStep::RowBlock { start, end } => scales.row_block(w, start, end, |s, d| convert_f16(s, d)),
-                    TileStep::Tile { r0, nr, t0, nt } => {
-                        let tile = Tile { w, x, scales: &scales, r0, t0, out, ldo };
-                        // SAFETY: the features are available (our contract); the tile lies inside the matrix,
-                        // the token range and the current row block (for_each_tile); the output contract is
-                        // forwarded from our caller.
-                        unsafe { dispatch_tile!($tile, tile, nr, nt, w.scheme.is_int4()) }
-                    }
-                });
+            let convert = |s: &[half::f16], d: &mut [f32]| convert_f16(s, d);
+            PaddedScales::walk(w, x, CHUNK, 4, 2, convert, |scales, r0, nr, t0, nt| {
+                let tile = Tile { w, x, scales, r0, t0, out, ldo };
+                // SAFETY: the features are available (our contract); the tile lies inside the matrix, the token
+                // range and the current row block (`walk`); the output contract is forwarded from our caller.
+                unsafe { dispatch_tile!($tile, tile, nr, nt, w.scheme.is_int4()) }
             });
         }
 
@@ -278,24 +241,18 @@ pub unsafe fn gemm_i8mm(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ld
         // SAFETY: forwarded; i8mm implies dotprod here (`has_i8mm` checks both).
         return unsafe { gemm_dotprod(w, x, out, ldo) };
     }
-    SCALES.with(|cell| {
-        let mut scales = cell.borrow_mut();
-        scales.start(w, x, CHUNK);
-        super::for_each_tile(w.rows, x.rows, 4, 4, |step| match step {
-            TileStep::RowBlock { start, end } => scales.row_block(w, start, end, |s, d| convert_f16(s, d)),
-            TileStep::Tile { r0, nr, t0, nt } => {
-                let tile = Tile { w, x, scales: &scales, r0, t0, out, ldo };
-                // SAFETY: i8mm available (our contract); the tile lies inside the matrix, the tokens and the row
-                // block; the output contract is forwarded.
-                unsafe {
-                    if w.scheme.is_int4() {
-                        tile_i8mm::<false>(tile, nr, nt)
-                    } else {
-                        tile_i8mm::<true>(tile, nr, nt)
-                    }
-                }
+    let convert = |s: &[half::f16], d: &mut [f32]| convert_f16(s, d);
+    PaddedScales::walk(w, x, CHUNK, 4, 4, convert, |scales, r0, nr, t0, nt| {
+        let tile = Tile { w, x, scales, r0, t0, out, ldo };
+        // SAFETY: i8mm available (our contract); the tile lies inside the matrix, the tokens and the row block;
+        // the output contract is forwarded.
+        unsafe {
+            if w.scheme.is_int4() {
+                tile_i8mm::<false>(tile, nr, nt)
+            } else {
+                tile_i8mm::<true>(tile, nr, nt)
             }
-        });
+        }
     });
 }
 

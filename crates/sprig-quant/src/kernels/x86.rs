@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 
 use std::cell::RefCell;
 
-use super::{PaddedScales, TileStep};
+use super::{Isa, PaddedScales};
 use crate::activation::QuantizedActivations;
 use crate::scheme::{QMatrix, Scheme};
 
@@ -61,13 +61,13 @@ fn convert_f16(src: &[half::f16], dst: &mut [f32]) {
 }
 
 thread_local! {
-    static SCALES: RefCell<PaddedScales> = RefCell::new(PaddedScales::default());
+    /// Packed activations for callers that did not pack them in advance.
     static PAIRS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Packs `x` in pairs of blocks, 64 bytes each: codes 0..16 of both blocks, then codes 16..32 of both (the
 /// order in which two contiguous int4 blocks unpack); a row's odd last block is paired with zeros.
-fn pack_pairs(x: &QuantizedActivations, out: &mut Vec<u8>) {
+pub fn pack_pairs(x: &QuantizedActivations, out: &mut Vec<u8>) {
     let nb = x.nb();
     let np = nb.div_ceil(2);
     out.clear();
@@ -83,7 +83,8 @@ fn pack_pairs(x: &QuantizedActivations, out: &mut Vec<u8>) {
     }
 }
 
-/// `out[t * ldo + r] = W[r] · x[t]` in register tiles.
+/// `out[t * ldo + r] = W[r] · x[t]` in register tiles; int4 products read the activations packed in block pairs
+/// (packed here unless [`super::prepare`] packed them).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C; `out` must be valid for writes at `t * ldo + r` for every
@@ -91,35 +92,29 @@ fn pack_pairs(x: &QuantizedActivations, out: &mut Vec<u8>) {
 /// `w` must match its shape (as [`QMatrix::validate`] checks).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_avx2(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
-    SCALES.with(|cell| {
-        PAIRS.with(|pairs| {
-            let mut scales = cell.borrow_mut();
-            scales.start(w, x, CHUNK);
-            let mut pairs = pairs.borrow_mut();
-            if w.scheme.is_int4() {
-                pack_pairs(x, &mut pairs);
-            }
-            let pairs = &pairs[..];
-            super::for_each_tile(w.rows, x.rows, TILE_ROWS, TILE_TOKENS, |step| match step {
-                TileStep::RowBlock { start, end } => scales.row_block(w, start, end, |s, d| convert_f16(s, d)),
-                TileStep::Tile { r0, nr, t0, nt } => {
-                    let tile = Tile { w, x, scales: &scales, pairs, r0, t0, out, ldo };
-                    macro_rules! dispatch {
-                    ($($r:literal, $t:literal);*) => {
-                        match (nr, nt, w.scheme.is_int4()) {
-                            // SAFETY: AVX2 is available (our contract); the tile lies inside the matrix, the
-                            // token range and the current row block (for_each_tile); the output contract is
-                            // forwarded from our caller.
-                            $(($r, $t, true) => unsafe { tile.run::<$r, $t, false>() },
-                              ($r, $t, false) => unsafe { tile.run::<$r, $t, true>() },)*
-                            _ => unreachable!("tiles are 1..=4 rows by 1..=2 tokens"),
-                        }
-                    };
-                }
-                    dispatch!(4, 2; 4, 1; 3, 2; 3, 1; 2, 2; 2, 1; 1, 2; 1, 1);
-                }
-            });
-        })
+    match x.packed_for(Isa::Avx2) {
+        // SAFETY (each arm): forwarded from our caller; the pairs were packed from `x` (by prepare, or just
+        // here), or are not read (int8).
+        Some(pairs) => unsafe { gemm_tiles(w, x, pairs, out, ldo) },
+        None if w.scheme.is_int4() => PAIRS.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            pack_pairs(x, &mut buf);
+            unsafe { gemm_tiles(w, x, &buf, out, ldo) }
+        }),
+        None => unsafe { gemm_tiles(w, x, &[], out, ldo) },
+    }
+}
+
+/// # Safety
+/// As [`gemm_avx2`], and for int4 `pairs` is `x` packed by [`pack_pairs`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_tiles(w: &QMatrix, x: &QuantizedActivations, pairs: &[u8], out: *mut f32, ldo: usize) {
+    let convert = |s: &[half::f16], d: &mut [f32]| convert_f16(s, d);
+    PaddedScales::walk(w, x, CHUNK, TILE_ROWS, TILE_TOKENS, convert, |scales, r0, nr, t0, nt| {
+        let tile = Tile { w, x, scales, pairs, r0, t0, out, ldo };
+        // SAFETY: AVX2 is available (our contract); the tile lies inside the matrix, the token range and the
+        // current row block (`walk`); the output contract is forwarded from our caller.
+        unsafe { dispatch_tile!(Tile::run, tile, nr, nt, w.scheme.is_int4()) }
     });
 }
 
