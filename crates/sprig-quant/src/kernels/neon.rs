@@ -176,8 +176,10 @@ macro_rules! neon_gemm {
                     let d = unsafe { vld1q_f32(wrow[r].0.as_ptr().add(k)) };
                     let m = unsafe { vld1q_f32(wrow[r].1.as_ptr().add(k)) };
                     for t in 0..T {
+                        // SAFETY: as above, in the token's padded scales.
                         scale[r][t] = vmulq_f32(d, unsafe { vld1q_f32(xrow[t].0.as_ptr().add(k)) });
                         if has_offset {
+                            // SAFETY: as above, in the token's padded block sums.
                             acc[r][t] = vfmaq_f32(acc[r][t], m, unsafe { vld1q_f32(xrow[t].1.as_ptr().add(k)) });
                         }
                     }

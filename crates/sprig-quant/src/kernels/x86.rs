@@ -93,14 +93,15 @@ pub fn pack_pairs(x: &QuantizedActivations, out: &mut Vec<u8>) {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn gemm_avx2(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
     match x.packed_for(Isa::Avx2) {
-        // SAFETY (each arm): forwarded from our caller; the pairs were packed from `x` (by prepare, or just
-        // here), or are not read (int8).
+        // SAFETY: forwarded from our caller; `prepare` packed these pairs from `x`.
         Some(pairs) => unsafe { gemm_tiles(w, x, pairs, out, ldo) },
         None if w.scheme.is_int4() => PAIRS.with(|cell| {
             let mut buf = cell.borrow_mut();
             pack_pairs(x, &mut buf);
+            // SAFETY: forwarded from our caller; `buf` was packed from `x` just above.
             unsafe { gemm_tiles(w, x, &buf, out, ldo) }
         }),
+        // SAFETY: forwarded from our caller; int8 products read no pairs.
         None => unsafe { gemm_tiles(w, x, &[], out, ldo) },
     }
 }
