@@ -1,4 +1,4 @@
-//! Shared fixtures of the end-to-end tests: paths of the shared models and the registry models (pulled into
+//! Shared fixtures of the end-to-end tests: paths of the committed fixtures (tests/data) and the registry models (pulled into
 //! the cache on first use, like `sprig pull`).
 
 use std::path::PathBuf;
@@ -10,13 +10,13 @@ use sprig_engine::{open_model_file, registry, Engine, LoadOptions};
 use sprig_format::ModelFile;
 use sprig_import::QuantChoice;
 
-/// `../shared/models` beside the checkout.
-pub fn shared_models() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/models")
+/// The committed test fixtures (`tests/data`, see its README for provenance).
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
 }
 
 pub fn stories260k() -> (PathBuf, PathBuf) {
-    let d = shared_models().join("stories260K");
+    let d = fixtures().join("stories260K");
     (d.join("stories260K.bin"), d.join("tok512.bin"))
 }
 
@@ -64,7 +64,7 @@ pub fn argmax(x: &[f32]) -> usize {
 pub fn stories260k_greedy_text<B: sprig_backend::Backend>(e: &Engine<B>) -> String {
     let prompt = e.tokenizer.encode_prompt("Once upon a time").unwrap();
     assert_eq!(prompt, [1, 403, 407, 261, 378]);
-    let mut st = e.model.new_state(0);
+    let mut st = e.model.new_state(0).unwrap();
     let mut s =
         sprig_engine::Sampler::new(sprig_engine::SamplingParams { temperature: 0.0, ..Default::default() }).unwrap();
     let mut text = String::new();

@@ -2,7 +2,7 @@
 //!
 //! `golden_once_upon_a_time_steps256.txt` was produced by llama2.c `run.c` (commit 350e04fe), built with
 //! `gcc -Ofast -march=native -fopenmp run.c -lm` and run as
-//! `./run stories260K.bin -z tok512.bin -t 0.0 -n 256 -i "Once upon a time"` (see ../shared/models/README.md).
+//! `./run stories260K.bin -z tok512.bin -t 0.0 -n 256 -i "Once upon a time"` (see tests/data/README.md).
 //! run.c prints the prompt (without BOS) and stops after 256 positions, i.e. 256 - 4 = 252 generated tokens,
 //! then a newline.
 
@@ -12,8 +12,7 @@ use sprig_tests::*;
 #[test]
 fn stories260k_greedy_matches_llama2c_on_both_headers() {
     let (model, tok) = stories260k();
-    let golden =
-        std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden = std::fs::read_to_string(fixtures().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     for file in [model.clone(), model.with_file_name("stories260K.v1.bin")] {
         for threads in [1, 2] {
             let e = cpu_engine(open(&file, Some(tok.clone()), QuantChoice::Keep), threads);
@@ -25,8 +24,7 @@ fn stories260k_greedy_matches_llama2c_on_both_headers() {
 #[test]
 fn stories260k_reference_backend_matches_llama2c() {
     let (model, tok) = stories260k();
-    let golden =
-        std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden = std::fs::read_to_string(fixtures().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let e = reference_engine(open(&model, Some(tok), QuantChoice::Keep));
     assert_eq!(stories260k_greedy_text(&e), golden);
 }
@@ -36,8 +34,7 @@ fn stories260k_reference_backend_matches_llama2c() {
 #[test]
 fn stories260k_unshared_classifier_variants() {
     let (model, tok) = stories260k();
-    let golden =
-        std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden = std::fs::read_to_string(fixtures().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let (dim, vocab) = (64usize, 512usize);
     let legacy = std::fs::read(&model).unwrap();
     let emb = legacy[28..28 + vocab * dim * 4].to_vec();

@@ -21,15 +21,15 @@ fn gpu_engine(file: Arc<ModelFile>, opts: WgpuOptions) -> Engine<WgpuBackend> {
 
 /// Logits of a batched prefill (all positions), then decode steps fed with `decode`, concatenated.
 fn logits<B: Backend>(e: &Engine<B>, prompt: &[u32], decode: &[u32]) -> Vec<Vec<f32>> {
-    let mut st = e.model.new_state(prompt.len() + decode.len() + 1);
+    let mut st = e.model.new_state(prompt.len() + decode.len() + 1).unwrap();
     let mut out = Vec::new();
     let mut l = Vec::new();
     e.model.forward(&mut st, prompt, Logits::All).unwrap();
-    e.model.read_logits(&st, &mut l);
+    e.model.read_logits(&st, &mut l).unwrap();
     out.push(l.clone());
     for &t in decode {
         e.model.forward(&mut st, &[t], Logits::Last).unwrap();
-        e.model.read_logits(&st, &mut l);
+        e.model.read_logits(&st, &mut l).unwrap();
         out.push(l.clone());
     }
     out
@@ -67,8 +67,7 @@ fn tmp(name: &str) -> PathBuf {
 #[test]
 fn stories260k_greedy_matches_llama2c() {
     let (model, tok) = stories260k();
-    let golden =
-        std::fs::read_to_string(shared_models().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden = std::fs::read_to_string(fixtures().join("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let e = gpu_engine(open(&model, Some(tok), QuantChoice::Keep), WgpuOptions::default());
     assert_eq!(stories260k_greedy_text(&e), golden);
 }
@@ -124,7 +123,7 @@ fn moe_usage_matches_the_cpu() {
     let f = open(&path, None, QuantChoice::Keep);
     let (cpu, gpu) = (cpu_engine(f.clone(), 2), gpu_engine(f, WgpuOptions::default()));
     let prompt = [3u32, 200, 17, 99, 256, 261, 40];
-    let (mut sc, mut sg) = (cpu.model.new_state(16), gpu.model.new_state(16));
+    let (mut sc, mut sg) = (cpu.model.new_state(16).unwrap(), gpu.model.new_state(16).unwrap());
     cpu.model.forward(&mut sc, &prompt, Logits::Last).unwrap();
     gpu.model.forward(&mut sg, &prompt, Logits::Last).unwrap();
     let tokens = |u: &[Option<sprig_backend::MoeUsage>]| -> Vec<Vec<u64>> {

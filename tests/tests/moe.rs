@@ -24,14 +24,14 @@ const DECODE: [u32; 2] = [5, 77];
 
 /// Logits of a prefill of `TOKENS` then two decode steps, concatenated; and the state's expert usage.
 fn run<B: Backend>(e: &sprig_engine::Engine<B>) -> (Vec<f32>, Vec<Option<sprig_backend::MoeUsage>>) {
-    let mut st = e.model.new_state(64);
+    let mut st = e.model.new_state(64).unwrap();
     let (mut all, mut l) = (Vec::new(), Vec::new());
     e.model.forward(&mut st, &TOKENS, Logits::All).unwrap();
-    e.model.read_logits(&st, &mut l);
+    e.model.read_logits(&st, &mut l).unwrap();
     all.extend(&l);
     for t in DECODE {
         e.model.forward(&mut st, &[t], Logits::Last).unwrap();
-        e.model.read_logits(&st, &mut l);
+        e.model.read_logits(&st, &mut l).unwrap();
         all.extend(&l);
     }
     (all, st.moe_usage)
@@ -172,7 +172,7 @@ fn experts_no_token_was_routed_to_are_never_read() {
         .iter()
         .map(|p| file.entry(&format!("blk.0.ffn_{p}_exps.weight")).unwrap().bytes() / 16)
         .sum();
-    let mut st = engine.model.new_state(64);
+    let mut st = engine.model.new_state(64).unwrap();
     engine.model.forward(&mut st, &TOKENS, Logits::Last).unwrap();
     let u = st.moe_usage[0].clone().unwrap();
     let used = u.tokens.iter().filter(|&&t| t > 0).count();
@@ -251,7 +251,7 @@ fn mutated_moe_files_fail_cleanly_end_to_end() {
         else {
             continue;
         };
-        let mut st = engine.model.new_state(16);
+        let mut st = engine.model.new_state(16).unwrap();
         if engine.model.forward(&mut st, &[1, 2, 3], Logits::Last).is_ok() {
             ran += 1;
         }

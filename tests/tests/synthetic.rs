@@ -17,15 +17,15 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Logits of a prefill of `tokens` then two decode steps, concatenated.
 fn run<B: sprig_backend::Backend>(e: &sprig_engine::Engine<B>, tokens: &[u32]) -> Vec<f32> {
-    let mut st = e.model.new_state(64);
+    let mut st = e.model.new_state(64).unwrap();
     let mut all = Vec::new();
     let mut l = Vec::new();
     e.model.forward(&mut st, tokens, Logits::All).unwrap();
-    e.model.read_logits(&st, &mut l);
+    e.model.read_logits(&st, &mut l).unwrap();
     all.extend(&l);
     for t in [5u32, 77] {
         e.model.forward(&mut st, &[t], Logits::Last).unwrap();
-        e.model.read_logits(&st, &mut l);
+        e.model.read_logits(&st, &mut l).unwrap();
         all.extend(&l);
     }
     all
@@ -58,9 +58,15 @@ fn hf_and_gguf_imports_agree_and_cpu_matches_reference() {
         // Tokenizer and chat template carried over from tokenizer.json / tokenizer_config.json.
         let text = hf.render_chat(&[ChatMessage::new("user", "the cat")]).unwrap();
         assert_eq!(text, "<|im_start|>user\nthe cat<|im_end|>\n<|im_start|>assistant\n");
-        let ids = hf.tokenizer.encode_prompt(&text).unwrap();
+        let ids = hf.chat_tokens(&[ChatMessage::new("user", "the cat")]).unwrap();
+        assert_eq!(ids, hf.tokenizer.encode_special(&text, false).unwrap());
         assert_eq!(hf.tokenizer.decode(&ids).unwrap(), "user\nthe cat\nassistant\n");
-        assert_eq!(from_gguf.tokenizer.encode_prompt(&text).unwrap(), ids);
+        assert_eq!(from_gguf.chat_tokens(&[ChatMessage::new("user", "the cat")]).unwrap(), ids);
+        // Plain text never yields the added tokens, in the HF tokenizer or the one built from GGUF.
+        for e in [&hf, &from_gguf] {
+            let plain = e.tokenizer.encode(&text, false).unwrap();
+            assert!(plain.len() > ids.len() && e.tokenizer.decode(&plain).unwrap() == text, "{arch}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
         let _ = std::fs::remove_file(&gguf);
     }
@@ -103,15 +109,15 @@ fn sliding_window_generation_past_the_window_matches_reference() {
         ]
     );
     let (cpu, reference) = (cpu_engine(f.clone(), 2), reference_engine(f));
-    let (mut sc, mut sr) = (cpu.model.new_state(64), reference.model.new_state(64));
+    let (mut sc, mut sr) = (cpu.model.new_state(64).unwrap(), reference.model.new_state(64).unwrap());
     let (mut lc, mut lr) = (Vec::new(), Vec::new());
     // A 12-token prefill (longer than the window) then greedy decode.
     let mut next: Vec<u32> = (0..12).map(|i| (i * 19 % 250) as u32).collect();
     for step in 0..40 {
         cpu.model.forward(&mut sc, &next, Logits::Last).unwrap();
         reference.model.forward(&mut sr, &next, Logits::Last).unwrap();
-        cpu.model.read_logits(&sc, &mut lc);
-        reference.model.read_logits(&sr, &mut lr);
+        cpu.model.read_logits(&sc, &mut lc).unwrap();
+        reference.model.read_logits(&sr, &mut lr).unwrap();
         assert!(rel_err(&lc, &lr) < 1e-4, "step {step} (position {}): {}", sc.pos, rel_err(&lc, &lr));
         next = vec![argmax(&lr) as u32];
     }
@@ -119,5 +125,40 @@ fn sliding_window_generation_past_the_window_matches_reference() {
     let kv = cpu.model.kv_layout(8192).bytes_per_layer(8192);
     assert_eq!(kv[0], 2 * 4 * 32 * 8);
     assert_eq!(kv[2], 2 * 4 * 32 * 8192);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// HF directories as transformers reads them: `chat_template.jinja` wins over the template in
+/// tokenizer_config.json, and BOS follows the tokenizer's post-processor when the config does not say.
+#[test]
+fn hf_import_reads_chat_template_jinja_and_post_processor_bos() {
+    let dir = tmp("hf-template");
+    write_hf_dir(&SynthSpec::tiny("qwen2"), &dir, HfDtype::F32, 1).unwrap();
+    let jinja = "{% for m in messages %}<|im_start|>[{{ m.role }}] {{ m.content }}<|im_end|>{% endfor %}";
+    std::fs::write(dir.join("chat_template.jinja"), jinja).unwrap();
+    let tj_path = dir.join("tokenizer.json");
+    let mut tj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tj_path).unwrap()).unwrap();
+    let start = tj["added_tokens"].as_array().unwrap().iter().find(|t| t["content"] == "<|im_start|>").unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    tj["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [start], "tokens": ["<|im_start|>"]}}
+    });
+    std::fs::write(&tj_path, tj.to_string()).unwrap();
+    // The config names no BOS and does not set add_bos_token: the post-processor decides.
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<|im_end|>", "chat_template": "unused"}"#)
+        .unwrap();
+    let f = open(&dir, None, QuantChoice::Keep);
+    assert_eq!(f.chat_template.as_deref(), Some(jinja));
+    let tok = sprig_tokenizer::Tokenizer::from_json(&f.tokenizer_json).unwrap();
+    assert_eq!((tok.special().add_bos, tok.bos()), (true, Some(start as u32)));
+    // An explicit add_bos_token: false still wins, as in transformers.
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<|im_end|>", "add_bos_token": false}"#)
+        .unwrap();
+    let f = open(&dir, None, QuantChoice::Keep);
+    assert!(!sprig_tokenizer::Tokenizer::from_json(&f.tokenizer_json).unwrap().special().add_bos);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -5,7 +5,7 @@ use sprig_tests::*;
 use sprig_tokenizer::{StreamDecoder, Tokenizer};
 
 fn llama2_from(file: &str) -> Tokenizer {
-    let bytes = std::fs::read(shared_models().join("llama2-tokenizer").join(file)).unwrap();
+    let bytes = std::fs::read(fixtures().join("llama2-tokenizer").join(file)).unwrap();
     let spec = if file.ends_with(".model") {
         sentencepiece::parse(&bytes).unwrap()
     } else {
@@ -16,7 +16,7 @@ fn llama2_from(file: &str) -> Tokenizer {
 
 #[test]
 fn llama2_tokenizer_bin_and_model_encode_once_upon_a_time() {
-    // Reference ids from ../shared/models/README.md (SentencePiece / llama2.c).
+    // Reference ids from tests/data/README.md (SentencePiece / llama2.c).
     for file in ["tokenizer.bin", "tokenizer.model"] {
         let t = llama2_from(file);
         assert_eq!(t.encode_prompt("Once upon a time").unwrap(), [1, 9038, 2501, 263, 931], "{file}");
@@ -55,7 +55,8 @@ fn smollm2_chatml_prompt_matches_llama_cpp() {
     ];
     let f = open(&registry_model("smollm2-135m-instruct"), None, sprig_import::QuantChoice::Keep);
     let t = Tokenizer::from_json(&f.tokenizer_json).unwrap();
-    let ids = t.encode_prompt(prompt).unwrap();
+    // llama-tokenize parses special tokens in its prompt: the opt-in here.
+    let ids = t.encode_special(prompt, t.special().add_bos).unwrap();
     assert_eq!(ids, llama_cpp);
     // Streaming the ids gives the text back, minus the control tokens.
     let text = t.decode(&ids).unwrap();

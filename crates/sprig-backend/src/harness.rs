@@ -13,6 +13,7 @@ use sprig_quant::Scheme;
 
 use crate::{
     Activation, AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeLayout, RopeParams,
+    RopeScaling,
 };
 use sprig_format::config::RouterScoring;
 
@@ -86,12 +87,12 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
     }
     let dl = |t: &A::Tensor| {
         let mut v = Vec::new();
-        a.download(t, &mut v);
+        a.download(t, &mut v).unwrap();
         v
     };
     let dlr = |t: &R::Tensor| {
         let mut v = Vec::new();
-        r.download(t, &mut v);
+        r.download(t, &mut v).unwrap();
         v
     };
 
@@ -159,16 +160,32 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
         }
     }
 
-    // RoPE: both layouts, an offset start, linear scaling, a large theta.
+    // RoPE: both layouts, an offset start, a large theta, and every scaling type.
+    let yarn = RopeScaling::Yarn {
+        factor: 4.0,
+        original_context: 64,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        attention_factor: 1.1386,
+        truncate: true,
+    };
+    let llama3 = RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_context: 64 };
+    let linear = RopeScaling::Linear { factor: 8.0 };
     for layout in [RopeLayout::Adjacent, RopeLayout::Half] {
-        for (pos0, scale, theta) in [(0usize, 1.0f32, 10000.0f32), (37, 1.0, 1e6), (500, 8.0, 10000.0)] {
-            let p = RopeParams { n_heads: 3, head_dim: 10, theta, scale, layout };
+        for (pos0, scale, theta) in [
+            (0usize, None, 10000.0f32),
+            (37, None, 1e6),
+            (500, Some(&linear), 10000.0),
+            (300, Some(&yarn), 1e4),
+            (90, Some(&llama3), 5e5),
+        ] {
+            let p = RopeParams::new(3, 10, theta, scale, layout);
             for n in [4, 11] {
                 let x = random(&mut rng, n * 30, 1.0);
                 let (mut xa, mut xr) = pair!(x, n, 30);
                 a.rope(&mut xa, pos0, &p);
                 r.rope(&mut xr, pos0, &p);
-                check(format!("rope {layout:?} pos0={pos0} scale={scale} rows={n}"), dl(&xa), dlr(&xr), 1e-4);
+                check(format!("rope {layout:?} pos0={pos0} scaling={scale:?} rows={n}"), dl(&xa), dlr(&xr), 1e-4);
             }
         }
     }
@@ -178,7 +195,7 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
     for window in [None, Some(4usize), Some(1)] {
         let p = AttentionParams { n_heads: 4, n_kv_heads: 2, head_dim: 6, scale: 0.4, window };
         let layout = KvLayout { kv_dim: 12, windows: vec![None, window], max_context: 32 };
-        let (mut ca, mut cr) = (a.kv_cache(&layout), r.kv_cache(&layout));
+        let (mut ca, mut cr) = (a.kv_cache(&layout).unwrap(), r.kv_cache(&layout).unwrap());
         let mut pos = 0;
         for t in [7usize, 1, 1, 1, 1, 1, 1, 3] {
             let q = random(&mut rng, t * 24, 1.0);

@@ -13,7 +13,7 @@ pub mod moe;
 use std::sync::Arc;
 
 pub use moe::{ExpertWeights, MoeParams, MoeUsage};
-pub use sprig_format::config::{Activation, RopeLayout, RouterScoring};
+pub use sprig_format::config::{Activation, RopeLayout, RopeScaling, RouterScoring};
 use sprig_format::{ModelConfig, ModelFile};
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,16 @@ pub enum BackendError {
     ContextOverflow { pos: usize, tokens: usize, ctx: usize },
     #[error("{0}")]
     Device(String),
+    #[error("{what} needs {needed} bytes, more than the {available} bytes of memory this machine has")]
+    OutOfMemory { what: String, needed: u64, available: u64 },
+}
+
+/// Physical memory of this machine in bytes (`MemTotal`; Linux and Android), `None` where unknown.
+pub fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -42,14 +52,23 @@ pub struct AttentionParams {
 }
 
 /// RoPE parameters of one layer.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct RopeParams {
     pub n_heads: usize,
     pub head_dim: usize,
-    pub theta: f32,
-    /// Positions are divided by this (linear scaling); 1.0 = none.
-    pub scale: f32,
+    /// `head_dim / 2` inverse frequencies, scaling applied: pair `i` rotates by `pos * inv_freq[i]`
+    /// (computed once by [`RopeScaling::frequencies`], shared by every backend).
+    pub inv_freq: Arc<[f32]>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    pub attention_factor: f32,
     pub layout: RopeLayout,
+}
+
+impl RopeParams {
+    pub fn new(n_heads: usize, head_dim: usize, theta: f32, scaling: Option<&RopeScaling>, layout: RopeLayout) -> Self {
+        let f = RopeScaling::frequencies(theta, head_dim, scaling);
+        RopeParams { n_heads, head_dim, inv_freq: f.inv_freq.into(), attention_factor: f.attention_factor, layout }
+    }
 }
 
 /// Shape of the KV cache a model needs.
@@ -80,6 +99,28 @@ impl KvLayout {
     pub fn layer_capacity(&self, layer: usize) -> usize {
         self.windows[layer].map_or(self.max_context, |w| w.min(self.max_context))
     }
+    /// Bytes of f32 K and V for the whole context, all layers (`None` on overflow).
+    pub fn total_bytes(&self) -> Option<u64> {
+        (0..self.windows.len()).try_fold(0u64, |acc, l| {
+            let per = (self.layer_capacity(l) as u64).checked_mul(self.kv_dim as u64)?.checked_mul(8)?;
+            acc.checked_add(per)
+        })
+    }
+
+    /// Fails when the KV cache of this layout cannot fit in `available` bytes.
+    pub fn check_fits(&self, available: Option<u64>) -> Result<()> {
+        let what = format!("a KV cache of {} tokens", self.max_context);
+        let needed = self.total_bytes().ok_or_else(|| BackendError::OutOfMemory {
+            what: what.clone(),
+            needed: u64::MAX,
+            available: available.unwrap_or(0),
+        })?;
+        match available {
+            Some(a) if needed > a => Err(BackendError::OutOfMemory { what, needed, available: a }),
+            _ => Ok(()),
+        }
+    }
+
     /// Bytes of f32 K and V at `ctx` tokens, per layer.
     pub fn bytes_per_layer(&self, ctx: usize) -> Vec<usize> {
         (0..self.windows.len()).map(|l| 2 * 4 * self.kv_dim * self.windows[l].map_or(ctx, |w| w.min(ctx))).collect()
@@ -110,8 +151,8 @@ pub trait Backend: Send + Sync + 'static {
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
     /// Sets `t` to the given host data.
     fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut Self::Tensor);
-    /// Copies `t` to the host (`out.len() == rows * cols`).
-    fn download(&self, t: &Self::Tensor, out: &mut Vec<f32>);
+    /// Copies `t` to the host (`out.len() == rows * cols`). Fails when the device is lost.
+    fn download(&self, t: &Self::Tensor, out: &mut Vec<f32>) -> Result<()>;
     /// `out = x[start..start+n, :]`.
     fn rows(&self, x: &Self::Tensor, start: usize, n: usize, out: &mut Self::Tensor);
 
@@ -176,6 +217,6 @@ pub trait Backend: Send + Sync + 'static {
         usage: Option<&mut MoeUsage>,
     );
 
-    /// A fresh, empty KV cache.
-    fn kv_cache(&self, layout: &KvLayout) -> Self::KvCache;
+    /// A fresh, empty KV cache; an error when it cannot be allocated (a context larger than the memory).
+    fn kv_cache(&self, layout: &KvLayout) -> Result<Self::KvCache>;
 }

@@ -87,8 +87,9 @@ impl Backend for BurnBackend {
     fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut Tensor<2>) {
         *t = self.t2(data.to_vec(), rows, cols);
     }
-    fn download(&self, t: &Tensor<2>, out: &mut Vec<f32>) {
+    fn download(&self, t: &Tensor<2>, out: &mut Vec<f32>) -> Result<()> {
         *out = to_vec(t);
+        Ok(())
     }
     fn rows(&self, x: &Tensor<2>, start: usize, n: usize, out: &mut Tensor<2>) {
         *out = x.clone().narrow(0, start, n);
@@ -124,12 +125,13 @@ impl Backend for BurnBackend {
         let (h, hd) = (p.n_heads, p.head_dim);
         let half = hd / 2;
         let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
+        let af = p.attention_factor as f64;
         for ti in 0..t {
-            let pos = (pos0 + ti) as f64 / p.scale as f64;
-            for i in 0..half {
-                let freq = (p.theta as f64).powf(-((2 * i) as f64) / hd as f64);
-                cos.push((pos * freq).cos() as f32);
-                sin.push((pos * freq).sin() as f32);
+            let pos = (pos0 + ti) as f64;
+            for &freq in p.inv_freq.iter().take(half) {
+                let freq = freq as f64;
+                cos.push(((pos * freq).cos() * af) as f32);
+                sin.push(((pos * freq).sin() * af) as f32);
             }
         }
         let cos = self.t2(cos, t, half).reshape([t, 1, half, 1]);
@@ -251,8 +253,9 @@ impl Backend for BurnBackend {
         }
     }
 
-    fn kv_cache(&self, layout: &KvLayout) -> BurnKvCache {
+    fn kv_cache(&self, layout: &KvLayout) -> Result<BurnKvCache> {
+        layout.check_fits(sprig_backend::physical_memory())?;
         let n = layout.windows.len();
-        BurnKvCache { k: (0..n).map(|_| None).collect(), v: (0..n).map(|_| None).collect() }
+        Ok(BurnKvCache { k: (0..n).map(|_| None).collect(), v: (0..n).map(|_| None).collect() })
     }
 }

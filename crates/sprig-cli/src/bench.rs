@@ -83,7 +83,7 @@ pub fn run<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
     // Warm-up: page the weights in and spin the pool up. Its state is dropped before the timed runs, so the
     // peak RSS counts one KV cache, as a real generation holds.
     {
-        let mut st = e.model.new_state(ctx);
+        let mut st = e.model.new_state(ctx)?;
         e.model.forward(&mut st, &tokens[..o.prompt.clamp(1, 8)], Logits::Last)?;
     }
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
@@ -92,18 +92,18 @@ pub fn run<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
     let mut logits = Vec::new();
     for _ in 0..o.reps.max(1) {
         if o.prompt > 0 {
-            let mut st = e.model.new_state(ctx);
+            let mut st = e.model.new_state(ctx)?;
             let t0 = Instant::now();
             e.model.forward(&mut st, &tokens[..o.prompt], Logits::Last)?;
-            e.model.read_logits(&st, &mut logits);
+            e.model.read_logits(&st, &mut logits)?;
             pp.push(o.prompt as f64 / t0.elapsed().as_secs_f64());
         }
         if o.gen > 0 {
-            let mut st = e.model.new_state(ctx);
+            let mut st = e.model.new_state(ctx)?;
             let t0 = Instant::now();
             for &t in &tokens[..o.gen] {
                 e.model.forward(&mut st, &[t], Logits::Last)?;
-                e.model.read_logits(&st, &mut logits);
+                e.model.read_logits(&st, &mut logits)?;
             }
             tg.push(o.gen as f64 / t0.elapsed().as_secs_f64());
         }

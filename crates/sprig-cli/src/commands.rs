@@ -175,6 +175,10 @@ struct RunArgs {
     /// After generating, print expert usage per MoE layer (tokens per expert, expert bytes read).
     #[arg(long)]
     stats: bool,
+    /// Parse special-token strings in the prompt (e.g. `<|im_start|>`) as control tokens; by default the
+    /// prompt is plain text.
+    #[arg(long)]
+    special: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -427,8 +431,9 @@ fn run(a: RunArgs) -> Result<()> {
 
 fn run_on<B: Backend>(e: &Engine<B>, a: &RunArgs) -> Result<()> {
     let mut sampler = Sampler::new(a.sampling.params())?;
-    let prompt = e.tokenizer.encode_prompt(&a.prompt)?;
-    let mut st = e.model.new_state(a.model.ctx_size);
+    let add_bos = e.tokenizer.special().add_bos;
+    let prompt = e.tokenizer.encode_parts(&[(&a.prompt, a.special)], add_bos)?;
+    let mut st = e.model.new_state(a.model.ctx_size)?;
     let mut out = std::io::stdout().lock();
     let stats = e.generate(&mut st, &prompt, a.n, &mut sampler, true, |s| {
         let _ = out.write_all(s.as_bytes());
@@ -493,7 +498,7 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
     Sampler::new(params.clone())?;
     let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
-    let mut session = Session::new(e, a.model.ctx_size);
+    let mut session = Session::new(e, a.model.ctx_size)?;
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {

@@ -8,9 +8,9 @@ use common::*;
 
 #[test]
 fn run_convert_inspect_and_errors() {
-    let (m, t) = (shared("stories260K/stories260K.bin"), shared("stories260K/tok512.bin"));
+    let (m, t) = (fixture("stories260K/stories260K.bin"), fixture("stories260K/tok512.bin"));
     let (m, t) = (m.to_str().unwrap(), t.to_str().unwrap());
-    let golden = std::fs::read_to_string(shared("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden = std::fs::read_to_string(fixture("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let (out, err) = run_ok(&["run", "-m", m, "--tokenizer", t, "-p", "Once upon a time", "-n", "252", "-t", "1"]);
     assert_eq!(out, golden);
     assert!(err.contains("tok/s"));
@@ -46,6 +46,20 @@ fn run_convert_inspect_and_errors() {
     // Context overflow is reported, not a crash.
     let (_, err) = run_ok(&["run", "-m", native.to_str().unwrap(), "-p", "Once upon a time", "-n", "50", "-c", "8"]);
     assert!(err.contains("context"), "{err}");
+    // A context larger than the machine, zero chunks, a vanishing temperature: one-line errors or greedy, never
+    // an abort, NaN or an overflow.
+    let n = native.to_str().unwrap();
+    assert!(run_err(&["run", "-m", n, "-p", "Once", "-c", "4000000000000"]).contains("KV cache"));
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "Once upon a time there was a little girl. ".repeat(40)).unwrap();
+    let e = run_err(&["eval", "perplexity", "-m", n, "-f", text.to_str().unwrap(), "--ctx", "16", "--chunks", "0"]);
+    assert!(e.contains("--chunks"), "{e}");
+    let (tiny, _) = run_ok(&["run", "-m", n, "-p", "Once upon a time", "-n", "20", "--temp", "1e-39"]);
+    let (greedy, _) = run_ok(&["run", "-m", n, "-p", "Once upon a time", "-n", "20", "--temp", "0"]);
+    assert_eq!(tiny, greedy, "a temperature below 1e-6 samples greedily");
+    // Special-token strings in a raw prompt are text unless --special asks for them.
+    let (plain, _) = run_ok(&["run", "-m", n, "-p", "<s>Once", "-n", "1"]);
+    assert!(plain.starts_with("<s>Once"), "{plain}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -112,7 +126,7 @@ fn generated_moe_model_runs_with_expert_stats() {
 
 #[test]
 fn device_flag_and_devices_command() {
-    let (m, t) = (shared("stories260K/stories260K.bin"), shared("stories260K/tok512.bin"));
+    let (m, t) = (fixture("stories260K/stories260K.bin"), fixture("stories260K/tok512.bin"));
     let (m, t) = (m.to_str().unwrap(), t.to_str().unwrap());
     let e = run_err(&["run", "-m", m, "--tokenizer", t, "-p", "Once", "--device", "tpu"]);
     assert!(e.contains("unknown --device `tpu`"), "{e}");

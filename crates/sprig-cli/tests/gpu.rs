@@ -14,9 +14,9 @@ fn devices_lists_an_adapter() {
 
 #[test]
 fn run_bench_and_perplexity_on_the_gpu() {
-    let (m, t) = (shared("stories260K/stories260K.bin"), shared("stories260K/tok512.bin"));
+    let (m, t) = (fixture("stories260K/stories260K.bin"), fixture("stories260K/tok512.bin"));
     let (m, t) = (m.to_str().unwrap(), t.to_str().unwrap());
-    let golden = std::fs::read_to_string(shared("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let golden = std::fs::read_to_string(fixture("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
     let (out, err) =
         run_ok(&["run", "-m", m, "--tokenizer", t, "-p", "Once upon a time", "-n", "252", "--device", "gpu"]);
     assert_eq!(out, golden);

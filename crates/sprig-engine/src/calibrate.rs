@@ -19,7 +19,7 @@ pub fn calibrate<B: Backend>(e: &Engine<B>, text: &str, ctx: usize, max_chunks: 
     }
     let mut sums: HashMap<String, (Vec<f64>, usize)> = HashMap::new();
     for chunk in tokens.chunks(ctx.max(1)).take(max_chunks.max(1)) {
-        let mut st = e.model.new_state(ctx.max(chunk.len()));
+        let mut st = e.model.new_state(ctx.max(chunk.len()))?;
         let mut observe = |names: &[&str], data: &[f32]| {
             let cols = data.len() / chunk.len();
             for n in names {

@@ -136,12 +136,12 @@ impl AnyEngine {
         with_engine!(self, |e| e.model.config.max_seq_len)
     }
 
-    pub fn new_session(&self, max_context: usize) -> AnySession {
-        match self {
-            AnyEngine::Cpu(e) => AnySession::Cpu(Session::new(e.clone(), max_context)),
+    pub fn new_session(&self, max_context: usize) -> Result<AnySession> {
+        Ok(match self {
+            AnyEngine::Cpu(e) => AnySession::Cpu(Session::new(e.clone(), max_context)?),
             #[cfg(feature = "wgpu")]
-            AnyEngine::Gpu(e) => AnySession::Gpu(Session::new(e.clone(), max_context)),
-        }
+            AnyEngine::Gpu(e) => AnySession::Gpu(Session::new(e.clone(), max_context)?),
+        })
     }
 }
 
@@ -163,17 +163,18 @@ macro_rules! with_session {
 }
 
 impl AnySession {
-    pub fn reset(&mut self) {
+    pub fn reset(&mut self) -> Result<()> {
         with_session!(self, |s| s.reset())
     }
     pub fn generate(
         &mut self,
         text: &str,
+        parse_special: bool,
         params: &SamplingParams,
         max_new: usize,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
-        with_session!(self, |s| s.generate(text, params, max_new, on_text))
+        with_session!(self, |s| s.generate(text, parse_special, params, max_new, on_text))
     }
     pub fn chat(
         &mut self,

@@ -41,6 +41,9 @@ pub fn perplexity<B: Backend, T: Backend>(
     max_chunks: Option<usize>,
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityReport> {
+    if max_chunks == Some(0) {
+        return Err(EngineError::Invalid("--chunks 0: at least one chunk must be scored".into()));
+    }
     if ctx < 4 {
         return Err(EngineError::Invalid(format!("--ctx {ctx} is too small (at least 4)")));
     }
@@ -73,16 +76,16 @@ pub fn perplexity<B: Backend, T: Backend>(
     let (mut logits, mut tlogits) = (Vec::new(), Vec::new());
     for c in 0..n_chunks {
         let mut chunk = tokens[c * ctx..(c + 1) * ctx].to_vec();
-        if tok.special().add_bos {
-            chunk[0] = tok.bos().unwrap();
+        if let (true, Some(bos)) = (tok.special().add_bos, tok.bos()) {
+            chunk[0] = bos;
         }
-        let mut st = student.model.new_state(ctx);
+        let mut st = student.model.new_state(ctx)?;
         student.model.forward(&mut st, &chunk, Logits::All)?;
-        student.model.read_logits(&st, &mut logits);
+        student.model.read_logits(&st, &mut logits)?;
         if let Some(t) = teacher {
-            let mut ts = t.model.new_state(ctx);
+            let mut ts = t.model.new_state(ctx)?;
             t.model.forward(&mut ts, &chunk, Logits::All)?;
-            t.model.read_logits(&ts, &mut tlogits);
+            t.model.read_logits(&ts, &mut tlogits)?;
         }
         for j in first..ctx - 1 {
             let row = &logits[j * vocab..(j + 1) * vocab];

@@ -85,17 +85,16 @@ impl<B: Backend> Engine<B> {
         t.render(messages, true)
     }
 
-    /// Tokens of a rendered chat: special-token strings become their ids, and BOS is prepended when the model
-    /// adds one and the template did not write it.
-    pub fn encode_chat(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.tokenizer.encode(text, false)?;
-        let sp = self.tokenizer.special();
-        if let (true, Some(bos)) = (sp.add_bos, sp.bos) {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
-        }
-        Ok(ids)
+    /// Tokens of a conversation rendered with the model's template (assistant turn opened): special-token
+    /// strings the template writes become their ids, message content is plain text (a user who types
+    /// `<|im_end|>` cannot close the turn), and BOS is prepended when the model adds one and the template did
+    /// not write it.
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        let t = self
+            .template
+            .as_ref()
+            .ok_or_else(|| EngineError::Template("this model carries no chat template".into()))?;
+        t.tokens(&self.tokenizer, messages)
     }
 
     /// Runs `prompt` from `state.pos`, then samples up to `max_new` tokens. `on_text` receives the decoded
@@ -115,10 +114,13 @@ impl<B: Backend> Engine<B> {
         let mut dec = StreamDecoder::new(&self.tokenizer);
         let bos = self.tokenizer.bos();
         let mut cancelled = false;
+        // One text buffer for every piece: decode allocates nothing per token once it has grown.
+        let mut piece = String::with_capacity(self.tokenizer.max_piece_bytes());
         for &t in prompt {
-            let s = dec.push(t)?;
-            if echo_prompt && Some(t) != bos && !s.is_empty() && !cancelled {
-                cancelled = !on_text(&s);
+            piece.clear();
+            dec.push_into(t, &mut piece)?;
+            if echo_prompt && Some(t) != bos && !piece.is_empty() && !cancelled {
+                cancelled = !on_text(&piece);
             }
         }
         let t0 = Instant::now();
@@ -128,21 +130,22 @@ impl<B: Backend> Engine<B> {
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut logits = Vec::new();
-        let mut generated = Vec::new();
+        let mut generated = Vec::with_capacity(max_new.min(state.max_context.saturating_sub(state.pos) + 1));
         let mut stop = StopReason::Length;
         if cancelled {
             stop = StopReason::Cancelled;
         }
         while !cancelled && generated.len() < max_new {
-            self.model.read_logits(state, &mut logits);
+            self.model.read_logits(state, &mut logits)?;
             let next = sampler.sample(&logits);
             if self.tokenizer.is_stop(next) {
                 stop = StopReason::StopToken;
                 break;
             }
             generated.push(next);
-            let s = dec.push(next)?;
-            if !s.is_empty() && !on_text(&s) {
+            piece.clear();
+            dec.push_into(next, &mut piece)?;
+            if !piece.is_empty() && !on_text(&piece) {
                 stop = StopReason::Cancelled;
                 break;
             }

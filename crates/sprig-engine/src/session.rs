@@ -20,33 +20,33 @@ pub struct Session<B: Backend> {
 }
 
 impl<B: Backend> Session<B> {
-    /// `max_context = 0`: the model's trained context.
-    pub fn new(engine: Arc<Engine<B>>, max_context: usize) -> Self {
-        let state = engine.model.new_state(max_context);
-        Session { engine, state, cached: Vec::new(), max_context }
+    /// `max_context = 0`: the model's trained context. Fails when its KV cache cannot be allocated.
+    pub fn new(engine: Arc<Engine<B>>, max_context: usize) -> Result<Self> {
+        let state = engine.model.new_state(max_context)?;
+        Ok(Session { engine, state, cached: Vec::new(), max_context })
     }
 
     /// Forgets the conversation.
-    pub fn reset(&mut self) {
-        self.state = self.engine.model.new_state(self.max_context);
+    pub fn reset(&mut self) -> Result<()> {
         self.cached.clear();
+        self.state = self.engine.model.new_state(self.max_context)?;
+        Ok(())
     }
 
     /// Continues the context with raw `text` (the tokenizer's BOS rule applies only at position 0), then
-    /// generates up to `max_new` tokens.
+    /// generates up to `max_new` tokens. The text is plain text unless `parse_special`, when special-token
+    /// strings in it (`<|im_start|>`) become control tokens: only for prompts the caller wrote itself.
     pub fn generate(
         &mut self,
         text: &str,
+        parse_special: bool,
         params: &SamplingParams,
         max_new: usize,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         let mut sampler = Sampler::new(params.clone())?;
-        let tokens = if self.state.pos == 0 {
-            self.engine.tokenizer.encode_prompt(text)?
-        } else {
-            self.engine.tokenizer.encode(text, false)?
-        };
+        let tok = &self.engine.tokenizer;
+        let tokens = tok.encode_parts(&[(text, parse_special)], self.state.pos == 0 && tok.special().add_bos)?;
         self.run(&tokens, &mut sampler, max_new, on_text)
     }
 
@@ -60,12 +60,11 @@ impl<B: Backend> Session<B> {
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         let mut sampler = Sampler::new(params.clone())?;
-        let text = self.engine.render_chat(messages)?;
-        let tokens = self.engine.encode_chat(&text)?;
+        let tokens = self.engine.chat_tokens(messages)?;
         let n = self.cached.len();
         let reuse = n < tokens.len() && tokens[..n] == self.cached[..];
         if !reuse {
-            self.reset();
+            self.reset()?;
         }
         let start = self.cached.len();
         self.run(&tokens[start..], &mut sampler, max_new, on_text)
@@ -98,7 +97,11 @@ impl<B: Backend> Session<B> {
                 self.cached.truncate(self.state.pos);
             }
             // A failed forward pass leaves the cache in an unknown state: start over next time.
-            Err(_) => self.reset(),
+            Err(_) => {
+                if let Err(e) = self.reset() {
+                    return Err(e);
+                }
+            }
         }
         stats
     }

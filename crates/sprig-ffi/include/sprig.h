@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 // Bumped when a function signature or struct layout changes incompatibly.
-#define SPRIG_ABI_VERSION 1
+#define SPRIG_ABI_VERSION 2
 
 // Run on the CPU.
 #define SPRIG_DEVICE_CPU 0
@@ -83,6 +83,10 @@ typedef struct SprigSamplingParams {
   uint64_t seed;
   // Most tokens to generate.
   uint32_t max_tokens;
+  // `sprig_session_generate` only: special-token strings in the prompt (`<|im_start|>`) become control
+  // tokens. Default false: the prompt is plain text. Chat message content is always plain text; only the
+  // chat template writes control tokens.
+  bool parse_special;
 } SprigSamplingParams;
 
 // Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).

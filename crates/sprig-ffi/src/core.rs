@@ -59,7 +59,8 @@ fn engine_error(e: EngineError, loading: bool) -> FfiError {
     use sprig_models::ModelError;
     let status = match &e {
         EngineError::Model(ModelError::ContextOverflow { .. }) => SprigStatus::ContextFull,
-        EngineError::Backend(sprig_backend::BackendError::Device(_)) => SprigStatus::Device,
+        EngineError::Backend(sprig_backend::BackendError::Device(_))
+        | EngineError::Model(ModelError::Backend(sprig_backend::BackendError::Device(_))) => SprigStatus::Device,
         _ if loading => SprigStatus::LoadFailed,
         _ => SprigStatus::InvalidArgument,
     };
@@ -161,7 +162,7 @@ pub fn free_model(id: u64) -> FfiResult<()> {
 
 pub fn new_session(model_id: u64) -> FfiResult<u64> {
     let m = model(model_id)?;
-    let session = m.engine.new_session(m.context_length);
+    let session = m.engine.new_session(m.context_length).map_err(|e| engine_error(e, false))?;
     Ok(SESSIONS.insert(SessionHandle { session: Mutex::new(session), cancel: AtomicBool::new(false) }))
 }
 
@@ -187,7 +188,7 @@ fn lock(s: &SessionHandle) -> FfiResult<std::sync::MutexGuard<'_, AnySession>> {
         // A previous call panicked mid-generation: the state is unknown, start the conversation over.
         Err(TryLockError::Poisoned(p)) => {
             let mut g = p.into_inner();
-            g.reset();
+            g.reset().map_err(|e| engine_error(e, false))?;
             Ok(g)
         }
     }
@@ -195,8 +196,8 @@ fn lock(s: &SessionHandle) -> FfiResult<std::sync::MutexGuard<'_, AnySession>> {
 
 pub fn reset(id: u64) -> FfiResult<()> {
     let s = SESSIONS.get(id, "session")?;
-    lock(&s)?.reset();
-    Ok(())
+    let r = lock(&s)?.reset().map_err(|e| engine_error(e, false));
+    r
 }
 
 /// What a generation did (`SprigGenerateResult` in C).
@@ -230,6 +231,8 @@ pub struct Sampling {
     pub top_p: f32,
     pub seed: u64,
     pub max_tokens: u32,
+    /// Raw prompts only: special-token strings in the text become control tokens.
+    pub parse_special: bool,
 }
 
 impl Sampling {
@@ -253,7 +256,7 @@ pub fn generate(id: u64, input: Input, p: &Sampling, mut on_text: impl FnMut(&st
     let cb = |s: &str| !handle.cancel.load(Ordering::SeqCst) && on_text(s) && !handle.cancel.load(Ordering::SeqCst);
     let max = p.max_tokens as usize;
     let stats = match input {
-        Input::Text(t) => session.generate(t, &params, max, cb),
+        Input::Text(t) => session.generate(t, p.parse_special, &params, max, cb),
         Input::Chat(m) => {
             if !session.has_chat_template() {
                 return Err(FfiError::arg("this model carries no chat template; use generate"));

@@ -3,7 +3,7 @@
 //! `dev.sprig.SprigException(code, message)`, and a panic becomes one too (never an abort of the JVM).
 
 use jni::objects::{JClass, JObject, JObjectArray, JString, JValue};
-use jni::sys::{jfloat, jint, jintArray, jlong, jstring};
+use jni::sys::{jboolean, jfloat, jint, jintArray, jlong, jstring};
 use jni::JNIEnv;
 
 use crate::core::{self, FfiError, FfiResult, Input, LoadRequest, Sampling, SprigStatus};
@@ -134,6 +134,7 @@ fn generate<'l>(
     top_p: jfloat,
     seed: jlong,
     max_tokens: jint,
+    parse_special: bool,
     callback: &JObject<'l>,
 ) -> FfiResult<jintArray> {
     if top_k < 0 || max_tokens < 0 {
@@ -142,7 +143,14 @@ fn generate<'l>(
     if callback.is_null() {
         return Err(FfiError::arg("callback is null"));
     }
-    let p = Sampling { temperature, top_k: top_k as u32, top_p, seed: seed as u64, max_tokens: max_tokens as u32 };
+    let p = Sampling {
+        temperature,
+        top_k: top_k as u32,
+        top_p,
+        seed: seed as u64,
+        max_tokens: max_tokens as u32,
+        parse_special,
+    };
     let r = core::generate(id(h), input, &p, |text| {
         let Ok(s) = env.new_string(text) else { return false };
         let keep = env
@@ -171,11 +179,13 @@ pub extern "system" fn Java_dev_sprig_Native_sessionGenerate<'l>(
     top_p: jfloat,
     seed: jlong,
     max_tokens: jint,
+    parse_special: jboolean,
     callback: JObject<'l>,
 ) -> jintArray {
     entry(&mut env, std::ptr::null_mut(), |env| {
         let prompt = string(env, &prompt, "prompt")?;
-        generate(env, h, Input::Text(&prompt), temperature, top_k, top_p, seed, max_tokens, &callback)
+        let special = parse_special != 0;
+        generate(env, h, Input::Text(&prompt), temperature, top_k, top_p, seed, max_tokens, special, &callback)
     })
 }
 
@@ -212,6 +222,6 @@ pub extern "system" fn Java_dev_sprig_Native_sessionChat<'l>(
                 &string(env, &c, &format!("messages[{i}].content"))?,
             ));
         }
-        generate(env, h, Input::Chat(messages), temperature, top_k, top_p, seed, max_tokens, &callback)
+        generate(env, h, Input::Chat(messages), temperature, top_k, top_p, seed, max_tokens, false, &callback)
     })
 }

@@ -22,7 +22,7 @@ pub use crate::core::SprigStatus;
 use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
 
 /// Bumped when a function signature or struct layout changes incompatibly.
-pub const SPRIG_ABI_VERSION: u32 = 1;
+pub const SPRIG_ABI_VERSION: u32 = 2;
 
 /// Run on the CPU.
 pub const SPRIG_DEVICE_CPU: u32 = 0;
@@ -75,6 +75,10 @@ pub struct SprigSamplingParams {
     pub seed: u64,
     /// Most tokens to generate.
     pub max_tokens: u32,
+    /// `sprig_session_generate` only: special-token strings in the prompt (`<|im_start|>`) become control
+    /// tokens. Default false: the prompt is plain text. Chat message content is always plain text; only the
+    /// chat template writes control tokens.
+    pub parse_special: bool,
 }
 
 /// One chat turn.
@@ -163,7 +167,7 @@ pub extern "C" fn sprig_model_options_default() -> SprigModelOptions {
 
 #[no_mangle]
 pub extern "C" fn sprig_sampling_params_default() -> SprigSamplingParams {
-    SprigSamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 0, max_tokens: 256 }
+    SprigSamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 0, max_tokens: 256, parse_special: false }
 }
 
 /// Loads a model: a native `.safetensors`, a `.gguf`, a llama2.c `.bin` (with `tokenizer_path`) or a Hugging
@@ -294,7 +298,14 @@ unsafe fn sampling(params: *const SprigSamplingParams) -> Sampling {
     let d = sprig_sampling_params_default();
     // SAFETY: caller contract.
     let p = if params.is_null() { &d } else { unsafe { &*params } };
-    Sampling { temperature: p.temperature, top_k: p.top_k, top_p: p.top_p, seed: p.seed, max_tokens: p.max_tokens }
+    Sampling {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        seed: p.seed,
+        max_tokens: p.max_tokens,
+        parse_special: p.parse_special,
+    }
 }
 
 /// # Safety

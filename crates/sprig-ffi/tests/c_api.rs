@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 mod common;
-use common::{chat_model, lib_dir, shared_models};
+use common::{chat_model, fixtures, lib_dir};
 
 #[test]
 fn c_program_runs_the_golden_text_and_every_error_path() {
@@ -30,7 +30,7 @@ fn c_program_runs_the_golden_text_and_every_error_path() {
         .unwrap_or_else(|e| panic!("running {cc}: {e}"));
     assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
 
-    let m = shared_models().join("stories260K");
+    let m = fixtures().join("stories260K");
     let run = Command::new(&exe)
         .arg(m.join("stories260K.bin"))
         .arg(m.join("tok512.bin"))

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use sprig::*;
 
-fn shared(p: &str) -> CString {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models").join(p);
+fn fixture(p: &str) -> CString {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(p);
     CString::new(path.to_str().unwrap()).unwrap()
 }
 
@@ -23,9 +23,9 @@ unsafe extern "C" fn collect(text: *const c_char, len: usize, user: *mut c_void)
 
 #[test]
 fn gpu_device_runs_the_golden_text() {
-    let (model, tok) = (shared("stories260K/stories260K.bin"), shared("stories260K/tok512.bin"));
+    let (model, tok) = (fixture("stories260K/stories260K.bin"), fixture("stories260K/tok512.bin"));
     let golden_path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/models/stories260K/golden_once_upon_a_time_steps256.txt");
+        .join("../../tests/data/stories260K/golden_once_upon_a_time_steps256.txt");
     let golden = std::fs::read_to_string(golden_path).unwrap();
     let mut opts = sprig_model_options_default();
     opts.tokenizer_path = tok.as_ptr();

@@ -23,7 +23,7 @@ fn kotlin_binding_on_the_host_jvm() {
         .expect("kotlinc not found: install Debian's `kotlin` package (scripts/test.sh does)");
     assert!(out.status.success(), "kotlinc failed:\n{}", String::from_utf8_lossy(&out.stderr));
 
-    let m = common::shared_models().join("stories260K");
+    let m = common::fixtures().join("stories260K");
     let run = Command::new("java")
         .arg(format!("-Djava.library.path={}", common::lib_dir().display()))
         .arg("-cp")

@@ -23,6 +23,156 @@ pub enum Activation {
     GeluTanh,
 }
 
+/// How a long-context model rescales its RoPE frequencies, as Hugging Face transformers defines each type
+/// (`rope_scaling.rope_type`); GGUF files map onto the same types.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum RopeScaling {
+    /// Positions divided by `factor` (every frequency divided by it).
+    Linear { factor: f32 },
+    /// Llama 3.x: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_context: usize },
+    /// YaRN: frequencies blended between interpolated and extrapolated by a linear ramp over the dimensions
+    /// whose rotation counts lie between `beta_slow` and `beta_fast`; cos/sin scaled by `attention_factor`.
+    Yarn {
+        factor: f32,
+        original_context: usize,
+        beta_fast: f32,
+        beta_slow: f32,
+        attention_factor: f32,
+        /// Round the ramp's ends outward to whole dimensions (transformers' default).
+        truncate: bool,
+    },
+    /// Per-frequency divisors given by the file itself (GGUF `rope_freqs.weight`, which llama.cpp's converter
+    /// writes for Llama 3.x): frequency `i` is divided by `factors[i]`.
+    FreqFactors { factors: Vec<f32> },
+}
+
+/// RoPE's per-pair inverse frequencies and the factor cos/sin are multiplied by.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeFrequencies {
+    /// `head_dim / 2` inverse frequencies: pair `i` of a head rotates by `pos * inv_freq[i]`.
+    pub inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    pub attention_factor: f32,
+}
+
+/// The YaRN attention factor for a scale (transformers' `get_mscale`).
+pub fn yarn_mscale(scale: f32, mscale: f32) -> f32 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
+}
+
+impl RopeScaling {
+    /// Inverse frequencies of a head of `head_dim` with base `theta`, scaled by `scaling`.
+    pub fn frequencies(theta: f32, head_dim: usize, scaling: Option<&RopeScaling>) -> RopeFrequencies {
+        let half = head_dim / 2;
+        // f32, as llama2.c's run.c computes it, so unscaled f32 models reproduce its output exactly.
+        let base: Vec<f32> = (0..half).map(|i| 1.0f32 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let mut attention_factor = 1.0;
+        let inv_freq = match scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::FreqFactors { factors }) => base.iter().zip(factors).map(|(f, d)| f / d).collect(),
+            Some(&RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context }) => {
+                let old = original_context as f64;
+                let (low_wl, high_wl) = (old / low_freq_factor as f64, old / high_freq_factor as f64);
+                base.iter()
+                    .map(|&f| {
+                        let f = f as f64;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        let out = if wavelen < high_wl {
+                            f
+                        } else if wavelen > low_wl {
+                            f / factor as f64
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor as f64)
+                                / (high_freq_factor as f64 - low_freq_factor as f64);
+                            (1.0 - smooth) * f / factor as f64 + smooth * f
+                        };
+                        out as f32
+                    })
+                    .collect()
+            }
+            Some(&RopeScaling::Yarn {
+                factor,
+                original_context,
+                beta_fast,
+                beta_slow,
+                attention_factor: af,
+                truncate,
+            }) => {
+                attention_factor = af;
+                let (dim, base_f) = (head_dim as f64, theta as f64);
+                let correction_dim = |rotations: f64| {
+                    dim * (original_context as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
+                        / (2.0 * base_f.ln())
+                };
+                let (mut low, mut high) = (correction_dim(beta_fast as f64), correction_dim(beta_slow as f64));
+                if truncate {
+                    (low, high) = (low.floor(), high.ceil());
+                }
+                let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+                if low == high {
+                    high += 0.001;
+                }
+                (0..half)
+                    .map(|i| {
+                        let pos_freq = base_f.powf((2 * i) as f64 / dim);
+                        let (extra, inter) = (1.0 / pos_freq, 1.0 / (factor as f64 * pos_freq));
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extra_factor = 1.0 - ramp;
+                        (inter * (1.0 - extra_factor) + extra * extra_factor) as f32
+                    })
+                    .collect()
+            }
+        };
+        RopeFrequencies { inv_freq, attention_factor }
+    }
+
+    /// Rejects parameters that would give non-finite or meaningless frequencies.
+    pub fn validate(&self, head_dim: usize) -> Result<(), String> {
+        let pos = |name: &str, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{name} = {v} must be a finite number > 0"))
+            }
+        };
+        match self {
+            RopeScaling::Linear { factor } => pos("factor", *factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
+                pos("factor", *factor)?;
+                pos("low_freq_factor", *low_freq_factor)?;
+                pos("high_freq_factor", *high_freq_factor)?;
+                if high_freq_factor <= low_freq_factor || *original_context == 0 {
+                    return Err("llama3: needs high_freq_factor > low_freq_factor and an original context".into());
+                }
+                Ok(())
+            }
+            RopeScaling::Yarn { factor, original_context, beta_fast, beta_slow, attention_factor, .. } => {
+                pos("factor", *factor)?;
+                pos("beta_fast", *beta_fast)?;
+                pos("beta_slow", *beta_slow)?;
+                pos("attention_factor", *attention_factor)?;
+                if *original_context == 0 {
+                    return Err("yarn: needs an original context length".into());
+                }
+                Ok(())
+            }
+            RopeScaling::FreqFactors { factors } => {
+                if factors.len() != head_dim / 2 {
+                    return Err(format!("{} frequency factors for a head of {head_dim}", factors.len()));
+                }
+                factors.iter().try_for_each(|&f| pos("frequency factor", f))
+            }
+        }
+    }
+}
+
 /// Attention kind of one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
@@ -79,9 +229,9 @@ pub struct ModelConfig {
     /// RoPE base for sliding-window layers when it differs (Gemma 3).
     #[serde(default)]
     pub rope_theta_local: Option<f32>,
-    /// Linear RoPE position scaling factor (positions are divided by it) for global layers.
+    /// RoPE frequency scaling of global layers (`None`: plain RoPE). See [`RopeScaling`].
     #[serde(default)]
-    pub rope_scale: Option<f32>,
+    pub rope_scaling: Option<RopeScaling>,
     pub rope_layout: RopeLayout,
     pub activation: Activation,
     pub tied_embeddings: bool,
@@ -158,6 +308,9 @@ impl ModelConfig {
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad("rope_theta", format!("{}", self.rope_theta));
+        }
+        if let Some(r) = &self.rope_scaling {
+            r.validate(self.head_dim).or_else(|m| bad("rope_scaling", m))?;
         }
         if let Some(m) = &self.moe {
             if m.n_experts == 0 || m.n_experts > 4096 || m.top_k == 0 || m.top_k > m.n_experts {

@@ -119,13 +119,13 @@ impl<'a> WeightView<'a> {
     pub fn rows(&self) -> usize {
         match self {
             WeightView::F32 { rows, .. } | WeightView::F16 { rows, .. } | WeightView::BF16 { rows, .. } => *rows,
-            WeightView::Quant(q) => q.rows,
+            WeightView::Quant(q) => q.rows(),
         }
     }
     pub fn cols(&self) -> usize {
         match self {
             WeightView::F32 { cols, .. } | WeightView::F16 { cols, .. } | WeightView::BF16 { cols, .. } => *cols,
-            WeightView::Quant(q) => q.cols,
+            WeightView::Quant(q) => q.cols(),
         }
     }
     /// Dequantizes row `r` into `out`.
@@ -172,7 +172,7 @@ impl<'a> WeightView<'a> {
             WeightView::F32 { data, .. } => data.len() * 4,
             WeightView::F16 { data, .. } => data.len() * 2,
             WeightView::BF16 { data, .. } => data.len() * 2,
-            WeightView::Quant(q) => q.qs.len() + 2 * q.scales.len() + 2 * q.mins.map_or(0, |m| m.len()),
+            WeightView::Quant(q) => q.qs().len() + 2 * q.scales().len() + 2 * q.mins().map_or(0, |m| m.len()),
         }
     }
     /// Pointer to the first byte of the weight data (used by zero-copy tests).
@@ -181,7 +181,7 @@ impl<'a> WeightView<'a> {
             WeightView::F32 { data, .. } => data.as_ptr() as *const u8,
             WeightView::F16 { data, .. } => data.as_ptr() as *const u8,
             WeightView::BF16 { data, .. } => data.as_ptr() as *const u8,
-            WeightView::Quant(q) => q.qs.as_ptr(),
+            WeightView::Quant(q) => q.qs().as_ptr(),
         }
     }
 }
@@ -519,14 +519,18 @@ impl ModelFile {
                     FloatDType::BF16 => WeightView::BF16 { data: bytemuck::cast_slice(b), rows, cols },
                 }
             }
-            TensorEntry::Quant { scheme, rows, cols, qs, scale, min } => WeightView::Quant(QMatrix {
-                scheme: *scheme,
-                rows: *rows,
-                cols: *cols,
-                qs: self.bytes(*qs),
-                scales: bytemuck::cast_slice(self.bytes(*scale)),
-                mins: min.map(|m| bytemuck::cast_slice(self.bytes(m))),
-            }),
+            TensorEntry::Quant { scheme, rows, cols, qs, scale, min } => WeightView::Quant(
+                QMatrix::new(
+                    *scheme,
+                    *rows,
+                    *cols,
+                    self.bytes(*qs),
+                    bytemuck::cast_slice(self.bytes(*scale)),
+                    min.map(|m| bytemuck::cast_slice(self.bytes(m))),
+                )
+                // Plane sizes were checked against the shape when the file was opened.
+                .expect("plane sizes checked at open"),
+            ),
         }
     }
 

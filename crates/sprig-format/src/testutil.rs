@@ -16,7 +16,7 @@ pub fn tiny_config() -> ModelConfig {
         norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_theta_local: None,
-        rope_scale: None,
+        rope_scaling: None,
         rope_layout: RopeLayout::Adjacent,
         activation: Activation::Silu,
         tied_embeddings: true,

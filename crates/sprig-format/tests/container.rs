@@ -41,7 +41,7 @@ fn round_trip_aligned_zero_copy() {
         assert!(map.contains(&p), "{name} not inside the mapping");
         assert_eq!((p as usize - map.start as usize) % 64, 0, "{name} not aligned");
         if let WeightView::Quant(q) = v {
-            assert_eq!((q.scales.as_ptr() as usize - map.start as usize) % 64, 0);
+            assert_eq!((q.scales().as_ptr() as usize - map.start as usize) % 64, 0);
         }
     }
     let q = f.weight("blk.0.ffn_down.weight").unwrap();
@@ -139,7 +139,7 @@ fn non_finite_scales() {
     let bytes = sample();
     let f = ModelFile::from_bytes(&bytes).unwrap();
     let WeightView::Quant(q) = f.weight("token_embd.weight").unwrap() else { panic!() };
-    let off = q.scales.as_ptr() as usize - f.mapping().as_ptr() as usize;
+    let off = q.scales().as_ptr() as usize - f.mapping().as_ptr() as usize;
     for bad in [f16::NAN, f16::INFINITY, f16::NEG_INFINITY] {
         let mut b = bytes.clone();
         b[off + 10..off + 12].copy_from_slice(&bad.to_le_bytes());

@@ -56,8 +56,8 @@ fn open_100mb_model_is_zero_copy() {
     let map = f.mapping().as_ptr_range();
     for i in 0..64 {
         let WeightView::Quant(q) = f.weight(&format!("blk.{i}.ffn_up.weight")).unwrap() else { panic!() };
-        assert!(map.contains(&q.qs.as_ptr()) && map.contains(&q.scales.as_ptr().cast()));
-        assert!(map.contains(&q.qs.as_ptr().wrapping_add(q.qs.len() - 1)));
+        assert!(map.contains(&q.qs().as_ptr()) && map.contains(&q.scales().as_ptr().cast()));
+        assert!(map.contains(&q.qs().as_ptr().wrapping_add(q.qs().len() - 1)));
     }
     drop(f);
     let _ = std::fs::remove_file(&path);

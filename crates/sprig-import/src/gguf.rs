@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use memmap2::Mmap;
-use sprig_format::config::{Activation, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RouterScoring};
+use sprig_format::config::{Activation, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RopeScaling, RouterScoring};
 use sprig_format::ContainerWriter;
 use sprig_quant::ggml::GgmlType;
 use sprig_tokenizer::{hf as hftok, token_type, SpecialTokens, TokenizerSpec};
@@ -284,6 +284,51 @@ impl GgufFile {
     }
 }
 
+/// RoPE scaling from GGUF metadata, mapped onto transformers' types: `linear`, `yarn` (llama.cpp's keys; its
+/// `attn_factor` multiplies YaRN's default attention factor) and Llama 3.x, which llama.cpp's converter stores
+/// as per-frequency divisors in `rope_freqs.weight`. Any other type is an error, never a silent plain RoPE.
+fn rope_scaling_from_gguf(g: &GgufFile, k: &dyn Fn(&str) -> String, ctx_len: usize) -> Result<Option<RopeScaling>> {
+    let factor = g.opt_f(&k("rope.scaling.factor")).map(|f| f as f32);
+    let scaling = match g.get(&k("rope.scaling.type")).map(|v| v.as_str()) {
+        None | Some(Some("none")) => None,
+        Some(Some("linear")) => factor.filter(|&f| f != 1.0).map(|factor| RopeScaling::Linear { factor }),
+        Some(Some("yarn")) => {
+            let factor = factor.ok_or_else(|| invalid("GGUF: yarn RoPE scaling without rope.scaling.factor"))?;
+            let original = g
+                .get(&k("rope.scaling.original_context_length"))
+                .and_then(|v| v.as_u64())
+                .map_or(ctx_len, |v| v as usize);
+            let attn = g.opt_f(&k("rope.scaling.attn_factor")).unwrap_or(1.0) as f32;
+            Some(RopeScaling::Yarn {
+                factor,
+                original_context: original,
+                beta_fast: g.opt_f(&k("rope.scaling.yarn_beta_fast")).unwrap_or(32.0) as f32,
+                beta_slow: g.opt_f(&k("rope.scaling.yarn_beta_slow")).unwrap_or(1.0) as f32,
+                attention_factor: attn * sprig_format::config::yarn_mscale(factor, 1.0),
+                truncate: true,
+            })
+        }
+        Some(Some(other)) => {
+            return Err(invalid(format!(
+                "GGUF: RoPE scaling type `{other}` is not supported (none, linear, yarn, llama3 via rope_freqs)"
+            )))
+        }
+        Some(None) => return Err(invalid("GGUF: rope.scaling.type is not a string")),
+    };
+    if let Some(t) = g.tensor("rope_freqs.weight") {
+        if scaling.is_some() {
+            return Err(invalid("GGUF: rope_freqs.weight together with another RoPE scaling type"));
+        }
+        if t.ty != GgmlType::F32 {
+            return Err(invalid(format!("GGUF: rope_freqs.weight is {}, expected F32", t.ty.name())));
+        }
+        let factors: Vec<f32> =
+            g.tensor_data(t).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        return Ok(Some(RopeScaling::FreqFactors { factors }));
+    }
+    Ok(scaling)
+}
+
 /// Builds the native config from GGUF metadata.
 pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     let arch = g
@@ -364,10 +409,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     };
     let eps = g.opt_f(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5) as f32;
     let rope_theta = g.opt_f(&k("rope.freq_base")).unwrap_or(10000.0) as f32;
-    let rope_scale = match g.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) {
-        Some("linear") => g.opt_f(&k("rope.scaling.factor")).map(|f| f as f32),
-        _ => None,
-    };
+    let ctx_len = g.get(&k("context_length")).and_then(|v| v.as_u64()).unwrap_or(2048) as usize;
+    let rope_scaling = rope_scaling_from_gguf(g, &k, ctx_len)?;
     let cfg = ModelConfig {
         arch: arch.clone(),
         dim,
@@ -377,11 +420,11 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         head_dim,
         hidden_dim,
         vocab_size,
-        max_seq_len: g.get(&k("context_length")).and_then(|v| v.as_u64()).unwrap_or(2048) as usize,
+        max_seq_len: ctx_len,
         norm_eps: eps,
         rope_theta,
         rope_theta_local: if gemma { Some(10000.0) } else { None },
-        rope_scale,
+        rope_scaling,
         rope_layout: if arch == "llama" { RopeLayout::Adjacent } else { RopeLayout::Half },
         activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
         tied_embeddings: g.tensor("output.weight").is_none(),
@@ -481,6 +524,10 @@ pub fn import_file(g: &GgufFile, opts: &ImportOptions, progress: Progress) -> Re
     let mut sink = Sink { writer, quant: opts.quant, losses: vec![], importance: opts.importance };
     let total = g.tensors.len();
     for (i, t) in g.tensors.iter().enumerate() {
+        // RoPE frequency factors went into the config (`RopeScaling::FreqFactors`).
+        if t.name == "rope_freqs.weight" {
+            continue;
+        }
         // Stacked expert tensors [E, rows, cols] are stored as one [E*rows, cols] matrix: experts stay int4 and
         // expert e's rows are a contiguous slice.
         let mut shape = t.shape();

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
-use sprig_format::config::{Activation, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RouterScoring};
+use sprig_format::config::{
+    yarn_mscale, Activation, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RopeScaling, RouterScoring,
+};
 use sprig_format::ContainerWriter;
 use sprig_quant::ggml::GgmlType;
 use sprig_tokenizer::{SpecialTokens, TokenizerSpec};
@@ -67,12 +69,8 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
             }
         }
     }
-    let rope_scale = c
-        .get("rope_scaling")
-        .filter(|v| v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()) == Some("linear"))
-        .and_then(|v| v.get("factor"))
-        .and_then(|f| f.as_f64())
-        .map(|f| f as f32);
+    let max_pos = get_usize(c, "max_position_embeddings").unwrap_or(2048);
+    let rope_scaling = rope_scaling_from_hf(c.get("rope_scaling"), max_pos)?;
     let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
     let cfg = ModelConfig {
         arch: arch.into(),
@@ -87,7 +85,7 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
         norm_eps: f("rms_norm_eps", 1e-6) as f32,
         rope_theta: f("rope_theta", 10000.0) as f32,
         rope_theta_local: if gemma { Some(f("rope_local_base_freq", 10000.0) as f32) } else { None },
-        rope_scale,
+        rope_scaling,
         rope_layout: RopeLayout::Half,
         activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
         tied_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(gemma),
@@ -252,9 +250,13 @@ fn tokenizer_spec(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
             _ => None,
         }
     };
-    let bos = tok_str("bos_token").and_then(|s| id_of(&s));
+    // BOS as transformers adds it: `add_bos_token` when the config says, else whatever the tokenizer's
+    // post-processor template puts in front of a single sequence (Gemma, Llama 3: `<bos>` / `<|begin_of_text|>`;
+    // Qwen2: nothing).
+    let post_bos = post_processor_bos(&tok);
+    let bos = tok_str("bos_token").and_then(|s| id_of(&s)).or_else(|| post_bos.as_deref().and_then(id_of));
     let eos = tok_str("eos_token").and_then(|s| id_of(&s));
-    let add_bos = tc.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false) && bos.is_some();
+    let add_bos = tc.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(post_bos.is_some()) && bos.is_some();
     let mut stop: Vec<u32> = eos.into_iter().collect();
     for t in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
         if let Some(i) = id_of(t) {
@@ -263,11 +265,42 @@ fn tokenizer_spec(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
             }
         }
     }
-    let template = tc.get("chat_template").and_then(|v| v.as_str()).map(String::from);
+    // transformers reads `chat_template.jinja` first, then `tokenizer_config.json` (a string, or a list of
+    // named templates of which `default` is the chat one).
+    let jinja = dir.join("chat_template.jinja");
+    let template = if jinja.exists() {
+        Some(std::fs::read_to_string(&jinja).map_err(io_err(&jinja))?)
+    } else {
+        match tc.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(String::from),
+            _ => None,
+        }
+    };
     Ok((
         TokenizerSpec::HuggingFace { tokenizer_json: tj, special: SpecialTokens { bos, eos, add_bos, stop } },
         template,
     ))
+}
+
+/// The special token a tokenizer.json post-processor prepends to a single sequence, if any (a
+/// `TemplateProcessing`, alone or inside a `Sequence`).
+fn post_processor_bos(tok: &Value) -> Option<String> {
+    let pp = tok.get("post_processor")?;
+    let templates: Vec<&Value> = match pp.get("type").and_then(|t| t.as_str()) {
+        Some("TemplateProcessing") => vec![pp],
+        Some("Sequence") => pp.get("processors")?.as_array()?.iter().collect(),
+        _ => return None,
+    };
+    templates
+        .into_iter()
+        .filter(|p| p.get("type").and_then(|t| t.as_str()) == Some("TemplateProcessing"))
+        .find_map(|p| p.get("single")?.as_array()?.first()?.pointer("/SpecialToken/id")?.as_str().map(String::from))
 }
 
 pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
@@ -349,4 +382,48 @@ pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Im
         sink.add_ggml(&stacked, ty, &[shape[0] * n_experts, shape[1]], &bytes);
     }
     Ok(Imported { writer: sink.writer, losses: sink.losses })
+}
+
+/// `rope_scaling` of a transformers config: `linear`, `llama3` and `yarn` with transformers' defaults; any
+/// other type is an error (running it as plain RoPE would put every long-context position in the wrong place).
+pub fn rope_scaling_from_hf(v: Option<&serde_json::Value>, max_pos: usize) -> Result<Option<RopeScaling>> {
+    let Some(v) = v.filter(|v| !v.is_null()) else { return Ok(None) };
+    let ty = v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let num = |k: &str| v.get(k).and_then(|x| x.as_f64());
+    let need = |k: &str| num(k).ok_or_else(|| invalid(format!("config.json: rope_scaling ({ty}) needs `{k}`")));
+    let original = v.get("original_max_position_embeddings").and_then(|x| x.as_u64()).map(|x| x as usize);
+    Ok(match ty {
+        "default" => None,
+        "linear" => Some(RopeScaling::Linear { factor: need("factor")? as f32 }),
+        "llama3" => Some(RopeScaling::Llama3 {
+            factor: need("factor")? as f32,
+            low_freq_factor: need("low_freq_factor")? as f32,
+            high_freq_factor: need("high_freq_factor")? as f32,
+            original_context: original
+                .ok_or_else(|| invalid("config.json: llama3 rope_scaling needs original_max_position_embeddings"))?,
+        }),
+        "yarn" => {
+            let factor = need("factor")? as f32;
+            let attention_factor = match (num("attention_factor"), num("mscale"), num("mscale_all_dim")) {
+                (Some(a), _, _) => a as f32,
+                (None, Some(m), Some(all)) if m != 0.0 && all != 0.0 => {
+                    yarn_mscale(factor, m as f32) / yarn_mscale(factor, all as f32)
+                }
+                _ => yarn_mscale(factor, 1.0),
+            };
+            Some(RopeScaling::Yarn {
+                factor,
+                original_context: original.unwrap_or(max_pos),
+                beta_fast: num("beta_fast").unwrap_or(32.0) as f32,
+                beta_slow: num("beta_slow").unwrap_or(1.0) as f32,
+                attention_factor,
+                truncate: v.get("truncate").and_then(|x| x.as_bool()).unwrap_or(true),
+            })
+        }
+        other => {
+            return Err(invalid(format!(
+                "config.json: RoPE scaling type `{other}` is not supported (default, linear, llama3, yarn)"
+            )))
+        }
+    })
 }

@@ -219,7 +219,7 @@ pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], opts: &ImportOptions, progre
         norm_eps: 1e-5,
         rope_theta: 10000.0,
         rope_theta_local: None,
-        rope_scale: None,
+        rope_scaling: None,
         rope_layout: RopeLayout::Adjacent,
         activation: Activation::Silu,
         tied_embeddings: h.shared,

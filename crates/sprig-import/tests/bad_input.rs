@@ -8,8 +8,8 @@ use sprig_import::gguf::GgufFile;
 use sprig_import::synth::{gguf_bytes, write_hf_dir, GgufWriter, HfDtype, SynthSpec};
 use sprig_import::{llama2c, ImportOptions, QuantChoice};
 
-fn shared(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models").join(p)
+fn fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(p)
 }
 
 fn synth_gguf() -> Vec<u8> {
@@ -87,8 +87,8 @@ fn gguf_missing_metadata_names_the_key() {
 
 #[test]
 fn llama2c_bad_inputs() {
-    let model = std::fs::read(shared("stories260K/stories260K.bin")).unwrap();
-    let tok = std::fs::read(shared("stories260K/tok512.bin")).unwrap();
+    let model = std::fs::read(fixture("stories260K/stories260K.bin")).unwrap();
+    let tok = std::fs::read(fixture("stories260K/tok512.bin")).unwrap();
     let imp = |m: &[u8], t: &[u8]| {
         llama2c::import_bytes(m, t, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {})
             .err()
@@ -147,8 +147,8 @@ fn hf_bad_inputs() {
 fn mutation_fuzz_parsers() {
     let gguf = synth_gguf();
     let moe = gguf_bytes(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny_moe("qwen2moe") }).unwrap();
-    let model = std::fs::read(shared("stories260K/stories260K.bin")).unwrap();
-    let tok = std::fs::read(shared("stories260K/tok512.bin")).unwrap();
+    let model = std::fs::read(fixture("stories260K/stories260K.bin")).unwrap();
+    let tok = std::fs::read(fixture("stories260K/tok512.bin")).unwrap();
     let imported = llama2c::import_bytes(&model, &tok, &ImportOptions::quant(QuantChoice::Q4), &mut |_, _| {}).unwrap();
     let native = imported.writer.to_bytes();
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);

@@ -201,7 +201,8 @@ impl<B: Backend> Model<B> {
                 AttentionKind::Global => (None, c.rope_theta),
                 AttentionKind::Sliding { window } => (Some(window), c.rope_theta_local.unwrap_or(c.rope_theta)),
             };
-            let rope_scale = if window.is_none() { c.rope_scale.unwrap_or(1.0) } else { 1.0 };
+            // Long-context scaling applies to global layers (Gemma 3's local layers keep their own base).
+            let scaling = if window.is_none() { c.rope_scaling.as_ref() } else { None };
             layers.push(Layer {
                 attn_norm: load(&n("attn_norm.weight"), 1, d)?,
                 wq: load(&n("attn_q.weight"), qd, d)?,
@@ -221,20 +222,21 @@ impl<B: Backend> Model<B> {
                     scale: c.attn_scale(),
                     window,
                 },
-                rope: RopeParams { n_heads: 0, head_dim: hd, theta, scale: rope_scale, layout: c.rope_layout },
+                rope: RopeParams::new(0, hd, theta, scaling, c.rope_layout),
             });
         }
         Ok(Model { config: c, file, backend, embd, output, output_norm, layers })
     }
 
-    /// A fresh sequence state holding up to `max_context` positions (0 = the model's trained context).
-    pub fn new_state(&self, max_context: usize) -> State<B> {
+    /// A fresh sequence state holding up to `max_context` positions (0 = the model's trained context). Fails
+    /// when its KV cache cannot be allocated.
+    pub fn new_state(&self, max_context: usize) -> Result<State<B>> {
         let ctx = if max_context == 0 { self.config.max_seq_len } else { max_context };
         let b = &*self.backend;
-        State {
+        Ok(State {
             pos: 0,
             max_context: ctx,
-            kv: b.kv_cache(&self.kv_layout(ctx)),
+            kv: b.kv_cache(&self.kv_layout(ctx))?,
             x: b.tensor(),
             xn: b.tensor(),
             q: b.tensor(),
@@ -257,7 +259,7 @@ impl<B: Backend> Model<B> {
                     Ffn::Dense(_) => None,
                 })
                 .collect(),
-        }
+        })
     }
 
     pub fn kv_layout(&self, ctx: usize) -> KvLayout {
@@ -280,13 +282,14 @@ impl<B: Backend> Model<B> {
         mut observe: Option<&mut LinearInputObserver>,
     ) -> Result<()> {
         let mut host = Vec::new();
-        let mut show = |b: &B, t: &B::Tensor, li: usize, names: &[&str]| {
+        let mut show = |b: &B, t: &B::Tensor, li: usize, names: &[&str]| -> Result<()> {
             if let Some(f) = observe.as_mut() {
-                b.download(t, &mut host);
+                b.download(t, &mut host)?;
                 let full: Vec<String> = names.iter().map(|n| format!("blk.{li}.{n}.weight")).collect();
                 let refs: Vec<&str> = full.iter().map(|s| s.as_str()).collect();
                 f(&refs, &host);
             }
+            Ok(())
         };
         let c = &self.config;
         let b = &*self.backend;
@@ -304,7 +307,7 @@ impl<B: Backend> Model<B> {
         for (li, l) in self.layers.iter().enumerate() {
             // Attention block.
             b.rms_norm(&st.x, &l.attn_norm, eps, one, &mut st.xn);
-            show(b, &st.xn, li, &["attn_q", "attn_k", "attn_v"]);
+            show(b, &st.xn, li, &["attn_q", "attn_k", "attn_v"])?;
             let bias = |i: usize| l.bias.as_ref().map(|x| &x[i]);
             b.linear_many(
                 &st.xn,
@@ -317,29 +320,29 @@ impl<B: Backend> Model<B> {
                 b.rms_norm(&st.k, kn, eps, one, &mut st.att);
                 std::mem::swap(&mut st.k, &mut st.att);
             }
-            b.rope(&mut st.q, st.pos, &RopeParams { n_heads: c.n_heads, ..l.rope });
-            b.rope(&mut st.k, st.pos, &RopeParams { n_heads: c.n_kv_heads, ..l.rope });
+            b.rope(&mut st.q, st.pos, &RopeParams { n_heads: c.n_heads, ..l.rope.clone() });
+            b.rope(&mut st.k, st.pos, &RopeParams { n_heads: c.n_kv_heads, ..l.rope.clone() });
             b.attention(&st.q, &st.k, &st.v, &mut st.kv, li, st.pos, &l.attn, &mut st.att);
-            show(b, &st.att, li, &["attn_output"]);
+            show(b, &st.att, li, &["attn_output"])?;
             b.linear(&st.att, &l.wo, None, &mut st.proj);
             residual(b, &mut st.x, &st.proj, l.post_attn_norm.as_ref(), eps, one, &mut st.xn);
             // Feed-forward block.
             b.rms_norm(&st.x, &l.ffn_norm, eps, one, &mut st.xn);
             match &l.ffn {
                 Ffn::Dense(f) => {
-                    show(b, &st.xn, li, &["ffn_gate", "ffn_up"]);
+                    show(b, &st.xn, li, &["ffn_gate", "ffn_up"])?;
                     f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.proj);
-                    show(b, &st.hid, li, &["ffn_down"]);
+                    show(b, &st.hid, li, &["ffn_down"])?;
                 }
                 Ffn::Moe { router, gate, up, down, shared, params } => {
-                    show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"]);
+                    show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"])?;
                     b.linear(&st.xn, router, None, &mut st.router);
                     let experts = ExpertWeights { gate, up, down };
                     b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, st.moe_usage[li].as_mut());
                     if let Some((f, gate_inp)) = shared {
-                        show(b, &st.xn, li, &["ffn_gate_shexp", "ffn_up_shexp"]);
+                        show(b, &st.xn, li, &["ffn_gate_shexp", "ffn_up_shexp"])?;
                         f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.shared);
-                        show(b, &st.hid, li, &["ffn_down_shexp"]);
+                        show(b, &st.hid, li, &["ffn_down_shexp"])?;
                         if let Some(g) = gate_inp {
                             b.linear(&st.xn, g, None, &mut st.router);
                             b.sigmoid_gate(&mut st.shared, &st.router);
@@ -366,8 +369,8 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// Copies the last forward pass's logits to the host.
-    pub fn read_logits(&self, st: &State<B>, out: &mut Vec<f32>) {
-        self.backend.download(&st.logits, out);
+    /// Copies the last forward pass's logits to the host (an error when the device is lost).
+    pub fn read_logits(&self, st: &State<B>, out: &mut Vec<f32>) -> Result<()> {
+        Ok(self.backend.download(&st.logits, out)?)
     }
 }

@@ -7,17 +7,20 @@ use crate::scheme::{blocks_per_row, BLOCK};
 /// `rows` activation vectors of `cols` features, each split in blocks of 32 (last block zero-padded).
 /// Buffers are reused across calls: [`QuantizedActivations::quantize`] only allocates when it must grow.
 #[derive(Clone, Debug, Default)]
+///
+/// The fields are private: [`QuantizedActivations::quantize`] keeps every plane exactly as long as `rows` and
+/// `cols` imply, which the SIMD kernels' unchecked loads rely on.
 pub struct QuantizedActivations {
-    pub rows: usize,
-    pub cols: usize,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
     /// `rows * nb * 32` int8 codes.
-    pub qs: Vec<i8>,
+    pub(crate) qs: Vec<i8>,
     /// Per-block scale `d` (`x ≈ d * q`).
-    pub d: Vec<f32>,
+    pub(crate) d: Vec<f32>,
     /// Per-block `d * sum(q)`, the term an asymmetric weight's min multiplies.
-    pub sum: Vec<f32>,
+    pub(crate) sum: Vec<f32>,
     /// Per-block `sum(q)`, exact (kernels that offset codes correct for it in integer arithmetic).
-    pub isum: Vec<i32>,
+    pub(crate) isum: Vec<i32>,
     /// The same codes repacked for a kernel that wants its own order (see [`crate::kernels::prepare`]).
     pub(crate) packed: Vec<u8>,
     /// The kernel `packed` was made for; quantizing again resets it.
@@ -25,6 +28,15 @@ pub struct QuantizedActivations {
 }
 
 impl QuantizedActivations {
+    /// Activation vectors (tokens).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Features per vector.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     pub fn nb(&self) -> usize {
         blocks_per_row(self.cols)
     }

@@ -84,14 +84,17 @@ pub fn blocks_per_row(cols: usize) -> usize {
 }
 
 /// A borrowed quantized matrix (usually pointing into the memory-mapped model file).
+///
+/// The fields are private so that every `QMatrix` has planes of exactly the sizes its shape implies (checked by
+/// [`QMatrix::new`]): the SIMD kernels rely on that for their unchecked loads.
 #[derive(Clone, Copy, Debug)]
 pub struct QMatrix<'a> {
-    pub scheme: Scheme,
-    pub rows: usize,
-    pub cols: usize,
-    pub qs: &'a [u8],
-    pub scales: &'a [f16],
-    pub mins: Option<&'a [f16]>,
+    pub(crate) scheme: Scheme,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) qs: &'a [u8],
+    pub(crate) scales: &'a [f16],
+    pub(crate) mins: Option<&'a [f16]>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -107,29 +110,76 @@ pub enum LayoutError {
 }
 
 impl<'a> QMatrix<'a> {
+    /// A matrix over the given planes; an error unless each plane has exactly the size the shape implies and
+    /// the scheme's min plane is present or absent as it must be.
+    pub fn new(
+        scheme: Scheme,
+        rows: usize,
+        cols: usize,
+        qs: &'a [u8],
+        scales: &'a [f16],
+        mins: Option<&'a [f16]>,
+    ) -> Result<Self, LayoutError> {
+        let m = QMatrix { scheme, rows, cols, qs, scales, mins };
+        m.check_planes()?;
+        Ok(m)
+    }
+
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Codes: `rows * nb * scheme.qs_bytes_per_block()` bytes.
+    pub fn qs(&self) -> &'a [u8] {
+        self.qs
+    }
+    /// One f16 scale per block: `rows * nb`.
+    pub fn scales(&self) -> &'a [f16] {
+        self.scales
+    }
+    /// One f16 min per block (asymmetric schemes).
+    pub fn mins(&self) -> Option<&'a [f16]> {
+        self.mins
+    }
+
     pub fn nb(&self) -> usize {
         blocks_per_row(self.cols)
     }
 
-    /// Checks that the planes have exactly the sizes the shape implies and that every scale/min is finite.
-    pub fn validate(&self) -> Result<(), LayoutError> {
+    fn check_planes(&self) -> Result<(), LayoutError> {
         let nb = self.nb();
         let s = self.scheme.name();
-        let check = |plane, got, expected| {
-            if got != expected {
-                Err(LayoutError::PlaneSize { plane, got, expected, rows: self.rows, cols: self.cols, scheme: s })
-            } else {
-                Ok(())
-            }
+        let size = |n: usize| n.checked_mul(nb).and_then(|v| v.checked_mul(self.scheme.qs_bytes_per_block()));
+        let check = |plane, got, expected: Option<usize>| match expected {
+            Some(e) if e == got => Ok(()),
+            e => Err(LayoutError::PlaneSize {
+                plane,
+                got,
+                expected: e.unwrap_or(usize::MAX),
+                rows: self.rows,
+                cols: self.cols,
+                scheme: s,
+            }),
         };
-        check("qs", self.qs.len(), self.rows * nb * self.scheme.qs_bytes_per_block())?;
-        check("scale", self.scales.len(), self.rows * nb)?;
+        check("qs", self.qs.len(), size(self.rows))?;
+        check("scale", self.scales.len(), self.rows.checked_mul(nb))?;
         match (self.scheme.has_min(), self.mins) {
-            (true, None) => return Err(LayoutError::MissingMin(s)),
-            (false, Some(_)) => return Err(LayoutError::UnexpectedMin(s)),
-            (true, Some(m)) => check("min", m.len(), self.rows * nb)?,
-            _ => {}
+            (true, None) => Err(LayoutError::MissingMin(s)),
+            (false, Some(_)) => Err(LayoutError::UnexpectedMin(s)),
+            (true, Some(m)) => check("min", m.len(), self.rows.checked_mul(nb)),
+            _ => Ok(()),
         }
+    }
+
+    /// Checks that the planes have exactly the sizes the shape implies and that every scale/min is finite.
+    pub fn validate(&self) -> Result<(), LayoutError> {
+        self.check_planes()?;
+        let nb = self.nb();
         let bad = |i: usize| LayoutError::NonFinite { row: i / nb.max(1), block: i % nb.max(1) };
         if let Some(i) = self.scales.iter().position(|d| !d.is_finite()) {
             return Err(bad(i));
@@ -145,7 +195,9 @@ impl<'a> QMatrix<'a> {
         self.rows_range(r, r + 1)
     }
 
+    /// Rows `start..end` (panics when out of range, like slicing).
     pub fn rows_range(&self, start: usize, end: usize) -> QMatrix<'a> {
+        assert!(start <= end && end <= self.rows, "rows {start}..{end} of {}", self.rows);
         let nb = self.nb();
         let qb = nb * self.scheme.qs_bytes_per_block();
         QMatrix {
@@ -232,5 +284,28 @@ impl QMatrixOwned {
             scales: &self.scales,
             mins: self.mins.as_deref(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matrices_only_exist_with_planes_their_shape_implies() {
+        let (rows, cols) = (4, 70); // 3 blocks per row, the last one ragged
+        let nb = blocks_per_row(cols);
+        let qs = vec![0u8; rows * nb * 16];
+        let sc = vec![f16::ONE; rows * nb];
+        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc, None).is_ok());
+        // One byte, one scale short, a min plane too short or missing, or an absurd shape: errors, so no kernel
+        // ever loads past a plane.
+        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs[1..], &sc, None).is_err());
+        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc[1..], None).is_err());
+        assert!(QMatrix::new(Scheme::Q4A, rows, cols, &qs, &sc, None).is_err());
+        assert!(QMatrix::new(Scheme::Q4A, rows, cols, &qs, &sc, Some(&sc[2..])).is_err());
+        assert!(QMatrix::new(Scheme::Q4, rows + 1, cols, &qs, &sc, None).is_err());
+        assert!(QMatrix::new(Scheme::Q8, usize::MAX / 2, cols, &qs, &sc, None).is_err());
+        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc, Some(&sc)).is_err());
     }
 }

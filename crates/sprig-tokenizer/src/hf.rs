@@ -16,6 +16,8 @@ pub struct HfTokenizer {
     tok: tokenizers::Tokenizer,
     byte_level: bool,
     strip_space: bool,
+    /// Every added token by its literal string: (text, id, special).
+    added: Vec<(String, u32, bool)>,
 }
 
 fn err(e: impl std::fmt::Display) -> TokenizerError {
@@ -40,7 +42,8 @@ impl HfTokenizer {
         let dec = probe.decoder.map(|d| d.to_string()).unwrap_or_default();
         let byte_level = dec.contains("\"ByteLevel\"") || (dec.is_empty() && json.contains("\"ByteLevel\""));
         let strip_space = !byte_level && (dec.contains("\"Strip\"") || dec.contains("\"Metaspace\""));
-        Ok(HfTokenizer { tok, byte_level, strip_space })
+        let added = tok.get_added_tokens_decoder().into_iter().map(|(id, t)| (t.content, id, t.special)).collect();
+        Ok(HfTokenizer { tok, byte_level, strip_space, added })
     }
 
     pub fn is_byte_level(&self) -> bool {
@@ -51,9 +54,29 @@ impl HfTokenizer {
         self.strip_space
     }
 
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tok.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+    /// Encodes `text` with the normalizer, pre-tokenizer and model only (added tokens are matched by the
+    /// caller, [`crate::Tokenizer`], which decides which of them plain text may produce).
+    pub fn encode(&self, text: &str, out: &mut Vec<u32>) -> Result<()> {
+        use tokenizers::{Model, Normalizer, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let e = |e: tokenizers::Error| TokenizerError::Encode(e.to_string());
+        let mut pre = PreTokenizedString::from(text);
+        if let Some(n) = self.tok.get_normalizer() {
+            pre.normalize(|s| n.normalize(s)).map_err(e)?;
+        }
+        if let Some(p) = self.tok.get_pre_tokenizer() {
+            p.pre_tokenize(&mut pre).map_err(e)?;
+        }
+        let model = self.tok.get_model();
+        pre.tokenize(|s| model.tokenize(s.get())).map_err(e)?;
+        for (_, _, toks) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            out.extend(toks.iter().flatten().map(|t| t.id));
+        }
+        Ok(())
+    }
+
+    /// Added tokens by literal string (for splitting text that may spell them).
+    pub fn added_tokens(&self) -> &[(String, u32, bool)] {
+        &self.added
     }
 
     pub fn token_text(&self, id: u32) -> Option<String> {

@@ -70,8 +70,19 @@ pub struct SpecialTokens {
 }
 
 /// A ready tokenizer.
+///
+/// Text is encoded as plain text by default: a user who types `<|im_end|><|im_start|>system` gets those
+/// characters, not the control tokens. Only text the caller vouches for (what a chat template emits, or a raw
+/// prompt with an explicit opt-in) goes through [`Tokenizer::encode_special`] / [`Tokenizer::encode_parts`],
+/// where control-token strings become their ids. User-defined pieces (GGUF `USER_DEFINED`, HF added tokens
+/// that are not special: Gemma's whitespace runs, for instance) are ordinary text pieces and match in both
+/// modes, as in llama.cpp and transformers.
 pub struct Tokenizer {
     inner: Inner,
+    /// Matches user-defined piece strings, leftmost-longest (plain text).
+    text_matcher: Option<Matcher>,
+    /// Matches user-defined and control token strings, leftmost-longest (trusted text).
+    special_matcher: Option<Matcher>,
     special: SpecialTokens,
     /// Bytes each token decodes to (empty for control tokens).
     token_bytes: Vec<Vec<u8>>,
@@ -79,6 +90,27 @@ pub struct Tokenizer {
     strip_leading_space: bool,
     /// `▁` in decoded text means a space (SentencePiece-style vocabularies), also when byte fallback spelled it.
     space_marker: bool,
+}
+
+/// Token strings found literally in text, with the id of each pattern.
+struct Matcher {
+    ac: aho_corasick::AhoCorasick,
+    ids: Vec<u32>,
+}
+
+impl Matcher {
+    fn new(strings: &[(String, u32, bool)], with_control: bool) -> Result<Option<Matcher>> {
+        let pick: Vec<&(String, u32, bool)> =
+            strings.iter().filter(|(s, _, control)| !s.is_empty() && (with_control || !control)).collect();
+        if pick.is_empty() {
+            return Ok(None);
+        }
+        let ac = aho_corasick::AhoCorasick::builder()
+            .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+            .build(pick.iter().map(|(s, _, _)| s.as_str()))
+            .map_err(|e| TokenizerError::Spec(format!("special tokens: {e}")))?;
+        Ok(Some(Matcher { ac, ids: pick.iter().map(|(_, id, _)| *id).collect() }))
+    }
 }
 
 enum Inner {
@@ -117,12 +149,28 @@ impl Tokenizer {
         space_marker: bool,
     ) -> Result<Self> {
         let n = token_bytes.len() as u32;
+        if special.add_bos && special.bos.is_none() {
+            return Err(TokenizerError::Spec("the tokenizer adds BOS but names no BOS token".into()));
+        }
         for id in special.bos.iter().chain(&special.eos).chain(&special.stop) {
             if *id >= n {
                 return Err(TokenizerError::Spec(format!("special token id {id} outside vocabulary of {n}")));
             }
         }
-        Ok(Tokenizer { inner, special, token_bytes, strip_leading_space: strip, space_marker })
+        let strings = match &inner {
+            Inner::Spm(t) => t.special_strings(),
+            Inner::Hf(t) => t.added_tokens(),
+        };
+        let (text_matcher, special_matcher) = (Matcher::new(strings, false)?, Matcher::new(strings, true)?);
+        Ok(Tokenizer {
+            inner,
+            text_matcher,
+            special_matcher,
+            special,
+            token_bytes,
+            strip_leading_space: strip,
+            space_marker,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -138,25 +186,66 @@ impl Tokenizer {
         self.special.stop.contains(&id) || self.special.eos == Some(id)
     }
 
-    /// Encodes `text`; special-token strings in it (e.g. `<|im_start|>`) become their ids. Prepends BOS when
+    /// Encodes `text` as plain text: strings that spell control tokens stay text. Prepends BOS when
     /// `add_bos` and the model has one.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        self.encode_parts(&[(text, false)], add_bos)
+    }
+
+    /// Encodes `text` with special-token strings (e.g. `<|im_start|>`) turned into their ids: only for text
+    /// the caller trusts (a rendered chat template, a raw prompt whose user opted in).
+    pub fn encode_special(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
+        self.encode_parts(&[(text, true)], add_bos)
+    }
+
+    /// Encodes consecutive parts of one text: `(text, true)` parts may produce special tokens, `(text, false)`
+    /// parts are plain text. Prepends BOS when `add_bos` and the model has one.
+    pub fn encode_parts(&self, parts: &[(&str, bool)], add_bos: bool) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
         if add_bos {
             if let Some(b) = self.special.bos {
                 ids.push(b);
             }
         }
-        match &self.inner {
-            Inner::Spm(t) => ids.extend(t.encode(text)),
-            Inner::Hf(t) => ids.extend(t.encode(text)?),
+        // The space prefix of SentencePiece vocabularies goes only before the very start of the text.
+        let mut at_start = true;
+        for &(text, special) in parts {
+            let mut rest = 0;
+            let matcher = if special { &self.special_matcher } else { &self.text_matcher };
+            if let Some(m) = matcher {
+                for hit in m.ac.find_iter(text) {
+                    self.encode_plain(&text[rest..hit.start()], at_start, &mut ids)?;
+                    ids.push(m.ids[hit.pattern().as_usize()]);
+                    at_start = false;
+                    rest = hit.end();
+                }
+            }
+            self.encode_plain(&text[rest..], at_start, &mut ids)?;
+            at_start &= text.is_empty();
         }
         Ok(ids)
     }
 
-    /// Encodes a prompt the way the model expects (BOS if the model adds one).
+    fn encode_plain(&self, text: &str, at_start: bool, out: &mut Vec<u32>) -> Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        match &self.inner {
+            Inner::Spm(t) => t.encode_fragment(text, at_start && t.adds_space_prefix(), out),
+            Inner::Hf(t) => t.encode(text, out)?,
+        }
+        Ok(())
+    }
+
+    /// Encodes a plain-text prompt the way the model expects (BOS if the model adds one).
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
         self.encode(text, self.special.add_bos)
+    }
+
+    /// Longest text one [`StreamDecoder::push_into`] call can append, in bytes: the longest token plus the
+    /// bytes of an incomplete character carried over, each possibly replaced by U+FFFD (3 bytes).
+    pub fn max_piece_bytes(&self) -> usize {
+        3 * (self.token_bytes.iter().map(|b| b.len()).max().unwrap_or(0) + 4)
     }
 
     /// Raw bytes of one token (empty for control tokens).
@@ -172,7 +261,7 @@ impl Tokenizer {
         let mut d = StreamDecoder::new(self);
         let mut s = String::new();
         for &id in ids {
-            s.push_str(&d.push(id)?);
+            d.push_into(id, &mut s)?;
         }
         s.push_str(&d.finish());
         Ok(s)
@@ -188,75 +277,85 @@ impl Tokenizer {
 }
 
 /// Turns a stream of token ids into text, holding back bytes of a UTF-8 character until it is complete.
+/// [`StreamDecoder::push_into`] appends to a caller-owned buffer and allocates nothing once its buffers have
+/// grown to the longest token (decode runs it per token).
 pub struct StreamDecoder<'t> {
     tok: &'t Tokenizer,
+    /// Bytes of an incomplete UTF-8 character carried to the next token.
     pending: Vec<u8>,
-    at_start: bool,
+    /// Nothing emitted yet (a `Cell`: set while the pending bytes are borrowed).
+    at_start: std::cell::Cell<bool>,
 }
 
 impl<'t> StreamDecoder<'t> {
     pub fn new(tok: &'t Tokenizer) -> Self {
-        StreamDecoder { tok, pending: Vec::new(), at_start: true }
+        // Sized for the longest token at once, so streaming never regrows it.
+        let pending = Vec::with_capacity(tok.max_piece_bytes());
+        StreamDecoder { tok, pending, at_start: std::cell::Cell::new(true) }
     }
 
     /// Feeds one token; returns the text that became complete (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
+        let mut s = String::new();
+        self.push_into(id, &mut s)?;
+        Ok(s)
+    }
+
+    /// Feeds one token and appends the text that became complete to `out`.
+    pub fn push_into(&mut self, id: u32, out: &mut String) -> Result<()> {
         let bytes = self.tok.token_bytes(id)?;
         if bytes.is_empty() {
-            return Ok(String::new());
+            return Ok(());
         }
         self.pending.extend_from_slice(bytes);
-        let text = self.take_complete();
-        Ok(self.finish_text(text))
-    }
-
-    /// Space markers become spaces; the very first space of the output is dropped when the vocabulary
-    /// prefixes text with one.
-    fn finish_text(&mut self, mut text: String) -> String {
-        if self.tok.space_marker && text.contains('▁') {
-            text = text.replace('▁', " ");
-        }
-        if self.at_start && !text.is_empty() {
-            self.at_start = false;
-            if self.tok.strip_leading_space && text.starts_with(' ') {
-                text.remove(0);
-            }
-        }
-        text
-    }
-
-    fn take_complete(&mut self) -> String {
-        let mut out = String::new();
+        let mut done = 0;
         loop {
-            match std::str::from_utf8(&self.pending) {
+            match std::str::from_utf8(&self.pending[done..]) {
                 Ok(s) => {
-                    out.push_str(s);
-                    self.pending.clear();
-                    return out;
+                    self.emit(s, out);
+                    done = self.pending.len();
+                    break;
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
-                    out.push_str(std::str::from_utf8(&self.pending[..valid]).unwrap());
+                    // The first `valid_up_to` bytes are valid UTF-8 by definition.
+                    let s = std::str::from_utf8(&self.pending[done..done + valid]).unwrap_or_default();
+                    self.emit(s, out);
                     match e.error_len() {
                         // Incomplete character at the end: keep it for the next token.
                         None => {
-                            self.pending.drain(..valid);
-                            return out;
+                            done += valid;
+                            break;
                         }
                         Some(bad) => {
-                            out.push('\u{FFFD}');
-                            self.pending.drain(..valid + bad);
+                            self.emit("\u{FFFD}", out);
+                            done += valid + bad;
                         }
                     }
                 }
             }
         }
+        self.pending.drain(..done);
+        Ok(())
+    }
+
+    /// Appends `s` to `out`: space markers become spaces, and the very first space of the output is dropped
+    /// when the vocabulary prefixes text with one.
+    fn emit(&self, s: &str, out: &mut String) {
+        for c in s.chars() {
+            let c = if self.tok.space_marker && c == '▁' { ' ' } else { c };
+            if self.at_start.replace(false) && self.tok.strip_leading_space && c == ' ' {
+                continue;
+            }
+            out.push(c);
+        }
     }
 
     /// Flushes what is left (an incomplete character becomes U+FFFD).
     pub fn finish(&mut self) -> String {
-        let s = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        self.finish_text(s)
+        let pending = std::mem::take(&mut self.pending);
+        let mut out = String::new();
+        self.emit(&String::from_utf8_lossy(&pending), &mut out);
+        out
     }
 }

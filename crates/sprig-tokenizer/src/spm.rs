@@ -14,8 +14,8 @@ pub struct SpmTokenizer {
     lookup: HashMap<String, u32>,
     byte_tokens: [Option<u32>; 256],
     unk: Option<u32>,
-    /// Control / user-defined token strings matched literally in the text, longest first.
-    specials: Vec<(String, u32)>,
+    /// Control / user-defined token strings: (text, id, is control).
+    specials: Vec<(String, u32, bool)>,
     add_space_prefix: bool,
 }
 
@@ -70,44 +70,30 @@ impl SpmTokenizer {
                     }
                 }
                 token_type::UNKNOWN => unk = unk.or(Some(id)),
-                token_type::CONTROL | token_type::USER_DEFINED if !t.is_empty() => specials.push((t.clone(), id)),
+                token_type::CONTROL | token_type::USER_DEFINED if !t.is_empty() => {
+                    specials.push((t.clone(), id, types[i] == token_type::CONTROL))
+                }
                 _ => {}
             }
             lookup.entry(t.clone()).or_insert(id);
         }
-        specials.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
         Ok(SpmTokenizer { tokens, scores, types, lookup, byte_tokens, unk, specials, add_space_prefix })
     }
 
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        let mut out = Vec::new();
-        // Split on special-token strings first; they map straight to their ids.
-        let mut rest = text;
-        let mut first = true;
-        while !rest.is_empty() {
-            let hit = self
-                .specials
-                .iter()
-                .filter_map(|(s, id)| rest.find(s.as_str()).map(|p| (p, s.len(), *id)))
-                .min_by_key(|&(p, len, _)| (p, usize::MAX - len));
-            let (frag, special) = match hit {
-                Some((p, len, id)) => {
-                    let f = &rest[..p];
-                    rest = &rest[p + len..];
-                    (f, Some(id))
-                }
-                None => (std::mem::take(&mut rest), None),
-            };
-            if !frag.is_empty() {
-                self.encode_fragment(frag, first && self.add_space_prefix, &mut out);
-            }
-            first = false;
-            out.extend(special);
-        }
-        out
+    pub fn adds_space_prefix(&self) -> bool {
+        self.add_space_prefix
     }
 
-    fn encode_fragment(&self, frag: &str, prefix: bool, out: &mut Vec<u32>) {
+    /// Control and user-defined token strings with their ids (matched in text only on request).
+    pub fn special_strings(&self) -> &[(String, u32, bool)] {
+        &self.specials
+    }
+
+    /// Encodes plain text (no special-token matching); `prefix` prepends the space marker.
+    pub fn encode_fragment(&self, frag: &str, prefix: bool, out: &mut Vec<u32>) {
+        if frag.is_empty() {
+            return;
+        }
         let mut text = String::with_capacity(frag.len() + 3);
         if prefix {
             text.push('▁');

@@ -81,12 +81,14 @@ pub struct WgpuBackend {
     client: Client,
     adapter: String,
     software: bool,
+    /// The device's largest storage buffer, in bytes.
+    max_buffer_bytes: usize,
     max_chunk_bytes: usize,
     /// Bound in place of the planes a kernel variant does not read.
     dummy_f32: Handle,
     dummy_u32: Handle,
-    /// cos/sin tables per (theta, scale, head_dim), grown to the largest position seen.
-    rope_tables: Mutex<HashMap<(u32, u32, usize), RopeTable>>,
+    /// cos/sin tables per (frequencies, attention factor), grown to the largest position seen.
+    rope_tables: Mutex<HashMap<(Vec<u32>, u32), RopeTable>>,
 }
 
 struct RopeTable {
@@ -185,11 +187,18 @@ impl WgpuBackend {
             client,
             adapter,
             software,
+            max_buffer_bytes: limit,
             max_chunk_bytes,
             dummy_f32,
             dummy_u32,
             rope_tables: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Memory a KV cache may take: the host's (integrated and software GPUs share it; wgpu does not report a
+    /// discrete GPU's own).
+    fn memory_limit(&self) -> Option<u64> {
+        sprig_backend::physical_memory()
     }
 
     /// Whether the adapter is a CPU-emulated one (lavapipe, SwiftShader): correct, not fast.
@@ -239,7 +248,8 @@ impl WgpuBackend {
     }
 
     fn rope_table(&self, p: &RopeParams, positions: usize) -> (Handle, Handle, usize) {
-        let key = (p.theta.to_bits(), p.scale.to_bits(), p.head_dim);
+        // Keyed by the frequencies themselves (and the attention factor): equal tables are shared.
+        let key: (Vec<u32>, u32) = (p.inv_freq.iter().map(|f| f.to_bits()).collect(), p.attention_factor.to_bits());
         let mut tables = self.rope_tables.lock().unwrap_or_else(|e| e.into_inner());
         let half = p.head_dim / 2;
         if let Some(t) = tables.get(&key) {
@@ -250,11 +260,12 @@ impl WgpuBackend {
         let n = positions.next_power_of_two().max(256);
         let (mut cos, mut sin) = (Vec::with_capacity(n * half), Vec::with_capacity(n * half));
         for pos in 0..n {
-            // The CPU backend's f32 formula (llama2.c's), so both backends rotate by the same angles.
-            let pos = pos as f32 / p.scale;
-            for i in 0..half {
-                let freq = 1.0f32 / p.theta.powf((2 * i) as f32 / p.head_dim as f32);
+            // The CPU backend's f32 formula, so both backends rotate by the same angles.
+            let pos = pos as f32;
+            let af = p.attention_factor;
+            for &freq in p.inv_freq.iter().take(half) {
                 let (s, c) = (pos * freq).sin_cos();
+                let (s, c) = if af == 1.0 { (s, c) } else { (s * af, c * af) };
                 cos.push(c);
                 sin.push(s);
             }
@@ -323,7 +334,7 @@ impl Backend for WgpuBackend {
         let file_bytes = v.bytes();
         let nb = cols.div_ceil(32);
         let (kind, row_bytes) = match &v {
-            WeightView::Quant(q) => (Kind::Quant(q.scheme), nb * q.scheme.qs_bytes_per_block()),
+            WeightView::Quant(q) => (Kind::Quant(q.scheme()), nb * q.scheme().qs_bytes_per_block()),
             _ => (Kind::F32, 4 * cols),
         };
         if rows == 0 || cols == 0 {
@@ -337,16 +348,16 @@ impl Backend for WgpuBackend {
             let part = v.rows_range(row0, row0 + n);
             let chunk = match part {
                 WeightView::Quant(q) => {
-                    if q.qs.len() % 4 != 0 {
+                    if q.qs().len() % 4 != 0 {
                         return Err(BackendError::Shape(format!(
                             "{name}: code plane of {} bytes is not whole words",
-                            q.qs.len()
+                            q.qs().len()
                         )));
                     }
                     let words: Vec<u32> =
-                        q.qs.chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                    let scales: Vec<f32> = q.scales.iter().map(|s| s.to_f32()).collect();
-                    let mins = q.mins.map(|m| self.upload_slice(&m.iter().map(|s| s.to_f32()).collect::<Vec<_>>()));
+                        q.qs().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                    let scales: Vec<f32> = q.scales().iter().map(|s| s.to_f32()).collect();
+                    let mins = q.mins().map(|m| self.upload_slice(&m.iter().map(|s| s.to_f32()).collect::<Vec<_>>()));
                     Chunk {
                         row0,
                         rows: n,
@@ -379,13 +390,14 @@ impl Backend for WgpuBackend {
         t.rows = rows;
         t.cols = cols;
     }
-    fn download(&self, t: &GpuTensor, out: &mut Vec<f32>) {
+    fn download(&self, t: &GpuTensor, out: &mut Vec<f32>) -> Result<()> {
         out.clear();
         if t.len() == 0 {
-            return;
+            return Ok(());
         }
-        let bytes = self.client.read_one(t.h()).expect("GPU read failed");
+        let bytes = self.client.read_one(t.h()).map_err(|e| BackendError::Device(format!("GPU read failed: {e:?}")))?;
         out.extend_from_slice(&bytemuck::cast_slice::<u8, f32>(&bytes)[..t.len()]);
+        Ok(())
     }
     fn rows(&self, x: &GpuTensor, start: usize, n: usize, out: &mut GpuTensor) {
         assert!(start + n <= x.rows, "rows {start}..{} of {}", start + n, x.rows);
@@ -662,7 +674,18 @@ impl Backend for WgpuBackend {
         }
     }
 
-    fn kv_cache(&self, layout: &KvLayout) -> GpuKvCache {
+    fn kv_cache(&self, layout: &KvLayout) -> Result<GpuKvCache> {
+        layout.check_fits(self.memory_limit())?;
+        for l in 0..layout.windows.len() {
+            let bytes = 4 * layout.layer_capacity(l).max(1) * layout.kv_dim.max(1);
+            if bytes > self.max_buffer_bytes {
+                return Err(BackendError::Device(format!(
+                    "a KV cache of {} tokens needs {bytes}-byte buffers per layer, more than the device's largest \
+                     buffer ({} bytes); use a smaller context",
+                    layout.max_context, self.max_buffer_bytes
+                )));
+            }
+        }
         let layers = (0..layout.windows.len())
             .map(|l| {
                 let cap = layout.layer_capacity(l).max(1);
@@ -670,6 +693,6 @@ impl Backend for WgpuBackend {
                 (self.client.empty(bytes), self.client.empty(bytes), cap)
             })
             .collect();
-        GpuKvCache { layers, kv_dim: layout.kv_dim }
+        Ok(GpuKvCache { layers, kv_dim: layout.kv_dim })
     }
 }

@@ -184,14 +184,14 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, add_one: bool, out: &mut [f32]) 
     }
 }
 
-/// Rotates one row (all heads) at position `pos` (already divided by the scaling factor).
+/// Rotates one row (all heads) at position `pos`.
 pub fn rope_row(row: &mut [f32], pos: f32, p: &RopeParams) {
     let hd = p.head_dim;
     let half = hd / 2;
-    for i in 0..half {
-        // Same f32 formula as llama2.c's run.c, so f32 models reproduce its output exactly.
-        let freq = 1.0f32 / p.theta.powf((2 * i) as f32 / hd as f32);
+    let af = p.attention_factor;
+    for (i, &freq) in p.inv_freq.iter().enumerate().take(half) {
         let (s, c) = (pos * freq).sin_cos();
+        let (s, c) = if af == 1.0 { (s, c) } else { (s * af, c * af) };
         for h in 0..p.n_heads {
             let base = h * hd;
             let (a, b) = match p.layout {

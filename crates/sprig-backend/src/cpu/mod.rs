@@ -59,27 +59,37 @@ impl CpuBackend {
                 self.pool.install(|| {
                     (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
                         let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
-                        // Scratch for non-f32 rows only: f32 weights are read in place.
-                        let mut row = if matches!(view, WeightView::F32 { .. }) { Vec::new() } else { vec![0.0f32; k] };
-                        for r in r0..r1 {
-                            let wr: &[f32] = match view {
-                                WeightView::F32 { data, .. } => &data[r * k..(r + 1) * k],
-                                _ => {
-                                    view.row_to_f32(r, &mut row);
-                                    &row
-                                }
-                            };
-                            for ti in 0..t {
-                                let v = math::dot(wr, &xd[ti * k..(ti + 1) * k]);
-                                // SAFETY: element (ti, r) belongs to this worker's row range only.
-                                unsafe { *ptr.get().add(ti * n + r) = v };
+                        // Scratch for non-f32 rows only (f32 weights are read in place): one per pool thread,
+                        // grown once, so decode allocates nothing per token.
+                        ROW_SCRATCH.with_borrow_mut(|row| {
+                            if !matches!(view, WeightView::F32 { .. }) && row.len() < k {
+                                row.resize(k, 0.0);
                             }
-                        }
+                            for r in r0..r1 {
+                                let wr: &[f32] = match view {
+                                    WeightView::F32 { data, .. } => &data[r * k..(r + 1) * k],
+                                    _ => {
+                                        view.row_to_f32(r, &mut row[..k]);
+                                        &row[..k]
+                                    }
+                                };
+                                for ti in 0..t {
+                                    let v = math::dot(wr, &xd[ti * k..(ti + 1) * k]);
+                                    // SAFETY: element (ti, r) belongs to this worker's row range only.
+                                    unsafe { *ptr.get().add(ti * n + r) = v };
+                                }
+                            }
+                        });
                     })
                 });
             }
         }
     }
+}
+
+thread_local! {
+    /// A dequantized weight row of an f16/bf16 linear (per pool thread).
+    static ROW_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl CpuBackend {
@@ -98,21 +108,21 @@ impl CpuBackend {
         // Job j belongs to matrix m when first[m] <= j < first[m + 1].
         let mut first = [0usize; MAX_PASS + 1];
         for (m, (q, o)) in ws.iter().zip(outs.iter_mut()).enumerate() {
-            assert_eq!(x.cols, q.cols, "linear: input has {} features, weight expects {}", x.cols, q.cols);
-            o.reshape(t, q.rows);
+            assert_eq!(x.cols, q.cols(), "linear: input has {} features, weight expects {}", x.cols, q.cols());
+            o.reshape(t, q.rows());
             ptrs[m] = OutPtr(o.data.as_mut_ptr());
-            first[m + 1] = first[m] + q.rows.div_ceil(self.row_chunk(q.rows));
+            first[m + 1] = first[m] + q.rows().div_ceil(self.row_chunk(q.rows()));
         }
         let xq = x.quantized(self.isa);
         let (xq, isa) = (&*xq, self.isa);
         let run = |j: usize| {
             let m = (0..ws.len()).find(|&m| j < first[m + 1]).expect("job index in range");
-            let (q, chunk) = (&ws[m], self.row_chunk(ws[m].rows));
+            let (q, chunk) = (&ws[m], self.row_chunk(ws[m].rows()));
             let r0 = (j - first[m]) * chunk;
-            let r1 = (r0 + chunk).min(q.rows);
+            let r1 = (r0 + chunk).min(q.rows());
             // SAFETY: output m holds t*rows floats; this job writes only its columns r0..r1 of each of the t rows
             // (element t*rows + r0 + r), which no other job touches; no slice of the output is alive.
-            unsafe { kernels::gemm_strided(isa, &q.rows_range(r0, r1), xq, ptrs[m].get().add(r0), q.rows) };
+            unsafe { kernels::gemm_strided(isa, &q.rows_range(r0, r1), xq, ptrs[m].get().add(r0), q.rows()) };
         };
         self.pool.install(|| (0..first[ws.len()]).into_par_iter().for_each(run));
     }
@@ -292,9 +302,10 @@ impl Backend for CpuBackend {
         assert_eq!(data.len(), rows * cols);
         t.reshape(rows, cols).copy_from_slice(data);
     }
-    fn download(&self, t: &CpuTensor, out: &mut Vec<f32>) {
+    fn download(&self, t: &CpuTensor, out: &mut Vec<f32>) -> Result<()> {
         out.clear();
         out.extend_from_slice(&t.data);
+        Ok(())
     }
     fn rows(&self, x: &CpuTensor, start: usize, n: usize, out: &mut CpuTensor) {
         let c = x.cols;
@@ -366,11 +377,12 @@ impl Backend for CpuBackend {
     fn rope(&self, x: &mut CpuTensor, pos0: usize, p: &RopeParams) {
         let cols = x.cols;
         assert_eq!(cols, p.n_heads * p.head_dim, "rope: width");
+        assert_eq!(p.inv_freq.len(), p.head_dim / 2, "rope: frequencies");
         x.mutate()
             .par_chunks_exact_mut(cols.max(1))
             .enumerate()
             .with_min_len(ROWS_PER_JOB)
-            .for_each(|(t, row)| math::rope_row(row, (pos0 + t) as f32 / p.scale, p));
+            .for_each(|(t, row)| math::rope_row(row, (pos0 + t) as f32, p));
     }
 
     fn attention(
@@ -416,7 +428,12 @@ impl Backend for CpuBackend {
                             new_keys_t[d * t1 + j] = kv;
                         }
                     }
-                    scores.resize(pos0 + t1 - lo, 0.0);
+                    // Sized for the whole cache at once, so decode does not regrow it as the context fills.
+                    let need = pos0 + t1 - lo;
+                    if scores.capacity() < need {
+                        scores.reserve_exact((cap + t1).max(need) - scores.len());
+                    }
+                    scores.resize(need, 0.0);
                     let runs = KvRuns { kc, vc, k: new_keys_t, v, pos0, cap, kvd, off: g * hd, new: t1 };
                     for ti in t0..t1 {
                         // This query's keys: first visible .. its own position.
@@ -556,14 +573,16 @@ impl Backend for CpuBackend {
         });
     }
 
-    fn kv_cache(&self, layout: &KvLayout) -> CpuKvCache {
+    fn kv_cache(&self, layout: &KvLayout) -> Result<CpuKvCache> {
+        // Checked before allocating: a context larger than the machine would abort in the allocator.
+        layout.check_fits(crate::physical_memory())?;
         let caps: Vec<usize> = (0..layout.windows.len()).map(|l| layout.layer_capacity(l)).collect();
         // Zeroed allocations are lazily backed by the OS: untouched context costs no resident memory.
         let layers = caps
             .iter()
             .map(|&c| (vec![0.0; c.next_multiple_of(KEY_BLOCK) * layout.kv_dim], vec![0.0; c * layout.kv_dim]))
             .collect();
-        CpuKvCache { layers, caps }
+        Ok(CpuKvCache { layers, caps })
     }
 }
 

@@ -1,4 +1,4 @@
-//! Helpers of the CLI test files: run the `sprig` binary, find the shared models.
+//! Helpers of the CLI test files: run the `sprig` binary, find the committed fixtures (tests/data).
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::path::PathBuf;
@@ -8,8 +8,8 @@ pub fn sprig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sprig"))
 }
 
-pub fn shared(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models").join(p)
+pub fn fixture(p: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(p)
 }
 
 pub fn run_ok(args: &[&str]) -> (String, String) {

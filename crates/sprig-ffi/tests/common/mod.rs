@@ -25,8 +25,8 @@ pub fn lib_dir() -> PathBuf {
     .clone()
 }
 
-pub fn shared_models() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/models")
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data")
 }
 
 /// A small synthetic model with a ChatML template, as a GGUF file.

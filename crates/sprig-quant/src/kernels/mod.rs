@@ -349,6 +349,27 @@ mod tests {
         }
     }
 
+    /// The safe entry point refuses mismatched shapes and short outputs (a panic, never a read or write past a
+    /// buffer): the planes themselves are sized by construction (`QMatrix::new`, `QuantizedActivations`).
+    #[test]
+    fn safe_gemm_checks_every_length() {
+        let w = quantize(&vec![0.5f32; 8 * 64], 8, 64, Scheme::Q4);
+        let mut x = QuantizedActivations::default();
+        x.quantize(&[1.0; 3 * 64], 3, 64);
+        let isa = Isa::detect().unwrap_or(Isa::Scalar);
+        let mut out = vec![0.0; 3 * 8];
+        gemm(isa, &w.view(), &x, &mut out, 8);
+        let run = |f: Box<dyn FnOnce() + std::panic::UnwindSafe>| std::panic::catch_unwind(f).is_err();
+        let (wv, xc) = (w.clone(), x.clone());
+        assert!(run(Box::new(move || gemm(isa, &wv.view(), &xc, &mut vec![0.0; 3 * 8 - 1], 8))), "short output");
+        let (wv, xc) = (w.clone(), x.clone());
+        assert!(run(Box::new(move || gemm(isa, &wv.view(), &xc, &mut vec![0.0; 3 * 8], 7))), "ldo < rows");
+        let mut other = QuantizedActivations::default();
+        other.quantize(&[1.0; 3 * 32], 3, 32);
+        let wv = w.clone();
+        assert!(run(Box::new(move || gemm(isa, &wv.view(), &other, &mut vec![0.0; 3 * 8], 8))), "inputs differ");
+    }
+
     #[test]
     fn simd_activation_quantization_is_bit_exact() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);

@@ -27,13 +27,18 @@ data class ModelOptions(
     val contextLength: Int = 0
 )
 
-/** Sampling; `temperature = 0` is greedy. */
+/**
+ * Sampling; `temperature = 0` is greedy. [parseSpecial] (raw prompts of `generate` only): special-token strings
+ * in the prompt become control tokens; by default the prompt is plain text. Chat message content is always
+ * plain text.
+ */
 data class SamplingParams(
     val temperature: Float = 0.8f,
     val topK: Int = 40,
     val topP: Float = 0.95f,
     val seed: Long = 0,
-    val maxTokens: Int = 256
+    val maxTokens: Int = 256,
+    val parseSpecial: Boolean = false
 )
 
 data class ChatMessage(val role: String, val content: String)
@@ -64,7 +69,7 @@ internal object Native {
     @JvmStatic external fun sessionCancel(session: Long)
     @JvmStatic external fun sessionGenerate(
         session: Long, prompt: String, temperature: Float, topK: Int, topP: Float, seed: Long, maxTokens: Int,
-        callback: TokenCallback
+        parseSpecial: Boolean, callback: TokenCallback
     ): IntArray
     @JvmStatic external fun sessionChat(
         session: Long, roles: Array<String>, contents: Array<String>, temperature: Float, topK: Int, topP: Float,
@@ -124,7 +129,8 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
     fun generateStreaming(prompt: String, params: SamplingParams, onToken: TokenCallback): GenerationResult =
         result(
             Native.sessionGenerate(
-                handle, prompt, params.temperature, params.topK, params.topP, params.seed, params.maxTokens, onToken
+                handle, prompt, params.temperature, params.topK, params.topP, params.seed, params.maxTokens,
+                params.parseSpecial, onToken
             )
         )
 
