@@ -73,3 +73,29 @@ fn cpu_logits_match_reference_backend() {
         next = vec![argmax(&lr) as u32];
     }
 }
+
+/// A second chat turn runs exactly the tokens after what the session holds: the first turn's prompt and
+/// reply are not run again.
+#[test]
+fn second_chat_turn_runs_only_the_new_tokens() {
+    let e = std::sync::Arc::new(cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2));
+    let mut s = sprig_engine::Session::new(e.clone(), 512).unwrap();
+    let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+    let mut turns = vec![ChatMessage::new("user", "What is the capital of France? Answer in one word.")];
+    let mut reply = String::new();
+    let first = s
+        .chat(&turns, &greedy, 40, |t| {
+            reply.push_str(t);
+            true
+        })
+        .unwrap();
+    assert_eq!(first.stop, sprig_engine::generate::StopReason::StopToken, "{reply:?}");
+    let first_prompt = e.chat_tokens(&turns).unwrap().len();
+    assert_eq!(first.prompt_tokens, first_prompt);
+    turns.push(ChatMessage::new("assistant", reply.trim()));
+    turns.push(ChatMessage::new("user", "And of Italy?"));
+    let second = s.chat(&turns, &greedy, 8, |_| true).unwrap();
+    // Held: the first prompt and every generated token (the stop token was sampled, never fed).
+    let held = first_prompt + first.generated.len();
+    assert_eq!(second.prompt_tokens, e.chat_tokens(&turns).unwrap().len() - held);
+}

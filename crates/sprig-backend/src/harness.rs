@@ -192,12 +192,18 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
 
     // Attention: GQA (4 query heads on 2 KV heads), odd head size, global and a window smaller than the
     // sequence; a prefill of 7 then 6 single-token steps, so cache reads and ring wrap-around are exercised.
-    for window in [None, Some(4usize), Some(1)] {
+    // Then long batches after a cached prefix: several query tiles (≥ 32 new tokens) reading keys from the
+    // cache across 64-slot key blocks, with a global layer and a ring that wraps mid-batch.
+    let short: &[usize] = &[7, 1, 1, 1, 1, 1, 1, 3];
+    let long: &[usize] = &[40, 1, 50, 1, 1, 40];
+    for (window, steps, ctx) in
+        [(None, short, 32), (Some(4usize), short, 32), (Some(1), short, 32), (None, long, 200), (Some(70), long, 200)]
+    {
         let p = AttentionParams { n_heads: 4, n_kv_heads: 2, head_dim: 6, scale: 0.4, window };
-        let layout = KvLayout { kv_dim: 12, windows: vec![None, window], max_context: 32 };
+        let layout = KvLayout { kv_dim: 12, windows: vec![None, window], max_context: ctx };
         let (mut ca, mut cr) = (a.kv_cache(&layout).unwrap(), r.kv_cache(&layout).unwrap());
         let mut pos = 0;
-        for t in [7usize, 1, 1, 1, 1, 1, 1, 3] {
+        for &t in steps {
             let q = random(&mut rng, t * 24, 1.0);
             let k = random(&mut rng, t * 12, 1.0);
             let v = random(&mut rng, t * 12, 1.0);

@@ -56,12 +56,17 @@ pub fn measure_bandwidth(threads: usize) -> f64 {
 }
 
 /// Weight bytes one decode step reads: every matrix except the embedding table (one row of it), plus the
-/// output projection, which is the embedding table again when tied.
-fn bytes_per_token<B: Backend>(e: &Engine<B>) -> f64 {
+/// output projection, which is the embedding table again when tied. Stacked MoE experts count with the share
+/// the router sent tokens to: `routed_expert_bytes` measured over the timed decode when given, else
+/// `top_k / n_experts` of them.
+fn bytes_per_token<B: Backend>(e: &Engine<B>, routed_expert_bytes: Option<f64>) -> f64 {
     let f = &e.model.file;
     let mut bytes = 0usize;
+    let mut experts = 0usize;
     for (name, entry) in f.entries() {
-        if name == "token_embd.weight" {
+        if name.contains("_exps.") {
+            experts += entry.bytes();
+        } else if name == "token_embd.weight" {
             let rows = entry.shape()[0].max(1);
             bytes += entry.bytes() / rows;
             if f.config.tied_embeddings {
@@ -71,7 +76,11 @@ fn bytes_per_token<B: Backend>(e: &Engine<B>) -> f64 {
             bytes += entry.bytes();
         }
     }
-    bytes as f64
+    let routed = routed_expert_bytes.unwrap_or_else(|| match &f.config.moe {
+        Some(m) => experts as f64 * m.top_k as f64 / m.n_experts as f64,
+        None => 0.0,
+    });
+    bytes as f64 + routed
 }
 
 pub fn run<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
@@ -90,6 +99,8 @@ pub fn run<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
     // Every timed forward pass ends with the logits on the host, as sampling needs them (and a GPU backend
     // runs asynchronously until then).
     let mut logits = Vec::new();
+    // Expert bytes the router made each decoded token read (MoE models), from the last timed decode.
+    let mut routed = None;
     for _ in 0..o.reps.max(1) {
         if o.prompt > 0 {
             let mut st = e.model.new_state(ctx)?;
@@ -106,16 +117,21 @@ pub fn run<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
                 e.model.read_logits(&st, &mut logits)?;
             }
             tg.push(o.gen as f64 / t0.elapsed().as_secs_f64());
+            let read: u64 = st.moe_usage.iter().flatten().map(|u| u.bytes_read).sum();
+            if st.moe_usage.iter().any(|u| u.is_some()) {
+                routed = Some(read as f64 / o.gen as f64);
+            }
         }
     }
     let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let (pp_best, tg_best) = (best(&pp), best(&tg));
     let (pp_med, tg_med) = (median(&mut pp), median(&mut tg));
     let threads = o.threads;
-    let bw = o.bandwidth.then(|| measure_bandwidth(threads));
-    let bpt = bytes_per_token(e);
-    let roofline = bw.map(|b| bpt * tg_med / b);
+    // Peak RSS of the model's own runs, read before the bandwidth probe allocates its 512 MiB.
     let rss = peak_rss_bytes();
+    let bw = o.bandwidth.then(|| measure_bandwidth(threads));
+    let bpt = bytes_per_token(e, routed);
+    let roofline = bw.map(|b| bpt * tg_med / b);
     if o.json {
         println!(
             "{}",

@@ -119,6 +119,15 @@ fn generated_moe_model_runs_with_expert_stats() {
     assert!(out.contains("ffn_gate_exps") && out.contains("n_experts"), "{out}");
     let (_, err) = run_ok(&["run", "-m", p, "-p", "x", "-n", "1", "--stats"]);
     assert!(err.contains("layer   2:"));
+    // bench counts the experts the router chose (not all of them) and reports the model's peak RSS, taken
+    // before its 512 MiB bandwidth probe.
+    let (out, _) = run_ok(&["bench", "-m", p, "-p", "8", "-n", "16", "-r", "1", "-t", "1", "--bandwidth", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (bpt, rss) = (j["weight_bytes_per_token"].as_f64().unwrap(), j["peak_rss_bytes"].as_f64().unwrap());
+    // The GGUF holds f32 weights, run as they are: its size is every weight once.
+    let all = std::fs::metadata(p).unwrap().len();
+    assert!(bpt < 0.8 * all as f64, "{bpt} bytes per token of {all}: experts counted whole");
+    assert!(rss < 256e6, "peak RSS {rss} includes the bandwidth probe");
     assert!(run_err(&["gen", "--arch", "olmoe", "--format", "gguf", "-o", p]).contains("--experts"));
     assert!(run_err(&["gen", "--arch", "olmoe", "-o", p, "--experts", "4", "--top-k", "5"]).contains("--top-k"));
     let _ = std::fs::remove_file(&path);
