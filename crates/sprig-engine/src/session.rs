@@ -97,11 +97,7 @@ impl<B: Backend> Session<B> {
                 self.cached.truncate(self.state.pos);
             }
             // A failed forward pass leaves the cache in an unknown state: start over next time.
-            Err(_) => {
-                if let Err(e) = self.reset() {
-                    return Err(e);
-                }
-            }
+            Err(_) => self.reset()?,
         }
         stats
     }

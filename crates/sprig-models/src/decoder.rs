@@ -151,6 +151,10 @@ impl<B: Backend> Model<B> {
         let output = if c.tied_embeddings { None } else { Some(load("output.weight", c.vocab_size, d)?) };
         let output_norm = load("output_norm.weight", 1, d)?;
         let mut layers = Vec::with_capacity(c.n_layers);
+        // One set of RoPE frequencies per attention kind, shared by its layers (and by a GPU backend's tables).
+        // Long-context scaling applies to global layers (Gemma 3's local layers keep their own base).
+        let rope_global = RopeParams::new(0, hd, c.rope_theta, c.rope_scaling.as_ref(), c.rope_layout);
+        let rope_local = RopeParams::new(0, hd, c.rope_theta_local.unwrap_or(c.rope_theta), None, c.rope_layout);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}");
             let bias = match opt(&n("attn_q.bias"), 1, qd)? {
@@ -197,12 +201,10 @@ impl<B: Backend> Model<B> {
                 }
                 _ => Ffn::Dense(glu("ffn", "", c.hidden_dim)?),
             };
-            let (window, theta) = match c.attention[i] {
-                AttentionKind::Global => (None, c.rope_theta),
-                AttentionKind::Sliding { window } => (Some(window), c.rope_theta_local.unwrap_or(c.rope_theta)),
+            let (window, rope) = match c.attention[i] {
+                AttentionKind::Global => (None, &rope_global),
+                AttentionKind::Sliding { window } => (Some(window), &rope_local),
             };
-            // Long-context scaling applies to global layers (Gemma 3's local layers keep their own base).
-            let scaling = if window.is_none() { c.rope_scaling.as_ref() } else { None };
             layers.push(Layer {
                 attn_norm: load(&n("attn_norm.weight"), 1, d)?,
                 wq: load(&n("attn_q.weight"), qd, d)?,
@@ -222,7 +224,7 @@ impl<B: Backend> Model<B> {
                     scale: c.attn_scale(),
                     window,
                 },
-                rope: RopeParams::new(0, hd, theta, scaling, c.rope_layout),
+                rope: rope.clone(),
             });
         }
         Ok(Model { config: c, file, backend, embd, output, output_norm, layers })

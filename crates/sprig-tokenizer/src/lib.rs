@@ -84,6 +84,8 @@ pub struct Tokenizer {
     /// Matches user-defined and control token strings, leftmost-longest (trusted text).
     special_matcher: Option<Matcher>,
     special: SpecialTokens,
+    /// Longest entry of `token_bytes` (sizes streaming buffers once).
+    max_token_bytes: usize,
     /// Bytes each token decodes to (empty for control tokens).
     token_bytes: Vec<Vec<u8>>,
     /// Strip one leading space from the first decoded text (SentencePiece's space prefix).
@@ -167,6 +169,7 @@ impl Tokenizer {
             text_matcher,
             special_matcher,
             special,
+            max_token_bytes: token_bytes.iter().map(|b| b.len()).max().unwrap_or(0),
             token_bytes,
             strip_leading_space: strip,
             space_marker,
@@ -245,7 +248,7 @@ impl Tokenizer {
     /// Longest text one [`StreamDecoder::push_into`] call can append, in bytes: the longest token plus the
     /// bytes of an incomplete character carried over, each possibly replaced by U+FFFD (3 bytes).
     pub fn max_piece_bytes(&self) -> usize {
-        3 * (self.token_bytes.iter().map(|b| b.len()).max().unwrap_or(0) + 4)
+        3 * (self.max_token_bytes + 4)
     }
 
     /// Raw bytes of one token (empty for control tokens).

@@ -88,10 +88,12 @@ pub struct WgpuBackend {
     dummy_f32: Handle,
     dummy_u32: Handle,
     /// cos/sin tables per (frequencies, attention factor), grown to the largest position seen.
-    rope_tables: Mutex<HashMap<(Vec<u32>, u32), RopeTable>>,
+    rope_tables: Mutex<HashMap<(usize, u32), RopeTable>>,
 }
 
 struct RopeTable {
+    /// The frequencies the table was made from, held so their address (the key) is never reused meanwhile.
+    _freqs: Arc<[f32]>,
     positions: usize,
     cos: Handle,
     sin: Handle,
@@ -248,8 +250,9 @@ impl WgpuBackend {
     }
 
     fn rope_table(&self, p: &RopeParams, positions: usize) -> (Handle, Handle, usize) {
-        // Keyed by the frequencies themselves (and the attention factor): equal tables are shared.
-        let key: (Vec<u32>, u32) = (p.inv_freq.iter().map(|f| f.to_bits()).collect(), p.attention_factor.to_bits());
+        // Keyed by the frequencies' allocation (a model shares one per attention kind across its layers), without
+        // hashing or copying them per call.
+        let key = (Arc::as_ptr(&p.inv_freq) as *const f32 as usize, p.attention_factor.to_bits());
         let mut tables = self.rope_tables.lock().unwrap_or_else(|e| e.into_inner());
         let half = p.head_dim / 2;
         if let Some(t) = tables.get(&key) {
@@ -270,7 +273,12 @@ impl WgpuBackend {
                 sin.push(s);
             }
         }
-        let t = RopeTable { positions: n, cos: self.upload_slice(&cos), sin: self.upload_slice(&sin) };
+        let t = RopeTable {
+            _freqs: p.inv_freq.clone(),
+            positions: n,
+            cos: self.upload_slice(&cos),
+            sin: self.upload_slice(&sin),
+        };
         let r = (t.cos.clone(), t.sin.clone(), n * half);
         tables.insert(key, t);
         r
