@@ -12,10 +12,10 @@ if ! python3 -c "import safetensors, numpy" 2>/dev/null; then
     python3 -m pip install --quiet safetensors numpy
 fi
 
-# The JNI binding is compiled with kotlinc and run on the host JVM (crates/sprig-ffi/tests/jvm.rs); the C API
-# test needs a C compiler.
+# The Kotlin library (binding + Flow adapter) is compiled with Kotlin 2.4 and run on the host JVM
+# (crates/sprig-ffi/tests/jvm.rs); the compiler comes from npm (below). The C API test needs a C compiler.
 missing=()
-command -v kotlinc >/dev/null || missing+=(kotlin)
+command -v npm >/dev/null || missing+=(npm)
 command -v java >/dev/null || missing+=(default-jdk-headless)
 command -v cc >/dev/null || missing+=(gcc)
 # The GPU backend's tests run on Mesa's software Vulkan driver (lavapipe) when the machine has no GPU.
@@ -25,6 +25,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The Kotlin compiler: the JetBrains distribution as the npm package `kotlin-compiler` (bin/kotlinc-jvm, and
+# lib/kotlinx-coroutines-core-jvm.jar for the Flow adapter), pinned by version and tarball hash, cached.
+KOTLIN_VERSION=2.4.20
+KOTLIN_SHA256=c23dab400d7ce5ea8b6c909947c0ca5454189e4bb1108695b5f464500e5e950f
+export SPRIG_KOTLIN_HOME="$SPRIG_CACHE/tools/kotlin-compiler-$KOTLIN_VERSION"
+if [ ! -x "$SPRIG_KOTLIN_HOME/bin/kotlinc-jvm" ]; then
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack --silent "kotlin-compiler@$KOTLIN_VERSION" >/dev/null)
+    echo "$KOTLIN_SHA256  $tmp/kotlin-compiler-$KOTLIN_VERSION.tgz" | sha256sum --check --quiet
+    tar -xzf "$tmp/kotlin-compiler-$KOTLIN_VERSION.tgz" -C "$tmp"
+    mkdir -p "$(dirname "$SPRIG_KOTLIN_HOME")"
+    rm -rf "$SPRIG_KOTLIN_HOME"
+    mv "$tmp/package" "$SPRIG_KOTLIN_HOME"
+    rm -rf "$tmp"
 fi
 
 # XDG_RUNTIME_DIR silences Mesa's harmless warnings on headless machines.

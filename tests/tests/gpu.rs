@@ -124,11 +124,21 @@ fn moe_usage_matches_the_cpu() {
     let (cpu, gpu) = (cpu_engine(f.clone(), 2), gpu_engine(f, WgpuOptions::default()));
     let prompt = [3u32, 200, 17, 99, 256, 261, 40];
     let (mut sc, mut sg) = (cpu.model.new_state(16).unwrap(), gpu.model.new_state(16).unwrap());
-    cpu.model.forward(&mut sc, &prompt, Logits::Last).unwrap();
-    gpu.model.forward(&mut sg, &prompt, Logits::Last).unwrap();
+    // The counters stay on the device: a prefill and two decode steps read nothing back.
+    let reads = gpu.model.backend.host_reads();
+    for step in [&prompt[..], &[5], &[77]] {
+        cpu.model.forward(&mut sc, step, Logits::Last).unwrap();
+        gpu.model.forward(&mut sg, step, Logits::Last).unwrap();
+    }
+    assert_eq!(gpu.model.backend.host_reads(), reads, "a forward pass read from the GPU");
+    let (uc, ug) = (cpu.model.moe_usage(&sc).unwrap(), gpu.model.moe_usage(&sg).unwrap());
+    assert_eq!(gpu.model.backend.host_reads(), reads + uc.iter().flatten().count() as u64);
     let tokens = |u: &[Option<sprig_backend::MoeUsage>]| -> Vec<Vec<u64>> {
         u.iter().flatten().map(|m| m.tokens.clone()).collect()
     };
-    assert_eq!(tokens(&sg.moe_usage), tokens(&sc.moe_usage));
+    assert_eq!(tokens(&ug), tokens(&uc));
+    // Both count each used expert once per pass.
+    let bytes = |u: &[Option<sprig_backend::MoeUsage>]| -> Vec<u64> { u.iter().flatten().map(|m| m.bytes_read).collect() };
+    assert_eq!(bytes(&ug), bytes(&uc));
     let _ = std::fs::remove_file(&path);
 }

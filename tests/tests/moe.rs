@@ -34,7 +34,8 @@ fn run<B: Backend>(e: &sprig_engine::Engine<B>) -> (Vec<f32>, Vec<Option<sprig_b
         e.model.read_logits(&st, &mut l).unwrap();
         all.extend(&l);
     }
-    (all, st.moe_usage)
+    let usage = e.model.moe_usage(&st).unwrap();
+    (all, usage)
 }
 
 #[test]
@@ -174,12 +175,13 @@ fn experts_no_token_was_routed_to_are_never_read() {
         .sum();
     let mut st = engine.model.new_state(64).unwrap();
     engine.model.forward(&mut st, &TOKENS, Logits::Last).unwrap();
-    let u = st.moe_usage[0].clone().unwrap();
+    let u = engine.model.moe_usage(&st).unwrap()[0].clone().unwrap();
     let used = u.tokens.iter().filter(|&&t| t > 0).count();
     assert_eq!(u.tokens.iter().sum::<u64>(), 2 * TOKENS.len() as u64);
     assert_eq!(u.bytes_read, (used * per_expert) as u64, "prefill reads each used expert once");
     engine.model.forward(&mut st, &[DECODE[0]], Logits::Last).unwrap();
-    assert_eq!(st.moe_usage[0].as_ref().unwrap().bytes_read - u.bytes_read, 2 * per_expert as u64);
+    let after = engine.model.moe_usage(&st).unwrap()[0].clone().unwrap();
+    assert_eq!(after.bytes_read - u.bytes_read, 2 * per_expert as u64);
 
     // Make the unused experts' pages unreadable: any read of them would kill this process (SIGSEGV).
     let mut protected = Vec::new();

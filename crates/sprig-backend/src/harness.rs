@@ -276,14 +276,17 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
                 routed_scale,
                 activation: act,
             };
+            // One state over both batches: the counters must accumulate across calls.
+            let (mut sa, mut sr) = (a.moe_state(&p).expect("moe state"), r.moe_state(&p).expect("moe state"));
             for t in [1usize, 9] {
                 let x = random(&mut rng, t * COLS, 2.0);
                 let logits = random(&mut rng, t * EXPERTS, 3.0);
                 let ((xa, xr), (la, lr)) = (pair!(x, t, COLS), pair!(logits, t, EXPERTS));
                 let (mut oa, mut or) = (a.tensor(), r.tensor());
-                let (mut ua, mut ur) = (MoeUsage::new(EXPERTS), MoeUsage::new(EXPERTS));
-                a.moe(&xa, &la, &ea, &p, &mut oa, Some(&mut ua));
-                r.moe(&xr, &lr, &er, &p, &mut or, Some(&mut ur));
+                a.moe(&xa, &la, &ea, &p, &mut oa, &mut sa);
+                r.moe(&xr, &lr, &er, &p, &mut or, &mut sr);
+                let (ua, ur): (MoeUsage, MoeUsage) =
+                    (a.moe_usage(&sa).expect("moe usage"), r.moe_usage(&sr).expect("moe usage"));
                 let what = format!("moe {kind} {scoring:?} top{top_k} norm={norm_topk} T={t}");
                 assert_eq!(a.shape(&oa), (t, COLS), "{what}");
                 check(what.clone(), dl(&oa), dlr(&or), tol);

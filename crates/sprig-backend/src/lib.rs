@@ -132,6 +132,10 @@ pub trait Backend: Send + Sync + 'static {
     type Tensor: Send;
     type Weight: Send + Sync;
     type KvCache: Send;
+    /// One MoE layer's state for one sequence: its usage counters (tokens per expert, expert bytes read) and
+    /// whatever scratch the backend keeps between calls. Host memory on the CPU; on a GPU the counters stay on
+    /// the device, so counting costs no transfer and only [`Backend::moe_usage`] reads them back.
+    type MoeState: Send;
 
     fn name(&self) -> String;
 
@@ -205,7 +209,8 @@ pub trait Backend: Send + Sync + 'static {
     /// Routed experts of one MoE FFN layer: each token of `x [T, dim]` goes to the `top_k` experts its row of
     /// `router_logits [T, n_experts]` selects (see [`moe::route`]); `out [T, dim]` is the routing-weighted sum
     /// of those experts' GLU FFNs. Only the selected experts' weights may be read; backends that can, group
-    /// the batch's tokens by expert. `usage`, when given, accumulates tokens per expert and weight bytes read.
+    /// the batch's tokens by expert. `state` (from [`Backend::moe_state`]) accumulates tokens per expert and
+    /// weight bytes read.
     #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
@@ -214,8 +219,15 @@ pub trait Backend: Send + Sync + 'static {
         experts: &ExpertWeights<'_, Self::Weight>,
         p: &MoeParams,
         out: &mut Self::Tensor,
-        usage: Option<&mut MoeUsage>,
+        state: &mut Self::MoeState,
     );
+
+    /// A fresh MoE layer state with zeroed counters.
+    fn moe_state(&self, p: &MoeParams) -> Result<Self::MoeState>;
+
+    /// What the layer's experts did so far (on a GPU, a device-to-host read: call it when stats are wanted,
+    /// not per token).
+    fn moe_usage(&self, state: &Self::MoeState) -> Result<MoeUsage>;
 
     /// A fresh, empty KV cache; an error when it cannot be allocated (a context larger than the memory).
     fn kv_cache(&self, layout: &KvLayout) -> Result<Self::KvCache>;

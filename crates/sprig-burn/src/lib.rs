@@ -63,6 +63,7 @@ impl Backend for BurnBackend {
     type Tensor = Tensor<2>;
     type Weight = BurnWeight;
     type KvCache = BurnKvCache;
+    type MoeState = MoeUsage;
 
     fn name(&self) -> String {
         "reference (burn-flex, f32)".into()
@@ -223,7 +224,7 @@ impl Backend for BurnBackend {
         experts: &ExpertWeights<'_, BurnWeight>,
         p: &MoeParams,
         out: &mut Tensor<2>,
-        usage: Option<&mut MoeUsage>,
+        usage: &mut MoeUsage,
     ) {
         let [t, d] = x.dims();
         let (ne, h) = (p.n_experts, p.expert_hidden);
@@ -244,13 +245,19 @@ impl Backend for BurnBackend {
         // [E, T, H] x [E, H, D] -> [E, T, D] -> [T, E, D]
         let y = a.swap_dims(0, 1).matmul(down.swap_dims(1, 2)).swap_dims(0, 1);
         *out = (y * weights.reshape([t, ne, 1])).sum_dim(1).reshape([t, d]);
-        if let Some(u) = usage {
-            u.tokens.resize(ne, 0);
-            for e in idx.to_data().convert::<i64>().try_to_vec::<i64>().expect("indices") {
-                u.tokens[e as usize] += 1;
-            }
-            u.bytes_read += 4 * (3 * ne * h * d) as u64;
+        usage.tokens.resize(ne, 0);
+        for e in idx.to_data().convert::<i64>().try_to_vec::<i64>().expect("indices") {
+            usage.tokens[e as usize] += 1;
         }
+        usage.bytes_read += 4 * (3 * ne * h * d) as u64;
+    }
+
+    fn moe_state(&self, p: &MoeParams) -> Result<MoeUsage> {
+        Ok(MoeUsage::new(p.n_experts))
+    }
+
+    fn moe_usage(&self, state: &MoeUsage) -> Result<MoeUsage> {
+        Ok(state.clone())
     }
 
     fn kv_cache(&self, layout: &KvLayout) -> Result<BurnKvCache> {

@@ -117,8 +117,9 @@ pub fn run<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
                 e.model.read_logits(&st, &mut logits)?;
             }
             tg.push(o.gen as f64 / t0.elapsed().as_secs_f64());
-            let read: u64 = st.moe_usage.iter().flatten().map(|u| u.bytes_read).sum();
-            if st.moe_usage.iter().any(|u| u.is_some()) {
+            let usage = e.model.moe_usage(&st)?;
+            let read: u64 = usage.iter().flatten().map(|u| u.bytes_read).sum();
+            if usage.iter().any(|u| u.is_some()) {
                 routed = Some(read as f64 / o.gen as f64);
             }
         }

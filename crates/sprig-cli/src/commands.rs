@@ -453,7 +453,7 @@ fn run_on<B: Backend>(e: &Engine<B>, a: &RunArgs) -> Result<()> {
         e.model.backend.name()
     );
     if a.stats {
-        print_expert_stats(&e.model.file, &st.moe_usage, st.pos);
+        print_expert_stats(&e.model.file, &e.model.moe_usage(&st)?, st.pos);
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use common::{chat_model, fixtures, lib_dir};
 
 #[test]
 fn c_program_runs_the_golden_text_and_every_error_path() {
-    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let crate_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"));
     let tmp = std::env::temp_dir().join(format!("sprig-c-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let exe = tmp.join("api_test");

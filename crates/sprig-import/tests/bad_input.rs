@@ -9,7 +9,7 @@ use sprig_import::synth::{gguf_bytes, write_hf_dir, GgufWriter, HfDtype, SynthSp
 use sprig_import::{llama2c, ImportOptions, QuantChoice};
 
 fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(p)
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../../tests/data").join(p)
 }
 
 fn synth_gguf() -> Vec<u8> {

@@ -122,9 +122,9 @@ pub struct State<B: Backend> {
     last: B::Tensor,
     /// Logits of the last forward pass: `[1 or T, vocab]`.
     pub logits: B::Tensor,
-    /// Per layer (`None` for dense layers): tokens routed to each expert and expert bytes read, accumulated
-    /// over this sequence's forward passes.
-    pub moe_usage: Vec<Option<MoeUsage>>,
+    /// Per layer (`None` for dense layers): the MoE layer's counters and scratch, accumulated over this
+    /// sequence's forward passes (read them with [`Model::moe_usage`]).
+    moe: Vec<Option<B::MoeState>>,
 }
 
 impl<B: Backend> Model<B> {
@@ -253,14 +253,14 @@ impl<B: Backend> Model<B> {
             shared: b.tensor(),
             last: b.tensor(),
             logits: b.tensor(),
-            moe_usage: self
+            moe: self
                 .layers
                 .iter()
                 .map(|l| match &l.ffn {
-                    Ffn::Moe { params, .. } => Some(MoeUsage::new(params.n_experts)),
-                    Ffn::Dense(_) => None,
+                    Ffn::Moe { params, .. } => b.moe_state(params).map(Some),
+                    Ffn::Dense(_) => Ok(None),
                 })
-                .collect(),
+                .collect::<std::result::Result<_, _>>()?,
         })
     }
 
@@ -340,7 +340,10 @@ impl<B: Backend> Model<B> {
                     show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"])?;
                     b.linear(&st.xn, router, None, &mut st.router);
                     let experts = ExpertWeights { gate, up, down };
-                    b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, st.moe_usage[li].as_mut());
+                    let moe_state = st.moe[li]
+                        .as_mut()
+                        .ok_or_else(|| ModelError::Invalid(format!("layer {li}: a state from another model")))?;
+                    b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, moe_state);
                     if let Some((f, gate_inp)) = shared {
                         show(b, &st.xn, li, &["ffn_gate_shexp", "ffn_up_shexp"])?;
                         f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.shared);
@@ -369,6 +372,13 @@ impl<B: Backend> Model<B> {
             b.softcap(&mut st.logits, cap);
         }
         Ok(())
+    }
+
+    /// Per layer (`None` for dense layers): tokens routed to each expert and expert bytes read over the
+    /// sequence's forward passes so far. On a GPU this reads the device's counters back: call it for stats,
+    /// not per token.
+    pub fn moe_usage(&self, st: &State<B>) -> Result<Vec<Option<MoeUsage>>> {
+        st.moe.iter().map(|s| s.as_ref().map(|s| self.backend.moe_usage(s)).transpose().map_err(Into::into)).collect()
     }
 
     /// Copies the last forward pass's logits to the host (an error when the device is lost).

@@ -297,6 +297,25 @@ pub fn moe_route_kernel(
 }
 
 /// `out[t, :] = Σ_s wts[t, s] * y[t * top_k + s, :]`.
+/// One MoE layer's usage counters, one thread per expert `e`: `counts[e]` += the tokens routed to it in this
+/// pass, `counts[n_experts + e]` += 1 when it ran at all. u32 counters: 4 billion tokens per expert.
+#[cube(launch)]
+pub fn moe_count_kernel(idx: &[u32], counts: &mut [u32], routed: usize, n_experts: usize) {
+    let e = job_index(ELEMWISE_THREADS);
+    if e < n_experts {
+        let mut c = 0u32;
+        for i in 0..routed {
+            if idx[i] as usize == e {
+                c += 1u32;
+            }
+        }
+        counts[e] += c;
+        if c > 0u32 {
+            counts[n_experts + e] += 1u32;
+        }
+    }
+}
+
 #[cube(launch)]
 pub fn moe_combine_kernel(y: &[f32], wts: &[f32], out: &mut [f32], tokens: usize, dim: usize, top_k: usize) {
     let i = job_index(ELEMWISE_THREADS);

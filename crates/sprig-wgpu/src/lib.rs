@@ -11,6 +11,7 @@
 pub mod kernels;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use burn_wgpu::{graphics::AutoGraphicsApi, RuntimeOptions, WgpuDevice, WgpuRuntime};
@@ -89,6 +90,8 @@ pub struct WgpuBackend {
     dummy_u32: Handle,
     /// cos/sin tables per (frequencies, attention factor), grown to the largest position seen.
     rope_tables: Mutex<HashMap<(usize, u32), RopeTable>>,
+    /// Device-to-host reads so far (tests check that a forward pass makes none).
+    host_reads: AtomicU64,
 }
 
 struct RopeTable {
@@ -99,11 +102,14 @@ struct RopeTable {
     sin: Handle,
 }
 
-/// An f32 `[rows, cols]` activation on the device (exactly `rows * cols` elements).
+/// An f32 `[rows, cols]` activation on the device: the first `rows * cols` elements of its buffer. The
+/// buffer only grows, so a state that alternates prefill and decode shapes stops allocating.
 pub struct GpuTensor {
     handle: Option<Handle>,
     rows: usize,
     cols: usize,
+    /// Elements the buffer holds.
+    capacity: usize,
 }
 
 impl GpuTensor {
@@ -150,6 +156,22 @@ impl GpuWeight {
     }
 }
 
+/// One MoE layer's state for one sequence, all on the device.
+pub struct GpuMoeState {
+    n_experts: usize,
+    /// `[2 * n_experts]` u32: tokens routed to each expert, then the forward passes in which each expert ran.
+    counters: Handle,
+    /// File bytes of one expert's three matrices.
+    expert_bytes: u64,
+    /// Router scratch, grown to the largest batch: probabilities `[T, E]`, chosen experts and their weights
+    /// `[T, top_k]`.
+    scores: Option<(Handle, usize)>,
+    idx: Option<(Handle, usize)>,
+    wts: Option<(Handle, usize)>,
+    /// Gate, up, GLU and down outputs of the gathered experts `[T * top_k, ...]`.
+    hidden: [GpuTensor; 4],
+}
+
 /// Per layer: K and V rings of `cap` entries of `kv_dim` floats.
 pub struct GpuKvCache {
     layers: Vec<(Handle, Handle, usize)>,
@@ -194,6 +216,7 @@ impl WgpuBackend {
             dummy_f32,
             dummy_u32,
             rope_tables: Mutex::new(HashMap::new()),
+            host_reads: AtomicU64::new(0),
         })
     }
 
@@ -214,11 +237,36 @@ impl WgpuBackend {
     }
 
     fn alloc(&self, t: &mut GpuTensor, rows: usize, cols: usize) {
-        if t.handle.is_none() || t.rows * t.cols != rows * cols {
-            t.handle = Some(self.client.empty(4 * (rows * cols).max(1)));
+        if t.handle.is_none() || t.capacity < rows * cols {
+            t.capacity = (rows * cols).max(1);
+            t.handle = Some(self.client.empty(4 * t.capacity));
         }
         t.rows = rows;
         t.cols = cols;
+    }
+
+    /// A scratch buffer of at least `len` u32/f32 elements, reallocated only to grow.
+    fn scratch(&self, buf: &mut Option<(Handle, usize)>, len: usize) -> Handle {
+        match buf {
+            Some((h, cap)) if *cap >= len => h.clone(),
+            _ => {
+                let h = self.client.empty(4 * len.max(1));
+                *buf = Some((h.clone(), len.max(1)));
+                h
+            }
+        }
+    }
+
+    /// Device-to-host reads made so far (logits, downloads, MoE counters).
+    pub fn host_reads(&self) -> u64 {
+        self.host_reads.load(Ordering::Relaxed)
+    }
+
+    /// Reads a buffer back and hands its bytes to `f` (no copy beyond the transfer).
+    fn read<R>(&self, h: Handle, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        self.host_reads.fetch_add(1, Ordering::Relaxed);
+        let bytes = self.client.read_one(h).map_err(|e| BackendError::Device(format!("GPU read failed: {e:?}")))?;
+        Ok(f(&bytes))
     }
 
     /// A device copy of `data` (a one-element zero buffer for empty data: bindings cannot be empty).
@@ -331,6 +379,7 @@ impl Backend for WgpuBackend {
     type Tensor = GpuTensor;
     type Weight = GpuWeight;
     type KvCache = GpuKvCache;
+    type MoeState = GpuMoeState;
 
     fn name(&self) -> String {
         format!("wgpu: {}", self.adapter)
@@ -387,7 +436,7 @@ impl Backend for WgpuBackend {
     }
 
     fn tensor(&self) -> GpuTensor {
-        GpuTensor { handle: None, rows: 0, cols: 0 }
+        GpuTensor { handle: None, rows: 0, cols: 0, capacity: 0 }
     }
     fn shape(&self, t: &GpuTensor) -> (usize, usize) {
         (t.rows, t.cols)
@@ -397,15 +446,14 @@ impl Backend for WgpuBackend {
         t.handle = Some(self.upload_slice(data));
         t.rows = rows;
         t.cols = cols;
+        t.capacity = data.len().max(1);
     }
     fn download(&self, t: &GpuTensor, out: &mut Vec<f32>) -> Result<()> {
         out.clear();
         if t.len() == 0 {
             return Ok(());
         }
-        let bytes = self.client.read_one(t.h()).map_err(|e| BackendError::Device(format!("GPU read failed: {e:?}")))?;
-        out.extend_from_slice(&bytemuck::cast_slice::<u8, f32>(&bytes)[..t.len()]);
-        Ok(())
+        self.read(t.h(), |bytes| out.extend_from_slice(&bytemuck::cast_slice::<u8, f32>(bytes)[..t.len()]))
     }
     fn rows(&self, x: &GpuTensor, start: usize, n: usize, out: &mut GpuTensor) {
         assert!(start + n <= x.rows, "rows {start}..{} of {}", start + n, x.rows);
@@ -616,8 +664,8 @@ impl Backend for WgpuBackend {
         sigmoid_gate_kernel::launch(&self.client, count, dim, arg(&x.h(), n), arg(&g.h(), g.len()), n, x.cols);
     }
 
-    /// Routing, the gathered expert GLU and the weighted combine all run on the device: no host round trip
-    /// (unless `usage` is asked for, which downloads the chosen expert ids).
+    /// Routing, the gathered expert GLU, the weighted combine and the usage counters all run on the device:
+    /// no host round trip, and no allocation once the state has seen the largest batch.
     fn moe(
         &self,
         x: &GpuTensor,
@@ -625,14 +673,15 @@ impl Backend for WgpuBackend {
         experts: &ExpertWeights<'_, GpuWeight>,
         p: &MoeParams,
         out: &mut GpuTensor,
-        usage: Option<&mut MoeUsage>,
+        st: &mut GpuMoeState,
     ) {
         let (t, d) = (x.rows, x.cols);
         let (ne, k) = (p.n_experts, p.top_k.min(p.n_experts));
         assert_eq!((router_logits.rows, router_logits.cols), (t, ne), "moe: router logits");
-        let scores = self.client.empty(4 * (t * ne).max(1));
-        let idx = self.client.empty(4 * (t * k).max(1));
-        let wts = self.client.empty(4 * (t * k).max(1));
+        assert_eq!(st.n_experts, ne, "moe: a state made for {} experts", st.n_experts);
+        let scores = self.scratch(&mut st.scores, t * ne);
+        let idx = self.scratch(&mut st.idx, t * k);
+        let wts = self.scratch(&mut st.wts, t * k);
         let (count, dim) = elementwise(t);
         moe_route_kernel::launch(
             &self.client,
@@ -649,11 +698,13 @@ impl Backend for WgpuBackend {
             p.scoring == RouterScoring::Sigmoid,
             p.norm_topk,
         );
-        let (mut g, mut u, mut h, mut y) = (self.tensor(), self.tensor(), self.tensor(), self.tensor());
-        self.gathered_linear(x, &idx, experts.gate, ne, t * k, k, &mut g);
-        self.gathered_linear(x, &idx, experts.up, ne, t * k, k, &mut u);
-        self.glu(&g, &u, p.activation, &mut h);
-        self.gathered_linear(&h, &idx, experts.down, ne, t * k, 1, &mut y);
+        let (count, dim) = elementwise(ne);
+        moe_count_kernel::launch(&self.client, count, dim, arg(&idx, t * k), arg(&st.counters, 2 * ne), t * k, ne);
+        let [g, u, h, y] = &mut st.hidden;
+        self.gathered_linear(x, &idx, experts.gate, ne, t * k, k, g);
+        self.gathered_linear(x, &idx, experts.up, ne, t * k, k, u);
+        self.glu(g, u, p.activation, h);
+        self.gathered_linear(h, &idx, experts.down, ne, t * k, 1, y);
         self.alloc(out, t, d);
         let (count, dim) = elementwise(t * d);
         moe_combine_kernel::launch(
@@ -667,19 +718,29 @@ impl Backend for WgpuBackend {
             d,
             k,
         );
-        if let Some(u) = usage {
-            let bytes = self.client.read_one(idx).expect("GPU read failed");
-            let ids: &[u32] = bytemuck::cast_slice(&bytes);
-            u.tokens.resize(ne, 0);
-            let mut used = vec![false; ne];
-            for &e in &ids[..t * k] {
-                u.tokens[e as usize] += 1;
-                used[e as usize] = true;
-            }
-            let per_expert =
-                (experts.gate.file_bytes + experts.up.file_bytes + experts.down.file_bytes) as u64 / ne as u64;
-            u.bytes_read += per_expert * used.iter().filter(|&&b| b).count() as u64;
-        }
+        st.expert_bytes =
+            (experts.gate.file_bytes + experts.up.file_bytes + experts.down.file_bytes) as u64 / ne as u64;
+    }
+
+    fn moe_state(&self, p: &MoeParams) -> Result<GpuMoeState> {
+        Ok(GpuMoeState {
+            n_experts: p.n_experts,
+            counters: self.upload_slice(&vec![0u32; 2 * p.n_experts]),
+            expert_bytes: 0,
+            scores: None,
+            idx: None,
+            wts: None,
+            hidden: std::array::from_fn(|_| self.tensor()),
+        })
+    }
+
+    fn moe_usage(&self, st: &GpuMoeState) -> Result<MoeUsage> {
+        let ne = st.n_experts;
+        self.read(st.counters.clone(), |bytes| {
+            let counts: &[u32] = bytemuck::cast_slice(bytes);
+            let runs: u64 = counts[ne..2 * ne].iter().map(|&r| r as u64).sum();
+            MoeUsage { tokens: counts[..ne].iter().map(|&c| c as u64).collect(), bytes_read: runs * st.expert_bytes }
+        })
     }
 
     fn kv_cache(&self, layout: &KvLayout) -> Result<GpuKvCache> {

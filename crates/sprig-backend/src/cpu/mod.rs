@@ -271,6 +271,7 @@ impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
     type KvCache = CpuKvCache;
+    type MoeState = MoeUsage;
 
     fn name(&self) -> String {
         format!("cpu ({}, {} threads)", self.isa.name(), self.threads)
@@ -514,7 +515,7 @@ impl Backend for CpuBackend {
         experts: &ExpertWeights<'_, CpuWeight>,
         p: &MoeParams,
         out: &mut CpuTensor,
-        mut usage: Option<&mut MoeUsage>,
+        usage: &mut MoeUsage,
     ) {
         let (t, d) = (x.rows, x.cols);
         let (ne, h) = (p.n_experts, p.expert_hidden);
@@ -523,9 +524,7 @@ impl Backend for CpuBackend {
         assert_eq!((experts.up.rows, experts.up.cols), (ne * h, d), "moe: up experts shape");
         assert_eq!((experts.down.rows, experts.down.cols), (ne * d, h), "moe: down experts shape");
         let (gv, uv, dv) = (experts.gate.view(), experts.up.view(), experts.down.view());
-        if let Some(u) = usage.as_deref_mut() {
-            u.tokens.resize(ne, 0);
-        }
+        usage.tokens.resize(ne, 0);
         let mut run = |s: &mut MoeScratch| {
             s.groups.resize_with(ne, Vec::new);
             s.groups.iter_mut().for_each(|g| g.clear());
@@ -560,10 +559,8 @@ impl Backend for CpuBackend {
                 for (i, &(ti, w)) in group.iter().enumerate() {
                     math::axpy(w, &s.y.data[i * d..(i + 1) * d], &mut o[ti * d..(ti + 1) * d]);
                 }
-                if let Some(u) = usage.as_deref_mut() {
-                    u.tokens[e] += group.len() as u64;
-                    u.bytes_read += (ge.bytes() + ue.bytes() + de.bytes()) as u64;
-                }
+                usage.tokens[e] += group.len() as u64;
+                usage.bytes_read += (ge.bytes() + ue.bytes() + de.bytes()) as u64;
             }
         };
         // A nested forward on the same thread (work stealing while this one waits) gets fresh buffers.
@@ -571,6 +568,14 @@ impl Backend for CpuBackend {
             Ok(mut s) => run(&mut s),
             Err(_) => run(&mut MoeScratch::default()),
         });
+    }
+
+    fn moe_state(&self, p: &MoeParams) -> Result<MoeUsage> {
+        Ok(MoeUsage::new(p.n_experts))
+    }
+
+    fn moe_usage(&self, state: &MoeUsage) -> Result<MoeUsage> {
+        Ok(state.clone())
     }
 
     fn kv_cache(&self, layout: &KvLayout) -> Result<CpuKvCache> {

@@ -9,7 +9,7 @@ pub fn sprig() -> Command {
 }
 
 pub fn fixture(p: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(p)
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../../tests/data").join(p)
 }
 
 pub fn run_ok(args: &[&str]) -> (String, String) {

@@ -14,7 +14,7 @@ pub fn lib_dir() -> PathBuf {
         let out = std::process::Command::new(env!("CARGO"))
             .args(["build", "--locked", "-p", "sprig-ffi", "--lib", "--target-dir"])
             .arg(&target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .current_dir(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))
             .output()
             .expect("running cargo");
         assert!(out.status.success(), "building libsprig failed:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -26,7 +26,7 @@ pub fn lib_dir() -> PathBuf {
 }
 
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data")
+    PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../../tests/data")
 }
 
 /// A small synthetic model with a ChatML template, as a GGUF file.

@@ -1,5 +1,6 @@
 // Host-JVM test of the JNI binding (run by crates/sprig-ffi/tests/jvm.rs against the host-built libsprig):
-// golden text, streaming, cancellation mid-stream, misuse, chat, and RSS across 100 load/unload cycles.
+// golden text, streaming, cancellation mid-stream, misuse, chat, the Flow API (FlowTest.kt), and resident memory
+// across load/unload cycles (sized to see a 10 KiB-per-cycle leak).
 // Usage: HostTestKt STORIES260K.bin TOK512.bin GOLDEN.txt CHAT_MODEL.gguf
 package dev.sprig
 
@@ -8,16 +9,7 @@ import kotlin.concurrent.thread
 
 private var failures = 0
 
-/** AutoCloseable.use lives in kotlin-stdlib-jdk7, which the host's kotlinc 1.3 does not put on the classpath. */
-private inline fun <T : AutoCloseable, R> T.use(block: (T) -> R): R {
-    try {
-        return block(this)
-    } finally {
-        close()
-    }
-}
-
-private fun check(ok: Boolean, what: () -> String) {
+internal fun check(ok: Boolean, what: () -> String) {
     if (!ok) {
         failures++
         System.err.println("FAIL: " + what())
@@ -25,7 +17,7 @@ private fun check(ok: Boolean, what: () -> String) {
 }
 
 /** Runs [block], expecting a SprigException with [code] and a non-empty message. */
-private fun expectError(code: Int, what: String, block: () -> Unit) {
+internal fun expectError(code: Int, what: String, block: () -> Unit) {
     try {
         block()
         check(false) { "$what: no exception" }
@@ -37,7 +29,7 @@ private fun expectError(code: Int, what: String, block: () -> Unit) {
 private fun rssKb(): Long =
     File("/proc/self/status").readLines().first { it.startsWith("VmRSS:") }.split(Regex("\\s+"))[1].toLong()
 
-private class Collect(val stopAfter: Int = 0, val onPiece: (Int) -> Unit = {}) : TokenCallback {
+internal class Collect(val stopAfter: Int = 0, val onPiece: (Int) -> Unit = {}) : TokenCallback {
     val text = StringBuilder()
     var pieces = 0
     override fun onToken(text: String): Boolean {
@@ -46,6 +38,19 @@ private class Collect(val stopAfter: Int = 0, val onPiece: (Int) -> Unit = {}) :
         onPiece(pieces)
         return stopAfter == 0 || pieces < stopAfter
     }
+}
+
+/** Leak threshold per cycle: half the 10 KiB leak the test must see. */
+private const val LEAK_LIMIT_KB = 5.0
+
+/** Resident growth per run of [cycle], in KiB: measured between 300 and 1300 runs (after 300 to warm up). */
+private fun leakPerCycle(cycle: () -> Unit): Double {
+    repeat(300) { cycle() }
+    System.gc()
+    val before = rssKb()
+    repeat(1000) { cycle() }
+    System.gc()
+    return (rssKb() - before) / 1000.0
 }
 
 fun main(args: Array<String>) {
@@ -176,17 +181,24 @@ fun main(args: Array<String>) {
         }
     }
 
-    // Load/unload 100 times: resident memory stays flat.
-    repeat(5) { SprigModel.load(modelPath, opts).use { m -> m.newSession().use { } } }
-    val before = rssKb()
-    repeat(100) {
+    // The Flow API over the same model.
+    SprigModel.load(modelPath, opts).use { model -> flowChecks(model, golden.removePrefix("Once upon a time")) }
+
+    // Load/unload cycles: resident memory stays flat. The JVM runs with a fixed, pre-touched heap (jvm.rs), and
+    // growth is measured between two points after a warm-up, so JIT and heap sizing do not count. The detector
+    // is then run with a simulated 10 KiB-per-cycle native leak (direct buffers kept alive), which it must see.
+    val cycle: () -> Unit = {
         SprigModel.load(modelPath, opts).use { m ->
             m.newSession().use { s -> s.generateStreaming("Once", SamplingParams(temperature = 0f, maxTokens = 2), Collect()) }
         }
     }
-    val after = rssKb()
-    println("RSS before/after 100 load+unload cycles: $before / $after KiB")
-    check(after - before < 16 * 1024) { "RSS grew by ${after - before} KiB over 100 cycles" }
+    // The real run first: freeing the simulated leak's buffers afterwards would hide growth.
+    val real = leakPerCycle(cycle)
+    val leaked = ArrayList<java.nio.ByteBuffer>()
+    val leaky = leakPerCycle { cycle(); leaked.add(java.nio.ByteBuffer.allocateDirect(10 * 1024)) }
+    println("RSS growth per load+unload cycle: %.2f KiB (with a simulated 10 KiB leak: %.2f KiB)".format(real, leaky))
+    check(leaky > LEAK_LIMIT_KB) { "the detector missed a simulated 10 KiB/cycle leak ($leaky KiB/cycle)" }
+    check(real < LEAK_LIMIT_KB) { "RSS grows by $real KiB per load+unload cycle" }
 
     if (failures > 0) {
         System.err.println("$failures check(s) failed")

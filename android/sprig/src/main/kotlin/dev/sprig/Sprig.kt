@@ -1,7 +1,7 @@
 // The JNI-facing binding of sprig: handles, native calls, callbacks, errors, AutoCloseable. Plain Kotlin with
-// no dependency beyond the standard library, so it compiles with the host's kotlinc and is tested for real on
-// the host JVM against the host-built libsprig (crates/sprig-ffi/tests/jvm.rs). The coroutine/Flow surface is a
-// thin adapter over it in SprigFlow.kt.
+// no dependency beyond the standard library (nothing from android.jar), so the whole source set compiles with
+// the Kotlin compiler on the host and is tested for real on the host JVM against the host-built libsprig
+// (crates/sprig-ffi/tests/jvm.rs). The coroutine/Flow surface is a thin adapter over it in SprigFlow.kt.
 package dev.sprig
 
 /** A failure inside sprig; [code] is the C API's `SprigStatus` number, [message] the native message. */

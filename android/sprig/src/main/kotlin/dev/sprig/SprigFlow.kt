@@ -1,6 +1,7 @@
 // The coroutine surface of the Android library: Flow adapters over the blocking, callback-based binding in
-// Sprig.kt. Cancelling the collecting coroutine cancels the native generation. Compiled by the Android build
-// (kotlinx-coroutines ≥ 1.6); the host tests exercise the binding underneath.
+// Sprig.kt. Cancelling the collecting coroutine cancels the native generation, and the flow completes only once
+// the native call has returned. Needs kotlinx-coroutines ≥ 1.6 and nothing from android.jar: the host test
+// (crates/sprig-ffi/tests/jvm.rs, hostTest/FlowTest.kt) compiles and runs it on the JVM.
 package dev.sprig
 
 import kotlinx.coroutines.Dispatchers
