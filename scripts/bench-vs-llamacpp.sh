@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs llama-bench and `sprig bench` alternately on the same model and prints sprig/llama.cpp ratios per pass
-# and their medians (machines here are shared and noisy: compare within a run, never across runs).
+# and their medians (machines here are shared and noisy: compare within a run, never across runs). Both sides
+# are medians over their repetitions: sprig's `pp_tok_s`/`tg_tok_s` and the median of llama-bench's per-run
+# `samples_ts` (its `avg_ts` is a mean, which one slow repetition drags down).
 #
 #   scripts/bench-vs-llamacpp.sh LLAMA_CPP_BUILD_BIN MODEL.gguf [PASSES] [THREADS]
 #
@@ -23,8 +25,13 @@ for pass in $(seq 1 "$passes"); do
     line=$(python3 - "$l" "$s" <<'PY'
 import json, sys
 l, s = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-lpp = next(r["avg_ts"] for r in l if r["n_prompt"] > 0)
-ltg = next(r["avg_ts"] for r in l if r["n_gen"] > 0)
+import statistics
+def med(r):
+    if "samples_ts" not in r:
+        sys.exit("llama-bench JSON has no samples_ts (too old a llama.cpp?): cannot take its median")
+    return statistics.median(r["samples_ts"])
+lpp = med(next(r for r in l if r["n_prompt"] > 0))
+ltg = med(next(r for r in l if r["n_gen"] > 0))
 print(f'{s["pp_tok_s"]:.1f} {lpp:.1f} {s["pp_tok_s"]/lpp:.3f} {s["tg_tok_s"]:.1f} {ltg:.1f} {s["tg_tok_s"]/ltg:.3f}')
 PY
 )

@@ -138,7 +138,8 @@ fn moe_usage_matches_the_cpu() {
     };
     assert_eq!(tokens(&ug), tokens(&uc));
     // Both count each used expert once per pass.
-    let bytes = |u: &[Option<sprig_backend::MoeUsage>]| -> Vec<u64> { u.iter().flatten().map(|m| m.bytes_read).collect() };
+    let bytes =
+        |u: &[Option<sprig_backend::MoeUsage>]| -> Vec<u64> { u.iter().flatten().map(|m| m.bytes_read).collect() };
     assert_eq!(bytes(&ug), bytes(&uc));
     let _ = std::fs::remove_file(&path);
 }

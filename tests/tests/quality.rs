@@ -14,7 +14,8 @@ use sprig_import::{ImportOptions, QuantChoice};
 use sprig_tests::*;
 
 fn data(name: &str) -> String {
-    std::fs::read_to_string(format!("{}/data/{name}", std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))).unwrap()
+    std::fs::read_to_string(format!("{}/data/{name}", std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")))
+        .unwrap()
 }
 
 #[test]

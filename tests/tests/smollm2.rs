@@ -45,7 +45,11 @@ const LLAMA_CPP_PPL: f64 = 17.7438;
 #[test]
 fn perplexity_within_one_percent_of_llama_cpp() {
     let e = cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2);
-    let text = std::fs::read_to_string(format!("{}/data/apache-2.0.txt", std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo"))).unwrap();
+    let text = std::fs::read_to_string(format!(
+        "{}/data/apache-2.0.txt",
+        std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")
+    ))
+    .unwrap();
     let r = perplexity::<_, sprig_backend::cpu::CpuBackend>(&e, None, &text, 256, None, |_, _, _| {}).unwrap();
     assert_eq!(r.chunks, 8);
     let rel = (r.perplexity - LLAMA_CPP_PPL).abs() / LLAMA_CPP_PPL;

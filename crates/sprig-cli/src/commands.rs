@@ -65,6 +65,10 @@ struct BenchArgs {
     /// Repetitions.
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     reps: usize,
+    /// First time every candidate CPU kernel on this model (decode and prefill, 1 and all threads), print the
+    /// timings and the pick, and refresh the cached pick.
+    #[arg(long)]
+    kernels: bool,
     /// Also measure read bandwidth and report the fraction of the roofline decode reaches.
     #[arg(long)]
     bandwidth: bool,
@@ -141,6 +145,9 @@ struct ModelArgs {
     /// Precision for sources converted on the fly (keep|q4|q4a|q8|f16).
     #[arg(long, default_value = "keep")]
     quant: String,
+    /// Say how the model was set up: the CPU kernels picked per shape class and why.
+    #[arg(short = 'v', long)]
+    verbose: bool,
 }
 
 #[derive(Args)]
@@ -288,7 +295,18 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 device: a.device.clone(),
                 ctx_size: 0,
                 quant: a.quant.clone(),
+                verbose: false,
             };
+            if a.kernels {
+                // Measured afresh (the cache is rewritten), then the model runs with the pick.
+                let file = open(&m)?;
+                let mut b = sprig_backend::cpu::CpuBackend::new(threads)?;
+                let cache = sprig_engine::registry::cache_dir();
+                sprig_engine::kernel_cache::choose(&mut b, &file, Some(&cache), true, &mut |s| eprintln!("sprig: {s}"));
+                for line in sprig_engine::kernel_cache::describe(b.kernel_selection()) {
+                    println!("{line}");
+                }
+            }
             let e = engine(&m)?;
             let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let o = crate::bench::BenchOptions {
@@ -303,8 +321,18 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             with_engine!(&e, |e| crate::bench::run(&**e, &o))
         }
         Command::Devices => {
-            let isa = sprig_quant::kernels::Isa::detect().map(|i| i.name().to_string()).unwrap_or_else(|e| e);
-            println!("cpu: {} physical cores, kernels: {isa}", sprig_backend::cpu::physical_cores());
+            let isas: Vec<&str> = sprig_quant::kernels::Isa::available().iter().map(|i| i.name()).collect();
+            let forced = std::env::var("SPRIG_CPU").ok().filter(|s| !s.is_empty());
+            println!(
+                "cpu: {}, {} physical cores, kernels: {} ({})",
+                sprig_engine::kernel_cache::cpu_model(),
+                sprig_backend::cpu::physical_cores(),
+                isas.join(", "),
+                match forced {
+                    Some(f) => format!("forced by SPRIG_CPU={f}"),
+                    None => "chosen per model by measurement at first load".into(),
+                }
+            );
             if !sprig_engine::device::GPU_BACKEND {
                 println!("gpu: this build has no GPU backend (rebuild with `--features wgpu`)");
                 return Ok(());
@@ -421,7 +449,19 @@ fn parse_device(s: &str) -> Result<DeviceChoice> {
 fn engine(m: &ModelArgs) -> Result<AnyEngine> {
     let device = parse_device(&m.device)?;
     let file = open(m)?;
-    Ok(AnyEngine::new(file, device, m.threads, &mut |s| eprintln!("sprig: {s}"))?)
+    let e = AnyEngine::new(file, device, m.threads, &mut |s| eprintln!("sprig: {s}"))?;
+    if m.verbose {
+        match &e {
+            AnyEngine::Cpu(c) => {
+                for line in sprig_engine::kernel_cache::describe(c.model.backend.kernel_selection()) {
+                    eprintln!("sprig: {line}");
+                }
+            }
+            #[allow(unreachable_patterns)]
+            _ => eprintln!("sprig: {}", e.backend_name()),
+        }
+    }
+    Ok(e)
 }
 
 fn run(a: RunArgs) -> Result<()> {

@@ -151,3 +151,48 @@ fn device_flag_and_devices_command() {
         assert!(err.contains("using the CPU") && !out.is_empty(), "{err}");
     }
 }
+
+#[test]
+fn kernels_are_measured_cached_and_reported() {
+    let dir = std::env::temp_dir().join(format!("sprig-cli-kernels-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("m.gguf");
+    let m = model.to_str().unwrap();
+    run_ok(&["gen", "--arch", "llama", "--format", "gguf", "-o", m, "--dim", "128", "--hidden", "256"]);
+    let with_cache = |args: &[&str]| {
+        let out = sprig().args(args).env("SPRIG_CACHE", &dir).env_remove("SPRIG_CPU").output().unwrap();
+        let (so, se) =
+            (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+        assert!(out.status.success(), "sprig {args:?}: {se}");
+        (so, se)
+    };
+    // First load: measured (and cached); second: read back from the cache.
+    let (_, err) = with_cache(&["run", "-m", m, "--quant", "q4", "-p", "the cat", "-n", "2", "-t", "2", "-v"]);
+    assert!(err.contains("CPU kernels: measured now") && err.contains("pick: decode"), "{err}");
+    let cached: Vec<_> = std::fs::read_dir(dir.join("kernels")).unwrap().collect();
+    assert_eq!(cached.len(), 1, "one cache entry");
+    let (_, err) = with_cache(&["run", "-m", m, "--quant", "q4", "-p", "the cat", "-n", "2", "-t", "2", "-v"]);
+    assert!(err.contains("measured earlier on this machine"), "{err}");
+    // A corrupt entry is ignored (measured again and rewritten), never trusted.
+    let entry = cached[0].as_ref().unwrap().path();
+    std::fs::write(&entry, "{not json").unwrap();
+    let (_, err) = with_cache(&["run", "-m", m, "--quant", "q4", "-p", "the cat", "-n", "2", "-t", "2", "-v"]);
+    assert!(err.contains("unreadable") && err.contains("CPU kernels: measured now"), "{err}");
+    // bench --kernels prints every candidate (decode with 1 and 2 threads, prefill) and the pick.
+    let (out, _) =
+        with_cache(&["bench", "-m", m, "--quant", "q4", "-p", "4", "-n", "4", "-r", "1", "-t", "2", "--kernels"]);
+    assert!(
+        out.contains("decode  scalar   1 thread") && out.contains("prefill scalar") && out.contains("pick:"),
+        "{out}"
+    );
+    // SPRIG_CPU forces one kernel, nothing measured.
+    let out = sprig()
+        .args(["run", "-m", m, "--quant", "q4", "-p", "x", "-n", "1", "-v"])
+        .env("SPRIG_CACHE", &dir)
+        .env("SPRIG_CPU", "scalar")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forced by SPRIG_CPU=scalar"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -88,11 +88,14 @@ impl AnyEngine {
     /// Builds the engine for `file` on the chosen device. `threads` sizes the CPU pool (0 = physical cores).
     /// `log` receives a line when `Auto` falls back to the CPU.
     pub fn new(file: Arc<ModelFile>, device: DeviceChoice, threads: usize, log: &mut dyn FnMut(&str)) -> Result<Self> {
-        let cpu = |file: Arc<ModelFile>| -> Result<AnyEngine> {
-            Ok(AnyEngine::Cpu(Arc::new(Engine::new(Arc::new(CpuBackend::new(threads)?), file)?)))
+        let cpu = |file: Arc<ModelFile>, log: &mut dyn FnMut(&str)| -> Result<AnyEngine> {
+            let mut b = CpuBackend::new(threads)?;
+            // Kernels per shape class, measured at the first load on this machine and cached.
+            crate::kernel_cache::choose(&mut b, &file, Some(&crate::registry::cache_dir()), false, log);
+            Ok(AnyEngine::Cpu(Arc::new(Engine::new(Arc::new(b), file)?)))
         };
         match device {
-            DeviceChoice::Cpu => cpu(file),
+            DeviceChoice::Cpu => cpu(file, log),
             #[cfg(feature = "wgpu")]
             DeviceChoice::Gpu => {
                 let b = sprig_wgpu::WgpuBackend::new(Default::default())?;
@@ -122,7 +125,7 @@ impl AnyEngine {
                 }
                 #[cfg(not(feature = "wgpu"))]
                 log("device auto: this build has no GPU backend; using the CPU");
-                cpu(file)
+                cpu(file, log)
             }
         }
     }

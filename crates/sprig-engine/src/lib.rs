@@ -6,6 +6,7 @@ pub mod chat;
 pub mod device;
 pub mod eval;
 pub mod generate;
+pub mod kernel_cache;
 pub mod load;
 pub mod registry;
 pub mod sampler;

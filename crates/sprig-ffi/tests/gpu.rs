@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use sprig::*;
 
 fn fixture(p: &str) -> CString {
-    let path = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../../tests/data").join(p);
+    let path =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../../tests/data").join(p);
     CString::new(path.to_str().unwrap()).unwrap()
 }
 

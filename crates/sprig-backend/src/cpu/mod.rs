@@ -3,6 +3,7 @@
 //! split across a persistent thread pool.
 
 mod math;
+pub mod select;
 
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
@@ -14,15 +15,19 @@ use sprig_quant::{QMatrix, QuantizedActivations};
 
 use crate::moe::{self, ExpertWeights, MoeParams, MoeUsage};
 use crate::{Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeParams};
+use select::{KernelPlan, KernelSelection, PlanSource};
 
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
-    isa: Isa,
+    /// The kernels per shape class (see [`select`]).
+    plan: KernelPlan,
+    selection: KernelSelection,
 }
 
 impl CpuBackend {
-    /// `threads = 0` means one per physical core.
+    /// `threads = 0` means one per physical core. The kernels are the best ISA by name (or `SPRIG_CPU`'s)
+    /// until [`CpuBackend::measure_kernels`] or [`CpuBackend::use_kernels`] picks them per shape class.
     pub fn new(threads: usize) -> Result<Self> {
         let isa = Isa::detect().map_err(BackendError::Device)?;
         let threads = if threads == 0 { physical_cores() } else { threads };
@@ -31,14 +36,28 @@ impl CpuBackend {
             .thread_name(|i| format!("sprig-cpu-{i}"))
             .build()
             .map_err(|e| BackendError::Device(e.to_string()))?;
-        Ok(CpuBackend { pool, threads, isa })
+        let plan = KernelPlan::uniform(isa, threads);
+        let source = match std::env::var("SPRIG_CPU") {
+            Ok(name) if !name.is_empty() => PlanSource::Forced(name),
+            _ => PlanSource::Default,
+        };
+        let selection = KernelSelection { plan, source, timings: Vec::new(), probe: String::new() };
+        Ok(CpuBackend { pool, threads, plan, selection })
     }
+    /// Every shape class on `isa` (tests check each ISA this way).
     pub fn with_isa(mut self, isa: Isa) -> Self {
-        self.isa = isa;
+        self.plan = KernelPlan::uniform(isa, self.threads);
+        self.selection = KernelSelection {
+            plan: self.plan,
+            source: PlanSource::Forced(isa.name().into()),
+            timings: Vec::new(),
+            probe: String::new(),
+        };
         self
     }
-    pub fn isa(&self) -> Isa {
-        self.isa
+    /// The kernels per shape class.
+    pub fn plan(&self) -> KernelPlan {
+        self.plan
     }
     pub fn threads(&self) -> usize {
         self.threads
@@ -102,6 +121,12 @@ impl CpuBackend {
     /// `outs[i] = x · W_iᵀ` for up to [`MAX_PASS`] quantized matrices, as one parallel pass over every matrix's
     /// row chunks (one fork/join for all of them); `x` is quantized once. Allocation-free: it runs per token.
     fn quant_linears(&self, x: &CpuTensor, ws: &[QMatrix<'_>], outs: &mut [&mut CpuTensor]) {
+        self.quant_linears_with(self.plan, x, ws, outs)
+    }
+
+    /// [`CpuBackend::quant_linears`] with the kernels of `plan`: one token runs the decode ISA, on the calling
+    /// thread alone when the plan says one thread; more tokens run the prefill ISA on the whole pool.
+    fn quant_linears_with(&self, plan: KernelPlan, x: &CpuTensor, ws: &[QMatrix<'_>], outs: &mut [&mut CpuTensor]) {
         assert!(ws.len() == outs.len() && ws.len() <= MAX_PASS, "linear: {} weights, {} outputs", ws.len(), outs.len());
         let t = x.rows;
         let mut ptrs = [OutPtr(std::ptr::null_mut()); MAX_PASS];
@@ -113,8 +138,9 @@ impl CpuBackend {
             ptrs[m] = OutPtr(o.data.as_mut_ptr());
             first[m + 1] = first[m] + q.rows().div_ceil(self.row_chunk(q.rows()));
         }
-        let xq = x.quantized(self.isa);
-        let (xq, isa) = (&*xq, self.isa);
+        let (isa, serial) = if t == 1 { (plan.decode, plan.decode_threads == 1) } else { (plan.prefill, false) };
+        let xq = x.quantized(isa);
+        let xq = &*xq;
         let run = |j: usize| {
             let m = (0..ws.len()).find(|&m| j < first[m + 1]).expect("job index in range");
             let (q, chunk) = (&ws[m], self.row_chunk(ws[m].rows()));
@@ -124,7 +150,11 @@ impl CpuBackend {
             // (element t*rows + r0 + r), which no other job touches; no slice of the output is alive.
             unsafe { kernels::gemm_strided(isa, &q.rows_range(r0, r1), xq, ptrs[m].get().add(r0), q.rows()) };
         };
-        self.pool.install(|| (0..first[ws.len()]).into_par_iter().for_each(run));
+        if serial {
+            (0..first[ws.len()]).for_each(run);
+        } else {
+            self.pool.install(|| (0..first[ws.len()]).into_par_iter().for_each(run));
+        }
     }
 }
 
@@ -212,13 +242,12 @@ impl CpuTensor {
     }
     fn quantized(&self, isa: Isa) -> std::cell::Ref<'_, QuantizedActivations> {
         if !self.quant_valid.get() {
-            let mut q = self.quant.borrow_mut();
-            q.quantize(&self.data, self.rows, self.cols);
-            // Kernel-specific packing once here, not once per matrix and thread.
-            kernels::prepare(isa, &mut q);
-            drop(q);
+            self.quant.borrow_mut().quantize(&self.data, self.rows, self.cols);
             self.quant_valid.set(true);
         }
+        // Kernel-specific packing once here, not once per matrix and thread (again only if another ISA reads
+        // the same activations; a no-op for ISAs that read them as they are).
+        kernels::prepare(isa, &mut self.quant.borrow_mut());
         self.quant.borrow()
     }
 }
@@ -274,7 +303,19 @@ impl Backend for CpuBackend {
     type MoeState = MoeUsage;
 
     fn name(&self) -> String {
-        format!("cpu ({}, {} threads)", self.isa.name(), self.threads)
+        let p = self.plan;
+        if p.decode == p.prefill && p.decode_threads == self.threads {
+            format!("cpu ({}, {} threads)", p.decode.name(), self.threads)
+        } else {
+            format!(
+                "cpu (decode {} on {} thread{}, prefill {}; {} threads)",
+                p.decode.name(),
+                p.decode_threads,
+                if p.decode_threads == 1 { "" } else { "s" },
+                p.prefill.name(),
+                self.threads
+            )
+        }
     }
 
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
