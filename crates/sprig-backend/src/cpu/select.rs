@@ -206,18 +206,22 @@ impl CpuBackend {
             }
             v
         };
-        let (decode_x, prefill_x) = (inputs(&decode_set, 1), inputs(&prefill_set, PREFILL_TOKENS));
+        let (mut decode_x, mut prefill_x) = (inputs(&decode_set, 1), inputs(&prefill_set, PREFILL_TOKENS));
         let mut out = self.tensor();
-        let pass = |plan: KernelPlan, set: &[QMatrix], xs: &[(usize, CpuTensor)], out: &mut CpuTensor| {
-            for q in set {
-                let x = &xs.iter().find(|(c, _)| *c == q.cols()).expect("an input per width").1;
-                self.quant_linears_with(plan, x, &[*q], &mut [out]);
-            }
+        // Inside the pool, as a forward pass runs (entering it per product would time the handoff instead).
+        let pass = |plan: KernelPlan, set: &[QMatrix], xs: &mut [(usize, CpuTensor)], out: &mut CpuTensor| {
+            let this = &*self;
+            this.pool.install(move || {
+                for q in set {
+                    let x = &xs.iter().find(|(c, _)| *c == q.cols()).expect("an input per width").1;
+                    this.quant_linears_with(plan, x, &[*q], &mut [&mut *out]);
+                }
+            })
         };
         let avail = Isa::available();
         let best_named = *avail.last().expect("scalar at least");
         // The probe's pages, faulted in before any timing (the first candidate must not pay for them).
-        pass(KernelPlan::uniform(best_named, self.threads), &decode_set, &decode_x, &mut out);
+        pass(KernelPlan::uniform(best_named, self.threads), &decode_set, &mut decode_x, &mut out);
 
         let mut decode_candidates = Vec::new();
         for &isa in &avail {
@@ -228,13 +232,13 @@ impl CpuBackend {
         }
         let (dwin, dtimes) = fastest(&decode_candidates, BUDGET.saturating_sub(t0.elapsed()) * 2 / 3, |c| {
             let plan = KernelPlan { decode: c.isa, decode_threads: c.threads, prefill: best_named };
-            pass(plan, &decode_set, &decode_x, &mut out);
+            pass(plan, &decode_set, &mut decode_x, &mut out);
             hook(&c);
         });
         let prefill_candidates: Vec<Candidate> =
             avail.iter().map(|&isa| Candidate { prefill: true, isa, threads: self.threads }).collect();
         let (pwin, ptimes) = fastest(&prefill_candidates, BUDGET.saturating_sub(t0.elapsed()), |c| {
-            pass(KernelPlan::uniform(c.isa, self.threads), &prefill_set, &prefill_x, &mut out);
+            pass(KernelPlan::uniform(c.isa, self.threads), &prefill_set, &mut prefill_x, &mut out);
             hook(&c);
         });
         let plan = KernelPlan { decode: dwin.isa, decode_threads: dwin.threads, prefill: pwin.isa };
