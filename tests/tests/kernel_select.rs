@@ -13,8 +13,10 @@ use sprig_models::Logits;
 use sprig_quant::kernels::Isa;
 use sprig_tests::*;
 
-fn model() -> Arc<sprig_format::ModelFile> {
-    let path = std::env::temp_dir().join(format!("sprig-kselect-{}.gguf", std::process::id()));
+/// A small int4 model; `name` keeps the tests' files apart (they run in parallel, and a GGUF rewritten while
+/// another test maps it would fault).
+fn model(name: &str) -> Arc<sprig_format::ModelFile> {
+    let path = std::env::temp_dir().join(format!("sprig-kselect-{name}-{}.gguf", std::process::id()));
     let spec = SynthSpec { dim: 128, hidden_dim: 256, n_layers: 2, ..SynthSpec::tiny("llama") };
     write_gguf(&spec, &path).unwrap();
     let f = open(&path, None, QuantChoice::Q4);
@@ -24,7 +26,7 @@ fn model() -> Arc<sprig_format::ModelFile> {
 
 #[test]
 fn the_selector_avoids_a_slowed_candidate() {
-    let file = model();
+    let file = model("slowed");
     let mut b = CpuBackend::new(2).unwrap();
     let first = b.measure_kernels(&file, &|_| {}).clone();
     assert!(matches!(first.source, PlanSource::Measured(d) if d < Duration::from_millis(1000)), "{:?}", first.source);
@@ -55,7 +57,7 @@ fn the_selector_avoids_a_slowed_candidate() {
 
 #[test]
 fn every_plan_computes_the_same_logits() {
-    let file = model();
+    let file = model("plans");
     let tokens = [3u32, 200, 17, 99, 256, 261, 40];
     let logits = |plan: KernelPlan| -> Vec<f32> {
         let mut b = CpuBackend::new(2).unwrap();

@@ -210,8 +210,9 @@ struct ConvertArgs {
     input: PathBuf,
     #[arg(short = 'o', long)]
     output: PathBuf,
-    /// keep | q4 | q4a | q8 | f16
-    #[arg(long, default_value = "q4")]
+    /// auto | keep | q4 | q4a | q8 | f16 | q4-absmax. auto: a quantized GGUF keeps its precision (re-quantizing
+    /// it is an explicit choice); float sources (HF, llama2.c, f32/f16 GGUF) become q4.
+    #[arg(long, default_value = "auto")]
     quant: String,
     /// llama2.c tokenizer.bin.
     #[arg(long)]
@@ -565,8 +566,21 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--quant auto` of convert: keep a GGUF whose weights are already quantized, else q4.
+fn auto_quant(input: &std::path::Path) -> QuantChoice {
+    use sprig_quant::ggml::GgmlType;
+    let quantized = input.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        && sprig_import::gguf::GgufFile::open(input)
+            .is_ok_and(|g| g.tensors.iter().any(|t| !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)));
+    if quantized {
+        QuantChoice::Keep
+    } else {
+        QuantChoice::Q4
+    }
+}
+
 fn convert(a: ConvertArgs) -> Result<()> {
-    let quant = parse_quant(&a.quant)?;
+    let quant = if a.quant == "auto" { auto_quant(&a.input) } else { parse_quant(&a.quant)? };
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} tensors").unwrap().progress_chars("=> "),

@@ -6,6 +6,7 @@
 //! reconstruction error (the same idea as ggml's `make_qx_quants`/`make_qkx2_quants`, written from the math).
 
 use half::f16;
+use rayon::prelude::*;
 
 use crate::scheme::{blocks_per_row, QMatrixOwned, Scheme, BLOCK};
 
@@ -32,59 +33,74 @@ pub fn quantize_with_importance(
     let mut out = QMatrixOwned::new(scheme, rows, cols);
     let nb = blocks_per_row(cols);
     let qpb = scheme.qs_bytes_per_block();
-    for r in 0..rows {
-        let row = &x[r * cols..(r + 1) * cols];
-        let sigma2 = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
-        for b in 0..nb {
-            let mut group = [0.0f32; BLOCK];
-            let src = &x[r * cols + b * BLOCK..r * cols + ((b + 1) * BLOCK).min(cols)];
-            group[..src.len()].copy_from_slice(src);
-            let mut weights = [0.0f32; BLOCK];
-            for (j, w) in weights.iter_mut().enumerate().take(src.len()) {
-                let v = group[j];
-                *w = match importance {
-                    Some(imp) => imp[b * BLOCK + j] * (sigma2 + v * v).sqrt(),
-                    None => v * v,
-                };
-            }
-            if weights.iter().sum::<f32>() <= 0.0 {
-                // Dead inputs (importance 0 everywhere in this group): fall back to the x² weighting.
-                weights = group.map(|v| v * v);
-            }
-            let i = r * nb + b;
-            let qs = &mut out.qs[i * qpb..(i + 1) * qpb];
-            match scheme {
-                Scheme::Q4 => {
-                    let (d, codes) = search_symmetric_weighted(&group, &weights, 8);
-                    out.scales[i] = d;
-                    pack_q4(&codes.map(|c| (c + 8) as u8), qs);
-                }
-                Scheme::Q8 => {
-                    let (d, codes) = search_symmetric_weighted(&group, &weights, 127);
-                    out.scales[i] = d;
-                    for (o, c) in qs.iter_mut().zip(codes) {
-                        *o = c as i8 as u8;
-                    }
-                }
-                Scheme::Q4A => {
-                    let (d, m, codes) = search_asymmetric(&group, 15);
-                    out.scales[i] = d;
-                    out.mins.as_mut().unwrap()[i] = m;
-                    pack_q4(&codes.map(|c| c as u8), qs);
-                }
-                Scheme::Q8A => {
-                    let (d, m, codes) = search_asymmetric(&group, 255);
-                    // int8 codes are signed: shift the range down by 128 and fold it into the min.
-                    let m2 = f16::from_f32(m.to_f32() + 128.0 * d.to_f32());
-                    out.scales[i] = d;
-                    out.mins.as_mut().unwrap()[i] = m2;
-                    for (o, c) in qs.iter_mut().zip(codes) {
-                        *o = (c - 128) as i8 as u8;
-                    }
-                }
-            }
-        }
+    if rows == 0 || nb == 0 {
+        return out;
     }
+    // Rows are independent: quantized in parallel on every core (the search dominates a conversion's time).
+    let mut no_mins = Vec::new();
+    let mins: &mut [f16] = match out.mins.as_mut() {
+        Some(m) => m,
+        None => {
+            no_mins.resize(rows * nb, f16::ZERO);
+            &mut no_mins
+        }
+    };
+    out.qs
+        .par_chunks_mut(nb * qpb)
+        .zip(out.scales.par_chunks_mut(nb))
+        .zip(mins.par_chunks_mut(nb))
+        .enumerate()
+        .for_each(|(r, ((qs_row, scales), mins))| {
+            let row = &x[r * cols..(r + 1) * cols];
+            let sigma2 = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
+            for b in 0..nb {
+                let mut group = [0.0f32; BLOCK];
+                let src = &row[b * BLOCK..((b + 1) * BLOCK).min(cols)];
+                group[..src.len()].copy_from_slice(src);
+                let mut weights = [0.0f32; BLOCK];
+                for (j, w) in weights.iter_mut().enumerate().take(src.len()) {
+                    let v = group[j];
+                    *w = match importance {
+                        Some(imp) => imp[b * BLOCK + j] * (sigma2 + v * v).sqrt(),
+                        None => v * v,
+                    };
+                }
+                if weights.iter().sum::<f32>() <= 0.0 {
+                    // Dead inputs (importance 0 everywhere in this group): fall back to the x² weighting.
+                    weights = group.map(|v| v * v);
+                }
+                let qs = &mut qs_row[b * qpb..(b + 1) * qpb];
+                match scheme {
+                    Scheme::Q4 => {
+                        let (d, codes) = search_symmetric_weighted(&group, &weights, 8);
+                        scales[b] = d;
+                        pack_q4(&codes.map(|c| (c + 8) as u8), qs);
+                    }
+                    Scheme::Q8 => {
+                        let (d, codes) = search_symmetric_weighted(&group, &weights, 127);
+                        scales[b] = d;
+                        for (o, c) in qs.iter_mut().zip(codes) {
+                            *o = c as i8 as u8;
+                        }
+                    }
+                    Scheme::Q4A => {
+                        let (d, m, codes) = search_asymmetric(&group, 15);
+                        scales[b] = d;
+                        mins[b] = m;
+                        pack_q4(&codes.map(|c| c as u8), qs);
+                    }
+                    Scheme::Q8A => {
+                        let (d, m, codes) = search_asymmetric(&group, 255);
+                        // int8 codes are signed: shift the range down by 128 and fold it into the min.
+                        scales[b] = d;
+                        mins[b] = f16::from_f32(m.to_f32() + 128.0 * d.to_f32());
+                        for (o, c) in qs.iter_mut().zip(codes) {
+                            *o = (c - 128) as i8 as u8;
+                        }
+                    }
+                }
+            }
+        });
     out
 }
 
