@@ -7,7 +7,7 @@
 
 use half::{bf16, f16};
 
-use crate::quantize::{pack_q4, quantize};
+use crate::quantize::pack_q4;
 use crate::scheme::{QMatrixOwned, Scheme, BLOCK};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -267,7 +267,7 @@ pub fn to_native(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<
             let n = CHUNK_ROWS.min(rows - r0);
             let mut f = vec![0.0; n * cols];
             dequantize(ty, &data[r0 * row_bytes..(r0 + n) * row_bytes], &mut f);
-            let part = quantize(&f, n, cols, Scheme::Q8);
+            let part = crate::quantize::quantize_absmax_q8(&f, n, cols);
             err.add(&f, &part.view().dequantize());
             matrix.qs[r0 * nb * 32..(r0 + n) * nb * 32].copy_from_slice(&part.qs);
             matrix.scales[r0 * nb..(r0 + n) * nb].copy_from_slice(&part.scales);

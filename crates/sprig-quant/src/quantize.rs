@@ -211,6 +211,31 @@ pub fn search_asymmetric(x: &[f32; BLOCK], nmax: i32) -> (f16, f16, [i32; BLOCK]
 }
 
 /// GGUF-reference-style Q4_0 (`d = max / -8`, no search), kept to measure what the search buys.
+/// int8 with the plain absmax scale (`d = max|x| / 127`, no search), rows on every core: for widening a
+/// finer-grained source (GGUF Q6_K) to int8, where 255 levels leave nothing for a search to win but time.
+pub fn quantize_absmax_q8(x: &[f32], rows: usize, cols: usize) -> QMatrixOwned {
+    assert_eq!(x.len(), rows * cols, "matrix size");
+    let mut out = QMatrixOwned::new(Scheme::Q8, rows, cols);
+    let nb = blocks_per_row(cols);
+    if rows == 0 || nb == 0 {
+        return out;
+    }
+    out.qs.par_chunks_mut(nb * BLOCK).zip(out.scales.par_chunks_mut(nb)).enumerate().for_each(|(r, (qs, scales))| {
+        let row = &x[r * cols..(r + 1) * cols];
+        for b in 0..nb {
+            let src = &row[b * BLOCK..((b + 1) * BLOCK).min(cols)];
+            let amax = src.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let d = f16::from_f32(amax / 127.0);
+            let id = if d.to_f32() != 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+            scales[b] = d;
+            for (o, &v) in qs[b * BLOCK..].iter_mut().zip(src) {
+                *o = (v * id).round().clamp(-127.0, 127.0) as i8 as u8;
+            }
+        }
+    });
+    out
+}
+
 pub fn quantize_absmax_q4(x: &[f32], rows: usize, cols: usize) -> QMatrixOwned {
     let mut out = QMatrixOwned::new(Scheme::Q4, rows, cols);
     let nb = blocks_per_row(cols);
