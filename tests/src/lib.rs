@@ -17,6 +17,13 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("data")
 }
 
+/// The perplexity of `e` on `tests/data/apache-2.0.txt` in 256-token chunks: the protocol of
+/// `llama-perplexity -f tests/data/apache-2.0.txt --ctx-size 256`, against which the real models are compared.
+pub fn apache_perplexity(e: &Engine<CpuBackend>) -> sprig_engine::eval::PerplexityReport {
+    let text = std::fs::read_to_string(fixtures().join("apache-2.0.txt")).unwrap();
+    sprig_engine::eval::perplexity::<_, CpuBackend>(e, None, &text, 256, None, |_, _, _| {}).unwrap()
+}
+
 pub fn stories260k() -> (PathBuf, PathBuf) {
     let d = fixtures().join("stories260K");
     (d.join("stories260K.bin"), d.join("tok512.bin"))

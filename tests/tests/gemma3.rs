@@ -1,6 +1,5 @@
 //! Gemma 3 270M Q4_K_M (registry `gemma3-270m`): a distilled model with 5:1 sliding-window/global attention.
 
-use sprig_engine::eval::perplexity;
 use sprig_import::QuantChoice;
 use sprig_tests::*;
 
@@ -38,12 +37,7 @@ fn gemma3_imports_and_perplexity_within_one_percent_of_llama_cpp() {
     assert_eq!(ids.iter().filter(|&&t| t == 105).count(), 2, "<start_of_turn>: {ids:?}");
     assert_eq!(ids.iter().filter(|&&t| t == 106).count(), 1, "<end_of_turn>: {ids:?}");
     assert!(e.tokenizer.decode(&ids).unwrap().contains("Hi<end_of_turn>\n<start_of_turn>model\nSure"));
-    let text = std::fs::read_to_string(format!(
-        "{}/data/apache-2.0.txt",
-        std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")
-    ))
-    .unwrap();
-    let r = perplexity::<_, sprig_backend::cpu::CpuBackend>(&e, None, &text, 256, None, |_, _, _| {}).unwrap();
+    let r = apache_perplexity(&e);
     let rel = (r.perplexity - LLAMA_CPP_PPL).abs() / LLAMA_CPP_PPL;
     assert!(rel < 0.01, "sprig PPL {} vs llama.cpp {LLAMA_CPP_PPL}", r.perplexity);
 }

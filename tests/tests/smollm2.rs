@@ -1,6 +1,5 @@
 //! SmolLM2-135M-Instruct (GGUF Q4_1 from the registry, converted losslessly to native int4).
 
-use sprig_engine::eval::perplexity;
 use sprig_engine::{ChatMessage, Sampler, SamplingParams};
 use sprig_import::QuantChoice;
 use sprig_tests::*;
@@ -45,12 +44,7 @@ const LLAMA_CPP_PPL: f64 = 17.7438;
 #[test]
 fn perplexity_within_one_percent_of_llama_cpp() {
     let e = cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2);
-    let text = std::fs::read_to_string(format!(
-        "{}/data/apache-2.0.txt",
-        std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")
-    ))
-    .unwrap();
-    let r = perplexity::<_, sprig_backend::cpu::CpuBackend>(&e, None, &text, 256, None, |_, _, _| {}).unwrap();
+    let r = apache_perplexity(&e);
     assert_eq!(r.chunks, 8);
     let rel = (r.perplexity - LLAMA_CPP_PPL).abs() / LLAMA_CPP_PPL;
     assert!(rel < 0.01, "sprig PPL {} vs llama.cpp {LLAMA_CPP_PPL}: {:.2} %", r.perplexity, rel * 100.0);
