@@ -57,6 +57,26 @@ pub fn reference_engine(file: Arc<ModelFile>) -> Engine<BurnBackend> {
     Engine::new(Arc::new(BurnBackend::new()), file).unwrap()
 }
 
+/// Logits of a prefill of `prompt` (every position) then one decode step per token of `decode`, concatenated,
+/// and the sequence's state (a context of 64).
+pub fn prefill_then_decode<B: sprig_backend::Backend>(
+    e: &Engine<B>,
+    prompt: &[u32],
+    decode: &[u32],
+) -> (Vec<f32>, sprig_models::State<B>) {
+    let mut st = e.model.new_state(64).unwrap();
+    let (mut all, mut l) = (Vec::new(), Vec::new());
+    e.model.forward(&mut st, prompt, sprig_models::Logits::All).unwrap();
+    e.model.read_logits(&st, &mut l).unwrap();
+    all.extend(&l);
+    for &t in decode {
+        e.model.forward(&mut st, &[t], sprig_models::Logits::Last).unwrap();
+        e.model.read_logits(&st, &mut l).unwrap();
+        all.extend(&l);
+    }
+    (all, st)
+}
+
 /// Largest |a-b| relative to max |b|.
 pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());

@@ -9,7 +9,6 @@ use sprig_backend::cpu::CpuBackend;
 use sprig_engine::Engine;
 use sprig_import::synth::{write_gguf, SynthSpec};
 use sprig_import::QuantChoice;
-use sprig_models::Logits;
 use sprig_quant::kernels::Isa;
 use sprig_tests::*;
 
@@ -64,17 +63,7 @@ fn every_plan_computes_the_same_logits() {
         let sel = KernelSelection { plan, source: PlanSource::Default, timings: Vec::new(), probe: String::new() };
         b.use_kernels(sel).unwrap();
         let e = Engine::new(Arc::new(b), file.clone()).unwrap();
-        let mut st = e.model.new_state(32).unwrap();
-        let (mut all, mut l) = (Vec::new(), Vec::new());
-        e.model.forward(&mut st, &tokens, Logits::All).unwrap();
-        e.model.read_logits(&st, &mut l).unwrap();
-        all.extend(&l);
-        for t in [5u32, 77] {
-            e.model.forward(&mut st, &[t], Logits::Last).unwrap();
-            e.model.read_logits(&st, &mut l).unwrap();
-            all.extend(&l);
-        }
-        all
+        prefill_then_decode(&e, &tokens, &[5, 77]).0
     };
     for &isa in &Isa::available() {
         let parallel = logits(KernelPlan::uniform(isa, 2));

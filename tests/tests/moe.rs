@@ -24,18 +24,8 @@ const DECODE: [u32; 2] = [5, 77];
 
 /// Logits of a prefill of `TOKENS` then two decode steps, concatenated; and the state's expert usage.
 fn run<B: Backend>(e: &sprig_engine::Engine<B>) -> (Vec<f32>, Vec<Option<sprig_backend::MoeUsage>>) {
-    let mut st = e.model.new_state(64).unwrap();
-    let (mut all, mut l) = (Vec::new(), Vec::new());
-    e.model.forward(&mut st, &TOKENS, Logits::All).unwrap();
-    e.model.read_logits(&st, &mut l).unwrap();
-    all.extend(&l);
-    for t in DECODE {
-        e.model.forward(&mut st, &[t], Logits::Last).unwrap();
-        e.model.read_logits(&st, &mut l).unwrap();
-        all.extend(&l);
-    }
-    let usage = e.model.moe_usage(&st).unwrap();
-    (all, usage)
+    let (all, st) = prefill_then_decode(e, &TOKENS, &DECODE);
+    (all, e.model.moe_usage(&st).unwrap())
 }
 
 #[test]

@@ -17,18 +17,7 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Logits of a prefill of `tokens` then two decode steps, concatenated.
 fn run<B: sprig_backend::Backend>(e: &sprig_engine::Engine<B>, tokens: &[u32]) -> Vec<f32> {
-    let mut st = e.model.new_state(64).unwrap();
-    let mut all = Vec::new();
-    let mut l = Vec::new();
-    e.model.forward(&mut st, tokens, Logits::All).unwrap();
-    e.model.read_logits(&st, &mut l).unwrap();
-    all.extend(&l);
-    for t in [5u32, 77] {
-        e.model.forward(&mut st, &[t], Logits::Last).unwrap();
-        e.model.read_logits(&st, &mut l).unwrap();
-        all.extend(&l);
-    }
-    all
+    prefill_then_decode(e, tokens, &[5, 77]).0
 }
 
 const TOKENS: [u32; 9] = [3, 200, 17, 99, 256, 261, 40, 40, 7];

@@ -13,16 +13,10 @@ mod common;
 
 /// The Kotlin distribution: `SPRIG_KOTLIN_HOME`, else where scripts/test.sh caches it.
 fn kotlin_home() -> PathBuf {
-    if let Some(h) = std::env::var_os("SPRIG_KOTLIN_HOME") {
-        return PathBuf::from(h);
+    match std::env::var_os("SPRIG_KOTLIN_HOME") {
+        Some(h) => PathBuf::from(h),
+        None => sprig_engine::registry::cache_dir().join("tools/kotlin-compiler-2.4.20"),
     }
-    let cache = std::env::var_os("SPRIG_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-        base.join("sprig")
-    });
-    cache.join("tools/kotlin-compiler-2.4.20")
 }
 
 #[test]

@@ -20,8 +20,7 @@ use select::{KernelPlan, KernelSelection, PlanSource};
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     threads: usize,
-    /// The kernels per shape class (see [`select`]).
-    plan: KernelPlan,
+    /// The kernels per shape class and how they were chosen (see [`select`]).
     selection: KernelSelection,
 }
 
@@ -42,13 +41,12 @@ impl CpuBackend {
             _ => PlanSource::Default,
         };
         let selection = KernelSelection { plan, source, timings: Vec::new(), probe: String::new() };
-        Ok(CpuBackend { pool, threads, plan, selection })
+        Ok(CpuBackend { pool, threads, selection })
     }
     /// Every shape class on `isa` (tests check each ISA this way).
     pub fn with_isa(mut self, isa: Isa) -> Self {
-        self.plan = KernelPlan::uniform(isa, self.threads);
         self.selection = KernelSelection {
-            plan: self.plan,
+            plan: KernelPlan::uniform(isa, self.threads),
             source: PlanSource::Forced(isa.name().into()),
             timings: Vec::new(),
             probe: String::new(),
@@ -57,7 +55,7 @@ impl CpuBackend {
     }
     /// The kernels per shape class.
     pub fn plan(&self) -> KernelPlan {
-        self.plan
+        self.selection.plan
     }
     pub fn threads(&self) -> usize {
         self.threads
@@ -121,7 +119,7 @@ impl CpuBackend {
     /// `outs[i] = x · W_iᵀ` for up to [`MAX_PASS`] quantized matrices, as one parallel pass over every matrix's
     /// row chunks (one fork/join for all of them); `x` is quantized once. Allocation-free: it runs per token.
     fn quant_linears(&self, x: &CpuTensor, ws: &[QMatrix<'_>], outs: &mut [&mut CpuTensor]) {
-        self.quant_linears_with(self.plan, x, ws, outs)
+        self.quant_linears_with(self.selection.plan, x, ws, outs)
     }
 
     /// [`CpuBackend::quant_linears`] with the kernels of `plan`: one token runs the decode ISA, on the calling
@@ -303,7 +301,7 @@ impl Backend for CpuBackend {
     type MoeState = MoeUsage;
 
     fn name(&self) -> String {
-        let p = self.plan;
+        let p = self.selection.plan;
         if p.decode == p.prefill && p.decode_threads == self.threads {
             format!("cpu ({}, {} threads)", p.decode.name(), self.threads)
         } else {

@@ -161,7 +161,6 @@ impl CpuBackend {
         if p.decode_threads != 1 && p.decode_threads != self.threads {
             return Err(format!("plan {p:?} is for another thread count (the pool has {})", self.threads));
         }
-        self.plan = p;
         self.selection = sel;
         Ok(())
     }
@@ -247,7 +246,6 @@ impl CpuBackend {
             .chain(ptimes)
             .map(|(candidate, seconds, passes)| Timing { candidate, seconds, passes })
             .collect();
-        self.plan = plan;
         self.selection = KernelSelection { plan, source: PlanSource::Measured(t0.elapsed()), timings, probe };
         &self.selection
     }
