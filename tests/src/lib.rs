@@ -1,5 +1,6 @@
 //! Shared fixtures of the end-to-end tests: paths of the committed fixtures (tests/data) and the registry models (pulled into
 //! the cache on first use, like `sprig pull`).
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

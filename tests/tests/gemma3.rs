@@ -12,7 +12,7 @@ const LLAMA_CPP_PPL: f64 = 8.5524;
 fn gemma3_imports_and_perplexity_within_one_percent_of_llama_cpp() {
     let f = open(&registry_model("gemma3-270m"), None, QuantChoice::Keep);
     let c = &f.config;
-    assert_eq!((c.arch.as_str(), c.n_layers, c.vocab_size, c.head_dim), ("gemma3", 18, 262144, 256));
+    assert_eq!((c.arch.name(), c.n_layers, c.vocab_size, c.head_dim), ("gemma3", 18, 262144, 256));
     let globals: Vec<usize> =
         (0..c.n_layers).filter(|&i| c.attention[i] == sprig_format::AttentionKind::Global).collect();
     assert_eq!(globals, [5, 11, 17]);

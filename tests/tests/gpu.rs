@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sprig_backend::Backend;
 use sprig_engine::Engine;
 use sprig_format::ModelFile;
-use sprig_import::synth::{write_gguf, SynthSpec};
+use sprig_import::synth::{Arch, write_gguf, SynthSpec};
 use sprig_import::QuantChoice;
 use sprig_models::Logits;
 use sprig_tests::*;
@@ -97,13 +97,13 @@ fn moe_and_hybrid_attention_models_match_the_cpu() {
     let prompt = [3u32, 200, 17, 99, 256, 261, 40, 40, 7, 12, 13, 14];
     let decode = [5u32, 77, 8, 9, 10];
     for (name, spec) in [
-        ("mixtral", SynthSpec::tiny_moe("llama")),
-        ("qwen2moe", SynthSpec::tiny_moe("qwen2moe")),
-        ("olmoe", SynthSpec::tiny_moe("olmoe")),
+        ("mixtral", SynthSpec::tiny_moe(Arch::Llama)),
+        ("qwen2moe", SynthSpec::tiny_moe(Arch::Qwen2Moe)),
+        ("olmoe", SynthSpec::tiny_moe(Arch::Olmoe)),
         // Sliding window of 4 on every layer but each 3rd: the prefill is longer than the window and the decode
         // steps wrap the rings.
-        ("hybrid", SynthSpec { sliding: Some((4, 3)), n_layers: 3, ..SynthSpec::tiny("llama") }),
-        ("hybrid-moe", SynthSpec { sliding: Some((5, 2)), ..SynthSpec::tiny_moe("qwen3moe") }),
+        ("hybrid", SynthSpec { sliding: Some((4, 3)), n_layers: 3, ..SynthSpec::tiny(Arch::Llama) }),
+        ("hybrid-moe", SynthSpec { sliding: Some((5, 2)), ..SynthSpec::tiny_moe(Arch::Qwen3Moe) }),
     ] {
         let path = tmp(&format!("{name}.gguf"));
         write_gguf(&spec, &path).unwrap();
@@ -119,7 +119,7 @@ fn moe_and_hybrid_attention_models_match_the_cpu() {
 #[test]
 fn moe_usage_matches_the_cpu() {
     let path = tmp("usage.gguf");
-    write_gguf(&SynthSpec::tiny_moe("qwen2moe"), &path).unwrap();
+    write_gguf(&SynthSpec::tiny_moe(Arch::Qwen2Moe), &path).unwrap();
     let f = open(&path, None, QuantChoice::Keep);
     let (cpu, gpu) = (cpu_engine(f.clone(), 2), gpu_engine(f, WgpuOptions::default()));
     let prompt = [3u32, 200, 17, 99, 256, 261, 40];

@@ -7,7 +7,7 @@ use std::time::Duration;
 use sprig_backend::cpu::select::{Candidate, KernelPlan, KernelSelection, PlanSource};
 use sprig_backend::cpu::CpuBackend;
 use sprig_engine::Engine;
-use sprig_import::synth::{write_gguf, SynthSpec};
+use sprig_import::synth::{Arch, write_gguf, SynthSpec};
 use sprig_import::QuantChoice;
 use sprig_quant::kernels::Isa;
 use sprig_tests::*;
@@ -16,7 +16,7 @@ use sprig_tests::*;
 /// another test maps it would fault).
 fn model(name: &str) -> Arc<sprig_format::ModelFile> {
     let path = std::env::temp_dir().join(format!("sprig-kselect-{name}-{}.gguf", std::process::id()));
-    let spec = SynthSpec { dim: 128, hidden_dim: 256, n_layers: 2, ..SynthSpec::tiny("llama") };
+    let spec = SynthSpec { dim: 128, hidden_dim: 256, n_layers: 2, ..SynthSpec::tiny(Arch::Llama) };
     write_gguf(&spec, &path).unwrap();
     let f = open(&path, None, QuantChoice::Q4);
     let _ = std::fs::remove_file(&path);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use sprig_backend::Backend;
 use sprig_format::{ModelFile, TensorEntry};
-use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthMoe, SynthSpec};
+use sprig_import::synth::{Arch, write_gguf, write_hf_dir, HfDtype, SynthMoe, SynthSpec};
 use sprig_import::QuantChoice;
 use sprig_models::Logits;
 use sprig_tests::*;
@@ -31,7 +31,7 @@ fn run<B: Backend>(e: &sprig_engine::Engine<B>) -> (Vec<f32>, Vec<Option<sprig_b
 #[test]
 fn dense_ffn_split_into_experts_all_selected_with_weight_one_gives_the_dense_logits() {
     // Mixtral-style GGUF (stacked 3-D expert tensors) and a Qwen3-MoE HF directory (per-expert tensors).
-    for (arch, gguf) in [("llama", true), ("qwen3moe", false)] {
+    for (arch, gguf) in [(Arch::Llama, true), (Arch::Qwen3Moe, false)] {
         let dense = SynthSpec { n_layers: 3, ..SynthSpec::tiny(arch) };
         let split = SynthSpec { moe: Some(SynthMoe::split_of_dense(4, dense.hidden_dim)), ..dense.clone() };
         let (pd, pm) = (tmp(&format!("dense-{arch}")), tmp(&format!("split-{arch}")));
@@ -62,14 +62,14 @@ fn dense_ffn_split_into_experts_all_selected_with_weight_one_gives_the_dense_log
 
 #[test]
 fn moe_families_match_the_reference_and_gguf_equals_hf() {
-    let mut sigmoid = SynthSpec::tiny_moe("qwen3moe");
+    let mut sigmoid = SynthSpec::tiny_moe(Arch::Qwen3Moe);
     let m = sigmoid.moe.as_mut().unwrap();
     (m.sigmoid, m.routed_scale, m.top_k) = (true, Some(2.5), 3);
     let cases = [
-        ("mixtral", SynthSpec::tiny_moe("llama")),
-        ("qwen2moe", SynthSpec::tiny_moe("qwen2moe")),
-        ("qwen3moe", SynthSpec::tiny_moe("qwen3moe")),
-        ("olmoe", SynthSpec::tiny_moe("olmoe")),
+        ("mixtral", SynthSpec::tiny_moe(Arch::Llama)),
+        ("qwen2moe", SynthSpec::tiny_moe(Arch::Qwen2Moe)),
+        ("qwen3moe", SynthSpec::tiny_moe(Arch::Qwen3Moe)),
+        ("olmoe", SynthSpec::tiny_moe(Arch::Olmoe)),
         ("sigmoid", sigmoid),
     ];
     for (what, spec) in cases {
@@ -85,7 +85,7 @@ fn moe_families_match_the_reference_and_gguf_equals_hf() {
             assert_eq!(m.moe_layers, [false, true, true], "{what}");
             assert_eq!(m.shared_expert_hidden_dim, sm.shared_hidden, "{what}");
             assert_eq!(m.routed_scale, sm.routed_scale, "{what}");
-            assert_eq!(f.contains("blk.1.ffn_gate_inp_shexp.weight"), spec.arch == "qwen2moe", "{what}");
+            assert_eq!(f.contains("blk.1.ffn_gate_inp_shexp.weight"), spec.arch.rules().shared_expert_gate, "{what}");
             // Experts stacked as [E * rows, cols].
             assert_eq!(f.entry("blk.1.ffn_down_exps.weight").unwrap().shape(), [8 * 64, sm.expert_hidden]);
         }
@@ -150,7 +150,7 @@ fn experts_no_token_was_routed_to_are_never_read() {
     let mut moe = SynthMoe::new(16, 2, 256);
     moe.norm_topk = true;
     let spec =
-        SynthSpec { dim: 128, n_heads: 4, n_kv_heads: 2, n_layers: 2, moe: Some(moe), ..SynthSpec::tiny("qwen3moe") };
+        SynthSpec { dim: 128, n_heads: 4, n_kv_heads: 2, n_layers: 2, moe: Some(moe), ..SynthSpec::tiny(Arch::Qwen3Moe) };
     let path = tmp("pages.gguf");
     write_gguf(&spec, &path).unwrap();
     let file: Arc<ModelFile> = open(&path, None, QuantChoice::Q4);
@@ -199,7 +199,7 @@ fn experts_no_token_was_routed_to_are_never_read() {
 
 #[test]
 fn inconsistent_moe_checkpoints_are_rejected_with_clear_errors() {
-    let spec = SynthSpec::tiny_moe("qwen3moe");
+    let spec = SynthSpec::tiny_moe(Arch::Qwen3Moe);
     let dir = tmp("bad-hf");
     write_hf_dir(&spec, &dir, HfDtype::F32, 1).unwrap();
     let cfg_path = dir.join("config.json");
@@ -223,7 +223,7 @@ fn inconsistent_moe_checkpoints_are_rejected_with_clear_errors() {
 #[test]
 fn mutated_moe_files_fail_cleanly_end_to_end() {
     use rand::{Rng, SeedableRng};
-    let spec = SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny_moe("qwen2moe") };
+    let spec = SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny_moe(Arch::Qwen2Moe) };
     let bytes = sprig_import::synth::gguf_bytes(&spec).unwrap();
     let path = tmp("mutated.gguf");
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use sprig_engine::ChatMessage;
-use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthSpec};
+use sprig_import::synth::{Arch, write_gguf, write_hf_dir, HfDtype, SynthSpec};
 use sprig_import::QuantChoice;
 use sprig_models::Logits;
 use sprig_tests::*;
@@ -24,7 +24,8 @@ const TOKENS: [u32; 9] = [3, 200, 17, 99, 256, 261, 40, 40, 7];
 
 #[test]
 fn hf_and_gguf_imports_agree_and_cpu_matches_reference() {
-    for arch in ["llama", "qwen2"] {
+    // Every dense family of the rule book (the MoE ones: tests/tests/moe.rs).
+    for arch in Arch::ALL.into_iter().filter(|a| !a.rules().moe) {
         let spec = SynthSpec::tiny(arch);
         let dir = tmp(&format!("{arch}-hf"));
         write_hf_dir(&spec, &dir, HfDtype::F32, 1).unwrap();
@@ -33,9 +34,17 @@ fn hf_and_gguf_imports_agree_and_cpu_matches_reference() {
 
         let hf_file = open(&dir, None, QuantChoice::Keep);
         assert_eq!(hf_file.config.arch, arch);
-        assert_eq!(hf_file.contains("blk.0.attn_q.bias"), arch == "qwen2");
+        assert_eq!(hf_file.contains("blk.0.attn_q.bias"), arch.rules().qkv_bias);
+        let gguf_file = open(&gguf, None, QuantChoice::Keep);
+        // Both importers read the same layer pattern (Gemma 3: from its rule, five sliding layers per global).
+        assert_eq!(gguf_file.config.attention, hf_file.config.attention, "{arch}");
+        assert_eq!(
+            hf_file.config.attention.iter().any(|a| *a != sprig_format::AttentionKind::Global),
+            arch.rules().sliding_every.is_some(),
+            "{arch}"
+        );
         let hf = cpu_engine(hf_file.clone(), 2);
-        let from_gguf = cpu_engine(open(&gguf, None, QuantChoice::Keep), 2);
+        let from_gguf = cpu_engine(gguf_file, 2);
         let reference = reference_engine(hf_file);
 
         let (a, b, r) = (run(&hf, &TOKENS), run(&from_gguf, &TOKENS), run(&reference, &TOKENS));
@@ -63,7 +72,7 @@ fn hf_and_gguf_imports_agree_and_cpu_matches_reference() {
 
 #[test]
 fn sharded_bf16_and_quantized_imports_stay_close() {
-    let spec = SynthSpec { tied: true, ..SynthSpec::tiny("qwen2") };
+    let spec = SynthSpec { tied: true, ..SynthSpec::tiny(Arch::Qwen2) };
     let (f32_dir, bf16_dir) = (tmp("q-f32"), tmp("q-bf16"));
     write_hf_dir(&spec, &f32_dir, HfDtype::F32, 1).unwrap();
     write_hf_dir(&spec, &bf16_dir, HfDtype::BF16, 3).unwrap();
@@ -85,7 +94,7 @@ fn sharded_bf16_and_quantized_imports_stay_close() {
 #[test]
 fn sliding_window_generation_past_the_window_matches_reference() {
     // Window 8 on two of every three layers; 40 decode steps run the rings around several times.
-    let spec = SynthSpec { n_layers: 3, sliding: Some((8, 3)), ..SynthSpec::tiny("llama") };
+    let spec = SynthSpec { n_layers: 3, sliding: Some((8, 3)), ..SynthSpec::tiny(Arch::Llama) };
     let dir = tmp("sliding");
     write_hf_dir(&spec, &dir, HfDtype::F32, 1).unwrap();
     let f = open(&dir, None, QuantChoice::Keep);
@@ -122,7 +131,7 @@ fn sliding_window_generation_past_the_window_matches_reference() {
 #[test]
 fn hf_import_reads_chat_template_jinja_and_post_processor_bos() {
     let dir = tmp("hf-template");
-    write_hf_dir(&SynthSpec::tiny("qwen2"), &dir, HfDtype::F32, 1).unwrap();
+    write_hf_dir(&SynthSpec::tiny(Arch::Qwen2), &dir, HfDtype::F32, 1).unwrap();
     let jinja = "{% for m in messages %}<|im_start|>[{{ m.role }}] {{ m.content }}<|im_end|>{% endfor %}";
     std::fs::write(dir.join("chat_template.jinja"), jinja).unwrap();
     let tj_path = dir.join("tokenizer.json");

@@ -12,8 +12,8 @@ use sprig_quant::quantize::quantize;
 use sprig_quant::Scheme;
 
 use crate::{
-    Activation, AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeLayout, RopeParams,
-    RopeScaling,
+    composite, Activation, AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeLayout,
+    RopeParams, RopeScaling, Unary,
 };
 use sprig_format::config::RouterScoring;
 
@@ -80,8 +80,8 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
     macro_rules! pair {
         ($data:expr, $rows:expr, $cols:expr) => {{
             let (mut ta, mut tr) = (a.tensor(), r.tensor());
-            a.upload(&$data, $rows, $cols, &mut ta);
-            r.upload(&$data, $rows, $cols, &mut tr);
+            a.upload(&$data, $rows, $cols, &mut ta).unwrap();
+            r.upload(&$data, $rows, $cols, &mut tr).unwrap();
             (ta, tr)
         }};
     }
@@ -103,8 +103,8 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
         // Embedding lookup: exact dequantization on both sides.
         let ids = [0u32, 36, 5, 5, 17];
         let (mut oa, mut or) = (a.tensor(), r.tensor());
-        a.embed(&wa, &ids, 1.5, &mut oa);
-        r.embed(&wr, &ids, 1.5, &mut or);
+        a.embed(&wa, &ids, 1.5, &mut oa).unwrap();
+        r.embed(&wr, &ids, 1.5, &mut or).unwrap();
         check(format!("embed {kind}"), dl(&oa), dlr(&or), 1e-6);
         for t in [1usize, 3, 17] {
             let x = random(&mut rng, t * COLS, 2.0);
@@ -112,8 +112,8 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
             for with_bias in [false, true] {
                 let (ba, br) = (a.load_weight(&file, "bias").unwrap(), r.load_weight(&file, "bias").unwrap());
                 let (mut oa, mut or) = (a.tensor(), r.tensor());
-                a.linear(&xa, &wa, with_bias.then_some(&ba), &mut oa);
-                r.linear(&xr, &wr, with_bias.then_some(&br), &mut or);
+                a.linear(&xa, &wa, with_bias.then_some(&ba), &mut oa).unwrap();
+                r.linear(&xr, &wr, with_bias.then_some(&br), &mut or).unwrap();
                 assert_eq!(a.shape(&oa), (t, ROWS));
                 check(format!("linear {kind} T={t} bias={with_bias}"), dl(&oa), dlr(&or), tol);
             }
@@ -132,31 +132,32 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
             &xa,
             &[(&wa[0], Some(&ba)), (&wa[1], None), (&wa[2], Some(&ba))],
             &mut [&mut o0, &mut o1, &mut o2],
-        );
+        )
+        .unwrap();
         for (i, (name, o)) in names.iter().zip([&o0, &o1, &o2]).enumerate() {
             // The same math as one linear at a time on this backend (same kernels: equal up to rounding order)...
             let mut one = a.tensor();
-            a.linear(&xa, &wa[i], (i != 1).then_some(&ba), &mut one);
+            a.linear(&xa, &wa[i], (i != 1).then_some(&ba), &mut one).unwrap();
             check(format!("linear_many {name} T={t} vs linear"), dl(o), dl(&one), 1e-6);
             // ...and close to the reference.
             let wr = r.load_weight(&file, name).unwrap();
             let mut or = r.tensor();
-            r.linear(&xr, &wr, (i != 1).then_some(&br), &mut or);
+            r.linear(&xr, &wr, (i != 1).then_some(&br), &mut or).unwrap();
             check(format!("linear_many {name} T={t}"), dl(o), dlr(&or), 2e-2);
         }
     }
 
-    // RMSNorm over whole rows and per head, with w and 1 + w; a few rows (decode-like) and enough rows for a
-    // backend to split them across threads (prefill-like).
-    for (wname, add_one) in [("norm.full", false), ("norm.full", true), ("norm.head", false), ("norm.head", true)] {
+    // RMSNorm over whole rows and per head; a few rows (decode-like) and enough rows for a backend to split
+    // them across threads (prefill-like).
+    for wname in ["norm.full", "norm.head"] {
         for n in [3, 11] {
             let x = random(&mut rng, n * COLS, 3.0);
             let (xa, xr) = pair!(x, n, COLS);
             let (wa, wr) = (a.load_weight(&file, wname).unwrap(), r.load_weight(&file, wname).unwrap());
             let (mut oa, mut or) = (a.tensor(), r.tensor());
-            a.rms_norm(&xa, &wa, 1e-5, add_one, &mut oa);
-            r.rms_norm(&xr, &wr, 1e-5, add_one, &mut or);
-            check(format!("rms_norm {wname} add_one={add_one} rows={n}"), dl(&oa), dlr(&or), 1e-5);
+            a.rms_norm(&xa, &wa, 1e-5, &mut oa).unwrap();
+            r.rms_norm(&xr, &wr, 1e-5, &mut or).unwrap();
+            check(format!("rms_norm {wname} rows={n}"), dl(&oa), dlr(&or), 1e-5);
         }
     }
 
@@ -183,8 +184,8 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
             for n in [4, 11] {
                 let x = random(&mut rng, n * 30, 1.0);
                 let (mut xa, mut xr) = pair!(x, n, 30);
-                a.rope(&mut xa, pos0, &p);
-                r.rope(&mut xr, pos0, &p);
+                a.rope(&mut xa, pos0, &p).unwrap();
+                r.rope(&mut xr, pos0, &p).unwrap();
                 check(format!("rope {layout:?} pos0={pos0} scaling={scale:?} rows={n}"), dl(&xa), dlr(&xr), 1e-4);
             }
         }
@@ -211,8 +212,8 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
             let (ka, kr) = pair!(k, t, 12);
             let (va, vr) = pair!(v, t, 12);
             let (mut oa, mut or) = (a.tensor(), r.tensor());
-            a.attention(&qa, &ka, &va, &mut ca, 1, pos, &p, &mut oa);
-            r.attention(&qr, &kr, &vr, &mut cr, 1, pos, &p, &mut or);
+            a.attention(&qa, &ka, &va, &mut ca, 1, pos, &p, &mut oa).unwrap();
+            r.attention(&qr, &kr, &vr, &mut cr, 1, pos, &p, &mut or).unwrap();
             check(format!("attention window={window:?} pos={pos} T={t}"), dl(&oa), dlr(&or), 1e-5);
             pos += t;
         }
@@ -227,29 +228,53 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
         for act in [Activation::Silu, Activation::GeluTanh] {
             let ((ga, gr), (ua, ur)) = (pair!(g, n, 33), pair!(u, n, 33));
             let (mut oa, mut or) = (a.tensor(), r.tensor());
-            a.glu(&ga, &ua, act, &mut oa);
-            r.glu(&gr, &ur, act, &mut or);
+            a.glu(&ga, &ua, act, &mut oa).unwrap();
+            r.glu(&gr, &ur, act, &mut or).unwrap();
             check(format!("glu {act:?} rows={n}"), dl(&oa), dlr(&or), 1e-5);
         }
+        for f in [
+            Unary::Scale(-0.7),
+            Unary::Tanh,
+            Unary::Sigmoid,
+            Unary::Act(Activation::Silu),
+            Unary::Act(Activation::GeluTanh),
+        ] {
+            let (mut xa, mut xr) = pair!(g, n, 33);
+            a.map(&mut xa, f).unwrap();
+            r.map(&mut xr, f).unwrap();
+            let want: Vec<f32> = g.iter().map(|&v| f.apply(v)).collect();
+            check(format!("map {f:?} rows={n}"), dl(&xa), want, 1e-6);
+            check(format!("map {f:?} rows={n} vs reference"), dl(&xa), dlr(&xr), 1e-6);
+        }
+        let per_row = random(&mut rng, n, 2.0);
+        for (y, cols) in [(&u, 33), (&per_row, 1)] {
+            let ((mut xa, mut xr), (ya, yr)) = (pair!(g, n, 33), pair!(y, n, cols));
+            a.mul(&mut xa, &ya).unwrap();
+            r.mul(&mut xr, &yr).unwrap();
+            let want: Vec<f32> = g.iter().enumerate().map(|(i, v)| v * y[if cols == 1 { i / 33 } else { i }]).collect();
+            check(format!("mul [{n},{cols}]"), dl(&xa), want, 1e-6);
+            check(format!("mul [{n},{cols}] vs reference"), dl(&xa), dlr(&xr), 1e-6);
+        }
         let ((mut xa, mut xr), (ya, yr)) = (pair!(g, n, 33), pair!(u, n, 33));
-        a.add(&mut xa, &ya);
-        r.add(&mut xr, &yr);
+        a.add(&mut xa, &ya).unwrap();
+        r.add(&mut xr, &yr).unwrap();
         check(format!("add rows={n}"), dl(&xa), dlr(&xr), 1e-6);
         few = Some((u, xa, xr));
     }
     let (u, mut xa, mut xr) = few.expect("the loop ran");
-    a.softcap(&mut xa, 3.0);
-    r.softcap(&mut xr, 3.0);
+    a.softcap(&mut xa, 3.0).unwrap();
+    r.softcap(&mut xr, 3.0).unwrap();
     check("softcap".into(), dl(&xa), dlr(&xr), 1e-5);
     let (mut oa, mut or) = (a.tensor(), r.tensor());
-    a.rows(&xa, 2, 2, &mut oa);
-    r.rows(&xr, 2, 2, &mut or);
+    a.rows(&xa, 2, 2, &mut oa).unwrap();
+    r.rows(&xr, 2, 2, &mut or).unwrap();
     check("rows".into(), dl(&oa), dlr(&or), 1e-6);
     let gate = random(&mut rng, 5, 3.0);
-    let ((mut xa, mut xr), (ga, gr)) = (pair!(u, 5, 33), pair!(gate, 5, 1));
-    a.sigmoid_gate(&mut xa, &ga);
-    r.sigmoid_gate(&mut xr, &gr);
+    let ((mut xa, mut xr), (mut ga, mut gr)) = (pair!(u, 5, 33), pair!(gate, 5, 1));
+    a.sigmoid_gate(&mut xa, &mut ga).unwrap();
+    r.sigmoid_gate(&mut xr, &mut gr).unwrap();
     check("sigmoid_gate".into(), dl(&xa), dlr(&xr), 1e-6);
+    let composite_fails = check_composites(a);
 
     let mut routing_fails = Vec::new();
     // MoE: softmax and sigmoid routers, top-k below and equal to E, renormalised or not, a routed scale;
@@ -283,8 +308,8 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
                 let logits = random(&mut rng, t * EXPERTS, 3.0);
                 let ((xa, xr), (la, lr)) = (pair!(x, t, COLS), pair!(logits, t, EXPERTS));
                 let (mut oa, mut or) = (a.tensor(), r.tensor());
-                a.moe(&xa, &la, &ea, &p, &mut oa, &mut sa);
-                r.moe(&xr, &lr, &er, &p, &mut or, &mut sr);
+                a.moe(&xa, &la, &ea, &p, &mut oa, &mut sa).unwrap();
+                r.moe(&xr, &lr, &er, &p, &mut or, &mut sr).unwrap();
                 let (ua, ur): (MoeUsage, MoeUsage) =
                     (a.moe_usage(&sa).expect("moe usage"), r.moe_usage(&sr).expect("moe usage"));
                 let what = format!("moe {kind} {scoring:?} top{top_k} norm={norm_topk} T={t}");
@@ -298,5 +323,47 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
         }
     }
     fails.extend(routing_fails);
+    fails.extend(composite_fails);
+    fails
+}
+
+/// Each composite op of `b` (its override, if any) against the default built from `b`'s own primitives.
+pub fn check_composites<B: Backend>(b: &B) -> Vec<String> {
+    let mut fails = Vec::new();
+    let mut rng = StdRng::seed_from_u64(17);
+    let up = |data: &[f32], rows, cols| {
+        let mut t = b.tensor();
+        b.upload(data, rows, cols, &mut t).unwrap();
+        t
+    };
+    let dl = |t: &B::Tensor| {
+        let mut v = Vec::new();
+        b.download(t, &mut v).unwrap();
+        v
+    };
+    let mut check = |what: &str, got: Vec<f32>, want: Vec<f32>| {
+        let e = rel_err(&got, &want);
+        if !e.is_finite() || e > 1e-5 {
+            fails.push(format!("{what}: override vs default: relative error {e:.3e}"));
+        }
+    };
+    for n in [1, 11] {
+        let (g, u) = (random(&mut rng, n * 40, 4.0), random(&mut rng, n * 40, 2.0));
+        for act in [Activation::Silu, Activation::GeluTanh] {
+            let (mut o1, mut o2) = (b.tensor(), b.tensor());
+            b.glu(&up(&g, n, 40), &up(&u, n, 40), act, &mut o1).unwrap();
+            composite::glu(b, &up(&g, n, 40), &up(&u, n, 40), act, &mut o2).unwrap();
+            check(&format!("glu {act:?} rows={n}"), dl(&o1), dl(&o2));
+        }
+        let (mut x1, mut x2) = (up(&g, n, 40), up(&g, n, 40));
+        b.softcap(&mut x1, 3.0).unwrap();
+        composite::softcap(b, &mut x2, 3.0).unwrap();
+        check(&format!("softcap rows={n}"), dl(&x1), dl(&x2));
+        let gate = random(&mut rng, n, 3.0);
+        let (mut x1, mut x2, mut g1, mut g2) = (up(&u, n, 40), up(&u, n, 40), up(&gate, n, 1), up(&gate, n, 1));
+        b.sigmoid_gate(&mut x1, &mut g1).unwrap();
+        composite::sigmoid_gate(b, &mut x2, &mut g2).unwrap();
+        check(&format!("sigmoid_gate rows={n}"), dl(&x1), dl(&x2));
+    }
     fails
 }

@@ -1,12 +1,23 @@
 //! The backend seam (in the spirit of ggml's backend interface): a small set of ops that a backend must
 //! provide. Model code is written once against [`Backend`]; the CPU backend ([`cpu`]), the burn reference
-//! backend (`sprig-burn`) and the GPU backend implement it, and [`harness`] checks every op of a backend
-//! against another on random inputs.
+//! backend (`sprig-burn`) and the GPU backend implement it, and the harness (feature `harness`) checks every
+//! op of a backend against another on random inputs.
+//!
+//! Ops come in two layers (as burn's backend traits): *primitives* every backend implements (embed, rms_norm,
+//! linear, rope, attention, moe, add, mul, map, rows, ...), and *composite* ops ([`Backend::glu`],
+//! [`Backend::softcap`], [`Backend::sigmoid_gate`]) whose default implementations in [`composite`] are built
+//! from the primitives. A backend overrides a composite only for speed; the harness checks every override
+//! against the default. So a new composite op is a trait method + its default + a harness line, and a new
+//! primitive is a trait method + one implementation per backend + a harness line.
 //!
 //! Ops write into caller-owned output tensors so a decode loop reuses its buffers (no allocation per token).
-//! A tensor is a row-major `[rows, cols]` f32 matrix: one row per token.
+//! A tensor is a row-major `[rows, cols]` f32 matrix: one row per token. Every op returns a `Result`: a device
+//! that fails (a GPU submit or read, an allocation) is an error value, never a panic; so is a shape mismatch.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod composite;
 pub mod cpu;
+#[cfg(feature = "harness")]
 pub mod harness;
 pub mod moe;
 
@@ -20,14 +31,68 @@ use sprig_format::{ModelConfig, ModelFile};
 pub enum BackendError {
     #[error(transparent)]
     Format(#[from] sprig_format::FormatError),
-    #[error("{0}")]
-    Shape(String),
-    #[error("context overflow: position {pos} + {tokens} tokens exceeds the context of {ctx}")]
-    ContextOverflow { pos: usize, tokens: usize, ctx: usize },
-    #[error("{0}")]
-    Device(String),
-    #[error("{what} needs {needed} bytes, more than the {available} bytes of memory this machine has")]
+    /// An op got operands whose shapes do not fit together (a model file whose tensors disagree with its
+    /// config, or a bug in the calling code).
+    #[error("{op}: {detail}")]
+    Shape { op: &'static str, detail: String },
+    /// No device of the requested kind: the build has no GPU backend or the machine no usable adapter. A
+    /// caller can fall back to the CPU.
+    #[error("no usable device: {0}")]
+    DeviceUnavailable(String),
+    /// The device failed while running `op` (lost, out of memory, a kernel it could not run). The state
+    /// the op wrote is unknown: start the sequence again, or reload on another device.
+    #[error("the device failed in {op}: {message}")]
+    DeviceFailed { op: &'static str, message: String },
+    #[error("{what} needs {needed} bytes, more than the {available} bytes available")]
     OutOfMemory { what: String, needed: u64, available: u64 },
+}
+
+/// Returns a [`BackendError::Shape`] from the enclosing op unless `cond` holds.
+#[macro_export]
+macro_rules! ensure_shape {
+    ($cond:expr, $op:literal, $($fmt:tt)+) => {
+        if !$cond {
+            return Err($crate::BackendError::Shape { op: $op, detail: format!($($fmt)+) });
+        }
+    };
+}
+
+/// An element-wise function of [`Backend::map`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unary {
+    /// `x * s`.
+    Scale(f32),
+    Tanh,
+    /// `1 / (1 + e^-x)`.
+    Sigmoid,
+    /// A GLU activation (SiLU, tanh-approximated GELU).
+    Act(Activation),
+}
+
+impl Unary {
+    /// The function on one value: the definition every backend's `map` is checked against.
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Unary::Scale(s) => x * s,
+            Unary::Tanh => x.tanh(),
+            Unary::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Unary::Act(Activation::Silu) => x / (1.0 + (-x).exp()),
+            Unary::Act(Activation::GeluTanh) => {
+                const C: f32 = 0.797_884_6; // sqrt(2/pi)
+                0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
+            }
+        }
+    }
+}
+
+/// One GPU adapter as a GPU backend reports it (`sprig devices`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
 }
 
 /// Physical memory of this machine in bytes (`MemTotal`; Linux and Android), `None` where unknown.
@@ -153,36 +218,30 @@ pub trait Backend: Send + Sync + 'static {
 
     fn tensor(&self) -> Self::Tensor;
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+
+    // ---- primitives: every backend implements these ----
+
     /// Sets `t` to the given host data.
-    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut Self::Tensor);
-    /// Copies `t` to the host (`out.len() == rows * cols`). Fails when the device is lost.
+    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut Self::Tensor) -> Result<()>;
+    /// Copies `t` to the host (`out.len() == rows * cols`).
     fn download(&self, t: &Self::Tensor, out: &mut Vec<f32>) -> Result<()>;
     /// `out = x[start..start+n, :]`.
-    fn rows(&self, x: &Self::Tensor, start: usize, n: usize, out: &mut Self::Tensor);
-
+    fn rows(&self, x: &Self::Tensor, start: usize, n: usize, out: &mut Self::Tensor) -> Result<()>;
     /// `out[i] = table[tokens[i]] * scale` (rows dequantized from the weight's format).
-    fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32, out: &mut Self::Tensor);
+    fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32, out: &mut Self::Tensor) -> Result<()>;
     /// RMSNorm over each contiguous group of `w.len()` elements of every row (`cols` must be a multiple, so a
-    /// `[tokens, heads*head_dim]` tensor with a `[head_dim]` weight normalises each head). Weight applied as
-    /// `w` or `1 + w`.
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32, add_one: bool, out: &mut Self::Tensor);
+    /// `[tokens, heads*head_dim]` tensor with a `[head_dim]` weight normalises each head).
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32, out: &mut Self::Tensor) -> Result<()>;
     /// `out = x · Wᵀ (+ bias)`: `x [T, in]`, `W [out, in]`.
-    fn linear(&self, x: &Self::Tensor, w: &Self::Weight, bias: Option<&Self::Weight>, out: &mut Self::Tensor);
-    /// Several linears reading the same input (Q/K/V, gate/up): `outs[i] = x · W_iᵀ (+ b_i)`. Backends may run
-    /// them as one parallel pass instead of one per matrix.
-    fn linear_many(
+    fn linear(
         &self,
         x: &Self::Tensor,
-        ws: &[(&Self::Weight, Option<&Self::Weight>)],
-        outs: &mut [&mut Self::Tensor],
-    ) {
-        assert_eq!(ws.len(), outs.len(), "linear_many: weights and outputs");
-        for ((w, b), o) in ws.iter().zip(outs.iter_mut()) {
-            self.linear(x, w, *b, o);
-        }
-    }
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        out: &mut Self::Tensor,
+    ) -> Result<()>;
     /// Rotates `x [T, n_heads*head_dim]` in place; row t is at position `pos0 + t`.
-    fn rope(&self, x: &mut Self::Tensor, pos0: usize, p: &RopeParams);
+    fn rope(&self, x: &mut Self::Tensor, pos0: usize, p: &RopeParams) -> Result<()>;
     /// Causal attention of the T new queries (positions `pos0..pos0+T`) over the cached keys of this layer and
     /// the T new keys, then appends the new K/V to the cache. `q [T, n_heads*hd]`, `k`/`v [T, n_kv*hd]`.
     #[allow(clippy::too_many_arguments)]
@@ -196,21 +255,19 @@ pub trait Backend: Send + Sync + 'static {
         pos0: usize,
         p: &AttentionParams,
         out: &mut Self::Tensor,
-    );
-    /// `out = act(gate) * up`.
-    fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Activation, out: &mut Self::Tensor);
+    ) -> Result<()>;
     /// `x += y`.
-    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor);
-    /// `x = cap * tanh(x / cap)`.
-    fn softcap(&self, x: &mut Self::Tensor, cap: f32);
-    /// `x[t, :] *= sigmoid(g[t, 0])` (`g` is `[T, 1]`): Qwen-MoE's gate on the shared expert.
-    fn sigmoid_gate(&self, x: &mut Self::Tensor, g: &Self::Tensor);
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x *= y` element-wise; `y` is `x`'s shape, or `[T, 1]` (one factor per row).
+    fn mul(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x = f(x)` element-wise.
+    fn map(&self, x: &mut Self::Tensor, f: Unary) -> Result<()>;
 
     /// Routed experts of one MoE FFN layer: each token of `x [T, dim]` goes to the `top_k` experts its row of
     /// `router_logits [T, n_experts]` selects (see [`moe::route`]); `out [T, dim]` is the routing-weighted sum
     /// of those experts' GLU FFNs. Only the selected experts' weights may be read; backends that can, group
     /// the batch's tokens by expert. `state` (from [`Backend::moe_state`]) accumulates tokens per expert and
-    /// weight bytes read.
+    /// weight bytes read (see [`moe::expert_bytes`]).
     #[allow(clippy::too_many_arguments)]
     fn moe(
         &self,
@@ -220,7 +277,7 @@ pub trait Backend: Send + Sync + 'static {
         p: &MoeParams,
         out: &mut Self::Tensor,
         state: &mut Self::MoeState,
-    );
+    ) -> Result<()>;
 
     /// A fresh MoE layer state with zeroed counters.
     fn moe_state(&self, p: &MoeParams) -> Result<Self::MoeState>;
@@ -231,4 +288,29 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A fresh, empty KV cache; an error when it cannot be allocated (a context larger than the memory).
     fn kv_cache(&self, layout: &KvLayout) -> Result<Self::KvCache>;
+
+    // ---- composite ops: defaults from the primitives (see [`composite`]); override only for speed ----
+
+    /// Several linears reading the same input (Q/K/V, gate/up): `outs[i] = x · W_iᵀ (+ b_i)`. Backends may run
+    /// them as one parallel pass instead of one per matrix.
+    fn linear_many(
+        &self,
+        x: &Self::Tensor,
+        ws: &[(&Self::Weight, Option<&Self::Weight>)],
+        outs: &mut [&mut Self::Tensor],
+    ) -> Result<()> {
+        composite::linear_many(self, x, ws, outs)
+    }
+    /// `out = act(gate) * up`.
+    fn glu(&self, gate: &Self::Tensor, up: &Self::Tensor, act: Activation, out: &mut Self::Tensor) -> Result<()> {
+        composite::glu(self, gate, up, act, out)
+    }
+    /// `x = cap * tanh(x / cap)`.
+    fn softcap(&self, x: &mut Self::Tensor, cap: f32) -> Result<()> {
+        composite::softcap(self, x, cap)
+    }
+    /// `x[t, :] *= sigmoid(g[t, 0])` (`g` is `[T, 1]`, overwritten): Qwen-MoE's gate on the shared expert.
+    fn sigmoid_gate(&self, x: &mut Self::Tensor, g: &mut Self::Tensor) -> Result<()> {
+        composite::sigmoid_gate(self, x, g)
+    }
 }

@@ -38,6 +38,20 @@ impl MoeUsage {
     pub fn new(n_experts: usize) -> Self {
         MoeUsage { tokens: vec![0; n_experts], bytes_read: 0 }
     }
+    /// Counts one run of expert `e` over `tokens` tokens, reading `bytes` of weights.
+    pub fn record(&mut self, e: usize, tokens: usize, bytes: u64) {
+        if self.tokens.len() <= e {
+            self.tokens.resize(e + 1, 0);
+        }
+        self.tokens[e] += tokens as u64;
+        self.bytes_read += bytes;
+    }
+}
+
+/// Weight bytes one expert's run reads: its share of the three stacked projections (`*_bytes` = each stacked
+/// tensor's stored bytes). The one rule every backend's `bytes_read` follows.
+pub fn expert_bytes(gate_bytes: usize, up_bytes: usize, down_bytes: usize, n_experts: usize) -> u64 {
+    (gate_bytes + up_bytes + down_bytes) as u64 / n_experts.max(1) as u64
 }
 
 /// The experts one token goes to and their weights, strongest first. `scores` is scratch.

@@ -5,14 +5,15 @@
 //! whole-model reference runs in tests short. It is a *reference*: weights are dequantized to f32 once, every
 //! op is plain tensor math (matmul, softmax, masks), the KV cache keeps the full history and sliding windows are a
 //! mask — deliberately a different implementation from the CPU backend's rings, fused loops and int8 kernels.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 
 use burn::tensor::activation::{gelu_approximate, sigmoid, silu, softmax};
-use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use sprig_backend::{
-    Activation, AttentionParams, Backend, BackendError, ExpertWeights, KvLayout, MoeParams, MoeUsage, Result,
-    RopeLayout, RopeParams, RouterScoring,
+    ensure_shape, Activation, AttentionParams, Backend, BackendError, ExpertWeights, KvLayout, MoeParams, MoeUsage,
+    Result, RopeLayout, RopeParams, Unary,
 };
 use sprig_format::ModelFile;
 
@@ -85,45 +86,54 @@ impl Backend for BurnBackend {
         let [r, c] = t.dims();
         (r, c)
     }
-    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut Tensor<2>) {
+    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut Tensor<2>) -> Result<()> {
+        ensure_shape!(data.len() == rows * cols, "upload", "{} values for a {rows}x{cols} tensor", data.len());
         *t = self.t2(data.to_vec(), rows, cols);
+        Ok(())
     }
     fn download(&self, t: &Tensor<2>, out: &mut Vec<f32>) -> Result<()> {
         *out = to_vec(t);
         Ok(())
     }
-    fn rows(&self, x: &Tensor<2>, start: usize, n: usize, out: &mut Tensor<2>) {
+    fn rows(&self, x: &Tensor<2>, start: usize, n: usize, out: &mut Tensor<2>) -> Result<()> {
+        ensure_shape!(start + n <= x.dims()[0], "rows", "rows {start}..{} of {}", start + n, x.dims()[0]);
         *out = x.clone().narrow(0, start, n);
+        Ok(())
     }
 
-    fn embed(&self, table: &BurnWeight, tokens: &[u32], scale: f32, out: &mut Tensor<2>) {
+    fn embed(&self, table: &BurnWeight, tokens: &[u32], scale: f32, out: &mut Tensor<2>) -> Result<()> {
         let ids = Tensor::<1, Int>::from_data(
             TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [tokens.len()]),
             &self.device,
         );
         *out = table.w.clone().select(0, ids) * scale;
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &Tensor<2>, w: &BurnWeight, eps: f32, add_one: bool, out: &mut Tensor<2>) {
+    fn rms_norm(&self, x: &Tensor<2>, w: &BurnWeight, eps: f32, out: &mut Tensor<2>) -> Result<()> {
         let [t, c] = x.dims();
         let g = w.cols;
+        ensure_shape!(g > 0 && c % g == 0, "rms_norm", "width {c} is not a multiple of {g}");
         let xg = x.clone().reshape([t * c / g, g]);
         let inv = (xg.clone().powf_scalar(2.0).mean_dim(1) + eps).sqrt().recip();
-        let wv = if add_one { w.w.clone() + 1.0 } else { w.w.clone() };
-        *out = (xg * inv * wv).reshape([t, c]);
+        *out = (xg * inv * w.w.clone()).reshape([t, c]);
+        Ok(())
     }
 
-    fn linear(&self, x: &Tensor<2>, w: &BurnWeight, bias: Option<&BurnWeight>, out: &mut Tensor<2>) {
+    fn linear(&self, x: &Tensor<2>, w: &BurnWeight, bias: Option<&BurnWeight>, out: &mut Tensor<2>) -> Result<()> {
+        ensure_shape!(x.dims()[1] == w.cols, "linear", "input width {} vs weight {}x{}", x.dims()[1], w.rows, w.cols);
         let y = x.clone().matmul(w.w.clone().transpose());
         *out = match bias {
             Some(b) => y + b.w.clone(),
             None => y,
         };
+        Ok(())
     }
 
-    fn rope(&self, x: &mut Tensor<2>, pos0: usize, p: &RopeParams) {
-        let [t, _] = x.dims();
+    fn rope(&self, x: &mut Tensor<2>, pos0: usize, p: &RopeParams) -> Result<()> {
+        let [t, c] = x.dims();
         let (h, hd) = (p.n_heads, p.head_dim);
+        ensure_shape!(c == h * hd, "rope", "width {c} for {h} heads of {hd}");
         let half = hd / 2;
         let (mut cos, mut sin) = (Vec::with_capacity(t * half), Vec::with_capacity(t * half));
         let af = p.attention_factor as f64;
@@ -151,6 +161,7 @@ impl Backend for BurnBackend {
             RopeLayout::Adjacent => rot.reshape([t, h * hd]),
             RopeLayout::Half => rot.swap_dims(2, 3).reshape([t, h * hd]),
         };
+        Ok(())
     }
 
     fn attention(
@@ -163,7 +174,7 @@ impl Backend for BurnBackend {
         pos0: usize,
         p: &AttentionParams,
         out: &mut Tensor<2>,
-    ) {
+    ) -> Result<()> {
         let [t, _] = q.dims();
         let (h, g, hd) = (p.n_heads, p.n_kv_heads, p.head_dim);
         let k_all = match cache.k[layer].take() {
@@ -175,7 +186,7 @@ impl Backend for BurnBackend {
             None => v.clone(),
         };
         let s = k_all.dims()[0];
-        assert_eq!(s, pos0 + t, "reference attention: cache holds {} positions, expected {}", s - t, pos0);
+        ensure_shape!(s == pos0 + t, "attention", "the cache holds {} positions, expected {pos0}", s - t);
         let expand = |x: &Tensor<2>| -> Tensor<3> {
             x.clone().reshape([s, g, 1, hd]).repeat_dim(2, h / g).reshape([s, h, hd]).swap_dims(0, 1)
         };
@@ -197,26 +208,36 @@ impl Backend for BurnBackend {
         *out = probs.matmul(vh).swap_dims(0, 1).reshape([t, h * hd]);
         cache.k[layer] = Some(k_all);
         cache.v[layer] = Some(v_all);
+        Ok(())
     }
 
-    fn glu(&self, gate: &Tensor<2>, up: &Tensor<2>, act: Activation, out: &mut Tensor<2>) {
-        *out = activate(gate.clone(), act) * up.clone();
-    }
-
-    fn add(&self, x: &mut Tensor<2>, y: &Tensor<2>) {
+    fn add(&self, x: &mut Tensor<2>, y: &Tensor<2>) -> Result<()> {
+        ensure_shape!(x.dims() == y.dims(), "add", "{:?} + {:?}", x.dims(), y.dims());
         *x = x.clone() + y.clone();
+        Ok(())
     }
 
-    fn softcap(&self, x: &mut Tensor<2>, cap: f32) {
-        *x = (x.clone() / cap).tanh() * cap;
+    fn mul(&self, x: &mut Tensor<2>, y: &Tensor<2>) -> Result<()> {
+        let ([r, c], [yr, yc]) = (x.dims(), y.dims());
+        ensure_shape!(yr == r && (yc == c || yc == 1), "mul", "{r}x{c} * {yr}x{yc}");
+        // Broadcasting a [T, 1] factor over each row.
+        *x = x.clone() * y.clone();
+        Ok(())
     }
 
-    fn sigmoid_gate(&self, x: &mut Tensor<2>, g: &Tensor<2>) {
-        *x = x.clone() * sigmoid(g.clone());
+    fn map(&self, x: &mut Tensor<2>, f: Unary) -> Result<()> {
+        *x = match f {
+            Unary::Scale(s) => x.clone() * s,
+            Unary::Tanh => x.clone().tanh(),
+            Unary::Sigmoid => sigmoid(x.clone()),
+            Unary::Act(act) => activate(x.clone(), act),
+        };
+        Ok(())
     }
 
     /// Dense on purpose: every expert runs on every token and the routing weights (zero for experts a token did
-    /// not select) mix them — a different computation from the CPU backend's grouped, selected-only one.
+    /// not select) mix them — a different computation from the CPU backend's grouped, selected-only one. The
+    /// routing itself is the shared rule, `moe::route`.
     fn moe(
         &self,
         x: &Tensor<2>,
@@ -225,19 +246,23 @@ impl Backend for BurnBackend {
         p: &MoeParams,
         out: &mut Tensor<2>,
         usage: &mut MoeUsage,
-    ) {
+    ) -> Result<()> {
         let [t, d] = x.dims();
         let (ne, h) = (p.n_experts, p.expert_hidden);
-        let scores = match p.scoring {
-            RouterScoring::Softmax => softmax(router_logits.clone(), 1),
-            RouterScoring::Sigmoid => sigmoid(router_logits.clone()),
-        };
-        let (mut top, idx) = scores.topk_with_indices(p.top_k, 1);
-        if p.norm_topk {
-            top = top.clone() / top.sum_dim(1);
+        ensure_shape!(router_logits.dims() == [t, ne], "moe", "router logits {:?} for {ne} experts", router_logits.dims());
+        // Routing by the one shared rule (`moe::route`), as a dense [T, E] weight matrix.
+        let logits = to_vec(router_logits);
+        let (mut scores, mut selected) = (Vec::new(), Vec::new());
+        let mut dense = vec![0.0f32; t * ne];
+        usage.tokens.resize(ne, 0);
+        for ti in 0..t {
+            sprig_backend::moe::route(&logits[ti * ne..(ti + 1) * ne], p, &mut scores, &mut selected);
+            for &(e, w) in &selected {
+                dense[ti * ne + e] = w;
+                usage.tokens[e] += 1;
+            }
         }
-        let top = top * p.routed_scale;
-        let weights = Tensor::<2>::zeros([t, ne], &self.device).scatter(1, idx.clone(), top, IndexingUpdateOp::Add);
+        let weights = self.t2(dense, t, ne);
         let g = x.clone().matmul(experts.gate.w.clone().transpose()).reshape([t, ne, h]);
         let u = x.clone().matmul(experts.up.w.clone().transpose()).reshape([t, ne, h]);
         let a: Tensor<3> = activate(g, p.activation) * u;
@@ -245,11 +270,10 @@ impl Backend for BurnBackend {
         // [E, T, H] x [E, H, D] -> [E, T, D] -> [T, E, D]
         let y = a.swap_dims(0, 1).matmul(down.swap_dims(1, 2)).swap_dims(0, 1);
         *out = (y * weights.reshape([t, ne, 1])).sum_dim(1).reshape([t, d]);
-        usage.tokens.resize(ne, 0);
-        for e in idx.to_data().convert::<i64>().try_to_vec::<i64>().expect("indices") {
-            usage.tokens[e as usize] += 1;
-        }
-        usage.bytes_read += 4 * (3 * ne * h * d) as u64;
+        // Dense: every expert's f32 weights are read.
+        let per_expert = sprig_backend::moe::expert_bytes(4 * ne * h * d, 4 * ne * h * d, 4 * ne * d * h, ne);
+        usage.bytes_read += ne as u64 * per_expert;
+        Ok(())
     }
 
     fn moe_state(&self, p: &MoeParams) -> Result<MoeUsage> {

@@ -15,7 +15,7 @@ use crate::{EngineError, Result};
 pub fn calibrate<B: Backend>(e: &Engine<B>, text: &str, ctx: usize, max_chunks: usize) -> Result<Importance> {
     let tokens = e.tokenizer.encode_prompt(text)?;
     if tokens.len() < 2 {
-        return Err(EngineError::Invalid("calibration text is empty".into()));
+        return Err(EngineError::Eval("calibration text is empty".into()));
     }
     let mut sums: HashMap<String, (Vec<f64>, usize)> = HashMap::new();
     for chunk in tokens.chunks(ctx.max(1)).take(max_chunks.max(1)) {

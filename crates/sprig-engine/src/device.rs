@@ -18,68 +18,85 @@ pub enum DeviceChoice {
 }
 
 impl DeviceChoice {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "cpu" => Some(Self::Cpu),
-            "gpu" => Some(Self::Gpu),
-            "auto" => Some(Self::Auto),
-            _ => None,
+    pub const ALL: [DeviceChoice; 3] = [DeviceChoice::Cpu, DeviceChoice::Gpu, DeviceChoice::Auto];
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Gpu => "gpu",
+            DeviceChoice::Auto => "auto",
         }
     }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == s)
+    }
+}
+
+/// This machine's CPU as the engine sees it (`sprig devices`).
+pub struct CpuInfo {
+    pub model: String,
+    pub physical_cores: usize,
+    /// Kernel ISAs this CPU can run, best first.
+    pub isas: Vec<&'static str>,
+    /// `SPRIG_CPU`, when it forces one.
+    pub forced: Option<String>,
+}
+
+pub fn cpu_info() -> CpuInfo {
+    CpuInfo {
+        model: crate::kernel_cache::cpu_model(),
+        physical_cores: default_threads(),
+        isas: sprig_quant::kernels::Isa::available().iter().map(|i| i.name()).collect(),
+        forced: std::env::var("SPRIG_CPU").ok().filter(|s| !s.is_empty()),
+    }
+}
+
+/// Threads a CPU engine uses when asked for 0: one per physical core.
+pub fn default_threads() -> usize {
+    sprig_backend::cpu::physical_cores()
+}
+
+/// Measures every candidate CPU kernel on `file` afresh (rewriting the cached pick) and describes the result,
+/// for `sprig bench --kernels`.
+pub fn remeasure_kernels(file: &Arc<ModelFile>, threads: usize, log: &mut dyn FnMut(&str)) -> Result<Vec<String>> {
+    let mut b = CpuBackend::new(threads)?;
+    crate::kernel_cache::choose(&mut b, file, Some(&crate::registry::cache_dir()), true, log);
+    Ok(crate::kernel_cache::describe(b.kernel_selection()))
 }
 
 /// Whether this build carries the GPU backend.
 pub const GPU_BACKEND: bool = cfg!(feature = "wgpu");
 
-/// One adapter as `sprig devices` lists it.
-#[derive(Clone, Debug)]
-pub struct DeviceInfo {
-    pub name: String,
-    pub backend: String,
-    pub device_type: String,
-    pub driver: String,
-}
+// The one place the `wgpu` feature is looked at: a build without it gets a stub with the same names whose
+// constructor fails ("built without GPU support").
+#[cfg(feature = "wgpu")]
+use sprig_wgpu as gpu;
+#[cfg(not(feature = "wgpu"))]
+use crate::gpu_stub as gpu;
+
+/// The GPU backend of this build (the stub when it has none).
+pub type GpuBackend = gpu::WgpuBackend;
+
+pub use sprig_backend::AdapterInfo;
 
 /// The GPU adapters the GPU backend can reach (none in a build without it).
-pub fn gpu_adapters() -> Vec<DeviceInfo> {
-    #[cfg(feature = "wgpu")]
-    {
-        sprig_wgpu::adapters()
-            .into_iter()
-            .map(|a| DeviceInfo { name: a.name, backend: a.backend, device_type: a.device_type, driver: a.driver })
-            .collect()
-    }
-    #[cfg(not(feature = "wgpu"))]
-    Vec::new()
+pub fn gpu_adapters() -> Vec<AdapterInfo> {
+    gpu::adapters()
 }
 
 /// An engine on the CPU or the GPU backend.
 pub enum AnyEngine {
     Cpu(Arc<Engine<CpuBackend>>),
-    #[cfg(feature = "wgpu")]
-    Gpu(Arc<Engine<sprig_wgpu::WgpuBackend>>),
+    Gpu(Arc<Engine<GpuBackend>>),
 }
 
 /// Runs `$body` with `$e` bound to the `Arc<Engine<_>>` inside an [`AnyEngine`] (the body is compiled once
-/// per backend). Defined per sprig-engine's own `wgpu` feature, so callers need no feature of their own.
-#[cfg(feature = "wgpu")]
+/// per backend).
 #[macro_export]
 macro_rules! with_engine {
     ($any:expr, |$e:ident| $body:expr) => {
         match $any {
             $crate::device::AnyEngine::Cpu($e) => $body,
             $crate::device::AnyEngine::Gpu($e) => $body,
-        }
-    };
-}
-
-/// Runs `$body` with `$e` bound to the `Arc<Engine<_>>` inside an [`AnyEngine`].
-#[cfg(not(feature = "wgpu"))]
-#[macro_export]
-macro_rules! with_engine {
-    ($any:expr, |$e:ident| $body:expr) => {
-        match $any {
-            $crate::device::AnyEngine::Cpu($e) => $body,
         }
     };
 }
@@ -94,39 +111,53 @@ impl AnyEngine {
             crate::kernel_cache::choose(&mut b, &file, Some(&crate::registry::cache_dir()), false, log);
             Ok(AnyEngine::Cpu(Arc::new(Engine::new(Arc::new(b), file)?)))
         };
+        let gpu = |file: Arc<ModelFile>| -> Result<AnyEngine> {
+            let b = GpuBackend::new(Default::default())?;
+            Ok(AnyEngine::Gpu(Arc::new(Engine::new(Arc::new(b), file)?)))
+        };
         match device {
             DeviceChoice::Cpu => cpu(file, log),
-            #[cfg(feature = "wgpu")]
-            DeviceChoice::Gpu => {
-                let b = sprig_wgpu::WgpuBackend::new(Default::default())?;
-                Ok(AnyEngine::Gpu(Arc::new(Engine::new(Arc::new(b), file)?)))
-            }
-            #[cfg(not(feature = "wgpu"))]
-            DeviceChoice::Gpu => Err(crate::EngineError::Backend(sprig_backend::BackendError::Device(
-                "this build has no GPU backend (rebuild with the `wgpu` cargo feature)".into(),
-            ))),
+            DeviceChoice::Gpu => gpu(file),
             DeviceChoice::Auto => {
-                #[cfg(feature = "wgpu")]
-                {
-                    let hw = gpu_adapters().into_iter().find(|a| a.device_type != "Cpu");
-                    match hw {
-                        Some(_) => match sprig_wgpu::WgpuBackend::new(Default::default()) {
-                            Ok(b) if !b.is_software() => {
-                                return Ok(AnyEngine::Gpu(Arc::new(Engine::new(Arc::new(b), file)?)))
-                            }
-                            Ok(b) => log(&format!(
-                                "device auto: the default adapter is a software one ({}); using the CPU",
-                                b.adapter()
-                            )),
-                            Err(e) => log(&format!("device auto: {e}; using the CPU")),
-                        },
-                        None => log("device auto: no hardware GPU adapter; using the CPU"),
+                if !GPU_BACKEND {
+                    log("device auto: this build has no GPU backend; using the CPU");
+                    return cpu(file, log);
+                }
+                if !gpu_adapters().iter().any(|a| a.device_type != "Cpu") {
+                    log("device auto: no hardware GPU adapter; using the CPU");
+                    return cpu(file, log);
+                }
+                match GpuBackend::new(Default::default()) {
+                    Ok(b) if !b.is_software() => Ok(AnyEngine::Gpu(Arc::new(Engine::new(Arc::new(b), file)?))),
+                    Ok(b) => {
+                        log(&format!(
+                            "device auto: the default adapter is a software one ({}); using the CPU",
+                            b.adapter()
+                        ));
+                        cpu(file, log)
+                    }
+                    Err(e) => {
+                        log(&format!("device auto: {e}; using the CPU"));
+                        cpu(file, log)
                     }
                 }
-                #[cfg(not(feature = "wgpu"))]
-                log("device auto: this build has no GPU backend; using the CPU");
-                cpu(file, log)
             }
+        }
+    }
+
+    /// The CPU kernel choice and why, or the GPU backend's name: what `sprig run -v` reports.
+    pub fn describe(&self) -> Vec<String> {
+        match self {
+            AnyEngine::Cpu(c) => crate::kernel_cache::describe(c.model.backend.kernel_selection()),
+            AnyEngine::Gpu(_) => vec![self.backend_name()],
+        }
+    }
+
+    /// `cpu` or `gpu`: where the model runs (what `Auto` chose).
+    pub fn device(&self) -> DeviceChoice {
+        match self {
+            AnyEngine::Cpu(_) => DeviceChoice::Cpu,
+            AnyEngine::Gpu(_) => DeviceChoice::Gpu,
         }
     }
 
@@ -142,7 +173,6 @@ impl AnyEngine {
     pub fn new_session(&self, max_context: usize) -> Result<AnySession> {
         Ok(match self {
             AnyEngine::Cpu(e) => AnySession::Cpu(Session::new(e.clone(), max_context)?),
-            #[cfg(feature = "wgpu")]
             AnyEngine::Gpu(e) => AnySession::Gpu(Session::new(e.clone(), max_context)?),
         })
     }
@@ -151,15 +181,13 @@ impl AnyEngine {
 /// A [`Session`] on either backend.
 pub enum AnySession {
     Cpu(Session<CpuBackend>),
-    #[cfg(feature = "wgpu")]
-    Gpu(Session<sprig_wgpu::WgpuBackend>),
+    Gpu(Session<GpuBackend>),
 }
 
 macro_rules! with_session {
     ($any:expr, |$s:ident| $body:expr) => {
         match $any {
             AnySession::Cpu($s) => $body,
-            #[cfg(feature = "wgpu")]
             AnySession::Gpu($s) => $body,
         }
     };

@@ -42,15 +42,15 @@ pub fn perplexity<B: Backend, T: Backend>(
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityReport> {
     if max_chunks == Some(0) {
-        return Err(EngineError::Invalid("--chunks 0: at least one chunk must be scored".into()));
+        return Err(EngineError::Eval("--chunks 0: at least one chunk must be scored".into()));
     }
     if ctx < 4 {
-        return Err(EngineError::Invalid(format!("--ctx {ctx} is too small (at least 4)")));
+        return Err(EngineError::Eval(format!("--ctx {ctx} is too small (at least 4)")));
     }
     let tok = &student.tokenizer;
     let tokens = tok.encode_prompt(text)?;
     if tokens.len() < 2 * ctx {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::Eval(format!(
             "the text has {} tokens; perplexity with --ctx {ctx} needs at least {}",
             tokens.len(),
             2 * ctx
@@ -59,7 +59,7 @@ pub fn perplexity<B: Backend, T: Backend>(
     if let Some(t) = teacher {
         let tt = t.tokenizer.encode_prompt(text)?;
         if tt != tokens {
-            return Err(EngineError::Invalid(
+            return Err(EngineError::Eval(
                 "teacher and student tokenize the text differently; KL needs a shared vocabulary".into(),
             ));
         }

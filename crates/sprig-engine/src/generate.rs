@@ -57,11 +57,10 @@ impl<B: Backend> Engine<B> {
     pub fn new(backend: Arc<B>, file: Arc<ModelFile>) -> Result<Self> {
         let tokenizer = Tokenizer::from_json(&file.tokenizer_json)?;
         if tokenizer.vocab_size() > file.config.vocab_size {
-            return Err(EngineError::Invalid(format!(
-                "tokenizer has {} tokens but the model's vocabulary is {}",
-                tokenizer.vocab_size(),
-                file.config.vocab_size
-            )));
+            return Err(EngineError::VocabularyMismatch {
+                tokenizer: tokenizer.vocab_size(),
+                model: file.config.vocab_size,
+            });
         }
         let template = match &file.chat_template {
             Some(src) => {
@@ -81,7 +80,7 @@ impl<B: Backend> Engine<B> {
         let t = self
             .template
             .as_ref()
-            .ok_or_else(|| EngineError::Template("this model carries no chat template".into()))?;
+            .ok_or(EngineError::NoChatTemplate)?;
         t.render(messages, true)
     }
 
@@ -93,7 +92,7 @@ impl<B: Backend> Engine<B> {
         let t = self
             .template
             .as_ref()
-            .ok_or_else(|| EngineError::Template("this model carries no chat template".into()))?;
+            .ok_or(EngineError::NoChatTemplate)?;
         t.tokens(&self.tokenizer, messages)
     }
 
@@ -108,8 +107,17 @@ impl<B: Backend> Engine<B> {
         echo_prompt: bool,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
+        // Checked once, here, before anything runs: a prompt that cannot fit leaves the state untouched.
         if prompt.is_empty() {
-            return Err(EngineError::Invalid("empty prompt: nothing to condition on".into()));
+            return Err(EngineError::EmptyPrompt);
+        }
+        if state.pos + prompt.len() > state.max_context {
+            return Err(sprig_models::ModelError::ContextOverflow {
+                pos: state.pos,
+                new: prompt.len(),
+                ctx: state.max_context,
+            }
+            .into());
         }
         let mut dec = StreamDecoder::new(&self.tokenizer);
         let bos = self.tokenizer.bos();

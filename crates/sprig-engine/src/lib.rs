@@ -1,11 +1,14 @@
 //! The engine: opens a model from any supported file, pairs it with its tokenizer and chat template, samples,
 //! streams generated text, and evaluates (perplexity, teacher/student KL).
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod calibrate;
 pub mod chat;
 pub mod device;
 pub mod eval;
 pub mod generate;
+#[cfg(not(feature = "wgpu"))]
+mod gpu_stub;
 pub mod kernel_cache;
 pub mod load;
 pub mod registry;
@@ -31,12 +34,45 @@ pub enum EngineError {
     Tokenizer(#[from] sprig_tokenizer::TokenizerError),
     #[error(transparent)]
     Backend(#[from] sprig_backend::BackendError),
-    #[error("invalid sampling parameter: {0}")]
-    Sampling(String),
+    #[error("invalid sampling parameter {param}: {detail}")]
+    Sampling { param: &'static str, detail: String },
     #[error("chat template: {0}")]
     Template(String),
-    #[error("{0}")]
-    Invalid(String),
+    #[error("this model carries no chat template")]
+    NoChatTemplate,
+    #[error("empty prompt: nothing to condition on")]
+    EmptyPrompt,
+    #[error("the tokenizer has {tokenizer} tokens but the model's vocabulary is {model}")]
+    VocabularyMismatch { tokenizer: usize, model: usize },
+    #[error("{}: {source}", path.display())]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    /// Fetching or verifying a registry model failed (pip, a wheel, a checksum, an unknown name).
+    #[error("model registry: {0}")]
+    Registry(String),
+    /// Evaluation settings that cannot work (no chunk to score, a context too small for the text).
+    #[error("evaluation: {0}")]
+    Eval(String),
+}
+
+impl EngineError {
+    /// The context overflowed (from any layer).
+    pub fn is_context_overflow(&self) -> bool {
+        matches!(self, EngineError::Model(sprig_models::ModelError::ContextOverflow { .. }))
+    }
+    /// The device failed or is missing, wherever it surfaced.
+    pub fn device_error(&self) -> Option<&sprig_backend::BackendError> {
+        use sprig_backend::BackendError as B;
+        let b = match self {
+            EngineError::Backend(b) | EngineError::Model(sprig_models::ModelError::Backend(b)) => b,
+            _ => return None,
+        };
+        matches!(b, B::DeviceUnavailable(_) | B::DeviceFailed { .. } | B::OutOfMemory { .. }).then_some(b)
+    }
+}
+
+/// `map_err` for an I/O error on `path`, keeping the source error.
+pub(crate) fn io_error(path: &std::path::Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io { path: path.to_path_buf(), source }
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;

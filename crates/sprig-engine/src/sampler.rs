@@ -19,22 +19,28 @@ pub struct SamplingParams {
     pub seed: u64,
 }
 
+/// The defaults every surface uses (the CLI's flags, `sprig_sampling_params_default` in C, Kotlin's
+/// `SamplingParams()` through JNI): greedy, so the same prompt gives the same answer until a caller asks for
+/// sampling; top-k/top-p as llama.cpp's for when it does.
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams { temperature: 0.0, top_k: 40, top_p: 0.95, seed: 0 }
     }
 }
 
+/// Most tokens one generation makes unless the caller says (C/JNI `max_tokens`, the CLI's `-n` of `run`).
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(EngineError::Sampling(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            )));
+            return Err(EngineError::Sampling {
+                param: "temperature",
+                detail: format!("must be a finite number >= 0, got {}", self.temperature),
+            });
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(EngineError::Sampling(format!("top-p must be in (0, 1], got {}", self.top_p)));
+            return Err(EngineError::Sampling { param: "top_p", detail: format!("must be in (0, 1], got {}", self.top_p) });
         }
         Ok(())
     }

@@ -78,16 +78,6 @@ impl<B: Backend> Session<B> {
         max_new: usize,
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
-        if new.is_empty() {
-            return Err(EngineError::Invalid("empty prompt: nothing to condition on".into()));
-        }
-        if self.state.pos + new.len() > self.state.max_context {
-            return Err(EngineError::Model(sprig_models::ModelError::ContextOverflow {
-                pos: self.state.pos,
-                new: new.len(),
-                ctx: self.state.max_context,
-            }));
-        }
         let stats = self.engine.generate(&mut self.state, new, max_new, sampler, false, on_text);
         match &stats {
             Ok(s) => {
@@ -96,6 +86,8 @@ impl<B: Backend> Session<B> {
                 self.cached.extend(&s.generated);
                 self.cached.truncate(self.state.pos);
             }
+            // Refused before anything ran (empty, or longer than the context left): the cache is as it was.
+            Err(e) if e.is_context_overflow() || matches!(e, EngineError::EmptyPrompt) => {}
             // A failed forward pass leaves the cache in an unknown state: start over next time.
             Err(_) => self.reset()?,
         }

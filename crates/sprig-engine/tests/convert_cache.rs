@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use sprig_engine::load::{converted_cache_path, open_model_file, LoadOptions, CACHE_CONVERTED_FROM};
-use sprig_import::synth::{write_gguf, SynthSpec};
+use sprig_import::synth::{Arch, write_gguf, SynthSpec};
 
 fn converted(cache: &std::path::Path) -> Vec<PathBuf> {
     match std::fs::read_dir(cache.join("converted")) {
@@ -26,14 +26,14 @@ fn large_sources_are_converted_once_and_cached() {
 
     // Small sources are converted in memory every time.
     let small = dir.join("small.gguf");
-    write_gguf(&SynthSpec::tiny("llama"), &small).unwrap();
+    write_gguf(&SynthSpec::tiny(Arch::Llama), &small).unwrap();
     assert!(std::fs::metadata(&small).unwrap().len() < CACHE_CONVERTED_FROM);
     open_model_file(&small, &opts).unwrap();
     assert!(converted(&cache).is_empty());
 
     // A large one (f32 weights, ~70 MB) is converted once.
     let big = dir.join("big.gguf");
-    let spec = SynthSpec { dim: 512, hidden_dim: 1536, n_layers: 4, vocab: Some(4000), ..SynthSpec::tiny("llama") };
+    let spec = SynthSpec { dim: 512, hidden_dim: 1536, n_layers: 4, vocab: Some(4000), ..SynthSpec::tiny(Arch::Llama) };
     write_gguf(&spec, &big).unwrap();
     assert!(std::fs::metadata(&big).unwrap().len() >= CACHE_CONVERTED_FROM);
     let first = open_model_file(&big, &opts).unwrap();

@@ -53,9 +53,9 @@ fn fetch_verifies_discards_bad_downloads_and_rebuilds_on_change() {
     std::env::set_var("SPRIG_CACHE", &cache);
     std::env::set_var("SPRIG_PIP_FIND_LINKS", &house);
     let gguf = cache.join("model.gguf");
-    sprig_import::synth::write_gguf(&sprig_import::synth::SynthSpec::tiny("llama"), &gguf).unwrap();
+    sprig_import::synth::write_gguf(&sprig_import::synth::SynthSpec::tiny(sprig_import::synth::Arch::Llama), &gguf).unwrap();
     let v1 = std::fs::read(&gguf).unwrap();
-    let other = sprig_import::synth::SynthSpec { seed: 9, ..sprig_import::synth::SynthSpec::tiny("llama") };
+    let other = sprig_import::synth::SynthSpec { seed: 9, ..sprig_import::synth::SynthSpec::tiny(sprig_import::synth::Arch::Llama) };
     sprig_import::synth::write_gguf(&other, &gguf).unwrap();
     let v2 = std::fs::read(&gguf).unwrap();
     assert_ne!(v1, v2);

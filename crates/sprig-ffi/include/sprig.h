@@ -48,10 +48,12 @@ typedef enum SprigStatus {
   SPRIG_STATUS_CONTEXT_FULL = 4,
   // Another generation is running on this session.
   SPRIG_STATUS_BUSY = 5,
-  // The requested device is not available.
+  // The requested device is not available, or it failed while running (lost, out of its memory).
   SPRIG_STATUS_DEVICE = 6,
-  // A bug in sprig (a caught panic); the message says where.
+  // A bug in sprig (a caught panic, or an internal inconsistency); the message says where.
   SPRIG_STATUS_INTERNAL = 7,
+  // The model or the session's KV cache does not fit in memory: use a smaller context or model.
+  SPRIG_STATUS_OUT_OF_MEMORY = 8,
 } SprigStatus;
 
 // A loaded model (opaque).
@@ -126,6 +128,7 @@ const char *sprig_last_error(void);
 
 struct SprigModelOptions sprig_model_options_default(void);
 
+// The engine's defaults (the same as the CLI's and Kotlin's): greedy, top-k 40, top-p 0.95, seed 0, 256 tokens.
 struct SprigSamplingParams sprig_sampling_params_default(void);
 
 // Loads a model: a native `.safetensors`, a `.gguf`, a llama2.c `.bin` (with `tokenizer_path`) or a Hugging

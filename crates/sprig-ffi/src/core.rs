@@ -32,10 +32,29 @@ pub enum SprigStatus {
     ContextFull = 4,
     /// Another generation is running on this session.
     Busy = 5,
-    /// The requested device is not available.
+    /// The requested device is not available, or it failed while running (lost, out of its memory).
     Device = 6,
-    /// A bug in sprig (a caught panic); the message says where.
+    /// A bug in sprig (a caught panic, or an internal inconsistency); the message says where.
     Internal = 7,
+    /// The model or the session's KV cache does not fit in memory: use a smaller context or model.
+    OutOfMemory = 8,
+}
+
+impl SprigStatus {
+    /// The name Kotlin's `SprigStatus` enum uses for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            SprigStatus::Ok => "OK",
+            SprigStatus::InvalidArgument => "INVALID_ARGUMENT",
+            SprigStatus::InvalidHandle => "INVALID_HANDLE",
+            SprigStatus::LoadFailed => "LOAD_FAILED",
+            SprigStatus::ContextFull => "CONTEXT_FULL",
+            SprigStatus::Busy => "BUSY",
+            SprigStatus::Device => "DEVICE",
+            SprigStatus::Internal => "INTERNAL",
+            SprigStatus::OutOfMemory => "OUT_OF_MEMORY",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -55,14 +74,28 @@ impl FfiError {
 
 pub type FfiResult<T> = Result<T, FfiError>;
 
+/// The status of an engine error: what the caller can do about it.
 fn engine_error(e: EngineError, loading: bool) -> FfiError {
-    use sprig_models::ModelError;
+    use sprig_backend::BackendError as B;
+    use sprig_models::ModelError as M;
     let status = match &e {
-        EngineError::Model(ModelError::ContextOverflow { .. }) => SprigStatus::ContextFull,
-        EngineError::Backend(sprig_backend::BackendError::Device(_))
-        | EngineError::Model(ModelError::Backend(sprig_backend::BackendError::Device(_))) => SprigStatus::Device,
-        _ if loading => SprigStatus::LoadFailed,
-        _ => SprigStatus::InvalidArgument,
+        _ if e.is_context_overflow() => SprigStatus::ContextFull,
+        _ => match e.device_error() {
+            Some(B::OutOfMemory { .. }) => SprigStatus::OutOfMemory,
+            Some(_) => SprigStatus::Device,
+            // What the caller passed: the prompt, the sampling, a chat without a template, a bad token.
+            None => match &e {
+                EngineError::Sampling { .. }
+                | EngineError::EmptyPrompt
+                | EngineError::NoChatTemplate
+                | EngineError::Template(_)
+                | EngineError::Tokenizer(_)
+                | EngineError::Model(M::BadToken { .. }) => SprigStatus::InvalidArgument,
+                _ if loading => SprigStatus::LoadFailed,
+                // Anything else while running (a shape mismatch, a state from another model) is sprig's bug.
+                _ => SprigStatus::Internal,
+            },
+        },
     };
     FfiError::new(status, e.to_string())
 }
@@ -71,8 +104,18 @@ pub struct LoadRequest<'a> {
     pub path: &'a str,
     pub tokenizer: Option<&'a str>,
     pub threads: u32,
-    pub device: u32,
+    pub device: DeviceChoice,
     pub context_length: u32,
+}
+
+/// A C device number.
+pub fn device_from_code(d: u32) -> FfiResult<DeviceChoice> {
+    match d {
+        SPRIG_DEVICE_CPU => Ok(DeviceChoice::Cpu),
+        SPRIG_DEVICE_AUTO => Ok(DeviceChoice::Auto),
+        SPRIG_DEVICE_GPU => Ok(DeviceChoice::Gpu),
+        d => Err(FfiError::arg(format!("device {d} is not one of CPU (0), GPU (1), AUTO (2)"))),
+    }
 }
 
 pub struct ModelHandle {
@@ -121,12 +164,7 @@ pub fn load_model(r: &LoadRequest) -> FfiResult<u64> {
     if r.path.is_empty() {
         return Err(FfiError::arg("model path is empty"));
     }
-    let device = match r.device {
-        SPRIG_DEVICE_CPU => DeviceChoice::Cpu,
-        SPRIG_DEVICE_AUTO => DeviceChoice::Auto,
-        SPRIG_DEVICE_GPU => DeviceChoice::Gpu,
-        d => return Err(FfiError::arg(format!("device {d} is not one of CPU (0), GPU (1), AUTO (2)"))),
-    };
+    let device = r.device;
     if r.threads > 1024 {
         return Err(FfiError::arg(format!("threads = {} is out of range (0 = one per core)", r.threads)));
     }
@@ -146,13 +184,18 @@ pub fn model(id: u64) -> FfiResult<Arc<ModelHandle>> {
     MODELS.get(id, "model")
 }
 
-/// `SPRIG_DEVICE_CPU` or `SPRIG_DEVICE_GPU`: where the model runs (what `AUTO` resolved to).
-pub fn model_device(id: u64) -> FfiResult<u32> {
-    Ok(match model(id)?.engine {
-        AnyEngine::Cpu(_) => SPRIG_DEVICE_CPU,
-        #[allow(unreachable_patterns)]
-        _ => SPRIG_DEVICE_GPU,
-    })
+/// Where the model runs (what `AUTO` resolved to): CPU or GPU.
+pub fn model_device(id: u64) -> FfiResult<DeviceChoice> {
+    Ok(model(id)?.engine.device())
+}
+
+/// The device numbers of the C API.
+pub fn device_code(d: DeviceChoice) -> u32 {
+    match d {
+        DeviceChoice::Cpu => SPRIG_DEVICE_CPU,
+        DeviceChoice::Gpu => SPRIG_DEVICE_GPU,
+        DeviceChoice::Auto => SPRIG_DEVICE_AUTO,
+    }
 }
 
 /// Sessions created from the model keep its weights alive until they are freed too.
@@ -201,23 +244,28 @@ pub fn reset(id: u64) -> FfiResult<()> {
 }
 
 /// What a generation did (`SprigGenerateResult` in C).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Outcome {
-    pub stop_reason: u32,
+    pub stop: StopReason,
     pub prompt_tokens: u32,
     pub generated_tokens: u32,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
 }
 
+/// The C number and the Kotlin `StopReason` name of a stop reason.
+pub fn stop_reason(s: StopReason) -> (u32, &'static str) {
+    match s {
+        StopReason::StopToken => (SPRIG_STOP_TOKEN, "STOP_TOKEN"),
+        StopReason::Length => (SPRIG_STOP_LENGTH, "LENGTH"),
+        StopReason::Cancelled => (SPRIG_STOP_CANCELLED, "CANCELLED"),
+        StopReason::ContextFull => (SPRIG_STOP_CONTEXT_FULL, "CONTEXT_FULL"),
+    }
+}
+
 fn outcome(s: &GenerationStats) -> Outcome {
     Outcome {
-        stop_reason: match s.stop {
-            StopReason::StopToken => SPRIG_STOP_TOKEN,
-            StopReason::Length => SPRIG_STOP_LENGTH,
-            StopReason::Cancelled => SPRIG_STOP_CANCELLED,
-            StopReason::ContextFull => SPRIG_STOP_CONTEXT_FULL,
-        },
+        stop: s.stop,
         prompt_tokens: s.prompt_tokens as u32,
         generated_tokens: s.generated.len() as u32,
         prefill_tok_s: s.prefill_tok_s(),
@@ -280,5 +328,52 @@ pub fn guard<T>(f: impl FnOnce() -> FfiResult<T>) -> FfiResult<T> {
                 .unwrap_or_else(|| "unknown panic".into());
             Err(FfiError::new(SprigStatus::Internal, format!("internal error: {msg}")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sprig_backend::BackendError;
+    use sprig_models::ModelError;
+
+    #[test]
+    fn statuses_say_what_the_caller_can_do() {
+        let device_failed = || BackendError::DeviceFailed { op: "read", message: "lost".into() };
+        let oom = || BackendError::OutOfMemory { what: "a KV cache".into(), needed: 2, available: 1 };
+        let cases: Vec<(EngineError, bool, SprigStatus)> = vec![
+            // A GPU failure, wherever it surfaced, while running or loading.
+            (EngineError::Backend(device_failed()), false, SprigStatus::Device),
+            (EngineError::Model(ModelError::Backend(device_failed())), false, SprigStatus::Device),
+            (EngineError::Backend(BackendError::DeviceUnavailable("none".into())), true, SprigStatus::Device),
+            (EngineError::Model(ModelError::Backend(oom())), false, SprigStatus::OutOfMemory),
+            (EngineError::Model(ModelError::ContextOverflow { pos: 1, new: 2, ctx: 2 }), false, SprigStatus::ContextFull),
+            (EngineError::EmptyPrompt, false, SprigStatus::InvalidArgument),
+            (EngineError::NoChatTemplate, false, SprigStatus::InvalidArgument),
+            (EngineError::Sampling { param: "top_p", detail: "2".into() }, false, SprigStatus::InvalidArgument),
+            // A corrupt file is a load failure; the same inconsistency while running is sprig's bug.
+            (EngineError::Model(ModelError::NoTokens), true, SprigStatus::LoadFailed),
+            (EngineError::Model(ModelError::ForeignState { layer: 0 }), false, SprigStatus::Internal),
+        ];
+        for (e, loading, want) in cases {
+            let what = e.to_string();
+            assert_eq!(engine_error(e, loading).status, want, "{what} (loading: {loading})");
+        }
+        // Kotlin resolves statuses by these names (android/.../Sprig.kt `SprigStatus`, the same order).
+        let kotlin = include_str!("../../../android/sprig/src/main/kotlin/dev/sprig/Sprig.kt");
+        let line = kotlin.lines().find(|l| l.starts_with("enum class SprigStatus")).expect("SprigStatus enum");
+        let all = [
+            SprigStatus::Ok,
+            SprigStatus::InvalidArgument,
+            SprigStatus::InvalidHandle,
+            SprigStatus::LoadFailed,
+            SprigStatus::ContextFull,
+            SprigStatus::Busy,
+            SprigStatus::Device,
+            SprigStatus::Internal,
+            SprigStatus::OutOfMemory,
+        ];
+        let names: Vec<&str> = all.iter().map(|s| s.name()).collect();
+        assert!(line.contains(&names.join(", ")), "{line} vs {names:?}");
     }
 }

@@ -3,7 +3,8 @@
 //! `dev.sprig.SprigException(code, message)`, and a panic becomes one too (never an abort of the JVM).
 
 use jni::objects::{JClass, JObject, JObjectArray, JString, JValue};
-use jni::sys::{jboolean, jfloat, jint, jintArray, jlong, jstring};
+use jni::sys::{jboolean, jfloat, jint, jlong, jobject, jstring};
+use sprig_engine::DeviceChoice;
 use jni::JNIEnv;
 
 use crate::core::{self, FfiError, FfiResult, Input, LoadRequest, Sampling, SprigStatus};
@@ -15,9 +16,10 @@ fn throw(env: &mut JNIEnv, e: &FfiError) {
     if env.exception_check().unwrap_or(true) {
         return;
     }
-    let Ok(msg) = env.new_string(&e.message) else { return };
-    let args = [JValue::Int(e.status as jint), JValue::Object(&msg)];
-    if let Ok(obj) = env.new_object(EXCEPTION, "(ILjava/lang/String;)V", &args) {
+    let (Ok(msg), Ok(status)) = (env.new_string(&e.message), env.new_string(e.status.name())) else { return };
+    // The status travels by name (Kotlin's `SprigStatus.valueOf`) with its C number, never by ordinal.
+    let args = [JValue::Int(e.status as jint), JValue::Object(&status), JValue::Object(&msg)];
+    if let Ok(obj) = env.new_object(EXCEPTION, "(ILjava/lang/String;Ljava/lang/String;)V", &args) {
         let _ = env.throw(jni::objects::JThrowable::from(obj));
     }
 }
@@ -47,9 +49,7 @@ fn id(h: jlong) -> u64 {
 #[no_mangle]
 pub extern "system" fn Java_dev_sprig_Native_version<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>) -> jstring {
     entry(&mut env, std::ptr::null_mut(), |env| {
-        let s = env
-            .new_string(env!("CARGO_PKG_VERSION"))
-            .map_err(|e| FfiError::new(SprigStatus::Internal, e.to_string()))?;
+        let s = env.new_string(env!("CARGO_PKG_VERSION")).map_err(internal)?;
         Ok(s.into_raw())
     })
 }
@@ -61,11 +61,12 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
     path: JString<'l>,
     tokenizer: JString<'l>,
     threads: jint,
-    device: jint,
+    device: JString<'l>,
     context_length: jint,
 ) -> jlong {
     entry(&mut env, 0, |env| {
         let path = string(env, &path, "path")?;
+        let device = device_by_name(&string(env, &device, "device")?)?;
         let tokenizer = if tokenizer.is_null() { None } else { Some(string(env, &tokenizer, "tokenizerPath")?) };
         if threads < 0 || context_length < 0 {
             return Err(FfiError::arg("threads and contextLength must be ≥ 0"));
@@ -74,7 +75,7 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
             path: &path,
             tokenizer: tokenizer.as_deref(),
             threads: threads as u32,
-            device: device as u32,
+            device,
             context_length: context_length as u32,
         };
         Ok(core::load_model(&req)? as jlong)
@@ -95,9 +96,55 @@ pub extern "system" fn Java_dev_sprig_Native_modelContextLength<'l>(
     entry(&mut env, 0, |_| Ok(core::model(id(h))?.context_length as jint))
 }
 
+/// Kotlin's `Device` enum names.
+fn device_by_name(name: &str) -> FfiResult<DeviceChoice> {
+    match name {
+        "CPU" => Ok(DeviceChoice::Cpu),
+        "GPU" => Ok(DeviceChoice::Gpu),
+        "AUTO" => Ok(DeviceChoice::Auto),
+        other => Err(FfiError::arg(format!("device `{other}` is not CPU, GPU or AUTO"))),
+    }
+}
+
+fn device_name(d: DeviceChoice) -> &'static str {
+    match d {
+        DeviceChoice::Cpu => "CPU",
+        DeviceChoice::Gpu => "GPU",
+        DeviceChoice::Auto => "AUTO",
+    }
+}
+
+fn internal(e: jni::errors::Error) -> FfiError {
+    FfiError::new(SprigStatus::Internal, e.to_string())
+}
+
 #[no_mangle]
-pub extern "system" fn Java_dev_sprig_Native_modelDevice<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) -> jint {
-    entry(&mut env, 0, |_| Ok(core::model_device(id(h))? as jint))
+pub extern "system" fn Java_dev_sprig_Native_modelDevice<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) -> jstring {
+    entry(&mut env, std::ptr::null_mut(), |env| {
+        let d = core::model_device(id(h))?;
+        Ok(env.new_string(device_name(d)).map_err(internal)?.into_raw())
+    })
+}
+
+/// The engine's sampling defaults as a Kotlin `SamplingParams` (its constructor's defaults read these).
+#[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_defaultSamplingParams<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+) -> jobject {
+    entry(&mut env, std::ptr::null_mut(), |env| {
+        let d = sprig_engine::SamplingParams::default();
+        let args = [
+            JValue::Float(d.temperature),
+            JValue::Int(d.top_k as jint),
+            JValue::Float(d.top_p),
+            JValue::Long(d.seed as jlong),
+            JValue::Int(sprig_engine::sampler::DEFAULT_MAX_TOKENS as jint),
+            JValue::Bool(0),
+        ];
+        let obj = env.new_object("dev/sprig/SamplingParams", "(FIFJIZ)V", &args).map_err(internal)?;
+        Ok(obj.into_raw())
+    })
 }
 
 #[no_mangle]
@@ -136,7 +183,7 @@ fn generate<'l>(
     max_tokens: jint,
     parse_special: bool,
     callback: &JObject<'l>,
-) -> FfiResult<jintArray> {
+) -> FfiResult<jobject> {
     if top_k < 0 || max_tokens < 0 {
         return Err(FfiError::arg("topK and maxTokens must be ≥ 0"));
     }
@@ -160,11 +207,21 @@ fn generate<'l>(
         let _ = env.delete_local_ref(s);
         keep
     })?;
-    let internal = |e: jni::errors::Error| FfiError::new(SprigStatus::Internal, e.to_string());
-    let arr = env.new_int_array(3).map_err(internal)?;
-    let v = [r.stop_reason as jint, r.prompt_tokens as jint, r.generated_tokens as jint];
-    env.set_int_array_region(&arr, 0, &v).map_err(internal)?;
-    Ok(arr.into_raw())
+    // A GenerationResult built here, its stop reason looked up by name: no ordinals cross the boundary.
+    let name = env.new_string(core::stop_reason(r.stop).1).map_err(internal)?;
+    let reason = env
+        .call_static_method(
+            "dev/sprig/StopReason",
+            "valueOf",
+            "(Ljava/lang/String;)Ldev/sprig/StopReason;",
+            &[JValue::Object(&name)],
+        )
+        .and_then(|v| v.l())
+        .map_err(internal)?;
+    let args =
+        [JValue::Object(&reason), JValue::Int(r.prompt_tokens as jint), JValue::Int(r.generated_tokens as jint)];
+    let obj = env.new_object("dev/sprig/GenerationResult", "(Ldev/sprig/StopReason;II)V", &args).map_err(internal)?;
+    Ok(obj.into_raw())
 }
 
 #[no_mangle]
@@ -181,7 +238,7 @@ pub extern "system" fn Java_dev_sprig_Native_sessionGenerate<'l>(
     max_tokens: jint,
     parse_special: jboolean,
     callback: JObject<'l>,
-) -> jintArray {
+) -> jobject {
     entry(&mut env, std::ptr::null_mut(), |env| {
         let prompt = string(env, &prompt, "prompt")?;
         let special = parse_special != 0;
@@ -203,7 +260,7 @@ pub extern "system" fn Java_dev_sprig_Native_sessionChat<'l>(
     seed: jlong,
     max_tokens: jint,
     callback: JObject<'l>,
-) -> jintArray {
+) -> jobject {
     entry(&mut env, std::ptr::null_mut(), |env| {
         if roles.is_null() || contents.is_null() {
             return Err(FfiError::arg("messages are null"));

@@ -11,6 +11,7 @@
 //! Thread safety: every function may be called from any thread. A model may be shared by sessions on many
 //! threads. One session runs one generation at a time (a concurrent call gets `SPRIG_STATUS_BUSY`);
 //! `sprig_session_cancel` may be called from any thread while it runs.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 mod core;
 mod jni;
@@ -165,9 +166,18 @@ pub extern "C" fn sprig_model_options_default() -> SprigModelOptions {
     SprigModelOptions { tokenizer_path: std::ptr::null(), threads: 0, device: SPRIG_DEVICE_CPU, context_length: 0 }
 }
 
+/// The engine's defaults (the same as the CLI's and Kotlin's): greedy, top-k 40, top-p 0.95, seed 0, 256 tokens.
 #[no_mangle]
 pub extern "C" fn sprig_sampling_params_default() -> SprigSamplingParams {
-    SprigSamplingParams { temperature: 0.8, top_k: 40, top_p: 0.95, seed: 0, max_tokens: 256, parse_special: false }
+    let d = sprig_engine::SamplingParams::default();
+    SprigSamplingParams {
+        temperature: d.temperature,
+        top_k: d.top_k as u32,
+        top_p: d.top_p,
+        seed: d.seed,
+        max_tokens: sprig_engine::sampler::DEFAULT_MAX_TOKENS as u32,
+        parse_special: false,
+    }
 }
 
 /// Loads a model: a native `.safetensors`, a `.gguf`, a llama2.c `.bin` (with `tokenizer_path`) or a Hugging
@@ -198,8 +208,8 @@ pub unsafe extern "C" fn sprig_model_load(
             // SAFETY: non-null, NUL-terminated per the caller contract.
             Some(unsafe { str_arg(o.tokenizer_path, "tokenizer_path") }?)
         };
-        let req =
-            LoadRequest { path, tokenizer, threads: o.threads, device: o.device, context_length: o.context_length };
+        let device = core::device_from_code(o.device)?;
+        let req = LoadRequest { path, tokenizer, threads: o.threads, device, context_length: o.context_length };
         let id = core::load_model(&req)?;
         // SAFETY: `out_model` is non-null and writable per the caller contract.
         unsafe { *out_model = id as usize as *mut SprigModel };
@@ -239,7 +249,7 @@ pub unsafe extern "C" fn sprig_model_context_length(model: *const SprigModel, ou
 #[no_mangle]
 pub unsafe extern "C" fn sprig_model_device(model: *const SprigModel, out_device: *mut u32) -> SprigStatus {
     call(|| {
-        let d = core::model_device(handle_id(model, "model")?)?;
+        let d = core::device_code(core::model_device(handle_id(model, "model")?)?);
         if out_device.is_null() {
             return Err(FfiError::arg("out_device is NULL"));
         }
@@ -338,7 +348,7 @@ unsafe fn run_generation<'a>(
             // SAFETY: non-null and writable per the caller contract.
             unsafe {
                 *out = SprigGenerateResult {
-                    stop_reason: r.stop_reason,
+                    stop_reason: core::stop_reason(r.stop).0,
                     prompt_tokens: r.prompt_tokens,
                     generated_tokens: r.generated_tokens,
                     prefill_tokens_per_second: r.prefill_tok_s,

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::arch::Arch;
 use crate::FormatError;
 
 /// Which elements RoPE rotates together.
@@ -212,8 +213,8 @@ pub struct MoeConfig {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
-    /// Architecture family, e.g. "llama", "qwen2", "gemma3".
-    pub arch: String,
+    /// Architecture family; what sets it apart is in its [`crate::arch::ArchRules`].
+    pub arch: Arch,
     pub dim: usize,
     pub n_layers: usize,
     pub n_heads: usize,
@@ -238,9 +239,10 @@ pub struct ModelConfig {
     /// Multiply embeddings by this (Gemma: sqrt(dim)).
     #[serde(default)]
     pub embedding_scale: Option<f32>,
-    /// RMSNorm weights are stored as `w` but applied as `1 + w` (Gemma).
-    #[serde(default)]
-    pub norm_add_one: bool,
+    /// Files written before Gemma's `1 + w` norms were folded into the weights at import said `true` here;
+    /// such a file is refused (convert it again) rather than run with the wrong norms.
+    #[serde(default, rename = "norm_add_one", skip_serializing)]
+    pub legacy_norm_add_one: bool,
     /// Per-layer attention kind; length n_layers.
     pub attention: Vec<AttentionKind>,
     #[serde(default)]
@@ -273,6 +275,13 @@ impl ModelConfig {
     /// Rejects configs that are inconsistent or large enough to be hostile.
     pub fn validate(&self) -> Result<(), FormatError> {
         let bad = |f: &str, m: String| Err(FormatError::meta(&format!("config.{f}"), m));
+        if self.legacy_norm_add_one {
+            return bad(
+                "norm_add_one",
+                "written by an older sprig that applied Gemma's norms as 1 + w at run time; convert the source again"
+                    .into(),
+            );
+        }
         for (name, v, max) in [
             ("dim", self.dim, MAX_DIM),
             ("n_layers", self.n_layers, MAX_LAYERS),

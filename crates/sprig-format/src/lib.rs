@@ -8,12 +8,15 @@
 //! Every tensor starts on a 64-byte boundary of the file (the header is space-padded and gaps are filled with
 //! `__pad.N` u8 tensors, because safetensors forbids holes), so the CPU backend uses the weights in place from
 //! the memory map.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod arch;
 pub mod config;
 pub mod container;
 #[doc(hidden)]
 pub mod testutil;
 
+pub use arch::{Arch, ArchRules, QkNorm};
 pub use config::{Activation, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RouterScoring};
 pub use container::{ContainerWriter, FloatDType, ModelFile, TensorEntry, WeightView, FORMAT_VERSION};
 

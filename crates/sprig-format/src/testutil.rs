@@ -4,7 +4,7 @@ use crate::config::{Activation, AttentionKind, ModelConfig, RopeLayout};
 
 pub fn tiny_config() -> ModelConfig {
     ModelConfig {
-        arch: "llama".into(),
+        arch: crate::Arch::Llama,
         dim: 64,
         n_layers: 1,
         n_heads: 4,
@@ -21,7 +21,7 @@ pub fn tiny_config() -> ModelConfig {
         activation: Activation::Silu,
         tied_embeddings: true,
         embedding_scale: None,
-        norm_add_one: false,
+        legacy_norm_add_one: false,
         attention: vec![AttentionKind::Global],
         moe: None,
         attn_scale: None,

@@ -70,10 +70,14 @@ fn with_header(bytes: &[u8], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u
     let mut h: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
     edit(&mut h);
     let mut hs = serde_json::to_vec(&h).unwrap();
-    // Keep the data start where it was so offsets stay meaningful.
-    assert!(hs.len() <= n, "edited header grew past its padding");
-    hs.resize(n, b' ');
-    let mut out = bytes[..8].to_vec();
+    // Offsets are relative to the data, so the header may grow; by whole 64-byte steps, keeping the data as
+    // aligned in the file as it was.
+    let mut len = n;
+    while len < hs.len() {
+        len += 64;
+    }
+    hs.resize(len, b' ');
+    let mut out = (len as u64).to_le_bytes().to_vec();
     out.extend(hs);
     out.extend(&bytes[8 + n..]);
     out

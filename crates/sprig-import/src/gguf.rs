@@ -1,11 +1,12 @@
-//! GGUF v2/v3: a bounds-checked parser and the importer for the llama, qwen2 and gemma3 architectures (plus
-//! the MoE tensor layouts of llama/Mixtral, qwen2moe, qwen3moe and olmoe).
+//! GGUF v2/v3: a bounds-checked parser and the importer for every family of the rule book
+//! ([`sprig_format::arch`]), MoE tensor layouts included.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use memmap2::Mmap;
-use sprig_format::config::{Activation, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RopeScaling, RouterScoring};
+use sprig_format::arch::{self, Arch, ArchRules};
+use sprig_format::config::{AttentionKind, ModelConfig, MoeConfig, RopeLayout, RopeScaling, RouterScoring};
 use sprig_format::ContainerWriter;
 use sprig_quant::ggml::GgmlType;
 use sprig_tokenizer::{hf as hftok, token_type, SpecialTokens, TokenizerSpec};
@@ -329,21 +330,58 @@ fn rope_scaling_from_gguf(g: &GgufFile, k: &dyn Fn(&str) -> String, ctx_len: usi
     Ok(scaling)
 }
 
+/// The per-layer attention kinds: every layer global unless the file has a sliding window; then the file's
+/// `sliding_window_pattern` (a period, or one bool per layer, true = sliding) or else the family's rule.
+fn attention_from_gguf(
+    g: &GgufFile,
+    k: &dyn Fn(&str) -> String,
+    rules: &ArchRules,
+    n_layers: usize,
+) -> Result<Vec<AttentionKind>> {
+    let Some(window) = g.get(&k("attention.sliding_window")).and_then(|v| v.as_u64()).map(|v| v as usize) else {
+        if rules.sliding_every.is_some() {
+            return Err(invalid(format!("GGUF: `{}` is required for {}", k("attention.sliding_window"), rules.name)));
+        }
+        return Ok(vec![AttentionKind::Global; n_layers]);
+    };
+    let key = k("attention.sliding_window_pattern");
+    match g.get(&key) {
+        Some(v) if v.as_array().is_some() => {
+            let a = v.as_array().unwrap();
+            if a.len() != n_layers {
+                return Err(invalid(format!("GGUF: `{key}` has {} entries for {n_layers} layers", a.len())));
+            }
+            a.iter()
+                .map(|v| match v.as_bool() {
+                    Some(true) => Ok(AttentionKind::Sliding { window }),
+                    Some(false) => Ok(AttentionKind::Global),
+                    None => Err(invalid(format!("GGUF: `{key}` entries must be bools"))),
+                })
+                .collect()
+        }
+        Some(v) => match v.as_u64() {
+            Some(every) if every > 0 => Ok(arch::sliding_every(n_layers, window, every as usize)),
+            _ => Err(invalid(format!("GGUF: `{key}` must be a period > 0 or one bool per layer"))),
+        },
+        // No pattern: the family's rule; a family without one ignores the window (as llama.cpp does).
+        None => Ok(match rules.sliding_every {
+            Some(every) => arch::sliding_every(n_layers, window, every),
+            None => vec![AttentionKind::Global; n_layers],
+        }),
+    }
+}
+
 /// Builds the native config from GGUF metadata.
 pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
-    let arch = g
+    let name = g
         .get("general.architecture")
         .and_then(|v| v.as_str())
-        .ok_or_else(|| invalid("GGUF: missing general.architecture"))?
-        .to_string();
-    let k = |s: &str| format!("{arch}.{s}");
-    let supported = ["llama", "qwen2", "qwen3", "gemma3", "qwen2moe", "qwen3moe", "olmoe"];
-    if !supported.contains(&arch.as_str()) {
-        return Err(invalid(format!(
-            "GGUF: architecture `{arch}` is not supported (supported: {})",
-            supported.join(", ")
-        )));
-    }
+        .ok_or_else(|| invalid("GGUF: missing general.architecture"))?;
+    let arch = Arch::from_gguf(name).ok_or_else(|| {
+        invalid(format!("GGUF: architecture `{name}` is not supported (supported: {})", Arch::list()))
+    })?;
+    let rules = arch.rules();
+    let k = |s: &str| format!("{name}.{s}");
     let dim = g.req_u(&k("embedding_length"))?;
     let n_layers = g.req_u(&k("block_count"))?;
     let n_heads = g.req_u(&k("attention.head_count"))?;
@@ -354,17 +392,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     let hidden_dim = g.get(&k("feed_forward_length")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(0);
     let tokens = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len());
     let vocab_size = g.get(&k("vocab_size")).and_then(|v| v.as_u64()).map(|v| v as usize).or(tokens).unwrap_or(0);
-    let gemma = arch == "gemma3";
-    let mut attention = vec![AttentionKind::Global; n_layers];
-    if gemma {
-        let window = g.req_u(&k("attention.sliding_window"))?;
-        // Gemma 3: five sliding-window layers, then one global layer.
-        for (i, a) in attention.iter_mut().enumerate() {
-            if (i + 1) % 6 != 0 {
-                *a = AttentionKind::Sliding { window };
-            }
-        }
-    }
+    let attention = attention_from_gguf(g, &k, rules, n_layers)?;
     let moe = match g.get(&k("expert_count")).and_then(|v| v.as_u64()) {
         Some(n) if n > 0 => {
             let top_k = g.req_u(&k("expert_used_count"))?;
@@ -379,9 +407,8 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
                 Some(2) => RouterScoring::Sigmoid,
                 _ => RouterScoring::Softmax,
             };
-            // Mixtral, qwen3moe and olmoe(v1: no) renormalise; qwen2moe does not. The key wins when present.
-            let norm_default = matches!(arch.as_str(), "llama" | "qwen3moe");
-            let norm_topk = g.get(&k("expert_weights_norm")).and_then(|v| v.as_bool()).unwrap_or(norm_default);
+            // The key wins when present; else llama.cpp's per-family default.
+            let norm_topk = g.get(&k("expert_weights_norm")).and_then(|v| v.as_bool()).unwrap_or(rules.gguf_norm_topk);
             let has_shared = g.tensor("blk.0.ffn_up_shexp.weight").is_some() || shared.is_some();
             let shared_dim = if has_shared {
                 Some(
@@ -411,8 +438,9 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     let rope_theta = g.opt_f(&k("rope.freq_base")).unwrap_or(10000.0) as f32;
     let ctx_len = g.get(&k("context_length")).and_then(|v| v.as_u64()).unwrap_or(2048) as usize;
     let rope_scaling = rope_scaling_from_gguf(g, &k, ctx_len)?;
+    let local_theta = g.opt_f(&k("rope.freq_base_swa")).map(|v| v as f32).or(rules.local_rope_theta);
     let cfg = ModelConfig {
-        arch: arch.clone(),
+        arch,
         dim,
         n_layers,
         n_heads,
@@ -423,14 +451,14 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         max_seq_len: ctx_len,
         norm_eps: eps,
         rope_theta,
-        rope_theta_local: if gemma { Some(10000.0) } else { None },
+        rope_theta_local: if attention.iter().any(|a| *a != AttentionKind::Global) { local_theta } else { None },
         rope_scaling,
-        rope_layout: if arch == "llama" { RopeLayout::Adjacent } else { RopeLayout::Half },
-        activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+        rope_layout: if rules.gguf_qk_permuted { RopeLayout::Adjacent } else { RopeLayout::Half },
+        activation: rules.activation,
         tied_embeddings: g.tensor("output.weight").is_none(),
-        embedding_scale: if gemma { Some((dim as f32).sqrt()) } else { None },
-        // GGUF converters already store Gemma's norm weights as 1 + w.
-        norm_add_one: false,
+        embedding_scale: rules.embedding_scale_sqrt_dim.then(|| (dim as f32).sqrt()),
+        // GGUF converters already store `1 + w` norms folded.
+        legacy_norm_add_one: false,
         attention,
         moe,
         attn_scale: None,
@@ -467,8 +495,7 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<TokenizerSpec> {
     }
     // End-of-turn markers that chat templates emit even when the file names no EOT id.
     for (i, t) in tokens.iter().enumerate() {
-        if matches!(t.as_str(), "<end_of_turn>" | "<|im_end|>" | "<|eot_id|>" | "<|endoftext|>")
-            && !stop.contains(&(i as u32))
+        if arch::END_OF_TURN_TOKENS.contains(&t.as_str()) && !stop.contains(&(i as u32))
         {
             stop.push(i as u32);
         }
@@ -496,14 +523,6 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<TokenizerSpec> {
     }
 }
 
-/// Gemma's turn format, for Gemma files that carry no template (llama.cpp likewise falls back to a built-in
-/// one): a system message is folded into the first user turn, the assistant's role is `model`.
-const GEMMA_TEMPLATE: &str = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}{% set msgs = messages[1:] %}{% else %}{% set prefix = '' %}{% set msgs = messages %}{% endif %}{% for m in msgs %}{% set role = 'model' if m['role'] == 'assistant' else m['role'] %}{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + (m['content'] | trim) + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}";
-
-fn builtin_template(arch: &str) -> Option<&'static str> {
-    (arch == "gemma3").then_some(GEMMA_TEMPLATE)
-}
-
 pub fn import(path: &Path, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let g = GgufFile::open(path)?;
     import_file(&g, opts, progress)
@@ -516,7 +535,7 @@ pub fn import_file(g: &GgufFile, opts: &ImportOptions, progress: Progress) -> Re
         .get("tokenizer.chat_template")
         .and_then(|v| v.as_str())
         .map(String::from)
-        .or_else(|| builtin_template(&config.arch).map(String::from));
+        .or_else(|| config.arch.rules().builtin_template.map(String::from));
     let mut writer = ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template);
     if let Some(name) = g.get("general.name").and_then(|v| v.as_str()) {
         writer.set_metadata("general.name", name.to_string());

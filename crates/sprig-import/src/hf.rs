@@ -6,9 +6,8 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
-use sprig_format::config::{
-    yarn_mscale, Activation, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RopeScaling, RouterScoring,
-};
+use sprig_format::arch::{self, Arch, ArchRules};
+use sprig_format::config::{yarn_mscale, AttentionKind, ModelConfig, MoeConfig, RopeLayout, RopeScaling, RouterScoring};
 use sprig_format::ContainerWriter;
 use sprig_quant::ggml::GgmlType;
 use sprig_tokenizer::{SpecialTokens, TokenizerSpec};
@@ -28,21 +27,10 @@ fn get_usize(c: &Value, key: &str) -> Option<usize> {
 /// The native config from an HF `config.json`.
 pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
     let mt = c.get("model_type").and_then(|v| v.as_str()).unwrap_or("llama");
-    let arch = match mt {
-        "llama" | "mistral" | "mixtral" => "llama",
-        "qwen2" => "qwen2",
-        "qwen3" => "qwen3",
-        "gemma3_text" | "gemma3" => "gemma3",
-        "qwen2_moe" => "qwen2moe",
-        "qwen3_moe" => "qwen3moe",
-        "olmoe" => "olmoe",
-        other => {
-            return Err(invalid(format!(
-                "config.json: model_type `{other}` is not supported (llama, mistral, mixtral, qwen2, qwen3, \
-                 qwen2_moe, qwen3_moe, olmoe, gemma3_text)"
-            )))
-        }
-    };
+    let arch = Arch::from_hf_model_type(mt).ok_or_else(|| {
+        invalid(format!("config.json: model_type `{mt}` is not supported ({})", Arch::hf_list()))
+    })?;
+    let rules = arch.rules();
     // Gemma 3 multimodal configs nest the language model.
     let c = c.get("text_config").unwrap_or(c);
     let req = |k: &str| get_usize(c, k).ok_or_else(|| invalid(format!("config.json: missing integer `{k}`")));
@@ -51,29 +39,27 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
     let n_heads = req("num_attention_heads")?;
     let n_kv_heads = get_usize(c, "num_key_value_heads").unwrap_or(n_heads);
     let head_dim = get_usize(c, "head_dim").unwrap_or(dim / n_heads.max(1));
-    let gemma = arch == "gemma3";
+    // Per-layer kinds: the file's `layer_types`, else its `sliding_window_pattern`, else the family's rule.
     let mut attention = vec![AttentionKind::Global; n_layers];
     if let Some(types) = c.get("layer_types").and_then(|v| v.as_array()) {
+        if types.len() != n_layers {
+            return Err(invalid(format!("config.json: {} layer_types for {n_layers} layers", types.len())));
+        }
         let w = req("sliding_window")?;
-        for (i, t) in types.iter().enumerate().take(n_layers) {
+        for (i, t) in types.iter().enumerate() {
             if t.as_str() == Some("sliding_attention") {
                 attention[i] = AttentionKind::Sliding { window: w };
             }
         }
-    } else if gemma {
-        let w = req("sliding_window")?;
-        let pattern = get_usize(c, "sliding_window_pattern").unwrap_or(6).max(1);
-        for (i, a) in attention.iter_mut().enumerate() {
-            if (i + 1) % pattern != 0 {
-                *a = AttentionKind::Sliding { window: w };
-            }
-        }
+    } else if let Some(every) = get_usize(c, "sliding_window_pattern").or(rules.sliding_every) {
+        attention = arch::sliding_every(n_layers, req("sliding_window")?, every);
     }
     let max_pos = get_usize(c, "max_position_embeddings").unwrap_or(2048);
     let rope_scaling = rope_scaling_from_hf(c.get("rope_scaling"), max_pos)?;
     let f = |k: &str, d: f64| c.get(k).and_then(|v| v.as_f64()).unwrap_or(d);
+    let sliding = attention.iter().any(|a| *a != AttentionKind::Global);
     let cfg = ModelConfig {
-        arch: arch.into(),
+        arch,
         dim,
         n_layers,
         n_heads,
@@ -84,15 +70,21 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
         max_seq_len: get_usize(c, "max_position_embeddings").unwrap_or(2048),
         norm_eps: f("rms_norm_eps", 1e-6) as f32,
         rope_theta: f("rope_theta", 10000.0) as f32,
-        rope_theta_local: if gemma { Some(f("rope_local_base_freq", 10000.0) as f32) } else { None },
+        rope_theta_local: c
+            .get("rope_local_base_freq")
+            .and_then(|v| v.as_f64())
+            .map(|v| v as f32)
+            .or(rules.local_rope_theta)
+            .filter(|_| sliding),
         rope_scaling,
         rope_layout: RopeLayout::Half,
-        activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
-        tied_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(gemma),
-        embedding_scale: if gemma { Some((dim as f32).sqrt()) } else { None },
-        norm_add_one: gemma,
+        activation: rules.activation,
+        tied_embeddings: c.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(rules.hf_tied_default),
+        embedding_scale: rules.embedding_scale_sqrt_dim.then(|| (dim as f32).sqrt()),
+        // `1 + w` norms are folded into the weights by `import`.
+        legacy_norm_add_one: false,
         attention,
-        moe: moe_from_hf(c, mt, n_layers)?,
+        moe: moe_from_hf(c, rules, n_layers)?,
         attn_scale: c.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).map(|s| (1.0 / s.sqrt()) as f32),
         final_logit_softcap: c.get("final_logit_softcapping").and_then(|v| v.as_f64()).map(|v| v as f32),
     };
@@ -102,7 +94,7 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
 
 /// MoE keys of Mixtral (`num_local_experts`), Qwen2/3-MoE and OLMoE (`num_experts`), with DeepSeek's
 /// `scoring_func` / `routed_scaling_factor` / `first_k_dense_replace` where present.
-fn moe_from_hf(c: &Value, model_type: &str, n_layers: usize) -> Result<Option<MoeConfig>> {
+fn moe_from_hf(c: &Value, rules: &ArchRules, n_layers: usize) -> Result<Option<MoeConfig>> {
     let Some(n_experts) = get_usize(c, "num_local_experts").or(get_usize(c, "num_experts")).filter(|&n| n > 0) else {
         return Ok(None);
     };
@@ -117,9 +109,8 @@ fn moe_from_hf(c: &Value, model_type: &str, n_layers: usize) -> Result<Option<Mo
         Some("sigmoid") => RouterScoring::Sigmoid,
         Some(other) => return Err(invalid(format!("config.json: scoring_func `{other}` is not supported"))),
     };
-    // Mixtral's softmax over the top-k logits is a renormalised top-k softmax.
-    let norm_default = model_type == "mixtral";
-    let norm_topk = c.get("norm_topk_prob").and_then(|v| v.as_bool()).unwrap_or(norm_default);
+    // Mixtral's softmax over the top-k logits is a renormalised top-k softmax (its rule says so).
+    let norm_topk = c.get("norm_topk_prob").and_then(|v| v.as_bool()).unwrap_or(rules.hf_norm_topk);
     let step = get_usize(c, "decoder_sparse_step").unwrap_or(1).max(1);
     let dense_only: Vec<usize> = c
         .get("mlp_only_layers")
@@ -139,63 +130,6 @@ fn moe_from_hf(c: &Value, model_type: &str, n_layers: usize) -> Result<Option<Mo
             .collect(),
         routed_scale: c.get("routed_scaling_factor").and_then(|v| v.as_f64()).map(|v| v as f32),
     }))
-}
-
-/// HF tensor name → native (GGUF-style) name.
-pub fn map_name(hf: &str, gemma: bool) -> Option<String> {
-    let n = hf.strip_prefix("model.language_model.").map(|s| format!("model.{s}")).unwrap_or_else(|| hf.to_string());
-    match n.as_str() {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = n.strip_prefix("model.layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let mapped = match tail {
-        "input_layernorm.weight" => "attn_norm.weight",
-        "self_attn.q_proj.weight" => "attn_q.weight",
-        "self_attn.k_proj.weight" => "attn_k.weight",
-        "self_attn.v_proj.weight" => "attn_v.weight",
-        "self_attn.q_proj.bias" => "attn_q.bias",
-        "self_attn.k_proj.bias" => "attn_k.bias",
-        "self_attn.v_proj.bias" => "attn_v.bias",
-        "self_attn.o_proj.weight" => "attn_output.weight",
-        "self_attn.q_norm.weight" => "attn_q_norm.weight",
-        "self_attn.k_norm.weight" => "attn_k_norm.weight",
-        "post_attention_layernorm.weight" if gemma => "post_attention_norm.weight",
-        "post_attention_layernorm.weight" => "ffn_norm.weight",
-        "pre_feedforward_layernorm.weight" => "ffn_norm.weight",
-        "post_feedforward_layernorm.weight" => "post_ffw_norm.weight",
-        "mlp.gate_proj.weight" => "ffn_gate.weight",
-        "mlp.up_proj.weight" => "ffn_up.weight",
-        "mlp.down_proj.weight" => "ffn_down.weight",
-        "mlp.gate.weight" | "block_sparse_moe.gate.weight" => "ffn_gate_inp.weight",
-        "mlp.shared_expert.gate_proj.weight" => "ffn_gate_shexp.weight",
-        "mlp.shared_expert.up_proj.weight" => "ffn_up_shexp.weight",
-        "mlp.shared_expert.down_proj.weight" => "ffn_down_shexp.weight",
-        "mlp.shared_expert_gate.weight" => "ffn_gate_inp_shexp.weight",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{mapped}"))
-}
-
-/// An HF per-expert tensor (`mlp.experts.E.gate_proj`, Mixtral's `block_sparse_moe.experts.E.w1`) → the native
-/// stacked tensor it belongs to and the expert index.
-pub fn map_expert_name(hf: &str) -> Option<(String, usize)> {
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let tail = tail.strip_prefix("mlp.experts.").or_else(|| tail.strip_prefix("block_sparse_moe.experts."))?;
-    let (expert, proj) = tail.split_once('.')?;
-    let stacked = match proj {
-        "gate_proj.weight" | "w1.weight" => "ffn_gate_exps.weight",
-        "up_proj.weight" | "w3.weight" => "ffn_up_exps.weight",
-        "down_proj.weight" | "w2.weight" => "ffn_down_exps.weight",
-        _ => return None,
-    };
-    Some((format!("blk.{layer}.{stacked}"), expert.parse().ok()?))
 }
 
 /// A tensor's ggml type and shape, or why it cannot be imported.
@@ -258,7 +192,7 @@ fn tokenizer_spec(dir: &Path) -> Result<(TokenizerSpec, Option<String>)> {
     let eos = tok_str("eos_token").and_then(|s| id_of(&s));
     let add_bos = tc.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(post_bos.is_some()) && bos.is_some();
     let mut stop: Vec<u32> = eos.into_iter().collect();
-    for t in ["<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>"] {
+    for t in arch::END_OF_TURN_TOKENS {
         if let Some(i) = id_of(t) {
             if !stop.contains(&i) {
                 stop.push(i);
@@ -306,7 +240,7 @@ fn post_processor_bos(tok: &Value) -> Option<String> {
 pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let config = config_from_hf(&read_json(&dir.join("config.json"))?)?;
     let (spec, template) = tokenizer_spec(dir)?;
-    let gemma = config.arch == "gemma3";
+    let rules = config.arch.rules();
     let mut sink = Sink {
         writer: ContainerWriter::new(&config, serde_json::to_string(&spec).unwrap(), template),
         quant: opts.quant,
@@ -334,7 +268,7 @@ pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Im
         let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
         names.sort();
         for name in names {
-            if let Some((stacked, e)) = map_expert_name(&name) {
+            if let Some((stacked, e)) = arch::hf_expert_tensor_name(&name) {
                 if e >= n_experts {
                     return Err(invalid(format!(
                         "tensor `{name}`: expert {e} but config.json has {n_experts} experts"
@@ -347,7 +281,7 @@ pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Im
                 continue;
             }
             let t = st.tensor(&name).map_err(|e| invalid(format!("{}: {name}: {e}", path.display())))?;
-            let Some(native) = map_name(&name, gemma) else {
+            let Some(native) = arch::hf_tensor_name(&name, config.arch) else {
                 if name.contains("rotary_emb") {
                     continue;
                 }
@@ -357,7 +291,15 @@ pub fn import(dir: &Path, opts: &ImportOptions, progress: Progress) -> Result<Im
                 return Err(invalid(format!("tensor `{name}` appears twice")));
             }
             let (ty, shape) = checked(&name, &t)?;
-            sink.add_ggml(&native, ty, &shape, t.data());
+            if rules.hf_norm_plus_one && arch::is_norm_weight(&native) {
+                // Stored as w, applied as 1 + w: fold the constant into the weight.
+                let mut f = vec![0.0; shape.iter().product()];
+                sprig_quant::ggml::dequantize(ty, t.data(), &mut f);
+                f.iter_mut().for_each(|w| *w += 1.0);
+                sink.add_f32(&native, &shape, &f);
+            } else {
+                sink.add_ggml(&native, ty, &shape, t.data());
+            }
             done += 1;
             progress(done, total);
         }

@@ -1,5 +1,6 @@
 //! Importers: each reads a foreign checkpoint and fills a [`ContainerWriter`] with the native config, tensors
 //! (named as in GGUF: `token_embd.weight`, `blk.N.attn_q.weight`, ...), tokenizer and chat template.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod gguf;
 pub mod hf;

@@ -207,7 +207,7 @@ pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], opts: &ImportOptions, progre
         return Err(invalid(format!("llama2.c checkpoint: {} bytes, but its header implies {need}", bytes.len())));
     }
     let config = ModelConfig {
-        arch: "llama".into(),
+        arch: sprig_format::Arch::Llama,
         dim: d,
         n_layers: l,
         n_heads: h.heads,
@@ -224,7 +224,7 @@ pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], opts: &ImportOptions, progre
         activation: Activation::Silu,
         tied_embeddings: h.shared,
         embedding_scale: None,
-        norm_add_one: false,
+        legacy_norm_add_one: false,
         attention: vec![AttentionKind::Global; l],
         moe: None,
         attn_scale: None,

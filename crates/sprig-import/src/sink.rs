@@ -20,16 +20,27 @@ pub enum QuantChoice {
 }
 
 impl QuantChoice {
+    pub const ALL: [QuantChoice; 6] = [
+        QuantChoice::Keep,
+        QuantChoice::F16,
+        QuantChoice::Q4,
+        QuantChoice::Q4A,
+        QuantChoice::Q8,
+        QuantChoice::Q4Absmax,
+    ];
+    /// The name `--quant` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantChoice::Keep => "keep",
+            QuantChoice::F16 => "f16",
+            QuantChoice::Q4 => "q4",
+            QuantChoice::Q4A => "q4a",
+            QuantChoice::Q8 => "q8",
+            QuantChoice::Q4Absmax => "q4-absmax",
+        }
+    }
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "keep" => QuantChoice::Keep,
-            "f16" => QuantChoice::F16,
-            "q4" => QuantChoice::Q4,
-            "q4a" => QuantChoice::Q4A,
-            "q8" => QuantChoice::Q8,
-            "q4-absmax" => QuantChoice::Q4Absmax,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|q| q.name() == s)
     }
     fn scheme(self) -> Option<Scheme> {
         match self {

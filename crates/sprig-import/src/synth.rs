@@ -9,6 +9,8 @@ use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
+use sprig_format::arch::{self, ArchRules, QkNorm};
+pub use sprig_format::arch::Arch;
 use sprig_tokenizer::hf::{bytes_to_unicode, from_gguf_bpe};
 use sprig_tokenizer::token_type;
 
@@ -16,9 +18,9 @@ use crate::{invalid, io_err, Result};
 
 #[derive(Clone, Debug)]
 pub struct SynthSpec {
-    /// "llama" (with `moe`: Mixtral), "qwen2" (QKV bias, larger RoPE base), or the MoE families "qwen2moe"
-    /// (QKV bias, gated shared expert), "qwen3moe" (per-head QK norm), "olmoe" (QK norm over the projection).
-    pub arch: String,
+    /// Any family of the rule book; its rules decide the tensors written (QKV bias, QK norm, post-norms,
+    /// `1 + w` norms in HF files, a gated shared expert, ...). `Llama` with `moe` is Mixtral.
+    pub arch: Arch,
     pub dim: usize,
     pub n_layers: usize,
     pub n_heads: usize,
@@ -26,7 +28,9 @@ pub struct SynthSpec {
     pub hidden_dim: usize,
     pub tied: bool,
     pub seed: u64,
-    /// `Some((window, pattern))`: every layer but each `pattern`-th is a sliding-window layer (HF `layer_types`).
+    /// `Some((window, pattern))`: every layer but each `pattern`-th is a sliding-window layer (HF `layer_types`,
+    /// GGUF `sliding_window` + `sliding_window_pattern`). A family with a sliding rule (Gemma 3) gets a window
+    /// of [`DEFAULT_WINDOW`] with its own pattern when this is `None`.
     pub sliding: Option<(usize, usize)>,
     pub moe: Option<SynthMoe>,
     /// Vocabulary size; `None` = the generator's natural 267 tokens. Larger sizes pad with filler tokens that
@@ -77,10 +81,13 @@ impl SynthMoe {
     }
 }
 
+/// The window of a family whose rules make it hybrid, when the spec gives none.
+pub const DEFAULT_WINDOW: usize = 8;
+
 impl SynthSpec {
-    pub fn tiny(arch: &str) -> Self {
+    pub fn tiny(arch: Arch) -> Self {
         SynthSpec {
-            arch: arch.into(),
+            arch,
             dim: 64,
             n_layers: 2,
             n_heads: 4,
@@ -93,43 +100,45 @@ impl SynthSpec {
             vocab: None,
         }
     }
-    /// A small MoE model of one of the MoE families (see [`SynthSpec::arch`]): 8 experts, top-2, a dense first
-    /// layer; qwen2moe with a shared expert, olmoe without renormalisation.
-    pub fn tiny_moe(arch: &str) -> Self {
+    /// A small MoE model (8 experts, top-2, a dense first layer) of `arch`'s MoE form: its own for the MoE
+    /// families, Mixtral for Llama. A family with a shared-expert gate gets a shared expert; renormalisation
+    /// follows the family's default.
+    pub fn tiny_moe(arch: Arch) -> Self {
+        let r = arch.rules();
         let mut m = SynthMoe::new(8, 2, 32);
         m.leading_dense = 1;
-        match arch {
-            "qwen2moe" => {
-                m.shared_hidden = Some(48);
-                m.norm_topk = false;
-            }
-            "olmoe" => m.norm_topk = false,
-            _ => {}
+        m.norm_topk = r.gguf_norm_topk;
+        if r.shared_expert_gate {
+            m.shared_hidden = Some(48);
         }
-        // Mixtral's experts have the model's intermediate size.
-        let hidden_dim = if arch == "llama" { m.expert_hidden } else { 96 };
+        // A dense family's MoE form (Mixtral) has experts of the model's intermediate size.
+        let hidden_dim = if r.moe { 96 } else { m.expert_hidden };
         SynthSpec { n_layers: 3, hidden_dim, moe: Some(m), ..SynthSpec::tiny(arch) }
     }
-    fn qkv_bias(&self) -> bool {
-        matches!(self.arch.as_str(), "qwen2" | "qwen2moe")
+    fn rules(&self) -> &'static ArchRules {
+        self.arch.rules()
     }
-    fn hf_model_type(&self) -> &str {
-        match (self.arch.as_str(), &self.moe) {
-            ("llama", Some(_)) => "mixtral",
-            ("qwen2moe", _) => "qwen2_moe",
-            ("qwen3moe", _) => "qwen3_moe",
-            (a, _) => a,
+    fn hf_model_type(&self) -> &'static str {
+        let r = self.rules();
+        match (r.hf_moe_model_type, &self.moe) {
+            (Some(t), Some(_)) => t,
+            _ => r.hf_model_types[0],
         }
     }
     fn head_dim(&self) -> usize {
         self.dim / self.n_heads
     }
     fn rope_theta(&self) -> f64 {
-        if self.arch != "llama" {
-            1_000_000.0
-        } else {
+        // Two bases, so a mix-up of them shows.
+        if self.arch == Arch::Llama {
             10_000.0
+        } else {
+            1_000_000.0
         }
+    }
+    /// The sliding-window layout actually written: the spec's, or the family's rule.
+    fn sliding(&self) -> Option<(usize, usize)> {
+        self.sliding.or(self.rules().sliding_every.map(|every| (DEFAULT_WINDOW, every)))
     }
 }
 
@@ -195,28 +204,29 @@ pub fn synth_weights(s: &SynthSpec, vocab: usize) -> Vec<(String, Vec<usize>, Ve
             let dense: Vec<_> = out.drain(first_ffn..).collect();
             moe_weights(s, m, &p, dense, &mut out, &mut rng);
         }
-        match s.arch.as_str() {
-            "qwen3moe" => {
-                for n in ["q_norm", "k_norm"] {
-                    let v: Vec<f32> = (0..hd).map(|_| 1.0 + rng.gen_range(-0.3..0.3)).collect();
-                    out.push((format!("{p}.self_attn.{n}.weight"), vec![hd], v));
-                }
+        let qk_lens = match s.rules().qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some([hd, hd]),
+            QkNorm::Whole => Some([s.n_heads * hd, kvd]),
+        };
+        if let Some(lens) = qk_lens {
+            for (n, len) in ["q_norm", "k_norm"].into_iter().zip(lens) {
+                let v: Vec<f32> = (0..len).map(|_| 1.0 + rng.gen_range(-0.3..0.3)).collect();
+                out.push((format!("{p}.self_attn.{n}.weight"), vec![len], v));
             }
-            "olmoe" => {
-                for (n, len) in [("q_norm", s.n_heads * hd), ("k_norm", kvd)] {
-                    let v: Vec<f32> = (0..len).map(|_| 1.0 + rng.gen_range(-0.3..0.3)).collect();
-                    out.push((format!("{p}.self_attn.{n}.weight"), vec![len], v));
-                }
-            }
-            _ => {}
         }
-        if s.qkv_bias() {
+        if s.rules().qkv_bias {
             for (n, len) in [("q_proj", s.n_heads * hd), ("k_proj", kvd), ("v_proj", kvd)] {
                 let v: Vec<f32> = (0..len).map(|_| rng.gen_range(-0.5..0.5)).collect();
                 out.push((format!("{p}.self_attn.{n}.bias"), vec![len], v));
             }
         }
-        for n in ["input_layernorm", "post_attention_layernorm"] {
+        let norms: &[&str] = if s.rules().post_norms {
+            &["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        } else {
+            &["input_layernorm", "post_attention_layernorm"]
+        };
+        for n in norms {
             let v: Vec<f32> = (0..d).map(|_| 1.0 + rng.gen_range(-0.2..0.2)).collect();
             out.push((format!("{p}.{n}.weight"), vec![d], v));
         }
@@ -274,7 +284,7 @@ fn moe_weights(
         out.push((format!("{p}.mlp.shared_expert.gate_proj.weight"), vec![sh, d], g));
         out.push((format!("{p}.mlp.shared_expert.up_proj.weight"), vec![sh, d], u));
         out.push((format!("{p}.mlp.shared_expert.down_proj.weight"), vec![d, sh], dn));
-        if s.arch == "qwen2moe" {
+        if s.rules().shared_expert_gate {
             out.push((format!("{p}.mlp.shared_expert_gate.weight"), vec![1, d], r(d, 3.0 * ws)));
         }
     }
@@ -298,7 +308,7 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
         "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": s.rope_theta(),
         "tie_word_embeddings": s.tied, "torch_dtype": "float32",
     });
-    if let Some((window, pattern)) = s.sliding {
+    if let Some((window, pattern)) = s.sliding() {
         let types: Vec<&str> = (0..s.n_layers)
             .map(|i| if (i + 1) % pattern == 0 { "full_attention" } else { "sliding_attention" })
             .collect();
@@ -344,7 +354,15 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
         }))
         .unwrap(),
     )?;
-    let weights = synth_weights(s, v.tokens.len());
+    let mut weights = synth_weights(s, v.tokens.len());
+    if s.rules().hf_norm_plus_one {
+        // The family's HF checkpoints store norm weights as w, applied as 1 + w.
+        for (name, _, w) in &mut weights {
+            if arch::hf_tensor_name(name, s.arch).is_some_and(|n| arch::is_norm_weight(&n)) {
+                w.iter_mut().for_each(|x| *x -= 1.0);
+            }
+        }
+    }
     let per = weights.len().div_ceil(shards.max(1));
     for (i, chunk) in weights.chunks(per).enumerate() {
         let data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = chunk
@@ -491,7 +509,7 @@ impl GgufWriter {
     }
 }
 
-/// The same model as [`write_hf_dir`] as a GGUF file (`llama` arch: Q/K permuted; `qwen2`: as is).
+/// The same model as [`write_hf_dir`] as a GGUF file (Q/K rows permuted where the family's GGUF files are).
 pub fn write_gguf(s: &SynthSpec, path: &Path) -> Result<()> {
     gguf_writer(s)?.write(path)
 }
@@ -504,7 +522,8 @@ pub fn gguf_bytes(s: &SynthSpec) -> Result<Vec<u8>> {
 fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     let v = synth_vocab(s.vocab);
     let mut g = GgufWriter::new();
-    let a = s.arch.as_str();
+    let a = s.arch.name();
+    let rules = s.rules();
     g.str("general.architecture", a);
     g.str("general.name", &format!("sprig synthetic {a}"));
     g.u32(&format!("{a}.embedding_length"), s.dim as u32);
@@ -515,6 +534,13 @@ fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     g.u32(&format!("{a}.context_length"), 256);
     g.f32(&format!("{a}.attention.layer_norm_rms_epsilon"), 1e-6);
     g.f32(&format!("{a}.rope.freq_base"), s.rope_theta() as f32);
+    if let Some((window, every)) = s.sliding() {
+        g.u32(&format!("{a}.attention.sliding_window"), window as u32);
+        // The period only when it is not the family's own (as llama.cpp's converters write it).
+        if rules.sliding_every != Some(every) {
+            g.u32(&format!("{a}.attention.sliding_window_pattern"), every as u32);
+        }
+    }
     g.str("tokenizer.ggml.model", "gpt2");
     g.str("tokenizer.ggml.pre", "gpt-2");
     g.strs("tokenizer.ggml.tokens", &v.tokens);
@@ -540,17 +566,17 @@ fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     // Per-expert tensors are stacked into GGUF's 3-D [experts, rows, cols] tensors.
     let mut stacks: std::collections::BTreeMap<String, (Vec<usize>, Vec<Vec<f32>>)> = Default::default();
     for (name, shape, w) in synth_weights(s, v.tokens.len()) {
-        if let Some((stacked, _)) = crate::hf::map_expert_name(&name) {
+        if let Some((stacked, _)) = arch::hf_expert_tensor_name(&name) {
             let entry = stacks.entry(stacked).or_insert_with(|| (shape.clone(), Vec::new()));
             entry.1.push(w);
             continue;
         }
-        let native = crate::hf::map_name(&name, false).expect("synthetic names map");
+        let native = arch::hf_tensor_name(&name, s.arch).expect("synthetic names map");
         // GGUF keeps the shared-expert gate as a vector.
         let shape = if native.ends_with("ffn_gate_inp_shexp.weight") { vec![shape[1]] } else { shape };
-        let w = if a == "llama" && native.ends_with("attn_q.weight") {
+        let w = if rules.gguf_qk_permuted && native.ends_with("attn_q.weight") {
             permute_qk(&w, s.n_heads, shape[1])
-        } else if a == "llama" && native.ends_with("attn_k.weight") {
+        } else if rules.gguf_qk_permuted && native.ends_with("attn_k.weight") {
             permute_qk(&w, s.n_kv_heads, shape[1])
         } else {
             w

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 use sprig_import::gguf::GgufFile;
-use sprig_import::synth::{gguf_bytes, write_hf_dir, GgufWriter, HfDtype, SynthSpec};
+use sprig_import::synth::{Arch, gguf_bytes, write_hf_dir, GgufWriter, HfDtype, SynthSpec};
 use sprig_import::{llama2c, ImportOptions, QuantChoice};
 
 fn fixture(p: &str) -> PathBuf {
@@ -13,7 +13,7 @@ fn fixture(p: &str) -> PathBuf {
 }
 
 fn synth_gguf() -> Vec<u8> {
-    gguf_bytes(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny("llama") }).unwrap()
+    gguf_bytes(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny(Arch::Llama) }).unwrap()
 }
 
 fn gguf_err(b: Vec<u8>) -> String {
@@ -121,7 +121,7 @@ fn llama2c_bad_inputs() {
 fn hf_bad_inputs() {
     let dir = std::env::temp_dir().join(format!("sprig-bad-hf-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    write_hf_dir(&SynthSpec::tiny("llama"), &dir, HfDtype::F32, 1).unwrap();
+    write_hf_dir(&SynthSpec::tiny(Arch::Llama), &dir, HfDtype::F32, 1).unwrap();
     let imp = || {
         sprig_import::hf::import(&dir, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {})
             .err()
@@ -146,7 +146,7 @@ fn hf_bad_inputs() {
 #[test]
 fn mutation_fuzz_parsers() {
     let gguf = synth_gguf();
-    let moe = gguf_bytes(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny_moe("qwen2moe") }).unwrap();
+    let moe = gguf_bytes(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny_moe(Arch::Qwen2Moe) }).unwrap();
     let model = std::fs::read(fixture("stories260K/stories260K.bin")).unwrap();
     let tok = std::fs::read(fixture("stories260K/tok512.bin")).unwrap();
     let imported = llama2c::import_bytes(&model, &tok, &ImportOptions::quant(QuantChoice::Q4), &mut |_, _| {}).unwrap();

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sprig_backend::{Activation, AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeParams};
-use sprig_format::{AttentionKind, ModelConfig, ModelFile};
+use sprig_format::{AttentionKind, ModelConfig, ModelFile, QkNorm};
 
 use crate::{ModelError, Result};
 
@@ -16,7 +16,7 @@ struct Layer<B: Backend> {
     wo: B::Weight,
     /// Qwen2-style QKV biases.
     bias: Option<[B::Weight; 3]>,
-    /// Gemma 3 per-head QK RMSNorm.
+    /// RMSNorm of Q and K (per head or over the projection, as the family's rules say).
     qk_norm: Option<[B::Weight; 2]>,
     post_attn_norm: Option<B::Weight>,
     ffn_norm: B::Weight,
@@ -35,11 +35,18 @@ struct Glu<B: Backend> {
 
 impl<B: Backend> Glu<B> {
     /// `out = down(act(gate · x) * (up · x))`; `scratch` receives gate, up and the hidden activations.
-    fn run(&self, b: &B, act: Activation, x: &B::Tensor, scratch: [&mut B::Tensor; 3], out: &mut B::Tensor) {
+    fn run(
+        &self,
+        b: &B,
+        act: Activation,
+        x: &B::Tensor,
+        scratch: [&mut B::Tensor; 3],
+        out: &mut B::Tensor,
+    ) -> sprig_backend::Result<()> {
         let [gate, up, hid] = scratch;
-        b.linear_many(x, &[(&self.gate, None), (&self.up, None)], &mut [&mut *gate, &mut *up]);
-        b.glu(gate, up, act, hid);
-        b.linear(hid, &self.down, None, out);
+        b.linear_many(x, &[(&self.gate, None), (&self.up, None)], &mut [&mut *gate, &mut *up])?;
+        b.glu(gate, up, act, hid)?;
+        b.linear(hid, &self.down, None, out)
     }
 }
 
@@ -66,13 +73,12 @@ fn residual<B: Backend>(
     y: &B::Tensor,
     post_norm: Option<&B::Weight>,
     eps: f32,
-    add_one: bool,
     scratch: &mut B::Tensor,
-) {
+) -> sprig_backend::Result<()> {
     match post_norm {
         Some(n) => {
-            b.rms_norm(y, n, eps, add_one, scratch);
-            b.add(x, scratch);
+            b.rms_norm(y, n, eps, scratch)?;
+            b.add(x, scratch)
         }
         None => b.add(x, y),
     }
@@ -102,23 +108,40 @@ pub enum Logits {
     All,
 }
 
-/// Per-sequence run state: position, KV cache and reused activation buffers.
+/// Per-sequence run state: position, KV cache and reused activation buffers (llama2.c's `RunState`). `T` is
+/// the number of tokens of the current forward pass (1 when decoding); buffers only grow.
 pub struct State<B: Backend> {
+    /// Positions already in the KV cache (the next token's position).
     pub pos: usize,
+    /// Positions the KV cache can hold.
     pub max_context: usize,
+    /// Per layer: keys and values, `[capacity, kv_dim]` each (a ring of `window` entries on sliding layers).
     kv: B::KvCache,
+    /// Residual stream `[T, dim]`.
     x: B::Tensor,
+    /// Normalised residual `[T, dim]` (the input of the next linears).
     xn: B::Tensor,
+    /// Queries `[T, n_heads * head_dim]`.
     q: B::Tensor,
+    /// New keys `[T, n_kv_heads * head_dim]`.
     k: B::Tensor,
+    /// New values `[T, n_kv_heads * head_dim]`.
     v: B::Tensor,
+    /// Attention output `[T, n_heads * head_dim]` (also scratch for the QK norms).
     att: B::Tensor,
+    /// Output of a block's last projection `[T, dim]`.
     proj: B::Tensor,
+    /// FFN gate projection `[T, hidden]`.
     gate: B::Tensor,
+    /// FFN up projection `[T, hidden]`.
     up: B::Tensor,
+    /// FFN hidden activations `act(gate) * up`, `[T, hidden]`.
     hid: B::Tensor,
+    /// MoE router logits `[T, n_experts]` (also the shared-expert gate `[T, 1]`).
     router: B::Tensor,
+    /// Shared-expert output `[T, dim]`.
     shared: B::Tensor,
+    /// The last row of `x`, `[1, dim]` (logits of the last token only).
     last: B::Tensor,
     /// Logits of the last forward pass: `[1 or T, vocab]`.
     pub logits: B::Tensor,
@@ -161,12 +184,12 @@ impl<B: Backend> Model<B> {
                 Some(bq) => Some([bq, load(&n("attn_k.bias"), 1, kvd)?, load(&n("attn_v.bias"), 1, kvd)?]),
                 None => None,
             };
-            // Per-head QK norm (Gemma 3, Qwen3) or over the whole projection (OLMoE).
+            // QK norm where the family has one: per head, or over the whole projection.
             let (qn, kn) = (n("attn_q_norm.weight"), n("attn_k_norm.weight"));
-            let qk_norm = match file.entry(&qn).map(|e| e.numel()) {
-                None => None,
-                Some(w) if w == qd && qd != hd => Some([load(&qn, 1, qd)?, load(&kn, 1, kvd)?]),
-                Some(_) => Some([load(&qn, 1, hd)?, load(&kn, 1, hd)?]),
+            let qk_norm = match c.arch.rules().qk_norm {
+                QkNorm::None => None,
+                QkNorm::PerHead => Some([load(&qn, 1, hd)?, load(&kn, 1, hd)?]),
+                QkNorm::Whole => Some([load(&qn, 1, qd)?, load(&kn, 1, kvd)?]),
             };
             let glu = |prefix: &str, suffix: &str, hidden: usize| -> Result<Glu<B>> {
                 Ok(Glu {
@@ -296,7 +319,7 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let b = &*self.backend;
         if tokens.is_empty() {
-            return Err(ModelError::Invalid("forward called with no tokens".into()));
+            return Err(ModelError::NoTokens);
         }
         if st.pos + tokens.len() > st.max_context {
             return Err(ModelError::ContextOverflow { pos: st.pos, new: tokens.len(), ctx: st.max_context });
@@ -304,72 +327,72 @@ impl<B: Backend> Model<B> {
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(ModelError::BadToken { id, vocab: c.vocab_size });
         }
-        let (eps, one) = (c.norm_eps, c.norm_add_one);
-        b.embed(&self.embd, tokens, c.embedding_scale.unwrap_or(1.0), &mut st.x);
+        let eps = c.norm_eps;
+        b.embed(&self.embd, tokens, c.embedding_scale.unwrap_or(1.0), &mut st.x)?;
         for (li, l) in self.layers.iter().enumerate() {
             // Attention block.
-            b.rms_norm(&st.x, &l.attn_norm, eps, one, &mut st.xn);
+            b.rms_norm(&st.x, &l.attn_norm, eps, &mut st.xn)?;
             show(b, &st.xn, li, &["attn_q", "attn_k", "attn_v"])?;
             let bias = |i: usize| l.bias.as_ref().map(|x| &x[i]);
             b.linear_many(
                 &st.xn,
                 &[(&l.wq, bias(0)), (&l.wk, bias(1)), (&l.wv, bias(2))],
                 &mut [&mut st.q, &mut st.k, &mut st.v],
-            );
+            )?;
             if let Some([qn, kn]) = &l.qk_norm {
-                b.rms_norm(&st.q, qn, eps, one, &mut st.att);
+                b.rms_norm(&st.q, qn, eps, &mut st.att)?;
                 std::mem::swap(&mut st.q, &mut st.att);
-                b.rms_norm(&st.k, kn, eps, one, &mut st.att);
+                b.rms_norm(&st.k, kn, eps, &mut st.att)?;
                 std::mem::swap(&mut st.k, &mut st.att);
             }
-            b.rope(&mut st.q, st.pos, &RopeParams { n_heads: c.n_heads, ..l.rope.clone() });
-            b.rope(&mut st.k, st.pos, &RopeParams { n_heads: c.n_kv_heads, ..l.rope.clone() });
-            b.attention(&st.q, &st.k, &st.v, &mut st.kv, li, st.pos, &l.attn, &mut st.att);
+            b.rope(&mut st.q, st.pos, &RopeParams { n_heads: c.n_heads, ..l.rope.clone() })?;
+            b.rope(&mut st.k, st.pos, &RopeParams { n_heads: c.n_kv_heads, ..l.rope.clone() })?;
+            b.attention(&st.q, &st.k, &st.v, &mut st.kv, li, st.pos, &l.attn, &mut st.att)?;
             show(b, &st.att, li, &["attn_output"])?;
-            b.linear(&st.att, &l.wo, None, &mut st.proj);
-            residual(b, &mut st.x, &st.proj, l.post_attn_norm.as_ref(), eps, one, &mut st.xn);
+            b.linear(&st.att, &l.wo, None, &mut st.proj)?;
+            residual(b, &mut st.x, &st.proj, l.post_attn_norm.as_ref(), eps, &mut st.xn)?;
             // Feed-forward block.
-            b.rms_norm(&st.x, &l.ffn_norm, eps, one, &mut st.xn);
+            b.rms_norm(&st.x, &l.ffn_norm, eps, &mut st.xn)?;
             match &l.ffn {
                 Ffn::Dense(f) => {
                     show(b, &st.xn, li, &["ffn_gate", "ffn_up"])?;
-                    f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.proj);
+                    f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.proj)?;
                     show(b, &st.hid, li, &["ffn_down"])?;
                 }
                 Ffn::Moe { router, gate, up, down, shared, params } => {
                     show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"])?;
-                    b.linear(&st.xn, router, None, &mut st.router);
+                    b.linear(&st.xn, router, None, &mut st.router)?;
                     let experts = ExpertWeights { gate, up, down };
                     let moe_state = st.moe[li]
                         .as_mut()
-                        .ok_or_else(|| ModelError::Invalid(format!("layer {li}: a state from another model")))?;
-                    b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, moe_state);
+                        .ok_or(ModelError::ForeignState { layer: li })?;
+                    b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, moe_state)?;
                     if let Some((f, gate_inp)) = shared {
                         show(b, &st.xn, li, &["ffn_gate_shexp", "ffn_up_shexp"])?;
-                        f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.shared);
+                        f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.shared)?;
                         show(b, &st.hid, li, &["ffn_down_shexp"])?;
                         if let Some(g) = gate_inp {
-                            b.linear(&st.xn, g, None, &mut st.router);
-                            b.sigmoid_gate(&mut st.shared, &st.router);
+                            b.linear(&st.xn, g, None, &mut st.router)?;
+                            b.sigmoid_gate(&mut st.shared, &mut st.router)?;
                         }
-                        b.add(&mut st.proj, &st.shared);
+                        b.add(&mut st.proj, &st.shared)?;
                     }
                 }
             }
-            residual(b, &mut st.x, &st.proj, l.post_ffn_norm.as_ref(), eps, one, &mut st.xn);
+            residual(b, &mut st.x, &st.proj, l.post_ffn_norm.as_ref(), eps, &mut st.xn)?;
         }
         st.pos += tokens.len();
         let head_in = match mode {
             Logits::Last => {
-                b.rows(&st.x, tokens.len() - 1, 1, &mut st.last);
+                b.rows(&st.x, tokens.len() - 1, 1, &mut st.last)?;
                 &st.last
             }
             Logits::All => &st.x,
         };
-        b.rms_norm(head_in, &self.output_norm, eps, one, &mut st.xn);
-        b.linear(&st.xn, self.output.as_ref().unwrap_or(&self.embd), None, &mut st.logits);
+        b.rms_norm(head_in, &self.output_norm, eps, &mut st.xn)?;
+        b.linear(&st.xn, self.output.as_ref().unwrap_or(&self.embd), None, &mut st.logits)?;
         if let Some(cap) = c.final_logit_softcap {
-            b.softcap(&mut st.logits, cap);
+            b.softcap(&mut st.logits, cap)?;
         }
         Ok(())
     }

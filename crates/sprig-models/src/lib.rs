@@ -1,7 +1,16 @@
-//! Model families, each written once against [`sprig_backend::Backend`].
+//! The model, written once against [`sprig_backend::Backend`].
 //!
-//! - [`decoder`]: the decoder-only transformer family: Llama (llama2.c, SmolLM2), Qwen2 (QKV bias), Gemma 3
-//!   (QK-norm, GeGLU, embedding scaling, pre/post norms, local/global RoPE bases, sliding-window layers).
+//! [`decoder`] is the one decoder-only transformer every family runs on; what sets a family apart is a flag of
+//! its config or a rule of the rule book ([`sprig_format::arch`]), never a copy of the model:
+//! - `llama`: Llama, llama2.c checkpoints, SmolLM2, Mistral; with experts, Mixtral.
+//! - `qwen2`: QKV biases (Qwen2.5, Qwen2.5-Coder).
+//! - `qwen3`: per-head QK norm.
+//! - `gemma3`: per-head QK norm, GeGLU, embeddings scaled by sqrt(dim), pre- and post-norms, sliding-window
+//!   layers with their own RoPE base, final logit soft-capping.
+//! - `qwen2moe`: routed experts plus a sigmoid-gated shared expert, QKV biases.
+//! - `qwen3moe`: routed experts, per-head QK norm.
+//! - `olmoe`: routed experts, QK norm over the whole projection.
+#![forbid(unsafe_code)]
 
 pub mod decoder;
 
@@ -11,16 +20,16 @@ pub use decoder::{Logits, Model, State};
 pub enum ModelError {
     #[error(transparent)]
     Backend(#[from] sprig_backend::BackendError),
-    #[error(transparent)]
-    Format(#[from] sprig_format::FormatError),
     #[error("tensor `{tensor}` has shape {got:?}, the config implies {expected:?}")]
     Shape { tensor: String, got: (usize, usize), expected: (usize, usize) },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     BadToken { id: u32, vocab: usize },
     #[error("context overflow: {pos} tokens cached + {new} new exceeds the context length {ctx}")]
     ContextOverflow { pos: usize, new: usize, ctx: usize },
-    #[error("{0}")]
-    Invalid(String),
+    #[error("a forward pass needs at least one token")]
+    NoTokens,
+    #[error("layer {layer}: the state was made for another model")]
+    ForeignState { layer: usize },
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;

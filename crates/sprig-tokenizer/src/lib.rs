@@ -8,6 +8,7 @@
 //!
 //! Decoding goes through per-token byte strings so that a streamed UTF-8 character split across tokens (byte
 //! fallback, byte-level BPE) is emitted only once complete ([`StreamDecoder`]).
+#![forbid(unsafe_code)]
 
 pub mod hf;
 pub mod spm;

@@ -223,6 +223,8 @@ pub fn moe_linear_kernel(
 /// renormalisation and scale — the same rules as `sprig_backend::moe::route`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
+// `x != x` is the NaN test inside a cube kernel.
+#[allow(clippy::eq_op)]
 pub fn moe_route_kernel(
     logits: &[f32],
     scores: &mut [f32],
@@ -361,7 +363,7 @@ pub fn embed_kernel(
 
 /// RMSNorm of each group of `g` elements (a row, or a head of a row): one cube per group.
 #[cube(launch)]
-pub fn rms_norm_kernel(x: &[f32], w: &[f32], out: &mut [f32], groups: usize, g: usize, eps: f32, add_one: u32) {
+pub fn rms_norm_kernel(x: &[f32], w: &[f32], out: &mut [f32], groups: usize, g: usize, eps: f32) {
     let grp = cube_index();
     let lane = UNIT_POS as usize;
     let mut sm = Shared::<[f32]>::new_slice(REDUCE_THREADS);
@@ -389,11 +391,7 @@ pub fn rms_norm_kernel(x: &[f32], w: &[f32], out: &mut [f32], groups: usize, g: 
         let inv = 1.0f32 / (sm[0] / f32::cast_from(g) + eps).sqrt();
         let mut c = lane;
         while c < g {
-            let mut wc = w[c];
-            if add_one == 1u32 {
-                wc += 1.0f32;
-            }
-            out[base + c] = x[base + c] * inv * wc;
+            out[base + c] = x[base + c] * inv * w[c];
             c += REDUCE_THREADS;
         }
     }
@@ -599,20 +597,36 @@ pub fn add_kernel(x: &mut [f32], y: &[f32], n: usize) {
     }
 }
 
+/// `x *= y`, `y` of `x`'s shape (`ycols = cols`) or one factor per row (`ycols = 1`).
 #[cube(launch)]
-pub fn softcap_kernel(x: &mut [f32], n: usize, cap: f32) {
+pub fn mul_kernel(x: &mut [f32], y: &[f32], n: usize, cols: usize, ycols: usize) {
     let i = job_index(ELEMWISE_THREADS);
     if i < n {
-        x[i] = cap * (x[i] / cap).tanh();
+        let mut j = i;
+        if ycols == 1 {
+            j = i / cols;
+        }
+        x[i] *= y[j];
     }
 }
 
+/// `x = f(x)`; `op` as [`sprig_backend::Unary`]: 0 scale by `s`, 1 tanh, 2 sigmoid, 3 SiLU, 4 GELU (tanh).
 #[cube(launch)]
-pub fn sigmoid_gate_kernel(x: &mut [f32], g: &[f32], n: usize, cols: usize) {
+pub fn map_kernel(x: &mut [f32], n: usize, s: f32, #[comptime] op: u32) {
     let i = job_index(ELEMWISE_THREADS);
     if i < n {
-        let gv = g[i / cols];
-        x[i] = x[i] / (1.0f32 + (-gv).exp());
+        let v = x[i];
+        let mut y = 0.0f32;
+        if comptime![op == 0] {
+            y += v * s;
+        } else if comptime![op == 1] {
+            y += v.tanh();
+        } else if comptime![op == 2] {
+            y += 1.0f32 / (1.0f32 + (-v).exp());
+        } else {
+            y += activate(v, comptime![op == 4]);
+        }
+        x[i] = y;
     }
 }
 

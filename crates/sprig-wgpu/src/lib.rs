@@ -7,6 +7,7 @@
 //!
 //! burn-wgpu is used without burn's fusion and autotune: every op here is one hand-written kernel, so those
 //! would only add build time.
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod kernels;
 
@@ -19,22 +20,15 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use cubecl_runtime::runtime::Runtime;
 use sprig_backend::{
-    Activation, AttentionParams, Backend, BackendError, ExpertWeights, KvLayout, MoeParams, MoeUsage, Result,
-    RopeLayout, RopeParams, RouterScoring,
+    ensure_shape, Activation, AttentionParams, Backend, BackendError, ExpertWeights, KvLayout, MoeParams, MoeUsage,
+    Result, RopeLayout, RopeParams, RouterScoring, Unary,
 };
 use sprig_format::{ModelFile, WeightView};
 use sprig_quant::Scheme;
 
 use kernels::*;
 
-/// One GPU adapter as wgpu reports it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AdapterInfo {
-    pub name: String,
-    pub backend: String,
-    pub device_type: String,
-    pub driver: String,
-}
+pub use sprig_backend::AdapterInfo;
 
 /// Lists the adapters wgpu can reach (empty when there is no GPU and no software Vulkan driver).
 pub fn adapters() -> Vec<AdapterInfo> {
@@ -75,7 +69,7 @@ fn default_device() -> Result<(WgpuDevice, String, bool)> {
             Ok((device, format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type), software))
         })
         .clone()
-        .map_err(BackendError::Device)
+        .map_err(BackendError::DeviceUnavailable)
 }
 
 pub struct WgpuBackend {
@@ -265,7 +259,11 @@ impl WgpuBackend {
     /// Reads a buffer back and hands its bytes to `f` (no copy beyond the transfer).
     fn read<R>(&self, h: Handle, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
         self.host_reads.fetch_add(1, Ordering::Relaxed);
-        let bytes = self.client.read_one(h).map_err(|e| BackendError::Device(format!("GPU read failed: {e:?}")))?;
+        // A kernel that failed earlier (compile, binding, device fault) is reported by the read of its results.
+        let bytes = self
+            .client
+            .read_one(h)
+            .map_err(|e| BackendError::DeviceFailed { op: "read", message: format!("{e:?}") })?;
         Ok(f(&bytes))
     }
 
@@ -395,7 +393,7 @@ impl Backend for WgpuBackend {
             _ => (Kind::F32, 4 * cols),
         };
         if rows == 0 || cols == 0 {
-            return Err(BackendError::Shape(format!("{name}: empty weight ({rows}x{cols})")));
+            return Err(BackendError::Shape { op: "load_weight", detail: format!("{name}: empty weight ({rows}x{cols})") });
         }
         let per_chunk = (self.max_chunk_bytes / row_bytes).max(1);
         let mut chunks = Vec::new();
@@ -406,10 +404,10 @@ impl Backend for WgpuBackend {
             let chunk = match part {
                 WeightView::Quant(q) => {
                     if q.qs().len() % 4 != 0 {
-                        return Err(BackendError::Shape(format!(
-                            "{name}: code plane of {} bytes is not whole words",
-                            q.qs().len()
-                        )));
+                        return Err(BackendError::Shape {
+                            op: "load_weight",
+                            detail: format!("{name}: code plane of {} bytes is not whole words", q.qs().len()),
+                        });
                     }
                     let words: Vec<u32> =
                         q.qs().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
@@ -441,12 +439,13 @@ impl Backend for WgpuBackend {
     fn shape(&self, t: &GpuTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
-    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut GpuTensor) {
-        assert_eq!(data.len(), rows * cols, "upload: {} values for a {rows}x{cols} tensor", data.len());
+    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut GpuTensor) -> Result<()> {
+        ensure_shape!(data.len() == rows * cols, "upload", "{} values for a {rows}x{cols} tensor", data.len());
         t.handle = Some(self.upload_slice(data));
         t.rows = rows;
         t.cols = cols;
         t.capacity = data.len().max(1);
+        Ok(())
     }
     fn download(&self, t: &GpuTensor, out: &mut Vec<f32>) -> Result<()> {
         out.clear();
@@ -455,15 +454,16 @@ impl Backend for WgpuBackend {
         }
         self.read(t.h(), |bytes| out.extend_from_slice(&bytemuck::cast_slice::<u8, f32>(bytes)[..t.len()]))
     }
-    fn rows(&self, x: &GpuTensor, start: usize, n: usize, out: &mut GpuTensor) {
-        assert!(start + n <= x.rows, "rows {start}..{} of {}", start + n, x.rows);
+    fn rows(&self, x: &GpuTensor, start: usize, n: usize, out: &mut GpuTensor) -> Result<()> {
+        ensure_shape!(start + n <= x.rows, "rows", "rows {start}..{} of {}", start + n, x.rows);
         self.alloc(out, n, x.cols);
         let len = n * x.cols;
         let (count, dim) = elementwise(len);
         copy_kernel::launch(&self.client, count, dim, arg(&x.h(), x.len()), arg(&out.h(), len), start * x.cols, len);
+        Ok(())
     }
 
-    fn embed(&self, table: &GpuWeight, tokens: &[u32], scale: f32, out: &mut GpuTensor) {
+    fn embed(&self, table: &GpuWeight, tokens: &[u32], scale: f32, out: &mut GpuTensor) -> Result<()> {
         let cols = table.cols;
         self.alloc(out, tokens.len(), cols);
         let ids = self.upload_slice(tokens);
@@ -491,12 +491,13 @@ impl Backend for WgpuBackend {
                 has_min,
             );
         }
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &GpuTensor, w: &GpuWeight, eps: f32, add_one: bool, out: &mut GpuTensor) {
+    fn rms_norm(&self, x: &GpuTensor, w: &GpuWeight, eps: f32, out: &mut GpuTensor) -> Result<()> {
         let g = w.cols;
-        assert!(g > 0 && x.cols % g == 0, "rms_norm: width {} is not a multiple of {g}", x.cols);
-        assert_eq!(w.kind, Kind::F32, "rms_norm: norm weights are float");
+        ensure_shape!(g > 0 && x.cols % g == 0, "rms_norm", "width {} is not a multiple of {g}", x.cols);
+        ensure_shape!(w.kind == Kind::F32, "rms_norm", "norm weights must be float");
         self.alloc(out, x.rows, x.cols);
         let groups = x.len() / g;
         let (count, dim) = grid(groups, CubeDim::new_1d(REDUCE_THREADS as u32));
@@ -510,12 +511,12 @@ impl Backend for WgpuBackend {
             groups,
             g,
             eps,
-            add_one as u32,
         );
+        Ok(())
     }
 
-    fn linear(&self, x: &GpuTensor, w: &GpuWeight, bias: Option<&GpuWeight>, out: &mut GpuTensor) {
-        assert_eq!(x.cols, w.cols, "linear: input width {} vs weight {}x{}", x.cols, w.rows, w.cols);
+    fn linear(&self, x: &GpuTensor, w: &GpuWeight, bias: Option<&GpuWeight>, out: &mut GpuTensor) -> Result<()> {
+        ensure_shape!(x.cols == w.cols, "linear", "input width {} vs weight {}x{}", x.cols, w.rows, w.cols);
         let t = x.rows;
         self.alloc(out, t, w.rows);
         let (kind, has_min) = w.kernel_kind();
@@ -548,10 +549,11 @@ impl Backend for WgpuBackend {
                 tile,
             );
         }
+        Ok(())
     }
 
-    fn rope(&self, x: &mut GpuTensor, pos0: usize, p: &RopeParams) {
-        assert_eq!(x.cols, p.n_heads * p.head_dim, "rope: width");
+    fn rope(&self, x: &mut GpuTensor, pos0: usize, p: &RopeParams) -> Result<()> {
+        ensure_shape!(x.cols == p.n_heads * p.head_dim, "rope", "width {} for {} heads", x.cols, p.n_heads);
         let (cos, sin, len) = self.rope_table(p, pos0 + x.rows);
         let n = x.rows * p.n_heads * (p.head_dim / 2);
         let (count, dim) = elementwise(n);
@@ -568,6 +570,7 @@ impl Backend for WgpuBackend {
             pos0,
             p.layout == RopeLayout::Adjacent,
         );
+        Ok(())
     }
 
     fn attention(
@@ -580,11 +583,20 @@ impl Backend for WgpuBackend {
         pos0: usize,
         p: &AttentionParams,
         out: &mut GpuTensor,
-    ) {
+    ) -> Result<()> {
         let t = q.rows;
         let hd = p.head_dim;
         let (qd, kvd) = (p.n_heads * hd, p.n_kv_heads * hd);
-        assert_eq!((q.cols, k.cols, v.cols, cache.kv_dim), (qd, kvd, kvd, kvd), "attention: widths");
+        ensure_shape!(
+            (q.cols, k.cols, v.cols, cache.kv_dim) == (qd, kvd, kvd, kvd),
+            "attention",
+            "widths q {} k {} v {} cache {} for {qd}/{kvd}",
+            q.cols,
+            k.cols,
+            v.cols,
+            cache.kv_dim
+        );
+        ensure_shape!(layer < cache.layers.len(), "attention", "layer {layer} of a {}-layer cache", cache.layers.len());
         let (kc, vc, cap) = cache.layers[layer].clone();
         self.alloc(out, t, qd);
         let (count, dim) = grid(t * p.n_heads, CubeDim::new_1d(REDUCE_THREADS as u32));
@@ -625,10 +637,12 @@ impl Backend for WgpuBackend {
             pos0,
             cap,
         );
+        Ok(())
     }
 
-    fn glu(&self, gate: &GpuTensor, up: &GpuTensor, act: Activation, out: &mut GpuTensor) {
-        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "glu: shapes");
+    /// Fused (one kernel instead of the default's three).
+    fn glu(&self, gate: &GpuTensor, up: &GpuTensor, act: Activation, out: &mut GpuTensor) -> Result<()> {
+        ensure_shape!((gate.rows, gate.cols) == (up.rows, up.cols), "glu", "gate and up differ in shape");
         self.alloc(out, gate.rows, gate.cols);
         let n = gate.len();
         let (count, dim) = elementwise(n);
@@ -642,26 +656,38 @@ impl Backend for WgpuBackend {
             n,
             act == Activation::GeluTanh,
         );
+        Ok(())
     }
 
-    fn add(&self, x: &mut GpuTensor, y: &GpuTensor) {
-        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes");
+    fn add(&self, x: &mut GpuTensor, y: &GpuTensor) -> Result<()> {
+        ensure_shape!((x.rows, x.cols) == (y.rows, y.cols), "add", "{}x{} + {}x{}", x.rows, x.cols, y.rows, y.cols);
         let n = x.len();
         let (count, dim) = elementwise(n);
         add_kernel::launch(&self.client, count, dim, arg(&x.h(), n), arg(&y.h(), n), n);
+        Ok(())
     }
 
-    fn softcap(&self, x: &mut GpuTensor, cap: f32) {
+    fn mul(&self, x: &mut GpuTensor, y: &GpuTensor) -> Result<()> {
+        let (r, c) = (x.rows, x.cols);
+        ensure_shape!(y.rows == r && (y.cols == c || y.cols == 1), "mul", "{r}x{c} * {}x{}", y.rows, y.cols);
         let n = x.len();
         let (count, dim) = elementwise(n);
-        softcap_kernel::launch(&self.client, count, dim, arg(&x.h(), n), n, cap);
+        mul_kernel::launch(&self.client, count, dim, arg(&x.h(), n), arg(&y.h(), y.len()), n, c.max(1), y.cols);
+        Ok(())
     }
 
-    fn sigmoid_gate(&self, x: &mut GpuTensor, g: &GpuTensor) {
-        assert_eq!((g.rows, g.cols), (x.rows, 1), "sigmoid_gate: gate shape");
+    fn map(&self, x: &mut GpuTensor, f: Unary) -> Result<()> {
+        let (op, s) = match f {
+            Unary::Scale(s) => (0, s),
+            Unary::Tanh => (1, 0.0),
+            Unary::Sigmoid => (2, 0.0),
+            Unary::Act(Activation::Silu) => (3, 0.0),
+            Unary::Act(Activation::GeluTanh) => (4, 0.0),
+        };
         let n = x.len();
         let (count, dim) = elementwise(n);
-        sigmoid_gate_kernel::launch(&self.client, count, dim, arg(&x.h(), n), arg(&g.h(), g.len()), n, x.cols);
+        map_kernel::launch(&self.client, count, dim, arg(&x.h(), n), n, s, op);
+        Ok(())
     }
 
     /// Routing, the gathered expert GLU, the weighted combine and the usage counters all run on the device:
@@ -674,11 +700,11 @@ impl Backend for WgpuBackend {
         p: &MoeParams,
         out: &mut GpuTensor,
         st: &mut GpuMoeState,
-    ) {
+    ) -> Result<()> {
         let (t, d) = (x.rows, x.cols);
         let (ne, k) = (p.n_experts, p.top_k.min(p.n_experts));
-        assert_eq!((router_logits.rows, router_logits.cols), (t, ne), "moe: router logits");
-        assert_eq!(st.n_experts, ne, "moe: a state made for {} experts", st.n_experts);
+        ensure_shape!((router_logits.rows, router_logits.cols) == (t, ne), "moe", "router logits for {ne} experts");
+        ensure_shape!(st.n_experts == ne, "moe", "a state made for {} experts", st.n_experts);
         let scores = self.scratch(&mut st.scores, t * ne);
         let idx = self.scratch(&mut st.idx, t * k);
         let wts = self.scratch(&mut st.wts, t * k);
@@ -703,7 +729,7 @@ impl Backend for WgpuBackend {
         let [g, u, h, y] = &mut st.hidden;
         self.gathered_linear(x, &idx, experts.gate, ne, t * k, k, g);
         self.gathered_linear(x, &idx, experts.up, ne, t * k, k, u);
-        self.glu(g, u, p.activation, h);
+        self.glu(g, u, p.activation, h)?;
         self.gathered_linear(h, &idx, experts.down, ne, t * k, 1, y);
         self.alloc(out, t, d);
         let (count, dim) = elementwise(t * d);
@@ -718,8 +744,13 @@ impl Backend for WgpuBackend {
             d,
             k,
         );
-        st.expert_bytes =
-            (experts.gate.file_bytes + experts.up.file_bytes + experts.down.file_bytes) as u64 / ne as u64;
+        st.expert_bytes = sprig_backend::moe::expert_bytes(
+            experts.gate.file_bytes,
+            experts.up.file_bytes,
+            experts.down.file_bytes,
+            ne,
+        );
+        Ok(())
     }
 
     fn moe_state(&self, p: &MoeParams) -> Result<GpuMoeState> {
@@ -748,11 +779,15 @@ impl Backend for WgpuBackend {
         for l in 0..layout.windows.len() {
             let bytes = 4 * layout.layer_capacity(l).max(1) * layout.kv_dim.max(1);
             if bytes > self.max_buffer_bytes {
-                return Err(BackendError::Device(format!(
-                    "a KV cache of {} tokens needs {bytes}-byte buffers per layer, more than the device's largest \
-                     buffer ({} bytes); use a smaller context",
-                    layout.max_context, self.max_buffer_bytes
-                )));
+                return Err(BackendError::OutOfMemory {
+                    what: format!(
+                        "one layer's buffer of a KV cache of {} tokens (the device's largest buffer; use a smaller \
+                         context)",
+                        layout.max_context
+                    ),
+                    needed: bytes as u64,
+                    available: self.max_buffer_bytes as u64,
+                });
             }
         }
         let layers = (0..layout.windows.len())

@@ -175,12 +175,11 @@ multiversion! {
     }
 }
 
-pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, add_one: bool, out: &mut [f32]) {
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let ss: f32 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (ss + eps).sqrt();
-    let off = if add_one { 1.0 } else { 0.0 };
     for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
-        *o = v * inv * (w + off);
+        *o = v * inv * w;
     }
 }
 
@@ -207,13 +206,7 @@ pub fn rope_row(row: &mut [f32], pos: f32, p: &RopeParams) {
 
 #[inline]
 pub fn activation(x: f32, act: Activation) -> f32 {
-    match act {
-        Activation::Silu => x / (1.0 + (-x).exp()),
-        Activation::GeluTanh => {
-            const C: f32 = 0.797_884_6; // sqrt(2/pi)
-            0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh())
-        }
-    }
+    crate::Unary::Act(act).apply(x)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use sprig_quant::kernels::{self, Isa};
 use sprig_quant::{QMatrix, QuantizedActivations};
 
 use crate::moe::{self, ExpertWeights, MoeParams, MoeUsage};
-use crate::{Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeParams};
+use crate::{ensure_shape, Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeParams, Unary};
 use select::{KernelPlan, KernelSelection, PlanSource};
 
 pub struct CpuBackend {
@@ -28,13 +28,13 @@ impl CpuBackend {
     /// `threads = 0` means one per physical core. The kernels are the best ISA by name (or `SPRIG_CPU`'s)
     /// until [`CpuBackend::measure_kernels`] or [`CpuBackend::use_kernels`] picks them per shape class.
     pub fn new(threads: usize) -> Result<Self> {
-        let isa = Isa::detect().map_err(BackendError::Device)?;
+        let isa = Isa::detect().map_err(BackendError::DeviceUnavailable)?;
         let threads = if threads == 0 { physical_cores() } else { threads };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("sprig-cpu-{i}"))
             .build()
-            .map_err(|e| BackendError::Device(e.to_string()))?;
+            .map_err(|e| BackendError::DeviceUnavailable(format!("no CPU thread pool: {e}")))?;
         let plan = KernelPlan::uniform(isa, threads);
         let source = match std::env::var("SPRIG_CPU") {
             Ok(name) if !name.is_empty() => PlanSource::Forced(name),
@@ -338,21 +338,24 @@ impl Backend for CpuBackend {
     fn shape(&self, t: &CpuTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
-    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut CpuTensor) {
-        assert_eq!(data.len(), rows * cols);
+    fn upload(&self, data: &[f32], rows: usize, cols: usize, t: &mut CpuTensor) -> Result<()> {
+        ensure_shape!(data.len() == rows * cols, "upload", "{} values for a {rows}x{cols} tensor", data.len());
         t.reshape(rows, cols).copy_from_slice(data);
+        Ok(())
     }
     fn download(&self, t: &CpuTensor, out: &mut Vec<f32>) -> Result<()> {
         out.clear();
         out.extend_from_slice(&t.data);
         Ok(())
     }
-    fn rows(&self, x: &CpuTensor, start: usize, n: usize, out: &mut CpuTensor) {
+    fn rows(&self, x: &CpuTensor, start: usize, n: usize, out: &mut CpuTensor) -> Result<()> {
+        ensure_shape!(start + n <= x.rows, "rows", "rows {start}..{} of {}", start + n, x.rows);
         let c = x.cols;
         out.reshape(n, c).copy_from_slice(&x.data[start * c..(start + n) * c]);
+        Ok(())
     }
 
-    fn embed(&self, table: &CpuWeight, tokens: &[u32], scale: f32, out: &mut CpuTensor) {
+    fn embed(&self, table: &CpuWeight, tokens: &[u32], scale: f32, out: &mut CpuTensor) -> Result<()> {
         let v = table.view();
         let c = table.cols;
         let o = out.reshape(tokens.len(), c);
@@ -363,40 +366,44 @@ impl Backend for CpuBackend {
                 row.iter_mut().for_each(|x| *x *= scale);
             }
         }
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, add_one: bool, out: &mut CpuTensor) {
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, out: &mut CpuTensor) -> Result<()> {
         let w = w.vector();
         let (rows, cols) = (x.rows, x.cols);
-        let o = out.reshape(rows, cols);
         // Normalised groups are `w.len()` wide: whole rows, or each head of a row (per-head norms).
         let n = w.len().max(1);
+        ensure_shape!(cols.is_multiple_of(n), "rms_norm", "width {cols} is not a multiple of the weight's {n}");
+        let o = out.reshape(rows, cols);
         x.data
             .par_chunks_exact(n)
             .zip(o.par_chunks_exact_mut(n))
             .with_min_len(ROWS_PER_JOB * (cols / n).max(1))
-            .for_each(|(src, dst)| math::rms_norm(src, &w, eps, add_one, dst));
+            .for_each(|(src, dst)| math::rms_norm(src, &w, eps, dst));
+        Ok(())
     }
 
-    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>, out: &mut CpuTensor) {
+    fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>, out: &mut CpuTensor) -> Result<()> {
+        ensure_shape!(x.cols == w.cols, "linear", "input width {} vs weight {}x{}", x.cols, w.rows, w.cols);
         self.linear_view(x, w.view(), out);
         if let Some(b) = bias {
             add_bias(out, b);
         }
+        Ok(())
     }
 
-    fn linear_many(&self, x: &CpuTensor, ws: &[(&CpuWeight, Option<&CpuWeight>)], outs: &mut [&mut CpuTensor]) {
-        assert_eq!(ws.len(), outs.len(), "linear_many: weights and outputs");
-        if ws.is_empty() {
-            return;
-        }
+    fn linear_many(
+        &self,
+        x: &CpuTensor,
+        ws: &[(&CpuWeight, Option<&CpuWeight>)],
+        outs: &mut [&mut CpuTensor],
+    ) -> Result<()> {
         let views = ws.iter().map(|(w, _)| w.view());
         let all_quant = ws.len() <= MAX_PASS && views.clone().all(|v| matches!(v, WeightView::Quant(_)));
-        if !all_quant {
-            for ((w, b), o) in ws.iter().zip(outs.iter_mut()) {
-                self.linear(x, w, *b, o);
-            }
-            return;
+        let widths_match = ws.iter().all(|(w, _)| w.cols == x.cols);
+        if ws.is_empty() || !all_quant || !widths_match || ws.len() != outs.len() {
+            return crate::composite::linear_many(self, x, ws, outs);
         }
         let mut qs = [None; MAX_PASS];
         for (slot, v) in qs.iter_mut().zip(views) {
@@ -412,17 +419,19 @@ impl Backend for CpuBackend {
                 add_bias(o, b);
             }
         }
+        Ok(())
     }
 
-    fn rope(&self, x: &mut CpuTensor, pos0: usize, p: &RopeParams) {
+    fn rope(&self, x: &mut CpuTensor, pos0: usize, p: &RopeParams) -> Result<()> {
         let cols = x.cols;
-        assert_eq!(cols, p.n_heads * p.head_dim, "rope: width");
-        assert_eq!(p.inv_freq.len(), p.head_dim / 2, "rope: frequencies");
+        ensure_shape!(cols == p.n_heads * p.head_dim, "rope", "width {cols} for {} heads of {}", p.n_heads, p.head_dim);
+        ensure_shape!(p.inv_freq.len() == p.head_dim / 2, "rope", "{} frequencies", p.inv_freq.len());
         x.mutate()
             .par_chunks_exact_mut(cols.max(1))
             .enumerate()
             .with_min_len(ROWS_PER_JOB)
             .for_each(|(t, row)| math::rope_row(row, (pos0 + t) as f32, p));
+        Ok(())
     }
 
     fn attention(
@@ -435,11 +444,19 @@ impl Backend for CpuBackend {
         pos0: usize,
         p: &AttentionParams,
         out: &mut CpuTensor,
-    ) {
+    ) -> Result<()> {
         let t = q.rows;
         let hd = p.head_dim;
         let (qd, kvd) = (p.n_heads * hd, p.n_kv_heads * hd);
-        assert_eq!((q.cols, k.cols, v.cols), (qd, kvd, kvd), "attention: widths");
+        ensure_shape!(
+            (q.cols, k.cols, v.cols) == (qd, kvd, kvd),
+            "attention",
+            "widths q {} k {} v {} for {qd}/{kvd}",
+            q.cols,
+            k.cols,
+            v.cols
+        );
+        ensure_shape!(layer < cache.layers.len(), "attention", "layer {layer} of a {}-layer cache", cache.layers.len());
         let cap = cache.caps[layer];
         out.reshape(t, qd);
         let ptr = OutPtr(out.data.as_mut_ptr());
@@ -512,39 +529,55 @@ impl Backend for CpuBackend {
             }
             vc[slot * kvd..(slot + 1) * kvd].copy_from_slice(&v[ti * kvd..(ti + 1) * kvd]);
         }
+        Ok(())
     }
 
-    fn glu(&self, gate: &CpuTensor, up: &CpuTensor, act: Activation, out: &mut CpuTensor) {
+    /// Fused (one pass, no copy): the decode hot path.
+    fn glu(&self, gate: &CpuTensor, up: &CpuTensor, act: Activation, out: &mut CpuTensor) -> Result<()> {
         let (r, c) = (gate.rows, gate.cols);
+        ensure_shape!((up.rows, up.cols) == (r, c), "glu", "up {}x{} vs gate {r}x{c}", up.rows, up.cols);
         out.reshape(r, c)
             .par_chunks_mut(c.max(1))
             .zip(gate.data.par_chunks(c.max(1)))
             .zip(up.data.par_chunks(c.max(1)))
             .with_min_len(ROWS_PER_JOB)
             .for_each(|((o, g), u)| math::glu(g, u, act, o));
+        Ok(())
     }
 
-    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {
-        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes");
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        ensure_shape!((x.rows, x.cols) == (y.rows, y.cols), "add", "{}x{} + {}x{}", x.rows, x.cols, y.rows, y.cols);
         let c = x.cols.max(1);
         x.mutate()
             .par_chunks_mut(c)
             .zip(y.data.par_chunks(c))
             .with_min_len(ROWS_PER_JOB)
             .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
+        Ok(())
     }
 
-    fn softcap(&self, x: &mut CpuTensor, cap: f32) {
-        x.mutate().iter_mut().for_each(|v| *v = cap * (*v / cap).tanh());
+    fn mul(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        let (r, c) = (x.rows, x.cols);
+        ensure_shape!(y.rows == r && (y.cols == c || y.cols == 1), "mul", "{r}x{c} * {}x{}", y.rows, y.cols);
+        let yc = y.cols.max(1);
+        x.mutate()
+            .par_chunks_mut(c.max(1))
+            .zip(y.data.par_chunks(yc))
+            .with_min_len(ROWS_PER_JOB)
+            .for_each(|(a, b)| match b {
+                [s] => a.iter_mut().for_each(|v| *v *= s),
+                _ => a.iter_mut().zip(b).for_each(|(v, s)| *v *= s),
+            });
+        Ok(())
     }
 
-    fn sigmoid_gate(&self, x: &mut CpuTensor, g: &CpuTensor) {
-        assert_eq!((g.rows, g.cols), (x.rows, 1), "sigmoid_gate: gate shape");
-        let c = x.cols;
-        for (row, &gv) in x.mutate().chunks_exact_mut(c).zip(&g.data) {
-            let s = 1.0 / (1.0 + (-gv).exp());
-            row.iter_mut().for_each(|v| *v *= s);
-        }
+    fn map(&self, x: &mut CpuTensor, f: Unary) -> Result<()> {
+        let c = x.cols.max(1);
+        x.mutate()
+            .par_chunks_mut(c)
+            .with_min_len(ROWS_PER_JOB)
+            .for_each(|row| row.iter_mut().for_each(|v| *v = f.apply(*v)));
+        Ok(())
     }
 
     fn moe(
@@ -555,14 +588,21 @@ impl Backend for CpuBackend {
         p: &MoeParams,
         out: &mut CpuTensor,
         usage: &mut MoeUsage,
-    ) {
+    ) -> Result<()> {
         let (t, d) = (x.rows, x.cols);
         let (ne, h) = (p.n_experts, p.expert_hidden);
-        assert_eq!((router_logits.rows, router_logits.cols), (t, ne), "moe: router logits shape");
-        assert_eq!((experts.gate.rows, experts.gate.cols), (ne * h, d), "moe: gate experts shape");
-        assert_eq!((experts.up.rows, experts.up.cols), (ne * h, d), "moe: up experts shape");
-        assert_eq!((experts.down.rows, experts.down.cols), (ne * d, h), "moe: down experts shape");
+        let shape = |w: &CpuWeight| (w.rows, w.cols);
+        ensure_shape!((router_logits.rows, router_logits.cols) == (t, ne), "moe", "router logits for {ne} experts");
+        ensure_shape!(
+            shape(experts.gate) == (ne * h, d) && shape(experts.up) == (ne * h, d) && shape(experts.down) == (ne * d, h),
+            "moe",
+            "stacked experts {:?} {:?} {:?} for {ne} experts of {h} on {d}",
+            shape(experts.gate),
+            shape(experts.up),
+            shape(experts.down)
+        );
         let (gv, uv, dv) = (experts.gate.view(), experts.up.view(), experts.down.view());
+        let per_expert = moe::expert_bytes(gv.bytes(), uv.bytes(), dv.bytes(), ne);
         usage.tokens.resize(ne, 0);
         let mut run = |s: &mut MoeScratch| {
             s.groups.resize_with(ne, Vec::new);
@@ -593,20 +633,20 @@ impl Backend for CpuBackend {
                 );
                 self.linear_view(&s.x, ge, &mut s.gate);
                 self.linear_view(&s.x, ue, &mut s.up);
-                self.glu(&s.gate, &s.up, p.activation, &mut s.hidden);
+                self.glu(&s.gate, &s.up, p.activation, &mut s.hidden)?;
                 self.linear_view(&s.hidden, de, &mut s.y);
                 for (i, &(ti, w)) in group.iter().enumerate() {
                     math::axpy(w, &s.y.data[i * d..(i + 1) * d], &mut o[ti * d..(ti + 1) * d]);
                 }
-                usage.tokens[e] += group.len() as u64;
-                usage.bytes_read += (ge.bytes() + ue.bytes() + de.bytes()) as u64;
+                usage.record(e, group.len(), per_expert);
             }
+            Ok(())
         };
         // A nested forward on the same thread (work stealing while this one waits) gets fresh buffers.
         MOE_SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut s) => run(&mut s),
             Err(_) => run(&mut MoeScratch::default()),
-        });
+        })
     }
 
     fn moe_state(&self, p: &MoeParams) -> Result<MoeUsage> {

@@ -32,6 +32,6 @@ pub fn fixtures() -> PathBuf {
 /// A small synthetic model with a ChatML template, as a GGUF file.
 pub fn chat_model(dir: &Path) -> PathBuf {
     let p = dir.join("chat.gguf");
-    sprig_import::synth::write_gguf(&sprig_import::synth::SynthSpec::tiny("qwen2"), &p).unwrap();
+    sprig_import::synth::write_gguf(&sprig_import::synth::SynthSpec::tiny(sprig_import::synth::Arch::Qwen2), &p).unwrap();
     p
 }

@@ -106,9 +106,14 @@ unsafe fn gemm_packed(w: &QMatrix, x: &QuantizedActivations, quads: &[u8], out: 
             macro_rules! dispatch {
                 ($($r:literal, $t:literal);*) => {
                     match (nr, nt, w.scheme.is_int4()) {
-                        // SAFETY: the tile lies inside the matrix and the token range; the rest is forwarded.
-                        $(($r, $t, true) => unsafe { tile.run::<$r, $t, false>() },
-                          ($r, $t, false) => unsafe { tile.run::<$r, $t, true>() },)*
+                        $(($r, $t, true) => {
+                            // SAFETY: the tile lies inside the matrix and the token range; the rest is forwarded.
+                            unsafe { tile.run::<$r, $t, false>() }
+                        }
+                        ($r, $t, false) => {
+                            // SAFETY: as above.
+                            unsafe { tile.run::<$r, $t, true>() }
+                        })*
                         _ => unreachable!("tiles are 1..=4 rows by 1..=3 tokens"),
                     }
                 };
@@ -307,13 +312,22 @@ unsafe fn gemm_panels(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo:
             let mut t0 = 0;
             while t0 < x.rows {
                 let left = x.rows - t0;
-                // SAFETY (each arm): tokens t0..t0+T exist; the output contract is forwarded from our caller.
-                t0 += match left {
-                    8.. => unsafe { p.tokens::<8>(t0) },
-                    4..=7 => unsafe { p.tokens::<4>(t0) },
-                    2..=3 => unsafe { p.tokens::<2>(t0) },
-                    _ => unsafe { p.tokens::<1>(t0) },
+                let t = match left {
+                    8.. => 8,
+                    4..=7 => 4,
+                    2..=3 => 2,
+                    _ => 1,
                 };
+                // SAFETY: tokens t0..t0+t exist (t <= left); the output contract is forwarded from our caller.
+                let done = unsafe {
+                    match t {
+                        8 => p.tokens::<8>(t0),
+                        4 => p.tokens::<4>(t0),
+                        2 => p.tokens::<2>(t0),
+                        _ => p.tokens::<1>(t0),
+                    }
+                };
+                t0 += done;
             }
             r0 += nr;
         }

@@ -59,7 +59,7 @@ internal fun flowChecks(model: SprigModel, continuation: String) = runBlocking {
             s.generate(prompt, greedy.copy(temperature = -1f)).toList()
             check(false) { "bad temperature: no exception from the flow" }
         } catch (e: SprigException) {
-            check(e.code == SprigException.INVALID_ARGUMENT) { "bad temperature: code ${e.code}" }
+            check(e.status == SprigStatus.INVALID_ARGUMENT) { "bad temperature: code ${e.code}" }
         }
 
         // An exception thrown by the collector propagates and stops the native generation.

@@ -17,12 +17,12 @@ internal fun check(ok: Boolean, what: () -> String) {
 }
 
 /** Runs [block], expecting a SprigException with [code] and a non-empty message. */
-internal fun expectError(code: Int, what: String, block: () -> Unit) {
+internal fun expectError(code: SprigStatus, what: String, block: () -> Unit) {
     try {
         block()
         check(false) { "$what: no exception" }
     } catch (e: SprigException) {
-        check(e.code == code && !e.message.isNullOrEmpty()) { "$what: code ${e.code} (${e.message}), expected $code" }
+        check(e.status == code && !e.message.isNullOrEmpty()) { "$what: ${e.status} (${e.code}: ${e.message}), expected $code" }
     }
 }
 
@@ -59,11 +59,14 @@ fun main(args: Array<String>) {
     check(SprigModel.version.isNotEmpty()) { "empty version" }
     val opts = ModelOptions(tokenizerPath = tokPath, threads = 1)
     val greedy = SamplingParams(temperature = 0f, maxTokens = 252)
+    // The defaults come from the engine (through JNI): greedy, 256 tokens, as the C API's.
+    val defaults = SamplingParams()
+    check(defaults.temperature == 0f && defaults.maxTokens == 256 && defaults.topK == 40) { "defaults $defaults" }
 
-    expectError(SprigException.LOAD_FAILED, "missing file") { SprigModel.load("/nonexistent/m.gguf") }
-    expectError(SprigException.LOAD_FAILED, "llama2.c without tokenizer") { SprigModel.load(modelPath) }
-    expectError(SprigException.DEVICE, "GPU in a CPU build") { SprigModel.load(modelPath, opts.copy(device = Device.GPU)) }
-    expectError(SprigException.INVALID_ARGUMENT, "negative threads") { SprigModel.load(modelPath, opts.copy(threads = -1)) }
+    expectError(SprigStatus.LOAD_FAILED, "missing file") { SprigModel.load("/nonexistent/m.gguf") }
+    expectError(SprigStatus.LOAD_FAILED, "llama2.c without tokenizer") { SprigModel.load(modelPath) }
+    expectError(SprigStatus.DEVICE, "GPU in a CPU build") { SprigModel.load(modelPath, opts.copy(device = Device.GPU)) }
+    expectError(SprigStatus.INVALID_ARGUMENT, "negative threads") { SprigModel.load(modelPath, opts.copy(threads = -1)) }
 
     SprigModel.load(modelPath, opts).use { model ->
         check(model.contextLength == 512) { "context ${model.contextLength}" }
@@ -100,7 +103,7 @@ fun main(args: Array<String>) {
         val busy = Collect { n ->
             if (n == 1) {
                 thread {
-                    expectError(SprigException.BUSY, "concurrent generate") {
+                    expectError(SprigStatus.BUSY, "concurrent generate") {
                         session.generateStreaming("x", greedy, Collect())
                     }
                     busyChecked = true
@@ -120,13 +123,13 @@ fun main(args: Array<String>) {
         }
 
         // Bad parameters; context overflow.
-        expectError(SprigException.INVALID_ARGUMENT, "temperature -1") {
+        expectError(SprigStatus.INVALID_ARGUMENT, "temperature -1") {
             session.generateStreaming("x", greedy.copy(temperature = -1f), Collect())
         }
-        expectError(SprigException.INVALID_ARGUMENT, "top-p 2") {
+        expectError(SprigStatus.INVALID_ARGUMENT, "top-p 2") {
             session.generateStreaming("x", greedy.copy(topP = 2f), Collect())
         }
-        expectError(SprigException.INVALID_ARGUMENT, "chat without a template") {
+        expectError(SprigStatus.INVALID_ARGUMENT, "chat without a template") {
             session.chatStreaming(listOf(ChatMessage("user", "hi")), greedy, Collect())
         }
         SprigModel.load(modelPath, opts.copy(contextLength = 16)).use { small ->
@@ -135,7 +138,7 @@ fun main(args: Array<String>) {
                     "context full"
                 }
                 s.reset()
-                expectError(SprigException.CONTEXT_FULL, "prompt longer than the context") {
+                expectError(SprigStatus.CONTEXT_FULL, "prompt longer than the context") {
                     s.generateStreaming("Once upon a time there was a girl named Lily who liked to play", greedy, Collect())
                 }
             }
@@ -145,22 +148,22 @@ fun main(args: Array<String>) {
             session.reset()
             session.generateStreaming("\uD800", greedy.copy(maxTokens = 2), Collect())
         } catch (e: SprigException) {
-            check(e.code == SprigException.INVALID_ARGUMENT) { "surrogate: ${e.code}" }
+            check(e.status == SprigStatus.INVALID_ARGUMENT) { "surrogate: ${e.code}" }
         }
 
         // Misuse: closed handles, double close, made-up handles.
         session.close()
         session.close()
-        expectError(SprigException.INVALID_HANDLE, "generate on a closed session") {
+        expectError(SprigStatus.INVALID_HANDLE, "generate on a closed session") {
             session.generateStreaming("x", greedy, Collect())
         }
-        expectError(SprigException.INVALID_HANDLE, "cancel on a closed session") { session.cancel() }
-        expectError(SprigException.INVALID_HANDLE, "made-up session") { Native.sessionFree(987654321L) }
-        expectError(SprigException.INVALID_HANDLE, "made-up model") { Native.modelFree(0L) }
+        expectError(SprigStatus.INVALID_HANDLE, "cancel on a closed session") { session.cancel() }
+        expectError(SprigStatus.INVALID_HANDLE, "made-up session") { Native.sessionFree(987654321L) }
+        expectError(SprigStatus.INVALID_HANDLE, "made-up model") { Native.modelFree(0L) }
         val orphan = model.newSession()
         model.close()
         model.close()
-        expectError(SprigException.INVALID_HANDLE, "session on a closed model") { model.newSession() }
+        expectError(SprigStatus.INVALID_HANDLE, "session on a closed model") { model.newSession() }
         check(orphan.generateStreaming("Once", greedy.copy(maxTokens = 3), Collect()).generatedTokens == 3) {
             "a session keeps its model alive"
         }

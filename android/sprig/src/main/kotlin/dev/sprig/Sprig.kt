@@ -4,20 +4,19 @@
 // (crates/sprig-ffi/tests/jvm.rs). The coroutine/Flow surface is a thin adapter over it in SprigFlow.kt.
 package dev.sprig
 
-/** A failure inside sprig; [code] is the C API's `SprigStatus` number, [message] the native message. */
-class SprigException(val code: Int, message: String) : RuntimeException(message) {
-    companion object {
-        const val INVALID_ARGUMENT = 1
-        const val INVALID_HANDLE = 2
-        const val LOAD_FAILED = 3
-        const val CONTEXT_FULL = 4
-        const val BUSY = 5
-        const val DEVICE = 6
-        const val INTERNAL = 7
-    }
+/** What went wrong, as the C API's `SprigStatus` (the native side names it; no numbers are re-typed here). */
+enum class SprigStatus { OK, INVALID_ARGUMENT, INVALID_HANDLE, LOAD_FAILED, CONTEXT_FULL, BUSY, DEVICE, INTERNAL, OUT_OF_MEMORY }
+
+/**
+ * A failure inside sprig: [status] (by name from the native side), [code] the C API's number for it,
+ * [message] the native message.
+ */
+class SprigException(val code: Int, statusName: String, message: String) : RuntimeException(message) {
+    val status: SprigStatus = SprigStatus.valueOf(statusName)
 }
 
-enum class Device(internal val code: Int) { CPU(0), GPU(1), AUTO(2) }
+/** Where a model runs; passed to and from the native side by name. */
+enum class Device { CPU, GPU, AUTO }
 
 /** Options of [SprigModel.load]. `threads = 0`: one per core; `contextLength = 0`: the model's own. */
 data class ModelOptions(
@@ -28,21 +27,27 @@ data class ModelOptions(
 )
 
 /**
- * Sampling; `temperature = 0` is greedy. [parseSpecial] (raw prompts of `generate` only): special-token strings
- * in the prompt become control tokens; by default the prompt is plain text. Chat message content is always
- * plain text.
+ * Sampling; `temperature = 0` is greedy. The defaults are the engine's (read once through JNI), the same as
+ * the C API's and the CLI's. [parseSpecial] (raw prompts of `generate` only): special-token strings in the
+ * prompt become control tokens; by default the prompt is plain text. Chat message content is always plain text.
  */
 data class SamplingParams(
-    val temperature: Float = 0.8f,
-    val topK: Int = 40,
-    val topP: Float = 0.95f,
-    val seed: Long = 0,
-    val maxTokens: Int = 256,
+    val temperature: Float = EngineDefaults.sampling.temperature,
+    val topK: Int = EngineDefaults.sampling.topK,
+    val topP: Float = EngineDefaults.sampling.topP,
+    val seed: Long = EngineDefaults.sampling.seed,
+    val maxTokens: Int = EngineDefaults.sampling.maxTokens,
     val parseSpecial: Boolean = false
 )
 
+/** The engine's sampling defaults, asked for once. */
+internal object EngineDefaults {
+    val sampling: SamplingParams by lazy { Native.defaultSamplingParams() }
+}
+
 data class ChatMessage(val role: String, val content: String)
 
+/** Why a generation ended; the native side returns it by name. */
 enum class StopReason { STOP_TOKEN, LENGTH, CANCELLED, CONTEXT_FULL }
 
 data class GenerationResult(val stopReason: StopReason, val promptTokens: Int, val generatedTokens: Int)
@@ -59,10 +64,11 @@ internal object Native {
     }
 
     @JvmStatic external fun version(): String
-    @JvmStatic external fun modelLoad(path: String, tokenizer: String?, threads: Int, device: Int, contextLength: Int): Long
+    @JvmStatic external fun defaultSamplingParams(): SamplingParams
+    @JvmStatic external fun modelLoad(path: String, tokenizer: String?, threads: Int, device: String, contextLength: Int): Long
     @JvmStatic external fun modelFree(model: Long)
     @JvmStatic external fun modelContextLength(model: Long): Int
-    @JvmStatic external fun modelDevice(model: Long): Int
+    @JvmStatic external fun modelDevice(model: Long): String
     @JvmStatic external fun sessionNew(model: Long): Long
     @JvmStatic external fun sessionFree(session: Long)
     @JvmStatic external fun sessionReset(session: Long)
@@ -70,19 +76,17 @@ internal object Native {
     @JvmStatic external fun sessionGenerate(
         session: Long, prompt: String, temperature: Float, topK: Int, topP: Float, seed: Long, maxTokens: Int,
         parseSpecial: Boolean, callback: TokenCallback
-    ): IntArray
+    ): GenerationResult
     @JvmStatic external fun sessionChat(
         session: Long, roles: Array<String>, contents: Array<String>, temperature: Float, topK: Int, topP: Float,
         seed: Long, maxTokens: Int, callback: TokenCallback
-    ): IntArray
+    ): GenerationResult
 }
-
-private fun result(r: IntArray) = GenerationResult(StopReason.values()[r[0]], r[1], r[2])
 
 /**
  * A loaded model. Thread-safe; share it between sessions. [close] releases it (sessions still open keep the
  * weights alive until they are closed); closing twice does nothing; any other use after close throws
- * [SprigException] with code INVALID_HANDLE.
+ * [SprigException] with status INVALID_HANDLE.
  */
 class SprigModel private constructor(private val handle: Long) : AutoCloseable {
     @Volatile private var closed = false
@@ -90,7 +94,7 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
     companion object {
         @JvmStatic
         fun load(path: String, options: ModelOptions = ModelOptions()): SprigModel = SprigModel(
-            Native.modelLoad(path, options.tokenizerPath, options.threads, options.device.code, options.contextLength)
+            Native.modelLoad(path, options.tokenizerPath, options.threads, options.device.name, options.contextLength)
         )
 
         @JvmStatic
@@ -104,7 +108,7 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
 
     /** Where the model runs: [Device.CPU] or [Device.GPU] (what [Device.AUTO] chose). */
     val device: Device
-        get() = Native.modelDevice(handle).let { c -> Device.values().first { it.code == c } }
+        get() = Device.valueOf(Native.modelDevice(handle))
 
     /** A new, empty conversation on this model. */
     fun newSession(): SprigSession = SprigSession(Native.sessionNew(handle))
@@ -120,28 +124,24 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
 
 /**
  * A conversation (its own KV cache). One generation at a time: a concurrent call throws [SprigException] with
- * code BUSY. [cancel] may be called from any thread. [close] while generating cancels the generation.
+ * status BUSY. [cancel] may be called from any thread. [close] while generating cancels the generation.
  */
 class SprigSession internal constructor(private val handle: Long) : AutoCloseable {
     @Volatile private var closed = false
 
     /** Continues the context with [prompt] and streams generated text to [onToken] (blocking). */
     fun generateStreaming(prompt: String, params: SamplingParams, onToken: TokenCallback): GenerationResult =
-        result(
-            Native.sessionGenerate(
-                handle, prompt, params.temperature, params.topK, params.topP, params.seed, params.maxTokens,
-                params.parseSpecial, onToken
-            )
+        Native.sessionGenerate(
+            handle, prompt, params.temperature, params.topK, params.topP, params.seed, params.maxTokens,
+            params.parseSpecial, onToken
         )
 
     /** Answers the last turn of [messages] with the model's chat template, streaming to [onToken] (blocking).
      *  Earlier turns already in the cache are not run again. */
     fun chatStreaming(messages: List<ChatMessage>, params: SamplingParams, onToken: TokenCallback): GenerationResult =
-        result(
-            Native.sessionChat(
-                handle, messages.map { it.role }.toTypedArray(), messages.map { it.content }.toTypedArray(),
-                params.temperature, params.topK, params.topP, params.seed, params.maxTokens, onToken
-            )
+        Native.sessionChat(
+            handle, messages.map { it.role }.toTypedArray(), messages.map { it.content }.toTypedArray(),
+            params.temperature, params.topK, params.topP, params.seed, params.maxTokens, onToken
         )
 
     /** Stops the running generation before its next token (it returns with [StopReason.CANCELLED]). */

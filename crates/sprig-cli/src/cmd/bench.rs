@@ -4,9 +4,66 @@
 use std::time::Instant;
 
 use anyhow::Result;
+use clap::Args;
 use sprig_backend::Backend;
-use sprig_engine::Engine;
+use sprig_engine::{with_engine, Engine};
 use sprig_models::Logits;
+
+use crate::args::ModelArgs;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The model (as for `run`; omit it with --bandwidth to only measure the machine), threads, device.
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens to process in one batch.
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 128)]
+    prompt: usize,
+    /// Tokens to generate one at a time.
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    gen: usize,
+    /// Repetitions.
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    reps: usize,
+    /// First time every candidate CPU kernel on this model (decode and prefill, 1 and all threads), print the
+    /// timings and the pick, and refresh the cached pick.
+    #[arg(long)]
+    kernels: bool,
+    /// Also measure read bandwidth and report the fraction of the roofline decode reaches.
+    #[arg(long)]
+    bandwidth: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = a.model.threads();
+    if a.model.model.is_none() && a.bandwidth {
+        bandwidth_only(threads, a.json);
+        return Ok(());
+    }
+    if a.kernels {
+        // Measured afresh (the cache is rewritten), then the model runs with the pick.
+        let file = a.model.open()?;
+        for line in sprig_engine::device::remeasure_kernels(&file, threads, &mut |s| eprintln!("sprig: {s}"))? {
+            println!("{line}");
+        }
+    }
+    let e = ModelArgs { threads, ..a.model.clone() }.engine()?;
+    let model = a.model.model();
+    let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let o = BenchOptions {
+        prompt: a.prompt,
+        gen: a.gen,
+        reps: a.reps,
+        bandwidth: a.bandwidth,
+        json: a.json,
+        model_name: name,
+        threads,
+    };
+    with_engine!(&e, |e| bench(&**e, &o))
+}
 
 pub struct BenchOptions {
     pub prompt: usize,
@@ -83,7 +140,7 @@ fn bytes_per_token<B: Backend>(e: &Engine<B>, routed_expert_bytes: Option<f64>) 
     bytes as f64 + routed
 }
 
-pub fn run<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
+pub fn bench<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
     let vocab = e.model.config.vocab_size as u32;
     // Deterministic pseudo-random tokens, as llama-bench uses random tokens.
     let tokens: Vec<u32> =

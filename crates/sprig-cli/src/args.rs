@@ -1,0 +1,173 @@
+//! What several commands share: the command list, the model and sampling argument groups, the value enums
+//! (each a thin wrapper over the engine's own type and names, so the CLI keeps no second copy of them), and
+//! opening a model.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::builder::PossibleValue;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sprig_engine::{open_model_file, registry, AnyEngine, DeviceChoice, LoadOptions, SamplingParams};
+use sprig_format::{Arch, ModelFile};
+use sprig_import::QuantChoice;
+
+use crate::cmd;
+
+#[derive(Parser)]
+#[command(name = "sprig", version, about = "Run small distilled language models fast and offline")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Run(cmd::run::RunArgs),
+    /// Chat interactively (or with turns piped on stdin) using the model's chat template.
+    Chat(cmd::chat::ChatArgs),
+    /// Convert a llama2.c .bin, a .gguf or a Hugging Face directory into a native .safetensors model.
+    Convert(cmd::convert::ConvertArgs),
+    /// Show a model's architecture, tensors and metadata.
+    Inspect(cmd::inspect::InspectArgs),
+    /// Evaluate a model.
+    #[command(subcommand)]
+    Eval(cmd::eval::EvalCommand),
+    /// Fetch a known model (see `sprig models`), verify its sha256, convert and cache it; prints its path.
+    Pull { name: Option<String> },
+    /// List the known models.
+    Models,
+    /// Measure prompt processing and generation speed (llama-bench style), peak RSS and the bandwidth roofline.
+    Bench(cmd::bench::BenchArgs),
+    /// Write a small synthetic checkpoint (random weights) as a Hugging Face directory or a GGUF file.
+    Gen(cmd::gen::GenArgs),
+    /// List the devices models can run on: the CPU and the GPU adapters the GPU backend reaches.
+    Devices,
+}
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Command::Run(a) => cmd::run::run(a),
+        Command::Chat(a) => cmd::chat::run(a),
+        Command::Convert(a) => cmd::convert::run(a),
+        Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Eval(cmd::eval::EvalCommand::Perplexity(a)) => cmd::eval::perplexity(a),
+        Command::Pull { name } => cmd::registry::pull(name),
+        Command::Models => cmd::registry::models(),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Gen(a) => cmd::gen::run(a),
+        Command::Devices => cmd::devices::run(),
+    }
+}
+
+/// A clap value enum over a type that lists its values and names them.
+macro_rules! value_enum {
+    ($wrapper:ident, $inner:ty, $all:expr, $name:expr) => {
+        #[derive(Clone, Copy, Debug)]
+        pub struct $wrapper(pub $inner);
+        impl ValueEnum for $wrapper {
+            fn value_variants<'a>() -> &'a [Self] {
+                static ALL: std::sync::OnceLock<Vec<$wrapper>> = std::sync::OnceLock::new();
+                ALL.get_or_init(|| $all.into_iter().map($wrapper).collect())
+            }
+            fn to_possible_value(&self) -> Option<PossibleValue> {
+                let name: fn(&$inner) -> &'static str = $name;
+                Some(PossibleValue::new(name(&self.0)))
+            }
+        }
+    };
+}
+
+value_enum!(DeviceArg, DeviceChoice, DeviceChoice::ALL, |d| d.name());
+value_enum!(QuantArg, QuantChoice, QuantChoice::ALL, |q| q.name());
+value_enum!(ArchArg, Arch, Arch::ALL, |a| a.name());
+// `convert --quant`: `auto` (None) or a choice.
+value_enum!(ConvertQuantArg, Option<QuantChoice>, std::iter::once(None).chain(QuantChoice::ALL.map(Some)), |q| {
+    match q {
+        None => "auto",
+        Some(q) => q.name(),
+    }
+});
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model: a known model name (see `sprig models`), a native .safetensors, .gguf, llama2.c .bin, or a
+    /// Hugging Face directory [default: the registry's default model].
+    #[arg(short = 'm', long = "model")]
+    pub model: Option<PathBuf>,
+    /// Tokenizer for llama2.c checkpoints (tokenizer.bin).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// CPU threads (default: physical cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    pub threads: usize,
+    /// auto: a hardware GPU when present and the build has the GPU backend, else the CPU.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Context length (default: the model's).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    pub ctx_size: usize,
+    /// Precision for sources converted on the fly.
+    #[arg(long, value_enum, default_value = "keep")]
+    pub quant: QuantArg,
+    /// Say how the model was set up: the CPU kernels picked per shape class and why.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+}
+
+impl ModelArgs {
+    /// The model path or name given, or the registry's default.
+    pub fn model(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(|| PathBuf::from(registry::default_model().name))
+    }
+    pub fn threads(&self) -> usize {
+        if self.threads == 0 {
+            sprig_engine::device::default_threads()
+        } else {
+            self.threads
+        }
+    }
+
+    pub fn open(&self) -> Result<Arc<ModelFile>> {
+        let opts = LoadOptions { tokenizer: self.tokenizer.clone(), quant: self.quant.0 };
+        let path = registry::resolve(&self.model(), &mut |s| eprintln!("sprig: {s}"))?;
+        open_model_file(&path, &opts).with_context(|| format!("loading {}", self.model().display()))
+    }
+
+    pub fn engine(&self) -> Result<AnyEngine> {
+        let e = AnyEngine::new(self.open()?, self.device.0, self.threads, &mut |s| eprintln!("sprig: {s}"))?;
+        if self.verbose {
+            for line in e.describe() {
+                eprintln!("sprig: {line}");
+            }
+        }
+        Ok(e)
+    }
+}
+
+/// Sampling flags; their defaults are the engine's ([`SamplingParams::default`]).
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Temperature; 0 = greedy [default: the engine's].
+    #[arg(long = "temp", allow_negative_numbers = true)]
+    pub temp: Option<f32>,
+    #[arg(long = "top-k")]
+    pub top_k: Option<usize>,
+    #[arg(long = "top-p", allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        let d = SamplingParams::default();
+        SamplingParams {
+            temperature: self.temp.unwrap_or(d.temperature),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            seed: self.seed.unwrap_or(d.seed),
+        }
+    }
+}

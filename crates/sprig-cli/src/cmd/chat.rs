@@ -1,0 +1,66 @@
+//! `sprig chat`: a conversation through the model's chat template.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use sprig_backend::Backend;
+use sprig_engine::{with_engine, ChatMessage, Engine, Sampler, Session};
+
+use crate::args::{ModelArgs, SamplingArgs};
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt (default: the template's own).
+    #[arg(long)]
+    system: Option<String>,
+    /// Most tokens per reply.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
+    n: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+pub fn run(a: ChatArgs) -> Result<()> {
+    let e = a.model.engine()?;
+    with_engine!(&e, |e| chat_on(e.clone(), &a))
+}
+
+fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
+    if e.template.is_none() {
+        bail!("{} carries no chat template; use `sprig run`", a.model.model().display());
+    }
+    let params = a.sampling.params();
+    Sampler::new(params.clone())?;
+    let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
+    let interactive = std::io::stdin().is_terminal();
+    let mut session = Session::new(e, a.model.ctx_size)?;
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading stdin (is it valid UTF-8?)")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        messages.push(ChatMessage::new("user", &line));
+        let mut reply = String::new();
+        let mut out = std::io::stdout().lock();
+        session.chat(&messages, &params, a.n, |s| {
+            reply.push_str(s);
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+            true
+        })?;
+        writeln!(out)?;
+        messages.push(ChatMessage::new("assistant", reply.trim()));
+    }
+    Ok(())
+}
+

@@ -1,0 +1,69 @@
+//! `sprig inspect`: a model's config, tensors, metadata and KV-cache size.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use sprig_engine::{open_model_file, registry, LoadOptions};
+use sprig_import::QuantChoice;
+
+#[derive(Args)]
+pub struct InspectArgs {
+    file: PathBuf,
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Also print KV-cache bytes per layer kind at this context length.
+    #[arg(long)]
+    kv: Option<usize>,
+}
+
+pub fn run(a: InspectArgs) -> Result<()> {
+    let path = registry::resolve(&a.file, &mut |s| eprintln!("sprig: {s}"))?;
+    let f = open_model_file(&path, &LoadOptions { tokenizer: a.tokenizer.clone(), quant: QuantChoice::Keep })?;
+    let c = &f.config;
+    println!("architecture: {}", c.arch);
+    println!("config: {}", serde_json::to_string(c)?);
+    println!("file bytes: {}", f.file_bytes());
+    println!("bits per weight: {:.3}", f.bits_per_weight());
+    println!("\n{:<40} {:>6} {:>16} {:>12}", "tensor", "type", "shape", "bytes");
+    let mut total = 0;
+    for (name, e) in f.entries() {
+        println!("{:<40} {:>6} {:>16} {:>12}", name, e.type_name(), format!("{:?}", e.shape()), e.bytes());
+        total += e.bytes();
+    }
+    println!("{:<40} {:>6} {:>16} {:>12}", "total", "", "", total);
+    println!("\nmetadata:");
+    for (k, v) in &f.metadata {
+        let shown: String = if v.len() > 120 {
+            format!("{}... ({} bytes)", &v[..v.floor_char_boundary(120)], v.len())
+        } else {
+            v.clone()
+        };
+        println!("  {k}: {}", shown.replace('\n', "\\n"));
+    }
+    if let Some(ctx) = a.kv {
+        let layout = sprig_backend::KvLayout::for_model(c, ctx);
+        let per = layout.bytes_per_layer(ctx);
+        let global_all = 2 * 4 * layout.kv_dim * ctx * c.n_layers;
+        println!("\nKV cache at {ctx} tokens (f32):");
+        let (mut g, mut s, mut ng, mut ns) = (0, 0, 0, 0);
+        for (l, b) in per.iter().enumerate() {
+            if layout.windows[l].is_some() {
+                s += b;
+                ns += 1
+            } else {
+                g += b;
+                ng += 1
+            }
+        }
+        println!("  global layers: {ng}, {g} bytes");
+        println!("  sliding-window layers: {ns}, {s} bytes");
+        println!(
+            "  total: {} bytes ({:.3} of an all-global model's {global_all})",
+            g + s,
+            (g + s) as f64 / global_all as f64
+        );
+    }
+    Ok(())
+}
+

@@ -1,0 +1,11 @@
+//! One module per command: its arguments and what it does.
+
+pub mod bench;
+pub mod chat;
+pub mod convert;
+pub mod devices;
+pub mod eval;
+pub mod gen;
+pub mod inspect;
+pub mod registry;
+pub mod run;
