@@ -146,7 +146,8 @@ impl ModelArgs {
     }
 }
 
-/// Sampling flags; their defaults are the engine's ([`SamplingParams::default`]).
+/// Sampling flags; their defaults are the engine's ([`SamplingParams::default`]). The chain: logit bias →
+/// penalties → temperature → top-k → typical-p → top-p → min-p.
 #[derive(Args)]
 pub struct SamplingArgs {
     /// Temperature; 0 = greedy [default: the engine's].
@@ -156,8 +157,37 @@ pub struct SamplingArgs {
     pub top_k: Option<usize>,
     #[arg(long = "top-p", allow_negative_numbers = true)]
     pub top_p: Option<f32>,
+    /// Drop tokens less likely than this × the most likely one (0 = off).
+    #[arg(long = "min-p", allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// Locally typical sampling's mass (1 = off).
+    #[arg(long = "typical-p", allow_negative_numbers = true)]
+    pub typical_p: Option<f32>,
+    /// Repetition penalty over the last --repeat-last-n tokens (1 = off).
+    #[arg(long = "repeat-penalty", allow_negative_numbers = true)]
+    pub repeat_penalty: Option<f32>,
+    #[arg(long = "presence-penalty", allow_negative_numbers = true)]
+    pub presence_penalty: Option<f32>,
+    #[arg(long = "frequency-penalty", allow_negative_numbers = true)]
+    pub frequency_penalty: Option<f32>,
+    /// Tokens the penalties look back over.
+    #[arg(long = "repeat-last-n")]
+    pub penalty_last_n: Option<usize>,
+    /// TOKEN=BIAS added to a token's logit (repeatable; BIAS may be -inf to ban the token).
+    #[arg(long = "logit-bias", value_parser = parse_bias, allow_negative_numbers = true)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Stop when the generated text contains this (repeatable; not printed).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
+    let (t, b) = s.split_once('=').ok_or("expected TOKEN=BIAS, e.g. 42=-inf")?;
+    let t = t.trim().parse::<u32>().map_err(|e| format!("token `{t}`: {e}"))?;
+    let b = b.trim().parse::<f32>().map_err(|e| format!("bias `{b}`: {e}"))?;
+    Ok((t, b))
 }
 
 impl SamplingArgs {
@@ -167,6 +197,14 @@ impl SamplingArgs {
             temperature: self.temp.unwrap_or(d.temperature),
             top_k: self.top_k.unwrap_or(d.top_k),
             top_p: self.top_p.unwrap_or(d.top_p),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            typical_p: self.typical_p.unwrap_or(d.typical_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            penalty_last_n: self.penalty_last_n.unwrap_or(d.penalty_last_n),
+            logit_bias: self.logit_bias.clone(),
+            stop: self.stop.clone(),
             seed: self.seed.unwrap_or(d.seed),
         }
     }

@@ -34,6 +34,14 @@ fn run_convert_inspect_and_errors() {
     assert!(run_err(&["run", "-m", m, "-p", "x"]).contains("--tokenizer"));
     assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--temp", "-1"]).contains("temperature"));
     assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--top-p", "2"]).contains("top_p"));
+    assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--min-p", "1"]).contains("min_p"));
+    assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--logit-bias", "5"]).contains("TOKEN=BIAS"));
+    // --stop ends the text before the stop string (the prompt is echoed, then the continuation).
+    let (full, _) = run_ok(&["run", "-m", m, "--tokenizer", t, "-p", "Once upon a time", "-n", "40"]);
+    let cont = full.trim_end().strip_prefix("Once upon a time").unwrap().to_string();
+    let stop = &cont[10..14];
+    let (cut, _) = run_ok(&["run", "-m", m, "--tokenizer", t, "-p", "Once upon a time", "-n", "40", "--stop", stop]);
+    assert_eq!(cut.trim_end(), format!("Once upon a time{}", &cont[..cont.find(stop).unwrap()]).trim_end());
     assert!(run_err(&["convert", m, "--tokenizer", t, "-o", "/tmp/x.safetensors", "--quant", "q3"]).contains("q3"));
     let corrupt = dir.join("corrupt.safetensors");
     let bytes = std::fs::read(&native).unwrap();

@@ -32,10 +32,13 @@ pub enum StopReason {
     Cancelled,
     /// The context is full.
     ContextFull,
+    /// The generated text reached one of the request's stop strings.
+    StopString,
 }
 
 #[derive(Clone, Debug)]
 pub struct GenerationStats {
+    /// Prompt tokens run into the state (fewer than given when the request was cancelled during prefill).
     pub prompt_tokens: usize,
     pub generated: Vec<u32>,
     pub prefill_secs: f64,
@@ -97,7 +100,13 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Runs `prompt` from `state.pos`, then samples up to `max_new` tokens. `on_text` receives the decoded
-    /// prompt (when `echo_prompt`) and each completed piece of generated text; returning false stops.
+    /// prompt (when `echo_prompt`) and each completed piece of generated text, held back while it could still
+    /// become one of the sampler's stop strings; returning false stops. It is also called with an empty piece
+    /// between prefill chunks and after tokens that produce no text, so a cancellation is seen there too.
+    ///
+    /// The state then holds exactly the tokens that were run: the prompt tokens processed
+    /// ([`GenerationStats::prompt_tokens`], all of them unless cancelled during prefill) and every generated
+    /// token but the last. Every token run is also shown to `sampler` (its penalties' window).
     pub fn generate(
         &self,
         state: &mut State<B>,
@@ -124,28 +133,37 @@ impl<B: Backend> Engine<B> {
         let mut cancelled = false;
         // One text buffer for every piece: decode allocates nothing per token once it has grown.
         let mut piece = String::with_capacity(self.tokenizer.max_piece_bytes());
-        for &t in prompt {
-            piece.clear();
-            dec.push_into(t, &mut piece)?;
-            if echo_prompt && Some(t) != bos && !piece.is_empty() && !cancelled {
-                cancelled = !on_text(&piece);
+        if echo_prompt {
+            for &t in prompt {
+                piece.clear();
+                dec.push_into(t, &mut piece)?;
+                if Some(t) != bos && !piece.is_empty() && !cancelled {
+                    cancelled = !on_text(&piece);
+                }
             }
         }
         let t0 = Instant::now();
+        let mut processed = 0;
         for chunk in prompt.chunks(PREFILL_CHUNK) {
+            if cancelled || !on_text("") {
+                cancelled = true;
+                break;
+            }
             self.model.forward(state, chunk, Logits::Last)?;
+            chunk.iter().for_each(|&t| sampler.accept(t));
+            processed += chunk.len();
         }
         let prefill_secs = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         let mut logits = Vec::new();
         let mut generated = Vec::with_capacity(max_new.min(state.max_context.saturating_sub(state.pos) + 1));
-        let mut stop = StopReason::Length;
-        if cancelled {
-            stop = StopReason::Cancelled;
-        }
+        let mut stop = if cancelled { StopReason::Cancelled } else { StopReason::Length };
+        let stop_strings = sampler.params().stop.clone();
+        let mut stops = StopStrings::new(&stop_strings);
+        let mut shown = String::with_capacity(piece.capacity());
         while !cancelled && generated.len() < max_new {
             self.model.read_logits(state, &mut logits)?;
-            let next = sampler.sample(&logits);
+            let next = sampler.sample(&logits)?;
             if self.tokenizer.is_stop(next) {
                 stop = StopReason::StopToken;
                 break;
@@ -153,8 +171,14 @@ impl<B: Backend> Engine<B> {
             generated.push(next);
             piece.clear();
             dec.push_into(next, &mut piece)?;
-            if !piece.is_empty() && !on_text(&piece) {
+            shown.clear();
+            let hit = stops.push(&piece, &mut shown);
+            if !on_text(&shown) {
                 stop = StopReason::Cancelled;
+                break;
+            }
+            if hit {
+                stop = StopReason::StopString;
                 break;
             }
             if generated.len() == max_new {
@@ -165,18 +189,96 @@ impl<B: Backend> Engine<B> {
                 break;
             }
             self.model.forward(state, &[next], Logits::Last)?;
+            sampler.accept(next);
         }
-        let tail = dec.finish();
-        if !tail.is_empty() {
-            on_text(&tail);
+        if stop != StopReason::StopString && stop != StopReason::Cancelled {
+            // What was held back as a possible stop string's start, and the decoder's last bytes.
+            let mut tail = stops.finish();
+            tail.push_str(&dec.finish());
+            if !tail.is_empty() {
+                on_text(&tail);
+            }
         }
         Ok(GenerationStats {
-            prompt_tokens: prompt.len(),
+            prompt_tokens: processed,
             generated,
             prefill_secs,
             decode_secs: t1.elapsed().as_secs_f64(),
             stop,
         })
+    }
+}
+
+/// Finds stop strings in streamed text, across piece boundaries: text that could still be the start of a
+/// stop string is held back until it is known not to be one.
+struct StopStrings<'a> {
+    stops: &'a [String],
+    held: String,
+}
+
+impl<'a> StopStrings<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        StopStrings { stops, held: String::with_capacity(stops.iter().map(|s| 2 * s.len()).max().unwrap_or(0)) }
+    }
+
+    /// Adds `piece`; appends to `out` the text that can be shown now. True when a stop string was reached
+    /// (`out` then ends just before it; the rest is dropped).
+    fn push(&mut self, piece: &str, out: &mut String) -> bool {
+        if self.stops.is_empty() {
+            out.push_str(piece);
+            return false;
+        }
+        self.held.push_str(piece);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+            out.push_str(&self.held[..at]);
+            self.held.clear();
+            return true;
+        }
+        // Keep the longest tail of the held text that is a proper prefix of some stop string.
+        let keep_from = (0..self.held.len())
+            .filter(|&i| self.held.is_char_boundary(i))
+            .find(|&i| self.stops.iter().any(|s| s.starts_with(&self.held[i..])))
+            .unwrap_or(self.held.len());
+        out.push_str(&self.held[..keep_from]);
+        self.held.drain(..keep_from);
+        false
+    }
+
+    /// The text still held back (generation ended without reaching a stop string).
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopStrings;
+
+    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
+        let mut m = StopStrings::new(&stops);
+        let mut shown = String::new();
+        for p in pieces {
+            let mut out = String::new();
+            let hit = m.push(p, &mut out);
+            shown.push_str(&out);
+            if hit {
+                return (shown, true);
+            }
+        }
+        shown.push_str(&m.finish());
+        (shown, false)
+    }
+
+    #[test]
+    fn stop_strings_across_pieces() {
+        assert_eq!(run(&["END"], &["the E", "N", "D and more"]), ("the ".into(), true));
+        assert_eq!(run(&["END"], &["the E", "Nx"]), ("the ENx".into(), false));
+        assert_eq!(run(&["\n\n", "ab"], &["x\n", "a", "b"]), ("x\n".into(), true));
+        assert_eq!(run(&[], &["a", "b"]), ("ab".into(), false));
+        // Multi-byte text is held and released on char boundaries.
+        assert_eq!(run(&["é!"], &["caf", "é", "?"]), ("café?".into(), false));
+        assert_eq!(run(&["é!"], &["caf", "é", "!"]), ("caf".into(), true));
     }
 }
 

@@ -38,6 +38,8 @@ pub enum EngineError {
     Sampling { param: &'static str, detail: String },
     #[error("chat template: {0}")]
     Template(String),
+    #[error("the model produced a non-finite logit ({value} for token {index}); no token can be sampled")]
+    BadLogits { index: usize, value: f32 },
     #[error("this model carries no chat template")]
     NoChatTemplate,
     #[error("empty prompt: nothing to condition on")]

@@ -1,4 +1,9 @@
-//! Token sampling: greedy, temperature, top-k, top-p, seeded.
+//! Token sampling, as a chain (HF transformers' order: the temperature first, then the filters): logit bias →
+//! repetition/presence/frequency penalties over a window of recent tokens → temperature → top-k → typical-p
+//! → top-p → min-p → a seeded draw. Temperatures below [`GREEDY_BELOW`] take the best token after bias and
+//! penalties. Non-finite logits are an error, never a random token.
+
+use std::collections::VecDeque;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -8,6 +13,10 @@ use crate::{EngineError, Result};
 /// Temperatures below this sample greedily.
 pub const GREEDY_BELOW: f32 = 1e-6;
 
+/// Most stop strings one request may give, and the longest one in bytes.
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// 0 = greedy; below [`GREEDY_BELOW`] also greedy (dividing by it would overflow the logits).
@@ -16,15 +25,46 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// 1.0 = no nucleus cut.
     pub top_p: f32,
+    /// Drops tokens less likely than `min_p` × the most likely one's probability; 0 = off.
+    pub min_p: f32,
+    /// Locally typical sampling: keeps the tokens whose surprise is closest to the entropy, up to this mass;
+    /// 1 = off.
+    pub typical_p: f32,
+    /// Divides a positive logit (multiplies a negative one) of every token seen in the window; 1 = off.
+    pub repeat_penalty: f32,
+    /// Subtracted once from the logit of every token seen in the window; 0 = off.
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it appears in the window; 0 = off.
+    pub frequency_penalty: f32,
+    /// How many of the most recent tokens (prompt and generated) the penalties look at; 0 = none.
+    pub penalty_last_n: usize,
+    /// Added to these tokens' logits before anything else (`f32::NEG_INFINITY` bans a token).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Generation stops when the generated text contains one of these (found across token boundaries); the
+    /// stop string and anything after it are not returned.
+    pub stop: Vec<String>,
     pub seed: u64,
 }
 
 /// The defaults every surface uses (the CLI's flags, `sprig_sampling_params_default` in C, Kotlin's
 /// `SamplingParams()` through JNI): greedy, so the same prompt gives the same answer until a caller asks for
-/// sampling; top-k/top-p as llama.cpp's for when it does.
+/// sampling; top-k/top-p and the penalty window as llama.cpp's for when it does; every other filter off.
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 40, top_p: 0.95, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.0,
+            typical_p: 1.0,
+            repeat_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 64,
+            logit_bias: Vec::new(),
+            stop: Vec::new(),
+            seed: 0,
+        }
     }
 }
 
@@ -33,74 +73,213 @@ pub const DEFAULT_MAX_TOKENS: usize = 256;
 
 impl SamplingParams {
     pub fn validate(&self) -> Result<()> {
+        let bad = |param: &'static str, detail: String| Err(EngineError::Sampling { param, detail });
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(EngineError::Sampling {
-                param: "temperature",
-                detail: format!("must be a finite number >= 0, got {}", self.temperature),
-            });
+            return bad("temperature", format!("must be a finite number >= 0, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(EngineError::Sampling { param: "top_p", detail: format!("must be in (0, 1], got {}", self.top_p) });
+            return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.min_p >= 0.0 && self.min_p < 1.0) {
+            return bad("min_p", format!("must be in [0, 1), got {}", self.min_p));
+        }
+        if !(self.typical_p > 0.0 && self.typical_p <= 1.0) {
+            return bad("typical_p", format!("must be in (0, 1], got {}", self.typical_p));
+        }
+        if !(self.repeat_penalty.is_finite() && self.repeat_penalty > 0.0) {
+            return bad("repeat_penalty", format!("must be a finite number > 0, got {}", self.repeat_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)]
+        {
+            if !v.is_finite() {
+                return bad(name, format!("must be finite, got {v}"));
+            }
+        }
+        if self.penalty_last_n > 1 << 20 {
+            return bad("penalty_last_n", format!("{} is implausibly large", self.penalty_last_n));
+        }
+        if let Some((t, b)) = self.logit_bias.iter().find(|(_, b)| b.is_nan() || *b == f32::INFINITY) {
+            return bad("logit_bias", format!("token {t}: bias {b} (finite, or -inf to ban the token)"));
+        }
+        if self.stop.len() > MAX_STOP_STRINGS {
+            return bad("stop", format!("{} stop strings (at most {MAX_STOP_STRINGS})", self.stop.len()));
+        }
+        if let Some(s) = self.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
+            return bad("stop", format!("stop string of {} bytes (1..={MAX_STOP_BYTES})", s.len()));
         }
         Ok(())
+    }
+
+    fn penalties_on(&self) -> bool {
+        self.penalty_last_n > 0
+            && (self.repeat_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0)
     }
 }
 
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-    /// (logit, id) scratch reused across tokens.
+    /// (logit or probability, id) scratch reused across tokens.
     cand: Vec<(f32, u32)>,
+    /// The last `penalty_last_n` tokens seen, oldest first, and how often each token id occurs among them.
+    recent: VecDeque<u32>,
+    counts: Vec<u32>,
 }
 
 impl Sampler {
+    /// A sampler with its own random stream, seeded by `params.seed`.
     pub fn new(params: SamplingParams) -> Result<Self> {
+        let rng = StdRng::seed_from_u64(params.seed);
+        Self::with_rng(params, rng)
+    }
+
+    /// A sampler drawing from `rng` (a session's stream, which carries on across its requests).
+    pub fn with_rng(params: SamplingParams, rng: StdRng) -> Result<Self> {
         params.validate()?;
-        Ok(Sampler { rng: StdRng::seed_from_u64(params.seed), params, cand: Vec::new() })
+        let window = if params.penalties_on() { params.penalty_last_n } else { 0 };
+        Ok(Sampler { params, rng, cand: Vec::new(), recent: VecDeque::with_capacity(window), counts: Vec::new() })
+    }
+
+    /// The random stream, to hand back to the session.
+    pub fn into_rng(self) -> StdRng {
+        self.rng
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Records a token of the sequence (prompt or generated) for the penalties' window.
+    pub fn accept(&mut self, token: u32) {
+        if !self.params.penalties_on() {
+            return;
+        }
+        let t = token as usize;
+        if self.counts.len() <= t {
+            self.counts.resize(t + 1, 0);
+        }
+        if self.recent.len() == self.params.penalty_last_n {
+            if let Some(old) = self.recent.pop_front() {
+                self.counts[old as usize] -= 1;
+            }
+        }
+        self.recent.push_back(token);
+        self.counts[t] += 1;
     }
 
     /// Picks the next token from `logits`.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.params.temperature < GREEDY_BELOW {
-            return argmax(logits);
+    pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
+        if let Some(i) = logits.iter().position(|l| !l.is_finite()) {
+            return Err(EngineError::BadLogits { index: i, value: logits[i] });
         }
-        let t = self.params.temperature;
+        let p = &self.params;
         self.cand.clear();
-        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l / t, i as u32)));
-        let k = if self.params.top_k == 0 { self.cand.len() } else { self.params.top_k.min(self.cand.len()) };
+        self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        for &(t, b) in &p.logit_bias {
+            let c = self.cand.get_mut(t as usize).ok_or_else(|| EngineError::Sampling {
+                param: "logit_bias",
+                detail: format!("token {t} is outside the vocabulary of {}", logits.len()),
+            })?;
+            c.0 += b;
+        }
+        if p.penalties_on() {
+            if self.counts.len() < logits.len() {
+                // Once: sized to the vocabulary, so decode never grows it.
+                self.counts.resize(logits.len(), 0);
+            }
+            for &t in &self.recent {
+                let n = self.counts[t as usize];
+                let c = &mut self.cand[t as usize];
+                // Each distinct token once: the first time its count is still unapplied.
+                if c.1 == t {
+                    c.0 = if c.0 > 0.0 { c.0 / p.repeat_penalty } else { c.0 * p.repeat_penalty };
+                    c.0 -= n as f32 * p.frequency_penalty + p.presence_penalty;
+                    c.1 = u32::MAX; // marked: penalised
+                }
+            }
+            for (i, c) in self.cand.iter_mut().enumerate() {
+                c.1 = i as u32;
+            }
+        }
+        if p.temperature < GREEDY_BELOW {
+            return best(&self.cand);
+        }
+        let t = p.temperature;
+        self.cand.iter_mut().for_each(|c| c.0 /= t);
+        self.cand.retain(|c| c.0 != f32::NEG_INFINITY);
+        if self.cand.is_empty() {
+            return Err(EngineError::Sampling { param: "logit_bias", detail: "every token is banned".into() });
+        }
+        let k = if p.top_k == 0 { self.cand.len() } else { p.top_k.min(self.cand.len()) };
         if k < self.cand.len() {
             self.cand.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
             self.cand.truncate(k);
         }
         self.cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+        // Probabilities (unnormalised until each filter needs them), largest first.
         let max = self.cand[0].0;
-        let mut sum = 0.0f32;
-        for c in self.cand.iter_mut() {
-            c.0 = (c.0 - max).exp();
-            sum += c.0;
+        self.cand.iter_mut().for_each(|c| c.0 = (c.0 - max).exp());
+        if p.typical_p < 1.0 {
+            typical(&mut self.cand, p.typical_p);
         }
-        // Nucleus: the smallest prefix whose probability reaches top_p.
-        let mut keep = self.cand.len();
-        if self.params.top_p < 1.0 {
+        if p.top_p < 1.0 {
+            let sum: f32 = self.cand.iter().map(|c| c.0).sum();
             let mut acc = 0.0;
+            let mut keep = self.cand.len();
             for (i, c) in self.cand.iter().enumerate() {
                 acc += c.0 / sum;
-                if acc >= self.params.top_p {
+                if acc >= p.top_p {
                     keep = i + 1;
                     break;
                 }
             }
+            self.cand.truncate(keep);
         }
-        let total: f32 = self.cand[..keep].iter().map(|c| c.0).sum();
+        if p.min_p > 0.0 {
+            let floor = self.cand[0].0 * p.min_p;
+            self.cand.retain(|c| c.0 >= floor);
+        }
+        let total: f32 = self.cand.iter().map(|c| c.0).sum();
         let mut r = self.rng.gen::<f32>() * total;
-        for c in &self.cand[..keep] {
+        for c in &self.cand {
             r -= c.0;
             if r <= 0.0 {
-                return c.1;
+                return Ok(c.1);
             }
         }
-        self.cand[keep - 1].1
+        Ok(self.cand[self.cand.len() - 1].1)
     }
+}
+
+/// Locally typical sampling (Meister et al.): keeps the tokens whose surprise `-ln p` is closest to the
+/// entropy, in that order, until their mass reaches `mass`; leaves them sorted by probability again.
+fn typical(cand: &mut Vec<(f32, u32)>, mass: f32) {
+    let sum: f32 = cand.iter().map(|c| c.0).sum();
+    let entropy: f32 = cand.iter().map(|c| c.0 / sum).filter(|&q| q > 0.0).map(|q| -q * q.ln()).sum();
+    let shift = |c: &(f32, u32)| (-(c.0 / sum).ln() - entropy).abs();
+    cand.sort_unstable_by(|a, b| shift(a).total_cmp(&shift(b)));
+    let mut acc = 0.0;
+    let mut keep = cand.len();
+    for (i, c) in cand.iter().enumerate() {
+        acc += c.0 / sum;
+        if acc >= mass {
+            keep = i + 1;
+            break;
+        }
+    }
+    cand.truncate(keep);
+    cand.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
+}
+
+/// The best candidate (first on ties, as llama2.c).
+fn best(cand: &[(f32, u32)]) -> Result<u32> {
+    let mut b = 0;
+    for (i, c) in cand.iter().enumerate() {
+        if c.0 > cand[b].0 {
+            b = i;
+        }
+    }
+    Ok(cand[b].1)
 }
 
 /// Index of the largest logit (first on ties, as llama2.c).
@@ -118,41 +297,78 @@ pub fn argmax(x: &[f32]) -> u32 {
 mod tests {
     use super::*;
 
-    /// The exact distribution the sampler should draw from: softmax(logits / t), cut to the top k, then to the
-    /// smallest prefix reaching p, renormalised (computed here directly, in f64).
-    fn expected(logits: &[f32], t: f64, k: usize, p: f64) -> Vec<f64> {
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        let max = logits[order[0]] as f64;
-        let w: Vec<f64> = logits.iter().map(|&l| ((l as f64 - max) / t).exp()).collect();
-        let keep_k = if k == 0 { logits.len() } else { k };
-        let kept: Vec<usize> = order[..keep_k].to_vec();
-        let z: f64 = kept.iter().map(|&i| w[i]).sum();
-        let (mut acc, mut n) = (0.0, kept.len());
-        for (j, &i) in kept.iter().enumerate() {
-            acc += w[i] / z;
-            if acc >= p {
-                n = j + 1;
-                break;
+    /// The exact distribution the chain should draw from, computed directly in f64 from its definition: bias,
+    /// penalties over `history`, softmax(logits / t), top-k, typical-p, top-p, min-p, renormalised.
+    fn expected(logits: &[f32], p: &SamplingParams, history: &[u32]) -> Vec<f64> {
+        let mut l: Vec<f64> = logits.iter().map(|&x| x as f64).collect();
+        for &(t, b) in &p.logit_bias {
+            l[t as usize] += b as f64;
+        }
+        let window = &history[history.len().saturating_sub(p.penalty_last_n)..];
+        for (i, li) in l.iter_mut().enumerate() {
+            let n = window.iter().filter(|&&t| t as usize == i).count();
+            if n > 0 {
+                let r = p.repeat_penalty as f64;
+                *li = if *li > 0.0 { *li / r } else { *li * r };
+                *li -= n as f64 * p.frequency_penalty as f64 + p.presence_penalty as f64;
             }
         }
-        let z2: f64 = kept[..n].iter().map(|&i| w[i]).sum();
-        let mut out = vec![0.0; logits.len()];
-        for &i in &kept[..n] {
-            out[i] = w[i] / z2;
+        let t = p.temperature as f64;
+        let mut order: Vec<usize> = (0..l.len()).filter(|&i| l[i].is_finite()).collect();
+        order.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+        if p.top_k > 0 {
+            order.truncate(p.top_k);
+        }
+        let prob = |set: &[usize]| -> Vec<f64> {
+            let w: Vec<f64> = set.iter().map(|&i| (l[i] / t).exp()).collect();
+            let z: f64 = w.iter().sum();
+            w.iter().map(|x| x / z).collect()
+        };
+        let cut = |set: &[usize], q: &[f64], mass: f64| -> Vec<usize> {
+            let mut acc = 0.0;
+            for (j, x) in q.iter().enumerate() {
+                acc += x;
+                if acc >= mass {
+                    return set[..=j].to_vec();
+                }
+            }
+            set.to_vec()
+        };
+        if p.typical_p < 1.0 {
+            let q = prob(&order);
+            let h: f64 = q.iter().map(|x| -x * x.ln()).sum();
+            let mut by: Vec<(usize, f64)> = order.iter().copied().zip(q.iter().copied()).collect();
+            by.sort_by(|a, b| (-a.1.ln() - h).abs().total_cmp(&(-b.1.ln() - h).abs()));
+            let (set, qs): (Vec<usize>, Vec<f64>) = by.into_iter().unzip();
+            order = cut(&set, &qs, p.typical_p as f64);
+            order.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+        }
+        if p.top_p < 1.0 {
+            let q = prob(&order);
+            order = cut(&order, &q, p.top_p as f64);
+        }
+        if p.min_p > 0.0 {
+            let q = prob(&order);
+            let top = q[0];
+            order = order.iter().zip(&q).filter(|(_, &x)| x >= top * p.min_p as f64).map(|(&i, _)| i).collect();
+        }
+        let q = prob(&order);
+        let mut out = vec![0.0; l.len()];
+        for (&i, &x) in order.iter().zip(&q) {
+            out[i] = x;
         }
         out
     }
 
     /// Pearson's chi-square of `draws` samples against `probs`; tokens of probability 0 must never be drawn.
-    fn chi_square(params: SamplingParams, logits: &[f32], probs: &[f64], draws: usize) -> (f64, usize) {
+    fn chi_square(params: SamplingParams, logits: &[f32], history: &[u32], probs: &[f64], draws: usize) -> f64 {
         let mut s = Sampler::new(params).unwrap();
+        history.iter().for_each(|&t| s.accept(t));
         let mut counts = vec![0usize; logits.len()];
         for _ in 0..draws {
-            counts[s.sample(logits) as usize] += 1;
+            counts[s.sample(logits).unwrap() as usize] += 1;
         }
         let mut chi = 0.0;
-        let mut dof = 0usize;
         for (i, &p) in probs.iter().enumerate() {
             if p == 0.0 {
                 assert_eq!(counts[i], 0, "token {i} has probability 0 but was drawn {} times", counts[i]);
@@ -160,71 +376,124 @@ mod tests {
             }
             let e = p * draws as f64;
             chi += (counts[i] as f64 - e).powi(2) / e;
-            dof += 1;
         }
-        (chi, dof.saturating_sub(1))
+        chi
+    }
+
+    const LOGITS: [f32; 8] = [2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0];
+
+    fn sampling(temperature: f32) -> SamplingParams {
+        SamplingParams { temperature, top_k: 0, top_p: 1.0, seed: 7, ..Default::default() }
     }
 
     #[test]
     fn sampled_frequencies_follow_the_exact_distribution() {
-        let logits = [2.0f32, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0];
-        // (temperature, top-k, top-p): plain softmax at two temperatures, top-k > 1 alone, top-p cutting a real
-        // tail alone, and the chain of both.
-        for (t, k, p) in [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.8), (0.7, 5, 0.9)] {
-            let probs = expected(&logits, t as f64, k, p as f64);
-            let params = SamplingParams { temperature: t, top_k: k, top_p: p, seed: 7 };
-            let (chi, dof) = chi_square(params, &logits, &probs, 20_000);
-            // 99.9th percentile of chi-square for dof ≤ 7 is ≤ 24.3.
-            assert!(chi < 24.3, "t={t} k={k} p={p}: chi-square {chi:.1} with {dof} degrees of freedom");
+        let base = sampling(1.0);
+        let history = [1u32, 1, 3, 0, 6];
+        let cases: Vec<(&str, SamplingParams)> = vec![
+            ("softmax", base.clone()),
+            ("t=0.5", sampling(0.5)),
+            ("t=2", sampling(2.0)),
+            ("top-k 3", SamplingParams { top_k: 3, ..base.clone() }),
+            ("top-p 0.8", SamplingParams { top_p: 0.8, ..base.clone() }),
+            ("min-p 0.2", SamplingParams { min_p: 0.2, ..base.clone() }),
+            ("typical 0.7", SamplingParams { typical_p: 0.7, ..base.clone() }),
+            ("repeat 1.5", SamplingParams { repeat_penalty: 1.5, ..base.clone() }),
+            ("presence+frequency", SamplingParams { presence_penalty: 0.4, frequency_penalty: 0.3, ..base.clone() }),
+            ("window 2", SamplingParams { repeat_penalty: 2.0, penalty_last_n: 2, ..base.clone() }),
+            ("logit bias", SamplingParams { logit_bias: vec![(7, 4.0), (0, f32::NEG_INFINITY)], ..base.clone() }),
+            (
+                "chain",
+                SamplingParams {
+                    temperature: 0.7,
+                    top_k: 6,
+                    typical_p: 0.95,
+                    top_p: 0.9,
+                    min_p: 0.05,
+                    repeat_penalty: 1.3,
+                    frequency_penalty: 0.1,
+                    logit_bias: vec![(5, 1.0)],
+                    ..base.clone()
+                },
+            ),
+        ];
+        for (what, p) in cases {
+            let probs = expected(&LOGITS, &p, &history);
+            let chi = chi_square(p, &LOGITS, &history, &probs, 20_000);
+            // 99.9th percentile of chi-square with ≤ 7 degrees of freedom is ≤ 24.3.
+            assert!(chi < 24.3, "{what}: chi-square {chi:.1}");
         }
     }
 
     #[test]
     fn the_frequency_check_catches_a_wrong_distribution() {
-        // The same check against a distribution the sampler does not follow (temperature 1 drawn, 0.5 expected)
-        // must fail: the test above can fail.
-        let logits = [2.0f32, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0];
-        let probs = expected(&logits, 0.5, 0, 1.0);
-        let (chi, _) =
-            chi_square(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 7 }, &logits, &probs, 20_000);
-        assert!(chi > 100.0, "chi-square {chi}");
+        // The check against a distribution the sampler does not follow must fail: the test above can fail.
+        let probs = expected(&LOGITS, &sampling(0.5), &[]);
+        assert!(chi_square(sampling(1.0), &LOGITS, &[], &probs, 20_000) > 100.0);
+        // A penalty the expectation knows of but the sampler is not told about.
+        let with = SamplingParams { repeat_penalty: 3.0, ..sampling(1.0) };
+        let probs = expected(&LOGITS, &with, &[0, 0, 1]);
+        assert!(chi_square(sampling(1.0), &LOGITS, &[0, 0, 1], &probs, 20_000) > 100.0);
     }
 
     #[test]
-    fn tiny_temperature_is_greedy() {
+    fn tiny_temperature_is_greedy_after_bias_and_penalties() {
         let logits = [0.5f32, 3.0, 2.9, -1.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1e-39, top_k: 0, top_p: 1.0, seed: 1 }).unwrap();
-        assert!((0..100).all(|_| s.sample(&logits) == 1));
+        let mut s = Sampler::new(SamplingParams { temperature: 1e-39, ..sampling(1.0) }).unwrap();
+        assert!((0..100).all(|_| s.sample(&logits).unwrap() == 1));
+        let mut s = Sampler::new(SamplingParams { repeat_penalty: 2.0, ..SamplingParams::default() }).unwrap();
+        s.accept(1);
+        assert_eq!(s.sample(&logits).unwrap(), 2, "3.0 / 2 < 2.9");
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(3, 10.0)], ..Default::default() }).unwrap();
+        assert_eq!(s.sample(&logits).unwrap(), 3);
     }
 
     #[test]
     fn greedy_and_bad_params() {
         let mut s = Sampler::new(SamplingParams::default()).unwrap();
-        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]), 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).unwrap(), 1);
+        let d = SamplingParams::default;
         for bad in [
-            SamplingParams { temperature: -1.0, ..Default::default() },
-            SamplingParams { temperature: f32::NAN, ..Default::default() },
-            SamplingParams { top_p: 0.0, ..Default::default() },
-            SamplingParams { top_p: 1.5, ..Default::default() },
+            SamplingParams { temperature: -1.0, ..d() },
+            SamplingParams { temperature: f32::NAN, ..d() },
+            SamplingParams { top_p: 0.0, ..d() },
+            SamplingParams { top_p: 1.5, ..d() },
+            SamplingParams { min_p: 1.0, ..d() },
+            SamplingParams { min_p: -0.1, ..d() },
+            SamplingParams { typical_p: 0.0, ..d() },
+            SamplingParams { repeat_penalty: 0.0, ..d() },
+            SamplingParams { presence_penalty: f32::INFINITY, ..d() },
+            SamplingParams { logit_bias: vec![(1, f32::NAN)], ..d() },
+            SamplingParams { stop: vec![String::new()], ..d() },
+            SamplingParams { stop: vec!["x".repeat(300)], ..d() },
         ] {
-            assert!(Sampler::new(bad).is_err());
+            assert!(Sampler::new(bad.clone()).is_err(), "{bad:?}");
         }
+        // A bias on a token outside the vocabulary, or non-finite logits: an error, not a random token.
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(9, 1.0)], ..d() }).unwrap();
+        assert!(s.sample(&[0.0; 4]).is_err());
+        let mut s = Sampler::new(sampling(1.0)).unwrap();
+        for x in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(matches!(s.sample(&[0.0, x, 1.0]), Err(EngineError::BadLogits { index: 1, .. })));
+        }
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(0, f32::NEG_INFINITY)], ..sampling(1.0) }).unwrap();
+        assert!(s.sample(&[1.0]).is_err(), "every token banned");
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seed_is_reproducible() {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 7919) % 101) as f32 / 10.0).collect();
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0, seed: 3 }).unwrap();
-        assert_eq!(s.sample(&logits), argmax(&logits));
-        let p = SamplingParams { temperature: 0.8, top_k: 50, top_p: 0.9, seed: 42 };
+        let mut s = Sampler::new(SamplingParams { top_k: 1, ..sampling(1.0) }).unwrap();
+        assert_eq!(s.sample(&logits).unwrap(), argmax(&logits));
+        let p = SamplingParams { temperature: 0.8, top_k: 50, top_p: 0.9, seed: 42, ..Default::default() };
         let (mut a, mut b) = (Sampler::new(p.clone()).unwrap(), Sampler::new(p).unwrap());
-        let xa: Vec<u32> = (0..20).map(|_| a.sample(&logits)).collect();
-        let xb: Vec<u32> = (0..20).map(|_| b.sample(&logits)).collect();
+        let xa: Vec<u32> = (0..20).map(|_| a.sample(&logits).unwrap()).collect();
+        let xb: Vec<u32> = (0..20).map(|_| b.sample(&logits).unwrap()).collect();
         assert_eq!(xa, xb);
-        // top-p 0.9 of a peaked distribution only ever yields the few top tokens.
+        // top-p 0.9 of a peaked distribution only ever yields the top token.
         let mut peaked = vec![0.0f32; 100];
         peaked[7] = 20.0;
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.9, seed: 1 }).unwrap();
-        assert!((0..50).all(|_| s.sample(&peaked) == 7));
+        let mut s = Sampler::new(SamplingParams { top_p: 0.9, ..sampling(1.0) }).unwrap();
+        assert!((0..50).all(|_| s.sample(&peaked).unwrap() == 7));
     }
 }

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 // Bumped when a function signature or struct layout changes incompatibly.
-#define SPRIG_ABI_VERSION 2
+#define SPRIG_ABI_VERSION 3
 
 // Run on the CPU.
 #define SPRIG_DEVICE_CPU 0
@@ -34,6 +34,9 @@
 
 // The session's context is full.
 #define SPRIG_STOP_CONTEXT_FULL 3
+
+// The generated text reached one of `SprigSamplingParams.stop` (not included in the streamed text).
+#define SPRIG_STOP_STRING 4
 
 // Status codes (`SprigStatus` in C; the same numbers in `SprigException.code` on the JVM).
 typedef enum SprigStatus {
@@ -74,6 +77,12 @@ typedef struct SprigModelOptions {
   uint32_t context_length;
 } SprigModelOptions;
 
+// A bias on one token's logit.
+typedef struct SprigLogitBias {
+  uint32_t token;
+  float bias;
+} SprigLogitBias;
+
 // Sampling of `sprig_session_generate` / `sprig_session_chat`; start from `sprig_sampling_params_default()`.
 typedef struct SprigSamplingParams {
   // 0 = greedy; must be ≥ 0.
@@ -82,6 +91,26 @@ typedef struct SprigSamplingParams {
   uint32_t top_k;
   // In (0, 1]; 1 = no nucleus cut.
   float top_p;
+  // In [0, 1): drops tokens less likely than `min_p` × the most likely one; 0 = off.
+  float min_p;
+  // In (0, 1]: locally typical sampling's mass; 1 = off.
+  float typical_p;
+  // > 0: divides positive (multiplies negative) logits of tokens in the last `penalty_last_n`; 1 = off.
+  float repeat_penalty;
+  // Subtracted once from the logit of each token in the window; 0 = off.
+  float presence_penalty;
+  // Subtracted per occurrence in the window; 0 = off.
+  float frequency_penalty;
+  // Tokens (prompt and generated) the penalties look back over; 0 = none.
+  uint32_t penalty_last_n;
+  // `n_logit_bias` entries added to logits before sampling (NULL when 0); -INFINITY bans a token.
+  const struct SprigLogitBias *logit_bias;
+  size_t n_logit_bias;
+  // `n_stop` NUL-terminated UTF-8 strings (NULL when 0): generation stops when the text contains one.
+  const char *const *stop;
+  size_t n_stop;
+  // The session's random stream starts from this seed and carries on over its requests until another
+  // seed is given.
   uint64_t seed;
   // Most tokens to generate.
   uint32_t max_tokens;
@@ -128,7 +157,8 @@ const char *sprig_last_error(void);
 
 struct SprigModelOptions sprig_model_options_default(void);
 
-// The engine's defaults (the same as the CLI's and Kotlin's): greedy, top-k 40, top-p 0.95, seed 0, 256 tokens.
+// The engine's defaults (the same as the CLI's and Kotlin's): greedy, top-k 40, top-p 0.95, penalties off
+// over a window of 64, no bias, no stop strings, seed 0, 256 tokens.
 struct SprigSamplingParams sprig_sampling_params_default(void);
 
 // Loads a model: a native `.safetensors`, a `.gguf`, a llama2.c `.bin` (with `tokenizer_path`) or a Hugging

@@ -13,7 +13,7 @@ use sprig_engine::{
 use sprig_import::QuantChoice;
 
 use crate::{
-    SPRIG_DEVICE_AUTO, SPRIG_DEVICE_CPU, SPRIG_DEVICE_GPU, SPRIG_STOP_CANCELLED, SPRIG_STOP_CONTEXT_FULL,
+    SPRIG_DEVICE_AUTO, SPRIG_DEVICE_CPU, SPRIG_DEVICE_GPU, SPRIG_STOP_CANCELLED, SPRIG_STOP_CONTEXT_FULL, SPRIG_STOP_STRING,
     SPRIG_STOP_LENGTH, SPRIG_STOP_TOKEN,
 };
 
@@ -260,6 +260,7 @@ pub fn stop_reason(s: StopReason) -> (u32, &'static str) {
         StopReason::Length => (SPRIG_STOP_LENGTH, "LENGTH"),
         StopReason::Cancelled => (SPRIG_STOP_CANCELLED, "CANCELLED"),
         StopReason::ContextFull => (SPRIG_STOP_CONTEXT_FULL, "CONTEXT_FULL"),
+        StopReason::StopString => (SPRIG_STOP_STRING, "STOP_STRING"),
     }
 }
 
@@ -273,20 +274,12 @@ fn outcome(s: &GenerationStats) -> Outcome {
     }
 }
 
+/// One request's sampling, as the C ABI and JNI hand it over.
 pub struct Sampling {
-    pub temperature: f32,
-    pub top_k: u32,
-    pub top_p: f32,
-    pub seed: u64,
+    pub params: SamplingParams,
     pub max_tokens: u32,
     /// Raw prompts only: special-token strings in the text become control tokens.
     pub parse_special: bool,
-}
-
-impl Sampling {
-    fn params(&self) -> SamplingParams {
-        SamplingParams { temperature: self.temperature, top_k: self.top_k as usize, top_p: self.top_p, seed: self.seed }
-    }
 }
 
 pub enum Input<'a> {
@@ -295,21 +288,24 @@ pub enum Input<'a> {
 }
 
 /// Runs one generation on session `id`; `on_text` gets each piece of text and returns false to stop.
-/// Cancellation (another thread calling [`cancel`]) is checked before each new token.
+/// Cancellation (another thread calling [`cancel`]) is checked between prefill chunks and before each new
+/// token; afterwards the session holds exactly the tokens that were run, and the next call continues from there.
 pub fn generate(id: u64, input: Input, p: &Sampling, mut on_text: impl FnMut(&str) -> bool) -> FfiResult<Outcome> {
     let handle = SESSIONS.get(id, "session")?;
     let mut session = lock(&handle)?;
     handle.cancel.store(false, Ordering::SeqCst);
-    let params = p.params();
-    let cb = |s: &str| !handle.cancel.load(Ordering::SeqCst) && on_text(s) && !handle.cancel.load(Ordering::SeqCst);
+    let params = &p.params;
+    let cancelled = || handle.cancel.load(Ordering::SeqCst);
+    // An empty piece is the engine's poll: only the cancel flag is consulted, the host sees text only.
+    let cb = |s: &str| !cancelled() && (s.is_empty() || on_text(s)) && !cancelled();
     let max = p.max_tokens as usize;
     let stats = match input {
-        Input::Text(t) => session.generate(t, p.parse_special, &params, max, cb),
+        Input::Text(t) => session.generate(t, p.parse_special, params, max, cb),
         Input::Chat(m) => {
             if !session.has_chat_template() {
                 return Err(FfiError::arg("this model carries no chat template; use generate"));
             }
-            session.chat(&m, &params, max, cb)
+            session.chat(&m, params, max, cb)
         }
     }
     .map_err(|e| engine_error(e, false))?;

@@ -2,8 +2,8 @@
 //! Handles are the same registry ids as the C ABI's, carried as `Long`; every failure becomes a thrown
 //! `dev.sprig.SprigException(code, message)`, and a panic becomes one too (never an abort of the JVM).
 
-use jni::objects::{JClass, JObject, JObjectArray, JString, JValue};
-use jni::sys::{jboolean, jfloat, jint, jlong, jobject, jstring};
+use jni::objects::{JClass, JFloatArray, JIntArray, JObject, JObjectArray, JString, JValue};
+use jni::sys::{jdouble, jint, jlong, jobject, jstring};
 use sprig_engine::DeviceChoice;
 use jni::JNIEnv;
 
@@ -126,27 +126,6 @@ pub extern "system" fn Java_dev_sprig_Native_modelDevice<'l>(mut env: JNIEnv<'l>
     })
 }
 
-/// The engine's sampling defaults as a Kotlin `SamplingParams` (its constructor's defaults read these).
-#[no_mangle]
-pub extern "system" fn Java_dev_sprig_Native_defaultSamplingParams<'l>(
-    mut env: JNIEnv<'l>,
-    _c: JClass<'l>,
-) -> jobject {
-    entry(&mut env, std::ptr::null_mut(), |env| {
-        let d = sprig_engine::SamplingParams::default();
-        let args = [
-            JValue::Float(d.temperature),
-            JValue::Int(d.top_k as jint),
-            JValue::Float(d.top_p),
-            JValue::Long(d.seed as jlong),
-            JValue::Int(sprig_engine::sampler::DEFAULT_MAX_TOKENS as jint),
-            JValue::Bool(0),
-        ];
-        let obj = env.new_object("dev/sprig/SamplingParams", "(FIFJIZ)V", &args).map_err(internal)?;
-        Ok(obj.into_raw())
-    })
-}
-
 #[no_mangle]
 pub extern "system" fn Java_dev_sprig_Native_sessionNew<'l>(
     mut env: JNIEnv<'l>,
@@ -171,33 +150,98 @@ pub extern "system" fn Java_dev_sprig_Native_sessionCancel<'l>(mut env: JNIEnv<'
     entry(&mut env, (), |_| core::cancel(id(h)))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn generate<'l>(
-    env: &mut JNIEnv<'l>,
-    h: jlong,
-    input: Input,
-    temperature: jfloat,
-    top_k: jint,
-    top_p: jfloat,
-    seed: jlong,
-    max_tokens: jint,
-    parse_special: bool,
-    callback: &JObject<'l>,
-) -> FfiResult<jobject> {
-    if top_k < 0 || max_tokens < 0 {
-        return Err(FfiError::arg("topK and maxTokens must be ≥ 0"));
+/// Reads a Kotlin `SamplingParams` by its fields' names (plus the bias and stop lists, passed as arrays).
+fn sampling_params(
+    env: &mut JNIEnv,
+    params: &JObject,
+    bias_tokens: &JIntArray,
+    bias_values: &JFloatArray,
+    stop: &JObjectArray,
+) -> FfiResult<Sampling> {
+    if params.is_null() || bias_tokens.is_null() || bias_values.is_null() || stop.is_null() {
+        return Err(FfiError::arg("sampling parameters are null"));
     }
+    let bad = |e: jni::errors::Error| FfiError::arg(format!("SamplingParams: {e}"));
+    macro_rules! field {
+        ($name:literal, F) => {
+            env.get_field(params, $name, "F").and_then(|v| v.f()).map_err(bad)?
+        };
+        ($name:literal, I) => {
+            env.get_field(params, $name, "I").and_then(|v| v.i()).map_err(bad)?
+        };
+        ($name:literal, J) => {
+            env.get_field(params, $name, "J").and_then(|v| v.j()).map_err(bad)?
+        };
+        ($name:literal, Z) => {
+            env.get_field(params, $name, "Z").and_then(|v| v.z()).map_err(bad)?
+        };
+    }
+    let (top_k, penalty_last_n, max_tokens) = (field!("topK", I), field!("penaltyLastN", I), field!("maxTokens", I));
+    if top_k < 0 || penalty_last_n < 0 || max_tokens < 0 {
+        return Err(FfiError::arg("topK, penaltyLastN and maxTokens must be ≥ 0"));
+    }
+    let n = env.get_array_length(bias_tokens).map_err(bad)?;
+    if n != env.get_array_length(bias_values).map_err(bad)? {
+        return Err(FfiError::arg("logit bias tokens and values differ in length"));
+    }
+    let (mut tokens, mut values) = (vec![0; n as usize], vec![0.0; n as usize]);
+    env.get_int_array_region(bias_tokens, 0, &mut tokens).map_err(bad)?;
+    env.get_float_array_region(bias_values, 0, &mut values).map_err(bad)?;
+    if let Some(t) = tokens.iter().find(|&&t| t < 0) {
+        return Err(FfiError::arg(format!("logit bias token {t} is negative")));
+    }
+    let mut stops = Vec::new();
+    for i in 0..env.get_array_length(stop).map_err(bad)? {
+        let s = JString::from(env.get_object_array_element(stop, i).map_err(bad)?);
+        stops.push(string(env, &s, &format!("stop[{i}]"))?);
+    }
+    let params = sprig_engine::SamplingParams {
+        temperature: field!("temperature", F),
+        top_k: top_k as usize,
+        top_p: field!("topP", F),
+        min_p: field!("minP", F),
+        typical_p: field!("typicalP", F),
+        repeat_penalty: field!("repeatPenalty", F),
+        presence_penalty: field!("presencePenalty", F),
+        frequency_penalty: field!("frequencyPenalty", F),
+        penalty_last_n: penalty_last_n as usize,
+        logit_bias: tokens.iter().zip(&values).map(|(&t, &b)| (t as u32, b)).collect(),
+        stop: stops,
+        seed: field!("seed", J) as u64,
+    };
+    Ok(Sampling { params, max_tokens: max_tokens as u32, parse_special: field!("parseSpecial", Z) })
+}
+
+/// One engine default by its name (Kotlin's `SamplingParams()` defaults read these).
+#[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_samplingDefault<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    name: JString<'l>,
+) -> jdouble {
+    entry(&mut env, 0.0, |env| {
+        let d = sprig_engine::SamplingParams::default();
+        Ok(match string(env, &name, "name")?.as_str() {
+            "temperature" => d.temperature as f64,
+            "topK" => d.top_k as f64,
+            "topP" => d.top_p as f64,
+            "minP" => d.min_p as f64,
+            "typicalP" => d.typical_p as f64,
+            "repeatPenalty" => d.repeat_penalty as f64,
+            "presencePenalty" => d.presence_penalty as f64,
+            "frequencyPenalty" => d.frequency_penalty as f64,
+            "penaltyLastN" => d.penalty_last_n as f64,
+            "seed" => d.seed as f64,
+            "maxTokens" => sprig_engine::sampler::DEFAULT_MAX_TOKENS as f64,
+            other => return Err(FfiError::arg(format!("no sampling default named `{other}`"))),
+        })
+    })
+}
+
+fn generate<'l>(env: &mut JNIEnv<'l>, h: jlong, input: Input, p: Sampling, callback: &JObject<'l>) -> FfiResult<jobject> {
     if callback.is_null() {
         return Err(FfiError::arg("callback is null"));
     }
-    let p = Sampling {
-        temperature,
-        top_k: top_k as u32,
-        top_p,
-        seed: seed as u64,
-        max_tokens: max_tokens as u32,
-        parse_special,
-    };
     let r = core::generate(id(h), input, &p, |text| {
         let Ok(s) = env.new_string(text) else { return false };
         let keep = env
@@ -231,18 +275,16 @@ pub extern "system" fn Java_dev_sprig_Native_sessionGenerate<'l>(
     _c: JClass<'l>,
     h: jlong,
     prompt: JString<'l>,
-    temperature: jfloat,
-    top_k: jint,
-    top_p: jfloat,
-    seed: jlong,
-    max_tokens: jint,
-    parse_special: jboolean,
+    params: JObject<'l>,
+    bias_tokens: JIntArray<'l>,
+    bias_values: JFloatArray<'l>,
+    stop: JObjectArray<'l>,
     callback: JObject<'l>,
 ) -> jobject {
     entry(&mut env, std::ptr::null_mut(), |env| {
         let prompt = string(env, &prompt, "prompt")?;
-        let special = parse_special != 0;
-        generate(env, h, Input::Text(&prompt), temperature, top_k, top_p, seed, max_tokens, special, &callback)
+        let p = sampling_params(env, &params, &bias_tokens, &bias_values, &stop)?;
+        generate(env, h, Input::Text(&prompt), p, &callback)
     })
 }
 
@@ -254,11 +296,10 @@ pub extern "system" fn Java_dev_sprig_Native_sessionChat<'l>(
     h: jlong,
     roles: JObjectArray<'l>,
     contents: JObjectArray<'l>,
-    temperature: jfloat,
-    top_k: jint,
-    top_p: jfloat,
-    seed: jlong,
-    max_tokens: jint,
+    params: JObject<'l>,
+    bias_tokens: JIntArray<'l>,
+    bias_values: JFloatArray<'l>,
+    stop: JObjectArray<'l>,
     callback: JObject<'l>,
 ) -> jobject {
     entry(&mut env, std::ptr::null_mut(), |env| {
@@ -279,6 +320,8 @@ pub extern "system" fn Java_dev_sprig_Native_sessionChat<'l>(
                 &string(env, &c, &format!("messages[{i}].content"))?,
             ));
         }
-        generate(env, h, Input::Chat(messages), temperature, top_k, top_p, seed, max_tokens, false, &callback)
+        let mut p = sampling_params(env, &params, &bias_tokens, &bias_values, &stop)?;
+        p.parse_special = false;
+        generate(env, h, Input::Chat(messages), p, &callback)
     })
 }

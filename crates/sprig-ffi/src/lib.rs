@@ -23,7 +23,7 @@ pub use crate::core::SprigStatus;
 use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
 
 /// Bumped when a function signature or struct layout changes incompatibly.
-pub const SPRIG_ABI_VERSION: u32 = 2;
+pub const SPRIG_ABI_VERSION: u32 = 3;
 
 /// Run on the CPU.
 pub const SPRIG_DEVICE_CPU: u32 = 0;
@@ -40,6 +40,8 @@ pub const SPRIG_STOP_LENGTH: u32 = 1;
 pub const SPRIG_STOP_CANCELLED: u32 = 2;
 /// The session's context is full.
 pub const SPRIG_STOP_CONTEXT_FULL: u32 = 3;
+/// The generated text reached one of `SprigSamplingParams.stop` (not included in the streamed text).
+pub const SPRIG_STOP_STRING: u32 = 4;
 
 /// A loaded model (opaque).
 pub struct SprigModel {
@@ -73,6 +75,26 @@ pub struct SprigSamplingParams {
     pub top_k: u32,
     /// In (0, 1]; 1 = no nucleus cut.
     pub top_p: f32,
+    /// In [0, 1): drops tokens less likely than `min_p` × the most likely one; 0 = off.
+    pub min_p: f32,
+    /// In (0, 1]: locally typical sampling's mass; 1 = off.
+    pub typical_p: f32,
+    /// > 0: divides positive (multiplies negative) logits of tokens in the last `penalty_last_n`; 1 = off.
+    pub repeat_penalty: f32,
+    /// Subtracted once from the logit of each token in the window; 0 = off.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence in the window; 0 = off.
+    pub frequency_penalty: f32,
+    /// Tokens (prompt and generated) the penalties look back over; 0 = none.
+    pub penalty_last_n: u32,
+    /// `n_logit_bias` entries added to logits before sampling (NULL when 0); -INFINITY bans a token.
+    pub logit_bias: *const SprigLogitBias,
+    pub n_logit_bias: usize,
+    /// `n_stop` NUL-terminated UTF-8 strings (NULL when 0): generation stops when the text contains one.
+    pub stop: *const *const c_char,
+    pub n_stop: usize,
+    /// The session's random stream starts from this seed and carries on over its requests until another
+    /// seed is given.
     pub seed: u64,
     /// Most tokens to generate.
     pub max_tokens: u32,
@@ -80,6 +102,14 @@ pub struct SprigSamplingParams {
     /// tokens. Default false: the prompt is plain text. Chat message content is always plain text; only the
     /// chat template writes control tokens.
     pub parse_special: bool,
+}
+
+/// A bias on one token's logit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SprigLogitBias {
+    pub token: u32,
+    pub bias: f32,
 }
 
 /// One chat turn.
@@ -166,7 +196,8 @@ pub extern "C" fn sprig_model_options_default() -> SprigModelOptions {
     SprigModelOptions { tokenizer_path: std::ptr::null(), threads: 0, device: SPRIG_DEVICE_CPU, context_length: 0 }
 }
 
-/// The engine's defaults (the same as the CLI's and Kotlin's): greedy, top-k 40, top-p 0.95, seed 0, 256 tokens.
+/// The engine's defaults (the same as the CLI's and Kotlin's): greedy, top-k 40, top-p 0.95, penalties off
+/// over a window of 64, no bias, no stop strings, seed 0, 256 tokens.
 #[no_mangle]
 pub extern "C" fn sprig_sampling_params_default() -> SprigSamplingParams {
     let d = sprig_engine::SamplingParams::default();
@@ -174,6 +205,16 @@ pub extern "C" fn sprig_sampling_params_default() -> SprigSamplingParams {
         temperature: d.temperature,
         top_k: d.top_k as u32,
         top_p: d.top_p,
+        min_p: d.min_p,
+        typical_p: d.typical_p,
+        repeat_penalty: d.repeat_penalty,
+        presence_penalty: d.presence_penalty,
+        frequency_penalty: d.frequency_penalty,
+        penalty_last_n: d.penalty_last_n as u32,
+        logit_bias: std::ptr::null(),
+        n_logit_bias: 0,
+        stop: std::ptr::null(),
+        n_stop: 0,
         seed: d.seed,
         max_tokens: sprig_engine::sampler::DEFAULT_MAX_TOKENS as u32,
         parse_special: false,
@@ -303,19 +344,50 @@ pub extern "C" fn sprig_session_cancel(session: *mut SprigSession) -> SprigStatu
 }
 
 /// # Safety
-/// `params` is NULL or points to a SprigSamplingParams.
-unsafe fn sampling(params: *const SprigSamplingParams) -> Sampling {
+/// `params` is NULL or points to a SprigSamplingParams whose arrays hold their counts of valid entries.
+unsafe fn sampling(params: *const SprigSamplingParams) -> FfiResult<Sampling> {
     let d = sprig_sampling_params_default();
     // SAFETY: caller contract.
     let p = if params.is_null() { &d } else { unsafe { &*params } };
-    Sampling {
-        temperature: p.temperature,
-        top_k: p.top_k,
-        top_p: p.top_p,
-        seed: p.seed,
-        max_tokens: p.max_tokens,
-        parse_special: p.parse_special,
+    let array = |ptr: *const u8, n: usize, what: &str| -> FfiResult<()> {
+        if n > 0 && ptr.is_null() {
+            return Err(FfiError::arg(format!("{what} is NULL with a count of {n}")));
+        }
+        if n > 1 << 16 {
+            return Err(FfiError::arg(format!("{n} {what} entries is implausible")));
+        }
+        Ok(())
+    };
+    array(p.logit_bias.cast(), p.n_logit_bias, "logit_bias")?;
+    array(p.stop.cast(), p.n_stop, "stop")?;
+    let logit_bias = if p.n_logit_bias == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: non-null and `n_logit_bias` entries long per the caller contract.
+        unsafe { std::slice::from_raw_parts(p.logit_bias, p.n_logit_bias) }.iter().map(|b| (b.token, b.bias)).collect()
+    };
+    let mut stop = Vec::with_capacity(p.n_stop);
+    for i in 0..p.n_stop {
+        // SAFETY: `stop` is non-null and `n_stop` entries long (checked above, caller contract).
+        let s = unsafe { *p.stop.add(i) };
+        // SAFETY: each entry is NULL or NUL-terminated per the caller contract.
+        stop.push(unsafe { str_arg(s, &format!("stop[{i}]")) }?.to_string());
     }
+    let params = sprig_engine::SamplingParams {
+        temperature: p.temperature,
+        top_k: p.top_k as usize,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        typical_p: p.typical_p,
+        repeat_penalty: p.repeat_penalty,
+        presence_penalty: p.presence_penalty,
+        frequency_penalty: p.frequency_penalty,
+        penalty_last_n: p.penalty_last_n as usize,
+        logit_bias,
+        stop,
+        seed: p.seed,
+    };
+    Ok(Sampling { params, max_tokens: p.max_tokens, parse_special: p.parse_special })
 }
 
 /// # Safety
@@ -324,7 +396,7 @@ unsafe fn sampling(params: *const SprigSamplingParams) -> Sampling {
 unsafe fn run_generation<'a>(
     session: *mut SprigSession,
     input: impl FnOnce() -> FfiResult<Input<'a>>,
-    params: Sampling,
+    params: *const SprigSamplingParams,
     callback: SprigTokenCallback,
     user_data: *mut c_void,
     out: *mut SprigGenerateResult,
@@ -332,6 +404,8 @@ unsafe fn run_generation<'a>(
     call(|| {
         let id = handle_id(session, "session")?;
         let input = input()?;
+        // SAFETY: caller contract on `params`.
+        let params = unsafe { sampling(params) }?;
         let mut buf = Vec::new();
         let r: Outcome = core::generate(id, input, &params, |text| match callback {
             None => true,
@@ -376,12 +450,10 @@ pub unsafe extern "C" fn sprig_session_generate(
     user_data: *mut c_void,
     out_result: *mut SprigGenerateResult,
 ) -> SprigStatus {
-    // SAFETY: caller contract on `params`.
-    let p = unsafe { sampling(params) };
     // SAFETY: caller contract on `prompt` (the borrowed text is used during this call only).
     let input = || Ok(Input::Text(unsafe { str_arg(prompt, "prompt") }?));
-    // SAFETY: caller contract on callback, user_data and out_result.
-    unsafe { run_generation(session, input, p, callback, user_data, out_result) }
+    // SAFETY: caller contract on params, callback, user_data and out_result.
+    unsafe { run_generation(session, input, params, callback, user_data, out_result) }
 }
 
 /// Answers the last turn of `messages` (`n_messages` turns) with the model's chat template. When the
@@ -401,8 +473,6 @@ pub unsafe extern "C" fn sprig_session_chat(
     user_data: *mut c_void,
     out_result: *mut SprigGenerateResult,
 ) -> SprigStatus {
-    // SAFETY: caller contract on `params`.
-    let p = unsafe { sampling(params) };
     let input = || {
         if n_messages == 0 || messages.is_null() {
             return Err(FfiError::arg("messages is NULL or empty"));
@@ -422,6 +492,6 @@ pub unsafe extern "C" fn sprig_session_chat(
         }
         Ok(Input::Chat(out))
     };
-    // SAFETY: caller contract on callback, user_data and out_result.
-    unsafe { run_generation(session, input, p, callback, user_data, out_result) }
+    // SAFETY: caller contract on params, callback, user_data and out_result.
+    unsafe { run_generation(session, input, params, callback, user_data, out_result) }
 }

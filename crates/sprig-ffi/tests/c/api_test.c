@@ -194,6 +194,36 @@ int main(int argc, char **argv) {
     bad = greedy;
     bad.top_p = 2;
     EXPECT_ERR(sprig_session_generate(session, "x", &bad, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    bad = greedy;
+    bad.n_logit_bias = 3; /* with a NULL array */
+    EXPECT_ERR(sprig_session_generate(session, "x", &bad, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    bad = greedy;
+    const char *bad_stops[] = {"ok", NULL};
+    bad.stop = bad_stops;
+    bad.n_stop = 2;
+    EXPECT_ERR(sprig_session_generate(session, "x", &bad, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+
+    /* Stop strings (the golden text up to one of them, STOP_STRING), through a bias and a penalty window of 0
+       that change nothing greedy picks. */
+    CHECK(sprig_session_reset(session) == SPRIG_STATUS_OK, "reset");
+    const char *tail = expected + strlen("Once upon a time");
+    char stop_at[8];
+    snprintf(stop_at, sizeof stop_at, "%.7s", tail + 40);
+    const char *stops[] = {"never seen", stop_at};
+    SprigLogitBias bias[] = {{511, -1.0f}};
+    SprigSamplingParams stopping = greedy;
+    stopping.stop = stops;
+    stopping.n_stop = 2;
+    stopping.logit_bias = bias;
+    stopping.n_logit_bias = 1;
+    stopping.penalty_last_n = 0;
+    struct buffer upto = {0};
+    CHECK(sprig_session_generate(session, "Once upon a time", &stopping, collect, &upto, &res) == SPRIG_STATUS_OK,
+          "generate with stop strings");
+    size_t want = (size_t)(strstr(tail, stop_at) - tail);
+    CHECK(res.stop_reason == SPRIG_STOP_STRING && upto.data && strlen(upto.data) == want &&
+              strncmp(upto.data, tail, want) == 0,
+          "stop string `%s`: reason %u, text `%s`", stop_at, res.stop_reason, upto.data ? upto.data : "");
     SprigChatMessage msg = {"user", "hi"};
     EXPECT_ERR(sprig_session_chat(session, &msg, 1, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
     EXPECT_ERR(sprig_session_chat(session, NULL, 0, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);

@@ -80,6 +80,21 @@ fun main(args: Array<String>) {
         check(r.stopReason == StopReason.LENGTH && r.generatedTokens == 252 && r.promptTokens == 5) { "$r" }
         check(c.pieces > 100) { "only ${c.pieces} pieces: not streamed" }
 
+        // A stop string that spans pieces: the text up to it, then STOP_STRING; the same through a penalty and
+        // a bias that changes nothing greedy picks (a bias on a token of the vocabulary's tail).
+        val tail = golden.removePrefix("Once upon a time")
+        val stopAt = tail.substring(40, 47)
+        session.reset()
+        val cs = Collect()
+        val params = greedy.copy(stop = listOf(stopAt), logitBias = mapOf(511 to -1f), penaltyLastN = 0)
+        val rs = session.generateStreaming("Once upon a time", params, cs)
+        check(rs.stopReason == StopReason.STOP_STRING && cs.text.toString() == tail.substring(0, tail.indexOf(stopAt))) {
+            "stop string `$stopAt`: $rs, `${cs.text}`"
+        }
+        expectError(SprigStatus.INVALID_ARGUMENT, "min-p 1") {
+            session.generateStreaming("x", greedy.copy(minP = 1f), Collect())
+        }
+
         // The callback stops generation.
         session.reset()
         val few = Collect(stopAfter = 3)

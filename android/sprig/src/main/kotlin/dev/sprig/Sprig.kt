@@ -27,28 +27,42 @@ data class ModelOptions(
 )
 
 /**
- * Sampling; `temperature = 0` is greedy. The defaults are the engine's (read once through JNI), the same as
- * the C API's and the CLI's. [parseSpecial] (raw prompts of `generate` only): special-token strings in the
- * prompt become control tokens; by default the prompt is plain text. Chat message content is always plain text.
+ * Sampling, as a chain: [logitBias] → repetition/presence/frequency penalties over the last [penaltyLastN]
+ * tokens → [temperature] (0 = greedy) → [topK] → [typicalP] → [topP] → [minP]. Generation stops at any of
+ * [stop] (found across token boundaries, not returned). The session's random stream starts from [seed] and
+ * carries on over its requests until another seed is given. The defaults are the engine's, read by name
+ * through JNI (the same as the C API's and the CLI's). [parseSpecial] (raw prompts of `generate` only):
+ * special-token strings in the prompt become control tokens; by default the prompt is plain text. Chat message
+ * content is always plain text.
  */
 data class SamplingParams(
-    val temperature: Float = EngineDefaults.sampling.temperature,
-    val topK: Int = EngineDefaults.sampling.topK,
-    val topP: Float = EngineDefaults.sampling.topP,
-    val seed: Long = EngineDefaults.sampling.seed,
-    val maxTokens: Int = EngineDefaults.sampling.maxTokens,
+    val temperature: Float = EngineDefaults.float("temperature"),
+    val topK: Int = EngineDefaults.int("topK"),
+    val topP: Float = EngineDefaults.float("topP"),
+    val minP: Float = EngineDefaults.float("minP"),
+    val typicalP: Float = EngineDefaults.float("typicalP"),
+    val repeatPenalty: Float = EngineDefaults.float("repeatPenalty"),
+    val presencePenalty: Float = EngineDefaults.float("presencePenalty"),
+    val frequencyPenalty: Float = EngineDefaults.float("frequencyPenalty"),
+    val penaltyLastN: Int = EngineDefaults.int("penaltyLastN"),
+    /** Token id → added to its logit (`Float.NEGATIVE_INFINITY` bans it). */
+    val logitBias: Map<Int, Float> = emptyMap(),
+    val stop: List<String> = emptyList(),
+    val seed: Long = EngineDefaults.int("seed").toLong(),
+    val maxTokens: Int = EngineDefaults.int("maxTokens"),
     val parseSpecial: Boolean = false
 )
 
-/** The engine's sampling defaults, asked for once. */
+/** The engine's sampling defaults, asked for by name. */
 internal object EngineDefaults {
-    val sampling: SamplingParams by lazy { Native.defaultSamplingParams() }
+    fun float(name: String): Float = Native.samplingDefault(name).toFloat()
+    fun int(name: String): Int = Native.samplingDefault(name).toInt()
 }
 
 data class ChatMessage(val role: String, val content: String)
 
 /** Why a generation ended; the native side returns it by name. */
-enum class StopReason { STOP_TOKEN, LENGTH, CANCELLED, CONTEXT_FULL }
+enum class StopReason { STOP_TOKEN, LENGTH, CANCELLED, CONTEXT_FULL, STOP_STRING }
 
 data class GenerationResult(val stopReason: StopReason, val promptTokens: Int, val generatedTokens: Int)
 
@@ -64,7 +78,7 @@ internal object Native {
     }
 
     @JvmStatic external fun version(): String
-    @JvmStatic external fun defaultSamplingParams(): SamplingParams
+    @JvmStatic external fun samplingDefault(name: String): Double
     @JvmStatic external fun modelLoad(path: String, tokenizer: String?, threads: Int, device: String, contextLength: Int): Long
     @JvmStatic external fun modelFree(model: Long)
     @JvmStatic external fun modelContextLength(model: Long): Int
@@ -73,13 +87,14 @@ internal object Native {
     @JvmStatic external fun sessionFree(session: Long)
     @JvmStatic external fun sessionReset(session: Long)
     @JvmStatic external fun sessionCancel(session: Long)
+    /** [params]'s scalar fields are read by name natively; its bias map and stop list come as arrays. */
     @JvmStatic external fun sessionGenerate(
-        session: Long, prompt: String, temperature: Float, topK: Int, topP: Float, seed: Long, maxTokens: Int,
-        parseSpecial: Boolean, callback: TokenCallback
+        session: Long, prompt: String, params: SamplingParams, biasTokens: IntArray, biasValues: FloatArray,
+        stop: Array<String>, callback: TokenCallback
     ): GenerationResult
     @JvmStatic external fun sessionChat(
-        session: Long, roles: Array<String>, contents: Array<String>, temperature: Float, topK: Int, topP: Float,
-        seed: Long, maxTokens: Int, callback: TokenCallback
+        session: Long, roles: Array<String>, contents: Array<String>, params: SamplingParams, biasTokens: IntArray,
+        biasValues: FloatArray, stop: Array<String>, callback: TokenCallback
     ): GenerationResult
 }
 
@@ -130,19 +145,23 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
     @Volatile private var closed = false
 
     /** Continues the context with [prompt] and streams generated text to [onToken] (blocking). */
-    fun generateStreaming(prompt: String, params: SamplingParams, onToken: TokenCallback): GenerationResult =
-        Native.sessionGenerate(
-            handle, prompt, params.temperature, params.topK, params.topP, params.seed, params.maxTokens,
-            params.parseSpecial, onToken
+    fun generateStreaming(prompt: String, params: SamplingParams, onToken: TokenCallback): GenerationResult {
+        val bias = params.logitBias.entries.toList()
+        return Native.sessionGenerate(
+            handle, prompt, params, bias.map { it.key }.toIntArray(), bias.map { it.value }.toFloatArray(),
+            params.stop.toTypedArray(), onToken
         )
+    }
 
     /** Answers the last turn of [messages] with the model's chat template, streaming to [onToken] (blocking).
      *  Earlier turns already in the cache are not run again. */
-    fun chatStreaming(messages: List<ChatMessage>, params: SamplingParams, onToken: TokenCallback): GenerationResult =
-        Native.sessionChat(
-            handle, messages.map { it.role }.toTypedArray(), messages.map { it.content }.toTypedArray(),
-            params.temperature, params.topK, params.topP, params.seed, params.maxTokens, onToken
+    fun chatStreaming(messages: List<ChatMessage>, params: SamplingParams, onToken: TokenCallback): GenerationResult {
+        val bias = params.logitBias.entries.toList()
+        return Native.sessionChat(
+            handle, messages.map { it.role }.toTypedArray(), messages.map { it.content }.toTypedArray(), params,
+            bias.map { it.key }.toIntArray(), bias.map { it.value }.toFloatArray(), params.stop.toTypedArray(), onToken
         )
+    }
 
     /** Stops the running generation before its next token (it returns with [StopReason.CANCELLED]). */
     fun cancel() = Native.sessionCancel(handle)
