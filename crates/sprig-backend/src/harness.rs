@@ -217,6 +217,24 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
             check(format!("attention window={window:?} pos={pos} T={t}"), dl(&oa), dlr(&or), 1e-5);
             pos += t;
         }
+        // What the layer holds, read back (a saved session), equals the reference's; written into a fresh
+        // cache (a restored one), the next step attends exactly as the original does.
+        let held = pos - pos.saturating_sub(layout.layer_capacity(1));
+        let (mut ka, mut va, mut kr, mut vr) = (vec![], vec![], vec![], vec![]);
+        a.kv_read(&ca, 1, pos - held..pos, &mut ka, &mut va).unwrap();
+        r.kv_read(&cr, 1, pos - held..pos, &mut kr, &mut vr).unwrap();
+        check(format!("kv_read window={window:?} keys"), ka.clone(), kr, 1e-6);
+        check(format!("kv_read window={window:?} values"), va.clone(), vr, 1e-6);
+        let mut restored = a.kv_cache(&layout).unwrap();
+        a.kv_write(&mut restored, 1, pos - held, &ka, &va).unwrap();
+        let (q, k, v) = (random(&mut rng, 2 * 24, 1.0), random(&mut rng, 2 * 12, 1.0), random(&mut rng, 2 * 12, 1.0));
+        let (qa, qr) = pair!(q, 2, 24);
+        let (ka2, kr2) = pair!(k, 2, 12);
+        let (va2, vr2) = pair!(v, 2, 12);
+        let (mut oa, mut or) = (a.tensor(), r.tensor());
+        a.attention(&qa, &ka2, &va2, &mut restored, 1, pos, &p, &mut oa).unwrap();
+        r.attention(&qr, &kr2, &vr2, &mut cr, 1, pos, &p, &mut or).unwrap();
+        check(format!("attention after kv_write window={window:?} pos={pos}"), dl(&oa), dlr(&or), 1e-5);
     }
 
     // Element-wise ops, on enough rows for a backend to split them across threads, then on a few (whose sums

@@ -288,6 +288,20 @@ pub trait Backend: Send + Sync + 'static {
 
     /// A fresh, empty KV cache; an error when it cannot be allocated (a context larger than the memory).
     fn kv_cache(&self, layout: &KvLayout) -> Result<Self::KvCache>;
+    /// Copies the keys and values of `positions` of `layer` to the host, `[n, kv_dim]` row-major each (saving a
+    /// session). Only positions the layer still holds can be read: the last `layer_capacity` before the
+    /// sequence's current position.
+    fn kv_read(
+        &self,
+        cache: &Self::KvCache,
+        layer: usize,
+        positions: std::ops::Range<usize>,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()>;
+    /// Writes keys and values `[n, kv_dim]` of positions `pos0..pos0 + n` into `layer` (restoring a session
+    /// into a fresh cache, positions in increasing order).
+    fn kv_write(&self, cache: &mut Self::KvCache, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()>;
 
     // ---- composite ops: defaults from the primitives (see [`composite`]); override only for speed ----
 

@@ -47,6 +47,7 @@ pub struct BurnWeight {
 pub struct BurnKvCache {
     k: Vec<Option<Tensor<2>>>,
     v: Vec<Option<Tensor<2>>>,
+    kv_dim: usize,
 }
 
 fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
@@ -284,9 +285,52 @@ impl Backend for BurnBackend {
         Ok(state.clone())
     }
 
+    /// Positions are history rows here (the reference keeps every position).
+    fn kv_read(
+        &self,
+        cache: &BurnKvCache,
+        layer: usize,
+        positions: std::ops::Range<usize>,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        ensure_shape!(layer < cache.k.len(), "kv_read", "layer {layer} of a {}-layer cache", cache.k.len());
+        let (Some(kc), Some(vc)) = (&cache.k[layer], &cache.v[layer]) else {
+            ensure_shape!(positions.is_empty(), "kv_read", "positions {positions:?} of an empty layer");
+            k.clear();
+            v.clear();
+            return Ok(());
+        };
+        let held = kc.dims()[0];
+        ensure_shape!(positions.end <= held, "kv_read", "positions {positions:?} of {held}");
+        *k = to_vec(&kc.clone().narrow(0, positions.start, positions.len()));
+        *v = to_vec(&vc.clone().narrow(0, positions.start, positions.len()));
+        Ok(())
+    }
+
+    /// Positions before `pos0` this layer never saw (a restored sliding-window layer keeps only its window)
+    /// are zeros: the window's mask keeps them out of every score.
+    fn kv_write(&self, cache: &mut BurnKvCache, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        ensure_shape!(layer < cache.k.len(), "kv_write", "layer {layer} of a {}-layer cache", cache.k.len());
+        ensure_shape!(k.len() == v.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
+        let cols = cache.kv_dim.max(1);
+        ensure_shape!(k.len() % cols == 0, "kv_write", "{} values are not rows of {cols}", k.len());
+        for (slot, data) in [(&mut cache.k[layer], k), (&mut cache.v[layer], v)] {
+            let held = slot.as_ref().map_or(0, |t| t.dims()[0]);
+            ensure_shape!(held <= pos0, "kv_write", "position {pos0} is already held ({held})");
+            let mut parts: Vec<Tensor<2>> = slot.take().into_iter().collect();
+            if pos0 > held {
+                parts.push(Tensor::<2>::zeros([pos0 - held, cols], &self.device));
+            }
+            parts.push(self.t2(data.to_vec(), data.len() / cols, cols));
+            *slot = Some(Tensor::cat(parts, 0));
+        }
+        Ok(())
+    }
+
     fn kv_cache(&self, layout: &KvLayout) -> Result<BurnKvCache> {
         layout.check_fits(sprig_backend::physical_memory())?;
         let n = layout.windows.len();
-        Ok(BurnKvCache { k: (0..n).map(|_| None).collect(), v: (0..n).map(|_| None).collect() })
+        Ok(BurnKvCache { k: (0..n).map(|_| None).collect(), v: (0..n).map(|_| None).collect(), kv_dim: layout.kv_dim })
     }
 }

@@ -1,12 +1,12 @@
 //! Chat templates: the Jinja template carried in the model, rendered with minijinja.
 
 use minijinja::{context, Environment, Error, ErrorKind};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sprig_tokenizer::Tokenizer;
 
 use crate::{EngineError, Result};
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,

@@ -223,4 +223,10 @@ impl AnySession {
     pub fn position(&self) -> usize {
         with_session!(self, |s| s.state.pos)
     }
+    pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        with_session!(self, |s| s.save(path))
+    }
+    pub fn load(&mut self, path: &std::path::Path) -> Result<()> {
+        with_session!(self, |s| s.load(path))
+    }
 }

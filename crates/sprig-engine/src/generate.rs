@@ -20,6 +20,8 @@ pub struct Engine<B: Backend> {
     pub model: Model<B>,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
+    /// The model's fingerprint (saved sessions name it), computed on first use.
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,7 +77,12 @@ impl<B: Backend> Engine<B> {
         };
         let model = Model::load(backend, file)?;
         release_freed_heap();
-        Ok(Engine { model, tokenizer, template })
+        Ok(Engine { model, tokenizer, template, fingerprint: Default::default() })
+    }
+
+    /// What identifies this model's weights (see [`crate::session_file::model_fingerprint`]).
+    pub fn fingerprint(&self) -> &str {
+        self.fingerprint.get_or_init(|| crate::session_file::model_fingerprint(&self.model.file))
     }
 
     /// Renders a conversation with the model's template and opens the assistant's turn.

@@ -126,4 +126,10 @@ impl Backend for WgpuBackend {
     fn kv_cache(&self, _: &KvLayout) -> Result<Never> {
         match self.never {}
     }
+    fn kv_read(&self, c: &Never, _: usize, _: std::ops::Range<usize>, _: &mut Vec<f32>, _: &mut Vec<f32>) -> Result<()> {
+        match *c {}
+    }
+    fn kv_write(&self, c: &mut Never, _: usize, _: usize, _: &[f32], _: &[f32]) -> Result<()> {
+        match *c {}
+    }
 }

@@ -14,6 +14,7 @@ pub mod load;
 pub mod registry;
 pub mod sampler;
 pub mod session;
+pub mod session_file;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use device::{AnyEngine, AnySession, DeviceChoice};
@@ -51,6 +52,9 @@ pub enum EngineError {
     /// Fetching or verifying a registry model failed (pip, a wheel, a checksum, an unknown name).
     #[error("model registry: {0}")]
     Registry(String),
+    /// A saved session that cannot be restored here: another model or layout, a damaged or truncated file.
+    #[error("session file: {0}")]
+    SessionFile(String),
     /// Evaluation settings that cannot work (no chunk to score, a context too small for the text).
     #[error("evaluation: {0}")]
     Eval(String),

@@ -124,6 +124,8 @@ pub struct Sampler {
     /// The last `penalty_last_n` tokens seen, oldest first, and how often each token id occurs among them.
     recent: VecDeque<u32>,
     counts: Vec<u32>,
+    /// Words drawn from `rng` (one per sampled token; a saved session replays them).
+    draws: u64,
 }
 
 impl Sampler {
@@ -137,12 +139,24 @@ impl Sampler {
     pub fn with_rng(params: SamplingParams, rng: StdRng) -> Result<Self> {
         params.validate()?;
         let window = if params.penalties_on() { params.penalty_last_n } else { 0 };
-        Ok(Sampler { params, rng, cand: Vec::new(), recent: VecDeque::with_capacity(window), counts: Vec::new() })
+        Ok(Sampler {
+            params,
+            rng,
+            cand: Vec::new(),
+            recent: VecDeque::with_capacity(window),
+            counts: Vec::new(),
+            draws: 0,
+        })
     }
 
     /// The random stream, to hand back to the session.
     pub fn into_rng(self) -> StdRng {
         self.rng
+    }
+
+    /// Words drawn from the random stream so far.
+    pub fn draws(&self) -> u64 {
+        self.draws
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -240,7 +254,9 @@ impl Sampler {
             self.cand.retain(|c| c.0 >= floor);
         }
         let total: f32 = self.cand.iter().map(|c| c.0).sum();
+        // One u32 word per draw (rand 0.8's f32), counted so a saved session can replay the stream.
         let mut r = self.rng.gen::<f32>() * total;
+        self.draws += 1;
         for c in &self.cand {
             r -= c.0;
             if r <= 0.0 {

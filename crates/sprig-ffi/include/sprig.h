@@ -207,6 +207,23 @@ enum SprigStatus sprig_session_free(struct SprigSession *session);
 // session generates.
 enum SprigStatus sprig_session_reset(struct SprigSession *session);
 
+// Saves the session (its KV cache, tokens and random stream) to `path`, replacing that file atomically.
+// `SPRIG_STATUS_BUSY` while it generates. Thread safety: any thread.
+//
+// # Safety
+// `path` is NULL or NUL-terminated.
+enum SprigStatus sprig_session_save(struct SprigSession *session,
+                                    const char *path);
+
+// Replaces the session with the one saved at `path`, so the next call continues that conversation without
+// running it again. A file of another model, a truncated or damaged one → `SPRIG_STATUS_LOAD_FAILED` and
+// the session is left empty (never half restored). Thread safety: any thread.
+//
+// # Safety
+// `path` is NULL or NUL-terminated.
+enum SprigStatus sprig_session_load(struct SprigSession *session,
+                                    const char *path);
+
 // Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with
 // `SPRIG_STOP_CANCELLED`). Safe from any thread; no effect on a later generation.
 enum SprigStatus sprig_session_cancel(struct SprigSession *session);

@@ -243,6 +243,20 @@ pub fn reset(id: u64) -> FfiResult<()> {
     r
 }
 
+/// Saves session `id` to `path` (KV cache, tokens, random stream).
+pub fn save_session(id: u64, path: &str) -> FfiResult<()> {
+    let s = SESSIONS.get(id, "session")?;
+    let r = lock(&s)?.save(std::path::Path::new(path)).map_err(|e| engine_error(e, true));
+    r
+}
+
+/// Replaces session `id` with the one saved at `path`; on failure the session is left fresh.
+pub fn load_session(id: u64, path: &str) -> FfiResult<()> {
+    let s = SESSIONS.get(id, "session")?;
+    let r = lock(&s)?.load(std::path::Path::new(path)).map_err(|e| engine_error(e, true));
+    r
+}
+
 /// What a generation did (`SprigGenerateResult` in C).
 #[derive(Clone, Copy, Debug)]
 pub struct Outcome {

@@ -146,6 +146,26 @@ pub extern "system" fn Java_dev_sprig_Native_sessionReset<'l>(mut env: JNIEnv<'l
 }
 
 #[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_sessionSave<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    path: JString<'l>,
+) {
+    entry(&mut env, (), |env| core::save_session(id(h), &string(env, &path, "path")?))
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_sessionLoad<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    path: JString<'l>,
+) {
+    entry(&mut env, (), |env| core::load_session(id(h), &string(env, &path, "path")?))
+}
+
+#[no_mangle]
 pub extern "system" fn Java_dev_sprig_Native_sessionCancel<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) {
     entry(&mut env, (), |_| core::cancel(id(h)))
 }

@@ -336,6 +336,37 @@ pub extern "C" fn sprig_session_reset(session: *mut SprigSession) -> SprigStatus
     call(|| core::reset(handle_id(session, "session")?))
 }
 
+/// Saves the session (its KV cache, tokens and random stream) to `path`, replacing that file atomically.
+/// `SPRIG_STATUS_BUSY` while it generates. Thread safety: any thread.
+///
+/// # Safety
+/// `path` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_save(session: *mut SprigSession, path: *const c_char) -> SprigStatus {
+    call(|| {
+        let id = handle_id(session, "session")?;
+        // SAFETY: caller contract.
+        let path = unsafe { str_arg(path, "path") }?;
+        core::save_session(id, path)
+    })
+}
+
+/// Replaces the session with the one saved at `path`, so the next call continues that conversation without
+/// running it again. A file of another model, a truncated or damaged one → `SPRIG_STATUS_LOAD_FAILED` and
+/// the session is left empty (never half restored). Thread safety: any thread.
+///
+/// # Safety
+/// `path` is NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_load(session: *mut SprigSession, path: *const c_char) -> SprigStatus {
+    call(|| {
+        let id = handle_id(session, "session")?;
+        // SAFETY: caller contract.
+        let path = unsafe { str_arg(path, "path") }?;
+        core::load_session(id, path)
+    })
+}
+
 /// Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with
 /// `SPRIG_STOP_CANCELLED`). Safe from any thread; no effect on a later generation.
 #[no_mangle]

@@ -150,6 +150,17 @@ pub struct State<B: Backend> {
     moe: Vec<Option<B::MoeState>>,
 }
 
+impl<B: Backend> State<B> {
+    /// The KV cache (saving a session).
+    pub fn kv_cache(&self) -> &B::KvCache {
+        &self.kv
+    }
+    /// The KV cache, to restore a saved one into a fresh state (then set `pos`).
+    pub fn kv_cache_mut(&mut self) -> &mut B::KvCache {
+        &mut self.kv
+    }
+}
+
 impl<B: Backend> Model<B> {
     pub fn load(backend: Arc<B>, file: Arc<ModelFile>) -> Result<Self> {
         let c = file.config.clone();

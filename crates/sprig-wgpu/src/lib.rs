@@ -774,6 +774,61 @@ impl Backend for WgpuBackend {
         })
     }
 
+    fn kv_read(
+        &self,
+        cache: &GpuKvCache,
+        layer: usize,
+        positions: std::ops::Range<usize>,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        ensure_shape!(layer < cache.layers.len(), "kv_read", "layer {layer} of a {}-layer cache", cache.layers.len());
+        let (kc, vc, cap) = cache.layers[layer].clone();
+        let kvd = cache.kv_dim;
+        ensure_shape!(positions.len() <= cap, "kv_read", "{} positions of a {cap}-slot layer", positions.len());
+        for (buf, out) in [(kc, k), (vc, v)] {
+            out.clear();
+            self.read(buf, |bytes| {
+                let all: &[f32] = bytemuck::cast_slice(bytes);
+                for p in positions.clone() {
+                    let slot = p % cap;
+                    out.extend_from_slice(&all[slot * kvd..(slot + 1) * kvd]);
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    fn kv_write(&self, cache: &mut GpuKvCache, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        ensure_shape!(layer < cache.layers.len(), "kv_write", "layer {layer} of a {}-layer cache", cache.layers.len());
+        let (kc, vc, cap) = cache.layers[layer].clone();
+        let kvd = cache.kv_dim.max(1);
+        let n = k.len() / kvd;
+        ensure_shape!(k.len() == n * kvd && v.len() == k.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
+        ensure_shape!(n <= cap, "kv_write", "{n} positions into a {cap}-slot layer");
+        if n == 0 {
+            return Ok(());
+        }
+        // The rows go up once, then into their ring slots by the kernel decode appends with.
+        let (ku, vu) = (self.upload_slice(k), self.upload_slice(v));
+        let (count, dim) = elementwise(n * kvd);
+        kv_append_kernel::launch(
+            &self.client,
+            count,
+            dim,
+            arg(&ku, k.len()),
+            arg(&vu, v.len()),
+            arg(&kc, cap * kvd),
+            arg(&vc, cap * kvd),
+            0,
+            n,
+            kvd,
+            pos0,
+            cap,
+        );
+        Ok(())
+    }
+
     fn kv_cache(&self, layout: &KvLayout) -> Result<GpuKvCache> {
         layout.check_fits(self.memory_limit())?;
         for l in 0..layout.windows.len() {

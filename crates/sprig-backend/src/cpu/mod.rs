@@ -275,8 +275,19 @@ impl CpuWeight {
 /// attention reads a run of keys dimension by dimension straight from the cache, and appending a position
 /// only touches the block it falls in (untouched context stays unbacked by memory).
 pub struct CpuKvCache {
+    /// Per layer: keys in blocks of `KEY_BLOCK` slots, each block transposed (`[dim][slot]`), and values
+    /// `[slot, kv_dim]`.
     layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Per layer: slots (its window, or the whole context).
     caps: Vec<usize>,
+    kv_dim: usize,
+}
+
+impl CpuKvCache {
+    fn slots(&self, layer: usize) -> Result<usize> {
+        ensure_shape!(layer < self.caps.len(), "kv", "layer {layer} of a {}-layer cache", self.caps.len());
+        Ok(self.caps[layer])
+    }
 }
 
 /// Raw output pointer shared by workers that write disjoint elements.
@@ -666,7 +677,46 @@ impl Backend for CpuBackend {
             .iter()
             .map(|&c| (vec![0.0; c.next_multiple_of(KEY_BLOCK) * layout.kv_dim], vec![0.0; c * layout.kv_dim]))
             .collect();
-        Ok(CpuKvCache { layers, caps })
+        Ok(CpuKvCache { layers, caps, kv_dim: layout.kv_dim })
+    }
+
+    fn kv_read(
+        &self,
+        cache: &CpuKvCache,
+        layer: usize,
+        positions: std::ops::Range<usize>,
+        k: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<()> {
+        let (cap, kvd) = (cache.slots(layer)?, cache.kv_dim);
+        ensure_shape!(positions.len() <= cap, "kv_read", "{} positions of a {cap}-slot layer", positions.len());
+        let (kc, vc) = &cache.layers[layer];
+        k.clear();
+        v.clear();
+        for p in positions {
+            let slot = p % cap;
+            let block = (slot / KEY_BLOCK) * kvd * KEY_BLOCK + slot % KEY_BLOCK;
+            k.extend((0..kvd).map(|i| kc[block + i * KEY_BLOCK]));
+            v.extend_from_slice(&vc[slot * kvd..(slot + 1) * kvd]);
+        }
+        Ok(())
+    }
+
+    fn kv_write(&self, cache: &mut CpuKvCache, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let (cap, kvd) = (cache.slots(layer)?, cache.kv_dim);
+        let n = k.len() / kvd.max(1);
+        ensure_shape!(k.len() == n * kvd && v.len() == k.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
+        ensure_shape!(n <= cap, "kv_write", "{n} positions into a {cap}-slot layer");
+        let (kc, vc) = &mut cache.layers[layer];
+        for t in 0..n {
+            let slot = (pos0 + t) % cap;
+            let block = (slot / KEY_BLOCK) * kvd * KEY_BLOCK + slot % KEY_BLOCK;
+            for i in 0..kvd {
+                kc[block + i * KEY_BLOCK] = k[t * kvd + i];
+            }
+            vc[slot * kvd..(slot + 1) * kvd].copy_from_slice(&v[t * kvd..(t + 1) * kvd]);
+        }
+        Ok(())
     }
 }
 

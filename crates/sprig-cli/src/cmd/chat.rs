@@ -20,6 +20,9 @@ pub struct ChatArgs {
     /// Most tokens per reply.
     #[arg(short = 'n', long = "n-predict", default_value_t = 512)]
     n: usize,
+    /// Continue the conversation saved in FILE (if it exists) and save it there after every turn.
+    #[arg(long, value_name = "FILE")]
+    session: Option<std::path::PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -38,6 +41,22 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
     let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
     let mut session = Session::new(e, a.model.ctx_size)?;
+    if let Some(path) = a.session.as_ref().filter(|p| p.exists()) {
+        let t0 = std::time::Instant::now();
+        match session.load(path) {
+            Ok(()) => {
+                messages = session.messages().to_vec();
+                eprintln!(
+                    "sprig: restored {} tokens, {} messages from {} in {:.0} ms",
+                    session.tokens().len(),
+                    messages.len(),
+                    path.display(),
+                    t0.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            Err(err) => eprintln!("sprig: {err}; starting a new conversation"),
+        }
+    }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();
     loop {
@@ -50,16 +69,17 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
             continue;
         }
         messages.push(ChatMessage::new("user", &line));
-        let mut reply = String::new();
         let mut out = std::io::stdout().lock();
         session.chat(&messages, &params, a.n, |s| {
-            reply.push_str(s);
             let _ = out.write_all(s.as_bytes());
             let _ = out.flush();
             true
         })?;
         writeln!(out)?;
-        messages.push(ChatMessage::new("assistant", reply.trim()));
+        messages = session.messages().to_vec();
+        if let Some(path) = &a.session {
+            session.save(path).with_context(|| format!("saving the session to {}", path.display()))?;
+        }
     }
     Ok(())
 }

@@ -296,6 +296,24 @@ int main(int argc, char **argv) {
     SprigChatMessage bad_msg = {"user", NULL};
     EXPECT_ERR(sprig_session_chat(chat, &bad_msg, 1, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
 
+    /* Save and restore: a second session loads the first one's file and continues exactly as it does. */
+    char saved[256];
+    snprintf(saved, sizeof saved, "/tmp/sprig-c-api-%d.session", (int)getpid());
+    CHECK(sprig_session_save(chat, saved) == SPRIG_STATUS_OK, "session save: %s", sprig_last_error());
+    SprigSession *restored = NULL;
+    CHECK(sprig_session_new(chat_model, &restored) == SPRIG_STATUS_OK, "session for restore");
+    CHECK(sprig_session_load(restored, saved) == SPRIG_STATUS_OK, "session load: %s", sprig_last_error());
+    struct buffer cont_a = {0}, cont_b = {0};
+    CHECK(sprig_session_generate(chat, " and", &short_run, collect, &cont_a, NULL) == SPRIG_STATUS_OK &&
+              sprig_session_generate(restored, " and", &short_run, collect, &cont_b, NULL) == SPRIG_STATUS_OK,
+          "continue both");
+    CHECK(cont_a.data && cont_b.data && strcmp(cont_a.data, cont_b.data) == 0, "restored continues differently");
+    EXPECT_ERR(sprig_session_load(restored, "/nonexistent/s.session"), SPRIG_STATUS_LOAD_FAILED);
+    EXPECT_ERR(sprig_session_load(restored, model_path), SPRIG_STATUS_LOAD_FAILED); /* not a session file */
+    EXPECT_ERR(sprig_session_save(restored, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    CHECK(sprig_session_free(restored) == SPRIG_STATUS_OK, "free restored");
+    remove(saved);
+
     /* Handles: freed, doubled, made-up. A session outlives its model's handle. */
     CHECK(sprig_model_free(model) == SPRIG_STATUS_OK, "model free");
     EXPECT_ERR(sprig_model_free(model), SPRIG_STATUS_INVALID_HANDLE);

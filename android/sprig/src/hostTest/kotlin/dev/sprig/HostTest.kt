@@ -95,6 +95,19 @@ fun main(args: Array<String>) {
             session.generateStreaming("x", greedy.copy(minP = 1f), Collect())
         }
 
+        // Save and restore: another session continues exactly as this one does; a bad file → LOAD_FAILED.
+        val saved = File.createTempFile("sprig", ".session")
+        session.save(saved.path)
+        model.newSession().use { other ->
+            other.load(saved.path)
+            val (a, b) = Collect() to Collect()
+            session.generateStreaming(" and", greedy.copy(maxTokens = 6), a)
+            other.generateStreaming(" and", greedy.copy(maxTokens = 6), b)
+            check(a.text.toString() == b.text.toString()) { "restored: `${b.text}` vs `${a.text}`" }
+            expectError(SprigStatus.LOAD_FAILED, "not a session file") { other.load(modelPath) }
+        }
+        saved.delete()
+
         // The callback stops generation.
         session.reset()
         val few = Collect(stopAfter = 3)

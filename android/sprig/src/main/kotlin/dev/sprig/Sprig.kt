@@ -87,6 +87,8 @@ internal object Native {
     @JvmStatic external fun sessionFree(session: Long)
     @JvmStatic external fun sessionReset(session: Long)
     @JvmStatic external fun sessionCancel(session: Long)
+    @JvmStatic external fun sessionSave(session: Long, path: String)
+    @JvmStatic external fun sessionLoad(session: Long, path: String)
     /** [params]'s scalar fields are read by name natively; its bias map and stop list come as arrays. */
     @JvmStatic external fun sessionGenerate(
         session: Long, prompt: String, params: SamplingParams, biasTokens: IntArray, biasValues: FloatArray,
@@ -168,6 +170,16 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
 
     /** Forgets the conversation. */
     fun reset() = Native.sessionReset(handle)
+
+    /** Saves the conversation (KV cache, tokens, random stream) to [path], replacing the file atomically. */
+    fun save(path: String) = Native.sessionSave(handle, path)
+
+    /**
+     * Replaces the conversation with the one saved at [path]: the next call continues it without running it
+     * again. A file of another model, a truncated or damaged one throws [SprigException] (LOAD_FAILED) and
+     * leaves the session empty.
+     */
+    fun load(path: String) = Native.sessionLoad(handle, path)
 
     @Synchronized
     override fun close() {
