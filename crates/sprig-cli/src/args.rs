@@ -114,6 +114,10 @@ pub struct ModelArgs {
     /// Say how the model was set up: the CPU kernels picked per shape class and why.
     #[arg(short = 'v', long)]
     pub verbose: bool,
+    /// MiB the model and one session may use (weights + KV cache + scratch), checked before loading; the
+    /// memory the system has available is checked either way.
+    #[arg(long, value_name = "MB")]
+    pub memory_budget: Option<u64>,
 }
 
 impl ModelArgs {
@@ -136,7 +140,10 @@ impl ModelArgs {
     }
 
     pub fn engine(&self) -> Result<AnyEngine> {
-        let e = AnyEngine::new(self.open()?, self.device.0, self.threads, &mut |s| eprintln!("sprig: {s}"))?;
+        let file = self.open()?;
+        let need = sprig_engine::memory::MemoryNeed::of(&file, self.ctx_size);
+        sprig_engine::memory::check(&need, self.memory_budget.map(|m| m << 20), "the model with one session")?;
+        let e = AnyEngine::new(file, self.device.0, self.threads, &mut |s| eprintln!("sprig: {s}"))?;
         if self.verbose {
             for line in e.describe() {
                 eprintln!("sprig: {line}");

@@ -20,7 +20,8 @@ fn run_convert_inspect_and_errors() {
     let native = dir.join("s.safetensors");
     let (_, err) = run_ok(&["convert", m, "--tokenizer", t, "-o", native.to_str().unwrap(), "--quant", "q8"]);
     assert!(err.contains("bits per weight"), "{err}");
-    let (out, _) = run_ok(&["inspect", native.to_str().unwrap(), "--kv", "512"]);
+    let (out, _) = run_ok(&["inspect", native.to_str().unwrap(), "--kv", "512", "--memory"]);
+    assert!(out.contains("KV cache (f32)") && out.contains("available now"), "{out}");
     assert!(out.contains("architecture: llama") && out.contains("blk.0.attn_q.weight") && out.contains("q8"), "{out}");
     let (out, _) =
         run_ok(&["bench", "-m", native.to_str().unwrap(), "-p", "8", "-n", "8", "-r", "1", "-t", "1", "--json"]);
@@ -35,6 +36,9 @@ fn run_convert_inspect_and_errors() {
     assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--temp", "-1"]).contains("temperature"));
     assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--top-p", "2"]).contains("top_p"));
     assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--min-p", "1"]).contains("min_p"));
+    // A memory budget the model does not fit: refused before loading, with the breakdown.
+    let e = run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--memory-budget", "0"]);
+    assert!(e.contains("budget") && e.contains("KV cache"), "{e}");
     assert!(run_err(&["run", "-m", m, "--tokenizer", t, "-p", "x", "--logit-bias", "5"]).contains("TOKEN=BIAS"));
     // --stop ends the text before the stop string (the prompt is echoed, then the continuation).
     let (full, _) = run_ok(&["run", "-m", m, "--tokenizer", t, "-p", "Once upon a time", "-n", "40"]);
@@ -90,6 +94,28 @@ fn chat_reads_turns_from_a_pipe() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).matches('\n').count(), 2);
     // A model without BOS cannot start from an empty prompt: a clear error.
     assert!(run_err(&["run", "-m", dir.to_str().unwrap(), "-p", ""]).contains("empty prompt"));
+    // --session: the second invocation restores the first one's conversation and continues it; a damaged
+    // file is reported and the chat starts over.
+    let session = dir.join("chat.session");
+    let chat = |input: &[u8]| {
+        let mut child = sprig()
+            .args(["chat", "-m", dir.to_str().unwrap(), "-n", "5", "-t", "1", "--session", session.to_str().unwrap()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    chat(b"the cat\n");
+    let err = chat(b"the dog\n");
+    assert!(err.contains("restored") && err.contains("2 messages"), "{err}");
+    std::fs::write(&session, b"garbage").unwrap();
+    let err = chat(b"the dog\n");
+    assert!(err.contains("not a sprig session") && err.contains("starting a new conversation"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

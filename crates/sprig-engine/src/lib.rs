@@ -11,6 +11,7 @@ pub mod generate;
 mod gpu_stub;
 pub mod kernel_cache;
 pub mod load;
+pub mod memory;
 pub mod registry;
 pub mod sampler;
 pub mod session;
@@ -52,6 +53,9 @@ pub enum EngineError {
     /// Fetching or verifying a registry model failed (pip, a wheel, a checksum, an unknown name).
     #[error("model registry: {0}")]
     Registry(String),
+    /// What a model and its session need does not fit the caller's memory budget or the memory available.
+    #[error("memory: {0}")]
+    MemoryBudget(String),
     /// A saved session that cannot be restored here: another model or layout, a damaged or truncated file.
     #[error("session file: {0}")]
     SessionFile(String),

@@ -75,6 +75,10 @@ typedef struct SprigModelOptions {
   uint32_t device;
   // Tokens each session can hold; 0 = the model's trained context.
   uint32_t context_length;
+  // MiB the model and one session may use (weights + KV cache + scratch), checked before loading
+  // (`SPRIG_STATUS_OUT_OF_MEMORY` when it does not fit); 0 = no budget. The memory the system has available
+  // is checked either way.
+  uint32_t memory_budget_mb;
 } SprigModelOptions;
 
 // A bias on one token's logit.

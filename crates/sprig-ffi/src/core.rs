@@ -80,6 +80,7 @@ fn engine_error(e: EngineError, loading: bool) -> FfiError {
     use sprig_models::ModelError as M;
     let status = match &e {
         _ if e.is_context_overflow() => SprigStatus::ContextFull,
+        EngineError::MemoryBudget(_) => SprigStatus::OutOfMemory,
         _ => match e.device_error() {
             Some(B::OutOfMemory { .. }) => SprigStatus::OutOfMemory,
             Some(_) => SprigStatus::Device,
@@ -106,6 +107,8 @@ pub struct LoadRequest<'a> {
     pub threads: u32,
     pub device: DeviceChoice,
     pub context_length: u32,
+    /// MiB the model and one session may use (0 = no budget; the available memory is checked either way).
+    pub memory_budget_mb: u32,
 }
 
 /// A C device number.
@@ -175,6 +178,9 @@ pub fn load_model(r: &LoadRequest) -> FfiResult<u64> {
     if ctx > trained {
         return Err(FfiError::arg(format!("context length {ctx} exceeds the model's trained context of {trained}")));
     }
+    let budget = (r.memory_budget_mb > 0).then(|| r.memory_budget_mb as u64 * (1 << 20));
+    let need = sprig_engine::memory::MemoryNeed::of(&file, ctx);
+    sprig_engine::memory::check(&need, budget, "the model with one session").map_err(|e| engine_error(e, true))?;
     // Auto's fallback to the CPU is not an error; hosts see the device in use with sprig_model_device.
     let engine = AnyEngine::new(file, device, r.threads as usize, &mut |_| {}).map_err(|e| engine_error(e, true))?;
     Ok(MODELS.insert(ModelHandle { engine, context_length: ctx }))

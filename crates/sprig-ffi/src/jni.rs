@@ -63,13 +63,14 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
     threads: jint,
     device: JString<'l>,
     context_length: jint,
+    memory_budget_mb: jint,
 ) -> jlong {
     entry(&mut env, 0, |env| {
         let path = string(env, &path, "path")?;
         let device = device_by_name(&string(env, &device, "device")?)?;
         let tokenizer = if tokenizer.is_null() { None } else { Some(string(env, &tokenizer, "tokenizerPath")?) };
-        if threads < 0 || context_length < 0 {
-            return Err(FfiError::arg("threads and contextLength must be ≥ 0"));
+        if threads < 0 || context_length < 0 || memory_budget_mb < 0 {
+            return Err(FfiError::arg("threads, contextLength and memoryBudgetMb must be ≥ 0"));
         }
         let req = LoadRequest {
             path: &path,
@@ -77,6 +78,7 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
             threads: threads as u32,
             device,
             context_length: context_length as u32,
+            memory_budget_mb: memory_budget_mb as u32,
         };
         Ok(core::load_model(&req)? as jlong)
     })

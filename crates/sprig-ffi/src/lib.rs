@@ -64,6 +64,10 @@ pub struct SprigModelOptions {
     pub device: u32,
     /// Tokens each session can hold; 0 = the model's trained context.
     pub context_length: u32,
+    /// MiB the model and one session may use (weights + KV cache + scratch), checked before loading
+    /// (`SPRIG_STATUS_OUT_OF_MEMORY` when it does not fit); 0 = no budget. The memory the system has available
+    /// is checked either way.
+    pub memory_budget_mb: u32,
 }
 
 /// Sampling of `sprig_session_generate` / `sprig_session_chat`; start from `sprig_sampling_params_default()`.
@@ -193,7 +197,13 @@ pub extern "C" fn sprig_last_error() -> *const c_char {
 
 #[no_mangle]
 pub extern "C" fn sprig_model_options_default() -> SprigModelOptions {
-    SprigModelOptions { tokenizer_path: std::ptr::null(), threads: 0, device: SPRIG_DEVICE_CPU, context_length: 0 }
+    SprigModelOptions {
+        tokenizer_path: std::ptr::null(),
+        threads: 0,
+        device: SPRIG_DEVICE_CPU,
+        context_length: 0,
+        memory_budget_mb: 0,
+    }
 }
 
 /// The engine's defaults (the same as the CLI's and Kotlin's): greedy, top-k 40, top-p 0.95, penalties off
@@ -250,7 +260,14 @@ pub unsafe extern "C" fn sprig_model_load(
             Some(unsafe { str_arg(o.tokenizer_path, "tokenizer_path") }?)
         };
         let device = core::device_from_code(o.device)?;
-        let req = LoadRequest { path, tokenizer, threads: o.threads, device, context_length: o.context_length };
+        let req = LoadRequest {
+            path,
+            tokenizer,
+            threads: o.threads,
+            device,
+            context_length: o.context_length,
+            memory_budget_mb: o.memory_budget_mb,
+        };
         let id = core::load_model(&req)?;
         // SAFETY: `out_model` is non-null and writable per the caller contract.
         unsafe { *out_model = id as usize as *mut SprigModel };

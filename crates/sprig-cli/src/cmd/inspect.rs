@@ -15,6 +15,10 @@ pub struct InspectArgs {
     /// Also print KV-cache bytes per layer kind at this context length.
     #[arg(long)]
     kv: Option<usize>,
+    /// Also print what the model needs in memory with one session (at --kv tokens, or its own context), and
+    /// what this system has available.
+    #[arg(long)]
+    memory: bool,
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
@@ -40,6 +44,19 @@ pub fn run(a: InspectArgs) -> Result<()> {
             v.clone()
         };
         println!("  {k}: {}", shown.replace('\n', "\\n"));
+    }
+    if a.memory {
+        let need = sprig_engine::memory::MemoryNeed::of(&f, a.kv.unwrap_or(0));
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        println!("\nmemory with one session of {} tokens:", a.kv.unwrap_or(c.max_seq_len));
+        println!("  weights (mapped): {:.1} MiB", mib(need.weights));
+        println!("  KV cache (f32):   {:.1} MiB", mib(need.kv_cache));
+        println!("  scratch:          {:.1} MiB", mib(need.scratch));
+        println!("  total:            {:.1} MiB", mib(need.total()));
+        match sprig_engine::memory::available() {
+            Some(av) => println!("  available now:    {:.1} MiB", mib(av)),
+            None => println!("  available now:    unknown"),
+        }
     }
     if let Some(ctx) = a.kv {
         let layout = sprig_backend::KvLayout::for_model(c, ctx);

@@ -146,6 +146,9 @@ int main(int argc, char **argv) {
     EXPECT_ERR(sprig_model_load(model_path, &gpu, &model), SPRIG_STATUS_DEVICE);
     gpu.device = 7;
     EXPECT_ERR(sprig_model_load(model_path, &gpu, &model), SPRIG_STATUS_INVALID_ARGUMENT);
+    SprigModelOptions tight = opts;
+    tight.memory_budget_mb = 1; /* stories260K with its 512-token KV cache needs ~2.5 MiB */
+    EXPECT_ERR(sprig_model_load(model_path, &tight, &model), SPRIG_STATUS_OUT_OF_MEMORY);
     CHECK(model == NULL, "failed loads must not set the handle");
 
     CHECK(sprig_model_load(model_path, &opts, &model) == SPRIG_STATUS_OK, "load stories260K");

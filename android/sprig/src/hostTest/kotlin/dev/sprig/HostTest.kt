@@ -67,6 +67,7 @@ fun main(args: Array<String>) {
     expectError(SprigStatus.LOAD_FAILED, "llama2.c without tokenizer") { SprigModel.load(modelPath) }
     expectError(SprigStatus.DEVICE, "GPU in a CPU build") { SprigModel.load(modelPath, opts.copy(device = Device.GPU)) }
     expectError(SprigStatus.INVALID_ARGUMENT, "negative threads") { SprigModel.load(modelPath, opts.copy(threads = -1)) }
+    expectError(SprigStatus.OUT_OF_MEMORY, "a 1 MiB budget") { SprigModel.load(modelPath, opts.copy(memoryBudgetMb = 1)) }
 
     SprigModel.load(modelPath, opts).use { model ->
         check(model.contextLength == 512) { "context ${model.contextLength}" }

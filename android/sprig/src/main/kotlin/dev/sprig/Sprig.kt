@@ -18,12 +18,17 @@ class SprigException(val code: Int, statusName: String, message: String) : Runti
 /** Where a model runs; passed to and from the native side by name. */
 enum class Device { CPU, GPU, AUTO }
 
-/** Options of [SprigModel.load]. `threads = 0`: one per core; `contextLength = 0`: the model's own. */
+/**
+ * Options of [SprigModel.load]. `threads = 0`: one per core; `contextLength = 0`: the model's own;
+ * `memoryBudgetMb`: what the model and one session may use (weights + KV cache + scratch), checked before
+ * loading (OUT_OF_MEMORY instead of the low-memory killer); 0 = no budget (the available memory is checked).
+ */
 data class ModelOptions(
     val tokenizerPath: String? = null,
     val threads: Int = 0,
     val device: Device = Device.CPU,
-    val contextLength: Int = 0
+    val contextLength: Int = 0,
+    val memoryBudgetMb: Int = 0
 )
 
 /**
@@ -79,7 +84,9 @@ internal object Native {
 
     @JvmStatic external fun version(): String
     @JvmStatic external fun samplingDefault(name: String): Double
-    @JvmStatic external fun modelLoad(path: String, tokenizer: String?, threads: Int, device: String, contextLength: Int): Long
+    @JvmStatic external fun modelLoad(
+        path: String, tokenizer: String?, threads: Int, device: String, contextLength: Int, memoryBudgetMb: Int
+    ): Long
     @JvmStatic external fun modelFree(model: Long)
     @JvmStatic external fun modelContextLength(model: Long): Int
     @JvmStatic external fun modelDevice(model: Long): String
@@ -111,7 +118,10 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
     companion object {
         @JvmStatic
         fun load(path: String, options: ModelOptions = ModelOptions()): SprigModel = SprigModel(
-            Native.modelLoad(path, options.tokenizerPath, options.threads, options.device.name, options.contextLength)
+            Native.modelLoad(
+                path, options.tokenizerPath, options.threads, options.device.name, options.contextLength,
+                options.memoryBudgetMb
+            )
         )
 
         @JvmStatic

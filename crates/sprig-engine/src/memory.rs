@@ -1,0 +1,104 @@
+//! Memory budget: what a model and its sessions need in memory, checked before anything is loaded or
+//! allocated, so the app gets a clear error instead of the system's low-memory killer.
+
+use sprig_backend::KvLayout;
+use sprig_format::ModelFile;
+
+use crate::generate::PREFILL_CHUNK;
+use crate::{EngineError, Result};
+
+/// Bytes a model needs resident, by part (`sprig inspect --memory`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryNeed {
+    /// The weights as stored (mapped from the file; every page is read by a forward pass).
+    pub weights: u64,
+    /// One session's KV cache at the context it is opened with.
+    pub kv_cache: u64,
+    /// One session's activation buffers at the largest prefill chunk (and its logits).
+    pub scratch: u64,
+}
+
+impl MemoryNeed {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.scratch
+    }
+
+    /// What `file` needs with one session of `context` tokens (0 = the model's trained context).
+    pub fn of(file: &ModelFile, context: usize) -> Self {
+        let c = &file.config;
+        let ctx = if context == 0 { c.max_seq_len } else { context };
+        let kv_cache = KvLayout::for_model(c, ctx).total_bytes().unwrap_or(u64::MAX);
+        let hidden = c.moe.as_ref().map_or(c.hidden_dim, |m| m.expert_hidden_dim.max(c.hidden_dim));
+        let t = PREFILL_CHUNK.min(ctx) as u64;
+        // Per token of a chunk: the residual stream and its normalised copy, Q/K/V and the attention output,
+        // gate/up/hidden, the projection; plus the logits of the last token (all f32).
+        let per_token = 4 * (3 * c.dim + c.q_dim() * 2 + 2 * c.kv_dim() + 3 * hidden) as u64;
+        let scratch = t * per_token + 4 * c.vocab_size as u64;
+        MemoryNeed { weights: file.file_bytes() as u64, kv_cache, scratch }
+    }
+}
+
+/// `MemAvailable` of this machine in bytes (Linux and Android), `None` where unknown.
+pub fn available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Fails when `need` exceeds the caller's budget or the memory the system has available now.
+pub fn check(need: &MemoryNeed, budget: Option<u64>, what: &str) -> Result<()> {
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let detail = || {
+        format!(
+            "weights {:.1} MiB + KV cache {:.1} MiB + scratch {:.1} MiB = {:.1} MiB",
+            mib(need.weights),
+            mib(need.kv_cache),
+            mib(need.scratch),
+            mib(need.total())
+        )
+    };
+    if let Some(b) = budget {
+        if need.total() > b {
+            return Err(EngineError::MemoryBudget(format!(
+                "{what} needs {}, more than the budget of {:.1} MiB (use a smaller context or model)",
+                detail(),
+                mib(b)
+            )));
+        }
+    }
+    if let Some(a) = available() {
+        if need.total() > a {
+            return Err(EngineError::MemoryBudget(format!(
+                "{what} needs {}, more than the {:.1} MiB this system has available now",
+                detail(),
+                mib(a)
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sprig_format::testutil::tiny_config;
+    use sprig_format::ContainerWriter;
+
+    #[test]
+    fn the_need_adds_up_and_a_budget_below_it_is_refused() {
+        let c = tiny_config();
+        let mut w = ContainerWriter::new(&c, "{}".into(), None);
+        w.add_f32("x", &[4], &[0.0; 4]);
+        let file = ModelFile::from_bytes(&w.to_bytes()).unwrap();
+        let need = MemoryNeed::of(&file, 100);
+        assert_eq!(need.kv_cache, KvLayout::for_model(&c, 100).total_bytes().unwrap());
+        assert_eq!(need.weights, file.file_bytes() as u64);
+        assert_eq!(need.total(), need.weights + need.kv_cache + need.scratch);
+        // 0 = the trained context.
+        assert_eq!(MemoryNeed::of(&file, 0).kv_cache, KvLayout::for_model(&c, c.max_seq_len).total_bytes().unwrap());
+        let e = check(&need, Some(need.total() - 1), "it").unwrap_err().to_string();
+        assert!(e.contains("budget") && e.contains("KV cache"), "{e}");
+        check(&need, Some(need.total()), "it").unwrap();
+    }
+}
