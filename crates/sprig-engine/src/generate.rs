@@ -140,13 +140,13 @@ impl<B: Backend> Engine<B> {
         let mut cancelled = false;
         // One text buffer for every piece: decode allocates nothing per token once it has grown.
         let mut piece = String::with_capacity(self.tokenizer.max_piece_bytes());
-        if echo_prompt {
-            for &t in prompt {
-                piece.clear();
-                dec.push_into(t, &mut piece)?;
-                if Some(t) != bos && !piece.is_empty() && !cancelled {
-                    cancelled = !on_text(&piece);
-                }
+        // The decoder sees the prompt either way: the generated text continues it (no leading space dropped as
+        // if it started the output).
+        for &t in prompt {
+            piece.clear();
+            dec.push_into(t, &mut piece)?;
+            if echo_prompt && Some(t) != bos && !piece.is_empty() && !cancelled {
+                cancelled = !on_text(&piece);
             }
         }
         let t0 = Instant::now();

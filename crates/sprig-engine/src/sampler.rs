@@ -187,6 +187,10 @@ impl Sampler {
             return Err(EngineError::BadLogits { index: i, value: logits[i] });
         }
         let p = &self.params;
+        if p.temperature < GREEDY_BELOW && p.logit_bias.is_empty() && !p.penalties_on() {
+            // Nothing changes the logits: the best one, without copying them.
+            return Ok(argmax(logits));
+        }
         self.cand.clear();
         self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
         for &(t, b) in &p.logit_bias {
@@ -211,12 +215,13 @@ impl Sampler {
                     c.1 = u32::MAX; // marked: penalised
                 }
             }
-            for (i, c) in self.cand.iter_mut().enumerate() {
-                c.1 = i as u32;
+            // Unmark: only the window's tokens were touched.
+            for &t in &self.recent {
+                self.cand[t as usize].1 = t;
             }
         }
         if p.temperature < GREEDY_BELOW {
-            return best(&self.cand);
+            return Ok(best(&self.cand));
         }
         let t = p.temperature;
         self.cand.iter_mut().for_each(|c| c.0 /= t);
@@ -288,14 +293,14 @@ fn typical(cand: &mut Vec<(f32, u32)>, mass: f32) {
 }
 
 /// The best candidate (first on ties, as llama2.c).
-fn best(cand: &[(f32, u32)]) -> Result<u32> {
+fn best(cand: &[(f32, u32)]) -> u32 {
     let mut b = 0;
     for (i, c) in cand.iter().enumerate() {
         if c.0 > cand[b].0 {
             b = i;
         }
     }
-    Ok(cand[b].1)
+    cand[b].1
 }
 
 /// Index of the largest logit (first on ties, as llama2.c).

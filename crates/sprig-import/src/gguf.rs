@@ -346,21 +346,19 @@ fn attention_from_gguf(
     };
     let key = k("attention.sliding_window_pattern");
     match g.get(&key) {
-        Some(v) if v.as_array().is_some() => {
-            let a = v.as_array().unwrap();
-            if a.len() != n_layers {
-                return Err(invalid(format!("GGUF: `{key}` has {} entries for {n_layers} layers", a.len())));
+        Some(v) => match (v.as_array(), v.as_u64()) {
+            (Some(a), _) if a.len() != n_layers => {
+                Err(invalid(format!("GGUF: `{key}` has {} entries for {n_layers} layers", a.len())))
             }
-            a.iter()
+            (Some(a), _) => a
+                .iter()
                 .map(|v| match v.as_bool() {
                     Some(true) => Ok(AttentionKind::Sliding { window }),
                     Some(false) => Ok(AttentionKind::Global),
                     None => Err(invalid(format!("GGUF: `{key}` entries must be bools"))),
                 })
-                .collect()
-        }
-        Some(v) => match v.as_u64() {
-            Some(every) if every > 0 => Ok(arch::sliding_every(n_layers, window, every as usize)),
+                .collect(),
+            (None, Some(every)) if every > 0 => Ok(arch::sliding_every(n_layers, window, every as usize)),
             _ => Err(invalid(format!("GGUF: `{key}` must be a period > 0 or one bool per layer"))),
         },
         // No pattern: the family's rule; a family without one ignores the window (as llama.cpp does).

@@ -469,6 +469,12 @@ impl GgufWriter {
             self.kv.extend(x.to_le_bytes());
         }
     }
+    pub fn bools(&mut self, k: &str, v: &[bool]) {
+        self.key(k, 9);
+        self.kv.extend(7u32.to_le_bytes());
+        self.kv.extend((v.len() as u64).to_le_bytes());
+        self.kv.extend(v.iter().map(|&b| b as u8));
+    }
     /// A tensor in row-major `shape` (slowest first), stored as ggml type `ty` with the given raw bytes.
     pub fn tensor(&mut self, name: &str, shape: &[usize], ty: u32, bytes: Vec<u8>) {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
@@ -519,7 +525,8 @@ pub fn gguf_bytes(s: &SynthSpec) -> Result<Vec<u8>> {
     Ok(gguf_writer(s)?.to_bytes())
 }
 
-fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
+/// [`write_gguf`]'s writer, for tests that add keys before writing.
+pub fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     let v = synth_vocab(s.vocab);
     let mut g = GgufWriter::new();
     let a = s.arch.name();

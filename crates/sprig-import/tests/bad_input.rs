@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 use sprig_import::gguf::GgufFile;
-use sprig_import::synth::{Arch, gguf_bytes, write_hf_dir, GgufWriter, HfDtype, SynthSpec};
+use sprig_import::synth::{gguf_bytes, gguf_writer, write_hf_dir, Arch, GgufWriter, HfDtype, SynthSpec};
 use sprig_import::{llama2c, ImportOptions, QuantChoice};
 
 fn fixture(p: &str) -> PathBuf {
@@ -76,6 +76,34 @@ fn gguf_lies() {
 }
 
 #[test]
+fn gguf_sliding_window_pattern_is_read_or_refused() {
+    // tiny(Llama): two layers, no window of its own; the test adds the window and a pattern.
+    let spec = SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny(Arch::Llama) };
+    let with = |add: &dyn Fn(&mut GgufWriter)| {
+        let mut g = gguf_writer(&spec).unwrap();
+        g.u32("llama.attention.sliding_window", 4);
+        add(&mut g);
+        g.to_bytes()
+    };
+    let key = "llama.attention.sliding_window_pattern";
+    assert!(gguf_err(with(&|g| g.bools(key, &[true]))).contains("1 entries for 2 layers"));
+    assert!(gguf_err(with(&|g| g.i32s(key, &[1, 0]))).contains("must be bools"));
+    assert!(gguf_err(with(&|g| g.u32(key, 0))).contains("period > 0"));
+    assert!(gguf_err(with(&|g| g.str(key, "every other"))).contains("period > 0"));
+    // Read when valid: per-layer bools, true = sliding.
+    let g = GgufFile::from_bytes(with(&|g| g.bools(key, &[true, false]))).unwrap();
+    let c = sprig_import::gguf::config_from_gguf(&g).unwrap();
+    assert_eq!(c.attention, [sprig_format::AttentionKind::Sliding { window: 4 }, sprig_format::AttentionKind::Global]);
+    // A family whose rule needs a window (Gemma 3) refuses a file without one.
+    let mut g = GgufWriter::new();
+    g.str("general.architecture", "gemma3");
+    for (k, v) in [("embedding_length", 32), ("block_count", 2), ("attention.head_count", 4)] {
+        g.u32(&format!("gemma3.{k}"), v);
+    }
+    assert!(gguf_err(g.to_bytes()).contains("`gemma3.attention.sliding_window` is required"));
+}
+
+#[test]
 fn gguf_missing_metadata_names_the_key() {
     let mut g = GgufWriter::new();
     g.str("general.architecture", "llama");
@@ -133,6 +161,10 @@ fn hf_bad_inputs() {
     assert!(imp().unwrap().contains("hidden_size"));
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();
     assert!(imp().unwrap().contains("config.json"));
+    // layer_types that do not cover the layers (tiny: two).
+    let odd = cfg.replacen('{', r#"{"layer_types": ["sliding_attention"], "sliding_window": 4, "#, 1);
+    std::fs::write(dir.join("config.json"), odd).unwrap();
+    assert!(imp().unwrap().contains("1 layer_types for 2 layers"));
     std::fs::write(dir.join("config.json"), &cfg).unwrap();
     let w = std::fs::read(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &w[..w.len() / 2]).unwrap();

@@ -204,21 +204,11 @@ pub fn bench<B: Backend>(e: &Engine<B>, o: &BenchOptions) -> Result<()> {
     } else {
         println!("| model | backend | threads | test | t/s (median) | t/s (best) |");
         println!("|---|---|---|---|---|---|");
-        if o.prompt > 0 {
-            println!(
-                "| {} | {} | {threads} | pp{} | {pp_med:.2} | {pp_best:.2} |",
-                o.model_name,
-                e.model.backend.name(),
-                o.prompt
-            );
-        }
-        if o.gen > 0 {
-            println!(
-                "| {} | {} | {threads} | tg{} | {tg_med:.2} | {tg_best:.2} |",
-                o.model_name,
-                e.model.backend.name(),
-                o.gen
-            );
+        let backend = e.model.backend.name();
+        for (test, n, med, best) in [("pp", o.prompt, pp_med, pp_best), ("tg", o.gen, tg_med, tg_best)] {
+            if n > 0 {
+                println!("| {} | {backend} | {threads} | {test}{n} | {med:.2} | {best:.2} |", o.model_name);
+            }
         }
         if let Some(r) = rss {
             println!("\npeak RSS: {:.1} MB", r as f64 / 1e6);

@@ -58,10 +58,12 @@ data class SamplingParams(
     val parseSpecial: Boolean = false
 )
 
-/** The engine's sampling defaults, asked for by name. */
+/** The engine's sampling defaults, asked for by name once each. */
 internal object EngineDefaults {
-    fun float(name: String): Float = Native.samplingDefault(name).toFloat()
-    fun int(name: String): Int = Native.samplingDefault(name).toInt()
+    private val asked = java.util.concurrent.ConcurrentHashMap<String, Double>()
+    private fun get(name: String): Double = asked.getOrPut(name) { Native.samplingDefault(name) }
+    fun float(name: String): Float = get(name).toFloat()
+    fun int(name: String): Int = get(name).toInt()
 }
 
 data class ChatMessage(val role: String, val content: String)
