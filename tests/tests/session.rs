@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use sprig_engine::generate::{StopReason, PREFILL_CHUNK};
-use sprig_engine::{ChatMessage, SamplingParams, Session};
+use sprig_engine::{ChatMessage, ContextPolicy, SamplingParams, Session};
 use sprig_import::QuantChoice;
 use sprig_tests::*;
 
@@ -125,6 +125,9 @@ fn tmp(name: &str) -> std::path::PathBuf {
 #[test]
 fn saved_session_continues_exactly_and_bad_files_are_refused() {
     let e = Arc::new(cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2));
+    // The restored session must continue bit for bit: its turn runs the same chunks as the original's, not
+    // blocks of the original's turn from the prefix cache (equal only to rounding: other kernel shapes).
+    e.prefix_cache.set_budget(0);
     // Sampling, so the restored random stream matters too.
     let params = SamplingParams { temperature: 0.8, seed: 4, ..Default::default() };
     let turn = |s: &mut Session<_>, messages: &[ChatMessage]| {
@@ -211,4 +214,246 @@ fn sliding_window_session_restores_its_rings() {
     assert_eq!(run(&mut b, " then"), want);
     let _ = std::fs::remove_file(path);
     let _ = std::fs::remove_file(gguf);
+}
+
+/// The logits of the prompt's last token after `text` (one token generated: it is sampled, never fed).
+fn prompt_logits<B: sprig_backend::Backend>(
+    s: &mut Session<B>,
+    text: &str,
+) -> (Vec<f32>, sprig_engine::GenerationStats) {
+    let r = s.generate(text, false, &greedy(), 1, |_| true).unwrap();
+    let mut logits = Vec::new();
+    s.engine.model.read_logits(&s.state, &mut logits).unwrap();
+    (logits, r)
+}
+
+/// A Gemma 3-shaped synthetic model (sliding layers of `window` per global one) as a GGUF file.
+fn synthetic_gemma(window: usize, name: &str) -> std::path::PathBuf {
+    use sprig_import::synth::{write_gguf, Arch, SynthSpec};
+    let spec = SynthSpec { n_layers: 6, sliding: Some((window, 6)), ..SynthSpec::tiny(Arch::Gemma3) };
+    let gguf = tmp(name);
+    write_gguf(&spec, &gguf).unwrap();
+    gguf
+}
+
+#[test]
+fn prefix_cache_is_shared_by_sessions_and_changes_nothing() {
+    // A model of global layers, and sliding-window ones whose window is below and above a block: a second
+    // session whose prompt starts like the first one's restores those blocks, and its logits are those of an
+    // engine without a prefix cache.
+    let story: String = (0..18).map(|i| format!("the cat number {i} sat on the mat. ")).collect();
+    let (model, tok) = stories260k();
+    let sources: Vec<(std::path::PathBuf, Option<std::path::PathBuf>)> = vec![
+        (model, Some(tok)),
+        (synthetic_gemma(8, "prefix-w8.gguf"), None),
+        (synthetic_gemma(40, "prefix-w40.gguf"), None),
+    ];
+    for (path, tok) in &sources {
+        let file = open(path, tok.clone(), QuantChoice::Keep);
+        let cached = Arc::new(cpu_engine(file.clone(), 2));
+        let plain = Arc::new(cpu_engine(file, 2));
+        plain.prefix_cache.set_budget(0);
+        let mut a = Session::new(cached.clone(), 512).unwrap();
+        let (_, first) = prompt_logits(&mut a, &story);
+        assert_eq!((first.cached_tokens, first.prefix_cache_tokens, first.context_dropped), (0, 0, 0));
+        let longer = format!("{story} and then the dog");
+        let mut b = Session::new(cached.clone(), 512).unwrap();
+        let (got, r) = prompt_logits(&mut b, &longer);
+        let mut c = Session::new(plain.clone(), 512).unwrap();
+        let (want, r_plain) = prompt_logits(&mut c, &longer);
+        let whole = r_plain.prompt_tokens;
+        assert_eq!((r_plain.cached_tokens, r.cached_tokens + r.prompt_tokens), (0, whole));
+        assert!(r.prefix_cache_tokens >= whole - 2 * 16 - 8, "{path:?}: {} of {whole} from the cache", r.prefix_cache_tokens);
+        assert_eq!(r.prefix_cache_tokens % 16, 0);
+        let err = rel_err(&got, &want);
+        assert!(err < 1e-4, "{path:?}: logits differ by {err} with the prefix cache");
+        let st = cached.prefix_cache.stats();
+        assert_eq!((st.requests, st.shared_tokens), (2, r.prefix_cache_tokens as u64));
+        assert!(st.blocks > 0 && st.bytes > 0);
+        // Without room for one block the cache holds nothing, and sessions still run.
+        cached.prefix_cache.set_budget(1);
+        assert_eq!(cached.prefix_cache.stats().blocks, 0);
+        let mut d = Session::new(cached.clone(), 512).unwrap();
+        let (again, r) = prompt_logits(&mut d, &longer);
+        assert_eq!(r.prefix_cache_tokens, 0);
+        assert!(rel_err(&again, &want) < 1e-4);
+    }
+    for (p, _) in &sources[1..] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[test]
+fn chat_sessions_share_the_system_prompt() {
+    let e = Arc::new(cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2));
+    let system = ChatMessage::new("system", &"You answer questions about the weather in one short sentence. ".repeat(6));
+    let ask = |q: &str| {
+        let mut s = Session::new(e.clone(), 1024).unwrap();
+        s.chat(&[system.clone(), ChatMessage::new("user", q)], &greedy(), 4, |_| true).unwrap()
+    };
+    let first = ask("Is it raining?");
+    let second = ask("Will it snow tomorrow?");
+    let system_tokens = e.chat_tokens(&[system.clone()]).unwrap().len();
+    assert_eq!(first.prefix_cache_tokens, 0);
+    assert!(second.prefix_cache_tokens + 16 >= system_tokens - 8, "{} of ~{system_tokens}", second.prefix_cache_tokens);
+}
+
+/// A chat of `turns` short turns under `policy` in a context of `ctx`; returns the session and the tokens
+/// the policy dropped.
+fn long_chat(e: &Arc<sprig_engine::Engine<sprig_backend::cpu::CpuBackend>>, policy: ContextPolicy, ctx: usize) -> (Session<sprig_backend::cpu::CpuBackend>, usize, usize) {
+    let mut s = Session::new(e.clone(), ctx).unwrap();
+    s.set_context_policy(policy, 0);
+    let mut messages = vec![ChatMessage::new("system", "You are a terse assistant.")];
+    let (mut dropped, mut turn) = (0, 0);
+    // Until the whole conversation is five times the context.
+    while e.chat_tokens(&messages).unwrap().len() < 5 * ctx {
+        messages.push(ChatMessage::new("user", &format!("Question {turn}: name an animal and a colour.")));
+        let r = s.chat(&messages, &greedy(), 24, |_| true).unwrap_or_else(|err| panic!("{policy:?} turn {turn}: {err}"));
+        dropped += r.context_dropped;
+        assert!(s.state.pos <= ctx);
+        messages = s.messages().to_vec();
+        turn += 1;
+    }
+    (s, dropped, turn)
+}
+
+#[test]
+fn a_conversation_five_times_the_context_never_overflows() {
+    use sprig_models::Logits;
+    let e = Arc::new(cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2));
+    let ctx = 192;
+    let layout = e.model.kv_layout(ctx);
+    let fresh = |tokens: &[u32]| {
+        let mut st = e.model.new_state(ctx).unwrap();
+        e.model.forward(&mut st, tokens, Logits::Last).unwrap();
+        st
+    };
+
+    // Truncating runs the kept tokens again: the state is a fresh run of what it holds.
+    let (s, dropped, turns) = long_chat(&e, ContextPolicy::TruncateMiddle, ctx);
+    assert!(dropped > 4 * ctx, "{dropped} tokens dropped over {turns} turns");
+    let system = e.chat_tokens(&[ChatMessage::new("system", "You are a terse assistant.")]).unwrap();
+    assert_eq!(s.tokens()[..system.len() - 8], system[..system.len() - 8], "the system prompt is kept");
+    let st = fresh(s.tokens());
+    // The noise between a state built by decoding and one built by a single prefill, without any drop.
+    let mut long = Session::new(e.clone(), 2048).unwrap();
+    let mut m = vec![ChatMessage::new("system", "You are a terse assistant.")];
+    for turn in 0..3 {
+        m.push(ChatMessage::new("user", &format!("Question {turn}: name an animal and a colour.")));
+        long.chat(&m, &greedy(), 24, |_| true).unwrap();
+        m = long.messages().to_vec();
+    }
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    e.model.read_logits(&long.state, &mut a).unwrap();
+    let mut st0 = e.model.new_state(2048).unwrap();
+    e.model.forward(&mut st0, long.tokens(), Logits::Last).unwrap();
+    e.model.read_logits(&st0, &mut b).unwrap();
+    let noise = rel_err(&a, &b);
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    e.model.read_logits(&s.state, &mut a).unwrap();
+    e.model.read_logits(&st, &mut b).unwrap();
+    // (Decoded tokens go through the one-row kernels, a prefill through the batched ones: ~2 % apart here.)
+    let err = rel_err(&a, &b);
+    assert!(err < 2.0 * noise.max(1e-3), "truncated state vs fresh run: {err} (without any drop: {noise})");
+
+    // Shifting rotates the kept keys: the first layer's (which depend on the token and position only) are
+    // those of a fresh run of what the state holds; values are moved as they were.
+    let (s, dropped, _) = long_chat(&e, ContextPolicy::Shift, ctx);
+    assert!(dropped > 4 * ctx);
+    let st = fresh(s.tokens());
+    let b_ = &*e.model.backend;
+    use sprig_backend::Backend;
+    let ((mut k1, mut v1), (mut k2, mut v2)) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+    b_.kv_read(s.state.kv_cache(), 0, 0..s.state.pos, &mut k1, &mut v1).unwrap();
+    b_.kv_read(st.kv_cache(), 0, 0..st.pos, &mut k2, &mut v2).unwrap();
+    assert!(rel_err(&k1, &k2) < 1e-4, "shifted keys vs fresh: {}", rel_err(&k1, &k2));
+    assert!(rel_err(&v1, &v2) < 1e-5);
+    assert_eq!(layout.kv_dim * s.state.pos, k1.len());
+
+    // The error policy ends it: the prompt is refused, or the reply stops at the full context.
+    let mut s = Session::new(e.clone(), ctx).unwrap();
+    s.set_context_policy(ContextPolicy::Error, 0);
+    let mut messages = vec![ChatMessage::new("system", "You are a terse assistant.")];
+    let ended = (0..40).any(|turn| {
+        messages.push(ChatMessage::new("user", &format!("Question {turn}: name an animal and a colour.")));
+        match s.chat(&messages, &greedy(), 24, |_| true) {
+            Err(err) => err.is_context_overflow(),
+            Ok(r) => {
+                messages = s.messages().to_vec();
+                r.stop == StopReason::ContextFull
+            }
+        }
+    });
+    assert!(ended);
+}
+
+#[test]
+fn sliding_window_generation_runs_past_the_context() {
+    for window in [8, 40] {
+        let gguf = synthetic_gemma(window, &format!("policy-w{window}.gguf"));
+        let e = Arc::new(cpu_engine(open(&gguf, None, QuantChoice::Keep), 2));
+        for policy in [ContextPolicy::TruncateMiddle, ContextPolicy::Shift] {
+            let mut s = Session::new(e.clone(), 64).unwrap();
+            s.set_context_policy(policy, 4);
+            // Stop tokens banned: the story must run on.
+            let stops = (0..e.model.config.vocab_size as u32).filter(|&t| e.tokenizer.is_stop(t));
+            let logit_bias = stops.map(|t| (t, -1e9)).collect();
+            let p = SamplingParams { temperature: 0.9, seed: 1, logit_bias, ..Default::default() };
+            let r = s.generate("the cat sat on the mat", false, &p, 5 * 64, |_| true).unwrap();
+            assert_eq!(r.generated.len(), 5 * 64, "{policy:?} window {window}: {:?}", r.stop);
+            assert!(r.context_dropped >= 4 * 64 - 32, "{policy:?}: {}", r.context_dropped);
+            assert_eq!(s.tokens().len(), s.state.pos);
+        }
+        let _ = std::fs::remove_file(gguf);
+    }
+}
+
+#[test]
+fn batched_sessions_answer_as_each_alone() {
+    use sprig_engine::{run_batch, BatchRequest, Prompt};
+    // Different prompt lengths (so prefill interleaves with decoding) and lengths of reply; greedy.
+    let (model, tok) = stories260k();
+    let e = Arc::new(cpu_engine(open(&model, Some(tok), QuantChoice::Keep), 2));
+    let prompts = ["Once upon a time", "The dog ran to the park and saw a big red ball. It", "Lily", "Tom had a toy"];
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let mut s = Session::new(e.clone(), 0).unwrap();
+            let mut out = String::new();
+            s.generate(p, false, &greedy(), 40, |t| {
+                out.push_str(t);
+                true
+            })
+            .unwrap();
+            out
+        })
+        .collect();
+    let mut sessions: Vec<Session<_>> = prompts.iter().map(|_| Session::new(e.clone(), 0).unwrap()).collect();
+    let mut outs: Vec<String> = prompts.iter().map(|_| String::new()).collect();
+    let requests: Vec<BatchRequest<'_, _>> = sessions
+        .iter_mut()
+        .zip(outs.iter_mut())
+        .zip(prompts)
+        .map(|((s, out), p)| BatchRequest {
+            session: s,
+            prompt: Prompt::Text { text: p.to_string(), parse_special: false },
+            params: greedy(),
+            max_new: 40,
+            on_text: Box::new(move |t: &str| {
+                out.push_str(t);
+                true
+            }),
+        })
+        .collect();
+    let results = run_batch(requests);
+    for (r, p) in results.iter().zip(prompts) {
+        let r = r.as_ref().unwrap();
+        assert_eq!(r.prompt_tokens + r.cached_tokens, e.tokenizer.encode_parts(&[(p, false)], true).unwrap().len());
+    }
+    assert_eq!(outs, alone);
+    // The sessions continue as sessions: a second (single) request on each goes on from the batch's state.
+    for (s, out) in sessions.iter_mut().zip(&outs) {
+        assert_eq!(s.tokens().len(), s.state.pos);
+        assert!(!out.is_empty());
+    }
 }

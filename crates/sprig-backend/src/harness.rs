@@ -287,6 +287,16 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
     a.rows(&xa, 2, 2, &mut oa).unwrap();
     r.rows(&xr, 2, 2, &mut or).unwrap();
     check("rows".into(), dl(&oa), dlr(&or), 1e-6);
+    // Rows written back into a batch: rows 2..4 of `xa` replaced by its rows 0..2.
+    let (mut sa, mut sr) = (a.tensor(), r.tensor());
+    a.rows(&xa, 0, 2, &mut sa).unwrap();
+    r.rows(&xr, 0, 2, &mut sr).unwrap();
+    a.set_rows(&mut xa, 2, &sa).unwrap();
+    r.set_rows(&mut xr, 2, &sr).unwrap();
+    let (got, want) = (dl(&xa), dlr(&xr));
+    check("set_rows".into(), got.clone(), want, 1e-6);
+    check("set_rows moved rows".into(), got[2 * 33..4 * 33].to_vec(), got[..2 * 33].to_vec(), 0.0);
+    assert!(a.set_rows(&mut xa, 4, &sa).is_err(), "set_rows past the end must be refused");
     let gate = random(&mut rng, 5, 3.0);
     let ((mut xa, mut xr), (mut ga, mut gr)) = (pair!(u, 5, 33), pair!(gate, 5, 1));
     a.sigmoid_gate(&mut xa, &mut ga).unwrap();

@@ -134,6 +134,28 @@ impl RopeParams {
         let f = RopeScaling::frequencies(theta, head_dim, scaling);
         RopeParams { n_heads, head_dim, inv_freq: f.inv_freq.into(), attention_factor: f.attention_factor, layout }
     }
+
+    /// Rotates one row (all `n_heads` heads) to position `pos`, cos and sin times the attention factor: the
+    /// definition every backend's `rope` is checked against. A negative `pos` rotates back (a context shift).
+    pub fn rotate(&self, row: &mut [f32], pos: f32) {
+        let hd = self.head_dim;
+        let half = hd / 2;
+        let af = self.attention_factor;
+        for (i, &freq) in self.inv_freq.iter().enumerate().take(half) {
+            let (s, c) = (pos * freq).sin_cos();
+            let (s, c) = if af == 1.0 { (s, c) } else { (s * af, c * af) };
+            for h in 0..self.n_heads {
+                let base = h * hd;
+                let (a, b) = match self.layout {
+                    RopeLayout::Adjacent => (base + 2 * i, base + 2 * i + 1),
+                    RopeLayout::Half => (base + i, base + i + half),
+                };
+                let (x0, x1) = (row[a], row[b]);
+                row[a] = x0 * c - x1 * s;
+                row[b] = x0 * s + x1 * c;
+            }
+        }
+    }
 }
 
 /// Shape of the KV cache a model needs.
@@ -227,6 +249,9 @@ pub trait Backend: Send + Sync + 'static {
     fn download(&self, t: &Self::Tensor, out: &mut Vec<f32>) -> Result<()>;
     /// `out = x[start..start+n, :]`.
     fn rows(&self, x: &Self::Tensor, start: usize, n: usize, out: &mut Self::Tensor) -> Result<()>;
+    /// `dst[start..start+n, :] = src` (`src [n, cols]`, `dst` already at least `start + n` rows of `cols`): a
+    /// batch's rows computed one sequence at a time written back.
+    fn set_rows(&self, dst: &mut Self::Tensor, start: usize, src: &Self::Tensor) -> Result<()>;
     /// `out[i] = table[tokens[i]] * scale` (rows dequantized from the weight's format).
     fn embed(&self, table: &Self::Weight, tokens: &[u32], scale: f32, out: &mut Self::Tensor) -> Result<()>;
     /// RMSNorm over each contiguous group of `w.len()` elements of every row (`cols` must be a multiple, so a

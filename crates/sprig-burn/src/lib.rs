@@ -102,6 +102,13 @@ impl Backend for BurnBackend {
         Ok(())
     }
 
+    fn set_rows(&self, dst: &mut Tensor<2>, start: usize, src: &Tensor<2>) -> Result<()> {
+        let ([n, c], [rows, cols]) = (src.dims(), dst.dims());
+        ensure_shape!(c == cols && start + n <= rows, "set_rows", "{n}x{c} at row {start} of {rows}x{cols}");
+        *dst = dst.clone().slice_assign([start..start + n, 0..c], src.clone());
+        Ok(())
+    }
+
     fn embed(&self, table: &BurnWeight, tokens: &[u32], scale: f32, out: &mut Tensor<2>) -> Result<()> {
         let ids = Tensor::<1, Int>::from_data(
             TensorData::new(tokens.iter().map(|&t| t as i64).collect::<Vec<_>>(), [tokens.len()]),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sprig_engine::{open_model_file, registry, AnyEngine, DeviceChoice, LoadOptions, SamplingParams};
+use sprig_engine::{open_model_file, registry, AnyEngine, ContextPolicy, DeviceChoice, LoadOptions, SamplingParams};
 use sprig_format::{Arch, ModelFile};
 use sprig_import::QuantChoice;
 
@@ -82,6 +82,7 @@ macro_rules! value_enum {
 value_enum!(DeviceArg, DeviceChoice, DeviceChoice::ALL, |d| d.name());
 value_enum!(QuantArg, QuantChoice, QuantChoice::ALL, |q| q.name());
 value_enum!(ArchArg, Arch, Arch::ALL, |a| a.name());
+value_enum!(ContextPolicyArg, ContextPolicy, ContextPolicy::ALL, |p| p.name());
 // `convert --quant`: `auto` (None) or a choice.
 value_enum!(ConvertQuantArg, Option<QuantChoice>, std::iter::once(None).chain(QuantChoice::ALL.map(Some)), |q| {
     match q {
@@ -118,6 +119,10 @@ pub struct ModelArgs {
     /// memory the system has available is checked either way.
     #[arg(long, value_name = "MB")]
     pub memory_budget: Option<u64>,
+    /// MiB of K/V of prompt blocks shared by the model's sessions, so a prompt starting like an earlier one
+    /// runs only the rest (0 = off); shrunk to what --memory-budget leaves.
+    #[arg(long, value_name = "MB", default_value_t = (sprig_engine::prefix_cache::DEFAULT_BUDGET_BYTES >> 20) as u64)]
+    pub prefix_cache: u64,
 }
 
 impl ModelArgs {
@@ -143,7 +148,9 @@ impl ModelArgs {
         let file = self.open()?;
         let need = sprig_engine::memory::MemoryNeed::of(&file, self.ctx_size);
         sprig_engine::memory::check(&need, self.memory_budget.map(|m| m << 20), "the model with one session")?;
+        let budget = self.memory_budget.map(|m| m << 20);
         let e = AnyEngine::new(file, self.device.0, self.threads, &mut |s| eprintln!("sprig: {s}"))?;
+        e.set_prefix_cache_budget(sprig_engine::memory::prefix_cache_budget(self.prefix_cache << 20, &need, budget) as usize);
         if self.verbose {
             for line in e.describe() {
                 eprintln!("sprig: {line}");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use sprig_backend::cpu::CpuBackend;
 use sprig_format::ModelFile;
 
-use crate::{ChatMessage, Engine, GenerationStats, Result, SamplingParams, Session};
+use crate::{ChatMessage, ContextPolicy, Engine, GenerationStats, PrefixCacheStats, Result, SamplingParams, Session};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -170,6 +170,16 @@ impl AnyEngine {
         with_engine!(self, |e| e.model.config.max_seq_len)
     }
 
+    /// What the prefix cache shared by this engine's sessions holds and saved.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        with_engine!(self, |e| e.prefix_cache.stats())
+    }
+
+    /// The prefix cache's byte budget (0 turns it off).
+    pub fn set_prefix_cache_budget(&self, bytes: usize) {
+        with_engine!(self, |e| e.prefix_cache.set_budget(bytes))
+    }
+
     pub fn new_session(&self, max_context: usize) -> Result<AnySession> {
         Ok(match self {
             AnyEngine::Cpu(e) => AnySession::Cpu(Session::new(e.clone(), max_context)?),
@@ -215,6 +225,10 @@ impl AnySession {
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         with_session!(self, |s| s.chat(messages, params, max_new, on_text))
+    }
+    /// See [`Session::set_context_policy`].
+    pub fn set_context_policy(&mut self, policy: ContextPolicy, keep: usize) {
+        with_session!(self, |s| s.set_context_policy(policy, keep))
     }
     pub fn has_chat_template(&self) -> bool {
         with_session!(self, |s| s.engine.template.is_some())

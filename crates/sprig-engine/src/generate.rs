@@ -9,6 +9,7 @@ use sprig_models::{Logits, Model, State};
 use sprig_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::prefix_cache::{self, PrefixCache};
 use crate::sampler::Sampler;
 use crate::{EngineError, Result};
 
@@ -20,8 +21,22 @@ pub struct Engine<B: Backend> {
     pub model: Model<B>,
     pub tokenizer: Tokenizer,
     pub template: Option<ChatTemplate>,
+    /// K/V of prompt blocks shared by every session of this engine.
+    pub prefix_cache: PrefixCache,
     /// The model's fingerprint (saved sessions name it), computed on first use.
     fingerprint: std::sync::OnceLock<String>,
+}
+
+/// Frees room in a full context while decoding: drops tokens from what the state holds (and from the
+/// tokens, `held`), returning how many (0: none can go, generation stops with [`StopReason::ContextFull`]).
+pub(crate) type MakeRoom<'a, B> = dyn FnMut(&Engine<B>, &mut State<B>, &mut Vec<u32>) -> Result<usize> + 'a;
+
+/// What a session adds to a generation.
+pub(crate) struct SessionRun<'a, 'b, B: Backend> {
+    /// The tokens the state holds (`state.pos` of them); what runs is appended, and completed blocks go
+    /// into the prefix cache.
+    pub held: &'a mut Vec<u32>,
+    pub make_room: &'a mut MakeRoom<'b, B>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +61,13 @@ pub struct GenerationStats {
     pub prefill_secs: f64,
     pub decode_secs: f64,
     pub stop: StopReason,
+    /// Prompt tokens not run because their K/V was cached: the session's own, or blocks of the engine's
+    /// prefix cache. The request's prompt was `cached_tokens + prompt_tokens` tokens (unless cancelled).
+    pub cached_tokens: usize,
+    /// Of `cached_tokens`, those restored from the prefix cache shared by the engine's sessions.
+    pub prefix_cache_tokens: usize,
+    /// Tokens the context policy dropped from the conversation to make room during this request.
+    pub context_dropped: usize,
 }
 
 impl GenerationStats {
@@ -77,7 +99,8 @@ impl<B: Backend> Engine<B> {
         };
         let model = Model::load(backend, file)?;
         release_freed_heap();
-        Ok(Engine { model, tokenizer, template, fingerprint: Default::default() })
+        let prefix_cache = PrefixCache::new(prefix_cache::DEFAULT_BUDGET_BYTES);
+        Ok(Engine { model, tokenizer, template, prefix_cache, fingerprint: Default::default() })
     }
 
     /// What identifies this model's weights (see [`crate::session_file::model_fingerprint`]).
@@ -123,109 +146,366 @@ impl<B: Backend> Engine<B> {
         echo_prompt: bool,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
-        // Checked once, here, before anything runs: a prompt that cannot fit leaves the state untouched.
-        if prompt.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        if state.pos + prompt.len() > state.max_context {
-            return Err(sprig_models::ModelError::ContextOverflow {
-                pos: state.pos,
-                new: prompt.len(),
-                ctx: state.max_context,
+        let item = BatchItem { state, run: None, prompt, max_new, sampler, echo_prompt, on_text: &mut on_text };
+        self.generate_batch(vec![item]).pop().expect("one result per item")
+    }
+
+    /// Runs several generations together (each on its own state): one prefill chunk of one of them at a time,
+    /// interleaved with decode steps in which every generation past its prompt advances by a token and those
+    /// tokens form one batch ([`Model::forward_batch`]: the weights are read once per step for all of them).
+    /// Each item behaves as [`Engine::generate`] alone would; with a session (`run`), prefill chunks end on
+    /// block boundaries, completed blocks go into the prefix cache, and a full context asks `run.make_room`.
+    pub(crate) fn generate_batch(&self, items: Vec<BatchItem<'_, '_, B>>) -> Vec<Result<GenerationStats>> {
+        let mut gens: Vec<Gen<'_, '_, '_, B>> = items.into_iter().map(|it| Gen::start(self, it)).collect();
+        let mut batch: Option<sprig_models::Batch<B>> = None;
+        let mut batch_logits = Vec::new();
+        let mut step: Vec<usize> = Vec::with_capacity(gens.len());
+        let mut tokens: Vec<u32> = Vec::with_capacity(gens.len());
+        // Round-robin over prefilling generations.
+        let mut next_prefill = 0;
+        loop {
+            let decoding = gens.iter().any(|g| g.live() && g.prefilled());
+            let prefilling: Vec<usize> = (0..gens.len()).filter(|&i| gens[i].live() && !gens[i].prefilled()).collect();
+            if let Some(&i) = prefilling.iter().find(|&&i| i >= next_prefill).or(prefilling.first()) {
+                next_prefill = i + 1;
+                // While others decode, a long prompt goes in shorter chunks so that they do not stall.
+                let max = if decoding { INTERLEAVED_PREFILL_CHUNK } else { PREFILL_CHUNK };
+                gens[i].prefill_chunk(self, max);
             }
-            .into());
+            // Every generation past its prompt samples its next token; those that go on are fed as one batch.
+            step.clear();
+            tokens.clear();
+            for (i, g) in gens.iter_mut().enumerate() {
+                if !(g.live() && g.prefilled()) {
+                    continue;
+                }
+                let logits = g.batch_row.take().map(|r| &batch_logits[r * g.vocab..(r + 1) * g.vocab]);
+                if let Some(next) = g.sample(self, logits) {
+                    step.push(i);
+                    tokens.push(next);
+                }
+            }
+            match step.len() {
+                0 => {
+                    if prefilling.is_empty() {
+                        break;
+                    }
+                }
+                // One sequence: its own forward pass (no batch bookkeeping, nothing allocated per token).
+                1 => {
+                    let g = &mut gens[step[0]];
+                    let r = self.model.forward(g.item.state, &tokens, Logits::Last);
+                    g.fed(r.map_err(Into::into), None);
+                }
+                _ => {
+                    let b = match batch.as_mut() {
+                        Some(b) => b,
+                        None => match self.model.new_batch() {
+                            Ok(b) => batch.insert(b),
+                            Err(e) => {
+                                let e = EngineError::from(e);
+                                step.iter().for_each(|&i| gens[i].fail(EngineError::Eval(e.to_string())));
+                                continue;
+                            }
+                        },
+                    };
+                    let mut states: Vec<&mut State<B>> = Vec::with_capacity(step.len());
+                    let mut it = step.iter().peekable();
+                    for (i, g) in gens.iter_mut().enumerate() {
+                        if it.peek() == Some(&&i) {
+                            it.next();
+                            states.push(&mut *g.item.state);
+                        }
+                    }
+                    let r = self
+                        .model
+                        .forward_batch(b, &mut states, &tokens)
+                        .and_then(|_| self.model.read_batch_logits(b, &mut batch_logits));
+                    drop(states);
+                    match r {
+                        Ok(()) => {
+                            for (row, &i) in step.iter().enumerate() {
+                                gens[i].fed(Ok(()), Some(row));
+                            }
+                        }
+                        // The batch's states are in an unknown state: every generation in it fails.
+                        Err(e) => {
+                            let msg = e.to_string();
+                            for &i in &step {
+                                gens[i].fed(Err(EngineError::Model(sprig_models::ModelError::Backend(
+                                    sprig_backend::BackendError::DeviceFailed { op: "forward_batch", message: msg.clone() },
+                                ))), None);
+                            }
+                        }
+                    }
+                }
+            }
         }
-        let mut dec = StreamDecoder::new(&self.tokenizer);
-        let bos = self.tokenizer.bos();
-        let mut cancelled = false;
-        // One text buffer for every piece: decode allocates nothing per token once it has grown.
-        let mut piece = String::with_capacity(self.tokenizer.max_piece_bytes());
+        gens.into_iter().map(|g| g.finish(self)).collect()
+    }
+}
+
+/// Longest prompt chunk a generation runs while others decode (each chunk delays their next token).
+pub const INTERLEAVED_PREFILL_CHUNK: usize = 128;
+
+/// One generation of [`Engine::generate_batch`].
+pub(crate) struct BatchItem<'a, 'b, B: Backend> {
+    pub state: &'a mut State<B>,
+    pub run: Option<SessionRun<'a, 'b, B>>,
+    pub prompt: &'a [u32],
+    pub max_new: usize,
+    pub sampler: &'a mut Sampler,
+    pub echo_prompt: bool,
+    pub on_text: &'a mut dyn FnMut(&str) -> bool,
+}
+
+/// A generation in progress.
+struct Gen<'a, 'b, 't, B: Backend> {
+    item: BatchItem<'a, 'b, B>,
+    dec: StreamDecoder<'t>,
+    /// One text buffer for every piece: decode allocates nothing per token once it has grown.
+    piece: String,
+    shown: String,
+    stops: StopStrings,
+    logits: Vec<f32>,
+    vocab: usize,
+    layout: sprig_backend::KvLayout,
+    caching: bool,
+    chunk_limit: usize,
+    processed: usize,
+    generated: Vec<u32>,
+    /// Why it ended (`None` while it runs).
+    stop: Option<StopReason>,
+    error: Option<EngineError>,
+    /// Row of the batch's logits holding this generation's next-token logits (else its state's).
+    batch_row: Option<usize>,
+    context_dropped: usize,
+    t0: Instant,
+    prefill_secs: f64,
+    t1: Option<Instant>,
+}
+
+impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
+    fn start(e: &'t Engine<B>, item: BatchItem<'a, 'b, B>) -> Self {
+        let state = &*item.state;
+        let layout = e.model.kv_layout(state.max_context);
+        let caching = item.run.is_some() && e.prefix_cache.enabled();
+        let chunk_limit = if caching { prefix_cache::chunk_limit(&layout, PREFILL_CHUNK) } else { PREFILL_CHUNK };
+        let mut g = Gen {
+            dec: StreamDecoder::new(&e.tokenizer),
+            piece: String::with_capacity(e.tokenizer.max_piece_bytes()),
+            shown: String::new(),
+            stops: StopStrings::new(item.sampler.params().stop.clone()),
+            logits: Vec::new(),
+            vocab: e.model.config.vocab_size,
+            layout,
+            caching,
+            chunk_limit,
+            processed: 0,
+            generated: Vec::with_capacity(item.max_new.min(state.max_context.saturating_sub(state.pos) + 1)),
+            stop: None,
+            error: None,
+            batch_row: None,
+            context_dropped: 0,
+            t0: Instant::now(),
+            prefill_secs: 0.0,
+            t1: None,
+            item,
+        };
+        g.shown.reserve(g.piece.capacity());
+        // Checked once, here, before anything runs: a prompt that cannot fit leaves the state untouched.
+        let (pos, ctx, n) = (g.item.state.pos, g.item.state.max_context, g.item.prompt.len());
+        if n == 0 {
+            g.fail(EngineError::EmptyPrompt);
+        } else if pos + n > ctx {
+            g.fail(sprig_models::ModelError::ContextOverflow { pos, new: n, ctx }.into());
+        }
+        if g.error.is_some() {
+            return g;
+        }
         // The decoder sees the prompt either way: the generated text continues it (no leading space dropped as
         // if it started the output).
-        for &t in prompt {
-            piece.clear();
-            dec.push_into(t, &mut piece)?;
-            if echo_prompt && Some(t) != bos && !piece.is_empty() && !cancelled {
-                cancelled = !on_text(&piece);
+        let bos = e.tokenizer.bos();
+        for &t in g.item.prompt {
+            g.piece.clear();
+            if let Err(err) = g.dec.push_into(t, &mut g.piece) {
+                g.fail(err.into());
+                return g;
+            }
+            if g.item.echo_prompt && Some(t) != bos && !g.piece.is_empty() && g.stop.is_none() && !(g.item.on_text)(&g.piece) {
+                g.stop = Some(StopReason::Cancelled);
             }
         }
-        let t0 = Instant::now();
-        let mut processed = 0;
-        for chunk in prompt.chunks(PREFILL_CHUNK) {
-            if cancelled || !on_text("") {
-                cancelled = true;
-                break;
-            }
-            self.model.forward(state, chunk, Logits::Last)?;
-            chunk.iter().for_each(|&t| sampler.accept(t));
-            processed += chunk.len();
+        g.t0 = Instant::now();
+        g
+    }
+
+    fn live(&self) -> bool {
+        self.stop.is_none() && self.error.is_none()
+    }
+
+    fn prefilled(&self) -> bool {
+        self.processed == self.item.prompt.len()
+    }
+
+    fn fail(&mut self, e: EngineError) {
+        if self.error.is_none() {
+            self.error = Some(e);
         }
-        let prefill_secs = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut logits = Vec::new();
-        let mut generated = Vec::with_capacity(max_new.min(state.max_context.saturating_sub(state.pos) + 1));
-        let mut stop = if cancelled { StopReason::Cancelled } else { StopReason::Length };
-        let stop_strings = sampler.params().stop.clone();
-        let mut stops = StopStrings::new(&stop_strings);
-        let mut shown = String::with_capacity(piece.capacity());
-        while !cancelled && generated.len() < max_new {
-            self.model.read_logits(state, &mut logits)?;
-            let next = sampler.sample(&logits)?;
-            if self.tokenizer.is_stop(next) {
-                stop = StopReason::StopToken;
-                break;
-            }
-            generated.push(next);
-            piece.clear();
-            dec.push_into(next, &mut piece)?;
-            shown.clear();
-            let hit = stops.push(&piece, &mut shown);
-            if !on_text(&shown) {
-                stop = StopReason::Cancelled;
-                break;
-            }
-            if hit {
-                stop = StopReason::StopString;
-                break;
-            }
-            if generated.len() == max_new {
-                break;
-            }
-            if state.pos >= state.max_context {
-                stop = StopReason::ContextFull;
-                break;
-            }
-            self.model.forward(state, &[next], Logits::Last)?;
-            sampler.accept(next);
+    }
+
+    /// Runs the next chunk of the prompt (at most `max` tokens), after asking `on_text` whether to go on.
+    fn prefill_chunk(&mut self, e: &Engine<B>, max: usize) {
+        if !(self.item.on_text)("") {
+            self.stop = Some(StopReason::Cancelled);
+            return;
         }
+        let state = &mut *self.item.state;
+        let left = self.item.prompt.len() - self.processed;
+        let limit = self.chunk_limit.min(max);
+        let n = if self.caching { prefix_cache::chunk_end(state.pos, state.pos + left, limit) - state.pos } else { limit.min(left) };
+        let chunk = &self.item.prompt[self.processed..self.processed + n];
+        if let Err(err) = e.model.forward(state, chunk, Logits::Last) {
+            return self.fail(err.into());
+        }
+        chunk.iter().for_each(|&t| self.item.sampler.accept(t));
+        self.processed += n;
+        if let Some(r) = self.item.run.as_mut() {
+            r.held.extend_from_slice(chunk);
+            if self.caching {
+                if let Err(err) = e.prefix_cache.insert_from(&*e.model.backend, state, &self.layout, r.held) {
+                    return self.fail(err);
+                }
+            }
+        }
+        if self.prefilled() {
+            self.prefill_secs = self.t0.elapsed().as_secs_f64();
+            self.t1 = Some(Instant::now());
+        }
+    }
+
+    /// Samples the next token from `logits` (a batch's row) or the state's, shows its text; returns it when it
+    /// is to be fed (the generation goes on), after freeing room in a full context.
+    fn sample(&mut self, e: &Engine<B>, logits: Option<&[f32]>) -> Option<u32> {
+        let logits = match logits {
+            Some(l) => l,
+            None => {
+                if let Err(err) = e.model.read_logits(self.item.state, &mut self.logits) {
+                    self.fail(err.into());
+                    return None;
+                }
+                &self.logits[..]
+            }
+        };
+        let next = match self.item.sampler.sample(logits) {
+            Ok(t) => t,
+            Err(err) => {
+                self.fail(err);
+                return None;
+            }
+        };
+        if e.tokenizer.is_stop(next) {
+            self.stop = Some(StopReason::StopToken);
+            return None;
+        }
+        self.generated.push(next);
+        self.piece.clear();
+        if let Err(err) = self.dec.push_into(next, &mut self.piece) {
+            self.fail(err.into());
+            return None;
+        }
+        self.shown.clear();
+        let hit = self.stops.push(&self.piece, &mut self.shown);
+        if !(self.item.on_text)(&self.shown) {
+            self.stop = Some(StopReason::Cancelled);
+            return None;
+        }
+        if hit {
+            self.stop = Some(StopReason::StopString);
+            return None;
+        }
+        if self.generated.len() >= self.item.max_new {
+            self.stop = Some(StopReason::Length);
+            return None;
+        }
+        let state = &mut *self.item.state;
+        if state.pos >= state.max_context {
+            let freed = match self.item.run.as_mut() {
+                Some(r) => match (r.make_room)(e, state, r.held) {
+                    Ok(n) => n,
+                    Err(err) => {
+                        self.fail(err);
+                        return None;
+                    }
+                },
+                None => 0,
+            };
+            if freed == 0 || state.pos >= state.max_context {
+                self.stop = Some(StopReason::ContextFull);
+                return None;
+            }
+            self.context_dropped += freed;
+        }
+        Some(next)
+    }
+
+    /// The sampled token was run (`r`): its logits are in the state, or row `row` of the batch's.
+    fn fed(&mut self, r: Result<()>, row: Option<usize>) {
+        match r {
+            Ok(()) => {
+                let next = *self.generated.last().expect("a token was sampled");
+                self.item.sampler.accept(next);
+                if let Some(run) = self.item.run.as_mut() {
+                    run.held.push(next);
+                }
+                self.batch_row = row;
+            }
+            Err(err) => self.fail(err),
+        }
+    }
+
+    fn finish(mut self, e: &Engine<B>) -> Result<GenerationStats> {
+        if let Some(err) = self.error.take() {
+            return Err(err);
+        }
+        let stop = self.stop.unwrap_or(StopReason::Length);
         if stop != StopReason::StopString && stop != StopReason::Cancelled {
             // What was held back as a possible stop string's start, and the decoder's last bytes.
-            let mut tail = stops.finish();
-            tail.push_str(&dec.finish());
+            let mut tail = self.stops.finish();
+            tail.push_str(&self.dec.finish());
             if !tail.is_empty() {
-                on_text(&tail);
+                (self.item.on_text)(&tail);
             }
         }
+        if let (Some(r), true) = (self.item.run.as_mut(), self.caching) {
+            // Blocks the reply completed: the next turn's prompt starts with them.
+            e.prefix_cache.insert_from(&*e.model.backend, self.item.state, &self.layout, r.held)?;
+        }
+        let prefill_secs = if self.t1.is_some() { self.prefill_secs } else { self.t0.elapsed().as_secs_f64() };
         Ok(GenerationStats {
-            prompt_tokens: processed,
-            generated,
+            prompt_tokens: self.processed,
+            generated: self.generated,
             prefill_secs,
-            decode_secs: t1.elapsed().as_secs_f64(),
+            decode_secs: self.t1.map_or(0.0, |t| t.elapsed().as_secs_f64()),
             stop,
+            cached_tokens: 0,
+            prefix_cache_tokens: 0,
+            context_dropped: self.context_dropped,
         })
     }
 }
 
 /// Finds stop strings in streamed text, across piece boundaries: text that could still be the start of a
 /// stop string is held back until it is known not to be one.
-struct StopStrings<'a> {
-    stops: &'a [String],
+struct StopStrings {
+    stops: Vec<String>,
     held: String,
 }
 
-impl<'a> StopStrings<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        StopStrings { stops, held: String::with_capacity(stops.iter().map(|s| 2 * s.len()).max().unwrap_or(0)) }
+impl StopStrings {
+    fn new(stops: Vec<String>) -> Self {
+        let held = String::with_capacity(stops.iter().map(|s| 2 * s.len()).max().unwrap_or(0));
+        StopStrings { stops, held }
     }
 
     /// Adds `piece`; appends to `out` the text that can be shown now. True when a stop string was reached
@@ -263,7 +543,7 @@ mod tests {
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut m = StopStrings::new(&stops);
+        let mut m = StopStrings::new(stops);
         let mut shown = String::new();
         for p in pieces {
             let mut out = String::new();

@@ -69,6 +69,9 @@ impl Backend for WgpuBackend {
     fn rows(&self, x: &Never, _: usize, _: usize, _: &mut Never) -> Result<()> {
         match *x {}
     }
+    fn set_rows(&self, x: &mut Never, _: usize, _: &Never) -> Result<()> {
+        match *x {}
+    }
     fn embed(&self, w: &Never, _: &[u32], _: f32, _: &mut Never) -> Result<()> {
         match *w {}
     }

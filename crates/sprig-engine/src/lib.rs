@@ -12,6 +12,7 @@ mod gpu_stub;
 pub mod kernel_cache;
 pub mod load;
 pub mod memory;
+pub mod prefix_cache;
 pub mod registry;
 pub mod sampler;
 pub mod session;
@@ -22,7 +23,8 @@ pub use device::{AnyEngine, AnySession, DeviceChoice};
 pub use generate::{Engine, GenerationStats};
 pub use load::{open_model_file, LoadOptions};
 pub use sampler::{Sampler, SamplingParams};
-pub use session::Session;
+pub use prefix_cache::PrefixCacheStats;
+pub use session::{run_batch, BatchRequest, ContextPolicy, Prompt, Session};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -38,6 +38,15 @@ impl MemoryNeed {
     }
 }
 
+/// The prefix cache's byte budget: `wanted`, shrunk to what `budget` leaves after `need` (the cache gives
+/// way first: the weights and a session's KV cache must fit, cached prefixes only may).
+pub fn prefix_cache_budget(wanted: u64, need: &MemoryNeed, budget: Option<u64>) -> u64 {
+    match budget {
+        Some(b) => wanted.min(b.saturating_sub(need.total())),
+        None => wanted,
+    }
+}
+
 /// `MemAvailable` of this machine in bytes (Linux and Android), `None` where unknown.
 pub fn available() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;

@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 use crate::chat::ChatMessage;
-use crate::generate::{Engine, GenerationStats, StopReason};
+use crate::generate::{BatchItem, Engine, GenerationStats, SessionRun, StopReason};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::session_file::{self, Header};
 use crate::{EngineError, Result};
@@ -20,6 +20,9 @@ pub struct Session<B: Backend> {
     pub state: State<B>,
     /// Tokens whose K/V the state holds, in order (`cached.len() == state.pos`).
     cached: Vec<u32>,
+    /// The conversation's tokens as given, before the context policy dropped any (equal to `cached` until
+    /// it does): a chat that continues it maps onto what the state holds.
+    logical: Vec<u32>,
     max_context: usize,
     /// The session's random stream, the seed it started from and the words drawn from it: it carries on from
     /// request to request (a second turn with the same seed does not replay the first one's draws) until a
@@ -27,6 +30,41 @@ pub struct Session<B: Backend> {
     rng: Option<Stream>,
     /// The conversation of the last chat call, its reply appended (saved with the session).
     messages: Vec<ChatMessage>,
+    policy: ContextPolicy,
+    /// Raw prompts: tokens at the start the context policy never drops (BOS is always kept).
+    keep: usize,
+    /// Chat: the system messages last seen and the tokens they pin at the start.
+    pinned: Option<(Vec<ChatMessage>, usize)>,
+}
+
+/// What a session does when a request would not fit its context.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ContextPolicy {
+    /// Keep the pinned start (the system prompt, or `keep` tokens), drop the oldest tokens after it (half of
+    /// what follows, at least what the request needs) and run the kept tail again: exact for the shortened
+    /// conversation; the pinned start comes from the session's cache or the prefix cache.
+    #[default]
+    TruncateMiddle,
+    /// The same drop, but the kept tail's cached keys are rotated to their new positions instead of being
+    /// run again (llama.cpp's context shift): cheap, approximate (the kept K/V saw the dropped tokens).
+    /// Falls back to truncating when a sliding-window layer no longer holds what it would need.
+    Shift,
+    /// Fail with a context-overflow error (the prompt) or stop with `ContextFull` (generation).
+    Error,
+}
+
+impl ContextPolicy {
+    pub const ALL: [ContextPolicy; 3] = [ContextPolicy::TruncateMiddle, ContextPolicy::Shift, ContextPolicy::Error];
+    pub fn name(self) -> &'static str {
+        match self {
+            ContextPolicy::TruncateMiddle => "truncate-middle",
+            ContextPolicy::Shift => "shift",
+            ContextPolicy::Error => "error",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == s)
+    }
 }
 
 struct Stream {
@@ -39,14 +77,39 @@ impl<B: Backend> Session<B> {
     /// `max_context = 0`: the model's trained context. Fails when its KV cache cannot be allocated.
     pub fn new(engine: Arc<Engine<B>>, max_context: usize) -> Result<Self> {
         let state = engine.model.new_state(max_context)?;
-        Ok(Session { engine, state, cached: Vec::new(), max_context, rng: None, messages: Vec::new() })
+        Ok(Session {
+            engine,
+            state,
+            cached: Vec::new(),
+            logical: Vec::new(),
+            max_context,
+            rng: None,
+            messages: Vec::new(),
+            policy: ContextPolicy::default(),
+            keep: 0,
+            pinned: None,
+        })
+    }
+
+    /// What to do when a request would overflow the context; `keep`: tokens at the start of a raw
+    /// conversation never dropped (a chat pins its system messages).
+    pub fn set_context_policy(&mut self, policy: ContextPolicy, keep: usize) {
+        self.policy = policy;
+        self.keep = keep;
+    }
+
+    pub fn context_policy(&self) -> ContextPolicy {
+        self.policy
     }
 
     /// Forgets the conversation.
     pub fn reset(&mut self) -> Result<()> {
         self.cached.clear();
+        self.logical.clear();
         self.rng = None;
         self.messages.clear();
+        self.pinned = None;
+        // A fresh state: the MoE layers' usage counters start again too.
         self.state = self.engine.model.new_state(self.max_context)?;
         Ok(())
     }
@@ -64,12 +127,18 @@ impl<B: Backend> Session<B> {
     ) -> Result<GenerationStats> {
         params.validate()?;
         let tok = &self.engine.tokenizer;
-        let tokens = tok.encode_parts(&[(text, parse_special)], self.state.pos == 0 && tok.special().add_bos)?;
-        self.run(&tokens, params, max_new, on_text)
+        let tokens = tok.encode_parts(&[(text, parse_special)], self.logical.is_empty() && tok.special().add_bos)?;
+        if tokens.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let full = [&self.logical[..], &tokens].concat();
+        let bos = usize::from(tok.special().add_bos);
+        self.request(full, self.keep + bos, params, max_new, on_text)
     }
 
-    /// Renders the whole conversation with the model's chat template and answers its last turn. When the
-    /// rendered prompt extends what the cache holds (the previous turns and reply), only the new part is run.
+    /// Renders the whole conversation with the model's chat template and answers its last turn. What the
+    /// session's cache or the engine's prefix cache holds of the rendered prompt is not run again; a
+    /// conversation longer than the context is shortened by the context policy (the system messages stay).
     pub fn chat(
         &mut self,
         messages: &[ChatMessage],
@@ -78,23 +147,172 @@ impl<B: Backend> Session<B> {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         params.validate()?;
-        let tokens = self.engine.chat_tokens(messages)?;
-        let n = self.cached.len();
-        let reuse = n < tokens.len() && tokens[..n] == self.cached[..];
-        if !reuse {
-            self.reset()?;
-        }
-        let start = self.cached.len();
+        let full = self.engine.chat_tokens(messages)?;
+        let pinned = self.pinned_tokens(messages, &full)?;
         let mut reply = String::new();
-        let stats = self.run(&tokens[start..], params, max_new, |t| {
+        let stats = self.request(full, pinned, params, max_new, |t| {
             reply.push_str(t);
             on_text(t)
         })?;
         self.messages = messages.to_vec();
-        if stats.prompt_tokens == tokens.len() - start && stats.stop != StopReason::Cancelled {
+        if stats.stop != StopReason::Cancelled {
             self.messages.push(ChatMessage::new("assistant", reply.trim()));
         }
         Ok(stats)
+    }
+
+    /// Tokens the leading system messages of a chat take at the start of its rendering (the template's
+    /// first turn header included): what the context policy keeps.
+    fn pinned_tokens(&mut self, messages: &[ChatMessage], full: &[u32]) -> Result<usize> {
+        let system: Vec<ChatMessage> = messages.iter().take_while(|m| m.role == "system").cloned().collect();
+        if let Some((m, n)) = &self.pinned {
+            if *m == system {
+                return Ok(*n);
+            }
+        }
+        // Rendered with a stand-in user turn instead of the real ones: the common start is the system part.
+        let probe = [system.clone(), vec![ChatMessage::new("user", "\u{1}")]].concat();
+        let other = self.engine.chat_tokens(&probe)?;
+        let n = full.iter().zip(&other).take_while(|(a, b)| a == b).count();
+        self.pinned = Some((system, n));
+        Ok(n)
+    }
+
+    /// Runs the conversation `full` (its last part new): maps it onto what the state holds when it continues
+    /// the session's conversation, applies the context policy when it would not fit, reuses the longest
+    /// cached prefix (the session's own, or the prefix cache's), runs the rest and generates.
+    fn request(
+        &mut self,
+        full: Vec<u32>,
+        pinned: usize,
+        params: &SamplingParams,
+        max_new: usize,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        let mut p = self.prepare(full, pinned, params, max_new)?;
+        let mut room = room_maker::<B>(self.policy, pinned);
+        let engine = self.engine.clone();
+        let item = BatchItem {
+            state: &mut self.state,
+            run: Some(SessionRun { held: &mut self.cached, make_room: &mut room }),
+            prompt: &p.target[p.start..],
+            max_new,
+            sampler: &mut p.sampler,
+            echo_prompt: false,
+            on_text: &mut on_text,
+        };
+        let stats = engine.generate_batch(vec![item]).pop().expect("one result per item");
+        self.finish(p, stats)
+    }
+
+    /// Everything of a request before it runs: the policy applied, the cached start reused, the sampler set up.
+    fn prepare(&mut self, full: Vec<u32>, pinned: usize, params: &SamplingParams, max_new: usize) -> Result<Prepared> {
+        let ctx = self.state.max_context;
+        // Continuing a conversation the policy has shortened: the new part goes after what is held.
+        let mut target = if self.logical.len() < full.len() && full.starts_with(&self.logical) {
+            [&self.cached[..], &full[self.logical.len()..]].concat()
+        } else {
+            full.clone()
+        };
+        if target.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let mut dropped = 0;
+        let reserve = max_new.min(ctx / 4).max(1);
+        if target.len() + reserve > ctx && self.policy != ContextPolicy::Error {
+            let pinned = pinned.min(target.len() - 1);
+            if pinned + 1 + reserve > ctx {
+                return Err(sprig_models::ModelError::ContextOverflow { pos: pinned, new: reserve + 1, ctx }.into());
+            }
+            // Half of what follows the pinned start, or what the request needs if more.
+            let need = target.len() + reserve - ctx;
+            dropped = need.max((target.len() - pinned) / 2).min(target.len() - pinned - 1);
+            self.drop_tokens(&mut target, pinned, dropped)?;
+        }
+        let (start, shared) = self.reuse(&target)?;
+        self.logical = full;
+        let (rng, drawn) = session_rng(self.rng.take(), params.seed);
+        let mut sampler = Sampler::with_rng(params.clone(), rng)?;
+        // The penalties' window starts with the conversation so far.
+        self.cached[start.saturating_sub(params.penalty_last_n)..].iter().for_each(|&t| sampler.accept(t));
+        Ok(Prepared { target, start, shared, dropped, sampler, drawn, seed: params.seed })
+    }
+
+    /// Everything of a request after it ran: the random stream kept, the conversation's tokens and counters.
+    fn finish(&mut self, p: Prepared, stats: Result<GenerationStats>) -> Result<GenerationStats> {
+        let draws = p.drawn + p.sampler.draws();
+        self.rng = Some(Stream { seed: p.seed, rng: p.sampler.into_rng(), draws });
+        match stats {
+            Ok(mut s) => {
+                if s.prompt_tokens == p.target.len() - p.start && s.context_dropped == 0 {
+                    // The conversation is what was asked plus the reply's tokens fed back.
+                    let fed = s.generated.len() - usize::from(s.stop != StopReason::StopToken && !s.generated.is_empty());
+                    self.logical.extend_from_slice(&s.generated[..fed]);
+                } else {
+                    // Cancelled during prefill, or shortened while decoding: what is held is the conversation.
+                    self.logical = self.cached.clone();
+                }
+                s.cached_tokens = p.start;
+                s.prefix_cache_tokens = p.shared;
+                s.context_dropped += p.dropped;
+                self.engine.prefix_cache.record(p.target.len(), p.start, p.shared);
+                Ok(s)
+            }
+            // Refused before anything ran (empty, or longer than the context left): the cache is as it was.
+            Err(e) if e.is_context_overflow() || matches!(e, EngineError::EmptyPrompt) => {
+                self.logical = self.cached.clone();
+                Err(e)
+            }
+            // A failed forward pass leaves the cache in an unknown state: start over next time.
+            Err(e) => {
+                self.reset()?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Drops `d` tokens after the first `keep` of `target` under the policy: shifting moves the cached K/V
+    /// (when `target` continues what is held), truncating leaves it to [`Session::reuse`] to run the kept tail
+    /// again.
+    fn drop_tokens(&mut self, target: &mut Vec<u32>, keep: usize, d: usize) -> Result<()> {
+        let held = self.cached.len();
+        if self.policy == ContextPolicy::Shift && held > keep && target.starts_with(&self.cached) {
+            let d_held = d.min(held - keep);
+            match self.engine.model.shift_kv(&mut self.state, keep, d_held) {
+                Ok(()) => {
+                    self.cached.drain(keep..keep + d_held);
+                }
+                Err(sprig_models::ModelError::ShiftUnavailable { .. }) => {}
+                Err(e) => {
+                    self.reset()?;
+                    return Err(e.into());
+                }
+            }
+        }
+        target.drain(keep..keep + d);
+        Ok(())
+    }
+
+    /// Makes the state hold the longest reusable start of `target` (at most all but its last token): what
+    /// it holds already (any common start on a model of global layers; on one with sliding-window layers,
+    /// only all of it, their rings having overwritten earlier positions) or the prefix cache's blocks, when
+    /// those cover more. Returns the tokens held and how many came from the prefix cache.
+    fn reuse(&mut self, target: &[u32]) -> Result<(usize, usize)> {
+        let max = target.len().saturating_sub(1);
+        let common = self.cached.iter().zip(target).take_while(|(a, b)| a == b).count().min(max);
+        let sliding = self.engine.model.config.attention.iter().any(|a| *a != sprig_format::AttentionKind::Global);
+        let own = if common == self.cached.len() || !sliding { common } else { 0 };
+        self.cached.truncate(own);
+        self.state.pos = own;
+        let e = &self.engine;
+        let layout = e.model.kv_layout(self.state.max_context);
+        let restored =
+            e.prefix_cache.restore_into(&*e.model.backend, &mut self.state, &layout, &target[..max], own)?;
+        if restored > 0 {
+            self.cached = target[..restored].to_vec();
+            return Ok((restored, restored));
+        }
+        Ok((own, 0))
     }
 
     /// The conversation of the last chat call with its reply (restored with a saved session), to continue it.
@@ -155,6 +373,7 @@ impl<B: Backend> Session<B> {
         }
         self.state.pos = h.tokens;
         self.cached = saved.tokens;
+        self.logical = self.cached.clone();
         self.rng = h.rng.map(|(seed, draws)| {
             let mut rng = StdRng::seed_from_u64(seed);
             (0..draws).for_each(|_| {
@@ -170,38 +389,186 @@ impl<B: Backend> Session<B> {
     pub fn tokens(&self) -> &[u32] {
         &self.cached
     }
+}
 
-    /// Runs `new` tokens after the cached ones and generates. Afterwards the cache holds exactly what was run
-    /// (a cancelled prefill included), so the next call continues from there.
-    fn run(
-        &mut self,
-        new: &[u32],
-        params: &SamplingParams,
-        max_new: usize,
-        on_text: impl FnMut(&str) -> bool,
-    ) -> Result<GenerationStats> {
-        let (rng, drawn) = session_rng(self.rng.take(), params.seed);
-        let mut sampler = Sampler::with_rng(params.clone(), rng)?;
-        // The penalties' window starts with the conversation so far.
-        let held = self.cached.len();
-        self.cached[held.saturating_sub(params.penalty_last_n)..].iter().for_each(|&t| sampler.accept(t));
-        let stats = self.engine.generate(&mut self.state, new, max_new, &mut sampler, false, on_text);
-        let draws = drawn + sampler.draws();
-        self.rng = Some(Stream { seed: params.seed, rng: sampler.into_rng(), draws });
-        match &stats {
-            Ok(s) => {
-                // The prompt tokens run and the generated tokens fed back (the last one may be unfed).
-                self.cached.extend_from_slice(&new[..s.prompt_tokens]);
-                self.cached.extend(&s.generated);
-                self.cached.truncate(self.state.pos);
-            }
-            // Refused before anything ran (empty, or longer than the context left): the cache is as it was.
-            Err(e) if e.is_context_overflow() || matches!(e, EngineError::EmptyPrompt) => {}
-            // A failed forward pass leaves the cache in an unknown state: start over next time.
-            Err(_) => self.reset()?,
-        }
-        stats
+/// What one session of [`run_batch`] is asked.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// A conversation, as [`Session::chat`] takes it.
+    Chat(Vec<ChatMessage>),
+    /// Raw text continuing the context, as [`Session::generate`] takes it.
+    Text { text: String, parse_special: bool },
+}
+
+/// One request of [`run_batch`].
+pub struct BatchRequest<'a, B: Backend> {
+    pub session: &'a mut Session<B>,
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+    pub max_new: usize,
+    /// As [`Session::chat`]'s: each piece of text, and an empty piece to poll; false stops this request.
+    pub on_text: Box<dyn FnMut(&str) -> bool + 'a>,
+}
+
+/// Runs requests of several sessions of one engine together, each answered as its session alone would
+/// answer it: their prompts are prefilled one chunk at a time, interleaved with decode steps in which every
+/// session past its prompt advances by one token and those tokens go through the model as one batch (the
+/// weights are read once per step for all of them). One result per request, in order; a request on a
+/// session of another engine than the first is refused.
+pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<GenerationStats>> {
+    let Some(engine) = requests.first().map(|r| r.session.engine.clone()) else { return Vec::new() };
+    let (mut sessions, mut asks, mut on_texts) = (Vec::new(), Vec::new(), Vec::new());
+    for r in requests {
+        sessions.push(r.session);
+        asks.push((r.prompt, r.params, r.max_new));
+        on_texts.push(r.on_text);
     }
+    // Each request's conversation and pinned start, then the session's preparation.
+    let mut prepared: Vec<Result<(Prepared, usize)>> = sessions
+        .iter_mut()
+        .zip(&asks)
+        .map(|(s, (prompt, params, max_new))| {
+            if !Arc::ptr_eq(&s.engine, &engine) {
+                return Err(EngineError::Eval("a batch runs sessions of one model only".into()));
+            }
+            params.validate()?;
+            let (full, pinned) = match prompt {
+                Prompt::Chat(m) => {
+                    let full = s.engine.chat_tokens(m)?;
+                    let pinned = s.pinned_tokens(m, &full)?;
+                    (full, pinned)
+                }
+                Prompt::Text { text, parse_special } => {
+                    let tok = &s.engine.tokenizer;
+                    let add_bos = s.logical.is_empty() && tok.special().add_bos;
+                    let tokens = tok.encode_parts(&[(text, *parse_special)], add_bos)?;
+                    if tokens.is_empty() {
+                        return Err(EngineError::EmptyPrompt);
+                    }
+                    let bos = usize::from(tok.special().add_bos);
+                    ([&s.logical[..], &tokens].concat(), s.keep + bos)
+                }
+            };
+            Ok((s.prepare(full, pinned, params, *max_new)?, pinned))
+        })
+        .collect();
+    let mut replies: Vec<String> = asks.iter().map(|_| String::new()).collect();
+    let mut rooms: Vec<_> = sessions
+        .iter()
+        .zip(&prepared)
+        .map(|(s, p)| room_maker::<B>(s.policy, p.as_ref().map_or(0, |p| p.1)))
+        .collect();
+    let mut callbacks: Vec<Box<dyn FnMut(&str) -> bool + '_>> = on_texts
+        .iter_mut()
+        .zip(replies.iter_mut())
+        .map(|(cb, reply)| {
+            Box::new(move |t: &str| {
+                reply.push_str(t);
+                cb(t)
+            }) as Box<dyn FnMut(&str) -> bool + '_>
+        })
+        .collect();
+    let mut items = Vec::new();
+    for ((((s, p), room), cb), (_, _, max_new)) in
+        sessions.iter_mut().zip(prepared.iter_mut()).zip(rooms.iter_mut()).zip(callbacks.iter_mut()).zip(&asks)
+    {
+        let Ok((p, _)) = p else { continue };
+        let s = &mut **s;
+        items.push(BatchItem {
+            state: &mut s.state,
+            run: Some(SessionRun { held: &mut s.cached, make_room: room }),
+            prompt: &p.target[p.start..],
+            max_new: *max_new,
+            sampler: &mut p.sampler,
+            echo_prompt: false,
+            on_text: &mut **cb,
+        });
+    }
+    let mut ran = engine.generate_batch(items).into_iter();
+    drop(callbacks);
+    let mut results = Vec::with_capacity(sessions.len());
+    for (((s, p), reply), (prompt, _, _)) in sessions.iter_mut().zip(prepared).zip(replies).zip(&asks) {
+        let result = match p {
+            Err(e) => Err(e),
+            Ok((p, _)) => {
+                let stats = ran.next().expect("one result per item");
+                let stats = s.finish(p, stats);
+                if let (Ok(st), Prompt::Chat(m)) = (&stats, prompt) {
+                    s.messages = m.clone();
+                    if st.stop != StopReason::Cancelled {
+                        s.messages.push(ChatMessage::new("assistant", reply.trim()));
+                    }
+                }
+                stats
+            }
+        };
+        results.push(result);
+    }
+    results
+}
+
+/// A request between [`Session::prepare`] and [`Session::finish`].
+struct Prepared {
+    /// What the state is to hold before generating (the conversation after the context policy).
+    target: Vec<u32>,
+    /// Tokens of `target` already held (reused) and, of those, restored from the prefix cache.
+    start: usize,
+    shared: usize,
+    /// Tokens the policy dropped before running.
+    dropped: usize,
+    sampler: Sampler,
+    drawn: u64,
+    seed: u64,
+}
+
+/// What a session does with a full context while decoding (see [`make_room`]).
+fn room_maker<B: Backend>(
+    policy: ContextPolicy,
+    pinned: usize,
+) -> impl FnMut(&Engine<B>, &mut State<B>, &mut Vec<u32>) -> Result<usize> {
+    move |e: &Engine<B>, st: &mut State<B>, held: &mut Vec<u32>| -> Result<usize> {
+        if policy == ContextPolicy::Error {
+            return Ok(0);
+        }
+        let keep = pinned.min(held.len().saturating_sub(1));
+        let d = (held.len() - keep) / 2;
+        make_room(e, policy, st, held, keep, d).map(|_| d)
+    }
+}
+
+/// Drops `d` tokens after the first `keep` of what `state` holds (`held`) while decoding: shifted, or (also
+/// when a shift cannot be done) truncated and the kept tail run again, from the prefix cache's blocks of the
+/// kept start where it has them.
+fn make_room<B: Backend>(
+    e: &Engine<B>,
+    policy: ContextPolicy,
+    state: &mut State<B>,
+    held: &mut Vec<u32>,
+    keep: usize,
+    d: usize,
+) -> Result<()> {
+    if policy == ContextPolicy::Shift {
+        match e.model.shift_kv(state, keep, d) {
+            Ok(()) => {
+                held.drain(keep..keep + d);
+                return Ok(());
+            }
+            Err(sprig_models::ModelError::ShiftUnavailable { .. }) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    held.drain(keep..keep + d);
+    let sliding = e.model.config.attention.iter().any(|a| *a != sprig_format::AttentionKind::Global);
+    let layout = e.model.kv_layout(state.max_context);
+    state.pos = if sliding { 0 } else { keep };
+    let from = match e.prefix_cache.restore_into(&*e.model.backend, state, &layout, &held[..held.len() - 1], state.pos)? {
+        0 => state.pos,
+        n => n,
+    };
+    for chunk in held[from..].chunks(crate::generate::PREFILL_CHUNK) {
+        e.model.forward(state, chunk, sprig_models::Logits::Last)?;
+    }
+    Ok(())
 }
 
 /// The stream a request draws from and the words already drawn from it: the session's, carried on, unless

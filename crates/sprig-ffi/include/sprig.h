@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 // Bumped when a function signature or struct layout changes incompatibly.
-#define SPRIG_ABI_VERSION 3
+#define SPRIG_ABI_VERSION 4
 
 // Run on the CPU.
 #define SPRIG_DEVICE_CPU 0
@@ -37,6 +37,18 @@
 
 // The generated text reached one of `SprigSamplingParams.stop` (not included in the streamed text).
 #define SPRIG_STOP_STRING 4
+
+// Context policy (`SprigModelOptions.context_policy`): keep the system prompt, drop the oldest turns and run
+// the kept tail again (exact).
+#define SPRIG_CONTEXT_TRUNCATE_MIDDLE 0
+
+// The same drop, the kept keys rotated to their new positions instead (llama.cpp's context shift: cheap,
+// approximate).
+#define SPRIG_CONTEXT_SHIFT 1
+
+// No dropping: `SPRIG_STATUS_CONTEXT_FULL` for a prompt that does not fit, `SPRIG_STOP_CONTEXT_FULL` while
+// generating.
+#define SPRIG_CONTEXT_ERROR 2
 
 // Status codes (`SprigStatus` in C; the same numbers in `SprigException.code` on the JVM).
 typedef enum SprigStatus {
@@ -79,6 +91,11 @@ typedef struct SprigModelOptions {
   // (`SPRIG_STATUS_OUT_OF_MEMORY` when it does not fit); 0 = no budget. The memory the system has available
   // is checked either way.
   uint32_t memory_budget_mb;
+  // MiB of K/V of prompt blocks shared by the model's sessions (a request starting like an earlier one
+  // runs only the rest); 0 = off. Shrunk to what `memory_budget_mb` leaves. Default 256.
+  uint32_t prefix_cache_mb;
+  // `SPRIG_CONTEXT_*`: what sessions do when a request would overflow their context.
+  uint32_t context_policy;
 } SprigModelOptions;
 
 // A bias on one token's logit.
@@ -124,6 +141,22 @@ typedef struct SprigSamplingParams {
   bool parse_special;
 } SprigSamplingParams;
 
+// What a model's prefix cache holds and saved (`sprig_model_prefix_cache_stats`).
+typedef struct SprigPrefixCacheStats {
+  // Requests run by the model's sessions.
+  uint64_t requests;
+  // Their prompt tokens, cached or run.
+  uint64_t prompt_tokens;
+  // Prompt tokens not run: from the session's own cache or the prefix cache.
+  uint64_t cached_tokens;
+  // Of those, from the prefix cache shared by the sessions.
+  uint64_t shared_tokens;
+  uint64_t blocks;
+  uint64_t bytes;
+  uint64_t budget_bytes;
+  uint64_t evicted_blocks;
+} SprigPrefixCacheStats;
+
 // Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).
 // Return false to stop generating. Called on the thread that called generate/chat.
 typedef bool (*SprigTokenCallback)(const char *text, size_t len, void *user_data);
@@ -136,6 +169,12 @@ typedef struct SprigGenerateResult {
   uint32_t generated_tokens;
   double prefill_tokens_per_second;
   double decode_tokens_per_second;
+  // Prompt tokens not run because their K/V was cached (`prompt_tokens` counts those that ran).
+  uint32_t cached_tokens;
+  // Of `cached_tokens`, those from the prefix cache shared by the model's sessions.
+  uint32_t prefix_cache_tokens;
+  // Tokens the context policy dropped to make room during this call.
+  uint32_t context_dropped_tokens;
 } SprigGenerateResult;
 
 // One chat turn.
@@ -194,6 +233,14 @@ enum SprigStatus sprig_model_context_length(const struct SprigModel *model,
 // `out_device` is NULL or writable.
 enum SprigStatus sprig_model_device(const struct SprigModel *model,
                                     uint32_t *out_device);
+
+// What the model's prefix cache holds (blocks, bytes, budget) and saved (prompt tokens cached / run over
+// every request of its sessions). Thread safety: any thread.
+//
+// # Safety
+// `out_stats` is NULL or writable.
+enum SprigStatus sprig_model_prefix_cache_stats(const struct SprigModel *model,
+                                                struct SprigPrefixCacheStats *out_stats);
 
 // Creates a session (an empty conversation) on a model. Thread safety: any thread; sessions of one model
 // may generate concurrently on different threads.

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, TryLockError};
 
 use sprig_engine::generate::StopReason;
 use sprig_engine::{
-    AnyEngine, AnySession, ChatMessage, DeviceChoice, EngineError, GenerationStats, LoadOptions, SamplingParams,
+    AnyEngine, AnySession, ChatMessage, ContextPolicy, DeviceChoice, EngineError, GenerationStats, LoadOptions,
+    PrefixCacheStats, SamplingParams,
 };
 use sprig_import::QuantChoice;
 
@@ -109,6 +110,20 @@ pub struct LoadRequest<'a> {
     pub context_length: u32,
     /// MiB the model and one session may use (0 = no budget; the available memory is checked either way).
     pub memory_budget_mb: u32,
+    /// MiB of the prefix cache shared by the model's sessions (0 = off); shrunk to what the budget leaves.
+    pub prefix_cache_mb: u32,
+    /// What the model's sessions do when a request would overflow their context.
+    pub context_policy: ContextPolicy,
+}
+
+/// The C numbers of the context policies (`SPRIG_CONTEXT_*`).
+pub fn context_policy_from_code(c: u32) -> FfiResult<ContextPolicy> {
+    match c {
+        crate::SPRIG_CONTEXT_TRUNCATE_MIDDLE => Ok(ContextPolicy::TruncateMiddle),
+        crate::SPRIG_CONTEXT_SHIFT => Ok(ContextPolicy::Shift),
+        crate::SPRIG_CONTEXT_ERROR => Ok(ContextPolicy::Error),
+        other => Err(FfiError::arg(format!("context policy {other} is not one of SPRIG_CONTEXT_*"))),
+    }
 }
 
 /// A C device number.
@@ -124,6 +139,13 @@ pub fn device_from_code(d: u32) -> FfiResult<DeviceChoice> {
 pub struct ModelHandle {
     pub engine: AnyEngine,
     pub context_length: usize,
+    /// Given to each new session.
+    pub context_policy: ContextPolicy,
+}
+
+/// What the model's prefix cache holds and saved.
+pub fn prefix_cache_stats(id: u64) -> FfiResult<PrefixCacheStats> {
+    Ok(model(id)?.engine.prefix_cache_stats())
 }
 
 pub struct SessionHandle {
@@ -183,7 +205,9 @@ pub fn load_model(r: &LoadRequest) -> FfiResult<u64> {
     sprig_engine::memory::check(&need, budget, "the model with one session").map_err(|e| engine_error(e, true))?;
     // Auto's fallback to the CPU is not an error; hosts see the device in use with sprig_model_device.
     let engine = AnyEngine::new(file, device, r.threads as usize, &mut |_| {}).map_err(|e| engine_error(e, true))?;
-    Ok(MODELS.insert(ModelHandle { engine, context_length: ctx }))
+    let prefix = sprig_engine::memory::prefix_cache_budget(r.prefix_cache_mb as u64 * (1 << 20), &need, budget);
+    engine.set_prefix_cache_budget(prefix as usize);
+    Ok(MODELS.insert(ModelHandle { engine, context_length: ctx, context_policy: r.context_policy }))
 }
 
 pub fn model(id: u64) -> FfiResult<Arc<ModelHandle>> {
@@ -211,7 +235,8 @@ pub fn free_model(id: u64) -> FfiResult<()> {
 
 pub fn new_session(model_id: u64) -> FfiResult<u64> {
     let m = model(model_id)?;
-    let session = m.engine.new_session(m.context_length).map_err(|e| engine_error(e, false))?;
+    let mut session = m.engine.new_session(m.context_length).map_err(|e| engine_error(e, false))?;
+    session.set_context_policy(m.context_policy, 0);
     Ok(SESSIONS.insert(SessionHandle { session: Mutex::new(session), cancel: AtomicBool::new(false) }))
 }
 
@@ -271,6 +296,9 @@ pub struct Outcome {
     pub generated_tokens: u32,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
+    pub cached_tokens: u32,
+    pub prefix_cache_tokens: u32,
+    pub context_dropped: u32,
 }
 
 /// The C number and the Kotlin `StopReason` name of a stop reason.
@@ -291,6 +319,9 @@ fn outcome(s: &GenerationStats) -> Outcome {
         generated_tokens: s.generated.len() as u32,
         prefill_tok_s: s.prefill_tok_s(),
         decode_tok_s: s.decode_tok_s(),
+        cached_tokens: s.cached_tokens as u32,
+        prefix_cache_tokens: s.prefix_cache_tokens as u32,
+        context_dropped: s.context_dropped as u32,
     }
 }
 

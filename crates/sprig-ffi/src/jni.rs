@@ -3,8 +3,8 @@
 //! `dev.sprig.SprigException(code, message)`, and a panic becomes one too (never an abort of the JVM).
 
 use jni::objects::{JClass, JFloatArray, JIntArray, JObject, JObjectArray, JString, JValue};
-use jni::sys::{jdouble, jint, jlong, jobject, jstring};
-use sprig_engine::DeviceChoice;
+use jni::sys::{jdouble, jint, jlong, jlongArray, jobject, jstring};
+use sprig_engine::{ContextPolicy, DeviceChoice};
 use jni::JNIEnv;
 
 use crate::core::{self, FfiError, FfiResult, Input, LoadRequest, Sampling, SprigStatus};
@@ -64,14 +64,22 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
     device: JString<'l>,
     context_length: jint,
     memory_budget_mb: jint,
+    prefix_cache_mb: jint,
+    context_policy: JString<'l>,
 ) -> jlong {
     entry(&mut env, 0, |env| {
         let path = string(env, &path, "path")?;
         let device = device_by_name(&string(env, &device, "device")?)?;
         let tokenizer = if tokenizer.is_null() { None } else { Some(string(env, &tokenizer, "tokenizerPath")?) };
-        if threads < 0 || context_length < 0 || memory_budget_mb < 0 {
-            return Err(FfiError::arg("threads, contextLength and memoryBudgetMb must be ≥ 0"));
+        if threads < 0 || context_length < 0 || memory_budget_mb < 0 || prefix_cache_mb < 0 {
+            return Err(FfiError::arg("threads, contextLength, memoryBudgetMb and prefixCacheMb must be ≥ 0"));
         }
+        // Kotlin's `ContextPolicy` names.
+        let policy_name = string(env, &context_policy, "contextPolicy")?;
+        let context_policy = ContextPolicy::ALL
+            .into_iter()
+            .find(|p| p.name().replace('-', "_").eq_ignore_ascii_case(&policy_name))
+            .ok_or_else(|| FfiError::arg(format!("context policy `{policy_name}` is unknown")))?;
         let req = LoadRequest {
             path: &path,
             tokenizer: tokenizer.as_deref(),
@@ -79,6 +87,8 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
             device,
             context_length: context_length as u32,
             memory_budget_mb: memory_budget_mb as u32,
+            prefix_cache_mb: prefix_cache_mb as u32,
+            context_policy,
         };
         Ok(core::load_model(&req)? as jlong)
     })
@@ -118,6 +128,23 @@ fn device_name(d: DeviceChoice) -> &'static str {
 
 fn internal(e: jni::errors::Error) -> FfiError {
     FfiError::new(SprigStatus::Internal, e.to_string())
+}
+
+/// The model's prefix cache counters: requests, prompt, cached, shared tokens, blocks, bytes, budget, evicted.
+#[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_modelPrefixCacheStats<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+) -> jlongArray {
+    entry(&mut env, std::ptr::null_mut(), |env| {
+        let s = core::prefix_cache_stats(id(h))?;
+        let v = [s.requests, s.prompt_tokens, s.cached_tokens, s.shared_tokens, s.blocks as u64, s.bytes as u64, s.budget as u64, s.evicted_blocks];
+        let v: Vec<i64> = v.iter().map(|&x| x.min(i64::MAX as u64) as i64).collect();
+        let arr = env.new_long_array(v.len() as i32).map_err(internal)?;
+        env.set_long_array_region(&arr, 0, &v).map_err(internal)?;
+        Ok(arr.into_raw())
+    })
 }
 
 #[no_mangle]
@@ -284,9 +311,16 @@ fn generate<'l>(env: &mut JNIEnv<'l>, h: jlong, input: Input, p: Sampling, callb
         )
         .and_then(|v| v.l())
         .map_err(internal)?;
-    let args =
-        [JValue::Object(&reason), JValue::Int(r.prompt_tokens as jint), JValue::Int(r.generated_tokens as jint)];
-    let obj = env.new_object("dev/sprig/GenerationResult", "(Ldev/sprig/StopReason;II)V", &args).map_err(internal)?;
+    let args = [
+        JValue::Object(&reason),
+        JValue::Int(r.prompt_tokens as jint),
+        JValue::Int(r.generated_tokens as jint),
+        JValue::Int(r.cached_tokens as jint),
+        JValue::Int(r.prefix_cache_tokens as jint),
+        JValue::Int(r.context_dropped as jint),
+    ];
+    let obj =
+        env.new_object("dev/sprig/GenerationResult", "(Ldev/sprig/StopReason;IIIII)V", &args).map_err(internal)?;
     Ok(obj.into_raw())
 }
 

@@ -23,7 +23,7 @@ pub use crate::core::SprigStatus;
 use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
 
 /// Bumped when a function signature or struct layout changes incompatibly.
-pub const SPRIG_ABI_VERSION: u32 = 3;
+pub const SPRIG_ABI_VERSION: u32 = 4;
 
 /// Run on the CPU.
 pub const SPRIG_DEVICE_CPU: u32 = 0;
@@ -42,6 +42,16 @@ pub const SPRIG_STOP_CANCELLED: u32 = 2;
 pub const SPRIG_STOP_CONTEXT_FULL: u32 = 3;
 /// The generated text reached one of `SprigSamplingParams.stop` (not included in the streamed text).
 pub const SPRIG_STOP_STRING: u32 = 4;
+
+/// Context policy (`SprigModelOptions.context_policy`): keep the system prompt, drop the oldest turns and run
+/// the kept tail again (exact).
+pub const SPRIG_CONTEXT_TRUNCATE_MIDDLE: u32 = 0;
+/// The same drop, the kept keys rotated to their new positions instead (llama.cpp's context shift: cheap,
+/// approximate).
+pub const SPRIG_CONTEXT_SHIFT: u32 = 1;
+/// No dropping: `SPRIG_STATUS_CONTEXT_FULL` for a prompt that does not fit, `SPRIG_STOP_CONTEXT_FULL` while
+/// generating.
+pub const SPRIG_CONTEXT_ERROR: u32 = 2;
 
 /// A loaded model (opaque).
 pub struct SprigModel {
@@ -68,6 +78,29 @@ pub struct SprigModelOptions {
     /// (`SPRIG_STATUS_OUT_OF_MEMORY` when it does not fit); 0 = no budget. The memory the system has available
     /// is checked either way.
     pub memory_budget_mb: u32,
+    /// MiB of K/V of prompt blocks shared by the model's sessions (a request starting like an earlier one
+    /// runs only the rest); 0 = off. Shrunk to what `memory_budget_mb` leaves. Default 256.
+    pub prefix_cache_mb: u32,
+    /// `SPRIG_CONTEXT_*`: what sessions do when a request would overflow their context.
+    pub context_policy: u32,
+}
+
+/// What a model's prefix cache holds and saved (`sprig_model_prefix_cache_stats`).
+#[repr(C)]
+#[derive(Default)]
+pub struct SprigPrefixCacheStats {
+    /// Requests run by the model's sessions.
+    pub requests: u64,
+    /// Their prompt tokens, cached or run.
+    pub prompt_tokens: u64,
+    /// Prompt tokens not run: from the session's own cache or the prefix cache.
+    pub cached_tokens: u64,
+    /// Of those, from the prefix cache shared by the sessions.
+    pub shared_tokens: u64,
+    pub blocks: u64,
+    pub bytes: u64,
+    pub budget_bytes: u64,
+    pub evicted_blocks: u64,
 }
 
 /// Sampling of `sprig_session_generate` / `sprig_session_chat`; start from `sprig_sampling_params_default()`.
@@ -134,6 +167,12 @@ pub struct SprigGenerateResult {
     pub generated_tokens: u32,
     pub prefill_tokens_per_second: f64,
     pub decode_tokens_per_second: f64,
+    /// Prompt tokens not run because their K/V was cached (`prompt_tokens` counts those that ran).
+    pub cached_tokens: u32,
+    /// Of `cached_tokens`, those from the prefix cache shared by the model's sessions.
+    pub prefix_cache_tokens: u32,
+    /// Tokens the context policy dropped to make room during this call.
+    pub context_dropped_tokens: u32,
 }
 
 /// Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).
@@ -203,6 +242,8 @@ pub extern "C" fn sprig_model_options_default() -> SprigModelOptions {
         device: SPRIG_DEVICE_CPU,
         context_length: 0,
         memory_budget_mb: 0,
+        prefix_cache_mb: (sprig_engine::prefix_cache::DEFAULT_BUDGET_BYTES >> 20) as u32,
+        context_policy: SPRIG_CONTEXT_TRUNCATE_MIDDLE,
     }
 }
 
@@ -267,6 +308,8 @@ pub unsafe extern "C" fn sprig_model_load(
             device,
             context_length: o.context_length,
             memory_budget_mb: o.memory_budget_mb,
+            prefix_cache_mb: o.prefix_cache_mb,
+            context_policy: core::context_policy_from_code(o.context_policy)?,
         };
         let id = core::load_model(&req)?;
         // SAFETY: `out_model` is non-null and writable per the caller contract.
@@ -313,6 +356,38 @@ pub unsafe extern "C" fn sprig_model_device(model: *const SprigModel, out_device
         }
         // SAFETY: non-null and writable per the caller contract.
         unsafe { *out_device = d };
+        Ok(())
+    })
+}
+
+/// What the model's prefix cache holds (blocks, bytes, budget) and saved (prompt tokens cached / run over
+/// every request of its sessions). Thread safety: any thread.
+///
+/// # Safety
+/// `out_stats` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_model_prefix_cache_stats(
+    model: *const SprigModel,
+    out_stats: *mut SprigPrefixCacheStats,
+) -> SprigStatus {
+    call(|| {
+        let s = core::prefix_cache_stats(handle_id(model, "model")?)?;
+        if out_stats.is_null() {
+            return Err(FfiError::arg("out_stats is NULL"));
+        }
+        // SAFETY: non-null and writable per the caller contract.
+        unsafe {
+            *out_stats = SprigPrefixCacheStats {
+                requests: s.requests,
+                prompt_tokens: s.prompt_tokens,
+                cached_tokens: s.cached_tokens,
+                shared_tokens: s.shared_tokens,
+                blocks: s.blocks as u64,
+                bytes: s.bytes as u64,
+                budget_bytes: s.budget as u64,
+                evicted_blocks: s.evicted_blocks,
+            }
+        };
         Ok(())
     })
 }
@@ -475,6 +550,9 @@ unsafe fn run_generation<'a>(
                     generated_tokens: r.generated_tokens,
                     prefill_tokens_per_second: r.prefill_tok_s,
                     decode_tokens_per_second: r.decode_tok_s,
+                    cached_tokens: r.cached_tokens,
+                    prefix_cache_tokens: r.prefix_cache_tokens,
+                    context_dropped_tokens: r.context_dropped,
                 }
             };
         }

@@ -108,15 +108,9 @@ pub enum Logits {
     All,
 }
 
-/// Per-sequence run state: position, KV cache and reused activation buffers (llama2.c's `RunState`). `T` is
-/// the number of tokens of the current forward pass (1 when decoding); buffers only grow.
-pub struct State<B: Backend> {
-    /// Positions already in the KV cache (the next token's position).
-    pub pos: usize,
-    /// Positions the KV cache can hold.
-    pub max_context: usize,
-    /// Per layer: keys and values, `[capacity, kv_dim]` each (a ring of `window` entries on sliding layers).
-    kv: B::KvCache,
+/// Activation buffers of a forward pass, reused from pass to pass (they only grow). `T` is the number of rows
+/// of the pass: a sequence's tokens (1 when decoding), or one token per sequence of a batch.
+pub struct Scratch<B: Backend> {
     /// Residual stream `[T, dim]`.
     x: B::Tensor,
     /// Normalised residual `[T, dim]` (the input of the next linears).
@@ -129,6 +123,11 @@ pub struct State<B: Backend> {
     v: B::Tensor,
     /// Attention output `[T, n_heads * head_dim]` (also scratch for the QK norms).
     att: B::Tensor,
+    /// One sequence's rows of q, k, v and its attention output, when a batch holds several sequences.
+    seq_q: B::Tensor,
+    seq_k: B::Tensor,
+    seq_v: B::Tensor,
+    seq_att: B::Tensor,
     /// Output of a block's last projection `[T, dim]`.
     proj: B::Tensor,
     /// FFN gate projection `[T, hidden]`.
@@ -144,10 +143,62 @@ pub struct State<B: Backend> {
     /// The last row of `x`, `[1, dim]` (logits of the last token only).
     last: B::Tensor,
     /// Logits of the last forward pass: `[1 or T, vocab]`.
-    pub logits: B::Tensor,
+    logits: B::Tensor,
+}
+
+impl<B: Backend> Scratch<B> {
+    fn new(b: &B) -> Self {
+        Scratch {
+            x: b.tensor(),
+            xn: b.tensor(),
+            q: b.tensor(),
+            k: b.tensor(),
+            v: b.tensor(),
+            att: b.tensor(),
+            seq_q: b.tensor(),
+            seq_k: b.tensor(),
+            seq_v: b.tensor(),
+            seq_att: b.tensor(),
+            proj: b.tensor(),
+            gate: b.tensor(),
+            up: b.tensor(),
+            hid: b.tensor(),
+            router: b.tensor(),
+            shared: b.tensor(),
+            last: b.tensor(),
+            logits: b.tensor(),
+        }
+    }
+}
+
+/// Per-sequence run state (llama2.c's `RunState`): position, KV cache and its activation buffers.
+pub struct State<B: Backend> {
+    /// Positions already in the KV cache (the next token's position).
+    pub pos: usize,
+    /// Positions the KV cache can hold.
+    pub max_context: usize,
+    /// Per layer: keys and values, `[capacity, kv_dim]` each (a ring of `window` entries on sliding layers).
+    kv: B::KvCache,
+    s: Scratch<B>,
     /// Per layer (`None` for dense layers): the MoE layer's counters and scratch, accumulated over this
     /// sequence's forward passes (read them with [`Model::moe_usage`]).
     moe: Vec<Option<B::MoeState>>,
+}
+
+/// Buffers of batched decode steps ([`Model::forward_batch`]): one token of each of several sequences per
+/// pass, so the weights are read once for all of them.
+pub struct Batch<B: Backend> {
+    s: Scratch<B>,
+    /// The MoE layers' counters of the batch's passes (not attributed to its sequences).
+    moe: Vec<Option<B::MoeState>>,
+}
+
+/// One sequence of a forward pass: its KV cache and position, and how many of the pass's rows are its tokens.
+struct Seq<'a, B: Backend> {
+    kv: &'a mut B::KvCache,
+    pos: &'a mut usize,
+    max_context: usize,
+    rows: usize,
 }
 
 impl<B: Backend> State<B> {
@@ -273,33 +324,70 @@ impl<B: Backend> Model<B> {
             pos: 0,
             max_context: ctx,
             kv: b.kv_cache(&self.kv_layout(ctx))?,
-            x: b.tensor(),
-            xn: b.tensor(),
-            q: b.tensor(),
-            k: b.tensor(),
-            v: b.tensor(),
-            att: b.tensor(),
-            proj: b.tensor(),
-            gate: b.tensor(),
-            up: b.tensor(),
-            hid: b.tensor(),
-            router: b.tensor(),
-            shared: b.tensor(),
-            last: b.tensor(),
-            logits: b.tensor(),
-            moe: self
-                .layers
-                .iter()
-                .map(|l| match &l.ffn {
-                    Ffn::Moe { params, .. } => b.moe_state(params).map(Some),
-                    Ffn::Dense(_) => Ok(None),
-                })
-                .collect::<std::result::Result<_, _>>()?,
+            s: Scratch::new(b),
+            moe: self.moe_states()?,
         })
+    }
+
+    /// Buffers for [`Model::forward_batch`].
+    pub fn new_batch(&self) -> Result<Batch<B>> {
+        Ok(Batch { s: Scratch::new(&*self.backend), moe: self.moe_states()? })
+    }
+
+    fn moe_states(&self) -> Result<Vec<Option<B::MoeState>>> {
+        let b = &*self.backend;
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Moe { params, .. } => b.moe_state(params).map(Some),
+                Ffn::Dense(_) => Ok(None),
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Into::into)
     }
 
     pub fn kv_layout(&self, ctx: usize) -> KvLayout {
         KvLayout::for_model(&self.config, ctx)
+    }
+
+    /// Drops positions `keep .. keep + drop` from what `st` holds, as llama.cpp's context shift does: later
+    /// positions move down by `drop`, their keys rotated back by `drop` positions (RoPE rotations compose),
+    /// values as they are. Those keys and values were computed with the dropped tokens in view, so what
+    /// follows is an approximation of a run without them (cheap: no token runs again). Fails, leaving `st`
+    /// as it was, when a sliding-window layer would need a kept position its ring no longer holds.
+    pub fn shift_kv(&self, st: &mut State<B>, keep: usize, drop: usize) -> Result<()> {
+        let (pos, b) = (st.pos, &*self.backend);
+        if drop == 0 || keep + drop > pos {
+            return Err(ModelError::ContextOverflow { pos, new: 0, ctx: keep + drop });
+        }
+        let layout = self.kv_layout(st.max_context);
+        let to = pos - drop;
+        // New positions each layer holds afterwards: all up to `to` (global) or its last window.
+        let from = |l: usize| to.saturating_sub(layout.layer_capacity(l));
+        for l in 0..self.layers.len() {
+            let (lo, cap) = (from(l), layout.layer_capacity(l));
+            // Kept positions below `keep` stay where they are; on a ring they must still be there.
+            if lo < keep.min(to) && lo < pos.saturating_sub(cap) {
+                return Err(ModelError::ShiftUnavailable { layer: l, position: lo });
+            }
+        }
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for (l, layer) in self.layers.iter().enumerate() {
+            let lo = from(l).max(keep);
+            if lo >= to {
+                continue;
+            }
+            b.kv_read(&st.kv, l, lo + drop..pos, &mut k, &mut v)?;
+            let back = RopeParams { n_heads: self.config.n_kv_heads, attention_factor: 1.0, ..layer.rope.clone() };
+            for row in k.chunks_exact_mut(layout.kv_dim) {
+                back.rotate(row, -(drop as f32));
+            }
+            // At most `capacity` consecutive positions: their slots differ from those of the kept ones below
+            // `keep`, which stay untouched.
+            b.kv_write(&mut st.kv, l, lo, &k, &v)?;
+        }
+        st.pos = to;
+        Ok(())
     }
 
     /// Runs `tokens` (positions `st.pos ..`) through the model, all at once (batched prefill) or one at a time
@@ -313,6 +401,45 @@ impl<B: Backend> Model<B> {
     pub fn forward_observed(
         &self,
         st: &mut State<B>,
+        tokens: &[u32],
+        mode: Logits,
+        observe: Option<&mut LinearInputObserver>,
+    ) -> Result<()> {
+        let State { pos, max_context, kv, s, moe } = st;
+        let mut seqs = [Seq { kv, pos, max_context: *max_context, rows: tokens.len() }];
+        self.forward_seqs(s, moe, &mut seqs, tokens, mode, observe)
+    }
+
+    /// One decode step of several sequences at once: `tokens[i]` continues `states[i]`. The linear layers run
+    /// on all rows together (the weights are read once per step, not once per sequence); attention runs per
+    /// sequence over its own KV cache. Row `i` of the batch's logits ([`Model::read_batch_logits`]) is
+    /// sequence `i`'s.
+    pub fn forward_batch(&self, batch: &mut Batch<B>, states: &mut [&mut State<B>], tokens: &[u32]) -> Result<()> {
+        if states.len() != tokens.len() {
+            return Err(ModelError::Backend(sprig_backend::BackendError::Shape {
+                op: "forward_batch",
+                detail: format!("{} tokens for {} sequences", tokens.len(), states.len()),
+            }));
+        }
+        let mut seqs: Vec<Seq<'_, B>> = states
+            .iter_mut()
+            .map(|st| Seq { kv: &mut st.kv, pos: &mut st.pos, max_context: st.max_context, rows: 1 })
+            .collect();
+        let Batch { s, moe } = batch;
+        self.backend.run(|| self.forward_seqs(s, moe, &mut seqs, tokens, Logits::All, None))
+    }
+
+    /// Copies the logits of the batch's last step to the host, `[sequences, vocab]`.
+    pub fn read_batch_logits(&self, batch: &Batch<B>, out: &mut Vec<f32>) -> Result<()> {
+        Ok(self.backend.download(&batch.s.logits, out)?)
+    }
+
+    /// The forward pass of `seqs`, whose tokens are consecutive rows of `tokens`.
+    fn forward_seqs(
+        &self,
+        st: &mut Scratch<B>,
+        moe: &mut [Option<B::MoeState>],
+        seqs: &mut [Seq<'_, B>],
         tokens: &[u32],
         mode: Logits,
         mut observe: Option<&mut LinearInputObserver>,
@@ -332,8 +459,13 @@ impl<B: Backend> Model<B> {
         if tokens.is_empty() {
             return Err(ModelError::NoTokens);
         }
-        if st.pos + tokens.len() > st.max_context {
-            return Err(ModelError::ContextOverflow { pos: st.pos, new: tokens.len(), ctx: st.max_context });
+        if seqs.iter().map(|q| q.rows).sum::<usize>() != tokens.len() {
+            return Err(ModelError::NoTokens);
+        }
+        for q in seqs.iter() {
+            if *q.pos + q.rows > q.max_context {
+                return Err(ModelError::ContextOverflow { pos: *q.pos, new: q.rows, ctx: q.max_context });
+            }
         }
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
             return Err(ModelError::BadToken { id, vocab: c.vocab_size });
@@ -356,9 +488,27 @@ impl<B: Backend> Model<B> {
                 b.rms_norm(&st.k, kn, eps, &mut st.att)?;
                 std::mem::swap(&mut st.k, &mut st.att);
             }
-            b.rope(&mut st.q, st.pos, &RopeParams { n_heads: c.n_heads, ..l.rope.clone() })?;
-            b.rope(&mut st.k, st.pos, &RopeParams { n_heads: c.n_kv_heads, ..l.rope.clone() })?;
-            b.attention(&st.q, &st.k, &st.v, &mut st.kv, li, st.pos, &l.attn, &mut st.att)?;
+            let (rope_q, rope_k) =
+                (RopeParams { n_heads: c.n_heads, ..l.rope.clone() }, RopeParams { n_heads: c.n_kv_heads, ..l.rope.clone() });
+            if let [q] = seqs {
+                b.rope(&mut st.q, *q.pos, &rope_q)?;
+                b.rope(&mut st.k, *q.pos, &rope_k)?;
+                b.attention(&st.q, &st.k, &st.v, q.kv, li, *q.pos, &l.attn, &mut st.att)?;
+            } else {
+                // Each sequence's rows at its own positions over its own cache, written back into the batch.
+                b.rows(&st.q, 0, tokens.len(), &mut st.att)?;
+                let mut row = 0;
+                for q in seqs.iter_mut() {
+                    b.rows(&st.q, row, q.rows, &mut st.seq_q)?;
+                    b.rows(&st.k, row, q.rows, &mut st.seq_k)?;
+                    b.rows(&st.v, row, q.rows, &mut st.seq_v)?;
+                    b.rope(&mut st.seq_q, *q.pos, &rope_q)?;
+                    b.rope(&mut st.seq_k, *q.pos, &rope_k)?;
+                    b.attention(&st.seq_q, &st.seq_k, &st.seq_v, q.kv, li, *q.pos, &l.attn, &mut st.seq_att)?;
+                    b.set_rows(&mut st.att, row, &st.seq_att)?;
+                    row += q.rows;
+                }
+            }
             show(b, &st.att, li, &["attn_output"])?;
             b.linear(&st.att, &l.wo, None, &mut st.proj)?;
             residual(b, &mut st.x, &st.proj, l.post_attn_norm.as_ref(), eps, &mut st.xn)?;
@@ -374,7 +524,7 @@ impl<B: Backend> Model<B> {
                     show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"])?;
                     b.linear(&st.xn, router, None, &mut st.router)?;
                     let experts = ExpertWeights { gate, up, down };
-                    let moe_state = st.moe[li]
+                    let moe_state = moe[li]
                         .as_mut()
                         .ok_or(ModelError::ForeignState { layer: li })?;
                     b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, moe_state)?;
@@ -392,7 +542,9 @@ impl<B: Backend> Model<B> {
             }
             residual(b, &mut st.x, &st.proj, l.post_ffn_norm.as_ref(), eps, &mut st.xn)?;
         }
-        st.pos += tokens.len();
+        for q in seqs.iter_mut() {
+            *q.pos += q.rows;
+        }
         let head_in = match mode {
             Logits::Last => {
                 b.rows(&st.x, tokens.len() - 1, 1, &mut st.last)?;
@@ -417,6 +569,6 @@ impl<B: Backend> Model<B> {
 
     /// Copies the last forward pass's logits to the host (an error when the device is lost).
     pub fn read_logits(&self, st: &State<B>, out: &mut Vec<f32>) -> Result<()> {
-        Ok(self.backend.download(&st.logits, out)?)
+        Ok(self.backend.download(&st.s.logits, out)?)
     }
 }

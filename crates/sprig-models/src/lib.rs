@@ -14,7 +14,7 @@
 
 pub mod decoder;
 
-pub use decoder::{Logits, Model, State};
+pub use decoder::{Batch, Logits, Model, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -28,6 +28,9 @@ pub enum ModelError {
     ContextOverflow { pos: usize, new: usize, ctx: usize },
     #[error("a forward pass needs at least one token")]
     NoTokens,
+    /// A context shift would need positions a sliding-window layer no longer holds.
+    #[error("cannot shift the context: layer {layer} no longer holds position {position}")]
+    ShiftUnavailable { layer: usize, position: usize },
     #[error("layer {layer}: the state was made for another model")]
     ForeignState { layer: usize },
 }

@@ -630,11 +630,11 @@ pub fn map_kernel(x: &mut [f32], n: usize, s: f32, #[comptime] op: u32) {
     }
 }
 
-/// `out[i] = x[offset + i]` (a block of rows).
+/// `out[to + i] = x[from + i]` (a block of rows).
 #[cube(launch)]
-pub fn copy_kernel(x: &[f32], out: &mut [f32], offset: usize, n: usize) {
+pub fn copy_kernel(x: &[f32], out: &mut [f32], from: usize, to: usize, n: usize) {
     let i = job_index(ELEMWISE_THREADS);
     if i < n {
-        out[i] = x[offset + i];
+        out[to + i] = x[from + i];
     }
 }

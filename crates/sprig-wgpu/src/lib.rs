@@ -459,7 +459,16 @@ impl Backend for WgpuBackend {
         self.alloc(out, n, x.cols);
         let len = n * x.cols;
         let (count, dim) = elementwise(len);
-        copy_kernel::launch(&self.client, count, dim, arg(&x.h(), x.len()), arg(&out.h(), len), start * x.cols, len);
+        copy_kernel::launch(&self.client, count, dim, arg(&x.h(), x.len()), arg(&out.h(), len), start * x.cols, 0, len);
+        Ok(())
+    }
+
+    fn set_rows(&self, dst: &mut GpuTensor, start: usize, src: &GpuTensor) -> Result<()> {
+        let (n, c) = (src.rows, src.cols);
+        ensure_shape!(c == dst.cols && start + n <= dst.rows, "set_rows", "{n}x{c} at row {start} of {}x{}", dst.rows, dst.cols);
+        let len = n * c;
+        let (count, dim) = elementwise(len);
+        copy_kernel::launch(&self.client, count, dim, arg(&src.h(), src.len()), arg(&dst.h(), dst.len()), 0, start * c, len);
         Ok(())
     }
 

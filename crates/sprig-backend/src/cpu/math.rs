@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 
-use crate::{Activation, RopeLayout, RopeParams};
+use crate::Activation;
 
 /// Per-worker attention buffers, reused across calls: the batch's new keys transposed, scores.
 #[derive(Default)]
@@ -180,27 +180,6 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let inv = 1.0 / (ss + eps).sqrt();
     for ((o, v), w) in out.iter_mut().zip(x).zip(w) {
         *o = v * inv * w;
-    }
-}
-
-/// Rotates one row (all heads) at position `pos`.
-pub fn rope_row(row: &mut [f32], pos: f32, p: &RopeParams) {
-    let hd = p.head_dim;
-    let half = hd / 2;
-    let af = p.attention_factor;
-    for (i, &freq) in p.inv_freq.iter().enumerate().take(half) {
-        let (s, c) = (pos * freq).sin_cos();
-        let (s, c) = if af == 1.0 { (s, c) } else { (s * af, c * af) };
-        for h in 0..p.n_heads {
-            let base = h * hd;
-            let (a, b) = match p.layout {
-                RopeLayout::Adjacent => (base + 2 * i, base + 2 * i + 1),
-                RopeLayout::Half => (base + i, base + i + half),
-            };
-            let (x0, x1) = (row[a], row[b]);
-            row[a] = x0 * c - x1 * s;
-            row[b] = x0 * s + x1 * c;
-        }
     }
 }
 

@@ -366,6 +366,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn set_rows(&self, dst: &mut CpuTensor, start: usize, src: &CpuTensor) -> Result<()> {
+        let (n, c) = (src.rows, src.cols);
+        ensure_shape!(c == dst.cols && start + n <= dst.rows, "set_rows", "{n}x{c} at row {start} of {}x{}", dst.rows, dst.cols);
+        dst.mutate()[start * c..(start + n) * c].copy_from_slice(&src.data[..n * c]);
+        Ok(())
+    }
+
     fn embed(&self, table: &CpuWeight, tokens: &[u32], scale: f32, out: &mut CpuTensor) -> Result<()> {
         let v = table.view();
         let c = table.cols;
@@ -441,7 +448,7 @@ impl Backend for CpuBackend {
             .par_chunks_exact_mut(cols.max(1))
             .enumerate()
             .with_min_len(ROWS_PER_JOB)
-            .for_each(|(t, row)| math::rope_row(row, (pos0 + t) as f32, p));
+            .for_each(|(t, row)| p.rotate(row, (pos0 + t) as f32));
         Ok(())
     }
 

@@ -34,6 +34,15 @@ pub struct BenchArgs {
     bandwidth: bool,
     #[arg(long)]
     json: bool,
+    /// Instead: run an agent trace (a JSON file: `system`, `sessions` of user turns, e.g.
+    /// tests/data/agent-trace.json) through the prefix cache, every request a fresh session; report per turn
+    /// the hit rate and the time to first token with and without the cache (-n: tokens per reply).
+    #[arg(long, value_name = "FILE")]
+    agent_trace: Option<std::path::PathBuf>,
+    /// Instead: decode throughput of concurrent sessions stepping as one batch, for each count given
+    /// (e.g. 1,2,4,8): aggregate tokens/s over -n tokens per session, median of -r runs.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    sessions: Vec<usize>,
 }
 
 
@@ -51,6 +60,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     }
     let e = ModelArgs { threads, ..a.model.clone() }.engine()?;
+    if let Some(path) = &a.agent_trace {
+        let o = super::agent_trace::TraceOptions { path: path.clone(), ctx: a.model.ctx_size, reply: a.gen, json: a.json };
+        return with_engine!(&e, |e| super::agent_trace::run(e, &o));
+    }
+    if !a.sessions.is_empty() {
+        return with_engine!(&e, |e| super::agent_trace::batched_scaling(e, &a.sessions, a.gen, a.reps, a.json));
+    }
     let model = a.model.model();
     let name = model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let o = BenchOptions {

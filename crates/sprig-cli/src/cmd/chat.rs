@@ -8,7 +8,7 @@ use clap::Args;
 use sprig_backend::Backend;
 use sprig_engine::{with_engine, ChatMessage, Engine, Sampler, Session};
 
-use crate::args::{ModelArgs, SamplingArgs};
+use crate::args::{ContextPolicyArg, ModelArgs, SamplingArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -23,6 +23,14 @@ pub struct ChatArgs {
     /// Continue the conversation saved in FILE (if it exists) and save it there after every turn.
     #[arg(long, value_name = "FILE")]
     session: Option<std::path::PathBuf>,
+    /// When a turn would overflow the context: truncate-middle keeps the system prompt, drops the oldest
+    /// turns and runs the rest again; shift rotates the kept keys instead (cheaper, approximate); error stops.
+    #[arg(long, value_enum, default_value = "truncate-middle")]
+    context_policy: ContextPolicyArg,
+    /// After each reply, print the turn's prompt tokens run and cached (own cache / prefix cache), tokens
+    /// dropped by the context policy, speeds, and the prefix cache's totals.
+    #[arg(long)]
+    stats: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -40,7 +48,8 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
     Sampler::new(params.clone())?;
     let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
-    let mut session = Session::new(e, a.model.ctx_size)?;
+    let mut session = Session::new(e.clone(), a.model.ctx_size)?;
+    session.set_context_policy(a.context_policy.0, 0);
     if let Some(path) = a.session.as_ref().filter(|p| p.exists()) {
         let t0 = std::time::Instant::now();
         match session.load(path) {
@@ -70,12 +79,38 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
         }
         messages.push(ChatMessage::new("user", &line));
         let mut out = std::io::stdout().lock();
-        session.chat(&messages, &params, a.n, |s| {
+        let t0 = std::time::Instant::now();
+        let mut first: Option<f64> = None;
+        let r = session.chat(&messages, &params, a.n, |s| {
+            if !s.is_empty() && first.is_none() {
+                first = Some(t0.elapsed().as_secs_f64());
+            }
             let _ = out.write_all(s.as_bytes());
             let _ = out.flush();
             true
         })?;
         writeln!(out)?;
+        if a.stats {
+            let all = r.cached_tokens + r.prompt_tokens;
+            let pc = e.prefix_cache.stats();
+            eprintln!(
+                "sprig: prompt {all} tokens: {} run, {} cached ({} from the prefix cache), hit {:.1} %; {} dropped by \
+                 the context policy; first token {:.0} ms; {} generated at {:.1} tok/s; prefix cache: {} blocks, \
+                 {:.1} MiB, hit {:.1} % over {} requests",
+                r.prompt_tokens,
+                r.cached_tokens,
+                r.prefix_cache_tokens,
+                100.0 * r.cached_tokens as f64 / all.max(1) as f64,
+                r.context_dropped,
+                first.unwrap_or(0.0) * 1e3,
+                r.generated.len(),
+                r.decode_tok_s(),
+                pc.blocks,
+                pc.bytes as f64 / (1 << 20) as f64,
+                100.0 * pc.hit_rate(),
+                pc.requests
+            );
+        }
         messages = session.messages().to_vec();
         if let Some(path) = &a.session {
             session.save(path).with_context(|| format!("saving the session to {}", path.display()))?;

@@ -1,5 +1,6 @@
 //! One module per command: its arguments and what it does.
 
+pub mod agent_trace;
 pub mod bench;
 pub mod chat;
 pub mod convert;

@@ -260,12 +260,24 @@ int main(int argc, char **argv) {
               bc.checked && res.generated_tokens == 4,
           "generate during busy check");
 
-    /* Context: a session of 16 tokens stops when full; a prompt that does not fit is an error. */
+    /* Context: by default a session of 16 tokens drops old tokens and goes on (the result says how many). */
     SprigModel *small = NULL;
     SprigModelOptions small_opts = opts;
     small_opts.context_length = 16;
+    CHECK(small_opts.context_policy == SPRIG_CONTEXT_TRUNCATE_MIDDLE && small_opts.prefix_cache_mb == 256,
+          "default policy %u, prefix cache %u MiB", small_opts.context_policy, small_opts.prefix_cache_mb);
     CHECK(sprig_model_load(model_path, &small_opts, &small) == SPRIG_STATUS_OK, "load ctx 16");
     SprigSession *s16 = NULL;
+    CHECK(sprig_session_new(small, &s16) == SPRIG_STATUS_OK, "session ctx 16");
+    CHECK(sprig_session_generate(s16, "Once upon a time", &greedy, NULL, NULL, &res) == SPRIG_STATUS_OK &&
+              res.stop_reason != SPRIG_STOP_CONTEXT_FULL && res.generated_tokens > 16 &&
+              res.context_dropped_tokens > 0,
+          "past the context: reason %u, %u generated, %u dropped", res.stop_reason, res.generated_tokens,
+          res.context_dropped_tokens);
+    CHECK(sprig_session_free(s16) == SPRIG_STATUS_OK && sprig_model_free(small) == SPRIG_STATUS_OK, "free ctx 16");
+    /* With the error policy it stops when full, and a prompt that does not fit is an error. */
+    small_opts.context_policy = SPRIG_CONTEXT_ERROR;
+    CHECK(sprig_model_load(model_path, &small_opts, &small) == SPRIG_STATUS_OK, "load ctx 16");
     CHECK(sprig_session_new(small, &s16) == SPRIG_STATUS_OK, "session ctx 16");
     CHECK(sprig_session_generate(s16, "Once upon a time", &greedy, NULL, NULL, &res) == SPRIG_STATUS_OK &&
               res.stop_reason == SPRIG_STOP_CONTEXT_FULL,
@@ -274,6 +286,9 @@ int main(int argc, char **argv) {
     EXPECT_ERR(sprig_session_generate(s16, "Once upon a time there was a girl named Lily who liked to play outside",
                                       &greedy, NULL, NULL, NULL),
                SPRIG_STATUS_CONTEXT_FULL);
+    small_opts.context_policy = 7;
+    SprigModel *bad_policy = NULL;
+    EXPECT_ERR(sprig_model_load(model_path, &small_opts, &bad_policy), SPRIG_STATUS_INVALID_ARGUMENT);
     SprigModelOptions huge = opts;
     huge.context_length = 1 << 20;
     SprigModel *none = NULL;
@@ -294,8 +309,22 @@ int main(int argc, char **argv) {
     uint32_t first_prompt = res.prompt_tokens;
     SprigChatMessage turn2[3] = {{"user", "the cat"}, {"assistant", reply.data ? reply.data : ""}, {"user", "on"}};
     CHECK(sprig_session_chat(chat, turn2, 3, &few_tokens, NULL, NULL, &res) == SPRIG_STATUS_OK, "chat turn 2");
-    CHECK(res.prompt_tokens < first_prompt + 12, "turn 2 ran %u prompt tokens: the cache was not reused",
-          res.prompt_tokens);
+    CHECK(res.prompt_tokens < first_prompt + 12 && res.cached_tokens > 0,
+          "turn 2 ran %u prompt tokens, %u cached: the cache was not reused", res.prompt_tokens, res.cached_tokens);
+    /* A second session asking the same first turn finds it in the model's prefix cache. */
+    SprigSession *other = NULL;
+    CHECK(sprig_session_new(chat_model, &other) == SPRIG_STATUS_OK, "second chat session");
+    CHECK(sprig_session_chat(other, turn1, 1, &few_tokens, NULL, NULL, &res) == SPRIG_STATUS_OK &&
+              res.prefix_cache_tokens > 0 && res.prefix_cache_tokens == res.cached_tokens,
+          "prefix cache: %u of %u cached", res.prefix_cache_tokens, res.cached_tokens);
+    SprigPrefixCacheStats pcs;
+    CHECK(sprig_model_prefix_cache_stats(chat_model, &pcs) == SPRIG_STATUS_OK && pcs.requests == 3 &&
+              pcs.shared_tokens == res.prefix_cache_tokens && pcs.blocks > 0 && pcs.bytes > 0 &&
+              pcs.budget_bytes == 256u << 20,
+          "prefix cache stats: %llu requests, %llu shared, %llu blocks", (unsigned long long)pcs.requests,
+          (unsigned long long)pcs.shared_tokens, (unsigned long long)pcs.blocks);
+    EXPECT_ERR(sprig_model_prefix_cache_stats(chat_model, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    CHECK(sprig_session_free(other) == SPRIG_STATUS_OK, "free second chat session");
     SprigChatMessage bad_msg = {"user", NULL};
     EXPECT_ERR(sprig_session_chat(chat, &bad_msg, 1, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
 

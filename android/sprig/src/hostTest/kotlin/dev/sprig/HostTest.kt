@@ -161,7 +161,16 @@ fun main(args: Array<String>) {
         expectError(SprigStatus.INVALID_ARGUMENT, "chat without a template") {
             session.chatStreaming(listOf(ChatMessage("user", "hi")), greedy, Collect())
         }
+        // By default a full context drops old tokens and goes on; the error policy stops or refuses instead.
         SprigModel.load(modelPath, opts.copy(contextLength = 16)).use { small ->
+            small.newSession().use { s ->
+                val r = s.generateStreaming("Once upon a time", greedy, Collect())
+                check(r.stopReason != StopReason.CONTEXT_FULL && r.generatedTokens > 16 && r.contextDroppedTokens > 0) {
+                    "past the context: $r"
+                }
+            }
+        }
+        SprigModel.load(modelPath, opts.copy(contextLength = 16, contextPolicy = ContextPolicy.ERROR)).use { small ->
             small.newSession().use { s ->
                 check(s.generateStreaming("Once upon a time", greedy, Collect()).stopReason == StopReason.CONTEXT_FULL) {
                     "context full"
@@ -209,7 +218,15 @@ fun main(args: Array<String>) {
             val turns = listOf(ChatMessage("user", "the cat"), ChatMessage("assistant", reply.text.toString()),
                 ChatMessage("user", "on"))
             val r2 = s.chatStreaming(turns, p, Collect())
-            check(r2.promptTokens < r1.promptTokens + 12) { "turn 2 ran ${r2.promptTokens} prompt tokens" }
+            check(r2.promptTokens < r1.promptTokens + 12 && r2.cachedTokens > 0) { "turn 2: $r2" }
+            // Another session asking the same first turn finds it in the model's prefix cache.
+            model.newSession().use { other ->
+                val r3 = other.chatStreaming(listOf(ChatMessage("user", "the cat")), p, Collect())
+                check(r3.prefixCacheTokens > 0 && r3.prefixCacheTokens == r3.cachedTokens) { "prefix cache: $r3" }
+                val st = model.prefixCacheStats
+                check(st.requests == 3L && st.sharedTokens == r3.prefixCacheTokens.toLong() && st.blocks > 0 &&
+                    st.hitRate > 0.0) { "prefix cache stats: $st" }
+            }
         }
     }
 

@@ -19,17 +19,43 @@ class SprigException(val code: Int, statusName: String, message: String) : Runti
 enum class Device { CPU, GPU, AUTO }
 
 /**
+ * What a session does when a request would overflow its context: [TRUNCATE_MIDDLE] keeps the system prompt,
+ * drops the oldest turns and runs the kept tail again (exact); [SHIFT] rotates the kept keys instead (cheap,
+ * approximate: llama.cpp's context shift); [ERROR] refuses (CONTEXT_FULL) or stops generating.
+ */
+enum class ContextPolicy { TRUNCATE_MIDDLE, SHIFT, ERROR }
+
+/**
  * Options of [SprigModel.load]. `threads = 0`: one per core; `contextLength = 0`: the model's own;
  * `memoryBudgetMb`: what the model and one session may use (weights + KV cache + scratch), checked before
  * loading (OUT_OF_MEMORY instead of the low-memory killer); 0 = no budget (the available memory is checked).
+ * `prefixCacheMb`: K/V of prompt blocks shared by the model's sessions (0 = off; shrunk to what the budget
+ * leaves); `contextPolicy`: see [ContextPolicy].
  */
 data class ModelOptions(
     val tokenizerPath: String? = null,
     val threads: Int = 0,
     val device: Device = Device.CPU,
     val contextLength: Int = 0,
-    val memoryBudgetMb: Int = 0
+    val memoryBudgetMb: Int = 0,
+    val prefixCacheMb: Int = 256,
+    val contextPolicy: ContextPolicy = ContextPolicy.TRUNCATE_MIDDLE
 )
+
+/** What a model's prefix cache holds and saved over its sessions' requests. */
+data class PrefixCacheStats(
+    val requests: Long,
+    val promptTokens: Long,
+    val cachedTokens: Long,
+    val sharedTokens: Long,
+    val blocks: Long,
+    val bytes: Long,
+    val budgetBytes: Long,
+    val evictedBlocks: Long
+) {
+    /** Prompt tokens not run / prompt tokens. */
+    val hitRate: Double get() = if (promptTokens == 0L) 0.0 else cachedTokens.toDouble() / promptTokens
+}
 
 /**
  * Sampling, as a chain: [logitBias] → repetition/presence/frequency penalties over the last [penaltyLastN]
@@ -71,7 +97,19 @@ data class ChatMessage(val role: String, val content: String)
 /** Why a generation ended; the native side returns it by name. */
 enum class StopReason { STOP_TOKEN, LENGTH, CANCELLED, CONTEXT_FULL, STOP_STRING }
 
-data class GenerationResult(val stopReason: StopReason, val promptTokens: Int, val generatedTokens: Int)
+/**
+ * What a generation did: [promptTokens] ran, [cachedTokens] more were reused (from the session's cache or,
+ * [prefixCacheTokens] of them, from the prefix cache the model's sessions share); [contextDroppedTokens] were
+ * dropped by the context policy.
+ */
+data class GenerationResult(
+    val stopReason: StopReason,
+    val promptTokens: Int,
+    val generatedTokens: Int,
+    val cachedTokens: Int,
+    val prefixCacheTokens: Int,
+    val contextDroppedTokens: Int
+)
 
 /** Receives generated text piece by piece; return false to stop. Called on the generating thread. */
 interface TokenCallback {
@@ -87,11 +125,13 @@ internal object Native {
     @JvmStatic external fun version(): String
     @JvmStatic external fun samplingDefault(name: String): Double
     @JvmStatic external fun modelLoad(
-        path: String, tokenizer: String?, threads: Int, device: String, contextLength: Int, memoryBudgetMb: Int
+        path: String, tokenizer: String?, threads: Int, device: String, contextLength: Int, memoryBudgetMb: Int,
+        prefixCacheMb: Int, contextPolicy: String
     ): Long
     @JvmStatic external fun modelFree(model: Long)
     @JvmStatic external fun modelContextLength(model: Long): Int
     @JvmStatic external fun modelDevice(model: Long): String
+    @JvmStatic external fun modelPrefixCacheStats(model: Long): LongArray
     @JvmStatic external fun sessionNew(model: Long): Long
     @JvmStatic external fun sessionFree(session: Long)
     @JvmStatic external fun sessionReset(session: Long)
@@ -122,7 +162,7 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
         fun load(path: String, options: ModelOptions = ModelOptions()): SprigModel = SprigModel(
             Native.modelLoad(
                 path, options.tokenizerPath, options.threads, options.device.name, options.contextLength,
-                options.memoryBudgetMb
+                options.memoryBudgetMb, options.prefixCacheMb, options.contextPolicy.name
             )
         )
 
@@ -138,6 +178,12 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
     /** Where the model runs: [Device.CPU] or [Device.GPU] (what [Device.AUTO] chose). */
     val device: Device
         get() = Device.valueOf(Native.modelDevice(handle))
+
+    /** What the prefix cache shared by this model's sessions holds and saved. */
+    val prefixCacheStats: PrefixCacheStats
+        get() = Native.modelPrefixCacheStats(handle).let {
+            PrefixCacheStats(it[0], it[1], it[2], it[3], it[4], it[5], it[6], it[7])
+        }
 
     /** A new, empty conversation on this model. */
     fun newSession(): SprigSession = SprigSession(Native.sessionNew(handle))
