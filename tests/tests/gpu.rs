@@ -41,17 +41,33 @@ fn logits<B: Backend>(e: &Engine<B>, prompt: &[u32], decode: &[u32]) -> Vec<Vec<
 /// its integer kernels (up to 0.075 relative error seen on these models, enough to flip near-tied greedy
 /// tokens): within 0.1 of it.
 fn compare(file: Arc<ModelFile>, prompt: &[u32], decode: &[u32], opts: WgpuOptions) {
+    compare_kv(file, prompt, decode, opts, sprig_backend::KvDtype::F32)
+}
+
+/// [`compare`] with KV caches storing `kv` on every backend.
+fn compare_kv(file: Arc<ModelFile>, prompt: &[u32], decode: &[u32], opts: WgpuOptions, kv: sprig_backend::KvDtype) {
     let cpu = cpu_engine(file.clone(), 2);
     let reference = reference_engine(file.clone());
     let gpu = gpu_engine(file, opts);
+    for m in [&cpu.model.kv_dtype(), &reference.model.kv_dtype(), &gpu.model.kv_dtype()] {
+        assert_eq!(*m, sprig_backend::KvDtype::F32);
+    }
+    cpu.model.set_kv_dtype(kv);
+    reference.model.set_kv_dtype(kv);
+    gpu.model.set_kv_dtype(kv);
     let (lc, lr, lg) = (logits(&cpu, prompt, decode), logits(&reference, prompt, decode), logits(&gpu, prompt, decode));
     let vocab = cpu.model.config.vocab_size;
     for (step, ((c, r), g)) in lc.iter().zip(&lr).zip(&lg).enumerate() {
         assert_eq!(c.len(), g.len(), "step {step}: logit count");
         let e = rel_err(g, r);
-        assert!(e < 1e-3, "step {step}: relative logit error against the reference {e}");
+        // An int8 cache turns rounding-level differences of K/V into whole-code steps where a value sits on a
+        // rounding boundary (0.7 % seen): looser, and near-tied greedy tokens may flip.
+        let tol = if kv == sprig_backend::KvDtype::F32 { 1e-3 } else { 0.03 };
+        assert!(e < tol, "step {step}: relative logit error against the reference {e}");
         for (row, (rr, rg)) in r.chunks(vocab).zip(g.chunks(vocab)).enumerate() {
-            assert_eq!(argmax(rg), argmax(rr), "step {step} row {row}: greedy token differs from the reference");
+            if kv == sprig_backend::KvDtype::F32 {
+                assert_eq!(argmax(rg), argmax(rr), "step {step} row {row}: greedy token differs from the reference");
+            }
         }
         let e = rel_err(g, c);
         assert!(e < 0.1, "step {step}: relative logit error against the CPU {e}");
@@ -90,6 +106,15 @@ fn smollm2_logits_match_the_cpu() {
     let f = open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep);
     let prompt = [1u32, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 2583];
     compare(f, &prompt, &[28, 253, 1115], WgpuOptions::default());
+}
+
+#[test]
+fn smollm2_with_an_int8_kv_cache_matches_the_cpu() {
+    // The GPU's int8 cache (codes packed in words, decoded in the attention kernel) against the reference's
+    // and the CPU's (the same quantization, `sprig_backend::quantize_kv_head`).
+    let f = open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep);
+    let prompt = [1u32, 504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 2583];
+    compare_kv(f, &prompt, &[28, 253, 1115], WgpuOptions::default(), sprig_backend::KvDtype::Q8);
 }
 
 #[test]

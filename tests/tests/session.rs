@@ -457,3 +457,41 @@ fn batched_sessions_answer_as_each_alone() {
         assert!(!out.is_empty());
     }
 }
+
+#[test]
+fn int8_kv_session_saves_its_codes_and_continues_exactly() {
+    use sprig_backend::KvDtype;
+    let e = Arc::new(cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2));
+    e.prefix_cache.set_budget(0);
+    let turn = |s: &mut Session<_>, text: &str| {
+        let mut out = String::new();
+        s.generate(text, false, &greedy(), 16, |p| {
+            out.push_str(p);
+            true
+        })
+        .unwrap();
+        out
+    };
+    let story = "Once upon a time, in a small town by the sea, there lived an old fisherman who";
+    let mut sizes = Vec::new();
+    for kv in KvDtype::ALL {
+        e.model.set_kv_dtype(kv);
+        let mut a = Session::new(e.clone(), 512).unwrap();
+        turn(&mut a, story);
+        let path = tmp(&format!("{}.session", kv.name()));
+        a.save(&path).unwrap();
+        sizes.push(std::fs::metadata(&path).unwrap().len());
+        let want = turn(&mut a, " Then");
+        let mut b = Session::new(e.clone(), 512).unwrap();
+        b.load(&path).unwrap();
+        assert_eq!(turn(&mut b, " Then"), want, "{kv:?}: the restored session continues as the original");
+        // A session storing the other type refuses the file.
+        e.model.set_kv_dtype(if kv == KvDtype::F32 { KvDtype::Q8 } else { KvDtype::F32 });
+        let mut other = Session::new(e.clone(), 512).unwrap();
+        let err = other.load(&path).unwrap_err().to_string();
+        assert!(err.contains("KV layout"), "{err}");
+        let _ = std::fs::remove_file(path);
+    }
+    // The int8 file holds codes and scales: well under half the f32 one.
+    assert!(sizes[1] * 2 < sizes[0], "{sizes:?}");
+}

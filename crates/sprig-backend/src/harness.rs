@@ -197,24 +197,23 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
     // cache across 64-slot key blocks, with a global layer and a ring that wraps mid-batch.
     let short: &[usize] = &[7, 1, 1, 1, 1, 1, 1, 3];
     let long: &[usize] = &[40, 1, 50, 1, 1, 40];
-    for (window, steps, ctx) in
-        [(None, short, 32), (Some(4usize), short, 32), (Some(1), short, 32), (None, long, 200), (Some(70), long, 200)]
-    {
-        let p = AttentionParams { n_heads: 4, n_kv_heads: 2, head_dim: 6, scale: 0.4, window };
-        let layout = KvLayout { kv_dim: 12, windows: vec![None, window], max_context: ctx };
+    let cases = [(None, short, 32), (Some(4usize), short, 32), (Some(1), short, 32), (None, long, 200), (Some(70), long, 200)];
+    for (dtype, (window, steps, ctx)) in crate::KvDtype::ALL.into_iter().flat_map(|d| cases.map(|c| (d, c))) {
+        let p = AttentionParams { n_heads: 4, n_kv_heads: 2, head_dim: 8, scale: 0.4, window };
+        let layout = KvLayout { kv_dim: 16, windows: vec![None, window], max_context: ctx, head_dim: 8, dtype };
         let (mut ca, mut cr) = (a.kv_cache(&layout).unwrap(), r.kv_cache(&layout).unwrap());
         let mut pos = 0;
         for &t in steps {
-            let q = random(&mut rng, t * 24, 1.0);
-            let k = random(&mut rng, t * 12, 1.0);
-            let v = random(&mut rng, t * 12, 1.0);
-            let (qa, qr) = pair!(q, t, 24);
-            let (ka, kr) = pair!(k, t, 12);
-            let (va, vr) = pair!(v, t, 12);
+            let q = random(&mut rng, t * 32, 1.0);
+            let k = random(&mut rng, t * 16, 1.0);
+            let v = random(&mut rng, t * 16, 1.0);
+            let (qa, qr) = pair!(q, t, 32);
+            let (ka, kr) = pair!(k, t, 16);
+            let (va, vr) = pair!(v, t, 16);
             let (mut oa, mut or) = (a.tensor(), r.tensor());
             a.attention(&qa, &ka, &va, &mut ca, 1, pos, &p, &mut oa).unwrap();
             r.attention(&qr, &kr, &vr, &mut cr, 1, pos, &p, &mut or).unwrap();
-            check(format!("attention window={window:?} pos={pos} T={t}"), dl(&oa), dlr(&or), 1e-5);
+            check(format!("attention {dtype:?} window={window:?} pos={pos} T={t}"), dl(&oa), dlr(&or), 1e-5);
             pos += t;
         }
         // What the layer holds, read back (a saved session), equals the reference's; written into a fresh
@@ -223,19 +222,39 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
         let (mut ka, mut va, mut kr, mut vr) = (vec![], vec![], vec![], vec![]);
         a.kv_read(&ca, 1, pos - held..pos, &mut ka, &mut va).unwrap();
         r.kv_read(&cr, 1, pos - held..pos, &mut kr, &mut vr).unwrap();
-        check(format!("kv_read window={window:?} keys"), ka.clone(), kr, 1e-6);
-        check(format!("kv_read window={window:?} values"), va.clone(), vr, 1e-6);
+        check(format!("kv_read {dtype:?} window={window:?} keys"), ka.clone(), kr, 1e-6);
+        check(format!("kv_read {dtype:?} window={window:?} values"), va.clone(), vr, 1e-6);
         let mut restored = a.kv_cache(&layout).unwrap();
         a.kv_write(&mut restored, 1, pos - held, &ka, &va).unwrap();
-        let (q, k, v) = (random(&mut rng, 2 * 24, 1.0), random(&mut rng, 2 * 12, 1.0), random(&mut rng, 2 * 12, 1.0));
-        let (qa, qr) = pair!(q, 2, 24);
-        let (ka2, kr2) = pair!(k, 2, 12);
-        let (va2, vr2) = pair!(v, 2, 12);
+        let (q, k, v) = (random(&mut rng, 2 * 32, 1.0), random(&mut rng, 2 * 16, 1.0), random(&mut rng, 2 * 16, 1.0));
+        let (qa, qr) = pair!(q, 2, 32);
+        let (ka2, kr2) = pair!(k, 2, 16);
+        let (va2, vr2) = pair!(v, 2, 16);
         let (mut oa, mut or) = (a.tensor(), r.tensor());
         a.attention(&qa, &ka2, &va2, &mut restored, 1, pos, &p, &mut oa).unwrap();
         r.attention(&qr, &kr2, &vr2, &mut cr, 1, pos, &p, &mut or).unwrap();
-        check(format!("attention after kv_write window={window:?} pos={pos}"), dl(&oa), dlr(&or), 1e-5);
+        check(format!("attention after kv_write {dtype:?} window={window:?} pos={pos}"), dl(&oa), dlr(&or), 1e-5);
     }
+    // An int8 cache really holds int8: the same steps attend differently from f32, within its rounding.
+    let p = AttentionParams { n_heads: 4, n_kv_heads: 2, head_dim: 8, scale: 0.4, window: None };
+    let (q, k, v) = (random(&mut rng, 9 * 32, 1.0), random(&mut rng, 9 * 16, 1.0), random(&mut rng, 9 * 16, 1.0));
+    let mut outs = Vec::new();
+    for dtype in crate::KvDtype::ALL {
+        let layout = KvLayout { kv_dim: 16, windows: vec![None], max_context: 16, head_dim: 8, dtype };
+        let mut cache = a.kv_cache(&layout).unwrap();
+        let (qa, _) = pair!(q[..8 * 32].to_vec(), 8, 32);
+        let (ka, _) = pair!(k[..8 * 16].to_vec(), 8, 16);
+        let (va, _) = pair!(v[..8 * 16].to_vec(), 8, 16);
+        let mut o = a.tensor();
+        a.attention(&qa, &ka, &va, &mut cache, 0, 0, &p, &mut o).unwrap();
+        let (qa, _) = pair!(q[8 * 32..].to_vec(), 1, 32);
+        let (ka, _) = pair!(k[8 * 16..].to_vec(), 1, 16);
+        let (va, _) = pair!(v[8 * 16..].to_vec(), 1, 16);
+        a.attention(&qa, &ka, &va, &mut cache, 0, 8, &p, &mut o).unwrap();
+        outs.push(dl(&o));
+    }
+    let e = rel_err(&outs[1], &outs[0]);
+    check(format!("int8 KV vs f32 differ by {e:.1e}: more than nothing, less than 2e-2"), vec![f32::from(e > 1e-6 && e < 2e-2)], vec![1.0], 0.0);
 
     // Element-wise ops, on enough rows for a backend to split them across threads, then on a few (whose sums
     // the remaining ops continue from).

@@ -158,6 +158,50 @@ impl RopeParams {
     }
 }
 
+/// How a KV cache stores keys and values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    #[default]
+    F32,
+    /// int8 codes with one f32 scale per position and KV head (its absmax / 127): ~1/4 of the f32 bytes.
+    Q8,
+}
+
+impl KvDtype {
+    pub const ALL: [KvDtype; 2] = [KvDtype::F32, KvDtype::Q8];
+    pub fn name(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Q8 => "q8",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == s)
+    }
+}
+
+/// Quantizes one head's keys or values to int8 codes with one scale (absmax / 127, rounding to nearest even,
+/// as WGSL's `round` does):
+/// the definition every backend's int8 KV cache is checked against. Returns the scale.
+pub fn quantize_kv_head(x: &[f32], codes: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// `x` as an int8 KV cache holds it: each `head_dim` group quantized and dequantized.
+pub fn round_trip_kv_q8(x: &mut [f32], head_dim: usize) {
+    let mut codes = vec![0i8; head_dim];
+    for head in x.chunks_mut(head_dim.max(1)) {
+        let d = quantize_kv_head(head, &mut codes[..head.len()]);
+        head.iter_mut().zip(&codes).for_each(|(v, &c)| *v = c as f32 * d);
+    }
+}
+
 /// Shape of the KV cache a model needs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KvLayout {
@@ -165,11 +209,16 @@ pub struct KvLayout {
     /// Per layer: `None` = global (grows to the context), `Some(w)` = sliding window ring of `w` entries.
     pub windows: Vec<Option<usize>>,
     pub max_context: usize,
+    /// Keys and values of one KV head (the group an int8 cache scales together).
+    pub head_dim: usize,
+    pub dtype: KvDtype,
 }
 
 impl KvLayout {
     pub fn for_model(cfg: &ModelConfig, max_context: usize) -> Self {
         KvLayout {
+            head_dim: cfg.head_dim,
+            dtype: KvDtype::F32,
             kv_dim: cfg.kv_dim(),
             windows: cfg
                 .attention
@@ -186,10 +235,22 @@ impl KvLayout {
     pub fn layer_capacity(&self, layer: usize) -> usize {
         self.windows[layer].map_or(self.max_context, |w| w.min(self.max_context))
     }
-    /// Bytes of f32 K and V for the whole context, all layers (`None` on overflow).
+    /// The same layout with keys and values stored as `dtype`.
+    pub fn with_dtype(self, dtype: KvDtype) -> Self {
+        KvLayout { dtype, ..self }
+    }
+    /// Bytes of K and V of one position of one layer.
+    pub fn bytes_per_position(&self) -> u64 {
+        let heads = (self.kv_dim / self.head_dim.max(1)) as u64;
+        match self.dtype {
+            KvDtype::F32 => 8 * self.kv_dim as u64,
+            KvDtype::Q8 => 2 * (self.kv_dim as u64 + 4 * heads),
+        }
+    }
+    /// Bytes of K and V for the whole context, all layers (`None` on overflow).
     pub fn total_bytes(&self) -> Option<u64> {
         (0..self.windows.len()).try_fold(0u64, |acc, l| {
-            let per = (self.layer_capacity(l) as u64).checked_mul(self.kv_dim as u64)?.checked_mul(8)?;
+            let per = (self.layer_capacity(l) as u64).checked_mul(self.bytes_per_position())?;
             acc.checked_add(per)
         })
     }
@@ -208,9 +269,10 @@ impl KvLayout {
         }
     }
 
-    /// Bytes of f32 K and V at `ctx` tokens, per layer.
+    /// Bytes of K and V at `ctx` tokens, per layer.
     pub fn bytes_per_layer(&self, ctx: usize) -> Vec<usize> {
-        (0..self.windows.len()).map(|l| 2 * 4 * self.kv_dim * self.windows[l].map_or(ctx, |w| w.min(ctx))).collect()
+        let per = self.bytes_per_position() as usize;
+        (0..self.windows.len()).map(|l| per * self.windows[l].map_or(ctx, |w| w.min(ctx))).collect()
     }
 }
 

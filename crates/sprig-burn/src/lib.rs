@@ -48,6 +48,23 @@ pub struct BurnKvCache {
     k: Vec<Option<Tensor<2>>>,
     v: Vec<Option<Tensor<2>>>,
     kv_dim: usize,
+    /// An int8 cache: its head size (keys and values are held as the int8 codes times their scales).
+    q8_head: Option<usize>,
+}
+
+impl BurnKvCache {
+    /// `x` as this cache holds it.
+    fn stored(&self, x: &Tensor<2>) -> Tensor<2> {
+        match self.q8_head {
+            None => x.clone(),
+            Some(hd) => {
+                let [rows, cols] = x.dims();
+                let mut data = to_vec(x);
+                sprig_backend::round_trip_kv_q8(&mut data, hd);
+                Tensor::<2>::from_data(TensorData::new(data, [rows, cols]), &x.device())
+            }
+        }
+    }
 }
 
 fn activate<const D: usize>(x: Tensor<D>, act: Activation) -> Tensor<D> {
@@ -185,6 +202,7 @@ impl Backend for BurnBackend {
     ) -> Result<()> {
         let [t, _] = q.dims();
         let (h, g, hd) = (p.n_heads, p.n_kv_heads, p.head_dim);
+        let (k, v) = (&cache.stored(k), &cache.stored(v));
         let k_all = match cache.k[layer].take() {
             Some(old) => Tensor::cat(vec![old, k.clone()], 0),
             None => k.clone(),
@@ -322,7 +340,12 @@ impl Backend for BurnBackend {
         ensure_shape!(k.len() == v.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
         let cols = cache.kv_dim.max(1);
         ensure_shape!(k.len() % cols == 0, "kv_write", "{} values are not rows of {cols}", k.len());
-        for (slot, data) in [(&mut cache.k[layer], k), (&mut cache.v[layer], v)] {
+        let (mut k, mut v) = (k.to_vec(), v.to_vec());
+        if let Some(hd) = cache.q8_head {
+            sprig_backend::round_trip_kv_q8(&mut k, hd);
+            sprig_backend::round_trip_kv_q8(&mut v, hd);
+        }
+        for (slot, data) in [(&mut cache.k[layer], &k[..]), (&mut cache.v[layer], &v[..])] {
             let held = slot.as_ref().map_or(0, |t| t.dims()[0]);
             ensure_shape!(held <= pos0, "kv_write", "position {pos0} is already held ({held})");
             let mut parts: Vec<Tensor<2>> = slot.take().into_iter().collect();
@@ -338,6 +361,12 @@ impl Backend for BurnBackend {
     fn kv_cache(&self, layout: &KvLayout) -> Result<BurnKvCache> {
         layout.check_fits(sprig_backend::physical_memory())?;
         let n = layout.windows.len();
-        Ok(BurnKvCache { k: (0..n).map(|_| None).collect(), v: (0..n).map(|_| None).collect(), kv_dim: layout.kv_dim })
+        let q8_head = (layout.dtype == sprig_backend::KvDtype::Q8).then_some(layout.head_dim);
+        Ok(BurnKvCache {
+            k: (0..n).map(|_| None).collect(),
+            v: (0..n).map(|_| None).collect(),
+            kv_dim: layout.kv_dim,
+            q8_head,
+        })
     }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sprig_backend::KvDtype;
 use sprig_engine::{open_model_file, registry, AnyEngine, ContextPolicy, DeviceChoice, LoadOptions, SamplingParams};
 use sprig_format::{Arch, ModelFile};
 use sprig_import::QuantChoice;
@@ -83,6 +84,7 @@ value_enum!(DeviceArg, DeviceChoice, DeviceChoice::ALL, |d| d.name());
 value_enum!(QuantArg, QuantChoice, QuantChoice::ALL, |q| q.name());
 value_enum!(ArchArg, Arch, Arch::ALL, |a| a.name());
 value_enum!(ContextPolicyArg, ContextPolicy, ContextPolicy::ALL, |p| p.name());
+value_enum!(KvArg, KvDtype, KvDtype::ALL, |d| d.name());
 // `convert --quant`: `auto` (None) or a choice.
 value_enum!(ConvertQuantArg, Option<QuantChoice>, std::iter::once(None).chain(QuantChoice::ALL.map(Some)), |q| {
     match q {
@@ -123,6 +125,9 @@ pub struct ModelArgs {
     /// runs only the rest (0 = off); shrunk to what --memory-budget leaves.
     #[arg(long, value_name = "MB", default_value_t = (sprig_engine::prefix_cache::DEFAULT_BUDGET_BYTES >> 20) as u64)]
     pub prefix_cache: u64,
+    /// KV cache storage: f32, or q8 (int8 with a scale per position and KV head: ~1/4 of the bytes).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub kv: KvArg,
 }
 
 impl ModelArgs {
@@ -146,10 +151,11 @@ impl ModelArgs {
 
     pub fn engine(&self) -> Result<AnyEngine> {
         let file = self.open()?;
-        let need = sprig_engine::memory::MemoryNeed::of(&file, self.ctx_size);
+        let need = sprig_engine::memory::MemoryNeed::of(&file, self.ctx_size, self.kv.0);
         sprig_engine::memory::check(&need, self.memory_budget.map(|m| m << 20), "the model with one session")?;
         let budget = self.memory_budget.map(|m| m << 20);
         let e = AnyEngine::new(file, self.device.0, self.threads, &mut |s| eprintln!("sprig: {s}"))?;
+        e.set_kv_dtype(self.kv.0);
         e.set_prefix_cache_budget(sprig_engine::memory::prefix_cache_budget(self.prefix_cache << 20, &need, budget) as usize);
         if self.verbose {
             for line in e.describe() {

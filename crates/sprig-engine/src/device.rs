@@ -175,6 +175,11 @@ impl AnyEngine {
         with_engine!(self, |e| e.prefix_cache.stats())
     }
 
+    /// How sessions made from now on store their KV cache.
+    pub fn set_kv_dtype(&self, dtype: sprig_backend::KvDtype) {
+        with_engine!(self, |e| e.model.set_kv_dtype(dtype))
+    }
+
     /// The prefix cache's byte budget (0 turns it off).
     pub fn set_prefix_cache_budget(&self, bytes: usize) {
         with_engine!(self, |e| e.prefix_cache.set_budget(bytes))

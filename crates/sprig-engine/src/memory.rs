@@ -1,7 +1,7 @@
 //! Memory budget: what a model and its sessions need in memory, checked before anything is loaded or
 //! allocated, so the app gets a clear error instead of the system's low-memory killer.
 
-use sprig_backend::KvLayout;
+use sprig_backend::{KvDtype, KvLayout};
 use sprig_format::ModelFile;
 
 use crate::generate::PREFILL_CHUNK;
@@ -23,11 +23,12 @@ impl MemoryNeed {
         self.weights + self.kv_cache + self.scratch
     }
 
-    /// What `file` needs with one session of `context` tokens (0 = the model's trained context).
-    pub fn of(file: &ModelFile, context: usize) -> Self {
+    /// What `file` needs with one session of `context` tokens (0 = the model's trained context) whose KV
+    /// cache stores `kv`.
+    pub fn of(file: &ModelFile, context: usize, kv: KvDtype) -> Self {
         let c = &file.config;
         let ctx = if context == 0 { c.max_seq_len } else { context };
-        let kv_cache = KvLayout::for_model(c, ctx).total_bytes().unwrap_or(u64::MAX);
+        let kv_cache = KvLayout::for_model(c, ctx).with_dtype(kv).total_bytes().unwrap_or(u64::MAX);
         let hidden = c.moe.as_ref().map_or(c.hidden_dim, |m| m.expert_hidden_dim.max(c.hidden_dim));
         let t = PREFILL_CHUNK.min(ctx) as u64;
         // Per token of a chunk: the residual stream and its normalised copy, Q/K/V and the attention output,
@@ -100,12 +101,12 @@ mod tests {
         let mut w = ContainerWriter::new(&c, "{}".into(), None);
         w.add_f32("x", &[4], &[0.0; 4]);
         let file = ModelFile::from_bytes(&w.to_bytes()).unwrap();
-        let need = MemoryNeed::of(&file, 100);
+        let need = MemoryNeed::of(&file, 100, KvDtype::F32);
         assert_eq!(need.kv_cache, KvLayout::for_model(&c, 100).total_bytes().unwrap());
         assert_eq!(need.weights, file.file_bytes() as u64);
         assert_eq!(need.total(), need.weights + need.kv_cache + need.scratch);
         // 0 = the trained context.
-        assert_eq!(MemoryNeed::of(&file, 0).kv_cache, KvLayout::for_model(&c, c.max_seq_len).total_bytes().unwrap());
+        assert_eq!(MemoryNeed::of(&file, 0, KvDtype::F32).kv_cache, KvLayout::for_model(&c, c.max_seq_len).total_bytes().unwrap());
         let e = check(&need, Some(need.total() - 1), "it").unwrap_err().to_string();
         assert!(e.contains("budget") && e.contains("KV cache"), "{e}");
         check(&need, Some(need.total()), "it").unwrap();

@@ -376,7 +376,7 @@ mod tests {
 
     #[test]
     fn chunks_end_on_block_boundaries_within_the_window() {
-        let layout = |w: Option<usize>| KvLayout { kv_dim: 4, windows: vec![None, w], max_context: 4096 };
+        let layout = |w: Option<usize>| KvLayout { kv_dim: 4, windows: vec![None, w], max_context: 4096, head_dim: 4, dtype: Default::default() };
         assert_eq!(chunk_limit(&layout(None), 512), 512);
         assert_eq!(chunk_limit(&layout(Some(512)), 512), 496);
         assert_eq!(chunk_limit(&layout(Some(8)), 512), BLOCK_TOKENS);

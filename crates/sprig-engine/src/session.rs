@@ -330,7 +330,8 @@ impl<B: Backend> Session<B> {
             windows: layout.windows.clone(),
             tokens: pos,
             first: (0..layout.windows.len()).map(|l| pos.saturating_sub(layout.layer_capacity(l))).collect(),
-            kv_dtype: "f32".into(),
+            kv_dtype: self.state.kv_dtype().name().into(),
+            head_dim: layout.head_dim,
             rng: self.rng.as_ref().map(|s| (s.seed, s.draws)),
             messages: self.messages.clone(),
         };
@@ -356,7 +357,12 @@ impl<B: Backend> Session<B> {
             return bad("saved with another model".into());
         }
         let layout = self.engine.model.kv_layout(self.state.max_context);
-        if h.kv_dim != layout.kv_dim || h.windows != layout.windows || h.kv_dtype != "f32" {
+        let q8 = self.state.kv_dtype() == sprig_backend::KvDtype::Q8;
+        if h.kv_dim != layout.kv_dim
+            || h.windows != layout.windows
+            || h.kv_dtype != self.state.kv_dtype().name()
+            || (q8 && h.head_dim != layout.head_dim)
+        {
             return bad("its KV layout differs from this model's".into());
         }
         if h.tokens > self.state.max_context {

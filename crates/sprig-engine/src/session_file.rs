@@ -3,8 +3,9 @@
 //!
 //! Layout (little-endian): `SPRIGSES` · format version u32 · header length u32 · header (JSON: the model's
 //! fingerprint, the KV layout, the positions each layer holds, the seed and draws of the random stream, the
-//! chat messages) · tokens u32 × n · per layer its keys then its values, f32 `[held, kv_dim]` each · SHA-256 of
-//! everything before it. A file of another model or layout, a truncated or altered one, is refused with an error
+//! chat messages) · tokens u32 × n · per layer its keys then its values, f32 `[held, kv_dim]` each (an int8
+//! cache: its codes `[held, kv_dim]` i8 then its scales `[held, kv_heads]` f32, each) · SHA-256 of everything
+//! before it. A file of another model or layout, a truncated or altered one, is refused with an error
 //! before anything is written into the session.
 
 use std::path::Path;
@@ -34,6 +35,9 @@ pub(crate) struct Header {
     /// Per layer: the first position stored (the layer holds `first..tokens`).
     pub first: Vec<usize>,
     pub kv_dtype: String,
+    /// Values per KV head (the group an int8 cache scales together).
+    #[serde(default)]
+    pub head_dim: usize,
     /// The random stream: its seed and how many words were drawn from it.
     pub rng: Option<(u64, u64)>,
     pub messages: Vec<ChatMessage>,
@@ -94,9 +98,24 @@ pub(crate) fn write<B: Backend>(
     out.extend(&json);
     out.extend(tokens.iter().flat_map(|t| t.to_le_bytes()));
     let (mut k, mut v) = (Vec::new(), Vec::new());
+    let q8 = header.kv_dtype == sprig_backend::KvDtype::Q8.name();
     for (layer, &first) in header.first.iter().enumerate() {
         backend.kv_read(cache, layer, first..header.tokens, &mut k, &mut v)?;
-        out.extend(k.iter().chain(&v).flat_map(|x| x.to_le_bytes()));
+        if q8 {
+            // The cache's own codes and scales: quantizing its dequantized values gives them back.
+            for x in [&k, &v] {
+                let mut codes = vec![0i8; x.len()];
+                let scales: Vec<f32> = x
+                    .chunks(header.head_dim.max(1))
+                    .zip(codes.chunks_mut(header.head_dim.max(1)))
+                    .map(|(h, c)| sprig_backend::quantize_kv_head(h, c))
+                    .collect();
+                out.extend(codes.iter().map(|&c| c as u8));
+                out.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
+            }
+        } else {
+            out.extend(k.iter().chain(&v).flat_map(|x| x.to_le_bytes()));
+        }
     }
     let digest = Sha256::digest(&out);
     out.extend_from_slice(&digest);
@@ -127,21 +146,36 @@ pub(crate) fn read(path: &Path) -> Result<Saved> {
     if header.first.len() != header.windows.len() || header.first.iter().any(|&f| f > header.tokens) {
         return Err(invalid(path, "layer table does not match the layout"));
     }
+    let q8 = header.kv_dtype == sprig_backend::KvDtype::Q8.name();
+    let hd = header.head_dim;
+    if q8 && (hd == 0 || header.kv_dim % hd != 0) {
+        return Err(invalid(path, format!("int8 cache of kv_dim {} in heads of {hd}", header.kv_dim)));
+    }
     let mut rest = &body[16 + n..];
-    // The next `count` 4-byte words, or an error naming what was cut off.
-    let mut words = |count: usize, what: &str| -> Result<&[u8]> {
-        let b = count.checked_mul(4).filter(|&b| b <= rest.len()).ok_or_else(|| invalid(path, format!("truncated {what}")))?;
+    // The next `count` items of `size` bytes, or an error naming what was cut off.
+    let mut take = |count: usize, size: usize, what: &str| -> Result<&[u8]> {
+        let b = count.checked_mul(size).filter(|&b| b <= rest.len()).ok_or_else(|| invalid(path, format!("truncated {what}")))?;
         let (w, r) = rest.split_at(b);
         rest = r;
         Ok(w)
     };
     let le = |w: &[u8]| [w[0], w[1], w[2], w[3]];
-    let tokens: Vec<u32> = words(header.tokens, "tokens")?.chunks_exact(4).map(|w| u32::from_le_bytes(le(w))).collect();
+    let tokens: Vec<u32> = take(header.tokens, 4, "tokens")?.chunks_exact(4).map(|w| u32::from_le_bytes(le(w))).collect();
     let mut kv = Vec::with_capacity(header.first.len());
     for &first in &header.first {
         let count = (header.tokens - first).checked_mul(header.kv_dim).ok_or_else(|| invalid(path, "KV size"))?;
-        let k: Vec<f32> = words(count, "keys")?.chunks_exact(4).map(|w| f32::from_le_bytes(le(w))).collect();
-        let v: Vec<f32> = words(count, "values")?.chunks_exact(4).map(|w| f32::from_le_bytes(le(w))).collect();
+        let mut part = |what: &str| -> Result<Vec<f32>> {
+            if q8 {
+                let codes = take(count, 1, what)?.to_vec();
+                let scales: Vec<f32> =
+                    take(count / hd, 4, what)?.chunks_exact(4).map(|w| f32::from_le_bytes(le(w))).collect();
+                Ok(codes.iter().enumerate().map(|(i, &c)| c as i8 as f32 * scales[i / hd]).collect())
+            } else {
+                Ok(take(count, 4, what)?.chunks_exact(4).map(|w| f32::from_le_bytes(le(w))).collect())
+            }
+        };
+        let k = part("keys")?;
+        let v = part("values")?;
         kv.push((k, v));
     }
     if !rest.is_empty() {

@@ -50,6 +50,12 @@
 // generating.
 #define SPRIG_CONTEXT_ERROR 2
 
+// KV cache storage (`SprigModelOptions.kv_type`): f32.
+#define SPRIG_KV_F32 0
+
+// int8 codes with a scale per position and KV head: about a quarter of the f32 bytes.
+#define SPRIG_KV_Q8 1
+
 // Status codes (`SprigStatus` in C; the same numbers in `SprigException.code` on the JVM).
 typedef enum SprigStatus {
   SPRIG_STATUS_OK = 0,
@@ -96,6 +102,8 @@ typedef struct SprigModelOptions {
   uint32_t prefix_cache_mb;
   // `SPRIG_CONTEXT_*`: what sessions do when a request would overflow their context.
   uint32_t context_policy;
+  // `SPRIG_KV_*`: how sessions store their KV cache.
+  uint32_t kv_type;
 } SprigModelOptions;
 
 // A bias on one token's logit.

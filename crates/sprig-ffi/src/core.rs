@@ -114,6 +114,7 @@ pub struct LoadRequest<'a> {
     pub prefix_cache_mb: u32,
     /// What the model's sessions do when a request would overflow their context.
     pub context_policy: ContextPolicy,
+    pub kv_dtype: sprig_backend::KvDtype,
 }
 
 /// The C numbers of the context policies (`SPRIG_CONTEXT_*`).
@@ -201,10 +202,11 @@ pub fn load_model(r: &LoadRequest) -> FfiResult<u64> {
         return Err(FfiError::arg(format!("context length {ctx} exceeds the model's trained context of {trained}")));
     }
     let budget = (r.memory_budget_mb > 0).then(|| r.memory_budget_mb as u64 * (1 << 20));
-    let need = sprig_engine::memory::MemoryNeed::of(&file, ctx);
+    let need = sprig_engine::memory::MemoryNeed::of(&file, ctx, r.kv_dtype);
     sprig_engine::memory::check(&need, budget, "the model with one session").map_err(|e| engine_error(e, true))?;
     // Auto's fallback to the CPU is not an error; hosts see the device in use with sprig_model_device.
     let engine = AnyEngine::new(file, device, r.threads as usize, &mut |_| {}).map_err(|e| engine_error(e, true))?;
+    engine.set_kv_dtype(r.kv_dtype);
     let prefix = sprig_engine::memory::prefix_cache_budget(r.prefix_cache_mb as u64 * (1 << 20), &need, budget);
     engine.set_prefix_cache_budget(prefix as usize);
     Ok(MODELS.insert(ModelHandle { engine, context_length: ctx, context_policy: r.context_policy }))

@@ -66,6 +66,7 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
     memory_budget_mb: jint,
     prefix_cache_mb: jint,
     context_policy: JString<'l>,
+    kv_type: JString<'l>,
 ) -> jlong {
     entry(&mut env, 0, |env| {
         let path = string(env, &path, "path")?;
@@ -80,6 +81,12 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
             .into_iter()
             .find(|p| p.name().replace('-', "_").eq_ignore_ascii_case(&policy_name))
             .ok_or_else(|| FfiError::arg(format!("context policy `{policy_name}` is unknown")))?;
+        // Kotlin's `KvType` names.
+        let kv_name = string(env, &kv_type, "kvType")?;
+        let kv_dtype = sprig_backend::KvDtype::ALL
+            .into_iter()
+            .find(|d| d.name().eq_ignore_ascii_case(&kv_name))
+            .ok_or_else(|| FfiError::arg(format!("KV type `{kv_name}` is unknown")))?;
         let req = LoadRequest {
             path: &path,
             tokenizer: tokenizer.as_deref(),
@@ -89,6 +96,7 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
             memory_budget_mb: memory_budget_mb as u32,
             prefix_cache_mb: prefix_cache_mb as u32,
             context_policy,
+            kv_dtype,
         };
         Ok(core::load_model(&req)? as jlong)
     })

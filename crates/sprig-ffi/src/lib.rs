@@ -53,6 +53,11 @@ pub const SPRIG_CONTEXT_SHIFT: u32 = 1;
 /// generating.
 pub const SPRIG_CONTEXT_ERROR: u32 = 2;
 
+/// KV cache storage (`SprigModelOptions.kv_type`): f32.
+pub const SPRIG_KV_F32: u32 = 0;
+/// int8 codes with a scale per position and KV head: about a quarter of the f32 bytes.
+pub const SPRIG_KV_Q8: u32 = 1;
+
 /// A loaded model (opaque).
 pub struct SprigModel {
     _private: [u8; 0],
@@ -83,6 +88,8 @@ pub struct SprigModelOptions {
     pub prefix_cache_mb: u32,
     /// `SPRIG_CONTEXT_*`: what sessions do when a request would overflow their context.
     pub context_policy: u32,
+    /// `SPRIG_KV_*`: how sessions store their KV cache.
+    pub kv_type: u32,
 }
 
 /// What a model's prefix cache holds and saved (`sprig_model_prefix_cache_stats`).
@@ -244,6 +251,7 @@ pub extern "C" fn sprig_model_options_default() -> SprigModelOptions {
         memory_budget_mb: 0,
         prefix_cache_mb: (sprig_engine::prefix_cache::DEFAULT_BUDGET_BYTES >> 20) as u32,
         context_policy: SPRIG_CONTEXT_TRUNCATE_MIDDLE,
+        kv_type: SPRIG_KV_F32,
     }
 }
 
@@ -310,6 +318,11 @@ pub unsafe extern "C" fn sprig_model_load(
             memory_budget_mb: o.memory_budget_mb,
             prefix_cache_mb: o.prefix_cache_mb,
             context_policy: core::context_policy_from_code(o.context_policy)?,
+            kv_dtype: match o.kv_type {
+                SPRIG_KV_F32 => sprig_backend::KvDtype::F32,
+                SPRIG_KV_Q8 => sprig_backend::KvDtype::Q8,
+                other => return Err(FfiError::arg(format!("kv_type {other} is not one of SPRIG_KV_*"))),
+            },
         };
         let id = core::load_model(&req)?;
         // SAFETY: `out_model` is non-null and writable per the caller contract.

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use sprig_backend::{Activation, AttentionParams, Backend, ExpertWeights, KvLayout, MoeParams, MoeUsage, RopeParams};
+use sprig_backend::{Activation, AttentionParams, Backend, ExpertWeights, KvDtype, KvLayout, MoeParams, MoeUsage, RopeParams};
 use sprig_format::{AttentionKind, ModelConfig, ModelFile, QkNorm};
 
 use crate::{ModelError, Result};
@@ -94,6 +94,8 @@ pub struct Model<B: Backend> {
     output: Option<B::Weight>,
     output_norm: B::Weight,
     layers: Vec<Layer<B>>,
+    /// How states made from now on store keys and values (int8 when set: [`Model::set_kv_dtype`]).
+    kv_q8: std::sync::atomic::AtomicBool,
 }
 
 /// Sees each linear layer's input: the names of the weights that read it, and the activations.
@@ -179,6 +181,8 @@ pub struct State<B: Backend> {
     pub max_context: usize,
     /// Per layer: keys and values, `[capacity, kv_dim]` each (a ring of `window` entries on sliding layers).
     kv: B::KvCache,
+    /// How `kv` stores them.
+    kv_dtype: KvDtype,
     s: Scratch<B>,
     /// Per layer (`None` for dense layers): the MoE layer's counters and scratch, accumulated over this
     /// sequence's forward passes (read them with [`Model::moe_usage`]).
@@ -205,6 +209,10 @@ impl<B: Backend> State<B> {
     /// The KV cache (saving a session).
     pub fn kv_cache(&self) -> &B::KvCache {
         &self.kv
+    }
+    /// How the KV cache stores keys and values.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.kv_dtype
     }
     /// The KV cache, to restore a saved one into a fresh state (then set `pos`).
     pub fn kv_cache_mut(&mut self) -> &mut B::KvCache {
@@ -312,7 +320,7 @@ impl<B: Backend> Model<B> {
                 rope: rope.clone(),
             });
         }
-        Ok(Model { config: c, file, backend, embd, output, output_norm, layers })
+        Ok(Model { config: c, file, backend, embd, output, output_norm, layers, kv_q8: Default::default() })
     }
 
     /// A fresh sequence state holding up to `max_context` positions (0 = the model's trained context). Fails
@@ -320,10 +328,12 @@ impl<B: Backend> Model<B> {
     pub fn new_state(&self, max_context: usize) -> Result<State<B>> {
         let ctx = if max_context == 0 { self.config.max_seq_len } else { max_context };
         let b = &*self.backend;
+        let layout = self.kv_layout(ctx);
         Ok(State {
             pos: 0,
             max_context: ctx,
-            kv: b.kv_cache(&self.kv_layout(ctx))?,
+            kv: b.kv_cache(&layout)?,
+            kv_dtype: layout.dtype,
             s: Scratch::new(b),
             moe: self.moe_states()?,
         })
@@ -346,8 +356,23 @@ impl<B: Backend> Model<B> {
             .map_err(Into::into)
     }
 
+    /// The KV cache of a state of `ctx` positions (0: the trained context), as states made now store it.
     pub fn kv_layout(&self, ctx: usize) -> KvLayout {
-        KvLayout::for_model(&self.config, ctx)
+        let ctx = if ctx == 0 { self.config.max_seq_len } else { ctx };
+        KvLayout::for_model(&self.config, ctx).with_dtype(self.kv_dtype())
+    }
+
+    /// How states made from now on store keys and values (states already made keep theirs).
+    pub fn set_kv_dtype(&self, dtype: KvDtype) {
+        self.kv_q8.store(dtype == KvDtype::Q8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn kv_dtype(&self) -> KvDtype {
+        if self.kv_q8.load(std::sync::atomic::Ordering::Relaxed) {
+            KvDtype::Q8
+        } else {
+            KvDtype::F32
+        }
     }
 
     /// Drops positions `keep .. keep + drop` from what `st` holds, as llama.cpp's context shift does: later
@@ -360,7 +385,7 @@ impl<B: Backend> Model<B> {
         if drop == 0 || keep + drop > pos {
             return Err(ModelError::ContextOverflow { pos, new: 0, ctx: keep + drop });
         }
-        let layout = self.kv_layout(st.max_context);
+        let layout = self.kv_layout(st.max_context).with_dtype(st.kv_dtype);
         let to = pos - drop;
         // New positions each layer holds afterwards: all up to `to` (global) or its last window.
         let from = |l: usize| to.saturating_sub(layout.layer_capacity(l));
@@ -405,7 +430,7 @@ impl<B: Backend> Model<B> {
         mode: Logits,
         observe: Option<&mut LinearInputObserver>,
     ) -> Result<()> {
-        let State { pos, max_context, kv, s, moe } = st;
+        let State { pos, max_context, kv, s, moe, .. } = st;
         let mut seqs = [Seq { kv, pos, max_context: *max_context, rows: tokens.len() }];
         self.forward_seqs(s, moe, &mut seqs, tokens, mode, observe)
     }

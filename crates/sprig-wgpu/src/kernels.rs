@@ -444,6 +444,10 @@ pub fn attention_kernel(
     v: &[f32],
     kc: &[f32],
     vc: &[f32],
+    kq: &[u32],
+    vq: &[u32],
+    ks: &[f32],
+    vs: &[f32],
     out: &mut [f32],
     tokens: usize,
     heads: usize,
@@ -453,6 +457,7 @@ pub fn attention_kernel(
     window: usize,
     scale: f32,
     #[comptime] hd: usize,
+    #[comptime] q8: bool,
 ) {
     let job = cube_index();
     let lane = UNIT_POS as usize;
@@ -487,8 +492,9 @@ pub fn attention_kernel(
             good = 1u32;
             if j < pos0 {
                 let ko = (j % cap) * kvd + kvh * hd;
+                let so = (j % cap) * kv_heads + kvh;
                 for d in 0..hd {
-                    s += q[qo + d] * kc[ko + d];
+                    s += q[qo + d] * cached(kc, kq, ks, ko + d, so, q8);
                 }
             } else {
                 let ko = (j - pos0) * kvd + kvh * hd;
@@ -521,7 +527,8 @@ pub fn attention_kernel(
                     let d = di * REDUCE_THREADS + lane;
                     if d < hd {
                         if jj < pos0 {
-                            acc[di] += p * vc[(jj % cap) * kvd + kvh * hd + d];
+                            let so = (jj % cap) * kv_heads + kvh;
+                            acc[di] += p * cached(vc, vq, vs, (jj % cap) * kvd + kvh * hd + d, so, q8);
                         } else {
                             acc[di] += p * v[(jj - pos0) * kvd + kvh * hd + d];
                         }
@@ -540,6 +547,110 @@ pub fn attention_kernel(
                 out[qo + d] = acc[di] / l;
             }
         }
+    }
+}
+
+/// Element `e` of a layer's cached keys or values: f32, or an int8 code (byte `e % 4` of word `e / 4`) times
+/// the scale of its position and head (`scales[at]`).
+#[cube]
+fn cached(c: &[f32], cq: &[u32], scales: &[f32], e: usize, at: usize, #[comptime] q8: bool) -> f32 {
+    let mut x = 0.0f32;
+    if comptime![q8] {
+        let byte = (cq[e / 4] >> (8 * (e % 4)) as u32) & 255u32;
+        let mut c8 = f32::cast_from(byte);
+        if byte >= 128u32 {
+            c8 -= 256.0f32;
+        }
+        x += c8 * scales[at];
+    } else {
+        x += c[e];
+    }
+    x
+}
+
+/// Quantizes `hd` values of `x` from `src` to int8 codes (absmax / 127 scale, rounding to nearest even) packed
+/// four per word from word `dst / 4`, the scale at `scales[at]`; with `back`, writes the dequantized values to
+/// `rounded` (from `src`) instead.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn quantize_head(
+    x: &[f32],
+    codes: &mut [u32],
+    scales: &mut [f32],
+    rounded: &mut [f32],
+    src: usize,
+    dst: usize,
+    at: usize,
+    #[comptime] hd: usize,
+    #[comptime] back: bool,
+) {
+    let mut amax = 0.0f32;
+    for d in 0..hd {
+        let a = x[src + d].abs();
+        if a > amax {
+            amax = a;
+        }
+    }
+    let dq = amax / 127.0f32;
+    let mut inv = 0.0f32;
+    if dq > 0.0f32 {
+        inv = 1.0f32 / dq;
+    }
+    if !comptime![back] {
+        scales[at] = dq;
+    }
+    for w in 0..comptime![hd / 4] {
+        let mut word = 0u32;
+        for b in 0..4usize {
+            let c = f32::round(x[src + 4 * w + b] * inv).clamp(-127.0f32, 127.0f32);
+            if comptime![back] {
+                rounded[src + 4 * w + b] = c * dq;
+            } else {
+                let bits = u32::cast_from(i32::cast_from(c)) & 255u32;
+                word |= bits << (8 * b) as u32;
+            }
+        }
+        if !comptime![back] {
+            codes[dst / 4 + w] = word;
+        }
+    }
+}
+
+/// Appends new K/V rows `first..tokens` to an int8 ring: one job per (token, KV head).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+pub fn kv_append_q8_kernel(
+    k: &[f32],
+    v: &[f32],
+    kq: &mut [u32],
+    vq: &mut [u32],
+    ks: &mut [f32],
+    vs: &mut [f32],
+    unused: &mut [f32],
+    first: usize,
+    tokens: usize,
+    kv_heads: usize,
+    pos0: usize,
+    cap: usize,
+    #[comptime] hd: usize,
+) {
+    let i = job_index(ELEMWISE_THREADS);
+    if i < (tokens - first) * kv_heads {
+        let t = first + i / kv_heads;
+        let h = i % kv_heads;
+        let slot = (pos0 + t) % cap;
+        let kvd = kv_heads * hd;
+        quantize_head(k, kq, ks, unused, t * kvd + h * hd, slot * kvd + h * hd, slot * kv_heads + h, hd, false);
+        quantize_head(v, vq, vs, unused, t * kvd + h * hd, slot * kvd + h * hd, slot * kv_heads + h, hd, false);
+    }
+}
+
+/// `out = x` as an int8 cache holds it (each head quantized and dequantized): one job per (row, head).
+#[cube(launch)]
+pub fn kv_round_trip_kernel(x: &[f32], out: &mut [f32], unused_q: &mut [u32], unused_s: &mut [f32], heads: usize, #[comptime] hd: usize) {
+    let i = job_index(ELEMWISE_THREADS);
+    if i < heads {
+        quantize_head(x, unused_q, unused_s, out, i * hd, 0, 0, hd, true);
     }
 }
 

@@ -168,8 +168,19 @@ pub struct GpuMoeState {
 
 /// Per layer: K and V rings of `cap` entries of `kv_dim` floats.
 pub struct GpuKvCache {
-    layers: Vec<(Handle, Handle, usize)>,
+    layers: Vec<GpuKvLayer>,
     kv_dim: usize,
+    head_dim: usize,
+}
+
+/// One layer's ring of `cap` positions: keys and values as f32, or (`scales` present) as int8 codes packed
+/// four per u32 word with one f32 scale per position and KV head.
+#[derive(Clone)]
+struct GpuKvLayer {
+    k: Handle,
+    v: Handle,
+    cap: usize,
+    scales: Option<(Handle, Handle)>,
 }
 
 fn elementwise(n: usize) -> (CubeCount, CubeDim) {
@@ -265,6 +276,56 @@ impl WgpuBackend {
             .read_one(h)
             .map_err(|e| BackendError::DeviceFailed { op: "read", message: format!("{e:?}") })?;
         Ok(f(&bytes))
+    }
+
+    /// Writes rows `t.saturating_sub(cap)..t` of `k`/`v` (`[t, kvd]`, positions `pos0..`) into a layer's ring
+    /// (only the last `cap` survive), quantized for an int8 cache.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_append(&self, layer: &GpuKvLayer, k: &Handle, v: &Handle, t: usize, pos0: usize, kvd: usize, hd: usize) {
+        let cap = layer.cap;
+        let first = t.saturating_sub(cap);
+        match &layer.scales {
+            None => {
+                let (count, dim) = elementwise((t - first) * kvd);
+                kv_append_kernel::launch(
+                    &self.client,
+                    count,
+                    dim,
+                    arg(k, t * kvd),
+                    arg(v, t * kvd),
+                    arg(&layer.k, cap * kvd),
+                    arg(&layer.v, cap * kvd),
+                    first,
+                    t,
+                    kvd,
+                    pos0,
+                    cap,
+                );
+            }
+            Some((ks, vs)) => {
+                let heads = kvd / hd;
+                let words = (cap * kvd).div_ceil(4);
+                let (count, dim) = elementwise((t - first) * heads);
+                kv_append_q8_kernel::launch(
+                    &self.client,
+                    count,
+                    dim,
+                    arg(k, t * kvd),
+                    arg(v, t * kvd),
+                    arg(&layer.k, words),
+                    arg(&layer.v, words),
+                    arg(ks, cap * heads),
+                    arg(vs, cap * heads),
+                    arg(&self.dummy_f32, 4),
+                    first,
+                    t,
+                    heads,
+                    pos0,
+                    cap,
+                    hd,
+                );
+            }
+        }
     }
 
     /// A device copy of `data` (a one-element zero buffer for empty data: bindings cannot be empty).
@@ -606,18 +667,53 @@ impl Backend for WgpuBackend {
             cache.kv_dim
         );
         ensure_shape!(layer < cache.layers.len(), "attention", "layer {layer} of a {}-layer cache", cache.layers.len());
-        let (kc, vc, cap) = cache.layers[layer].clone();
+        let GpuKvLayer { k: kc, v: vc, cap, scales } = cache.layers[layer].clone();
+        ensure_shape!(hd == cache.head_dim, "attention", "heads of {hd} in a cache of heads of {}", cache.head_dim);
         self.alloc(out, t, qd);
+        // An int8 cache: the batch's own keys and values are attended as the cache will hold them.
+        let (kh, vh) = match &scales {
+            None => (k.h(), v.h()),
+            Some(_) => {
+                let round = |x: &GpuTensor| {
+                    let r = self.client.empty(4 * x.len().max(1));
+                    let heads = x.len() / hd;
+                    let (count, dim) = elementwise(heads);
+                    kv_round_trip_kernel::launch(
+                        &self.client,
+                        count,
+                        dim,
+                        arg(&x.h(), x.len()),
+                        arg(&r, x.len()),
+                        arg(&self.dummy_u32, 4),
+                        arg(&self.dummy_f32, 4),
+                        heads,
+                        hd,
+                    );
+                    r
+                };
+                (round(k), round(v))
+            }
+        };
         let (count, dim) = grid(t * p.n_heads, CubeDim::new_1d(REDUCE_THREADS as u32));
+        let words = (cap * kvd).div_ceil(4);
+        let d32 = |h: &Handle, len: usize| if scales.is_some() { arg(&self.dummy_f32, 4) } else { arg(h, len) };
+        let (kq, vq, ks, vs) = match &scales {
+            Some((ks, vs)) => (arg(&kc, words), arg(&vc, words), arg(ks, cap * p.n_kv_heads), arg(vs, cap * p.n_kv_heads)),
+            None => (arg(&self.dummy_u32, 4), arg(&self.dummy_u32, 4), arg(&self.dummy_f32, 4), arg(&self.dummy_f32, 4)),
+        };
         attention_kernel::launch(
             &self.client,
             count,
             dim,
             arg(&q.h(), q.len()),
-            arg(&k.h(), k.len()),
-            arg(&v.h(), v.len()),
-            arg(&kc, cap * kvd),
-            arg(&vc, cap * kvd),
+            arg(&kh, k.len()),
+            arg(&vh, v.len()),
+            d32(&kc, cap * kvd),
+            d32(&vc, cap * kvd),
+            kq,
+            vq,
+            ks,
+            vs,
             arg(&out.h(), out.len()),
             t,
             p.n_heads,
@@ -627,25 +723,10 @@ impl Backend for WgpuBackend {
             p.window.unwrap_or(0),
             p.scale,
             hd,
+            scales.is_some(),
         );
         // Only the last `cap` new entries survive in the ring.
-        let first = t.saturating_sub(cap);
-        let n = (t - first) * kvd;
-        let (count, dim) = elementwise(n);
-        kv_append_kernel::launch(
-            &self.client,
-            count,
-            dim,
-            arg(&k.h(), k.len()),
-            arg(&v.h(), v.len()),
-            arg(&kc, cap * kvd),
-            arg(&vc, cap * kvd),
-            first,
-            t,
-            kvd,
-            pos0,
-            cap,
-        );
+        self.kv_append(&cache.layers[layer], &k.h(), &v.h(), t, pos0, kvd, hd);
         Ok(())
     }
 
@@ -792,49 +873,53 @@ impl Backend for WgpuBackend {
         v: &mut Vec<f32>,
     ) -> Result<()> {
         ensure_shape!(layer < cache.layers.len(), "kv_read", "layer {layer} of a {}-layer cache", cache.layers.len());
-        let (kc, vc, cap) = cache.layers[layer].clone();
-        let kvd = cache.kv_dim;
+        let GpuKvLayer { k: kc, v: vc, cap, scales } = cache.layers[layer].clone();
+        let (kvd, hd) = (cache.kv_dim, cache.head_dim);
         ensure_shape!(positions.len() <= cap, "kv_read", "{} positions of a {cap}-slot layer", positions.len());
-        for (buf, out) in [(kc, k), (vc, v)] {
-            out.clear();
-            self.read(buf, |bytes| {
-                let all: &[f32] = bytemuck::cast_slice(bytes);
-                for p in positions.clone() {
-                    let slot = p % cap;
-                    out.extend_from_slice(&all[slot * kvd..(slot + 1) * kvd]);
+        match scales {
+            None => {
+                for (buf, out) in [(kc, k), (vc, v)] {
+                    out.clear();
+                    self.read(buf, |bytes| {
+                        let all: &[f32] = bytemuck::cast_slice(bytes);
+                        for p in positions.clone() {
+                            let slot = p % cap;
+                            out.extend_from_slice(&all[slot * kvd..(slot + 1) * kvd]);
+                        }
+                    })?;
                 }
-            })?;
+            }
+            Some((ks, vs)) => {
+                let heads = kvd / hd;
+                for ((buf, sc), out) in [((kc, ks), k), ((vc, vs), v)] {
+                    out.clear();
+                    let scale: Vec<f32> = self.read(sc, |b| bytemuck::cast_slice::<u8, f32>(b).to_vec())?;
+                    self.read(buf, |bytes| {
+                        // Words hold four codes, little-endian: the bytes are the codes in order.
+                        for p in positions.clone() {
+                            let slot = p % cap;
+                            let codes = &bytes[slot * kvd..(slot + 1) * kvd];
+                            out.extend(codes.iter().enumerate().map(|(i, &c)| c as i8 as f32 * scale[slot * heads + i / hd]));
+                        }
+                    })?;
+                }
+            }
         }
         Ok(())
     }
 
     fn kv_write(&self, cache: &mut GpuKvCache, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
         ensure_shape!(layer < cache.layers.len(), "kv_write", "layer {layer} of a {}-layer cache", cache.layers.len());
-        let (kc, vc, cap) = cache.layers[layer].clone();
-        let kvd = cache.kv_dim.max(1);
+        let (kvd, hd) = (cache.kv_dim.max(1), cache.head_dim);
         let n = k.len() / kvd;
         ensure_shape!(k.len() == n * kvd && v.len() == k.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
-        ensure_shape!(n <= cap, "kv_write", "{n} positions into a {cap}-slot layer");
+        ensure_shape!(n <= cache.layers[layer].cap, "kv_write", "{n} positions into a {}-slot layer", cache.layers[layer].cap);
         if n == 0 {
             return Ok(());
         }
         // The rows go up once, then into their ring slots by the kernel decode appends with.
         let (ku, vu) = (self.upload_slice(k), self.upload_slice(v));
-        let (count, dim) = elementwise(n * kvd);
-        kv_append_kernel::launch(
-            &self.client,
-            count,
-            dim,
-            arg(&ku, k.len()),
-            arg(&vu, v.len()),
-            arg(&kc, cap * kvd),
-            arg(&vc, cap * kvd),
-            0,
-            n,
-            kvd,
-            pos0,
-            cap,
-        );
+        self.kv_append(&cache.layers[layer], &ku, &vu, n, pos0, kvd, hd);
         Ok(())
     }
 
@@ -854,13 +939,28 @@ impl Backend for WgpuBackend {
                 });
             }
         }
+        let q8 = layout.dtype == sprig_backend::KvDtype::Q8;
+        ensure_shape!(
+            layout.head_dim > 0 && layout.kv_dim % layout.head_dim == 0 && (!q8 || layout.head_dim % 4 == 0),
+            "kv_cache",
+            "kv_dim {} in heads of {} (an int8 cache packs heads of a multiple of 4)",
+            layout.kv_dim,
+            layout.head_dim
+        );
+        let heads = layout.kv_dim / layout.head_dim;
         let layers = (0..layout.windows.len())
             .map(|l| {
                 let cap = layout.layer_capacity(l).max(1);
-                let bytes = 4 * cap * layout.kv_dim.max(1);
-                (self.client.empty(bytes), self.client.empty(bytes), cap)
+                let elems = cap * layout.kv_dim.max(1);
+                if q8 {
+                    let bytes = 4 * elems.div_ceil(4);
+                    let scales = (self.client.empty(4 * cap * heads), self.client.empty(4 * cap * heads));
+                    GpuKvLayer { k: self.client.empty(bytes), v: self.client.empty(bytes), cap, scales: Some(scales) }
+                } else {
+                    GpuKvLayer { k: self.client.empty(4 * elems), v: self.client.empty(4 * elems), cap, scales: None }
+                }
             })
             .collect();
-        Ok(GpuKvCache { layers, kv_dim: layout.kv_dim })
+        Ok(GpuKvCache { layers, kv_dim: layout.kv_dim, head_dim: layout.head_dim })
     }
 }

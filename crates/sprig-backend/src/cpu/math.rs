@@ -103,6 +103,57 @@ multiversion! {
 }
 
 multiversion! {
+    /// [`attention_scores`] over int8 keys (each position's scale is applied by the caller).
+    pub fn attention_scores_i8(q: &[f32], keys_t: &[i8], stride: usize, scale: f32, out: &mut [f32]) {
+        let m = out.len();
+        let full = m - m % LANES;
+        for c in (0..full).step_by(LANES) {
+            let mut acc = [0.0f32; LANES];
+            for (d, &qv) in q.iter().enumerate() {
+                let qv = qv * scale;
+                let row: &[i8; LANES] = keys_t[d * stride + c..d * stride + c + LANES].try_into().unwrap();
+                for i in 0..LANES {
+                    acc[i] += qv * row[i] as f32;
+                }
+            }
+            out[c..c + LANES].copy_from_slice(&acc);
+        }
+        let tail = &mut out[full..];
+        tail.fill(0.0);
+        for (d, &qv) in q.iter().enumerate() {
+            let qv = qv * scale;
+            for (o, &k) in tail.iter_mut().zip(&keys_t[d * stride + full..]) {
+                *o += qv * k as f32;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// [`weighted_rows`] over int8 rows (each row's scale folded into `w` by the caller).
+    pub fn weighted_rows_i8(w: &[f32], rows: &[i8], stride: usize, out: &mut [f32]) {
+        let width = out.len();
+        let full = width - width % LANES;
+        for c in (0..full).step_by(LANES) {
+            let mut acc: [f32; LANES] = out[c..c + LANES].try_into().unwrap();
+            for (j, &wj) in w.iter().enumerate() {
+                let row: &[i8; LANES] = rows[j * stride + c..j * stride + c + LANES].try_into().unwrap();
+                for i in 0..LANES {
+                    acc[i] += wj * row[i] as f32;
+                }
+            }
+            out[c..c + LANES].copy_from_slice(&acc);
+        }
+        let tail = &mut out[full..];
+        for (j, &wj) in w.iter().enumerate() {
+            for (o, &v) in tail.iter_mut().zip(&rows[j * stride + full..j * stride + width]) {
+                *o += wj * v as f32;
+            }
+        }
+    }
+}
+
+multiversion! {
     /// `out += sum_j w[j] * rows[j * stride ..][..out.len()]`, 64 columns at a time in registers.
     pub fn weighted_rows(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
         let width = out.len();

@@ -14,7 +14,7 @@ use sprig_quant::kernels::{self, Isa};
 use sprig_quant::{QMatrix, QuantizedActivations};
 
 use crate::moe::{self, ExpertWeights, MoeParams, MoeUsage};
-use crate::{ensure_shape, Activation, AttentionParams, Backend, BackendError, KvLayout, Result, RopeParams, Unary};
+use crate::{ensure_shape, Activation, AttentionParams, Backend, BackendError, KvDtype, KvLayout, Result, RopeParams, Unary};
 use select::{KernelPlan, KernelSelection, PlanSource};
 
 pub struct CpuBackend {
@@ -277,10 +277,66 @@ impl CpuWeight {
 pub struct CpuKvCache {
     /// Per layer: keys in blocks of `KEY_BLOCK` slots, each block transposed (`[dim][slot]`), and values
     /// `[slot, kv_dim]`.
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<KvStore>,
     /// Per layer: slots (its window, or the whole context).
     caps: Vec<usize>,
     kv_dim: usize,
+    head_dim: usize,
+}
+
+/// One layer's keys and values as stored.
+enum KvStore {
+    F32 { k: Vec<f32>, v: Vec<f32> },
+    /// int8 codes in the same layouts, and per slot one scale per KV head (`[slot, kv_heads]`).
+    Q8 { k: Vec<i8>, v: Vec<i8>, k_scale: Vec<f32>, v_scale: Vec<f32> },
+}
+
+/// Index of dimension `i` of `slot` in the transposed key blocks.
+#[inline]
+fn key_index(slot: usize, i: usize, kvd: usize) -> usize {
+    (slot / KEY_BLOCK) * kvd * KEY_BLOCK + i * KEY_BLOCK + slot % KEY_BLOCK
+}
+
+impl KvStore {
+    /// Stores position rows `k`/`v` (`[kv_dim]` each) in `slot`.
+    fn put(&mut self, slot: usize, k: &[f32], v: &[f32], head_dim: usize) {
+        let kvd = k.len();
+        match self {
+            KvStore::F32 { k: kc, v: vc } => {
+                for (i, &x) in k.iter().enumerate() {
+                    kc[key_index(slot, i, kvd)] = x;
+                }
+                vc[slot * kvd..(slot + 1) * kvd].copy_from_slice(v);
+            }
+            KvStore::Q8 { k: kc, v: vc, k_scale, v_scale } => {
+                let heads = kvd / head_dim;
+                let mut codes = [0i8; 512];
+                for h in 0..heads {
+                    let r = h * head_dim..(h + 1) * head_dim;
+                    k_scale[slot * heads + h] = crate::quantize_kv_head(&k[r.clone()], &mut codes[..head_dim]);
+                    for (j, &c) in codes[..head_dim].iter().enumerate() {
+                        kc[key_index(slot, r.start + j, kvd)] = c;
+                    }
+                    v_scale[slot * heads + h] = crate::quantize_kv_head(&v[r.clone()], &mut vc[slot * kvd + r.start..slot * kvd + r.end]);
+                }
+            }
+        }
+    }
+
+    /// Appends the keys and values of `slot` (dequantized) to `k` and `v`.
+    fn get(&self, slot: usize, kvd: usize, head_dim: usize, k: &mut Vec<f32>, v: &mut Vec<f32>) {
+        match self {
+            KvStore::F32 { k: kc, v: vc } => {
+                k.extend((0..kvd).map(|i| kc[key_index(slot, i, kvd)]));
+                v.extend_from_slice(&vc[slot * kvd..(slot + 1) * kvd]);
+            }
+            KvStore::Q8 { k: kc, v: vc, k_scale, v_scale } => {
+                let heads = kvd / head_dim;
+                k.extend((0..kvd).map(|i| kc[key_index(slot, i, kvd)] as f32 * k_scale[slot * heads + i / head_dim]));
+                v.extend((0..kvd).map(|i| vc[slot * kvd + i] as f32 * v_scale[slot * heads + i / head_dim]));
+            }
+        }
+    }
 }
 
 impl CpuKvCache {
@@ -478,9 +534,21 @@ impl Backend for CpuBackend {
         let cap = cache.caps[layer];
         out.reshape(t, qd);
         let ptr = OutPtr(out.data.as_mut_ptr());
-        let (kc, vc) = &cache.layers[layer];
         let group = p.n_heads / p.n_kv_heads;
         let (q, k, v) = (&q.data[..], &k.data[..], &v.data[..]);
+        // An int8 cache: the batch's own keys and values are attended as the cache will hold them.
+        let rounded;
+        let (k, v) = match &cache.layers[layer] {
+            KvStore::F32 { .. } => (k, v),
+            KvStore::Q8 { .. } => {
+                let (mut kr, mut vr) = (k.to_vec(), v.to_vec());
+                crate::round_trip_kv_q8(&mut kr, hd);
+                crate::round_trip_kv_q8(&mut vr, hd);
+                rounded = (kr, vr);
+                (&rounded.0[..], &rounded.1[..])
+            }
+        };
+        let store = &cache.layers[layer];
         // First key position query `ti` sees (causal, and within its window).
         let first_key = |ti: usize| p.window.map_or(0, |w| (pos0 + ti + 1).saturating_sub(w.min(cap)));
         // Batched: one job per (KV head, tile of queries). Cached keys and values are read in place; only the
@@ -509,20 +577,14 @@ impl Backend for CpuBackend {
                         scores.reserve_exact((cap + t1).max(need) - scores.len());
                     }
                     scores.resize(need, 0.0);
-                    let runs = KvRuns { kc, vc, k: new_keys_t, v, pos0, cap, kvd, off: g * hd, new: t1 };
+                    let runs = KvRuns { store, k: new_keys_t, v, pos0, cap, kvd, hd, g, new: t1 };
                     for ti in t0..t1 {
                         // This query's keys: first visible .. its own position.
                         let (a, b) = (first_key(ti), pos0 + ti + 1);
                         for h in g * group..(g + 1) * group {
                             let qh = &q[ti * qd + h * hd..ti * qd + (h + 1) * hd];
                             for r in runs.between(a, b) {
-                                math::attention_scores(
-                                    qh,
-                                    r.keys,
-                                    r.key_stride,
-                                    p.scale,
-                                    &mut scores[r.start - lo..r.end - lo],
-                                );
+                                r.scores(qh, p.scale, &mut scores[r.start - lo..r.end - lo]);
                             }
                             math::softmax(&mut scores[a - lo..b - lo]);
                             // SAFETY: job (g, tile) owns output elements ti*qd + h*hd .. +hd of its queries and
@@ -530,22 +592,17 @@ impl Backend for CpuBackend {
                             let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(ti * qd + h * hd), hd) };
                             o.fill(0.0);
                             for r in runs.between(a, b) {
-                                math::weighted_rows(&scores[r.start - lo..r.end - lo], r.values, kvd, o);
+                                r.weighted_values(&scores[r.start - lo..r.end - lo], kvd, o);
                             }
                         }
                     }
                 });
             })
         });
-        let (kc, vc) = &mut cache.layers[layer];
         // Only the last `cap` new positions survive in a ring; write those.
+        let store = &mut cache.layers[layer];
         for ti in t.saturating_sub(cap)..t {
-            let slot = (pos0 + ti) % cap;
-            let block = (slot / KEY_BLOCK) * kvd * KEY_BLOCK + slot % KEY_BLOCK;
-            for (i, &kv) in k[ti * kvd..(ti + 1) * kvd].iter().enumerate() {
-                kc[block + i * KEY_BLOCK] = kv;
-            }
-            vc[slot * kvd..(slot + 1) * kvd].copy_from_slice(&v[ti * kvd..(ti + 1) * kvd]);
+            store.put((pos0 + ti) % cap, &k[ti * kvd..(ti + 1) * kvd], &v[ti * kvd..(ti + 1) * kvd], hd);
         }
         Ok(())
     }
@@ -680,11 +737,30 @@ impl Backend for CpuBackend {
         layout.check_fits(crate::physical_memory())?;
         let caps: Vec<usize> = (0..layout.windows.len()).map(|l| layout.layer_capacity(l)).collect();
         // Zeroed allocations are lazily backed by the OS: untouched context costs no resident memory.
+        ensure_shape!(
+            layout.head_dim > 0 && layout.head_dim <= MAX_HEAD_DIM && layout.kv_dim % layout.head_dim == 0,
+            "kv_cache",
+            "kv_dim {} in heads of {}",
+            layout.kv_dim,
+            layout.head_dim
+        );
+        let heads = layout.kv_dim / layout.head_dim;
         let layers = caps
             .iter()
-            .map(|&c| (vec![0.0; c.next_multiple_of(KEY_BLOCK) * layout.kv_dim], vec![0.0; c * layout.kv_dim]))
+            .map(|&c| {
+                let (keys, values) = (c.next_multiple_of(KEY_BLOCK) * layout.kv_dim, c * layout.kv_dim);
+                match layout.dtype {
+                    KvDtype::F32 => KvStore::F32 { k: vec![0.0; keys], v: vec![0.0; values] },
+                    KvDtype::Q8 => KvStore::Q8 {
+                        k: vec![0; keys],
+                        v: vec![0; values],
+                        k_scale: vec![0.0; c * heads],
+                        v_scale: vec![0.0; c * heads],
+                    },
+                }
+            })
             .collect();
-        Ok(CpuKvCache { layers, caps, kv_dim: layout.kv_dim })
+        Ok(CpuKvCache { layers, caps, kv_dim: layout.kv_dim, head_dim: layout.head_dim })
     }
 
     fn kv_read(
@@ -697,14 +773,10 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let (cap, kvd) = (cache.slots(layer)?, cache.kv_dim);
         ensure_shape!(positions.len() <= cap, "kv_read", "{} positions of a {cap}-slot layer", positions.len());
-        let (kc, vc) = &cache.layers[layer];
         k.clear();
         v.clear();
         for p in positions {
-            let slot = p % cap;
-            let block = (slot / KEY_BLOCK) * kvd * KEY_BLOCK + slot % KEY_BLOCK;
-            k.extend((0..kvd).map(|i| kc[block + i * KEY_BLOCK]));
-            v.extend_from_slice(&vc[slot * kvd..(slot + 1) * kvd]);
+            cache.layers[layer].get(p % cap, kvd, cache.head_dim, k, v);
         }
         Ok(())
     }
@@ -714,18 +786,16 @@ impl Backend for CpuBackend {
         let n = k.len() / kvd.max(1);
         ensure_shape!(k.len() == n * kvd && v.len() == k.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
         ensure_shape!(n <= cap, "kv_write", "{n} positions into a {cap}-slot layer");
-        let (kc, vc) = &mut cache.layers[layer];
+        let hd = cache.head_dim;
         for t in 0..n {
-            let slot = (pos0 + t) % cap;
-            let block = (slot / KEY_BLOCK) * kvd * KEY_BLOCK + slot % KEY_BLOCK;
-            for i in 0..kvd {
-                kc[block + i * KEY_BLOCK] = k[t * kvd + i];
-            }
-            vc[slot * kvd..(slot + 1) * kvd].copy_from_slice(&v[t * kvd..(t + 1) * kvd]);
+            cache.layers[layer].put((pos0 + t) % cap, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd], hd);
         }
         Ok(())
     }
 }
+
+/// Largest head an int8 KV cache quantizes (on the stack).
+const MAX_HEAD_DIM: usize = 512;
 
 /// Slots per transposed key block of the KV cache (one register-accumulated chunk of attention scores).
 const KEY_BLOCK: usize = 64;
@@ -734,61 +804,98 @@ const KEY_BLOCK: usize = 64;
 /// `pos0`) and this batch's `new` positions (keys transposed into a scratch of stride `new`, values rows of
 /// the batch).
 struct KvRuns<'a> {
-    kc: &'a [f32],
-    vc: &'a [f32],
+    store: &'a KvStore,
     k: &'a [f32],
     v: &'a [f32],
     pos0: usize,
     cap: usize,
     kvd: usize,
-    /// First dimension of the KV head.
-    off: usize,
+    hd: usize,
+    /// The KV head.
+    g: usize,
     new: usize,
 }
 
 /// Positions `start..end` whose keys are at `keys[d * key_stride + (p - start)]` for dimension `d` of the head
-/// and whose values are rows `values[(p - start) * kv_dim..]`.
+/// and whose values are rows `values[(p - start) * kv_dim..]`; an int8 run also has the scales of its slots
+/// (`scales[(p - start) * kv_heads]`).
 struct KvRun<'a> {
     start: usize,
     end: usize,
-    keys: &'a [f32],
-    key_stride: usize,
-    values: &'a [f32],
+    data: RunData<'a>,
+}
+
+enum RunData<'a> {
+    F32 { keys: &'a [f32], key_stride: usize, values: &'a [f32] },
+    Q8 { keys: &'a [i8], values: &'a [i8], k_scale: &'a [f32], v_scale: &'a [f32], heads: usize },
+}
+
+impl KvRun<'_> {
+    /// Scores of `q` against this run's keys into `out` (one per position).
+    fn scores(&self, q: &[f32], scale: f32, out: &mut [f32]) {
+        match self.data {
+            RunData::F32 { keys, key_stride, .. } => math::attention_scores(q, keys, key_stride, scale, out),
+            RunData::Q8 { keys, k_scale, heads, .. } => {
+                math::attention_scores_i8(q, keys, KEY_BLOCK, scale, out);
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o *= k_scale[j * heads];
+                }
+            }
+        }
+    }
+
+    /// `out += Σ w[j] · value[j]` over this run's positions.
+    fn weighted_values(&self, w: &[f32], kvd: usize, out: &mut [f32]) {
+        match self.data {
+            RunData::F32 { values, .. } => math::weighted_rows(w, values, kvd, out),
+            RunData::Q8 { values, v_scale, heads, .. } => {
+                // Runs are at most one key block long.
+                let mut ws = [0.0f32; KEY_BLOCK];
+                for (j, (o, &wj)) in ws.iter_mut().zip(w).enumerate() {
+                    *o = wj * v_scale[j * heads];
+                }
+                math::weighted_rows_i8(&ws[..w.len()], values, kvd, out);
+            }
+        }
+    }
 }
 
 impl<'a> KvRuns<'a> {
     /// Positions `a..b` as runs: cached ones split where a key block ends or the ring wraps, new ones as one.
     fn between(&self, a: usize, b: usize) -> impl Iterator<Item = KvRun<'a>> + '_ {
         let mut p = a;
+        let off = self.g * self.hd;
         std::iter::from_fn(move || {
             if p >= b {
                 return None;
             }
             let start = p;
-            let run = if p < self.pos0 {
+            let data = if p < self.pos0 {
                 let slot = p % self.cap;
                 let len = (KEY_BLOCK - slot % KEY_BLOCK).min(self.cap - slot).min(self.pos0.min(b) - p);
-                let key0 = ((slot / KEY_BLOCK) * self.kvd + self.off) * KEY_BLOCK + slot % KEY_BLOCK;
+                let key0 = ((slot / KEY_BLOCK) * self.kvd + off) * KEY_BLOCK + slot % KEY_BLOCK;
                 p += len;
-                KvRun {
-                    start,
-                    end: p,
-                    keys: &self.kc[key0..],
-                    key_stride: KEY_BLOCK,
-                    values: &self.vc[slot * self.kvd + self.off..],
+                match self.store {
+                    KvStore::F32 { k, v } => {
+                        RunData::F32 { keys: &k[key0..], key_stride: KEY_BLOCK, values: &v[slot * self.kvd + off..] }
+                    }
+                    KvStore::Q8 { k, v, k_scale, v_scale } => {
+                        let heads = self.kvd / self.hd;
+                        RunData::Q8 {
+                            keys: &k[key0..],
+                            values: &v[slot * self.kvd + off..],
+                            k_scale: &k_scale[slot * heads + self.g..],
+                            v_scale: &v_scale[slot * heads + self.g..],
+                            heads,
+                        }
+                    }
                 }
             } else {
                 let j = p - self.pos0;
                 p = b;
-                KvRun {
-                    start,
-                    end: b,
-                    keys: &self.k[j..],
-                    key_stride: self.new,
-                    values: &self.v[j * self.kvd + self.off..],
-                }
+                RunData::F32 { keys: &self.k[j..], key_stride: self.new, values: &self.v[j * self.kvd + off..] }
             };
-            Some(run)
+            Some(KvRun { start, end: p, data })
         })
     }
 }

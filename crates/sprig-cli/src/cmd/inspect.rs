@@ -19,6 +19,9 @@ pub struct InspectArgs {
     /// what this system has available.
     #[arg(long)]
     memory: bool,
+    /// How the KV cache stores keys and values (for --kv and --memory).
+    #[arg(long = "kv-type", value_enum, default_value = "f32")]
+    kv_type: crate::args::KvArg,
 }
 
 pub fn run(a: InspectArgs) -> Result<()> {
@@ -46,11 +49,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
         println!("  {k}: {}", shown.replace('\n', "\\n"));
     }
     if a.memory {
-        let need = sprig_engine::memory::MemoryNeed::of(&f, a.kv.unwrap_or(0));
+        let need = sprig_engine::memory::MemoryNeed::of(&f, a.kv.unwrap_or(0), a.kv_type.0);
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!("\nmemory with one session of {} tokens:", a.kv.unwrap_or(c.max_seq_len));
         println!("  weights (mapped): {:.1} MiB", mib(need.weights));
-        println!("  KV cache (f32):   {:.1} MiB", mib(need.kv_cache));
+        println!("  KV cache ({}):    {:.1} MiB", a.kv_type.0.name(), mib(need.kv_cache));
         println!("  scratch:          {:.1} MiB", mib(need.scratch));
         println!("  total:            {:.1} MiB", mib(need.total()));
         match sprig_engine::memory::available() {
@@ -59,10 +62,10 @@ pub fn run(a: InspectArgs) -> Result<()> {
         }
     }
     if let Some(ctx) = a.kv {
-        let layout = sprig_backend::KvLayout::for_model(c, ctx);
+        let layout = sprig_backend::KvLayout::for_model(c, ctx).with_dtype(a.kv_type.0);
         let per = layout.bytes_per_layer(ctx);
-        let global_all = 2 * 4 * layout.kv_dim * ctx * c.n_layers;
-        println!("\nKV cache at {ctx} tokens (f32):");
+        let global_all = layout.bytes_per_position() as usize * ctx * c.n_layers;
+        println!("\nKV cache at {ctx} tokens ({}):", a.kv_type.0.name());
         let (mut g, mut s, mut ng, mut ns) = (0, 0, 0, 0);
         for (l, b) in per.iter().enumerate() {
             if layout.windows[l].is_some() {

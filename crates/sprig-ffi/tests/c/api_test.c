@@ -289,6 +289,21 @@ int main(int argc, char **argv) {
     small_opts.context_policy = 7;
     SprigModel *bad_policy = NULL;
     EXPECT_ERR(sprig_model_load(model_path, &small_opts, &bad_policy), SPRIG_STATUS_INVALID_ARGUMENT);
+    small_opts.context_policy = SPRIG_CONTEXT_TRUNCATE_MIDDLE;
+    small_opts.kv_type = 9;
+    EXPECT_ERR(sprig_model_load(model_path, &small_opts, &bad_policy), SPRIG_STATUS_INVALID_ARGUMENT);
+    /* An int8 KV cache runs the golden prompt (its text may differ from f32's: not compared). */
+    SprigModelOptions q8_opts = opts;
+    q8_opts.kv_type = SPRIG_KV_Q8;
+    SprigModel *q8_model = NULL;
+    SprigSession *q8s = NULL;
+    CHECK(sprig_model_load(model_path, &q8_opts, &q8_model) == SPRIG_STATUS_OK &&
+              sprig_session_new(q8_model, &q8s) == SPRIG_STATUS_OK,
+          "load with an int8 KV cache: %s", sprig_last_error());
+    CHECK(sprig_session_generate(q8s, "Once upon a time", &two, NULL, NULL, &res) == SPRIG_STATUS_OK &&
+              res.generated_tokens == two.max_tokens,
+          "generate with an int8 KV cache");
+    CHECK(sprig_session_free(q8s) == SPRIG_STATUS_OK && sprig_model_free(q8_model) == SPRIG_STATUS_OK, "free q8");
     SprigModelOptions huge = opts;
     huge.context_length = 1 << 20;
     SprigModel *none = NULL;

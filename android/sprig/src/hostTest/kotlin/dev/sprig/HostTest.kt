@@ -161,6 +161,13 @@ fun main(args: Array<String>) {
         expectError(SprigStatus.INVALID_ARGUMENT, "chat without a template") {
             session.chatStreaming(listOf(ChatMessage("user", "hi")), greedy, Collect())
         }
+        // An int8 KV cache runs too.
+        SprigModel.load(modelPath, opts.copy(kvType = KvType.Q8)).use { q8 ->
+            q8.newSession().use { s ->
+                val r = s.generateStreaming("Once upon a time", greedy.copy(maxTokens = 8), Collect())
+                check(r.generatedTokens == 8) { "int8 KV: $r" }
+            }
+        }
         // By default a full context drops old tokens and goes on; the error policy stops or refuses instead.
         SprigModel.load(modelPath, opts.copy(contextLength = 16)).use { small ->
             small.newSession().use { s ->

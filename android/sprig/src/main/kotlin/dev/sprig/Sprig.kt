@@ -25,12 +25,15 @@ enum class Device { CPU, GPU, AUTO }
  */
 enum class ContextPolicy { TRUNCATE_MIDDLE, SHIFT, ERROR }
 
+/** How sessions store their KV cache: [F32], or [Q8] (int8 with a scale per position and KV head). */
+enum class KvType { F32, Q8 }
+
 /**
  * Options of [SprigModel.load]. `threads = 0`: one per core; `contextLength = 0`: the model's own;
  * `memoryBudgetMb`: what the model and one session may use (weights + KV cache + scratch), checked before
  * loading (OUT_OF_MEMORY instead of the low-memory killer); 0 = no budget (the available memory is checked).
  * `prefixCacheMb`: K/V of prompt blocks shared by the model's sessions (0 = off; shrunk to what the budget
- * leaves); `contextPolicy`: see [ContextPolicy].
+ * leaves); `contextPolicy`: see [ContextPolicy]; `kvType`: see [KvType].
  */
 data class ModelOptions(
     val tokenizerPath: String? = null,
@@ -39,7 +42,8 @@ data class ModelOptions(
     val contextLength: Int = 0,
     val memoryBudgetMb: Int = 0,
     val prefixCacheMb: Int = 256,
-    val contextPolicy: ContextPolicy = ContextPolicy.TRUNCATE_MIDDLE
+    val contextPolicy: ContextPolicy = ContextPolicy.TRUNCATE_MIDDLE,
+    val kvType: KvType = KvType.F32
 )
 
 /** What a model's prefix cache holds and saved over its sessions' requests. */
@@ -126,7 +130,7 @@ internal object Native {
     @JvmStatic external fun samplingDefault(name: String): Double
     @JvmStatic external fun modelLoad(
         path: String, tokenizer: String?, threads: Int, device: String, contextLength: Int, memoryBudgetMb: Int,
-        prefixCacheMb: Int, contextPolicy: String
+        prefixCacheMb: Int, contextPolicy: String, kvType: String
     ): Long
     @JvmStatic external fun modelFree(model: Long)
     @JvmStatic external fun modelContextLength(model: Long): Int
@@ -162,7 +166,7 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
         fun load(path: String, options: ModelOptions = ModelOptions()): SprigModel = SprigModel(
             Native.modelLoad(
                 path, options.tokenizerPath, options.threads, options.device.name, options.contextLength,
-                options.memoryBudgetMb, options.prefixCacheMb, options.contextPolicy.name
+                options.memoryBudgetMb, options.prefixCacheMb, options.contextPolicy.name, options.kvType.name
             )
         )
 
