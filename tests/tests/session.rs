@@ -293,7 +293,7 @@ fn chat_sessions_share_the_system_prompt() {
     };
     let first = ask("Is it raining?");
     let second = ask("Will it snow tomorrow?");
-    let system_tokens = e.chat_tokens(&[system.clone()]).unwrap().len();
+    let system_tokens = e.chat_tokens(std::slice::from_ref(&system)).unwrap().len();
     assert_eq!(first.prefix_cache_tokens, 0);
     assert!(second.prefix_cache_tokens + 16 >= system_tokens - 8, "{} of ~{system_tokens}", second.prefix_cache_tokens);
 }
@@ -494,4 +494,37 @@ fn int8_kv_session_saves_its_codes_and_continues_exactly() {
     }
     // The int8 file holds codes and scales: well under half the f32 one.
     assert!(sizes[1] * 2 < sizes[0], "{sizes:?}");
+}
+
+#[test]
+fn a_trimmed_session_continues_from_the_prefix_cache() {
+    // stories260K's f32 weights: a forward pass gives the same bits whatever its chunking, so the trimmed
+    // session (its blocks restored from the prefix cache) must continue exactly as the untrimmed one.
+    let (model, tok) = stories260k();
+    let e = Arc::new(cpu_engine(open(&model, Some(tok), QuantChoice::Keep), 2));
+    let run = |s: &mut Session<_>, text: &str| {
+        let mut out = String::new();
+        let r = s
+            .generate(text, false, &greedy(), 30, |p| {
+                out.push_str(p);
+                true
+            })
+            .unwrap();
+        (out, r)
+    };
+    let mut a = Session::new(e.clone(), 0).unwrap();
+    let mut b = Session::new(e.clone(), 0).unwrap();
+    for s in [&mut a, &mut b] {
+        run(s, "Once upon a time, there was a little girl named Lily. She loved to play outside.");
+    }
+    let held = a.tokens().to_vec();
+    let freed = a.trim().unwrap();
+    assert!(freed > 0 && a.state.pos == 0);
+    assert_eq!(a.tokens(), &held[..], "the conversation is kept");
+    assert!(a.save(&tmp("trimmed.session")).is_err(), "nothing to save until the next request");
+    let (got, r) = run(&mut a, " One day");
+    let (want, _) = run(&mut b, " One day");
+    assert_eq!(got, want);
+    assert!(r.prefix_cache_tokens >= held.len() / 16 * 16 - 16, "{} of {} restored", r.prefix_cache_tokens, held.len());
+    assert_eq!(a.tokens(), b.tokens());
 }

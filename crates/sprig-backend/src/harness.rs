@@ -242,15 +242,15 @@ pub fn check_backend<A: Backend, R: Backend>(a: &A, r: &R) -> Vec<String> {
     for dtype in crate::KvDtype::ALL {
         let layout = KvLayout { kv_dim: 16, windows: vec![None], max_context: 16, head_dim: 8, dtype };
         let mut cache = a.kv_cache(&layout).unwrap();
-        let (qa, _) = pair!(q[..8 * 32].to_vec(), 8, 32);
-        let (ka, _) = pair!(k[..8 * 16].to_vec(), 8, 16);
-        let (va, _) = pair!(v[..8 * 16].to_vec(), 8, 16);
         let mut o = a.tensor();
-        a.attention(&qa, &ka, &va, &mut cache, 0, 0, &p, &mut o).unwrap();
-        let (qa, _) = pair!(q[8 * 32..].to_vec(), 1, 32);
-        let (ka, _) = pair!(k[8 * 16..].to_vec(), 1, 16);
-        let (va, _) = pair!(v[8 * 16..].to_vec(), 1, 16);
-        a.attention(&qa, &ka, &va, &mut cache, 0, 8, &p, &mut o).unwrap();
+        // 8 tokens at once, then one more reading them from the cache.
+        for (t0, n) in [(0, 8), (8, 1)] {
+            let (mut qa, mut ka, mut va) = (a.tensor(), a.tensor(), a.tensor());
+            a.upload(&q[t0 * 32..(t0 + n) * 32], n, 32, &mut qa).unwrap();
+            a.upload(&k[t0 * 16..(t0 + n) * 16], n, 16, &mut ka).unwrap();
+            a.upload(&v[t0 * 16..(t0 + n) * 16], n, 16, &mut va).unwrap();
+            a.attention(&qa, &ka, &va, &mut cache, 0, t0, &p, &mut o).unwrap();
+        }
         outs.push(dl(&o));
     }
     let e = rel_err(&outs[1], &outs[0]);

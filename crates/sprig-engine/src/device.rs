@@ -180,6 +180,11 @@ impl AnyEngine {
         with_engine!(self, |e| e.model.set_kv_dtype(dtype))
     }
 
+    /// Evicts prefix-cache blocks until it holds at most `bytes` (its budget stays).
+    pub fn shrink_prefix_cache(&self, bytes: usize) {
+        with_engine!(self, |e| e.prefix_cache.shrink_to(bytes))
+    }
+
     /// The prefix cache's byte budget (0 turns it off).
     pub fn set_prefix_cache_budget(&self, bytes: usize) {
         with_engine!(self, |e| e.prefix_cache.set_budget(bytes))
@@ -193,7 +198,8 @@ impl AnyEngine {
     }
 }
 
-/// A [`Session`] on either backend.
+/// A [`Session`] on either backend (few and long-lived: the variants' size difference does not matter).
+#[allow(clippy::large_enum_variant)]
 pub enum AnySession {
     Cpu(Session<CpuBackend>),
     Gpu(Session<GpuBackend>),
@@ -230,6 +236,10 @@ impl AnySession {
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         with_session!(self, |s| s.chat(messages, params, max_new, on_text))
+    }
+    /// See [`Session::trim`].
+    pub fn trim(&mut self) -> Result<u64> {
+        with_session!(self, |s| s.trim())
     }
     /// See [`Session::set_context_policy`].
     pub fn set_context_policy(&mut self, policy: ContextPolicy, keep: usize) {

@@ -35,6 +35,8 @@ pub struct Session<B: Backend> {
     keep: usize,
     /// Chat: the system messages last seen and the tokens they pin at the start.
     pinned: Option<(Vec<ChatMessage>, usize)>,
+    /// After [`Session::trim`]: the tokens the state held before its KV cache was let go.
+    trimmed: Option<Vec<u32>>,
 }
 
 /// What a session does when a request would not fit its context.
@@ -88,6 +90,7 @@ impl<B: Backend> Session<B> {
             policy: ContextPolicy::default(),
             keep: 0,
             pinned: None,
+            trimmed: None,
         })
     }
 
@@ -109,6 +112,7 @@ impl<B: Backend> Session<B> {
         self.rng = None;
         self.messages.clear();
         self.pinned = None;
+        self.trimmed = None;
         // A fresh state: the MoE layers' usage counters start again too.
         self.state = self.engine.model.new_state(self.max_context)?;
         Ok(())
@@ -209,11 +213,17 @@ impl<B: Backend> Session<B> {
     fn prepare(&mut self, full: Vec<u32>, pinned: usize, params: &SamplingParams, max_new: usize) -> Result<Prepared> {
         let ctx = self.state.max_context;
         // Continuing a conversation the policy has shortened: the new part goes after what is held.
+        let held = self.trimmed.as_deref().unwrap_or(&self.cached);
         let mut target = if self.logical.len() < full.len() && full.starts_with(&self.logical) {
-            [&self.cached[..], &full[self.logical.len()..]].concat()
+            [held, &full[self.logical.len()..]].concat()
         } else {
             full.clone()
         };
+        // A trimmed session holds nothing: what it held comes back from the prefix cache, or runs again.
+        if self.trimmed.take().is_some() {
+            self.cached.clear();
+            self.state.pos = 0;
+        }
         if target.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -321,7 +331,14 @@ impl<B: Backend> Session<B> {
     }
 
     /// Saves the session (KV cache, tokens, chat messages, random stream) to `path`, replacing it atomically.
+    /// A trimmed session has no KV cache to save until its next request.
     pub fn save(&self, path: &std::path::Path) -> Result<()> {
+        if self.trimmed.is_some() {
+            return Err(EngineError::SessionFile(format!(
+                "{}: the session was trimmed; it holds its cache again after its next request",
+                path.display()
+            )));
+        }
         let layout = self.engine.model.kv_layout(self.state.max_context);
         let pos = self.state.pos;
         let header = Header {
@@ -391,9 +408,29 @@ impl<B: Backend> Session<B> {
         Ok(())
     }
 
-    /// Tokens the session's KV cache holds, in order.
+    /// Tokens the session's KV cache holds, in order (before a [`Session::trim`], what it held).
     pub fn tokens(&self) -> &[u32] {
-        &self.cached
+        self.trimmed.as_deref().unwrap_or(&self.cached)
+    }
+
+    /// Lets the KV cache go while keeping the conversation, for an idle session when memory tightens (an
+    /// app's `onTrimMemory`): its blocks go into the prefix cache first (as far as its budget allows), so the
+    /// next request restores them from there, or runs them again if they were evicted meanwhile. Returns the
+    /// KV bytes the session held.
+    pub fn trim(&mut self) -> Result<u64> {
+        if self.trimmed.is_some() || self.cached.is_empty() {
+            return Ok(0);
+        }
+        let e = &self.engine;
+        let layout = e.model.kv_layout(self.state.max_context).with_dtype(self.state.kv_dtype());
+        e.prefix_cache.insert_from(&*e.model.backend, &self.state, &layout, &self.cached)?;
+        let held: u64 =
+            (0..layout.windows.len()).map(|l| self.state.pos.min(layout.layer_capacity(l)) as u64).sum::<u64>()
+                * layout.bytes_per_position();
+        self.trimmed = Some(std::mem::take(&mut self.cached));
+        // A fresh state: the old cache's pages go back to the system, the new one's are touched only when used.
+        self.state = e.model.new_state(self.max_context)?;
+        Ok(held)
     }
 }
 
@@ -405,6 +442,9 @@ pub enum Prompt {
     /// Raw text continuing the context, as [`Session::generate`] takes it.
     Text { text: String, parse_special: bool },
 }
+
+/// A request's text callback.
+type OnText<'a> = dyn FnMut(&str) -> bool + 'a;
 
 /// One request of [`run_batch`].
 pub struct BatchRequest<'a, B: Backend> {
@@ -464,14 +504,14 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
         .zip(&prepared)
         .map(|(s, p)| room_maker::<B>(s.policy, p.as_ref().map_or(0, |p| p.1)))
         .collect();
-    let mut callbacks: Vec<Box<dyn FnMut(&str) -> bool + '_>> = on_texts
+    let mut callbacks: Vec<Box<OnText<'_>>> = on_texts
         .iter_mut()
         .zip(replies.iter_mut())
         .map(|(cb, reply)| {
             Box::new(move |t: &str| {
                 reply.push_str(t);
                 cb(t)
-            }) as Box<dyn FnMut(&str) -> bool + '_>
+            }) as Box<OnText<'_>>
         })
         .collect();
     let mut items = Vec::new();

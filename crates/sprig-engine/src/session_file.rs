@@ -148,7 +148,7 @@ pub(crate) fn read(path: &Path) -> Result<Saved> {
     }
     let q8 = header.kv_dtype == sprig_backend::KvDtype::Q8.name();
     let hd = header.head_dim;
-    if q8 && (hd == 0 || header.kv_dim % hd != 0) {
+    if q8 && (hd == 0 || !header.kv_dim.is_multiple_of(hd)) {
         return Err(invalid(path, format!("int8 cache of kv_dim {} in heads of {hd}", header.kv_dim)));
     }
     let mut rest = &body[16 + n..];

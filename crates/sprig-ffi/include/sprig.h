@@ -283,6 +283,21 @@ enum SprigStatus sprig_session_save(struct SprigSession *session,
 enum SprigStatus sprig_session_load(struct SprigSession *session,
                                     const char *path);
 
+// Lets the session's KV cache go while keeping its conversation (for an idle session when memory tightens,
+// e.g. from Android's `onTrimMemory`): its blocks go into the model's prefix cache first, so its next call
+// restores them from there (or runs them again if they were evicted). `out_bytes` (NULL or writable) receives
+// the KV bytes it held. `SPRIG_STATUS_BUSY` while it generates. Thread safety: any thread.
+//
+// # Safety
+// `out_bytes` is NULL or writable.
+enum SprigStatus sprig_session_trim(struct SprigSession *session,
+                                    uint64_t *out_bytes);
+
+// Evicts the model's prefix cache down to `bytes` (its budget stays): the first thing to give back when
+// memory tightens. Thread safety: any thread.
+enum SprigStatus sprig_model_shrink_prefix_cache(const struct SprigModel *model,
+                                                 uint64_t bytes);
+
 // Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with
 // `SPRIG_STOP_CANCELLED`). Safe from any thread; no effect on a later generation.
 enum SprigStatus sprig_session_cancel(struct SprigSession *session);

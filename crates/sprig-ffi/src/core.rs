@@ -276,6 +276,19 @@ pub fn reset(id: u64) -> FfiResult<()> {
     r
 }
 
+/// Lets session `id`'s KV cache go, keeping the conversation (see `Session::trim`); the bytes it held.
+pub fn trim_session(id: u64) -> FfiResult<u64> {
+    let s = SESSIONS.get(id, "session")?;
+    let r = lock(&s)?.trim().map_err(|e| engine_error(e, false));
+    r
+}
+
+/// Evicts model `id`'s prefix cache down to `bytes`.
+pub fn shrink_prefix_cache(id: u64, bytes: u64) -> FfiResult<()> {
+    model(id)?.engine.shrink_prefix_cache(usize::try_from(bytes).unwrap_or(usize::MAX));
+    Ok(())
+}
+
 /// Saves session `id` to `path` (KV cache, tokens, random stream).
 pub fn save_session(id: u64, path: &str) -> FfiResult<()> {
     let s = SESSIONS.get(id, "session")?;

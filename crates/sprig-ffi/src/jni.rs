@@ -156,6 +156,21 @@ pub extern "system" fn Java_dev_sprig_Native_modelPrefixCacheStats<'l>(
 }
 
 #[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_modelShrinkPrefixCache<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    bytes: jlong,
+) {
+    entry(&mut env, (), |_| core::shrink_prefix_cache(id(h), bytes.max(0) as u64))
+}
+
+#[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_sessionTrim<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) -> jlong {
+    entry(&mut env, 0, |_| core::trim_session(id(h)).map(|b| b.min(i64::MAX as u64) as jlong))
+}
+
+#[no_mangle]
 pub extern "system" fn Java_dev_sprig_Native_modelDevice<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) -> jstring {
     entry(&mut env, std::ptr::null_mut(), |env| {
         let d = core::model_device(id(h))?;

@@ -472,6 +472,32 @@ pub unsafe extern "C" fn sprig_session_load(session: *mut SprigSession, path: *c
     })
 }
 
+/// Lets the session's KV cache go while keeping its conversation (for an idle session when memory tightens,
+/// e.g. from Android's `onTrimMemory`): its blocks go into the model's prefix cache first, so its next call
+/// restores them from there (or runs them again if they were evicted). `out_bytes` (NULL or writable) receives
+/// the KV bytes it held. `SPRIG_STATUS_BUSY` while it generates. Thread safety: any thread.
+///
+/// # Safety
+/// `out_bytes` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_trim(session: *mut SprigSession, out_bytes: *mut u64) -> SprigStatus {
+    call(|| {
+        let freed = core::trim_session(handle_id(session, "session")?)?;
+        if !out_bytes.is_null() {
+            // SAFETY: non-null and writable per the caller contract.
+            unsafe { *out_bytes = freed };
+        }
+        Ok(())
+    })
+}
+
+/// Evicts the model's prefix cache down to `bytes` (its budget stays): the first thing to give back when
+/// memory tightens. Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn sprig_model_shrink_prefix_cache(model: *const SprigModel, bytes: u64) -> SprigStatus {
+    call(|| core::shrink_prefix_cache(handle_id(model, "model")?, bytes))
+}
+
 /// Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with
 /// `SPRIG_STOP_CANCELLED`). Safe from any thread; no effect on a later generation.
 #[no_mangle]

@@ -941,7 +941,7 @@ impl Backend for WgpuBackend {
         }
         let q8 = layout.dtype == sprig_backend::KvDtype::Q8;
         ensure_shape!(
-            layout.head_dim > 0 && layout.kv_dim % layout.head_dim == 0 && (!q8 || layout.head_dim % 4 == 0),
+            layout.head_dim > 0 && layout.kv_dim.is_multiple_of(layout.head_dim) && (!q8 || layout.head_dim.is_multiple_of(4)),
             "kv_cache",
             "kv_dim {} in heads of {} (an int8 cache packs heads of a multiple of 4)",
             layout.kv_dim,

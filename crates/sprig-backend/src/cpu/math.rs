@@ -73,107 +73,84 @@ multiversion! {
 /// registers).
 const LANES: usize = 64;
 
+/// `out[i] = scale * sum_d q[d] * keys_t[d * stride + i]` for keys of any element type (f32, or int8 codes
+/// whose scales the caller applies): the body of [`attention_scores`] and [`attention_scores_i8`].
+#[inline(always)]
+fn scores_of<K: Copy + Into<f32>>(q: &[f32], keys_t: &[K], stride: usize, scale: f32, out: &mut [f32]) {
+    let m = out.len();
+    let full = m - m % LANES;
+    for c in (0..full).step_by(LANES) {
+        let mut acc = [0.0f32; LANES];
+        for (d, &qv) in q.iter().enumerate() {
+            let qv = qv * scale;
+            let row: &[K; LANES] = keys_t[d * stride + c..d * stride + c + LANES].try_into().unwrap();
+            for i in 0..LANES {
+                acc[i] += qv * row[i].into();
+            }
+        }
+        out[c..c + LANES].copy_from_slice(&acc);
+    }
+    let tail = &mut out[full..];
+    tail.fill(0.0);
+    for (d, &qv) in q.iter().enumerate() {
+        let qv = qv * scale;
+        for (o, &k) in tail.iter_mut().zip(&keys_t[d * stride + full..]) {
+            *o += qv * k.into();
+        }
+    }
+}
+
+/// `out += sum_j w[j] * rows[j * stride ..][..out.len()]` for rows of any element type: the body of
+/// [`weighted_rows`] and [`weighted_rows_i8`].
+#[inline(always)]
+fn weighted_of<V: Copy + Into<f32>>(w: &[f32], rows: &[V], stride: usize, out: &mut [f32]) {
+    let width = out.len();
+    let full = width - width % LANES;
+    for c in (0..full).step_by(LANES) {
+        let mut acc: [f32; LANES] = out[c..c + LANES].try_into().unwrap();
+        for (j, &wj) in w.iter().enumerate() {
+            let row: &[V; LANES] = rows[j * stride + c..j * stride + c + LANES].try_into().unwrap();
+            for i in 0..LANES {
+                acc[i] += wj * row[i].into();
+            }
+        }
+        out[c..c + LANES].copy_from_slice(&acc);
+    }
+    let tail = &mut out[full..];
+    for (j, &wj) in w.iter().enumerate() {
+        for (o, &v) in tail.iter_mut().zip(&rows[j * stride + full..j * stride + width]) {
+            *o += wj * v.into();
+        }
+    }
+}
+
 multiversion! {
     /// `out[i] = scale * sum_d q[d] * keys_t[d * stride + i]` for `i < out.len()`: one query's scores against
     /// keys stored transposed (row `d` holds dimension `d` of every key), accumulated in registers 64 keys at
     /// a time. Same operation order as `axpy` over `d`, so the same bits.
     pub fn attention_scores(q: &[f32], keys_t: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-        let m = out.len();
-        let full = m - m % LANES;
-        for c in (0..full).step_by(LANES) {
-            let mut acc = [0.0f32; LANES];
-            for (d, &qv) in q.iter().enumerate() {
-                let qv = qv * scale;
-                let row: &[f32; LANES] = keys_t[d * stride + c..d * stride + c + LANES].try_into().unwrap();
-                for i in 0..LANES {
-                    acc[i] += qv * row[i];
-                }
-            }
-            out[c..c + LANES].copy_from_slice(&acc);
-        }
-        let tail = &mut out[full..];
-        tail.fill(0.0);
-        for (d, &qv) in q.iter().enumerate() {
-            let qv = qv * scale;
-            for (o, k) in tail.iter_mut().zip(&keys_t[d * stride + full..]) {
-                *o += qv * k;
-            }
-        }
+        scores_of(q, keys_t, stride, scale, out)
     }
 }
 
 multiversion! {
     /// [`attention_scores`] over int8 keys (each position's scale is applied by the caller).
     pub fn attention_scores_i8(q: &[f32], keys_t: &[i8], stride: usize, scale: f32, out: &mut [f32]) {
-        let m = out.len();
-        let full = m - m % LANES;
-        for c in (0..full).step_by(LANES) {
-            let mut acc = [0.0f32; LANES];
-            for (d, &qv) in q.iter().enumerate() {
-                let qv = qv * scale;
-                let row: &[i8; LANES] = keys_t[d * stride + c..d * stride + c + LANES].try_into().unwrap();
-                for i in 0..LANES {
-                    acc[i] += qv * row[i] as f32;
-                }
-            }
-            out[c..c + LANES].copy_from_slice(&acc);
-        }
-        let tail = &mut out[full..];
-        tail.fill(0.0);
-        for (d, &qv) in q.iter().enumerate() {
-            let qv = qv * scale;
-            for (o, &k) in tail.iter_mut().zip(&keys_t[d * stride + full..]) {
-                *o += qv * k as f32;
-            }
-        }
+        scores_of(q, keys_t, stride, scale, out)
     }
 }
 
 multiversion! {
     /// [`weighted_rows`] over int8 rows (each row's scale folded into `w` by the caller).
     pub fn weighted_rows_i8(w: &[f32], rows: &[i8], stride: usize, out: &mut [f32]) {
-        let width = out.len();
-        let full = width - width % LANES;
-        for c in (0..full).step_by(LANES) {
-            let mut acc: [f32; LANES] = out[c..c + LANES].try_into().unwrap();
-            for (j, &wj) in w.iter().enumerate() {
-                let row: &[i8; LANES] = rows[j * stride + c..j * stride + c + LANES].try_into().unwrap();
-                for i in 0..LANES {
-                    acc[i] += wj * row[i] as f32;
-                }
-            }
-            out[c..c + LANES].copy_from_slice(&acc);
-        }
-        let tail = &mut out[full..];
-        for (j, &wj) in w.iter().enumerate() {
-            for (o, &v) in tail.iter_mut().zip(&rows[j * stride + full..j * stride + width]) {
-                *o += wj * v as f32;
-            }
-        }
+        weighted_of(w, rows, stride, out)
     }
 }
 
 multiversion! {
     /// `out += sum_j w[j] * rows[j * stride ..][..out.len()]`, 64 columns at a time in registers.
     pub fn weighted_rows(w: &[f32], rows: &[f32], stride: usize, out: &mut [f32]) {
-        let width = out.len();
-        let full = width - width % LANES;
-        for c in (0..full).step_by(LANES) {
-            let mut acc: [f32; LANES] = out[c..c + LANES].try_into().unwrap();
-            for (j, &wj) in w.iter().enumerate() {
-                let row: &[f32; LANES] = rows[j * stride + c..j * stride + c + LANES].try_into().unwrap();
-                for i in 0..LANES {
-                    acc[i] += wj * row[i];
-                }
-            }
-            out[c..c + LANES].copy_from_slice(&acc);
-        }
-        let tail = &mut out[full..];
-        for (j, &wj) in w.iter().enumerate() {
-            for (o, v) in tail.iter_mut().zip(&rows[j * stride + full..j * stride + width]) {
-                *o += wj * v;
-            }
-        }
+        weighted_of(w, rows, stride, out)
     }
 }
 

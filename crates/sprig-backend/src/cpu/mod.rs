@@ -738,7 +738,7 @@ impl Backend for CpuBackend {
         let caps: Vec<usize> = (0..layout.windows.len()).map(|l| layout.layer_capacity(l)).collect();
         // Zeroed allocations are lazily backed by the OS: untouched context costs no resident memory.
         ensure_shape!(
-            layout.head_dim > 0 && layout.head_dim <= MAX_HEAD_DIM && layout.kv_dim % layout.head_dim == 0,
+            layout.head_dim > 0 && layout.head_dim <= MAX_HEAD_DIM && layout.kv_dim.is_multiple_of(layout.head_dim),
             "kv_cache",
             "kv_dim {} in heads of {}",
             layout.kv_dim,

@@ -339,6 +339,18 @@ int main(int argc, char **argv) {
           "prefix cache stats: %llu requests, %llu shared, %llu blocks", (unsigned long long)pcs.requests,
           (unsigned long long)pcs.shared_tokens, (unsigned long long)pcs.blocks);
     EXPECT_ERR(sprig_model_prefix_cache_stats(chat_model, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    /* An idle session lets its KV cache go and continues from the prefix cache. */
+    uint64_t trimmed_bytes = 0;
+    CHECK(sprig_session_trim(other, &trimmed_bytes) == SPRIG_STATUS_OK && trimmed_bytes > 0, "trim: %s",
+          sprig_last_error());
+    CHECK(sprig_session_chat(other, turn1, 1, &few_tokens, NULL, NULL, &res) == SPRIG_STATUS_OK &&
+              res.prefix_cache_tokens > 0,
+          "chat after trim: %u from the prefix cache", res.prefix_cache_tokens);
+    CHECK(sprig_model_shrink_prefix_cache(chat_model, 0) == SPRIG_STATUS_OK &&
+              sprig_model_prefix_cache_stats(chat_model, &pcs) == SPRIG_STATUS_OK && pcs.blocks == 0 &&
+              pcs.budget_bytes == 256u << 20,
+          "shrink the prefix cache: %llu blocks left", (unsigned long long)pcs.blocks);
+    EXPECT_ERR(sprig_session_trim(NULL, NULL), SPRIG_STATUS_INVALID_HANDLE);
     CHECK(sprig_session_free(other) == SPRIG_STATUS_OK, "free second chat session");
     SprigChatMessage bad_msg = {"user", NULL};
     EXPECT_ERR(sprig_session_chat(chat, &bad_msg, 1, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);

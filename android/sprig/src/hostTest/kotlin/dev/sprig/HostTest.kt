@@ -233,6 +233,11 @@ fun main(args: Array<String>) {
                 val st = model.prefixCacheStats
                 check(st.requests == 3L && st.sharedTokens == r3.prefixCacheTokens.toLong() && st.blocks > 0 &&
                     st.hitRate > 0.0) { "prefix cache stats: $st" }
+                check(other.trim() > 0L) { "trim freed nothing" }
+                val r4 = other.chatStreaming(listOf(ChatMessage("user", "the cat")), p, Collect())
+                check(r4.prefixCacheTokens > 0) { "after trim: $r4" }
+                model.shrinkPrefixCache(0L)
+                check(model.prefixCacheStats.blocks == 0L) { "shrink: ${model.prefixCacheStats}" }
             }
         }
     }

@@ -136,6 +136,8 @@ internal object Native {
     @JvmStatic external fun modelContextLength(model: Long): Int
     @JvmStatic external fun modelDevice(model: Long): String
     @JvmStatic external fun modelPrefixCacheStats(model: Long): LongArray
+    @JvmStatic external fun modelShrinkPrefixCache(model: Long, bytes: Long)
+    @JvmStatic external fun sessionTrim(session: Long): Long
     @JvmStatic external fun sessionNew(model: Long): Long
     @JvmStatic external fun sessionFree(session: Long)
     @JvmStatic external fun sessionReset(session: Long)
@@ -189,6 +191,10 @@ class SprigModel private constructor(private val handle: Long) : AutoCloseable {
             PrefixCacheStats(it[0], it[1], it[2], it[3], it[4], it[5], it[6], it[7])
         }
 
+    /** Evicts the prefix cache down to [bytes] (its budget stays): the first thing to give back on
+     *  `onTrimMemory`. */
+    fun shrinkPrefixCache(bytes: Long) = Native.modelShrinkPrefixCache(handle, bytes)
+
     /** A new, empty conversation on this model. */
     fun newSession(): SprigSession = SprigSession(Native.sessionNew(handle))
 
@@ -229,6 +235,12 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
 
     /** Stops the running generation before its next token (it returns with [StopReason.CANCELLED]). */
     fun cancel() = Native.sessionCancel(handle)
+
+    /**
+     * Lets the KV cache go while keeping the conversation (an idle session on `onTrimMemory`): its blocks go
+     * into the model's prefix cache first, so the next call restores them from there. Returns the bytes held.
+     */
+    fun trim(): Long = Native.sessionTrim(handle)
 
     /** Forgets the conversation. */
     fun reset() = Native.sessionReset(handle)
