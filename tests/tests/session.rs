@@ -528,3 +528,29 @@ fn a_trimmed_session_continues_from_the_prefix_cache() {
     assert!(r.prefix_cache_tokens >= held.len() / 16 * 16 - 16, "{} of {} restored", r.prefix_cache_tokens, held.len());
     assert_eq!(a.tokens(), b.tokens());
 }
+
+#[test]
+fn int8_kv_prefix_cache_keeps_the_codes() {
+    use sprig_backend::KvDtype;
+    let (model, tok) = stories260k();
+    let file = open(&model, Some(tok), QuantChoice::Keep);
+    let story: String = (0..12).map(|i| format!("the cat number {i} sat on the mat. ")).collect();
+    let longer = format!("{story} and then the dog");
+    let mut bytes = Vec::new();
+    for kv in KvDtype::ALL {
+        let cached = Arc::new(cpu_engine(file.clone(), 2));
+        let plain = Arc::new(cpu_engine(file.clone(), 2));
+        plain.prefix_cache.set_budget(0);
+        for e in [&cached, &plain] {
+            e.model.set_kv_dtype(kv);
+        }
+        prompt_logits(&mut Session::new(cached.clone(), 512).unwrap(), &story);
+        let (got, r) = prompt_logits(&mut Session::new(cached.clone(), 512).unwrap(), &longer);
+        let (want, _) = prompt_logits(&mut Session::new(plain.clone(), 512).unwrap(), &longer);
+        assert!(r.prefix_cache_tokens >= 16, "{kv:?}: {} restored", r.prefix_cache_tokens);
+        assert!(rel_err(&got, &want) < 1e-4, "{kv:?}: {}", rel_err(&got, &want));
+        bytes.push(cached.prefix_cache.stats().bytes);
+    }
+    // The int8 blocks hold codes and scales.
+    assert!(bytes[1] * 2 < bytes[0], "{bytes:?}");
+}

@@ -288,7 +288,7 @@ struct Gen<'a, 'b, 't, B: Backend> {
 impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
     fn start(e: &'t Engine<B>, item: BatchItem<'a, 'b, B>) -> Self {
         let state = &*item.state;
-        let layout = e.model.kv_layout(state.max_context);
+        let layout = e.model.kv_layout(state.max_context).with_dtype(state.kv_dtype());
         let caching = item.run.is_some() && e.prefix_cache.enabled();
         let chunk_limit = if caching { prefix_cache::chunk_limit(&layout, PREFILL_CHUNK) } else { PREFILL_CHUNK };
         let mut g = Gen {

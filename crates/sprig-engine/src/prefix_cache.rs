@@ -15,12 +15,13 @@
 //! boundary `P` needs those layers' last `window` positions before `P`, so every block keeps its last
 //! `min(BLOCK_TOKENS, window)` positions of them (all of them when the window is at least a block) and global
 //! layers keep all. A restore writes the global layers' whole prefix and each sliding layer's last window.
+//! Blocks of an int8 KV cache are kept as its int8 codes and scales.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
-use sprig_backend::{Backend, KvLayout};
+use sprig_backend::{Backend, KvDtype, KvLayout};
 use sprig_models::State;
 
 use crate::Result;
@@ -34,12 +35,50 @@ pub const DEFAULT_BUDGET_BYTES: usize = 256 << 20;
 
 /// K and V of one block: per layer, `[n, kv_dim]` each, the block's last `n` positions (see the module doc).
 pub struct BlockKv {
-    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    layers: Vec<(Rows, Rows)>,
 }
 
 impl BlockKv {
     fn bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| 4 * (k.len() + v.len())).sum()
+        self.layers.iter().map(|(k, v)| k.bytes() + v.bytes()).sum()
+    }
+}
+
+/// Rows of keys or values as the session's cache stores them: f32, or int8 codes with a scale per head (a
+/// quarter of the bytes; quantizing an int8 cache's dequantized rows gives its codes back).
+enum Rows {
+    F32(Vec<f32>),
+    Q8 { codes: Vec<i8>, scales: Vec<f32>, head_dim: usize },
+}
+
+impl Rows {
+    fn new(x: &[f32], layout: &KvLayout) -> Self {
+        match layout.dtype {
+            KvDtype::F32 => Rows::F32(x.to_vec()),
+            KvDtype::Q8 => {
+                let hd = layout.head_dim.max(1);
+                let mut codes = vec![0i8; x.len()];
+                let scales = x.chunks(hd).zip(codes.chunks_mut(hd)).map(|(h, c)| sprig_backend::quantize_kv_head(h, c)).collect();
+                Rows::Q8 { codes, scales, head_dim: hd }
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Rows::F32(x) => 4 * x.len(),
+            Rows::Q8 { codes, scales, .. } => codes.len() + 4 * scales.len(),
+        }
+    }
+
+    /// The values from element `from` on.
+    fn values(&self, from: usize) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Rows::F32(x) => std::borrow::Cow::Borrowed(&x[from..]),
+            Rows::Q8 { codes, scales, head_dim } => {
+                std::borrow::Cow::Owned((from..codes.len()).map(|i| codes[i] as f32 * scales[i / head_dim]).collect())
+            }
+        }
     }
 }
 
@@ -289,13 +328,13 @@ impl PrefixCache {
                 b.kv_read(state.kv_cache(), l, start..start + n * BLOCK_TOKENS, &mut k, &mut v)?;
                 for (i, kv) in kvs.iter_mut().enumerate() {
                     let r = i * BLOCK_TOKENS * kvd..(i + 1) * BLOCK_TOKENS * kvd;
-                    kv.layers.push((k[r.clone()].to_vec(), v[r].to_vec()));
+                    kv.layers.push((Rows::new(&k[r.clone()], layout), Rows::new(&v[r], layout)));
                 }
             } else {
                 for (i, kv) in kvs.iter_mut().enumerate() {
                     let end = (first + i + 1) * BLOCK_TOKENS;
                     b.kv_read(state.kv_cache(), l, end - keep..end, &mut k, &mut v)?;
-                    kv.layers.push((k.clone(), v.clone()));
+                    kv.layers.push((Rows::new(&k, layout), Rows::new(&v, layout)));
                 }
             }
         }
@@ -331,7 +370,7 @@ impl PrefixCache {
                 let skip = from.saturating_sub(end - keep);
                 let (k, v) = &kv.layers[l];
                 let kvd = layout.kv_dim;
-                b.kv_write(state.kv_cache_mut(), l, end - keep + skip, &k[skip * kvd..], &v[skip * kvd..])?;
+                b.kv_write(state.kv_cache_mut(), l, end - keep + skip, &k.values(skip * kvd), &v.values(skip * kvd))?;
             }
         }
         state.pos = p;
@@ -344,7 +383,7 @@ mod tests {
     use super::*;
 
     fn kv(bytes_per: usize) -> BlockKv {
-        BlockKv { layers: vec![(vec![0.0; bytes_per / 8], vec![0.0; bytes_per / 8])] }
+        BlockKv { layers: vec![(Rows::F32(vec![0.0; bytes_per / 8]), Rows::F32(vec![0.0; bytes_per / 8]))] }
     }
 
     #[test]

@@ -315,7 +315,7 @@ impl<B: Backend> Session<B> {
         self.cached.truncate(own);
         self.state.pos = own;
         let e = &self.engine;
-        let layout = e.model.kv_layout(self.state.max_context);
+        let layout = e.model.kv_layout(self.state.max_context).with_dtype(self.state.kv_dtype());
         let restored =
             e.prefix_cache.restore_into(&*e.model.backend, &mut self.state, &layout, &target[..max], own)?;
         if restored > 0 {
@@ -339,7 +339,7 @@ impl<B: Backend> Session<B> {
                 path.display()
             )));
         }
-        let layout = self.engine.model.kv_layout(self.state.max_context);
+        let layout = self.engine.model.kv_layout(self.state.max_context).with_dtype(self.state.kv_dtype());
         let pos = self.state.pos;
         let header = Header {
             model: self.engine.fingerprint().to_string(),
@@ -605,7 +605,7 @@ fn make_room<B: Backend>(
     }
     held.drain(keep..keep + d);
     let sliding = e.model.config.attention.iter().any(|a| *a != sprig_format::AttentionKind::Global);
-    let layout = e.model.kv_layout(state.max_context);
+    let layout = e.model.kv_layout(state.max_context).with_dtype(state.kv_dtype());
     state.pos = if sliding { 0 } else { keep };
     let from = match e.prefix_cache.restore_into(&*e.model.backend, state, &layout, &held[..held.len() - 1], state.pos)? {
         0 => state.pos,
