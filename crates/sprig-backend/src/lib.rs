@@ -193,13 +193,34 @@ pub fn quantize_kv_head(x: &[f32], codes: &mut [i8]) -> f32 {
     d
 }
 
+/// Rows of keys or values (heads of `head_dim`) as an int8 cache stores them: codes, and a scale per head.
+pub fn quantize_kv(x: &[f32], head_dim: usize) -> (Vec<i8>, Vec<f32>) {
+    let hd = head_dim.max(1);
+    let mut codes = vec![0i8; x.len()];
+    let scales = x.chunks(hd).zip(codes.chunks_mut(hd)).map(|(h, c)| quantize_kv_head(h, c)).collect();
+    (codes, scales)
+}
+
+/// The values of [`quantize_kv`]'s codes from element `from` on.
+pub fn dequantize_kv<'a>(codes: &'a [i8], scales: &'a [f32], head_dim: usize, from: usize) -> impl Iterator<Item = f32> + 'a {
+    let hd = head_dim.max(1);
+    (from..codes.len()).map(move |i| codes[i] as f32 * scales[i / hd])
+}
+
 /// `x` as an int8 KV cache holds it: each `head_dim` group quantized and dequantized.
 pub fn round_trip_kv_q8(x: &mut [f32], head_dim: usize) {
-    let mut codes = vec![0i8; head_dim];
-    for head in x.chunks_mut(head_dim.max(1)) {
-        let d = quantize_kv_head(head, &mut codes[..head.len()]);
-        head.iter_mut().zip(&codes).for_each(|(v, &c)| *v = c as f32 * d);
-    }
+    let (codes, scales) = quantize_kv(x, head_dim);
+    x.iter_mut().zip(dequantize_kv(&codes, &scales, head_dim, 0)).for_each(|(v, d)| *v = d);
+}
+
+/// [`Backend::kv_write`]'s rows checked: how many positions `k` and `v` hold (rows of `kv_dim` each), at
+/// most `cap` (the layer's slots).
+pub fn kv_write_positions(k: &[f32], v: &[f32], kv_dim: usize, cap: usize) -> Result<usize> {
+    let kvd = kv_dim.max(1);
+    let n = k.len() / kvd;
+    ensure_shape!(k.len() == n * kvd && v.len() == k.len(), "kv_write", "{} keys, {} values in rows of {kvd}", k.len(), v.len());
+    ensure_shape!(n <= cap, "kv_write", "{n} positions into a {cap}-slot layer");
+    Ok(n)
 }
 
 /// Shape of the KV cache a model needs.

@@ -337,9 +337,8 @@ impl Backend for BurnBackend {
     /// are zeros: the window's mask keeps them out of every score.
     fn kv_write(&self, cache: &mut BurnKvCache, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
         ensure_shape!(layer < cache.k.len(), "kv_write", "layer {layer} of a {}-layer cache", cache.k.len());
-        ensure_shape!(k.len() == v.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
+        sprig_backend::kv_write_positions(k, v, cache.kv_dim, usize::MAX)?;
         let cols = cache.kv_dim.max(1);
-        ensure_shape!(k.len() % cols == 0, "kv_write", "{} values are not rows of {cols}", k.len());
         let (mut k, mut v) = (k.to_vec(), v.to_vec());
         if let Some(hd) = cache.q8_head {
             sprig_backend::round_trip_kv_q8(&mut k, hd);

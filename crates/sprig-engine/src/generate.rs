@@ -164,9 +164,10 @@ impl<B: Backend> Engine<B> {
         // Round-robin over prefilling generations.
         let mut next_prefill = 0;
         loop {
+            let n = gens.len();
             let decoding = gens.iter().any(|g| g.live() && g.prefilled());
-            let prefilling: Vec<usize> = (0..gens.len()).filter(|&i| gens[i].live() && !gens[i].prefilled()).collect();
-            if let Some(&i) = prefilling.iter().find(|&&i| i >= next_prefill).or(prefilling.first()) {
+            let prefilling = (next_prefill..n).chain(0..next_prefill).find(|&i| gens[i].live() && !gens[i].prefilled());
+            if let Some(i) = prefilling {
                 next_prefill = i + 1;
                 // While others decode, a long prompt goes in shorter chunks so that they do not stall.
                 let max = if decoding { INTERLEAVED_PREFILL_CHUNK } else { PREFILL_CHUNK };
@@ -187,7 +188,7 @@ impl<B: Backend> Engine<B> {
             }
             match step.len() {
                 0 => {
-                    if prefilling.is_empty() {
+                    if prefilling.is_none() {
                         break;
                     }
                 }
@@ -198,43 +199,34 @@ impl<B: Backend> Engine<B> {
                     g.fed(r.map_err(Into::into), None);
                 }
                 _ => {
-                    let b = match batch.as_mut() {
-                        Some(b) => b,
-                        None => match self.model.new_batch() {
-                            Ok(b) => batch.insert(b),
-                            Err(e) => {
-                                let e = EngineError::from(e);
-                                step.iter().for_each(|&i| gens[i].fail(EngineError::Eval(e.to_string())));
-                                continue;
-                            }
-                        },
-                    };
-                    let mut states: Vec<&mut State<B>> = Vec::with_capacity(step.len());
-                    let mut it = step.iter().peekable();
-                    for (i, g) in gens.iter_mut().enumerate() {
-                        if it.peek() == Some(&&i) {
-                            it.next();
-                            states.push(&mut *g.item.state);
-                        }
+                    let r = match batch.as_mut() {
+                        Some(b) => Ok(b),
+                        None => self.model.new_batch().map(|b| batch.insert(b)),
                     }
-                    let r = self
-                        .model
-                        .forward_batch(b, &mut states, &tokens)
-                        .and_then(|_| self.model.read_batch_logits(b, &mut batch_logits));
-                    drop(states);
+                    .and_then(|b| {
+                        // `step` is in increasing order: the states of its generations, in its order.
+                        let mut states: Vec<&mut State<B>> = gens
+                            .iter_mut()
+                            .enumerate()
+                            .filter(|(i, _)| step.binary_search(i).is_ok())
+                            .map(|(_, g)| &mut *g.item.state)
+                            .collect();
+                        self.model.forward_batch(b, &mut states, &tokens)?;
+                        self.model.read_batch_logits(b, &mut batch_logits)
+                    });
                     match r {
                         Ok(()) => {
                             for (row, &i) in step.iter().enumerate() {
                                 gens[i].fed(Ok(()), Some(row));
                             }
                         }
-                        // The batch's states are in an unknown state: every generation in it fails.
+                        // The batch's states are in an unknown state: every generation in it fails, each with
+                        // the error's text (one error value cannot be handed to all of them).
                         Err(e) => {
-                            let msg = e.to_string();
+                            let message = e.to_string();
                             for &i in &step {
-                                gens[i].fed(Err(EngineError::Model(sprig_models::ModelError::Backend(
-                                    sprig_backend::BackendError::DeviceFailed { op: "forward_batch", message: msg.clone() },
-                                ))), None);
+                                let failed = sprig_backend::BackendError::DeviceFailed { op: "forward_batch", message: message.clone() };
+                                gens[i].fed(Err(sprig_models::ModelError::Backend(failed).into()), None);
                             }
                         }
                     }

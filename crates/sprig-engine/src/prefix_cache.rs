@@ -56,10 +56,8 @@ impl Rows {
         match layout.dtype {
             KvDtype::F32 => Rows::F32(x.to_vec()),
             KvDtype::Q8 => {
-                let hd = layout.head_dim.max(1);
-                let mut codes = vec![0i8; x.len()];
-                let scales = x.chunks(hd).zip(codes.chunks_mut(hd)).map(|(h, c)| sprig_backend::quantize_kv_head(h, c)).collect();
-                Rows::Q8 { codes, scales, head_dim: hd }
+                let (codes, scales) = sprig_backend::quantize_kv(x, layout.head_dim);
+                Rows::Q8 { codes, scales, head_dim: layout.head_dim }
             }
         }
     }
@@ -76,7 +74,7 @@ impl Rows {
         match self {
             Rows::F32(x) => std::borrow::Cow::Borrowed(&x[from..]),
             Rows::Q8 { codes, scales, head_dim } => {
-                std::borrow::Cow::Owned((from..codes.len()).map(|i| codes[i] as f32 * scales[i / head_dim]).collect())
+                std::borrow::Cow::Owned(sprig_backend::dequantize_kv(codes, scales, *head_dim, from).collect())
             }
         }
     }
@@ -164,10 +162,6 @@ impl PrefixCache {
     /// Evicts until at most `bytes` are held (the budget stays): the memory budget's first give.
     pub fn shrink_to(&self, bytes: usize) {
         self.lock().evict_to(bytes);
-    }
-
-    pub fn clear(&self) {
-        self.lock().evict_to(0);
     }
 
     pub fn stats(&self) -> PrefixCacheStats {

@@ -101,10 +101,6 @@ impl<B: Backend> Session<B> {
         self.keep = keep;
     }
 
-    pub fn context_policy(&self) -> ContextPolicy {
-        self.policy
-    }
-
     /// Forgets the conversation.
     pub fn reset(&mut self) -> Result<()> {
         self.cached.clear();
@@ -130,14 +126,8 @@ impl<B: Backend> Session<B> {
         on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         params.validate()?;
-        let tok = &self.engine.tokenizer;
-        let tokens = tok.encode_parts(&[(text, parse_special)], self.logical.is_empty() && tok.special().add_bos)?;
-        if tokens.is_empty() {
-            return Err(EngineError::EmptyPrompt);
-        }
-        let full = [&self.logical[..], &tokens].concat();
-        let bos = usize::from(tok.special().add_bos);
-        self.request(full, self.keep + bos, params, max_new, on_text)
+        let (full, pinned) = self.conversation(Ask::Text { text, parse_special })?;
+        self.request(full, pinned, params, max_new, on_text)
     }
 
     /// Renders the whole conversation with the model's chat template and answers its last turn. What the
@@ -151,18 +141,44 @@ impl<B: Backend> Session<B> {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         params.validate()?;
-        let full = self.engine.chat_tokens(messages)?;
-        let pinned = self.pinned_tokens(messages, &full)?;
+        let (full, pinned) = self.conversation(Ask::Chat(messages))?;
         let mut reply = String::new();
         let stats = self.request(full, pinned, params, max_new, |t| {
             reply.push_str(t);
             on_text(t)
         })?;
+        self.record_chat(messages, &stats, &reply);
+        Ok(stats)
+    }
+
+    /// The conversation's tokens for a request (a raw prompt continues what the session ran; a chat is
+    /// rendered whole) and how many at its start the context policy keeps.
+    fn conversation(&mut self, ask: Ask<'_>) -> Result<(Vec<u32>, usize)> {
+        match ask {
+            Ask::Chat(messages) => {
+                let full = self.engine.chat_tokens(messages)?;
+                let pinned = self.pinned_tokens(messages, &full)?;
+                Ok((full, pinned))
+            }
+            Ask::Text { text, parse_special } => {
+                let tok = &self.engine.tokenizer;
+                let add_bos = self.logical.is_empty() && tok.special().add_bos;
+                let tokens = tok.encode_parts(&[(text, parse_special)], add_bos)?;
+                if tokens.is_empty() {
+                    return Err(EngineError::EmptyPrompt);
+                }
+                let bos = usize::from(tok.special().add_bos);
+                Ok(([&self.logical[..], &tokens].concat(), self.keep + bos))
+            }
+        }
+    }
+
+    /// After a chat request: the conversation it answered, and its reply unless cancelled.
+    fn record_chat(&mut self, messages: &[ChatMessage], stats: &GenerationStats, reply: &str) {
         self.messages = messages.to_vec();
         if stats.stop != StopReason::Cancelled {
             self.messages.push(ChatMessage::new("assistant", reply.trim()));
         }
-        Ok(stats)
     }
 
     /// Tokens the leading system messages of a chat take at the start of its rendering (the template's
@@ -303,26 +319,9 @@ impl<B: Backend> Session<B> {
         Ok(())
     }
 
-    /// Makes the state hold the longest reusable start of `target` (at most all but its last token): what
-    /// it holds already (any common start on a model of global layers; on one with sliding-window layers,
-    /// only all of it, their rings having overwritten earlier positions) or the prefix cache's blocks, when
-    /// those cover more. Returns the tokens held and how many came from the prefix cache.
+    /// See [`resume`].
     fn reuse(&mut self, target: &[u32]) -> Result<(usize, usize)> {
-        let max = target.len().saturating_sub(1);
-        let common = self.cached.iter().zip(target).take_while(|(a, b)| a == b).count().min(max);
-        let sliding = self.engine.model.config.attention.iter().any(|a| *a != sprig_format::AttentionKind::Global);
-        let own = if common == self.cached.len() || !sliding { common } else { 0 };
-        self.cached.truncate(own);
-        self.state.pos = own;
-        let e = &self.engine;
-        let layout = e.model.kv_layout(self.state.max_context).with_dtype(self.state.kv_dtype());
-        let restored =
-            e.prefix_cache.restore_into(&*e.model.backend, &mut self.state, &layout, &target[..max], own)?;
-        if restored > 0 {
-            self.cached = target[..restored].to_vec();
-            return Ok((restored, restored));
-        }
-        Ok((own, 0))
+        resume(&self.engine, &mut self.state, &mut self.cached, target)
     }
 
     /// The conversation of the last chat call with its reply (restored with a saved session), to continue it.
@@ -446,6 +445,22 @@ pub enum Prompt {
 /// A request's text callback.
 type OnText<'a> = dyn FnMut(&str) -> bool + 'a;
 
+/// A request's prompt, borrowed.
+#[derive(Clone, Copy)]
+enum Ask<'a> {
+    Chat(&'a [ChatMessage]),
+    Text { text: &'a str, parse_special: bool },
+}
+
+impl Prompt {
+    fn as_ask(&self) -> Ask<'_> {
+        match self {
+            Prompt::Chat(m) => Ask::Chat(m),
+            Prompt::Text { text, parse_special } => Ask::Text { text, parse_special: *parse_special },
+        }
+    }
+}
+
 /// One request of [`run_batch`].
 pub struct BatchRequest<'a, B: Backend> {
     pub session: &'a mut Session<B>,
@@ -478,23 +493,7 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
                 return Err(EngineError::Eval("a batch runs sessions of one model only".into()));
             }
             params.validate()?;
-            let (full, pinned) = match prompt {
-                Prompt::Chat(m) => {
-                    let full = s.engine.chat_tokens(m)?;
-                    let pinned = s.pinned_tokens(m, &full)?;
-                    (full, pinned)
-                }
-                Prompt::Text { text, parse_special } => {
-                    let tok = &s.engine.tokenizer;
-                    let add_bos = s.logical.is_empty() && tok.special().add_bos;
-                    let tokens = tok.encode_parts(&[(text, *parse_special)], add_bos)?;
-                    if tokens.is_empty() {
-                        return Err(EngineError::EmptyPrompt);
-                    }
-                    let bos = usize::from(tok.special().add_bos);
-                    ([&s.logical[..], &tokens].concat(), s.keep + bos)
-                }
-            };
+            let (full, pinned) = s.conversation(prompt.as_ask())?;
             Ok((s.prepare(full, pinned, params, *max_new)?, pinned))
         })
         .collect();
@@ -540,10 +539,7 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
                 let stats = ran.next().expect("one result per item");
                 let stats = s.finish(p, stats);
                 if let (Ok(st), Prompt::Chat(m)) = (&stats, prompt) {
-                    s.messages = m.clone();
-                    if st.stop != StopReason::Cancelled {
-                        s.messages.push(ChatMessage::new("assistant", reply.trim()));
-                    }
+                    s.record_chat(m, st, &reply);
                 }
                 stats
             }
@@ -603,18 +599,33 @@ fn make_room<B: Backend>(
             Err(err) => return Err(err.into()),
         }
     }
-    held.drain(keep..keep + d);
-    let sliding = e.model.config.attention.iter().any(|a| *a != sprig_format::AttentionKind::Global);
-    let layout = e.model.kv_layout(state.max_context).with_dtype(state.kv_dtype());
-    state.pos = if sliding { 0 } else { keep };
-    let from = match e.prefix_cache.restore_into(&*e.model.backend, state, &layout, &held[..held.len() - 1], state.pos)? {
-        0 => state.pos,
-        n => n,
-    };
-    for chunk in held[from..].chunks(crate::generate::PREFILL_CHUNK) {
+    let target = [&held[..keep], &held[keep + d..]].concat();
+    let (from, _) = resume(e, state, held, &target)?;
+    for chunk in target[from..].chunks(crate::generate::PREFILL_CHUNK) {
         e.model.forward(state, chunk, sprig_models::Logits::Last)?;
     }
+    *held = target;
     Ok(())
+}
+
+/// Makes `state` (holding `held`) hold the longest reusable start of `target`, at most all but its last
+/// token: what it holds already (any common start on a model of global layers; on one with sliding-window
+/// layers only all of it, their rings having overwritten earlier positions) or the prefix cache's blocks, when
+/// those cover more. `held` follows. Returns the tokens held and how many came from the prefix cache.
+fn resume<B: Backend>(e: &Engine<B>, state: &mut State<B>, held: &mut Vec<u32>, target: &[u32]) -> Result<(usize, usize)> {
+    let max = target.len().saturating_sub(1);
+    let common = held.iter().zip(target).take_while(|(a, b)| a == b).count().min(max);
+    let sliding = e.model.config.attention.iter().any(|a| *a != sprig_format::AttentionKind::Global);
+    let own = if common == held.len() || !sliding { common } else { 0 };
+    held.truncate(own);
+    state.pos = own;
+    let layout = e.model.kv_layout(state.max_context).with_dtype(state.kv_dtype());
+    let restored = e.prefix_cache.restore_into(&*e.model.backend, state, &layout, &target[..max], own)?;
+    if restored > 0 {
+        *held = target[..restored].to_vec();
+        return Ok((restored, restored));
+    }
+    Ok((own, 0))
 }
 
 /// The stream a request draws from and the words already drawn from it: the session's, carried on, unless

@@ -104,12 +104,7 @@ pub(crate) fn write<B: Backend>(
         if q8 {
             // The cache's own codes and scales: quantizing its dequantized values gives them back.
             for x in [&k, &v] {
-                let mut codes = vec![0i8; x.len()];
-                let scales: Vec<f32> = x
-                    .chunks(header.head_dim.max(1))
-                    .zip(codes.chunks_mut(header.head_dim.max(1)))
-                    .map(|(h, c)| sprig_backend::quantize_kv_head(h, c))
-                    .collect();
+                let (codes, scales) = sprig_backend::quantize_kv(x, header.head_dim);
                 out.extend(codes.iter().map(|&c| c as u8));
                 out.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
             }
@@ -166,10 +161,10 @@ pub(crate) fn read(path: &Path) -> Result<Saved> {
         let count = (header.tokens - first).checked_mul(header.kv_dim).ok_or_else(|| invalid(path, "KV size"))?;
         let mut part = |what: &str| -> Result<Vec<f32>> {
             if q8 {
-                let codes = take(count, 1, what)?.to_vec();
+                let codes: Vec<i8> = take(count, 1, what)?.iter().map(|&c| c as i8).collect();
                 let scales: Vec<f32> =
                     take(count / hd, 4, what)?.chunks_exact(4).map(|w| f32::from_le_bytes(le(w))).collect();
-                Ok(codes.iter().enumerate().map(|(i, &c)| c as i8 as f32 * scales[i / hd]).collect())
+                Ok(sprig_backend::dequantize_kv(&codes, &scales, hd, 0).collect())
             } else {
                 Ok(take(count, 4, what)?.chunks_exact(4).map(|w| f32::from_le_bytes(le(w))).collect())
             }

@@ -77,15 +77,11 @@ pub extern "system" fn Java_dev_sprig_Native_modelLoad<'l>(
         }
         // Kotlin's `ContextPolicy` names.
         let policy_name = string(env, &context_policy, "contextPolicy")?;
-        let context_policy = ContextPolicy::ALL
-            .into_iter()
-            .find(|p| p.name().replace('-', "_").eq_ignore_ascii_case(&policy_name))
+        let context_policy = ContextPolicy::parse(&policy_name.to_lowercase().replace('_', "-"))
             .ok_or_else(|| FfiError::arg(format!("context policy `{policy_name}` is unknown")))?;
         // Kotlin's `KvType` names.
         let kv_name = string(env, &kv_type, "kvType")?;
-        let kv_dtype = sprig_backend::KvDtype::ALL
-            .into_iter()
-            .find(|d| d.name().eq_ignore_ascii_case(&kv_name))
+        let kv_dtype = sprig_backend::KvDtype::parse(&kv_name.to_lowercase())
             .ok_or_else(|| FfiError::arg(format!("KV type `{kv_name}` is unknown")))?;
         let req = LoadRequest {
             path: &path,

@@ -911,9 +911,7 @@ impl Backend for WgpuBackend {
     fn kv_write(&self, cache: &mut GpuKvCache, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
         ensure_shape!(layer < cache.layers.len(), "kv_write", "layer {layer} of a {}-layer cache", cache.layers.len());
         let (kvd, hd) = (cache.kv_dim.max(1), cache.head_dim);
-        let n = k.len() / kvd;
-        ensure_shape!(k.len() == n * kvd && v.len() == k.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
-        ensure_shape!(n <= cache.layers[layer].cap, "kv_write", "{n} positions into a {}-slot layer", cache.layers[layer].cap);
+        let n = sprig_backend::kv_write_positions(k, v, kvd, cache.layers[layer].cap)?;
         if n == 0 {
             return Ok(());
         }

@@ -310,7 +310,7 @@ impl KvStore {
             }
             KvStore::Q8 { k: kc, v: vc, k_scale, v_scale } => {
                 let heads = kvd / head_dim;
-                let mut codes = [0i8; 512];
+                let mut codes = [0i8; MAX_HEAD_DIM];
                 for h in 0..heads {
                     let r = h * head_dim..(h + 1) * head_dim;
                     k_scale[slot * heads + h] = crate::quantize_kv_head(&k[r.clone()], &mut codes[..head_dim]);
@@ -783,9 +783,7 @@ impl Backend for CpuBackend {
 
     fn kv_write(&self, cache: &mut CpuKvCache, layer: usize, pos0: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let (cap, kvd) = (cache.slots(layer)?, cache.kv_dim);
-        let n = k.len() / kvd.max(1);
-        ensure_shape!(k.len() == n * kvd && v.len() == k.len(), "kv_write", "{} keys, {} values", k.len(), v.len());
-        ensure_shape!(n <= cap, "kv_write", "{n} positions into a {cap}-slot layer");
+        let n = crate::kv_write_positions(k, v, kvd, cap)?;
         let hd = cache.head_dim;
         for t in 0..n {
             cache.layers[layer].put((pos0 + t) % cap, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd], hd);
