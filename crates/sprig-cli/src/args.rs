@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::builder::PossibleValue;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sprig_backend::KvDtype;
-use sprig_engine::{open_model_file, registry, AnyEngine, ContextPolicy, DeviceChoice, LoadOptions, SamplingParams};
+use sprig_engine::{open_model_file, registry, AnyEngine, Constraint, ContextPolicy, DeviceChoice, LoadOptions, SamplingParams};
 use sprig_format::{Arch, ModelFile};
 use sprig_import::QuantChoice;
 
@@ -201,6 +201,41 @@ pub struct SamplingArgs {
     pub stop: Vec<String>,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Constrain the output to an instance of the JSON Schema in FILE.
+    #[arg(long, value_name = "FILE", group = "constraint")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to any JSON object.
+    #[arg(long, group = "constraint")]
+    pub json: bool,
+    /// Constrain the output to match this regular expression (Rust regex syntax, the whole output).
+    #[arg(long, value_name = "REGEX", group = "constraint")]
+    pub regex: Option<String>,
+    /// Constrain the output to the Lark grammar in FILE (llguidance's dialect; `%json {…}` embeds a schema).
+    #[arg(long, value_name = "FILE.lark", group = "constraint")]
+    pub grammar: Option<std::path::PathBuf>,
+}
+
+/// Tool-calling flags (chat templates show the tools; replies are parsed into calls).
+#[derive(Args)]
+pub struct ToolArgs {
+    /// Tools the model may call: a JSON array in OpenAI's `tools` shape.
+    #[arg(long, value_name = "FILE.json")]
+    pub tools: Option<std::path::PathBuf>,
+    /// auto, none, required, or a tool's name.
+    #[arg(long, default_value = "auto", requires = "tools")]
+    pub tool_choice: String,
+    /// Do not constrain the reply to the tools' grammar (only parse what the model writes).
+    #[arg(long, requires = "tools")]
+    pub unconstrained_tools: bool,
+}
+
+impl ToolArgs {
+    pub fn tools(&self) -> Result<Option<sprig_engine::Tools>> {
+        let Some(path) = &self.tools else { return Ok(None) };
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let choice = sprig_engine::ToolChoice::parse(&self.tool_choice);
+        Ok(Some(sprig_engine::Tools::from_json(&text, choice, !self.unconstrained_tools)?))
+    }
 }
 
 fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
@@ -211,9 +246,20 @@ fn parse_bias(s: &str) -> std::result::Result<(u32, f32), String> {
 }
 
 impl SamplingArgs {
-    pub fn params(&self) -> SamplingParams {
+    /// The parameters, with the constraint's file read (not compiled: the engine checks it before generating).
+    pub fn params(&self) -> Result<SamplingParams> {
         let d = SamplingParams::default();
-        SamplingParams {
+        let read = |p: &std::path::Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+        let constraint = if let Some(p) = &self.json_schema {
+            Some(Constraint::JsonSchema(read(p)?))
+        } else if let Some(p) = &self.grammar {
+            Some(Constraint::Lark(read(p)?))
+        } else if let Some(r) = &self.regex {
+            Some(Constraint::Regex(r.clone()))
+        } else {
+            self.json.then_some(Constraint::JsonObject)
+        };
+        Ok(SamplingParams {
             temperature: self.temp.unwrap_or(d.temperature),
             top_k: self.top_k.unwrap_or(d.top_k),
             top_p: self.top_p.unwrap_or(d.top_p),
@@ -226,6 +272,7 @@ impl SamplingArgs {
             logit_bias: self.logit_bias.clone(),
             stop: self.stop.clone(),
             seed: self.seed.unwrap_or(d.seed),
-        }
+            constraint,
+        })
     }
 }

@@ -4,17 +4,52 @@ use minijinja::{context, Environment, Error, ErrorKind};
 use serde::{Deserialize, Serialize};
 use sprig_tokenizer::Tokenizer;
 
+use crate::tools::{ToolCall, ToolFormat};
 use crate::{EngineError, Result};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
+    /// `system`, `user`, `assistant` or `tool` (a tool's result).
     pub role: String,
     pub content: String,
+    /// An assistant turn's tool calls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message: the tool's name, and the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: &str, content: &str) -> Self {
-        ChatMessage { role: role.into(), content: content.into() }
+        ChatMessage { role: role.into(), content: content.into(), tool_calls: Vec::new(), name: None, tool_call_id: None }
+    }
+
+    /// As templates see it (OpenAI's shape; a call's arguments an object, as Qwen's template writes them with
+    /// `tojson`).
+    fn to_template(&self) -> serde_json::Value {
+        let mut m = serde_json::json!({"role": self.role, "content": self.content});
+        if !self.tool_calls.is_empty() {
+            let calls: Vec<serde_json::Value> = self
+                .tool_calls
+                .iter()
+                .map(|c| {
+                    let args: serde_json::Value =
+                        serde_json::from_str(&c.arguments).unwrap_or(serde_json::Value::String(c.arguments.clone()));
+                    serde_json::json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
+                })
+                .collect();
+            m["tool_calls"] = calls.into();
+        }
+        if let Some(n) = &self.name {
+            m["name"] = n.clone().into();
+        }
+        if let Some(id) = &self.tool_call_id {
+            m["tool_call_id"] = id.clone().into();
+        }
+        m
     }
 }
 
@@ -41,6 +76,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos: String,
     eos: String,
+    /// How this template shows tools and how the model calls them.
+    pub tool_format: ToolFormat,
 }
 
 impl ChatTemplate {
@@ -52,7 +89,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned("chat", source.to_string()).map_err(|e| EngineError::Template(e.to_string()))?;
-        Ok(ChatTemplate { env, bos: bos.into(), eos: eos.into() })
+        Ok(ChatTemplate { env, bos: bos.into(), eos: eos.into(), tool_format: ToolFormat::of_template(source) })
     }
 
     /// Renders the conversation split into what the template wrote (`trusted: true`, may spell special tokens)
@@ -62,14 +99,26 @@ impl ChatTemplate {
     /// template cannot alter; the markers give the template's own text, and the real rendering is then walked
     /// piece by piece, each content matched as written or as the template trimmed it. A template that rewrites
     /// content in any other way is an error, never a silent mix of user text and control tokens.
-    pub fn render_parts(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<Vec<ChatPart>> {
-        let real = self.render(messages, add_generation_prompt)?;
+    ///
+    /// `tools` (OpenAI's shape) go to the template's tools section; they are the app's, not the user's, and
+    /// templates write them with `tojson`, which escapes `<` and `>`: they cannot spell a control token.
+    pub fn render_parts(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<ChatPart>> {
+        let real = self.render_with(messages, tools, add_generation_prompt)?;
         let marked: Vec<ChatMessage> = messages
             .iter()
             .enumerate()
-            .map(|(i, m)| ChatMessage { role: m.role.clone(), content: format!("{MARK_OPEN}{i}{MARK_CLOSE}") })
+            // Empty content stays empty (no text to keep apart, and templates test it: `if message.content`).
+            .map(|(i, m)| {
+                let content = if m.content.is_empty() { String::new() } else { format!("{MARK_OPEN}{i}{MARK_CLOSE}") };
+                ChatMessage { content, ..m.clone() }
+            })
             .collect();
-        let skeleton = self.render(&marked, add_generation_prompt)?;
+        let skeleton = self.render_with(&marked, tools, add_generation_prompt)?;
         // Template pieces between markers, and which message each marker stands for.
         let mut pieces = vec![];
         let mut contents = vec![];
@@ -114,8 +163,8 @@ impl ChatTemplate {
     /// Tokens of the conversation with the assistant's turn opened: special-token strings the template writes
     /// become their ids, message content is plain text (a user who types `<|im_end|>` cannot close the turn),
     /// and BOS is prepended when the model adds one and the template did not write it.
-    pub fn tokens(&self, tokenizer: &Tokenizer, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        let parts = self.render_parts(messages, true)?;
+    pub fn tokens(&self, tokenizer: &Tokenizer, messages: &[ChatMessage], tools: Option<&[serde_json::Value]>) -> Result<Vec<u32>> {
+        let parts = self.render_parts(messages, tools, true)?;
         let parts: Vec<(&str, bool)> = parts.iter().map(|p| (p.text.as_str(), p.trusted)).collect();
         let mut ids = tokenizer.encode_parts(&parts, false)?;
         let sp = tokenizer.special();
@@ -129,9 +178,21 @@ impl ChatTemplate {
 
     /// Renders the conversation, ending with the assistant's turn opened when `add_generation_prompt`.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with(messages, None, add_generation_prompt)
+    }
+
+    /// [`ChatTemplate::render`] with tool definitions for the template's tools section.
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let t = self.env.get_template("chat").map_err(|e| EngineError::Template(e.to_string()))?;
+        let messages: Vec<serde_json::Value> = messages.iter().map(ChatMessage::to_template).collect();
         t.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos,
             eos_token => self.eos,
@@ -199,7 +260,7 @@ mod tests {
             let t = ChatTemplate::new(src, "<bos>", "<eos>").unwrap();
             let benign = [ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "hello")];
             let evil = [ChatMessage::new("system", attack), ChatMessage::new("user", attack)];
-            let (b, e) = (t.tokens(&tok, &benign).unwrap(), t.tokens(&tok, &evil).unwrap());
+            let (b, e) = (t.tokens(&tok, &benign, None).unwrap(), t.tokens(&tok, &evil, None).unwrap());
             // The same turn structure: the template's control tokens and nothing more.
             assert_eq!(count_specials(&b), count_specials(&e), "{name}");
             let structure = |ids: &[u32]| ids.iter().copied().filter(|i| (256..263).contains(i)).collect::<Vec<_>>();
@@ -221,7 +282,7 @@ mod tests {
         let tok = tokenizer();
         let t = ChatTemplate::new(GEMMA, "<bos>", "<eos>").unwrap();
         let msgs = [ChatMessage::new("system", "  sys  "), ChatMessage::new("user", "\n hi there \n")];
-        let parts = t.render_parts(&msgs, true).unwrap();
+        let parts = t.render_parts(&msgs, None, true).unwrap();
         let joined: String = parts.iter().map(|p| p.text.as_str()).collect();
         assert_eq!(joined, t.render(&msgs, true).unwrap());
         let content: Vec<&str> = parts.iter().filter(|p| !p.trusted).map(|p| p.text.as_str()).collect();
@@ -234,7 +295,7 @@ mod tests {
             "",
         )
         .unwrap();
-        let err = upper.tokens(&tok, &[ChatMessage::new("user", "hi")]).unwrap_err().to_string();
+        let err = upper.tokens(&tok, &[ChatMessage::new("user", "hi")], None).unwrap_err().to_string();
         assert!(err.contains("not supported"), "{err}");
     }
 }

@@ -237,6 +237,17 @@ impl AnySession {
     ) -> Result<GenerationStats> {
         with_session!(self, |s| s.chat(messages, params, max_new, on_text))
     }
+    /// See [`Session::chat_with_tools`].
+    pub fn chat_with_tools(
+        &mut self,
+        messages: &[ChatMessage],
+        tools: Option<&crate::Tools>,
+        params: &SamplingParams,
+        max_new: usize,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        with_session!(self, |s| s.chat_with_tools(messages, tools, params, max_new, on_text))
+    }
     /// See [`Session::trim`].
     pub fn trim(&mut self) -> Result<u64> {
         with_session!(self, |s| s.trim())

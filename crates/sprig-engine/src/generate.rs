@@ -9,6 +9,8 @@ use sprig_models::{Logits, Model, State};
 use sprig_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::chat::{ChatMessage, ChatTemplate};
+use crate::constraint::{Constraint, Grammars, Guide};
+use crate::tools::{ToolCall, ToolFormat, Tools};
 use crate::prefix_cache::{self, PrefixCache};
 use crate::sampler::Sampler;
 use crate::{EngineError, Result};
@@ -19,12 +21,14 @@ pub const PREFILL_CHUNK: usize = 512;
 /// A model with its tokenizer and chat template.
 pub struct Engine<B: Backend> {
     pub model: Model<B>,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
     /// K/V of prompt blocks shared by every session of this engine.
     pub prefix_cache: PrefixCache,
     /// The model's fingerprint (saved sessions name it), computed on first use.
     fingerprint: std::sync::OnceLock<String>,
+    /// The tokenizer as constrained decoding sees it, built on the first constrained request.
+    grammars: std::sync::OnceLock<std::result::Result<Grammars, String>>,
 }
 
 /// Frees room in a full context while decoding: drops tokens from what the state holds (and from the
@@ -51,6 +55,9 @@ pub enum StopReason {
     ContextFull,
     /// The generated text reached one of the request's stop strings.
     StopString,
+    /// Generation ended (length, context, stop string) before the output was a complete instance of the
+    /// request's constraint: the text is not valid output.
+    ConstraintUnsatisfied,
 }
 
 #[derive(Clone, Debug)]
@@ -58,6 +65,9 @@ pub struct GenerationStats {
     /// Prompt tokens run into the state (fewer than given when the request was cancelled during prefill).
     pub prompt_tokens: usize,
     pub generated: Vec<u32>,
+    /// Of `generated`, the leading tokens run into the state (all of them after a stop token; otherwise
+    /// usually all but the last).
+    pub fed: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
     pub stop: StopReason,
@@ -68,6 +78,8 @@ pub struct GenerationStats {
     pub prefix_cache_tokens: usize,
     /// Tokens the context policy dropped from the conversation to make room during this request.
     pub context_dropped: usize,
+    /// A chat request with tools: the calls its reply made (empty: a text reply).
+    pub tool_calls: Vec<ToolCall>,
 }
 
 impl GenerationStats {
@@ -82,7 +94,7 @@ impl GenerationStats {
 
 impl<B: Backend> Engine<B> {
     pub fn new(backend: Arc<B>, file: Arc<ModelFile>) -> Result<Self> {
-        let tokenizer = Tokenizer::from_json(&file.tokenizer_json)?;
+        let tokenizer = Arc::new(Tokenizer::from_json(&file.tokenizer_json)?);
         if tokenizer.vocab_size() > file.config.vocab_size {
             return Err(EngineError::VocabularyMismatch {
                 tokenizer: tokenizer.vocab_size(),
@@ -100,7 +112,19 @@ impl<B: Backend> Engine<B> {
         let model = Model::load(backend, file)?;
         release_freed_heap();
         let prefix_cache = PrefixCache::new(prefix_cache::DEFAULT_BUDGET_BYTES);
-        Ok(Engine { model, tokenizer, template, prefix_cache, fingerprint: Default::default() })
+        Ok(Engine { model, tokenizer, template, prefix_cache, fingerprint: Default::default(), grammars: Default::default() })
+    }
+
+    /// Compiles `c` for one generation. An invalid or unsupported constraint is an error here, before anything
+    /// runs; surfaces call this to check a request up front.
+    pub fn guide(&self, c: &Constraint) -> Result<Guide> {
+        let grammars = self
+            .grammars
+            .get_or_init(|| Grammars::new(self.tokenizer.clone(), self.model.config.vocab_size).map_err(|e| e.to_string()));
+        match grammars {
+            Ok(g) => g.guide(c),
+            Err(detail) => Err(EngineError::Constraint { kind: "tokenizer", detail: detail.clone() }),
+        }
     }
 
     /// What identifies this model's weights (see [`crate::session_file::model_fingerprint`]).
@@ -122,11 +146,29 @@ impl<B: Backend> Engine<B> {
     /// `<|im_end|>` cannot close the turn), and BOS is prepended when the model adds one and the template did
     /// not write it.
     pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
+        self.chat_tokens_with_tools(messages, None)
+    }
+
+    /// [`Engine::chat_tokens`] with tools offered to the model, shown as its template's convention says (see
+    /// [`crate::tools`]).
+    pub fn chat_tokens_with_tools(&self, messages: &[ChatMessage], tools: Option<&Tools>) -> Result<Vec<u32>> {
         let t = self
             .template
             .as_ref()
             .ok_or(EngineError::NoChatTemplate)?;
-        t.tokens(&self.tokenizer, messages)
+        let tool_turns = messages.iter().any(|m| m.role == "tool" || !m.tool_calls.is_empty());
+        match (t.tool_format, tools) {
+            (ToolFormat::Tagged, Some(tools)) => t.tokens(&self.tokenizer, messages, Some(&tools.openai())),
+            (ToolFormat::Json, _) if tools.is_some() || tool_turns => {
+                t.tokens(&self.tokenizer, &crate::tools::json_messages(messages, tools), None)
+            }
+            _ => t.tokens(&self.tokenizer, messages, None),
+        }
+    }
+
+    /// How this model is shown tools and calls them (its template's convention; JSON without a template).
+    pub fn tool_format(&self) -> ToolFormat {
+        self.template.as_ref().map_or(ToolFormat::Json, |t| t.tool_format)
     }
 
     /// Runs `prompt` from `state.pos`, then samples up to `max_new` tokens. `on_text` receives the decoded
@@ -176,19 +218,28 @@ impl<B: Backend> Engine<B> {
             // Every generation past its prompt samples its next token; those that go on are fed as one batch.
             step.clear();
             tokens.clear();
+            let mut forced_run = false;
             for (i, g) in gens.iter_mut().enumerate() {
                 if !(g.live() && g.prefilled()) {
                     continue;
                 }
                 let logits = g.batch_row.take().map(|r| &batch_logits[r * g.vocab..(r + 1) * g.vocab]);
                 if let Some(next) = g.sample(self, logits) {
-                    step.push(i);
-                    tokens.push(next);
+                    if g.forced.is_empty() {
+                        step.push(i);
+                        tokens.push(next);
+                    } else {
+                        // Tokens a constraint forces after it: one forward pass of them all, outside the batch.
+                        let run: Vec<u32> = std::iter::once(next).chain(g.forced.iter().copied()).collect();
+                        let r = self.model.forward(g.item.state, &run, Logits::Last);
+                        g.fed(r.map_err(Into::into), None);
+                        forced_run = true;
+                    }
                 }
             }
             match step.len() {
                 0 => {
-                    if prefilling.is_none() {
+                    if prefilling.is_none() && !forced_run {
                         break;
                     }
                 }
@@ -266,6 +317,10 @@ struct Gen<'a, 'b, 't, B: Backend> {
     chunk_limit: usize,
     processed: usize,
     generated: Vec<u32>,
+    /// Generated tokens run into the state.
+    fed: usize,
+    /// Tokens a constraint forced after this step's sampled token (also in `generated`): fed with it.
+    forced: Vec<u32>,
     /// Why it ended (`None` while it runs).
     stop: Option<StopReason>,
     error: Option<EngineError>,
@@ -295,6 +350,8 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             chunk_limit,
             processed: 0,
             generated: Vec::with_capacity(item.max_new.min(state.max_context.saturating_sub(state.pos) + 1)),
+            fed: 0,
+            forced: Vec::new(),
             stop: None,
             error: None,
             batch_row: None,
@@ -311,6 +368,13 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             g.fail(EngineError::EmptyPrompt);
         } else if pos + n > ctx {
             g.fail(sprig_models::ModelError::ContextOverflow { pos, new: n, ctx }.into());
+        }
+        // The request's constraint, compiled now: a bad one fails before anything runs.
+        if let Some(c) = g.item.sampler.params().constraint.clone() {
+            match e.guide(&c) {
+                Ok(guide) => g.item.sampler.constrain(guide),
+                Err(err) => g.fail(err),
+            }
         }
         if g.error.is_some() {
             return g;
@@ -379,6 +443,11 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
     /// Samples the next token from `logits` (a batch's row) or the state's, shows its text; returns it when it
     /// is to be fed (the generation goes on), after freeing room in a full context.
     fn sample(&mut self, e: &Engine<B>, logits: Option<&[f32]>) -> Option<u32> {
+        if self.item.sampler.guide().is_some_and(|g| g.finished()) {
+            // The constrained output is complete (its last tokens are in the state): only the end may follow.
+            self.stop = Some(StopReason::StopToken);
+            return None;
+        }
         let logits = match logits {
             Some(l) => l,
             None => {
@@ -400,24 +469,7 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             self.stop = Some(StopReason::StopToken);
             return None;
         }
-        self.generated.push(next);
-        self.piece.clear();
-        if let Err(err) = self.dec.push_into(next, &mut self.piece) {
-            self.fail(err.into());
-            return None;
-        }
-        self.shown.clear();
-        let hit = self.stops.push(&self.piece, &mut self.shown);
-        if !(self.item.on_text)(&self.shown) {
-            self.stop = Some(StopReason::Cancelled);
-            return None;
-        }
-        if hit {
-            self.stop = Some(StopReason::StopString);
-            return None;
-        }
-        if self.generated.len() >= self.item.max_new {
-            self.stop = Some(StopReason::Length);
+        if !self.emit(next) {
             return None;
         }
         let state = &mut *self.item.state;
@@ -438,18 +490,66 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             }
             self.context_dropped += freed;
         }
+        // What the constraint forces next is fed with this token, without sampling: as many as fit in the
+        // context, and one fewer than the length left (the length stop comes from a sampled token).
+        let (pos, ctx) = (self.item.state.pos, self.item.state.max_context);
+        let max = (ctx - pos - 1).min((self.item.max_new - self.generated.len()).saturating_sub(1));
+        if let Some(g) = self.item.sampler.guide() {
+            let mut forced = std::mem::take(&mut self.forced);
+            if let Err(err) = g.forced(max, &mut forced) {
+                self.fail(err);
+                return None;
+            }
+            for &t in &forced {
+                if !self.emit(t) {
+                    return None;
+                }
+            }
+            self.forced = forced;
+        }
         Some(next)
     }
 
-    /// The sampled token was run (`r`): its logits are in the state, or row `row` of the batch's.
+    /// Adds a generated token: its text goes out (held back while it could start a stop string); false when
+    /// the generation ends with it (a stop string, a cancellation, the length).
+    fn emit(&mut self, t: u32) -> bool {
+        self.generated.push(t);
+        self.piece.clear();
+        if let Err(err) = self.dec.push_into(t, &mut self.piece) {
+            self.fail(err.into());
+            return false;
+        }
+        self.shown.clear();
+        let hit = self.stops.push(&self.piece, &mut self.shown);
+        if !(self.item.on_text)(&self.shown) {
+            self.stop = Some(StopReason::Cancelled);
+            return false;
+        }
+        if hit {
+            self.stop = Some(StopReason::StopString);
+            return false;
+        }
+        if self.generated.len() >= self.item.max_new {
+            self.stop = Some(StopReason::Length);
+            return false;
+        }
+        true
+    }
+
+    /// The sampled token and those forced after it were run (`r`): the last one's logits are in the state, or
+    /// row `row` of the batch's.
     fn fed(&mut self, r: Result<()>, row: Option<usize>) {
         match r {
             Ok(()) => {
-                let next = *self.generated.last().expect("a token was sampled");
-                self.item.sampler.accept(next);
-                if let Some(run) = self.item.run.as_mut() {
-                    run.held.push(next);
+                let n = 1 + self.forced.len();
+                for &t in &self.generated[self.generated.len() - n..] {
+                    self.item.sampler.accept(t);
+                    if let Some(run) = self.item.run.as_mut() {
+                        run.held.push(t);
+                    }
                 }
+                self.fed += n;
+                self.forced.clear();
                 self.batch_row = row;
             }
             Err(err) => self.fail(err),
@@ -460,7 +560,11 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
         if let Some(err) = self.error.take() {
             return Err(err);
         }
-        let stop = self.stop.unwrap_or(StopReason::Length);
+        let mut stop = self.stop.unwrap_or(StopReason::Length);
+        let unfinished = matches!(stop, StopReason::Length | StopReason::ContextFull | StopReason::StopString);
+        if unfinished && self.item.sampler.guide().is_some_and(|g| !g.satisfied()) {
+            stop = StopReason::ConstraintUnsatisfied;
+        }
         if stop != StopReason::StopString && stop != StopReason::Cancelled {
             // What was held back as a possible stop string's start, and the decoder's last bytes.
             let mut tail = self.stops.finish();
@@ -477,12 +581,14 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
         Ok(GenerationStats {
             prompt_tokens: self.processed,
             generated: self.generated,
+            fed: self.fed,
             prefill_secs,
             decode_secs: self.t1.map_or(0.0, |t| t.elapsed().as_secs_f64()),
             stop,
             cached_tokens: 0,
             prefix_cache_tokens: 0,
             context_dropped: self.context_dropped,
+            tool_calls: Vec::new(),
         })
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod calibrate;
 pub mod chat;
+pub mod constraint;
 pub mod device;
 pub mod eval;
 pub mod generate;
@@ -17,13 +18,16 @@ pub mod registry;
 pub mod sampler;
 pub mod session;
 pub mod session_file;
+pub mod tools;
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use constraint::Constraint;
 pub use device::{AnyEngine, AnySession, DeviceChoice};
 pub use generate::{Engine, GenerationStats};
 pub use load::{open_model_file, LoadOptions};
 pub use sampler::{Sampler, SamplingParams};
 pub use prefix_cache::PrefixCacheStats;
+pub use tools::{Tool, ToolCall, ToolChoice, ToolFormat, Tools};
 pub use session::{run_batch, BatchRequest, ContextPolicy, Prompt, Session};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +44,13 @@ pub enum EngineError {
     Backend(#[from] sprig_backend::BackendError),
     #[error("invalid sampling parameter {param}: {detail}")]
     Sampling { param: &'static str, detail: String },
+    /// A constraint (JSON Schema, regex, grammar) or tool definitions that cannot be used, or a constraint that
+    /// failed while generating.
+    #[error("invalid {kind} constraint: {detail}")]
+    Constraint { kind: &'static str, detail: String },
+    /// Tool definitions or a tool choice that cannot be used.
+    #[error("tools: {0}")]
+    Tools(String),
     #[error("chat template: {0}")]
     Template(String),
     #[error("the model produced a non-finite logit ({value} for token {index}); no token can be sampled")]

@@ -2,13 +2,22 @@
 //! repetition/presence/frequency penalties over a window of recent tokens → temperature → top-k → typical-p
 //! → top-p → min-p → a seeded draw. Temperatures below [`GREEDY_BELOW`] take the best token after bias and
 //! penalties. Non-finite logits are an error, never a random token.
+//!
+//! A constrained request ([`SamplingParams::constraint`]) masks the tokens its constraint forbids after bias and
+//! penalties, before the temperature and the filters. The mask is built only when needed: the chain first runs
+//! unmasked and the token it picks is checked against the constraint; only a rejected token costs a full mask
+//! (for a 151k vocabulary, far more than one check) and a second run of the chain over the allowed tokens. Greedy
+//! decoding picks the same token either way; with sampling this is the draw llama.cpp makes (an allowed token
+//! keeps its unmasked chance, a rejected draw is redrawn among the allowed ones).
 
 use std::collections::VecDeque;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::constraint::{Constraint, Guide};
 use crate::{EngineError, Result};
+use llguidance::toktrie::SimpleVob;
 
 /// Temperatures below this sample greedily.
 pub const GREEDY_BELOW: f32 = 1e-6;
@@ -44,6 +53,8 @@ pub struct SamplingParams {
     /// stop string and anything after it are not returned.
     pub stop: Vec<String>,
     pub seed: u64,
+    /// What the output must match (JSON Schema, regex, grammar); `None` = free text.
+    pub constraint: Option<Constraint>,
 }
 
 /// The defaults every surface uses (the CLI's flags, `sprig_sampling_params_default` in C, Kotlin's
@@ -64,6 +75,7 @@ impl Default for SamplingParams {
             logit_bias: Vec::new(),
             stop: Vec::new(),
             seed: 0,
+            constraint: None,
         }
     }
 }
@@ -126,6 +138,8 @@ pub struct Sampler {
     counts: Vec<u32>,
     /// Words drawn from `rng` (one per sampled token; a saved session replays them).
     draws: u64,
+    /// The request's constraint, compiled (the engine attaches it when the generation starts).
+    guide: Option<Guide>,
 }
 
 impl Sampler {
@@ -146,6 +160,7 @@ impl Sampler {
             recent: VecDeque::with_capacity(window),
             counts: Vec::new(),
             draws: 0,
+            guide: None,
         })
     }
 
@@ -161,6 +176,16 @@ impl Sampler {
 
     pub fn params(&self) -> &SamplingParams {
         &self.params
+    }
+
+    /// Constrains what follows to `guide` (a fresh one per generation).
+    pub fn constrain(&mut self, guide: Guide) {
+        self.guide = Some(guide);
+    }
+
+    /// The constraint in force, if any.
+    pub fn guide(&mut self) -> Option<&mut Guide> {
+        self.guide.as_mut()
     }
 
     /// Records a token of the sequence (prompt or generated) for the penalties' window.
@@ -181,13 +206,28 @@ impl Sampler {
         self.counts[t] += 1;
     }
 
-    /// Picks the next token from `logits`.
+    /// Picks the next token from `logits` (under a constraint: an allowed one, committed to the constraint).
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if let Some(i) = logits.iter().position(|l| !l.is_finite()) {
             return Err(EngineError::BadLogits { index: i, value: logits[i] });
         }
+        let Some(mut guide) = self.guide.take() else { return self.draw(logits, None) };
+        let r = self.draw(logits, None).and_then(|t| match guide.allows(t)? {
+            true => Ok(t),
+            false => {
+                let mask = guide.mask()?;
+                self.draw(logits, Some(&mask))
+            }
+        });
+        let r = r.and_then(|t| guide.commit(t).map(|()| t));
+        self.guide = Some(guide);
+        r
+    }
+
+    /// The chain over `logits`, with the tokens `mask` forbids removed after bias and penalties.
+    fn draw(&mut self, logits: &[f32], mask: Option<&SimpleVob>) -> Result<u32> {
         let p = &self.params;
-        if p.temperature < GREEDY_BELOW && p.logit_bias.is_empty() && !p.penalties_on() {
+        if p.temperature < GREEDY_BELOW && p.logit_bias.is_empty() && !p.penalties_on() && mask.is_none() {
             // Nothing changes the logits: the best one, without copying them.
             return Ok(argmax(logits));
         }
@@ -218,6 +258,13 @@ impl Sampler {
             // Unmark: only the window's tokens were touched.
             for &t in &self.recent {
                 self.cand[t as usize].1 = t;
+            }
+        }
+        if let Some(m) = mask {
+            for c in self.cand.iter_mut() {
+                if !((c.1 as usize) < m.len() && m.is_allowed(c.1)) {
+                    c.0 = f32::NEG_INFINITY;
+                }
             }
         }
         if p.temperature < GREEDY_BELOW {

@@ -13,6 +13,7 @@ use crate::chat::ChatMessage;
 use crate::generate::{BatchItem, Engine, GenerationStats, SessionRun, StopReason};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::session_file::{self, Header};
+use crate::tools::{Tool, ToolChoice, Tools};
 use crate::{EngineError, Result};
 
 pub struct Session<B: Backend> {
@@ -33,8 +34,8 @@ pub struct Session<B: Backend> {
     policy: ContextPolicy,
     /// Raw prompts: tokens at the start the context policy never drops (BOS is always kept).
     keep: usize,
-    /// Chat: the system messages last seen and the tokens they pin at the start.
-    pinned: Option<(Vec<ChatMessage>, usize)>,
+    /// Chat: the system messages and tools last seen and the tokens they pin at the start.
+    pinned: Option<(PinKey, usize)>,
     /// After [`Session::trim`]: the tokens the state held before its KV cache was let go.
     trimmed: Option<Vec<u32>>,
 }
@@ -68,6 +69,8 @@ impl ContextPolicy {
         Self::ALL.into_iter().find(|p| p.name() == s)
     }
 }
+
+type PinKey = (Vec<ChatMessage>, Option<Vec<Tool>>);
 
 struct Stream {
     seed: u64,
@@ -138,16 +141,50 @@ impl<B: Backend> Session<B> {
         messages: &[ChatMessage],
         params: &SamplingParams,
         max_new: usize,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        self.chat_with_tools(messages, None, params, max_new, on_text)
+    }
+
+    /// [`Session::chat`] offering `tools`: the reply's calls come back in [`GenerationStats::tool_calls`]
+    /// (the streamed text still shows them as the model wrote them). With `tools.constrain`, the reply is held
+    /// to the choice's grammar; a request that also has its own constraint is an error.
+    pub fn chat_with_tools(
+        &mut self,
+        messages: &[ChatMessage],
+        tools: Option<&Tools>,
+        params: &SamplingParams,
+        max_new: usize,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         params.validate()?;
-        let (full, pinned) = self.conversation(Ask::Chat(messages))?;
+        let format = self.engine.tool_format();
+        let constrained;
+        let params = match tools.and_then(|t| t.constraint(format)) {
+            Some(c) => {
+                if params.constraint.is_some() {
+                    return Err(EngineError::Tools(
+                        "a request with its own constraint (JSON Schema, regex, grammar) cannot also constrain tool calls; use tool_choice \"none\" or an unconstrained tool request".into(),
+                    ));
+                }
+                constrained = SamplingParams { constraint: Some(c), ..params.clone() };
+                &constrained
+            }
+            None => params,
+        };
+        let (full, pinned) = self.conversation(Ask::Chat(messages, tools))?;
         let mut reply = String::new();
-        let stats = self.request(full, pinned, params, max_new, |t| {
+        let mut stats = self.request(full, pinned, params, max_new, |t| {
             reply.push_str(t);
             on_text(t)
         })?;
-        self.record_chat(messages, &stats, &reply);
+        let mut answer = ChatMessage::new("assistant", reply.trim());
+        if tools.is_some_and(|t| t.choice != ToolChoice::None) {
+            let (content, calls) = crate::tools::parse_calls(&reply, format);
+            answer = ChatMessage { content, tool_calls: calls.clone(), ..answer };
+            stats.tool_calls = calls;
+        }
+        self.record_chat(messages, &stats, answer);
         Ok(stats)
     }
 
@@ -155,9 +192,9 @@ impl<B: Backend> Session<B> {
     /// rendered whole) and how many at its start the context policy keeps.
     fn conversation(&mut self, ask: Ask<'_>) -> Result<(Vec<u32>, usize)> {
         match ask {
-            Ask::Chat(messages) => {
-                let full = self.engine.chat_tokens(messages)?;
-                let pinned = self.pinned_tokens(messages, &full)?;
+            Ask::Chat(messages, tools) => {
+                let full = self.engine.chat_tokens_with_tools(messages, tools)?;
+                let pinned = self.pinned_tokens(messages, tools, &full)?;
                 Ok((full, pinned))
             }
             Ask::Text { text, parse_special } => {
@@ -174,27 +211,29 @@ impl<B: Backend> Session<B> {
     }
 
     /// After a chat request: the conversation it answered, and its reply unless cancelled.
-    fn record_chat(&mut self, messages: &[ChatMessage], stats: &GenerationStats, reply: &str) {
+    fn record_chat(&mut self, messages: &[ChatMessage], stats: &GenerationStats, reply: ChatMessage) {
         self.messages = messages.to_vec();
         if stats.stop != StopReason::Cancelled {
-            self.messages.push(ChatMessage::new("assistant", reply.trim()));
+            self.messages.push(reply);
         }
     }
 
     /// Tokens the leading system messages of a chat take at the start of its rendering (the template's
     /// first turn header included): what the context policy keeps.
-    fn pinned_tokens(&mut self, messages: &[ChatMessage], full: &[u32]) -> Result<usize> {
+    fn pinned_tokens(&mut self, messages: &[ChatMessage], tools: Option<&Tools>, full: &[u32]) -> Result<usize> {
         let system: Vec<ChatMessage> = messages.iter().take_while(|m| m.role == "system").cloned().collect();
+        let key = (system, tools.map(|t| t.tools.clone()));
         if let Some((m, n)) = &self.pinned {
-            if *m == system {
+            if *m == key {
                 return Ok(*n);
             }
         }
-        // Rendered with a stand-in user turn instead of the real ones: the common start is the system part.
-        let probe = [system.clone(), vec![ChatMessage::new("user", "\u{1}")]].concat();
-        let other = self.engine.chat_tokens(&probe)?;
+        // Rendered with a stand-in user turn instead of the real ones: the common start is the system part
+        // (with the tools, which templates show there).
+        let probe = [key.0.clone(), vec![ChatMessage::new("user", "\u{1}")]].concat();
+        let other = self.engine.chat_tokens_with_tools(&probe, tools)?;
         let n = full.iter().zip(&other).take_while(|(a, b)| a == b).count();
-        self.pinned = Some((system, n));
+        self.pinned = Some((key, n));
         Ok(n)
     }
 
@@ -272,8 +311,7 @@ impl<B: Backend> Session<B> {
             Ok(mut s) => {
                 if s.prompt_tokens == p.target.len() - p.start && s.context_dropped == 0 {
                     // The conversation is what was asked plus the reply's tokens fed back.
-                    let fed = s.generated.len() - usize::from(s.stop != StopReason::StopToken && !s.generated.is_empty());
-                    self.logical.extend_from_slice(&s.generated[..fed]);
+                    self.logical.extend_from_slice(&s.generated[..s.fed]);
                 } else {
                     // Cancelled during prefill, or shortened while decoding: what is held is the conversation.
                     self.logical = self.cached.clone();
@@ -448,14 +486,14 @@ type OnText<'a> = dyn FnMut(&str) -> bool + 'a;
 /// A request's prompt, borrowed.
 #[derive(Clone, Copy)]
 enum Ask<'a> {
-    Chat(&'a [ChatMessage]),
+    Chat(&'a [ChatMessage], Option<&'a Tools>),
     Text { text: &'a str, parse_special: bool },
 }
 
 impl Prompt {
     fn as_ask(&self) -> Ask<'_> {
         match self {
-            Prompt::Chat(m) => Ask::Chat(m),
+            Prompt::Chat(m) => Ask::Chat(m, None),
             Prompt::Text { text, parse_special } => Ask::Text { text, parse_special: *parse_special },
         }
     }
@@ -539,7 +577,7 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
                 let stats = ran.next().expect("one result per item");
                 let stats = s.finish(p, stats);
                 if let (Ok(st), Prompt::Chat(m)) = (&stats, prompt) {
-                    s.record_chat(m, st, &reply);
+                    s.record_chat(m, st, ChatMessage::new("assistant", reply.trim()));
                 }
                 stats
             }

@@ -9,13 +9,13 @@ use std::sync::{Arc, Mutex, TryLockError};
 use sprig_engine::generate::StopReason;
 use sprig_engine::{
     AnyEngine, AnySession, ChatMessage, ContextPolicy, DeviceChoice, EngineError, GenerationStats, LoadOptions,
-    PrefixCacheStats, SamplingParams,
+    PrefixCacheStats, SamplingParams, ToolChoice, Tools,
 };
 use sprig_import::QuantChoice;
 
 use crate::{
-    SPRIG_DEVICE_AUTO, SPRIG_DEVICE_CPU, SPRIG_DEVICE_GPU, SPRIG_STOP_CANCELLED, SPRIG_STOP_CONTEXT_FULL, SPRIG_STOP_STRING,
-    SPRIG_STOP_LENGTH, SPRIG_STOP_TOKEN,
+    SPRIG_DEVICE_AUTO, SPRIG_DEVICE_CPU, SPRIG_DEVICE_GPU, SPRIG_STOP_CANCELLED, SPRIG_STOP_CONSTRAINT_UNSATISFIED,
+    SPRIG_STOP_CONTEXT_FULL, SPRIG_STOP_LENGTH, SPRIG_STOP_STRING, SPRIG_STOP_TOKEN,
 };
 
 /// Status codes (`SprigStatus` in C; the same numbers in `SprigException.code` on the JVM).
@@ -91,6 +91,8 @@ fn engine_error(e: EngineError, loading: bool) -> FfiError {
                 | EngineError::EmptyPrompt
                 | EngineError::NoChatTemplate
                 | EngineError::Template(_)
+                | EngineError::Constraint { .. }
+                | EngineError::Tools(_)
                 | EngineError::Tokenizer(_)
                 | EngineError::Model(M::BadToken { .. }) => SprigStatus::InvalidArgument,
                 _ if loading => SprigStatus::LoadFailed,
@@ -152,6 +154,8 @@ pub fn prefix_cache_stats(id: u64) -> FfiResult<PrefixCacheStats> {
 pub struct SessionHandle {
     session: Mutex<AnySession>,
     cancel: AtomicBool,
+    /// The tool calls of the last chat reply, as OpenAI's JSON array.
+    tool_calls: Mutex<String>,
 }
 
 struct Registry<T> {
@@ -239,7 +243,7 @@ pub fn new_session(model_id: u64) -> FfiResult<u64> {
     let m = model(model_id)?;
     let mut session = m.engine.new_session(m.context_length).map_err(|e| engine_error(e, false))?;
     session.set_context_policy(m.context_policy, 0);
-    Ok(SESSIONS.insert(SessionHandle { session: Mutex::new(session), cancel: AtomicBool::new(false) }))
+    Ok(SESSIONS.insert(SessionHandle { session: Mutex::new(session), cancel: AtomicBool::new(false), tool_calls: Mutex::new("[]".into()) }))
 }
 
 /// Freeing a session while it generates on another thread cancels that generation; its memory goes when it
@@ -304,7 +308,7 @@ pub fn load_session(id: u64, path: &str) -> FfiResult<()> {
 }
 
 /// What a generation did (`SprigGenerateResult` in C).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Outcome {
     pub stop: StopReason,
     pub prompt_tokens: u32,
@@ -314,6 +318,13 @@ pub struct Outcome {
     pub cached_tokens: u32,
     pub prefix_cache_tokens: u32,
     pub context_dropped: u32,
+    /// The reply's tool calls (a chat with tools).
+    pub tool_calls: Vec<sprig_engine::ToolCall>,
+}
+
+/// Tool calls as OpenAI's JSON array (`arguments` a JSON string).
+pub fn tool_calls_json(calls: &[sprig_engine::ToolCall]) -> String {
+    serde_json::Value::from(calls.iter().map(|c| c.to_openai()).collect::<Vec<_>>()).to_string()
 }
 
 /// The C number and the Kotlin `StopReason` name of a stop reason.
@@ -324,6 +335,7 @@ pub fn stop_reason(s: StopReason) -> (u32, &'static str) {
         StopReason::Cancelled => (SPRIG_STOP_CANCELLED, "CANCELLED"),
         StopReason::ContextFull => (SPRIG_STOP_CONTEXT_FULL, "CONTEXT_FULL"),
         StopReason::StopString => (SPRIG_STOP_STRING, "STOP_STRING"),
+        StopReason::ConstraintUnsatisfied => (SPRIG_STOP_CONSTRAINT_UNSATISFIED, "CONSTRAINT_UNSATISFIED"),
     }
 }
 
@@ -337,7 +349,20 @@ fn outcome(s: &GenerationStats) -> Outcome {
         cached_tokens: s.cached_tokens as u32,
         prefix_cache_tokens: s.prefix_cache_tokens as u32,
         context_dropped: s.context_dropped as u32,
+        tool_calls: s.tool_calls.clone(),
     }
+}
+
+/// A request's tools from the C/JNI strings: a clear error for anything but OpenAI's `tools` array.
+pub fn tools(json: &str, choice: &str, constrain: bool) -> FfiResult<Tools> {
+    Tools::from_json(json, ToolChoice::parse(choice), constrain).map_err(|e| engine_error(e, false))
+}
+
+/// The tool calls of session `id`'s last chat reply (OpenAI's JSON array).
+pub fn last_tool_calls(id: u64) -> FfiResult<String> {
+    let s = SESSIONS.get(id, "session")?;
+    let calls = s.tool_calls.lock().map(|c| c.clone()).unwrap_or_else(|p| p.into_inner().clone());
+    Ok(calls)
 }
 
 /// One request's sampling, as the C ABI and JNI hand it over.
@@ -346,6 +371,8 @@ pub struct Sampling {
     pub max_tokens: u32,
     /// Raw prompts only: special-token strings in the text become control tokens.
     pub parse_special: bool,
+    /// Chats only: tools offered to the model.
+    pub tools: Option<Tools>,
 }
 
 pub enum Input<'a> {
@@ -371,11 +398,15 @@ pub fn generate(id: u64, input: Input, p: &Sampling, mut on_text: impl FnMut(&st
             if !session.has_chat_template() {
                 return Err(FfiError::arg("this model carries no chat template; use generate"));
             }
-            session.chat(&m, params, max, cb)
+            session.chat_with_tools(&m, p.tools.as_ref(), params, max, cb)
         }
     }
     .map_err(|e| engine_error(e, false))?;
-    Ok(outcome(&stats))
+    let out = outcome(&stats);
+    if let Ok(mut c) = handle.tool_calls.lock() {
+        *c = tool_calls_json(&out.tool_calls);
+    }
+    Ok(out)
 }
 
 /// Runs `f`, turning a panic into an `Internal` error so none crosses the boundary.

@@ -263,7 +263,7 @@ fn sampling_params(
         let s = JString::from(env.get_object_array_element(stop, i).map_err(bad)?);
         stops.push(string(env, &s, &format!("stop[{i}]"))?);
     }
-    let params = sprig_engine::SamplingParams {
+    let sampling = sprig_engine::SamplingParams {
         temperature: field!("temperature", F),
         top_k: top_k as usize,
         top_p: field!("topP", F),
@@ -276,8 +276,37 @@ fn sampling_params(
         logit_bias: tokens.iter().zip(&values).map(|(&t, &b)| (t as u32, b)).collect(),
         stop: stops,
         seed: field!("seed", J) as u64,
+        constraint: None,
     };
-    Ok(Sampling { params, max_tokens: max_tokens as u32, parse_special: field!("parseSpecial", Z) })
+    // The constraint and tools: nullable String fields, at most one constraint.
+    let mut text = |name: &str| -> FfiResult<Option<String>> {
+        let v = env.get_field(params, name, "Ljava/lang/String;").and_then(|v| v.l()).map_err(bad)?;
+        if v.is_null() {
+            return Ok(None);
+        }
+        string(env, &JString::from(v), name).map(Some)
+    };
+    let (schema, regex, grammar, tools) = (text("jsonSchema")?, text("regex")?, text("grammar")?, text("tools")?);
+    let choice = text("toolChoice")?.unwrap_or_else(|| "auto".into());
+    let json_object = field!("jsonObject", Z);
+    let mut constraints = [
+        schema.map(sprig_engine::Constraint::JsonSchema),
+        regex.map(sprig_engine::Constraint::Regex),
+        grammar.map(sprig_engine::Constraint::Lark),
+        json_object.then_some(sprig_engine::Constraint::JsonObject),
+    ]
+    .into_iter()
+    .flatten();
+    let constraint = constraints.next();
+    if constraints.next().is_some() {
+        return Err(FfiError::arg("at most one of jsonSchema, regex, grammar and jsonObject may be set"));
+    }
+    let tools = match tools {
+        Some(t) => Some(core::tools(&t, &choice, field!("constrainTools", Z))?),
+        None => None,
+    };
+    let params = sprig_engine::SamplingParams { constraint, ..sampling };
+    Ok(Sampling { params, max_tokens: max_tokens as u32, parse_special: field!("parseSpecial", Z), tools })
 }
 
 /// One engine default by its name (Kotlin's `SamplingParams()` defaults read these).
@@ -330,6 +359,18 @@ fn generate<'l>(env: &mut JNIEnv<'l>, h: jlong, input: Input, p: Sampling, callb
         )
         .and_then(|v| v.l())
         .map_err(internal)?;
+    // The tool calls as three parallel String arrays (ids, names, arguments).
+    let mut columns = Vec::with_capacity(3);
+    let picks: [fn(&sprig_engine::ToolCall) -> &str; 3] = [|c| &c.id, |c| &c.name, |c| &c.arguments];
+    for pick in picks {
+        let arr = env.new_object_array(r.tool_calls.len() as jint, "java/lang/String", JObject::null()).map_err(internal)?;
+        for (i, c) in r.tool_calls.iter().enumerate() {
+            let s = env.new_string(pick(c)).map_err(internal)?;
+            env.set_object_array_element(&arr, i as jint, &s).map_err(internal)?;
+            let _ = env.delete_local_ref(s);
+        }
+        columns.push(arr);
+    }
     let args = [
         JValue::Object(&reason),
         JValue::Int(r.prompt_tokens as jint),
@@ -337,9 +378,17 @@ fn generate<'l>(env: &mut JNIEnv<'l>, h: jlong, input: Input, p: Sampling, callb
         JValue::Int(r.cached_tokens as jint),
         JValue::Int(r.prefix_cache_tokens as jint),
         JValue::Int(r.context_dropped as jint),
+        JValue::Object(&columns[0]),
+        JValue::Object(&columns[1]),
+        JValue::Object(&columns[2]),
     ];
-    let obj =
-        env.new_object("dev/sprig/GenerationResult", "(Ldev/sprig/StopReason;IIIII)V", &args).map_err(internal)?;
+    let obj = env
+        .new_object(
+            "dev/sprig/GenerationResult",
+            "(Ldev/sprig/StopReason;IIIII[Ljava/lang/String;[Ljava/lang/String;[Ljava/lang/String;)V",
+            &args,
+        )
+        .map_err(internal)?;
     Ok(obj.into_raw())
 }
 
@@ -371,6 +420,11 @@ pub extern "system" fn Java_dev_sprig_Native_sessionChat<'l>(
     h: jlong,
     roles: JObjectArray<'l>,
     contents: JObjectArray<'l>,
+    names: JObjectArray<'l>,
+    call_message: JIntArray<'l>,
+    call_ids: JObjectArray<'l>,
+    call_names: JObjectArray<'l>,
+    call_arguments: JObjectArray<'l>,
     params: JObject<'l>,
     bias_tokens: JIntArray<'l>,
     bias_values: JFloatArray<'l>,
@@ -378,22 +432,47 @@ pub extern "system" fn Java_dev_sprig_Native_sessionChat<'l>(
     callback: JObject<'l>,
 ) -> jobject {
     entry(&mut env, std::ptr::null_mut(), |env| {
-        if roles.is_null() || contents.is_null() {
+        let arrays = [&roles, &contents, &names, &call_ids, &call_names, &call_arguments];
+        if arrays.iter().any(|a| a.is_null()) || call_message.is_null() {
             return Err(FfiError::arg("messages are null"));
         }
         let bad = |e: jni::errors::Error| FfiError::arg(e.to_string());
         let n = env.get_array_length(&roles).map_err(bad)?;
-        if n != env.get_array_length(&contents).map_err(bad)? {
-            return Err(FfiError::arg("roles and contents differ in length"));
+        if n != env.get_array_length(&contents).map_err(bad)? || n != env.get_array_length(&names).map_err(bad)? {
+            return Err(FfiError::arg("roles, contents and names differ in length"));
         }
         let mut messages = Vec::with_capacity(n as usize);
         for i in 0..n {
             let r = JString::from(env.get_object_array_element(&roles, i).map_err(bad)?);
             let c = JString::from(env.get_object_array_element(&contents, i).map_err(bad)?);
-            messages.push(sprig_engine::ChatMessage::new(
+            let mut m = sprig_engine::ChatMessage::new(
                 &string(env, &r, &format!("messages[{i}].role"))?,
                 &string(env, &c, &format!("messages[{i}].content"))?,
-            ));
+            );
+            let name = env.get_object_array_element(&names, i).map_err(bad)?;
+            if !name.is_null() {
+                m.name = Some(string(env, &JString::from(name), &format!("messages[{i}].name"))?);
+            }
+            messages.push(m);
+        }
+        // Tool calls of assistant turns, flattened: the message each belongs to, and its fields.
+        let k = env.get_array_length(&call_message).map_err(bad)?;
+        for a in [&call_ids, &call_names, &call_arguments] {
+            if env.get_array_length(a).map_err(bad)? != k {
+                return Err(FfiError::arg("tool call arrays differ in length"));
+            }
+        }
+        let mut owner = vec![0; k as usize];
+        env.get_int_array_region(&call_message, 0, &mut owner).map_err(bad)?;
+        for (j, &m) in owner.iter().enumerate() {
+            let msg = usize::try_from(m).ok().filter(|&m| m < messages.len());
+            let msg = msg.ok_or_else(|| FfiError::arg(format!("tool call {j} names message {m} of {n}")))?;
+            let mut field = |a: &JObjectArray, what: &str| -> FfiResult<String> {
+                let s = JString::from(env.get_object_array_element(a, j as jint).map_err(bad)?);
+                string(env, &s, &format!("toolCalls[{j}].{what}"))
+            };
+            let (id, name, arguments) = (field(&call_ids, "id")?, field(&call_names, "name")?, field(&call_arguments, "arguments")?);
+            messages[msg].tool_calls.push(sprig_engine::ToolCall { id, name, arguments });
         }
         let mut p = sampling_params(env, &params, &bias_tokens, &bias_values, &stop)?;
         p.parse_special = false;

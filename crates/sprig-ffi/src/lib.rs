@@ -21,9 +21,10 @@ use std::ffi::{c_char, c_void, CStr, CString};
 
 pub use crate::core::SprigStatus;
 use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
+use sprig_engine::Constraint;
 
 /// Bumped when a function signature or struct layout changes incompatibly.
-pub const SPRIG_ABI_VERSION: u32 = 4;
+pub const SPRIG_ABI_VERSION: u32 = 5;
 
 /// Run on the CPU.
 pub const SPRIG_DEVICE_CPU: u32 = 0;
@@ -42,6 +43,20 @@ pub const SPRIG_STOP_CANCELLED: u32 = 2;
 pub const SPRIG_STOP_CONTEXT_FULL: u32 = 3;
 /// The generated text reached one of `SprigSamplingParams.stop` (not included in the streamed text).
 pub const SPRIG_STOP_STRING: u32 = 4;
+/// Generation ended (length, context, stop string) before the output matched the request's constraint: the
+/// text is incomplete, not valid output.
+pub const SPRIG_STOP_CONSTRAINT_UNSATISFIED: u32 = 5;
+
+/// `SprigSamplingParams.constraint_kind`: free text.
+pub const SPRIG_CONSTRAINT_NONE: u32 = 0;
+/// `constraint` is a JSON Schema; the output is an instance of it.
+pub const SPRIG_CONSTRAINT_JSON_SCHEMA: u32 = 1;
+/// `constraint` is a regular expression the whole output matches.
+pub const SPRIG_CONSTRAINT_REGEX: u32 = 2;
+/// `constraint` is a Lark grammar (llguidance's dialect).
+pub const SPRIG_CONSTRAINT_GRAMMAR: u32 = 3;
+/// Any JSON object (`constraint` unused).
+pub const SPRIG_CONSTRAINT_JSON_OBJECT: u32 = 4;
 
 /// Context policy (`SprigModelOptions.context_policy`): keep the system prompt, drop the oldest turns and run
 /// the kept tail again (exact).
@@ -146,6 +161,18 @@ pub struct SprigSamplingParams {
     /// tokens. Default false: the prompt is plain text. Chat message content is always plain text; only the
     /// chat template writes control tokens.
     pub parse_special: bool,
+    /// `SPRIG_CONSTRAINT_*`: what the output must match. An invalid or unsupported constraint is
+    /// `SPRIG_STATUS_INVALID_ARGUMENT` before any token is generated.
+    pub constraint_kind: u32,
+    /// The schema, regex or grammar text (NULL for NONE and JSON_OBJECT).
+    pub constraint: *const c_char,
+    /// `sprig_session_chat` only: tools the model may call, a JSON array in OpenAI's `tools` shape (NULL: none).
+    /// The reply's calls are counted in `SprigGenerateResult.tool_calls`; `sprig_session_tool_calls` gives them.
+    pub tools_json: *const c_char,
+    /// "auto" (also when NULL), "none", "required", or the name of the one tool to call.
+    pub tool_choice: *const c_char,
+    /// Hold tool calls to the tools' parameter schemas (default true); false only parses what the model wrote.
+    pub constrain_tools: bool,
 }
 
 /// A bias on one token's logit.
@@ -180,6 +207,8 @@ pub struct SprigGenerateResult {
     pub prefix_cache_tokens: u32,
     /// Tokens the context policy dropped to make room during this call.
     pub context_dropped_tokens: u32,
+    /// Tool calls in the reply (a chat with `tools_json`); `sprig_session_tool_calls` gives them.
+    pub tool_calls: u32,
 }
 
 /// Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).
@@ -277,6 +306,11 @@ pub extern "C" fn sprig_sampling_params_default() -> SprigSamplingParams {
         seed: d.seed,
         max_tokens: sprig_engine::sampler::DEFAULT_MAX_TOKENS as u32,
         parse_special: false,
+        constraint_kind: SPRIG_CONSTRAINT_NONE,
+        constraint: std::ptr::null(),
+        tools_json: std::ptr::null(),
+        tool_choice: std::ptr::null(),
+        constrain_tools: true,
     }
 }
 
@@ -505,6 +539,43 @@ pub extern "C" fn sprig_session_cancel(session: *mut SprigSession) -> SprigStatu
     call(|| core::cancel(handle_id(session, "session")?))
 }
 
+/// The tool calls of the session's last chat reply, as a JSON array in OpenAI's shape
+/// (`[{"id", "type": "function", "function": {"name", "arguments"}}]`, `arguments` a JSON string), written to
+/// `buf` (`cap` bytes, NUL-terminated) when it fits. `*out_len` (when not NULL) receives the length without
+/// the NUL; a `buf` too small gives `SPRIG_STATUS_INVALID_ARGUMENT` with `*out_len` set, so the caller can
+/// retry with `*out_len + 1` bytes. `buf` may be NULL with `cap` 0 to ask the length.
+///
+/// # Safety
+/// `buf` is NULL or writable for `cap` bytes; `out_len` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_tool_calls(
+    session: *mut SprigSession,
+    buf: *mut c_char,
+    cap: usize,
+    out_len: *mut usize,
+) -> SprigStatus {
+    call(|| {
+        let json = core::last_tool_calls(handle_id(session, "session")?)?;
+        if !out_len.is_null() {
+            // SAFETY: non-null and writable per the caller contract.
+            unsafe { *out_len = json.len() };
+        }
+        if buf.is_null() && cap == 0 {
+            return Ok(());
+        }
+        if buf.is_null() || cap < json.len() + 1 {
+            return Err(FfiError::arg(format!("buf holds {cap} bytes; the tool calls need {}", json.len() + 1)));
+        }
+        // SAFETY: `buf` is writable for `cap` ≥ len + 1 bytes (checked above, caller contract); the source is a
+        // distinct Rust allocation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(json.as_ptr(), buf.cast::<u8>(), json.len());
+            *buf.add(json.len()) = 0;
+        }
+        Ok(())
+    })
+}
+
 /// # Safety
 /// `params` is NULL or points to a SprigSamplingParams whose arrays hold their counts of valid entries.
 unsafe fn sampling(params: *const SprigSamplingParams) -> FfiResult<Sampling> {
@@ -548,8 +619,28 @@ unsafe fn sampling(params: *const SprigSamplingParams) -> FfiResult<Sampling> {
         logit_bias,
         stop,
         seed: p.seed,
+        constraint: None,
     };
-    Ok(Sampling { params, max_tokens: p.max_tokens, parse_special: p.parse_special })
+    // SAFETY: caller contract: each string is NULL or NUL-terminated.
+    let text = |ptr: *const c_char, what: &str| unsafe { str_arg(ptr, what) }.map(str::to_string);
+    let params = sprig_engine::SamplingParams {
+        constraint: match p.constraint_kind {
+            SPRIG_CONSTRAINT_NONE => None,
+            SPRIG_CONSTRAINT_JSON_SCHEMA => Some(Constraint::JsonSchema(text(p.constraint, "constraint (a JSON Schema)")?)),
+            SPRIG_CONSTRAINT_REGEX => Some(Constraint::Regex(text(p.constraint, "constraint (a regex)")?)),
+            SPRIG_CONSTRAINT_GRAMMAR => Some(Constraint::Lark(text(p.constraint, "constraint (a grammar)")?)),
+            SPRIG_CONSTRAINT_JSON_OBJECT => Some(Constraint::JsonObject),
+            k => return Err(FfiError::arg(format!("constraint_kind {k} is not a SPRIG_CONSTRAINT_* value"))),
+        },
+        ..params
+    };
+    let tools = if p.tools_json.is_null() {
+        None
+    } else {
+        let choice = if p.tool_choice.is_null() { "auto".to_string() } else { text(p.tool_choice, "tool_choice")? };
+        Some(core::tools(&text(p.tools_json, "tools_json")?, &choice, p.constrain_tools)?)
+    };
+    Ok(Sampling { params, max_tokens: p.max_tokens, parse_special: p.parse_special, tools })
 }
 
 /// # Safety
@@ -592,6 +683,7 @@ unsafe fn run_generation<'a>(
                     cached_tokens: r.cached_tokens,
                     prefix_cache_tokens: r.prefix_cache_tokens,
                     context_dropped_tokens: r.context_dropped,
+                    tool_calls: r.tool_calls.len() as u32,
                 }
             };
         }

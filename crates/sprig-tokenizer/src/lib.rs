@@ -230,6 +230,22 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Encodes plain text that continues a sequence (a grammar's forced bytes, a stop string): no BOS and no
+    /// SentencePiece space prefix, user-defined pieces matched as in [`Tokenizer::encode`].
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut rest = 0;
+        if let Some(m) = &self.text_matcher {
+            for hit in m.ac.find_iter(text) {
+                self.encode_plain(&text[rest..hit.start()], false, &mut ids)?;
+                ids.push(m.ids[hit.pattern().as_usize()]);
+                rest = hit.end();
+            }
+        }
+        self.encode_plain(&text[rest..], false, &mut ids)?;
+        Ok(ids)
+    }
+
     fn encode_plain(&self, text: &str, at_start: bool, out: &mut Vec<u32>) -> Result<()> {
         if text.is_empty() {
             return Ok(());

@@ -8,7 +8,7 @@ use clap::Args;
 use sprig_backend::Backend;
 use sprig_engine::{with_engine, ChatMessage, Engine, Sampler, Session};
 
-use crate::args::{ContextPolicyArg, ModelArgs, SamplingArgs};
+use crate::args::{ContextPolicyArg, ModelArgs, SamplingArgs, ToolArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -33,6 +33,10 @@ pub struct ChatArgs {
     stats: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// With --tools, each reply's calls are printed after it (`tool_calls: [...]`, OpenAI's shape); a line
+    /// `/tool NAME: RESULT` answers a call with the tool's result, and the assistant's turn continues.
+    #[command(flatten)]
+    tools: ToolArgs,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
@@ -44,8 +48,16 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
     if e.template.is_none() {
         bail!("{} carries no chat template; use `sprig run`", a.model.model().display());
     }
-    let params = a.sampling.params();
+    let params = a.sampling.params()?;
     Sampler::new(params.clone())?;
+    // A bad constraint or tool list is an error now, not at the first turn.
+    if let Some(c) = &params.constraint {
+        e.guide(c)?;
+    }
+    let tools = a.tools.tools()?;
+    if let Some(t) = tools.as_ref().and_then(|t| t.constraint(e.tool_format())) {
+        e.guide(&t)?;
+    }
     let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
     let mut session = Session::new(e.clone(), a.model.ctx_size)?;
@@ -77,11 +89,18 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        messages.push(ChatMessage::new("user", &line));
+        match line.strip_prefix("/tool ").and_then(|r| r.split_once(':')) {
+            Some((name, result)) if tools.is_some() => {
+                let mut m = ChatMessage::new("tool", result.trim());
+                m.name = Some(name.trim().to_string());
+                messages.push(m);
+            }
+            _ => messages.push(ChatMessage::new("user", &line)),
+        }
         let mut out = std::io::stdout().lock();
         let t0 = std::time::Instant::now();
         let mut first: Option<f64> = None;
-        let r = session.chat(&messages, &params, a.n, |s| {
+        let r = session.chat_with_tools(&messages, tools.as_ref(), &params, a.n, |s| {
             if !s.is_empty() && first.is_none() {
                 first = Some(t0.elapsed().as_secs_f64());
             }
@@ -90,6 +109,13 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
             true
         })?;
         writeln!(out)?;
+        if tools.is_some() {
+            let calls: Vec<serde_json::Value> = r.tool_calls.iter().map(|c| c.to_openai()).collect();
+            writeln!(out, "tool_calls: {}", serde_json::Value::from(calls))?;
+        }
+        if r.stop == sprig_engine::generate::StopReason::ConstraintUnsatisfied {
+            eprintln!("sprig: the reply stopped before it matched the constraint (raise -n): it is incomplete");
+        }
         if a.stats {
             let all = r.cached_tokens + r.prompt_tokens;
             let pc = e.prefix_cache.stats();

@@ -5,10 +5,11 @@ use std::io::Write;
 use anyhow::Result;
 use clap::Args;
 use sprig_backend::Backend;
-use sprig_engine::{with_engine, Engine, Sampler};
+use sprig_engine::generate::{GenerationStats, StopReason};
+use sprig_engine::{with_engine, ChatMessage, Engine, Sampler, Session};
 use sprig_format::ModelFile;
 
-use crate::args::{ModelArgs, SamplingArgs};
+use crate::args::{ModelArgs, SamplingArgs, ToolArgs};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -29,15 +30,36 @@ pub struct RunArgs {
     special: bool,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// With --tools, the prompt is one user turn through the chat template and the reply's tool calls are
+    /// printed after it as a JSON array (`tool_calls: [...]`).
+    #[command(flatten)]
+    tools: ToolArgs,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
     let e = a.model.engine()?;
-    with_engine!(&e, |e| run_on(&**e, &a))
+    with_engine!(&e, |e| run_on(e.clone(), &a))
 }
 
-fn run_on<B: Backend>(e: &Engine<B>, a: &RunArgs) -> Result<()> {
-    let mut sampler = Sampler::new(a.sampling.params())?;
+fn run_on<B: Backend>(e: std::sync::Arc<Engine<B>>, a: &RunArgs) -> Result<()> {
+    let params = a.sampling.params()?;
+    if let Some(tools) = a.tools.tools()? {
+        // One user turn offering the tools; the reply streams, then its calls.
+        let mut session = Session::new(e.clone(), a.model.ctx_size)?;
+        let mut out = std::io::stdout().lock();
+        let msgs = [ChatMessage::new("user", &a.prompt)];
+        let stats = session.chat_with_tools(&msgs, Some(&tools), &params, a.n, |s| {
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+            true
+        })?;
+        writeln!(out)?;
+        let calls: Vec<serde_json::Value> = stats.tool_calls.iter().map(|c| c.to_openai()).collect();
+        writeln!(out, "tool_calls: {}", serde_json::Value::from(calls))?;
+        report(&e, &stats, session.state.max_context);
+        return Ok(());
+    }
+    let mut sampler = Sampler::new(params)?;
     let add_bos = e.tokenizer.special().add_bos;
     let prompt = e.tokenizer.encode_parts(&[(&a.prompt, a.special)], add_bos)?;
     let mut st = e.model.new_state(a.model.ctx_size)?;
@@ -48,8 +70,21 @@ fn run_on<B: Backend>(e: &Engine<B>, a: &RunArgs) -> Result<()> {
         true
     })?;
     writeln!(out)?;
-    if stats.stop == sprig_engine::generate::StopReason::ContextFull {
-        eprintln!("sprig: stopped: the context of {} tokens is full (raise it with -c)", st.max_context);
+    report(&e, &stats, st.max_context);
+    if a.stats {
+        print_expert_stats(&e.model.file, &e.model.moe_usage(&st)?, st.pos);
+    }
+    Ok(())
+}
+
+/// The speeds on stderr, and why generation stopped when that is not the model's choice or the length.
+fn report<B: Backend>(e: &Engine<B>, stats: &GenerationStats, ctx: usize) {
+    match stats.stop {
+        StopReason::ContextFull => eprintln!("sprig: stopped: the context of {ctx} tokens is full (raise it with -c)"),
+        StopReason::ConstraintUnsatisfied => eprintln!(
+            "sprig: stopped before the output matched the constraint (raise -n): the output above is incomplete"
+        ),
+        _ => {}
     }
     eprintln!(
         "sprig: {} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s ({})",
@@ -59,10 +94,6 @@ fn run_on<B: Backend>(e: &Engine<B>, a: &RunArgs) -> Result<()> {
         stats.decode_tok_s(),
         e.model.backend.name()
     );
-    if a.stats {
-        print_expert_stats(&e.model.file, &e.model.moe_usage(&st)?, st.pos);
-    }
-    Ok(())
 }
 
 /// Per MoE layer: how many tokens each expert took and how many expert weight bytes were read per token.

@@ -69,6 +69,15 @@ data class PrefixCacheStats(
  * through JNI (the same as the C API's and the CLI's). [parseSpecial] (raw prompts of `generate` only):
  * special-token strings in the prompt become control tokens; by default the prompt is plain text. Chat message
  * content is always plain text.
+ *
+ * Constrained output (at most one): [jsonSchema] (the output is an instance of this JSON Schema, its JSON text),
+ * [regex] (the whole output matches), [grammar] (a Lark grammar, llguidance's dialect), [jsonObject] (any JSON
+ * object). An invalid or unsupported one throws [SprigException] (INVALID_ARGUMENT) before any token is
+ * generated; output that ran out of tokens before it matched ends with [StopReason.CONSTRAINT_UNSATISFIED].
+ *
+ * Tools (chat only): [tools] is a JSON array in OpenAI's `tools` shape; [toolChoice] is "auto", "none",
+ * "required" or a tool's name; with [constrainTools] the calls' arguments are held to each tool's schema. The
+ * reply's calls come back in [GenerationResult.toolCalls]; answer them with `tool` messages.
  */
 data class SamplingParams(
     val temperature: Float = EngineDefaults.float("temperature"),
@@ -85,8 +94,21 @@ data class SamplingParams(
     val stop: List<String> = emptyList(),
     val seed: Long = EngineDefaults.int("seed").toLong(),
     val maxTokens: Int = EngineDefaults.int("maxTokens"),
-    val parseSpecial: Boolean = false
+    val parseSpecial: Boolean = false,
+    val jsonSchema: String? = null,
+    val regex: String? = null,
+    val grammar: String? = null,
+    val jsonObject: Boolean = false,
+    val tools: String? = null,
+    val toolChoice: String = "auto",
+    val constrainTools: Boolean = true
 )
+
+/** The parameters of one generation: sampling, length, constraint and tools. */
+typealias GenerateParams = SamplingParams
+
+/** A tool call the model made: [arguments] is a JSON object's text. */
+data class ToolCall(val id: String, val name: String, val arguments: String)
 
 /** The engine's sampling defaults, asked for by name once each. */
 internal object EngineDefaults {
@@ -96,10 +118,19 @@ internal object EngineDefaults {
     fun int(name: String): Int = get(name).toInt()
 }
 
-data class ChatMessage(val role: String, val content: String)
+/**
+ * One turn: [role] is system, user, assistant or tool. An assistant turn may carry the [toolCalls] it made; a
+ * `tool` turn is a tool's result, [name] the tool's name.
+ */
+data class ChatMessage(
+    val role: String,
+    val content: String,
+    val toolCalls: List<ToolCall> = emptyList(),
+    val name: String? = null
+)
 
 /** Why a generation ended; the native side returns it by name. */
-enum class StopReason { STOP_TOKEN, LENGTH, CANCELLED, CONTEXT_FULL, STOP_STRING }
+enum class StopReason { STOP_TOKEN, LENGTH, CANCELLED, CONTEXT_FULL, STOP_STRING, CONSTRAINT_UNSATISFIED }
 
 /**
  * What a generation did: [promptTokens] ran, [cachedTokens] more were reused (from the session's cache or,
@@ -112,8 +143,19 @@ data class GenerationResult(
     val generatedTokens: Int,
     val cachedTokens: Int,
     val prefixCacheTokens: Int,
-    val contextDroppedTokens: Int
-)
+    val contextDroppedTokens: Int,
+    /** The reply's tool calls (a chat with [SamplingParams.tools]); empty for a text reply. */
+    val toolCalls: List<ToolCall> = emptyList()
+) {
+    /** Built natively: the tool calls as parallel arrays. */
+    internal constructor(
+        stopReason: StopReason, promptTokens: Int, generatedTokens: Int, cachedTokens: Int, prefixCacheTokens: Int,
+        contextDroppedTokens: Int, callIds: Array<String>, callNames: Array<String>, callArguments: Array<String>
+    ) : this(
+        stopReason, promptTokens, generatedTokens, cachedTokens, prefixCacheTokens, contextDroppedTokens,
+        callIds.indices.map { ToolCall(callIds[it], callNames[it], callArguments[it]) }
+    )
+}
 
 /** Receives generated text piece by piece; return false to stop. Called on the generating thread. */
 interface TokenCallback {
@@ -149,9 +191,11 @@ internal object Native {
         session: Long, prompt: String, params: SamplingParams, biasTokens: IntArray, biasValues: FloatArray,
         stop: Array<String>, callback: TokenCallback
     ): GenerationResult
+    /** Messages as parallel arrays; their tool calls flattened, [callMessage] the index of each one's message. */
     @JvmStatic external fun sessionChat(
-        session: Long, roles: Array<String>, contents: Array<String>, params: SamplingParams, biasTokens: IntArray,
-        biasValues: FloatArray, stop: Array<String>, callback: TokenCallback
+        session: Long, roles: Array<String>, contents: Array<String>, names: Array<String?>, callMessage: IntArray,
+        callIds: Array<String>, callNames: Array<String>, callArguments: Array<String>, params: SamplingParams,
+        biasTokens: IntArray, biasValues: FloatArray, stop: Array<String>, callback: TokenCallback
     ): GenerationResult
 }
 
@@ -227,8 +271,12 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
      *  Earlier turns already in the cache are not run again. */
     fun chatStreaming(messages: List<ChatMessage>, params: SamplingParams, onToken: TokenCallback): GenerationResult {
         val bias = params.logitBias.entries.toList()
+        val calls = messages.withIndex().flatMap { (i, m) -> m.toolCalls.map { i to it } }
         return Native.sessionChat(
-            handle, messages.map { it.role }.toTypedArray(), messages.map { it.content }.toTypedArray(), params,
+            handle, messages.map { it.role }.toTypedArray(), messages.map { it.content }.toTypedArray(),
+            messages.map { it.name }.toTypedArray(), calls.map { it.first }.toIntArray(),
+            calls.map { it.second.id }.toTypedArray(), calls.map { it.second.name }.toTypedArray(),
+            calls.map { it.second.arguments }.toTypedArray(), params,
             bias.map { it.key }.toIntArray(), bias.map { it.value }.toFloatArray(), params.stop.toTypedArray(), onToken
         )
     }
