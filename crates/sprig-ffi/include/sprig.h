@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 // Bumped when a function signature or struct layout changes incompatibly.
-#define SPRIG_ABI_VERSION 4
+#define SPRIG_ABI_VERSION 5
 
 // Run on the CPU.
 #define SPRIG_DEVICE_CPU 0
@@ -37,6 +37,25 @@
 
 // The generated text reached one of `SprigSamplingParams.stop` (not included in the streamed text).
 #define SPRIG_STOP_STRING 4
+
+// Generation ended (length, context, stop string) before the output matched the request's constraint: the
+// text is incomplete, not valid output.
+#define SPRIG_STOP_CONSTRAINT_UNSATISFIED 5
+
+// `SprigSamplingParams.constraint_kind`: free text.
+#define SPRIG_CONSTRAINT_NONE 0
+
+// `constraint` is a JSON Schema; the output is an instance of it.
+#define SPRIG_CONSTRAINT_JSON_SCHEMA 1
+
+// `constraint` is a regular expression the whole output matches.
+#define SPRIG_CONSTRAINT_REGEX 2
+
+// `constraint` is a Lark grammar (llguidance's dialect).
+#define SPRIG_CONSTRAINT_GRAMMAR 3
+
+// Any JSON object (`constraint` unused).
+#define SPRIG_CONSTRAINT_JSON_OBJECT 4
 
 // Context policy (`SprigModelOptions.context_policy`): keep the system prompt, drop the oldest turns and run
 // the kept tail again (exact).
@@ -147,6 +166,18 @@ typedef struct SprigSamplingParams {
   // tokens. Default false: the prompt is plain text. Chat message content is always plain text; only the
   // chat template writes control tokens.
   bool parse_special;
+  // `SPRIG_CONSTRAINT_*`: what the output must match. An invalid or unsupported constraint is
+  // `SPRIG_STATUS_INVALID_ARGUMENT` before any token is generated.
+  uint32_t constraint_kind;
+  // The schema, regex or grammar text (NULL for NONE and JSON_OBJECT).
+  const char *constraint;
+  // `sprig_session_chat` only: tools the model may call, a JSON array in OpenAI's `tools` shape (NULL: none).
+  // The reply's calls are counted in `SprigGenerateResult.tool_calls`; `sprig_session_tool_calls` gives them.
+  const char *tools_json;
+  // "auto" (also when NULL), "none", "required", or the name of the one tool to call.
+  const char *tool_choice;
+  // Hold tool calls to the tools' parameter schemas (default true); false only parses what the model wrote.
+  bool constrain_tools;
 } SprigSamplingParams;
 
 // What a model's prefix cache holds and saved (`sprig_model_prefix_cache_stats`).
@@ -183,6 +214,8 @@ typedef struct SprigGenerateResult {
   uint32_t prefix_cache_tokens;
   // Tokens the context policy dropped to make room during this call.
   uint32_t context_dropped_tokens;
+  // Tool calls in the reply (a chat with `tools_json`); `sprig_session_tool_calls` gives them.
+  uint32_t tool_calls;
 } SprigGenerateResult;
 
 // One chat turn.
@@ -301,6 +334,19 @@ enum SprigStatus sprig_model_shrink_prefix_cache(const struct SprigModel *model,
 // Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with
 // `SPRIG_STOP_CANCELLED`). Safe from any thread; no effect on a later generation.
 enum SprigStatus sprig_session_cancel(struct SprigSession *session);
+
+// The tool calls of the session's last chat reply, as a JSON array in OpenAI's shape
+// (`[{"id", "type": "function", "function": {"name", "arguments"}}]`, `arguments` a JSON string), written to
+// `buf` (`cap` bytes, NUL-terminated) when it fits. `*out_len` (when not NULL) receives the length without
+// the NUL; a `buf` too small gives `SPRIG_STATUS_INVALID_ARGUMENT` with `*out_len` set, so the caller can
+// retry with `*out_len + 1` bytes. `buf` may be NULL with `cap` 0 to ask the length.
+//
+// # Safety
+// `buf` is NULL or writable for `cap` bytes; `out_len` is NULL or writable.
+enum SprigStatus sprig_session_tool_calls(struct SprigSession *session,
+                                          char *buf,
+                                          size_t cap,
+                                          size_t *out_len);
 
 // Continues the session's context with raw `prompt` text and generates, streaming text to `callback`.
 // `params` may be NULL (defaults), `callback` may be NULL, `out_result` may be NULL.

@@ -36,6 +36,8 @@ pub struct SynthSpec {
     /// Vocabulary size; `None` = the generator's natural 267 tokens. Larger sizes pad with filler tokens that
     /// the merges never produce (a stories110M-shaped model has 32000).
     pub vocab: Option<usize>,
+    /// Trained context length written to the file.
+    pub context: usize,
 }
 
 /// Mixture-of-Experts FFNs for the generator.
@@ -98,6 +100,7 @@ impl SynthSpec {
             sliding: None,
             moe: None,
             vocab: None,
+            context: 256,
         }
     }
     /// A small MoE model (8 experts, top-2, a dense first layer) of `arch`'s MoE form: its own for the MoE
@@ -305,7 +308,7 @@ pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) ->
         "model_type": s.hf_model_type(), "architectures": ["ForCausalLM"],
         "hidden_size": s.dim, "num_hidden_layers": s.n_layers, "num_attention_heads": s.n_heads,
         "num_key_value_heads": s.n_kv_heads, "intermediate_size": s.hidden_dim, "vocab_size": v.tokens.len(),
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": s.rope_theta(),
+        "max_position_embeddings": s.context, "rms_norm_eps": 1e-6, "rope_theta": s.rope_theta(),
         "tie_word_embeddings": s.tied, "torch_dtype": "float32",
     });
     if let Some((window, pattern)) = s.sliding() {
@@ -538,7 +541,7 @@ pub fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     g.u32(&format!("{a}.attention.head_count"), s.n_heads as u32);
     g.u32(&format!("{a}.attention.head_count_kv"), s.n_kv_heads as u32);
     g.u32(&format!("{a}.feed_forward_length"), s.hidden_dim as u32);
-    g.u32(&format!("{a}.context_length"), 256);
+    g.u32(&format!("{a}.context_length"), s.context as u32);
     g.f32(&format!("{a}.attention.layer_norm_rms_epsilon"), 1e-6);
     g.f32(&format!("{a}.rope.freq_base"), s.rope_theta() as f32);
     if let Some((window, every)) = s.sliding() {

@@ -109,6 +109,7 @@ pub fn run(a: GenArgs) -> Result<()> {
         sliding,
         moe,
         vocab: a.vocab,
+        context: 256,
     };
     if spec.n_heads == 0
         || !spec.dim.is_multiple_of(spec.n_heads)

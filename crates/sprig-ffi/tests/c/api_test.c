@@ -352,6 +352,61 @@ int main(int argc, char **argv) {
           "shrink the prefix cache: %llu blocks left", (unsigned long long)pcs.blocks);
     EXPECT_ERR(sprig_session_trim(NULL, NULL), SPRIG_STATUS_INVALID_HANDLE);
     CHECK(sprig_session_free(other) == SPRIG_STATUS_OK, "free second chat session");
+    /* Constrained output and tool calls (this template has no tools section: calls are JSON objects). */
+    SprigSession *cs = NULL;
+    CHECK(sprig_session_new(chat_model, &cs) == SPRIG_STATUS_OK, "constrained session");
+    SprigSamplingParams yes_no = greedy;
+    yes_no.max_tokens = 16;
+    yes_no.constraint_kind = SPRIG_CONSTRAINT_REGEX;
+    yes_no.constraint = "(yes|no)";
+    struct buffer yn = {0};
+    CHECK(sprig_session_chat(cs, turn1, 1, &yes_no, collect, &yn, &res) == SPRIG_STATUS_OK &&
+              res.stop_reason == SPRIG_STOP_TOKEN && yn.data &&
+              (strcmp(yn.data, "yes") == 0 || strcmp(yn.data, "no") == 0),
+          "regex constraint: '%s' (%s)", yn.data ? yn.data : "", sprig_last_error());
+    SprigSamplingParams bad_c = yes_no;
+    bad_c.constraint = "(unclosed";
+    struct buffer none_out = {0};
+    EXPECT_ERR(sprig_session_chat(cs, turn1, 1, &bad_c, collect, &none_out, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    CHECK(none_out.len == 0, "text before a bad constraint's error");
+    bad_c.constraint_kind = 99;
+    EXPECT_ERR(sprig_session_chat(cs, turn1, 1, &bad_c, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    bad_c.constraint_kind = SPRIG_CONSTRAINT_JSON_SCHEMA;
+    bad_c.constraint = NULL;
+    EXPECT_ERR(sprig_session_chat(cs, turn1, 1, &bad_c, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    bad_c.constraint = "{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\"}}, \"required\": [\"a\"]}";
+    bad_c.max_tokens = 1;
+    CHECK(sprig_session_chat(cs, turn1, 1, &bad_c, NULL, NULL, &res) == SPRIG_STATUS_OK &&
+              res.stop_reason == SPRIG_STOP_CONSTRAINT_UNSATISFIED,
+          "a budget too small for the schema: stop reason %u", res.stop_reason);
+    SprigSamplingParams with_tools = greedy;
+    with_tools.max_tokens = 100; /* a byte-level vocabulary: a token per character */
+    with_tools.tools_json = "[{\"type\": \"function\", \"function\": {\"name\": \"set_mode\", \"parameters\": "
+                            "{\"type\": \"object\", \"properties\": {\"mode\": {\"enum\": [\"eco\", \"sport\"]}}, "
+                            "\"required\": [\"mode\"]}}}]";
+    with_tools.tool_choice = "set_mode"; /* one call (a random model under "required" may go on calling) */
+    CHECK(sprig_session_chat(cs, turn1, 1, &with_tools, NULL, NULL, &res) == SPRIG_STATUS_OK && res.tool_calls == 1 &&
+              res.stop_reason == SPRIG_STOP_TOKEN,
+          "tool call: %u calls, stop %u (%s)", res.tool_calls, res.stop_reason, sprig_last_error());
+    size_t calls_len = 0;
+    CHECK(sprig_session_tool_calls(cs, NULL, 0, &calls_len) == SPRIG_STATUS_OK && calls_len > 0, "tool calls length");
+    char small_buf[4];
+    EXPECT_ERR(sprig_session_tool_calls(cs, small_buf, sizeof small_buf, &calls_len), SPRIG_STATUS_INVALID_ARGUMENT);
+    char *calls = malloc(calls_len + 1);
+    CHECK(calls && sprig_session_tool_calls(cs, calls, calls_len + 1, NULL) == SPRIG_STATUS_OK &&
+              strstr(calls, "\"name\":\"set_mode\"") && strstr(calls, "mode\\\":\\\""),
+          "tool calls: %s", calls ? calls : "");
+    free(calls);
+    with_tools.tool_choice = "no_such_tool";
+    EXPECT_ERR(sprig_session_chat(cs, turn1, 1, &with_tools, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    with_tools.tool_choice = NULL;
+    with_tools.tools_json = "{\"type\": \"function\"}";
+    EXPECT_ERR(sprig_session_chat(cs, turn1, 1, &with_tools, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+    EXPECT_ERR(sprig_session_tool_calls(NULL, NULL, 0, NULL), SPRIG_STATUS_INVALID_HANDLE);
+    CHECK(sprig_session_free(cs) == SPRIG_STATUS_OK, "free constrained session");
+    free(yn.data);
+    free(none_out.data);
+
     SprigChatMessage bad_msg = {"user", NULL};
     EXPECT_ERR(sprig_session_chat(chat, &bad_msg, 1, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
 

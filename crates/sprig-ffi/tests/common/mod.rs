@@ -32,6 +32,8 @@ pub fn fixtures() -> PathBuf {
 /// A small synthetic model with a ChatML template, as a GGUF file.
 pub fn chat_model(dir: &Path) -> PathBuf {
     let p = dir.join("chat.gguf");
-    sprig_import::synth::write_gguf(&sprig_import::synth::SynthSpec::tiny(sprig_import::synth::Arch::Qwen2), &p).unwrap();
+    // A context of 1024: a tools prompt in this byte-level vocabulary takes ~300 tokens.
+    let spec = sprig_import::synth::SynthSpec { context: 1024, ..sprig_import::synth::SynthSpec::tiny(sprig_import::synth::Arch::Qwen2) };
+    sprig_import::synth::write_gguf(&spec, &p).unwrap();
     p
 }

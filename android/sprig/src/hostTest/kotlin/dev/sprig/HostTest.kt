@@ -240,6 +240,38 @@ fun main(args: Array<String>) {
                 check(model.prefixCacheStats.blocks == 0L) { "shrink: ${model.prefixCacheStats}" }
             }
         }
+        // Constrained output and tool calls.
+        model.newSession().use { s ->
+            val yesNo = Collect()
+            val r = s.chatStreaming(listOf(ChatMessage("user", "the cat")), GenerateParams(temperature = 0f,
+                maxTokens = 16, regex = "(yes|no)"), yesNo)
+            check(r.stopReason == StopReason.STOP_TOKEN && yesNo.text.toString() in setOf("yes", "no")) { "regex: $r ${yesNo.text}" }
+            expectError(SprigStatus.INVALID_ARGUMENT, "two constraints") {
+                s.chatStreaming(listOf(ChatMessage("user", "x")), GenerateParams(regex = "a", jsonObject = true), Collect())
+            }
+            expectError(SprigStatus.INVALID_ARGUMENT, "a bad schema") {
+                s.chatStreaming(listOf(ChatMessage("user", "x")), GenerateParams(jsonSchema = "{\"type\": 3}"), Collect())
+            }
+            val short = s.chatStreaming(listOf(ChatMessage("user", "the cat")), GenerateParams(temperature = 0f,
+                maxTokens = 1, jsonSchema = "{\"type\": \"object\", \"properties\": {\"a\": {\"type\": \"string\"}}, \"required\": [\"a\"]}"),
+                Collect())
+            check(short.stopReason == StopReason.CONSTRAINT_UNSATISFIED) { "too short for the schema: $short" }
+            val tools = "[{\"type\": \"function\", \"function\": {\"name\": \"set_mode\", \"parameters\": " +
+                "{\"type\": \"object\", \"properties\": {\"mode\": {\"enum\": [\"eco\", \"sport\"]}}, \"required\": [\"mode\"]}}}]"
+            val call = s.chatStreaming(listOf(ChatMessage("user", "the cat")), GenerateParams(temperature = 0f,
+                maxTokens = 100, tools = tools, toolChoice = "set_mode"), Collect())
+            check(call.toolCalls.size == 1 && call.toolCalls[0].name == "set_mode" &&
+                call.toolCalls[0].arguments.matches(Regex("\\{\"mode\":\"(eco|sport)\"\\}"))) { "tool call: $call" }
+            // The call goes back with the tool's result; the conversation continues.
+            val turns = listOf(ChatMessage("user", "the cat"), ChatMessage("assistant", "", toolCalls = call.toolCalls),
+                ChatMessage("tool", "done", name = "set_mode"), ChatMessage("user", "and?"))
+            val next = s.chatStreaming(turns, GenerateParams(temperature = 0f, maxTokens = 4, tools = tools,
+                toolChoice = "none"), Collect())
+            check(next.cachedTokens > 0 && next.toolCalls.isEmpty()) { "after the tool result: $next" }
+            expectError(SprigStatus.INVALID_ARGUMENT, "tools not an array") {
+                s.chatStreaming(listOf(ChatMessage("user", "x")), GenerateParams(tools = "{}"), Collect())
+            }
+        }
     }
 
     // The Flow API over the same model.
