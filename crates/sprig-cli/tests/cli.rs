@@ -238,3 +238,31 @@ fn kernels_are_measured_cached_and_reported() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("forced by SPRIG_CPU=scalar"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn constraint_and_tool_flags() {
+    let dir = std::env::temp_dir().join(format!("sprig-cli-constrained-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    run_ok(&["gen", "--arch", "qwen2", "--format", "hf", "-o", dir.to_str().unwrap()]);
+    let m = dir.to_str().unwrap();
+    // A regex: the generated text after the echoed prompt is one of its matches.
+    let (out, _) = run_ok(&["run", "-m", m, "-p", "the cat", "-n", "8", "-t", "1", "--regex", "(yes|no)"]);
+    let reply = out.strip_prefix("the cat").unwrap_or_else(|| panic!("{out}"));
+    assert!(reply == "yes\n" || reply == "no\n", "{out:?}");
+    // Bad constraints and tools: one-line errors before anything is generated.
+    let bad_schema = dir.join("bad.json");
+    std::fs::write(&bad_schema, r#"{"type": 3}"#).unwrap();
+    let err = run_err(&["run", "-m", m, "-p", "x", "--json-schema", bad_schema.to_str().unwrap()]);
+    assert!(err.contains("invalid json_schema constraint"), "{err}");
+    assert!(run_err(&["run", "-m", m, "-p", "x", "--json-schema", "/nonexistent.json"]).contains("reading"));
+    // Two constraints, a tool choice without tools: refused by the argument parser (its usage message).
+    for args in [&["--regex", "a", "--json"][..], &["--tool-choice", "required"][..]] {
+        let out = sprig().args(["run", "-m", m, "-p", "x"]).args(args).output().unwrap();
+        assert!(!out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("panicked"), "{args:?}");
+    }
+    let bad_tools = dir.join("tools.json");
+    std::fs::write(&bad_tools, "{}").unwrap();
+    let err = run_err(&["run", "-m", m, "-p", "x", "--tools", bad_tools.to_str().unwrap()]);
+    assert!(err.contains("tools must be an array"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

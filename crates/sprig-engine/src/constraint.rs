@@ -149,7 +149,7 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(bad(c, e));
         }
-        Ok(Guide { matcher, kind: c.kind(), masks: 0 })
+        Ok(Guide { matcher, kind: c.kind(), masks: 0, forced_tokens: 0, secs: 0.0 })
     }
 }
 
@@ -157,8 +157,12 @@ impl Grammars {
 pub struct Guide {
     matcher: Matcher,
     kind: &'static str,
-    /// Full token masks computed (the sampled token was rejected, or nothing was sampled yet).
+    /// Full token masks computed (each for a sampled token the constraint rejected).
     pub masks: u64,
+    /// Tokens the constraint forced (fed without sampling).
+    pub forced_tokens: u64,
+    /// Time spent checking, masking, advancing and forcing: the constraint's cost.
+    pub secs: f64,
 }
 
 impl Guide {
@@ -168,14 +172,19 @@ impl Guide {
 
     /// May `token` come next?
     pub fn allows(&mut self, token: u32) -> Result<bool> {
-        let n = self.matcher.validate_tokens(&[token]).map_err(|e| self.failed(e))?;
-        Ok(n == 1)
+        let t0 = std::time::Instant::now();
+        let n = self.matcher.validate_tokens(&[token]).map_err(|e| self.failed(e));
+        self.secs += t0.elapsed().as_secs_f64();
+        Ok(n? == 1)
     }
 
     /// Every token that may come next.
     pub fn mask(&mut self) -> Result<SimpleVob> {
         self.masks += 1;
-        let m = self.matcher.compute_mask().map_err(|e| self.failed(e))?;
+        let t0 = std::time::Instant::now();
+        let m = self.matcher.compute_mask().map_err(|e| self.failed(e));
+        self.secs += t0.elapsed().as_secs_f64();
+        let m = m?;
         if m.is_zero() {
             return Err(self.failed("no token can continue the output"));
         }
@@ -184,7 +193,10 @@ impl Guide {
 
     /// Advances past `token` (generated, so allowed).
     pub fn commit(&mut self, token: u32) -> Result<()> {
-        self.matcher.consume_token(token).map_err(|e| self.failed(e))
+        let t0 = std::time::Instant::now();
+        let r = self.matcher.consume_token(token).map_err(|e| self.failed(e));
+        self.secs += t0.elapsed().as_secs_f64();
+        r
     }
 
     /// Tokens the constraint forces next (at most `max`), already committed: they are fed without sampling.
@@ -192,12 +204,18 @@ impl Guide {
         if max == 0 || self.matcher.is_stopped() {
             return Ok(());
         }
+        let t0 = std::time::Instant::now();
         let mut ff = self.matcher.compute_ff_tokens();
-        if let Some(e) = self.matcher.get_error() {
-            return Err(self.failed(e));
-        }
-        ff.truncate(max);
-        self.matcher.consume_tokens(&ff).map_err(|e| self.failed(e))?;
+        let r = match self.matcher.get_error() {
+            Some(e) => Err(self.failed(e)),
+            None => {
+                ff.truncate(max);
+                self.matcher.consume_tokens(&ff).map_err(|e| self.failed(e))
+            }
+        };
+        self.secs += t0.elapsed().as_secs_f64();
+        r?;
+        self.forced_tokens += ff.len() as u64;
         out.extend_from_slice(&ff);
         Ok(())
     }

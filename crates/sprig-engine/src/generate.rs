@@ -80,6 +80,19 @@ pub struct GenerationStats {
     pub context_dropped: usize,
     /// A chat request with tools: the calls its reply made (empty: a text reply).
     pub tool_calls: Vec<ToolCall>,
+    /// Under a constraint: what it cost (see [`ConstraintStats`]).
+    pub constraint: Option<ConstraintStats>,
+}
+
+/// What a request's constraint did and cost.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConstraintStats {
+    /// Of the generated tokens, those the constraint forced (fed without sampling, several per forward pass).
+    pub forced_tokens: u64,
+    /// Sampled tokens the constraint rejected (each cost a full mask and a second pass of the sampler).
+    pub masks: u64,
+    /// Time in the constraint: checking, masking, advancing, forcing.
+    pub secs: f64,
 }
 
 impl GenerationStats {
@@ -589,6 +602,11 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             prefix_cache_tokens: 0,
             context_dropped: self.context_dropped,
             tool_calls: Vec::new(),
+            constraint: self
+                .item
+                .sampler
+                .guide()
+                .map(|g| ConstraintStats { forced_tokens: g.forced_tokens, masks: g.masks, secs: g.secs }),
         })
     }
 }

@@ -173,11 +173,15 @@ impl Tools {
             _ => self.tools.iter().collect(),
         };
         let mut g = String::new();
-        let (call, text) = match format {
-            // A text reply starts with neither a call's tag nor its JSON (a bare JSON call would go unchecked).
-            ToolFormat::Tagged => (format!("{} body {}", lit("<tool_call>\n"), lit("\n</tool_call>")), "/[^<{\\s](.|\\n)*/"),
-            ToolFormat::Json => ("body".to_string(), "/[^{\\s](.|\\n)*/"),
+        // A call in the family's form, or as the JSON small models often write instead (bare, or in a Markdown
+        // fence): every form has its arguments checked. A text reply (`auto`) therefore starts with none of
+        // `<`, `{` or a backtick: otherwise a call written in another form would pass unchecked as text.
+        let fenced = format!("{} body {}", lit("```json\n"), lit("\n```"));
+        let call = match format {
+            ToolFormat::Tagged => format!("{} body {} | body | {fenced}", lit("<tool_call>\n"), lit("\n</tool_call>")),
+            ToolFormat::Json => format!("body | {fenced}"),
         };
+        let text = "/[^<{`\\s](.|\\n)*/";
         match self.choice {
             ToolChoice::Auto => g.push_str("start: calls | TEXT\n"),
             ToolChoice::Function(_) => g.push_str("start: call\n"),
@@ -293,7 +297,9 @@ pub fn parse_calls(reply: &str, format: ToolFormat) -> (String, Vec<ToolCall>) {
                     String::new()
                 }
                 _ => {
-                    let lines: Vec<&str> = body.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+                    // One call per line (fence lines around them dropped).
+                    let lines: Vec<&str> =
+                        body.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("```")).collect();
                     let parsed: Vec<_> = lines.iter().filter_map(|l| call_of(l)).collect();
                     if !lines.is_empty() && parsed.len() == lines.len() {
                         calls.extend(parsed);

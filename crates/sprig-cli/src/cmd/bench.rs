@@ -43,6 +43,20 @@ pub struct BenchArgs {
     /// (e.g. 1,2,4,8): aggregate tokens/s over -n tokens per session, median of -r runs.
     #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
     sessions: Vec<usize>,
+    /// Instead: decode speed with a JSON-schema constraint vs without, per schema of FILE (`schemas` and
+    /// `prompts`, e.g. tests/data/structured/schemas.json): -r prompts each, -n tokens per reply.
+    #[arg(long, value_name = "FILE")]
+    structured: Option<std::path::PathBuf>,
+    /// Instead: tool-calling accuracy over the requests of FILE (e.g. tests/data/tools/car-requests.json),
+    /// constrained and unconstrained, offering the tools of --tool-defs.
+    #[arg(long, value_name = "FILE", requires = "tool_defs")]
+    tools: Option<std::path::PathBuf>,
+    /// The tools (OpenAI's JSON array) for --tools.
+    #[arg(long, value_name = "FILE.json")]
+    tool_defs: Option<std::path::PathBuf>,
+    /// The tool choice of every --tools request: auto, required (a call, any tool).
+    #[arg(long, default_value = "auto", requires = "tools")]
+    tool_choice: String,
 }
 
 
@@ -63,6 +77,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(path) = &a.agent_trace {
         let o = super::agent_trace::TraceOptions { path: path.clone(), ctx: a.model.ctx_size, reply: a.gen, json: a.json };
         return with_engine!(&e, |e| super::agent_trace::run(e, &o));
+    }
+    if let Some(path) = &a.structured {
+        return with_engine!(&e, |e| super::structured_bench::schema_overhead(e, path, a.reps, a.gen, a.json));
+    }
+    if let (Some(fixture), Some(defs)) = (&a.tools, &a.tool_defs) {
+        return with_engine!(&e, |e| super::structured_bench::tool_accuracy(e, fixture, defs, &a.tool_choice, a.json));
     }
     if !a.sessions.is_empty() {
         return with_engine!(&e, |e| super::agent_trace::batched_scaling(e, &a.sessions, a.gen, a.reps, a.json));

@@ -10,3 +10,4 @@ pub mod gen;
 pub mod inspect;
 pub mod registry;
 pub mod run;
+pub mod structured_bench;
