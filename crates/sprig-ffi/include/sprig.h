@@ -171,7 +171,8 @@ typedef struct SprigSamplingParams {
   uint32_t constraint_kind;
   // The schema, regex or grammar text (NULL for NONE and JSON_OBJECT).
   const char *constraint;
-  // `sprig_session_chat` only: tools the model may call, a JSON array in OpenAI's `tools` shape (NULL: none).
+  // `sprig_session_chat` only (`sprig_session_generate` refuses it): tools the model may call, a JSON array in
+  // OpenAI's `tools` shape (NULL: none).
   // The reply's calls are counted in `SprigGenerateResult.tool_calls`; `sprig_session_tool_calls` gives them.
   const char *tools_json;
   // "auto" (also when NULL), "none", "required", or the name of the one tool to call.

@@ -393,6 +393,7 @@ pub fn generate(id: u64, input: Input, p: &Sampling, mut on_text: impl FnMut(&st
     let cb = |s: &str| !cancelled() && (s.is_empty() || on_text(s)) && !cancelled();
     let max = p.max_tokens as usize;
     let stats = match input {
+        Input::Text(_) if p.tools.is_some() => return Err(FfiError::arg("tools are offered in a chat; use chat")),
         Input::Text(t) => session.generate(t, p.parse_special, params, max, cb),
         Input::Chat(m) => {
             if !session.has_chat_template() {

@@ -166,7 +166,8 @@ pub struct SprigSamplingParams {
     pub constraint_kind: u32,
     /// The schema, regex or grammar text (NULL for NONE and JSON_OBJECT).
     pub constraint: *const c_char,
-    /// `sprig_session_chat` only: tools the model may call, a JSON array in OpenAI's `tools` shape (NULL: none).
+    /// `sprig_session_chat` only (`sprig_session_generate` refuses it): tools the model may call, a JSON array in
+    /// OpenAI's `tools` shape (NULL: none).
     /// The reply's calls are counted in `SprigGenerateResult.tool_calls`; `sprig_session_tool_calls` gives them.
     pub tools_json: *const c_char,
     /// "auto" (also when NULL), "none", "required", or the name of the one tool to call.

@@ -388,6 +388,7 @@ int main(int argc, char **argv) {
     CHECK(sprig_session_chat(cs, turn1, 1, &with_tools, NULL, NULL, &res) == SPRIG_STATUS_OK && res.tool_calls == 1 &&
               res.stop_reason == SPRIG_STOP_TOKEN,
           "tool call: %u calls, stop %u (%s)", res.tool_calls, res.stop_reason, sprig_last_error());
+    EXPECT_ERR(sprig_session_generate(cs, "the cat", &with_tools, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
     size_t calls_len = 0;
     CHECK(sprig_session_tool_calls(cs, NULL, 0, &calls_len) == SPRIG_STATUS_OK && calls_len > 0, "tool calls length");
     char small_buf[4];
