@@ -653,6 +653,16 @@ impl StopStrings {
     }
 }
 
+/// Loading parses the tokenizer and the model's metadata through many short-lived allocations; glibc keeps the
+/// pages they freed inside its heap (resident, counted against the app) unless asked to hand them back.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free memory of the allocator to the OS; no live allocation is touched.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::StopStrings;
@@ -682,15 +692,5 @@ mod tests {
         // Multi-byte text is held and released on char boundaries.
         assert_eq!(run(&["é!"], &["caf", "é", "?"]), ("café?".into(), false));
         assert_eq!(run(&["é!"], &["caf", "é", "!"]), ("caf".into(), true));
-    }
-}
-
-/// Loading parses the tokenizer and the model's metadata through many short-lived allocations; glibc keeps the
-/// pages they freed inside its heap (resident, counted against the app) unless asked to hand them back.
-fn release_freed_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `malloc_trim` only returns free memory of the allocator to the OS; no live allocation is touched.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
