@@ -184,13 +184,21 @@ impl KvDtype {
 /// as WGSL's `round` does):
 /// the definition every backend's int8 KV cache is checked against. Returns the scale.
 pub fn quantize_kv_head(x: &[f32], codes: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let d = amax / 127.0;
-    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let (d, inv) = kv_head_scale(x);
     for (c, &v) in codes.iter_mut().zip(x) {
-        *c = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *c = kv_code(v, inv);
     }
     d
+}
+
+/// One head's scale (absmax / 127) and its inverse (0 for an all-zero head).
+fn kv_head_scale(x: &[f32]) -> (f32, f32) {
+    let d = x.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+fn kv_code(v: f32, inv: f32) -> i8 {
+    (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8
 }
 
 /// Rows of keys or values (heads of `head_dim`) as an int8 cache stores them: codes, and a scale per head.
@@ -207,10 +215,14 @@ pub fn dequantize_kv<'a>(codes: &'a [i8], scales: &'a [f32], head_dim: usize, fr
     (from..codes.len()).map(move |i| codes[i] as f32 * scales[i / hd])
 }
 
-/// `x` as an int8 KV cache holds it: each `head_dim` group quantized and dequantized.
+/// `x` as an int8 KV cache holds it: each `head_dim` group quantized and dequantized, in place (the same
+/// values as [`quantize_kv`] then [`dequantize_kv`], without their buffers: the CPU backend runs it per layer
+/// per token).
 pub fn round_trip_kv_q8(x: &mut [f32], head_dim: usize) {
-    let (codes, scales) = quantize_kv(x, head_dim);
-    x.iter_mut().zip(dequantize_kv(&codes, &scales, head_dim, 0)).for_each(|(v, d)| *v = d);
+    for h in x.chunks_mut(head_dim.max(1)) {
+        let (d, inv) = kv_head_scale(h);
+        h.iter_mut().for_each(|v| *v = kv_code(*v, inv) as f32 * d);
+    }
 }
 
 /// [`Backend::kv_write`]'s rows checked: how many positions `k` and `v` hold (rows of `kv_dim` each), at

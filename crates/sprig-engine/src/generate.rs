@@ -242,9 +242,10 @@ impl<B: Backend> Engine<B> {
                         step.push(i);
                         tokens.push(next);
                     } else {
-                        // Tokens a constraint forces after it: one forward pass of them all, outside the batch.
-                        let run: Vec<u32> = std::iter::once(next).chain(g.forced.iter().copied()).collect();
-                        let r = self.model.forward(g.item.state, &run, Logits::Last);
+                        // Tokens a constraint forces after it: one forward pass of them all, outside the batch
+                        // (they end `generated`, after `next`).
+                        let run = &g.generated[g.generated.len() - 1 - g.forced.len()..];
+                        let r = self.model.forward(g.item.state, run, Logits::Last);
                         g.fed(r.map_err(Into::into), None);
                         forced_run = true;
                     }
@@ -348,7 +349,7 @@ struct Gen<'a, 'b, 't, B: Backend> {
 impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
     fn start(e: &'t Engine<B>, item: BatchItem<'a, 'b, B>) -> Self {
         let state = &*item.state;
-        let layout = e.model.kv_layout(state.max_context).with_dtype(state.kv_dtype());
+        let layout = e.model.state_kv_layout(state);
         let caching = item.run.is_some() && e.prefix_cache.enabled();
         let chunk_limit = if caching { prefix_cache::chunk_limit(&layout, PREFILL_CHUNK) } else { PREFILL_CHUNK };
         let mut g = Gen {

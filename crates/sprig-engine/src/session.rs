@@ -221,18 +221,20 @@ impl<B: Backend> Session<B> {
     /// Tokens the leading system messages of a chat take at the start of its rendering (the template's
     /// first turn header included): what the context policy keeps.
     fn pinned_tokens(&mut self, messages: &[ChatMessage], tools: Option<&Tools>, full: &[u32]) -> Result<usize> {
-        let system: Vec<ChatMessage> = messages.iter().take_while(|m| m.role == "system").cloned().collect();
-        let key = (system, tools.map(|t| t.tools.clone()));
-        if let Some((m, n)) = &self.pinned {
-            if *m == key {
+        let system = &messages[..messages.iter().take_while(|m| m.role == "system").count()];
+        let tool_list = tools.map(|t| &t.tools[..]);
+        // Compared in place: nothing is copied on a hit (every turn of a conversation).
+        if let Some(((m, t), n)) = &self.pinned {
+            if m[..] == *system && t.as_deref() == tool_list {
                 return Ok(*n);
             }
         }
         // Rendered with a stand-in user turn instead of the real ones: the common start is the system part
         // (with the tools, which templates show there).
-        let probe = [key.0.clone(), vec![ChatMessage::new("user", "\u{1}")]].concat();
+        let probe = [system, &[ChatMessage::new("user", "\u{1}")]].concat();
         let other = self.engine.chat_tokens_with_tools(&probe, tools)?;
         let n = full.iter().zip(&other).take_while(|(a, b)| a == b).count();
+        let key = (system.to_vec(), tool_list.map(<[Tool]>::to_vec));
         self.pinned = Some((key, n));
         Ok(n)
     }
@@ -376,7 +378,7 @@ impl<B: Backend> Session<B> {
                 path.display()
             )));
         }
-        let layout = self.engine.model.kv_layout(self.state.max_context).with_dtype(self.state.kv_dtype());
+        let layout = self.engine.model.state_kv_layout(&self.state);
         let pos = self.state.pos;
         let header = Header {
             model: self.engine.fingerprint().to_string(),
@@ -459,7 +461,7 @@ impl<B: Backend> Session<B> {
             return Ok(0);
         }
         let e = &self.engine;
-        let layout = e.model.kv_layout(self.state.max_context).with_dtype(self.state.kv_dtype());
+        let layout = e.model.state_kv_layout(&self.state);
         e.prefix_cache.insert_from(&*e.model.backend, &self.state, &layout, &self.cached)?;
         let held: u64 =
             (0..layout.windows.len()).map(|l| self.state.pos.min(layout.layer_capacity(l)) as u64).sum::<u64>()
@@ -657,7 +659,7 @@ fn resume<B: Backend>(e: &Engine<B>, state: &mut State<B>, held: &mut Vec<u32>, 
     let own = if common == held.len() || !sliding { common } else { 0 };
     held.truncate(own);
     state.pos = own;
-    let layout = e.model.kv_layout(state.max_context).with_dtype(state.kv_dtype());
+    let layout = e.model.state_kv_layout(state);
     let restored = e.prefix_cache.restore_into(&*e.model.backend, state, &layout, &target[..max], own)?;
     if restored > 0 {
         *held = target[..restored].to_vec();

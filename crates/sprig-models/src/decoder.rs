@@ -362,6 +362,11 @@ impl<B: Backend> Model<B> {
         KvLayout::for_model(&self.config, ctx).with_dtype(self.kv_dtype())
     }
 
+    /// The KV cache layout of `st`: its context, and the KV type it was made with.
+    pub fn state_kv_layout(&self, st: &State<B>) -> KvLayout {
+        self.kv_layout(st.max_context).with_dtype(st.kv_dtype)
+    }
+
     /// How states made from now on store keys and values (states already made keep theirs).
     pub fn set_kv_dtype(&self, dtype: KvDtype) {
         self.kv_q8.store(dtype == KvDtype::Q8, std::sync::atomic::Ordering::Relaxed);
@@ -385,7 +390,7 @@ impl<B: Backend> Model<B> {
         if drop == 0 || keep + drop > pos {
             return Err(ModelError::ContextOverflow { pos, new: 0, ctx: keep + drop });
         }
-        let layout = self.kv_layout(st.max_context).with_dtype(st.kv_dtype);
+        let layout = self.state_kv_layout(st);
         let to = pos - drop;
         // New positions each layer holds afterwards: all up to `to` (global) or its last window.
         let from = |l: usize| to.saturating_sub(layout.layer_capacity(l));

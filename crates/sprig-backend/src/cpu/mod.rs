@@ -282,6 +282,10 @@ pub struct CpuKvCache {
     caps: Vec<usize>,
     kv_dim: usize,
     head_dim: usize,
+    /// An int8 cache: the batch's keys and values as the cache will hold them, in buffers kept across forward
+    /// passes (decode allocates nothing per layer).
+    rounded_k: Vec<f32>,
+    rounded_v: Vec<f32>,
 }
 
 /// One layer's keys and values as stored.
@@ -536,19 +540,20 @@ impl Backend for CpuBackend {
         let ptr = OutPtr(out.data.as_mut_ptr());
         let group = p.n_heads / p.n_kv_heads;
         let (q, k, v) = (&q.data[..], &k.data[..], &v.data[..]);
+        let CpuKvCache { layers, rounded_k, rounded_v, .. } = cache;
         // An int8 cache: the batch's own keys and values are attended as the cache will hold them.
-        let rounded;
-        let (k, v) = match &cache.layers[layer] {
+        let (k, v) = match &layers[layer] {
             KvStore::F32 { .. } => (k, v),
             KvStore::Q8 { .. } => {
-                let (mut kr, mut vr) = (k.to_vec(), v.to_vec());
-                crate::round_trip_kv_q8(&mut kr, hd);
-                crate::round_trip_kv_q8(&mut vr, hd);
-                rounded = (kr, vr);
-                (&rounded.0[..], &rounded.1[..])
+                for (buf, x) in [(&mut *rounded_k, k), (&mut *rounded_v, v)] {
+                    buf.clear();
+                    buf.extend_from_slice(x);
+                    crate::round_trip_kv_q8(buf, hd);
+                }
+                (&rounded_k[..], &rounded_v[..])
             }
         };
-        let store = &cache.layers[layer];
+        let store = &layers[layer];
         // First key position query `ti` sees (causal, and within its window).
         let first_key = |ti: usize| p.window.map_or(0, |w| (pos0 + ti + 1).saturating_sub(w.min(cap)));
         // Batched: one job per (KV head, tile of queries). Cached keys and values are read in place; only the
@@ -600,7 +605,7 @@ impl Backend for CpuBackend {
             })
         });
         // Only the last `cap` new positions survive in a ring; write those.
-        let store = &mut cache.layers[layer];
+        let store = &mut layers[layer];
         for ti in t.saturating_sub(cap)..t {
             store.put((pos0 + ti) % cap, &k[ti * kvd..(ti + 1) * kvd], &v[ti * kvd..(ti + 1) * kvd], hd);
         }
@@ -760,7 +765,14 @@ impl Backend for CpuBackend {
                 }
             })
             .collect();
-        Ok(CpuKvCache { layers, caps, kv_dim: layout.kv_dim, head_dim: layout.head_dim })
+        Ok(CpuKvCache {
+            layers,
+            caps,
+            kv_dim: layout.kv_dim,
+            head_dim: layout.head_dim,
+            rounded_k: Vec::new(),
+            rounded_v: Vec::new(),
+        })
     }
 
     fn kv_read(
