@@ -443,6 +443,7 @@ fn batched_sessions_answer_as_each_alone() {
                 out.push_str(t);
                 true
             }),
+            on_logprob: None,
         })
         .collect();
     let results = run_batch(requests);

@@ -59,6 +59,7 @@ fn all_outputs_validate(name: &str) {
                         text.push_str(t);
                         true
                     }),
+                    on_logprob: None,
                 })
                 .collect();
             let results = run_batch(requests);

@@ -45,6 +45,10 @@ pub enum Command {
     Gen(cmd::gen::GenArgs),
     /// List the devices models can run on: the CPU and the GPU adapters the GPU backend reaches.
     Devices,
+    /// Serve models over an OpenAI-compatible HTTP API (chat and text completions, streaming, tools, JSON
+    /// output, metrics).
+    #[cfg(feature = "server")]
+    Serve(cmd::serve::ServeArgs),
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -59,6 +63,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Gen(a) => cmd::gen::run(a),
         Command::Devices => cmd::devices::run(),
+        #[cfg(feature = "server")]
+        Command::Serve(a) => cmd::serve::run(a),
     }
 }
 
@@ -99,6 +105,13 @@ pub struct ModelArgs {
     /// Hugging Face directory [default: the registry's default model].
     #[arg(short = 'm', long = "model")]
     pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+/// How a model is loaded and run, whichever model it is (`sprig serve` takes several with one set).
+#[derive(Args, Clone)]
+pub struct LoadArgs {
     /// Tokenizer for llama2.c checkpoints (tokenizer.bin).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -136,6 +149,20 @@ impl ModelArgs {
         self.model.clone().unwrap_or_else(|| PathBuf::from(registry::default_model().name))
     }
     pub fn threads(&self) -> usize {
+        self.load.threads()
+    }
+
+    pub fn open(&self) -> Result<Arc<ModelFile>> {
+        self.load.open(&self.model())
+    }
+
+    pub fn engine(&self) -> Result<AnyEngine> {
+        self.load.engine(&self.model())
+    }
+}
+
+impl LoadArgs {
+    pub fn threads(&self) -> usize {
         if self.threads == 0 {
             sprig_engine::device::default_threads()
         } else {
@@ -143,14 +170,16 @@ impl ModelArgs {
         }
     }
 
-    pub fn open(&self) -> Result<Arc<ModelFile>> {
+    /// Opens `model` (a registry name or a path).
+    pub fn open(&self, model: &std::path::Path) -> Result<Arc<ModelFile>> {
         let opts = LoadOptions { tokenizer: self.tokenizer.clone(), quant: self.quant.0 };
-        let path = registry::resolve(&self.model(), &mut |s| eprintln!("sprig: {s}"))?;
-        open_model_file(&path, &opts).with_context(|| format!("loading {}", self.model().display()))
+        let path = registry::resolve(model, &mut |s| eprintln!("sprig: {s}"))?;
+        open_model_file(&path, &opts).with_context(|| format!("loading {}", model.display()))
     }
 
-    pub fn engine(&self) -> Result<AnyEngine> {
-        let file = self.open()?;
+    /// The engine of `model` on the chosen device, its memory checked and its caches set up.
+    pub fn engine(&self, model: &std::path::Path) -> Result<AnyEngine> {
+        let file = self.open(model)?;
         let need = sprig_engine::memory::MemoryNeed::of(&file, self.ctx_size, self.kv.0);
         sprig_engine::memory::check(&need, self.memory_budget.map(|m| m << 20), "the model with one session")?;
         let budget = self.memory_budget.map(|m| m << 20);
@@ -273,6 +302,7 @@ impl SamplingArgs {
             stop: self.stop.clone(),
             seed: self.seed.unwrap_or(d.seed),
             constraint,
+            top_logprobs: None,
         })
     }
 }

@@ -12,7 +12,7 @@ use crate::chat::{ChatMessage, ChatTemplate};
 use crate::constraint::{Constraint, Grammars, Guide};
 use crate::tools::{ToolCall, ToolFormat, Tools};
 use crate::prefix_cache::{self, PrefixCache};
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, TokenLogprob};
 use crate::{EngineError, Result};
 
 /// Longest prompt slice run through the model in one batched forward pass.
@@ -82,6 +82,8 @@ pub struct GenerationStats {
     pub tool_calls: Vec<ToolCall>,
     /// Under a constraint: what it cost (see [`ConstraintStats`]).
     pub constraint: Option<ConstraintStats>,
+    /// With [`crate::SamplingParams::top_logprobs`]: one entry per generated token, in order.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// What a request's constraint did and cost.
@@ -201,7 +203,8 @@ impl<B: Backend> Engine<B> {
         echo_prompt: bool,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
-        let item = BatchItem { state, run: None, prompt, max_new, sampler, echo_prompt, on_text: &mut on_text };
+        let item =
+            BatchItem { state, run: None, prompt, max_new, sampler, echo_prompt, on_text: &mut on_text, on_logprob: None };
         self.generate_batch(vec![item]).pop().expect("one result per item")
     }
 
@@ -314,6 +317,8 @@ pub(crate) struct BatchItem<'a, 'b, B: Backend> {
     pub sampler: &'a mut Sampler,
     pub echo_prompt: bool,
     pub on_text: &'a mut dyn FnMut(&str) -> bool,
+    /// With `top_logprobs`: each generated token's entry, before its text goes to `on_text`.
+    pub on_logprob: Option<&'a mut dyn FnMut(&TokenLogprob)>,
 }
 
 /// A generation in progress.
@@ -337,6 +342,7 @@ struct Gen<'a, 'b, 't, B: Backend> {
     forced: Vec<u32>,
     /// Why it ended (`None` while it runs).
     stop: Option<StopReason>,
+    logprobs: Vec<TokenLogprob>,
     error: Option<EngineError>,
     /// Row of the batch's logits holding this generation's next-token logits (else its state's).
     batch_row: Option<usize>,
@@ -367,6 +373,7 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             fed: 0,
             forced: Vec::new(),
             stop: None,
+            logprobs: Vec::new(),
             error: None,
             batch_row: None,
             context_dropped: 0,
@@ -483,7 +490,8 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             self.stop = Some(StopReason::StopToken);
             return None;
         }
-        if !self.emit(next) {
+        let entry = self.item.sampler.params().top_logprobs.map(|n| TokenLogprob::from_logits(logits, next, n));
+        if !self.emit(next, entry) {
             return None;
         }
         let state = &mut *self.item.state;
@@ -515,7 +523,7 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
                 return None;
             }
             for &t in &forced {
-                if !self.emit(t) {
+                if !self.emit(t, None) {
                     return None;
                 }
             }
@@ -526,8 +534,16 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
 
     /// Adds a generated token: its text goes out (held back while it could start a stop string); false when
     /// the generation ends with it (a stop string, a cancellation, the length).
-    fn emit(&mut self, t: u32) -> bool {
+    fn emit(&mut self, t: u32, logprob: Option<TokenLogprob>) -> bool {
         self.generated.push(t);
+        if self.item.sampler.params().top_logprobs.is_some() {
+            // A forced token comes without an entry (see `TokenLogprob`).
+            let entry = logprob.unwrap_or_else(|| TokenLogprob::forced(t));
+            if let Some(cb) = self.item.on_logprob.as_mut() {
+                cb(&entry);
+            }
+            self.logprobs.push(entry);
+        }
         self.piece.clear();
         if let Err(err) = self.dec.push_into(t, &mut self.piece) {
             self.fail(err.into());
@@ -608,6 +624,7 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
                 .sampler
                 .guide()
                 .map(|g| ConstraintStats { forced_tokens: g.forced_tokens, masks: g.masks, secs: g.secs }),
+            logprobs: self.logprobs,
         })
     }
 }

@@ -25,7 +25,7 @@ pub use constraint::Constraint;
 pub use device::{AnyEngine, AnySession, DeviceChoice};
 pub use generate::{Engine, GenerationStats};
 pub use load::{open_model_file, LoadOptions};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{Sampler, SamplingParams, TokenLogprob};
 pub use prefix_cache::PrefixCacheStats;
 pub use tools::{Tool, ToolCall, ToolChoice, ToolFormat, Tools};
 pub use session::{run_batch, BatchRequest, ContextPolicy, Prompt, Session};

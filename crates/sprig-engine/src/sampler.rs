@@ -55,6 +55,52 @@ pub struct SamplingParams {
     pub seed: u64,
     /// What the output must match (JSON Schema, regex, grammar); `None` = free text.
     pub constraint: Option<Constraint>,
+    /// `Some(n)`: report each generated token's log-probability and the `n` most likely alternatives
+    /// ([`TokenLogprob`]; n ≤ [`MAX_TOP_LOGPROBS`]). Reporting only: sampling is the same either way.
+    pub top_logprobs: Option<usize>,
+}
+
+/// Most alternatives a token's log-probability report lists (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A generated token's log-probability under the model: the log-softmax of its logits as the model gave them
+/// (before logit bias, penalties, temperature and constraint, as vLLM reports by default), with the most
+/// likely tokens at that step. A token a constraint forced without sampling has no logits of its own: its
+/// `logprob` is 0 (the constraint left no alternative) and `top` is empty.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    /// (token, log-probability), most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// `token`'s entry from its step's `logits`, with the `n` best alternatives.
+    pub fn from_logits(logits: &[f32], token: u32, n: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+        let lp = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| l - log_z);
+        let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
+        if n > 0 {
+            // One pass keeping the n best (n ≤ 20: insertion into a short sorted list).
+            for (i, &l) in logits.iter().enumerate() {
+                if top.len() == n && l <= top[n - 1].1 {
+                    continue;
+                }
+                let at = top.partition_point(|&(_, b)| b >= l);
+                top.insert(at, (i as u32, l));
+                top.truncate(n);
+            }
+            top.iter_mut().for_each(|e| e.1 -= log_z);
+        }
+        TokenLogprob { token, logprob: lp(token), top }
+    }
+
+    /// A forced token's entry (see the type's note).
+    pub fn forced(token: u32) -> Self {
+        TokenLogprob { token, logprob: 0.0, top: Vec::new() }
+    }
 }
 
 /// The defaults every surface uses (the CLI's flags, `sprig_sampling_params_default` in C, Kotlin's
@@ -76,6 +122,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             seed: 0,
             constraint: None,
+            top_logprobs: None,
         }
     }
 }
@@ -118,6 +165,9 @@ impl SamplingParams {
         }
         if let Some(s) = self.stop.iter().find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES) {
             return bad("stop", format!("stop string of {} bytes (1..={MAX_STOP_BYTES})", s.len()));
+        }
+        if let Some(n) = self.top_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return bad("top_logprobs", format!("{n} alternatives (at most {MAX_TOP_LOGPROBS})"));
         }
         Ok(())
     }
@@ -517,6 +567,24 @@ mod tests {
     }
 
     #[test]
+    fn token_logprobs_are_the_log_softmax_with_the_best_alternatives() {
+        let logits = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let lp = |i: usize| ((logits[i] as f64).exp() / z).ln() as f32;
+        let e = TokenLogprob::from_logits(&logits, 4, 3);
+        assert!((e.logprob - lp(4)).abs() < 1e-5);
+        // Most likely first; ties keep the lower id first.
+        let ids: Vec<u32> = e.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 0]);
+        for &(i, l) in &e.top {
+            assert!((l - lp(i as usize)).abs() < 1e-5);
+        }
+        assert!(TokenLogprob::from_logits(&logits, 1, 0).top.is_empty());
+        // More alternatives than tokens: all of them.
+        assert_eq!(TokenLogprob::from_logits(&logits, 0, 20).top.len(), 5);
+    }
+
+    #[test]
     fn greedy_and_bad_params() {
         let mut s = Sampler::new(SamplingParams::default()).unwrap();
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).unwrap(), 1);
@@ -534,6 +602,7 @@ mod tests {
             SamplingParams { logit_bias: vec![(1, f32::NAN)], ..d() },
             SamplingParams { stop: vec![String::new()], ..d() },
             SamplingParams { stop: vec!["x".repeat(300)], ..d() },
+            SamplingParams { top_logprobs: Some(21), ..d() },
         ] {
             assert!(Sampler::new(bad.clone()).is_err(), "{bad:?}");
         }

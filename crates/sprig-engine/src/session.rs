@@ -11,7 +11,7 @@ use rand::{RngCore, SeedableRng};
 
 use crate::chat::ChatMessage;
 use crate::generate::{BatchItem, Engine, GenerationStats, SessionRun, StopReason};
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{Sampler, SamplingParams, TokenLogprob};
 use crate::session_file::{self, Header};
 use crate::tools::{Tool, ToolChoice, Tools};
 use crate::{EngineError, Result};
@@ -104,6 +104,15 @@ impl<B: Backend> Session<B> {
         self.keep = keep;
     }
 
+    /// Starts an independent conversation that may still reuse the KV cache: the conversation so far, its
+    /// messages and random stream are forgotten (the next request's seed draws afresh), while what the cache
+    /// holds is reused as far as the next prompt starts like it. A server's requests are independent like this.
+    pub fn start_over(&mut self) {
+        self.logical.clear();
+        self.rng = None;
+        self.messages.clear();
+    }
+
     /// Forgets the conversation.
     pub fn reset(&mut self) -> Result<()> {
         self.cached.clear();
@@ -158,32 +167,15 @@ impl<B: Backend> Session<B> {
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
         params.validate()?;
-        let format = self.engine.tool_format();
-        let constrained;
-        let params = match tools.and_then(|t| t.constraint(format)) {
-            Some(c) => {
-                if params.constraint.is_some() {
-                    return Err(EngineError::Tools(
-                        "a request with its own constraint (JSON Schema, regex, grammar) cannot also constrain tool calls; use tool_choice \"none\" or an unconstrained tool request".into(),
-                    ));
-                }
-                constrained = SamplingParams { constraint: Some(c), ..params.clone() };
-                &constrained
-            }
-            None => params,
-        };
+        let constrained = tool_params(&self.engine, tools, params)?;
+        let params = constrained.as_ref().unwrap_or(params);
         let (full, pinned) = self.conversation(Ask::Chat(messages, tools))?;
         let mut reply = String::new();
         let mut stats = self.request(full, pinned, params, max_new, |t| {
             reply.push_str(t);
             on_text(t)
         })?;
-        let mut answer = ChatMessage::new("assistant", reply.trim());
-        if tools.is_some_and(|t| t.choice != ToolChoice::None) {
-            let (content, calls) = crate::tools::parse_calls(&reply, format);
-            answer = ChatMessage { content, tool_calls: calls.clone(), ..answer };
-            stats.tool_calls = calls;
-        }
+        let answer = answer(&self.engine, tools, &reply, &mut stats);
         self.record_chat(messages, &stats, answer);
         Ok(stats)
     }
@@ -261,6 +253,7 @@ impl<B: Backend> Session<B> {
             sampler: &mut p.sampler,
             echo_prompt: false,
             on_text: &mut on_text,
+            on_logprob: None,
         };
         let stats = engine.generate_batch(vec![item]).pop().expect("one result per item");
         self.finish(p, stats)
@@ -271,7 +264,7 @@ impl<B: Backend> Session<B> {
         let ctx = self.state.max_context;
         // Continuing a conversation the policy has shortened: the new part goes after what is held.
         let held = self.trimmed.as_deref().unwrap_or(&self.cached);
-        let mut target = if self.logical.len() < full.len() && full.starts_with(&self.logical) {
+        let mut target = if !self.logical.is_empty() && self.logical.len() < full.len() && full.starts_with(&self.logical) {
             [held, &full[self.logical.len()..]].concat()
         } else {
             full.clone()
@@ -473,17 +466,45 @@ impl<B: Backend> Session<B> {
     }
 }
 
+/// A tool request's parameters: `params` with the tools' constraint, when they constrain the reply (`None`:
+/// `params` as they are). A request with a constraint of its own cannot also constrain tool calls.
+fn tool_params<B: Backend>(e: &Engine<B>, tools: Option<&Tools>, params: &SamplingParams) -> Result<Option<SamplingParams>> {
+    let Some(c) = tools.and_then(|t| t.constraint(e.tool_format())) else { return Ok(None) };
+    if params.constraint.is_some() {
+        return Err(EngineError::Tools(
+            "a request with its own constraint (JSON Schema, regex, grammar) cannot also constrain tool calls; use tool_choice \"none\" or an unconstrained tool request".into(),
+        ));
+    }
+    Ok(Some(SamplingParams { constraint: Some(c), ..params.clone() }))
+}
+
+/// The assistant message a chat reply makes; with tools, the calls parsed out of it (also into `stats`).
+fn answer<B: Backend>(e: &Engine<B>, tools: Option<&Tools>, reply: &str, stats: &mut GenerationStats) -> ChatMessage {
+    let answer = ChatMessage::new("assistant", reply.trim());
+    if !tools.is_some_and(|t| t.choice != ToolChoice::None) {
+        return answer;
+    }
+    let (content, calls) = crate::tools::parse_calls(reply, e.tool_format());
+    stats.tool_calls = calls.clone();
+    ChatMessage { content, tool_calls: calls, ..answer }
+}
+
 /// What one session of [`run_batch`] is asked.
 #[derive(Clone, Debug)]
 pub enum Prompt {
     /// A conversation, as [`Session::chat`] takes it.
     Chat(Vec<ChatMessage>),
+    /// A conversation offered tools, as [`Session::chat_with_tools`] takes it.
+    ChatWithTools(Vec<ChatMessage>, Tools),
     /// Raw text continuing the context, as [`Session::generate`] takes it.
     Text { text: String, parse_special: bool },
 }
 
 /// A request's text callback.
 type OnText<'a> = dyn FnMut(&str) -> bool + 'a;
+
+/// A request's log-probability callback.
+pub type OnLogprob<'a> = dyn FnMut(&TokenLogprob) + 'a;
 
 /// A request's prompt, borrowed.
 #[derive(Clone, Copy)]
@@ -496,6 +517,7 @@ impl Prompt {
     fn as_ask(&self) -> Ask<'_> {
         match self {
             Prompt::Chat(m) => Ask::Chat(m, None),
+            Prompt::ChatWithTools(m, t) => Ask::Chat(m, Some(t)),
             Prompt::Text { text, parse_special } => Ask::Text { text, parse_special: *parse_special },
         }
     }
@@ -509,6 +531,9 @@ pub struct BatchRequest<'a, B: Backend> {
     pub max_new: usize,
     /// As [`Session::chat`]'s: each piece of text, and an empty piece to poll; false stops this request.
     pub on_text: Box<dyn FnMut(&str) -> bool + 'a>,
+    /// With `params.top_logprobs`: each generated token's entry as it comes, before its text (the entries
+    /// are also in the result).
+    pub on_logprob: Option<Box<OnLogprob<'a>>>,
 }
 
 /// Runs requests of several sessions of one engine together, each answered as its session alone would
@@ -518,11 +543,12 @@ pub struct BatchRequest<'a, B: Backend> {
 /// session of another engine than the first is refused.
 pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<GenerationStats>> {
     let Some(engine) = requests.first().map(|r| r.session.engine.clone()) else { return Vec::new() };
-    let (mut sessions, mut asks, mut on_texts) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut sessions, mut asks, mut on_texts, mut on_logprobs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in requests {
         sessions.push(r.session);
         asks.push((r.prompt, r.params, r.max_new));
         on_texts.push(r.on_text);
+        on_logprobs.push(r.on_logprob);
     }
     // Each request's conversation and pinned start, then the session's preparation.
     let mut prepared: Vec<Result<(Prepared, usize)>> = sessions
@@ -533,6 +559,11 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
                 return Err(EngineError::Eval("a batch runs sessions of one model only".into()));
             }
             params.validate()?;
+            let constrained = match prompt {
+                Prompt::ChatWithTools(_, t) => tool_params(&engine, Some(t), params)?,
+                _ => None,
+            };
+            let params = constrained.as_ref().unwrap_or(params);
             let (full, pinned) = s.conversation(prompt.as_ask())?;
             Ok((s.prepare(full, pinned, params, *max_new)?, pinned))
         })
@@ -554,8 +585,13 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
         })
         .collect();
     let mut items = Vec::new();
-    for ((((s, p), room), cb), (_, _, max_new)) in
-        sessions.iter_mut().zip(prepared.iter_mut()).zip(rooms.iter_mut()).zip(callbacks.iter_mut()).zip(&asks)
+    for (((((s, p), room), cb), (_, _, max_new)), lp) in sessions
+        .iter_mut()
+        .zip(prepared.iter_mut())
+        .zip(rooms.iter_mut())
+        .zip(callbacks.iter_mut())
+        .zip(&asks)
+        .zip(on_logprobs.iter_mut())
     {
         let Ok((p, _)) = p else { continue };
         let s = &mut **s;
@@ -567,6 +603,7 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
             sampler: &mut p.sampler,
             echo_prompt: false,
             on_text: &mut **cb,
+            on_logprob: lp.as_mut().map(|f| &mut **f as &mut dyn FnMut(&TokenLogprob)),
         });
     }
     let mut ran = engine.generate_batch(items).into_iter();
@@ -577,9 +614,15 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
             Err(e) => Err(e),
             Ok((p, _)) => {
                 let stats = ran.next().expect("one result per item");
-                let stats = s.finish(p, stats);
-                if let (Ok(st), Prompt::Chat(m)) = (&stats, prompt) {
-                    s.record_chat(m, st, ChatMessage::new("assistant", reply.trim()));
+                let mut stats = s.finish(p, stats);
+                let chat = match prompt {
+                    Prompt::Chat(m) => Some((m, None)),
+                    Prompt::ChatWithTools(m, t) => Some((m, Some(t))),
+                    Prompt::Text { .. } => None,
+                };
+                if let (Ok(st), Some((m, tools))) = (&mut stats, chat) {
+                    let answer = answer(&engine, tools, &reply, st);
+                    s.record_chat(m, st, answer);
                 }
                 stats
             }

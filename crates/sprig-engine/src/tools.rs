@@ -104,6 +104,8 @@ pub struct Tools {
     /// Constrain the reply to the calls' grammar (arguments matching each tool's schema); false: the model
     /// writes freely and its reply is parsed as it is.
     pub constrain: bool,
+    /// Several calls in one reply (OpenAI's `parallel_tool_calls`, on by default); off: at most one.
+    pub parallel: bool,
 }
 
 fn bad(detail: impl Into<String>) -> EngineError {
@@ -153,7 +155,7 @@ impl Tools {
                 return Err(bad(format!("tool_choice names {name:?}, which is not among the tools")));
             }
         }
-        Ok(Tools { tools, choice, constrain })
+        Ok(Tools { tools, choice, constrain, parallel: true })
     }
 
     /// The tools in OpenAI's shape.
@@ -182,10 +184,11 @@ impl Tools {
             ToolFormat::Json => format!("body | {fenced}"),
         };
         let text = "/[^<{`\\s](.|\\n)*/";
+        let many = if self.parallel { "calls" } else { "call" };
         match self.choice {
-            ToolChoice::Auto => g.push_str("start: calls | TEXT\n"),
+            ToolChoice::Auto => g.push_str(&format!("start: {many} | TEXT\n")),
             ToolChoice::Function(_) => g.push_str("start: call\n"),
-            _ => g.push_str("start: calls\n"),
+            _ => g.push_str(&format!("start: {many}\n")),
         }
         g.push_str(&format!("calls: call ({} call)*\ncall: {call}\nTEXT: {text}\n", lit("\n")));
         let bodies: Vec<String> = (0..chosen.len()).map(|i| format!("body{i}")).collect();
@@ -301,7 +304,9 @@ pub fn parse_calls(reply: &str, format: ToolFormat) -> (String, Vec<ToolCall>) {
                     let lines: Vec<&str> =
                         body.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with("```")).collect();
                     let parsed: Vec<_> = lines.iter().filter_map(|l| call_of(l)).collect();
-                    if !lines.is_empty() && parsed.len() == lines.len() {
+                    // A reply cut by the length limit inside its last call: the complete calls before it.
+                    let cut = lines.last().is_some_and(|l| serde_json::from_str::<Value>(l).is_err_and(|e| e.is_eof()));
+                    if !lines.is_empty() && (parsed.len() == lines.len() || (cut && parsed.len() + 1 == lines.len())) {
                         calls.extend(parsed);
                         String::new()
                     } else {
@@ -387,6 +392,13 @@ mod tests {
         assert_eq!((text.as_str(), calls.len()), ("It is 21 degrees {not a call}", 0));
         let (text, calls) = parse_calls("<tool_call>\nbroken", ToolFormat::Tagged);
         assert_eq!((text.as_str(), calls.len()), ("<tool_call>\nbroken", 0));
+        // Cut by the length limit inside a repeated call: the complete calls count, the cut one is dropped...
+        let cut = "```json\n{\"name\": \"play\", \"arguments\": {}}\n```\n```json\n{\"name\": \"play\", \"argu";
+        let (text, calls) = parse_calls(cut, ToolFormat::Json);
+        assert_eq!((text.as_str(), calls.len()), ("", 1));
+        // ...but a line that is not JSON at all keeps the reply text.
+        let (_, calls) = parse_calls("{\"name\": \"play\", \"arguments\": {}}\nand then", ToolFormat::Json);
+        assert!(calls.is_empty());
     }
 
     #[test]
@@ -399,6 +411,9 @@ mod tests {
         assert!(auto.starts_with("start: calls | TEXT") && auto.contains("<tool_call>") && auto.contains("body1"));
         let named = g(ToolChoice::Function("play".into()), ToolFormat::Json);
         assert!(named.starts_with("start: call\n") && named.contains("\\\"play\\\"") && !named.contains("set_temperature"));
+        let single = Tools { parallel: false, ..tools(ToolChoice::Required) }.constraint(ToolFormat::Json).unwrap();
+        let Constraint::Lark(single) = single else { panic!("a grammar") };
+        assert!(single.starts_with("start: call\n"), "{single}");
         assert!(tools(ToolChoice::None).constraint(ToolFormat::Json).is_none());
         let mut free = tools(ToolChoice::Required);
         free.constrain = false;

@@ -277,6 +277,7 @@ fn sampling_params(
         stop: stops,
         seed: field!("seed", J) as u64,
         constraint: None,
+        top_logprobs: None,
     };
     // The constraint and tools: nullable String fields, at most one constraint.
     let mut text = |name: &str| -> FfiResult<Option<String>> {

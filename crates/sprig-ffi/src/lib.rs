@@ -621,6 +621,7 @@ unsafe fn sampling(params: *const SprigSamplingParams) -> FfiResult<Sampling> {
         stop,
         seed: p.seed,
         constraint: None,
+        top_logprobs: None,
     };
     // SAFETY: caller contract: each string is NULL or NUL-terminated.
     let text = |ptr: *const c_char, what: &str| unsafe { str_arg(ptr, what) }.map(str::to_string);

@@ -190,6 +190,7 @@ pub fn batched_scaling<B: Backend>(e: &Arc<Engine<B>>, counts: &[usize], gen: us
                     params: params.clone(),
                     max_new: gen,
                     on_text: Box::new(|_: &str| true),
+                    on_logprob: None,
                 })
                 .collect();
             let t0 = Instant::now();

@@ -9,7 +9,7 @@ use sprig_backend::Backend;
 use sprig_engine::{with_engine, Engine};
 use sprig_models::Logits;
 
-use crate::args::ModelArgs;
+use crate::args::{LoadArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -73,9 +73,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             println!("{line}");
         }
     }
-    let e = ModelArgs { threads, ..a.model.clone() }.engine()?;
+    let e = ModelArgs { load: LoadArgs { threads, ..a.model.load.clone() }, ..a.model.clone() }.engine()?;
     if let Some(path) = &a.agent_trace {
-        let o = super::agent_trace::TraceOptions { path: path.clone(), ctx: a.model.ctx_size, reply: a.gen, json: a.json };
+        let o = super::agent_trace::TraceOptions { path: path.clone(), ctx: a.model.load.ctx_size, reply: a.gen, json: a.json };
         return with_engine!(&e, |e| super::agent_trace::run(e, &o));
     }
     if let Some(path) = &a.structured {

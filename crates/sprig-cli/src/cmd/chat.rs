@@ -60,7 +60,7 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
     }
     let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
-    let mut session = Session::new(e.clone(), a.model.ctx_size)?;
+    let mut session = Session::new(e.clone(), a.model.load.ctx_size)?;
     session.set_context_policy(a.context_policy.0, 0);
     if let Some(path) = a.session.as_ref().filter(|p| p.exists()) {
         let t0 = std::time::Instant::now();

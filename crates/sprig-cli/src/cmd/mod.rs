@@ -10,4 +10,6 @@ pub mod gen;
 pub mod inspect;
 pub mod registry;
 pub mod run;
+#[cfg(feature = "server")]
+pub mod serve;
 pub mod structured_bench;

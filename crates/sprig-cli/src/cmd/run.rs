@@ -45,7 +45,7 @@ fn run_on<B: Backend>(e: std::sync::Arc<Engine<B>>, a: &RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
     if let Some(tools) = a.tools.tools()? {
         // One user turn offering the tools; the reply streams, then its calls.
-        let mut session = Session::new(e.clone(), a.model.ctx_size)?;
+        let mut session = Session::new(e.clone(), a.model.load.ctx_size)?;
         let mut out = std::io::stdout().lock();
         let msgs = [ChatMessage::new("user", &a.prompt)];
         let stats = session.chat_with_tools(&msgs, Some(&tools), &params, a.n, |s| {
@@ -62,7 +62,7 @@ fn run_on<B: Backend>(e: std::sync::Arc<Engine<B>>, a: &RunArgs) -> Result<()> {
     let mut sampler = Sampler::new(params)?;
     let add_bos = e.tokenizer.special().add_bos;
     let prompt = e.tokenizer.encode_parts(&[(&a.prompt, a.special)], add_bos)?;
-    let mut st = e.model.new_state(a.model.ctx_size)?;
+    let mut st = e.model.new_state(a.model.load.ctx_size)?;
     let mut out = std::io::stdout().lock();
     let stats = e.generate(&mut st, &prompt, a.n, &mut sampler, true, |s| {
         let _ = out.write_all(s.as_bytes());

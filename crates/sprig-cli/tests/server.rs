@@ -1,0 +1,266 @@
+//! `sprig serve` as clients see it: the official `openai` Python package against it, raw HTTP with bad input,
+//! several models, and a bounded soak with clients that hang up mid-stream. Servers bind to 127.0.0.1 on a
+//! port the system picks and are killed when their test ends (also when it fails).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+mod common;
+use common::*;
+
+const MODEL: &str = "smollm2-135m-instruct";
+const KEY: &str = "test-key-7f3a";
+/// The SDK the tests run, pinned (with what it installs: its pydantic, and httpx2 for the soak's client).
+const OPENAI_PACKAGE: &str = "openai==3.51.0";
+
+struct Server {
+    child: Child,
+    /// `127.0.0.1:PORT`
+    addr: String,
+}
+
+impl Server {
+    /// Starts `sprig serve --port 0 ARGS` and waits until it listens.
+    fn start(args: &[&str]) -> Server {
+        let mut child = sprig()
+            .args(["serve", "--port", "0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sprig starts");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = String::new();
+        let addr = loop {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                panic!("sprig serve exited before listening: {log}");
+            };
+            log.push_str(&line);
+            log.push('\n');
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        assert!(addr.starts_with("127.0.0.1:"), "binds to the loopback address by default: {addr}");
+        // Keep reading its stderr so that the pipe never fills.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    fn rss_pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response's status and body (`Connection: close`, so the body is what follows the headers; never chunked
+/// for the JSON answers these tests read).
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    // The server may answer (413) and close before reading a large body: a failed write is not the test's
+    // failure, the answer is.
+    let _ = s.write_all(req.as_bytes()).and_then(|_| s.write_all(body));
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+fn auth() -> (&'static str, String) {
+    ("Authorization", format!("Bearer {KEY}"))
+}
+
+fn post(addr: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let (k, v) = auth();
+    http(addr, "POST", path, &[(k, &v), ("Content-Type", "application/json")], body)
+}
+
+/// Asserts an OpenAI-shaped error with `status`; returns the error object.
+fn api_error(r: (u16, String), status: u16) -> serde_json::Value {
+    assert_eq!(r.0, status, "{}", r.1);
+    let v: serde_json::Value = serde_json::from_str(&r.1).unwrap_or_else(|e| panic!("{e}: {}", r.1));
+    let e = v["error"].clone();
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()) && e["type"].is_string(), "{v}");
+    e
+}
+
+/// A venv with the `openai` package, made once per cache (under a lock: the tests of this file run in
+/// parallel).
+fn python() -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let cache = std::env::var_os("SPRIG_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME or SPRIG_CACHE")).join(".cache/sprig")
+    });
+    let venv = cache.join("venvs").join(OPENAI_PACKAGE.replace("==", "-"));
+    let py = venv.join("bin/python");
+    if py.exists() {
+        return py;
+    }
+    let tmp = cache.join("venvs").join(format!(".tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let ok = Command::new("python3").args(["-m", "venv"]).arg(&tmp).status().is_ok_and(|s| s.success());
+    assert!(ok, "python3 -m venv failed (Debian/Ubuntu: apt-get install python3-venv)");
+    let ok = Command::new(tmp.join("bin/python"))
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", OPENAI_PACKAGE])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "pip install {OPENAI_PACKAGE} failed");
+    std::fs::rename(&tmp, &venv).unwrap();
+    py
+}
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/server").join(name)
+}
+
+#[test]
+fn the_openai_python_sdk_works_unchanged() {
+    let py = python();
+    let server = Server::start(&["-m", MODEL, "--api-key", KEY, "-t", "2"]);
+    let out = Command::new(py).arg(script("openai_client.py")).args([&server.url(), KEY, MODEL]).output().unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && so.contains("all ok"), "{so}\n{se}");
+}
+
+#[test]
+fn bad_requests_get_the_right_4xx_and_the_server_keeps_serving() {
+    let dir = std::env::temp_dir().join(format!("sprig-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A second model: a small synthetic one.
+    let tiny = dir.join("tiny.gguf");
+    run_ok(&["gen", "--arch", "qwen2", "--format", "gguf", "-o", tiny.to_str().unwrap()]);
+    let s = Server::start(&["-m", MODEL, "-m", tiny.to_str().unwrap(), "--api-key", KEY, "--ctx-size", "256", "--max-tokens", "64"]);
+    let a = &s.addr;
+    let chat = |extra: &str| format!(r#"{{"model":"{MODEL}","messages":[{{"role":"user","content":"Hi"}}],"max_tokens":4{extra}}}"#);
+
+    // Health needs no key; everything else does, and a wrong key is as good as none.
+    assert_eq!(http(a, "GET", "/health", &[], b"").0, 200);
+    let e = api_error(http(a, "GET", "/v1/models", &[], b""), 401);
+    assert_eq!(e["code"], "invalid_api_key");
+    api_error(http(a, "GET", "/v1/models", &[("Authorization", "Bearer wrong")], b""), 401);
+    api_error(http(a, "POST", "/v1/chat/completions", &[("Authorization", KEY)], chat("").as_bytes()), 401);
+    api_error(http(a, "GET", "/metrics", &[], b""), 401);
+
+    // Both models listed; `model` picks one; an unknown one is a 404.
+    let (k, key) = auth();
+    let (st, body) = http(a, "GET", "/v1/models", &[(k, &key)], b"");
+    assert_eq!(st, 200);
+    let ids: Vec<String> = serde_json::from_str::<serde_json::Value>(&body).unwrap()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, [MODEL, "tiny"]);
+    let (st, body) = post(a, "/v1/completions", br#"{"model":"tiny","prompt":"abc","max_tokens":3,"temperature":0}"#);
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["model"], "tiny");
+    assert!(v["usage"]["completion_tokens"].as_u64() <= Some(3) && v["usage"]["prompt_tokens"].as_u64() > Some(0), "{v}");
+    let (st, body) = post(a, "/v1/chat/completions", br#"{"model":"tiny","messages":[{"role":"user","content":"x"}],"max_tokens":2}"#);
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains(r#""model":"tiny""#), "{body}");
+    let e = api_error(post(a, "/v1/chat/completions", chat("").replace(MODEL, "gpt-4o").as_bytes()), 404);
+    assert_eq!(e["code"], "model_not_found");
+
+    // Malformed JSON, not an object, wrong types, unknown fields, invalid UTF-8.
+    api_error(post(a, "/v1/chat/completions", br#"{"model": "#), 400);
+    api_error(post(a, "/v1/chat/completions", b"[1, 2]"), 400);
+    api_error(post(a, "/v1/chat/completions", br#"{"model":"x","messages":"hi"}"#), 400);
+    api_error(post(a, "/v1/chat/completions", chat(r#","temperature":"hot""#).as_bytes()), 400);
+    api_error(post(a, "/v1/chat/completions", chat(r#","max_tokens":-1"#).replace(r#""max_tokens":4,"#, "").as_bytes()), 400);
+    let e = api_error(post(a, "/v1/chat/completions", chat(r#","frobnicate":1"#).as_bytes()), 400);
+    assert_eq!(e["param"], "frobnicate");
+    let mut bad_utf8 = chat("").into_bytes();
+    let at = bad_utf8.windows(2).position(|w| w == b"Hi").unwrap();
+    bad_utf8[at] = 0xff;
+    let e = api_error(post(a, "/v1/chat/completions", &bad_utf8), 400);
+    assert!(e["message"].as_str().unwrap().contains("UTF-8"), "{e}");
+    // Out-of-range and unsupported parameters name the parameter.
+    for (extra, param) in [
+        (r#","temperature":3"#, "temperature"),
+        (r#","top_p":0"#, "top_p"),
+        (r#","n":2"#, "n"),
+        (r#","logit_bias":{"999999999":1}"#, "logit_bias"),
+        (r#","top_logprobs":3"#, "top_logprobs"),
+        (r#","stop":["a","b","c","d","e"]"#, "stop"),
+        (r#","tool_choice":"auto""#, "tool_choice"),
+        (r#","tools":[{"type":"function","function":{"name":"bad name!"}}]"#, "tools"),
+    ] {
+        let e = api_error(post(a, "/v1/chat/completions", chat(extra).as_bytes()), 400);
+        assert_eq!(e["param"], param, "{extra}: {e}");
+    }
+    let e = api_error(post(a, "/v1/chat/completions", br#"{"model":"x","messages":[{"role":"wizard","content":"x"}]}"#), 404);
+    assert_eq!(e["code"], "model_not_found", "the model is looked up before the messages");
+    let e = api_error(post(a, "/v1/chat/completions", chat("").replace("user", "wizard").as_bytes()), 400);
+    assert_eq!(e["param"], "messages[0].role");
+    // Limits: max_tokens above the server's ceiling, a prompt longer than the context, a huge body.
+    let e = api_error(post(a, "/v1/chat/completions", chat("").replace(r#""max_tokens":4"#, r#""max_tokens":65"#).as_bytes()), 400);
+    assert!(e["message"].as_str().unwrap().contains("at most 64"), "{e}");
+    let long = chat("").replace("Hi", &"word ".repeat(400));
+    let e = api_error(post(a, "/v1/chat/completions", long.as_bytes()), 400);
+    assert_eq!(e["code"], "context_length_exceeded", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("maximum context length is 256 tokens"), "{e}");
+    let huge = chat("").replace("Hi", &"x".repeat(2 << 20));
+    api_error(post(a, "/v1/chat/completions", huge.as_bytes()), 413);
+    // Wrong method, unknown path.
+    api_error(http(a, "GET", "/v1/chat/completions", &[(k, &key)], b""), 405);
+    api_error(http(a, "GET", "/v1/nothing", &[(k, &key)], b""), 404);
+
+    // Still serving, and the refusals were counted.
+    let (st, body) = post(a, "/v1/chat/completions", chat(r#","temperature":0"#).as_bytes());
+    assert_eq!(st, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["choices"][0]["message"]["content"].is_string() && v["usage"]["prompt_tokens"].as_u64() > Some(0), "{v}");
+    let (st, metrics) = http(a, "GET", "/metrics", &[(k, &key)], b"");
+    assert_eq!(st, 200);
+    for want in [
+        r#"sprig_http_requests_total{route="/v1/chat/completions",code="400"}"#,
+        r#"sprig_http_requests_total{route="/v1/chat/completions",code="413"}"#,
+        r#"sprig_http_requests_total{route="/v1/models",code="401"}"#,
+        r#"sprig_generated_tokens_total{model="smollm2-135m-instruct"}"#,
+        r#"sprig_time_to_first_token_seconds_count{model="smollm2-135m-instruct"}"#,
+        r#"sprig_active_requests{model="smollm2-135m-instruct"} 0"#,
+    ] {
+        assert!(metrics.contains(want), "no {want} in\n{metrics}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 1,000 requests, 16 at a time, a tenth of them streamed and dropped mid-stream (see tests/server/soak.py).
+/// The prefix cache's budget is small so that it is full (evicting) well before the first 100 requests end:
+/// memory that grows after that is a leak, not the cache filling up.
+#[test]
+fn soak_with_clients_hanging_up() {
+    let py = python();
+    let s = Server::start(&["-m", MODEL, "--api-key", KEY, "-t", "2", "--prefix-cache", "16", "--max-concurrent", "16"]);
+    let out = Command::new(py).arg(script("soak.py")).args([&s.url(), KEY, MODEL, &s.rss_pid(), "1000", "16"]).output().unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    eprintln!("{so}");
+    assert!(out.status.success(), "{so}\n{se}");
+}

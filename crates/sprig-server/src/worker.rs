@@ -1,0 +1,219 @@
+//! One worker thread per model: it takes requests from a bounded queue and runs them together through the
+//! session engine ([`sprig_engine::run_batch`]): every request waiting when a batch starts joins it (up to
+//! `max_concurrent`), their prompts share the model's prefix cache, and their decode steps go through the model
+//! as one batch. Sessions are pooled: a request gets the idle session whose KV cache holds the longest start of
+//! its prompt (a client continuing its conversation usually finds its own), and a session's memory is reused.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use sprig_backend::Backend;
+use sprig_engine::{run_batch, BatchRequest, ContextPolicy, Engine, EngineError, GenerationStats, Prompt, SamplingParams, Session, TokenLogprob};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::metrics::ModelMetrics;
+
+/// A request for the worker, checked by the HTTP layer (it fits the context, its constraint compiles).
+pub struct Job {
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+    pub max_new: usize,
+    /// The prompt's tokens as the handler rendered them: picks the pooled session holding most of them.
+    pub tokens: Vec<u32>,
+    /// Where the generation goes; when its receiver is gone (the client disconnected) the generation stops at
+    /// its next token.
+    pub events: UnboundedSender<Event>,
+    pub queued: Instant,
+}
+
+pub enum Event {
+    /// Generated text, with the log-probability entries of the tokens since the last piece (when asked).
+    Text(String, Vec<TokenLogprob>),
+    /// The end: the generation's figures, or why it failed.
+    Done(Result<GenerationStats, EngineError>),
+}
+
+/// The HTTP layer's end of a worker.
+pub struct Handle {
+    queue: SyncSender<Job>,
+    metrics: Arc<ModelMetrics>,
+    alive: Arc<AtomicBool>,
+}
+
+/// Why a job was not queued.
+pub enum Refused {
+    /// The queue is full.
+    Busy,
+    /// The worker has stopped (its thread failed).
+    Stopped,
+}
+
+impl Handle {
+    pub fn submit(&self, job: Job) -> Result<(), Refused> {
+        if !self.alive.load(Ordering::Acquire) {
+            return Err(Refused::Stopped);
+        }
+        // Counted before the send: the worker takes it off when it picks the job up.
+        self.metrics.queue_depth.inc();
+        match self.queue.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.metrics.queue_depth.dec();
+                Err(match e {
+                    TrySendError::Full(_) => Refused::Busy,
+                    TrySendError::Disconnected(_) => Refused::Stopped,
+                })
+            }
+        }
+    }
+}
+
+pub struct WorkerConfig {
+    pub max_concurrent: usize,
+    pub max_queue: usize,
+    /// Each session's context (0: the model's).
+    pub context: usize,
+}
+
+/// Starts the worker of `engine`.
+pub fn spawn<B: Backend + 'static>(
+    name: &str,
+    engine: Arc<Engine<B>>,
+    config: WorkerConfig,
+    metrics: Arc<ModelMetrics>,
+) -> std::io::Result<Handle> {
+    let (tx, rx) = sync_channel(config.max_queue);
+    let alive = Arc::new(AtomicBool::new(true));
+    let (m, a) = (metrics.clone(), alive.clone());
+    std::thread::Builder::new().name(format!("sprig-worker-{name}")).spawn(move || {
+        // A panic in the engine would be a bug; the server then refuses this model's requests instead of
+        // hanging them.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(engine, rx, &config, &m)));
+        a.store(false, Ordering::Release);
+        if r.is_err() {
+            eprintln!("sprig serve: a model's worker stopped after a panic; its requests now fail");
+        }
+    })?;
+    Ok(Handle { queue: tx, metrics, alive })
+}
+
+fn work<B: Backend>(engine: Arc<Engine<B>>, rx: Receiver<Job>, config: &WorkerConfig, metrics: &ModelMetrics) {
+    let mut pool: Vec<Session<B>> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < config.max_concurrent {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        metrics.queue_depth.dec_by(jobs.len() as i64);
+        // Clients gone while their request waited: nothing to run.
+        jobs.retain(|j| {
+            let gone = j.events.is_closed();
+            if gone {
+                metrics.cancelled.inc();
+            }
+            !gone
+        });
+        let mut sessions = Vec::with_capacity(jobs.len());
+        let mut runnable = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            match take_session(&mut pool, &engine, config.context, &job.tokens) {
+                Ok(s) => {
+                    sessions.push(s);
+                    runnable.push(job);
+                }
+                Err(e) => {
+                    let _ = job.events.send(Event::Done(Err(e)));
+                }
+            }
+        }
+        metrics.active.set(runnable.len() as i64);
+        run(&mut sessions, &runnable, metrics);
+        metrics.active.set(0);
+        pool.extend(sessions);
+        pool.truncate(config.max_concurrent);
+    }
+}
+
+/// The idle session holding the longest start of `tokens`, or a new one.
+fn take_session<B: Backend>(pool: &mut Vec<Session<B>>, engine: &Arc<Engine<B>>, context: usize, tokens: &[u32]) -> Result<Session<B>, EngineError> {
+    let common = |s: &Session<B>| s.tokens().iter().zip(tokens).take_while(|(a, b)| a == b).count();
+    if let Some((i, _)) = pool.iter().enumerate().max_by_key(|(_, s)| common(s)) {
+        let mut s = pool.swap_remove(i);
+        // Requests are independent (a raw prompt does not continue the last one; a seed draws the same whichever
+        // session serves it); the cache is reused as far as the prompt starts like it.
+        s.start_over();
+        return Ok(s);
+    }
+    let mut s = Session::new(engine.clone(), context)?;
+    // A request longer than the context is refused up front (400); one that grows past it while decoding
+    // stops with `length`, as OpenAI's do: nothing is dropped from a conversation behind the client's back.
+    s.set_context_policy(ContextPolicy::Error, 0);
+    Ok(s)
+}
+
+/// Runs `jobs` (one per session) as one batch, streaming their text and sending each its end.
+fn run<B: Backend>(sessions: &mut [Session<B>], jobs: &[Job], metrics: &ModelMetrics) {
+    // Per job: log-probability entries not yet sent with a piece of text, and whether text has come.
+    let pending: Vec<std::cell::RefCell<(Vec<TokenLogprob>, bool)>> = jobs.iter().map(|_| Default::default()).collect();
+    let requests: Vec<BatchRequest<'_, B>> = sessions
+        .iter_mut()
+        .zip(jobs)
+        .zip(&pending)
+        .map(|((session, job), pending)| {
+            let on_text = move |t: &str| {
+                if !t.is_empty() {
+                    let mut p = pending.borrow_mut();
+                    if !p.1 {
+                        p.1 = true;
+                        metrics.time_to_first_token.observe(job.queued.elapsed().as_secs_f64());
+                    }
+                    let _ = job.events.send(Event::Text(t.to_string(), std::mem::take(&mut p.0)));
+                }
+                // A closed channel: the client has gone; stop now.
+                !job.events.is_closed()
+            };
+            let on_logprob = job.params.top_logprobs.is_some().then(|| {
+                Box::new(move |e: &TokenLogprob| pending.borrow_mut().0.push(e.clone())) as Box<dyn FnMut(&TokenLogprob)>
+            });
+            BatchRequest {
+                session,
+                prompt: job.prompt.clone(),
+                params: job.params.clone(),
+                max_new: job.max_new,
+                on_text: Box::new(on_text),
+                on_logprob,
+            }
+        })
+        .collect();
+    let results = run_batch(requests);
+    for ((job, result), pending) in jobs.iter().zip(results).zip(&pending) {
+        match &result {
+            Ok(s) => {
+                metrics.prompt_tokens.inc_by((s.prompt_tokens + s.cached_tokens) as u64);
+                metrics.cached_prompt_tokens.inc_by(s.cached_tokens as u64);
+                metrics.prefix_cache_tokens.inc_by(s.prefix_cache_tokens as u64);
+                if s.prefix_cache_tokens > 0 {
+                    metrics.prefix_cache_hits.inc();
+                }
+                metrics.generated_tokens.inc_by(s.generated.len() as u64);
+                if s.stop == sprig_engine::generate::StopReason::Cancelled {
+                    metrics.cancelled.inc();
+                }
+            }
+            Err(_) => {
+                metrics.failed.inc();
+            }
+        }
+        // Entries of tokens whose text never came (held back, then cut by a stop string): with the end.
+        let left = std::mem::take(&mut pending.borrow_mut().0);
+        if !left.is_empty() {
+            let _ = job.events.send(Event::Text(String::new(), left));
+        }
+        let _ = job.events.send(Event::Done(result));
+    }
+}
