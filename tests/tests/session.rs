@@ -460,6 +460,74 @@ fn batched_sessions_answer_as_each_alone() {
 }
 
 #[test]
+fn continuous_batch_requests_join_mid_run_and_answer_as_each_alone() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    use sprig_engine::{ContinuousBatch, Prompt, Request};
+    let (model, tok) = stories260k();
+    let e = Arc::new(cpu_engine(open(&model, Some(tok), QuantChoice::Keep), 2));
+    let prompts = ["Once upon a time", "The dog ran to the park and saw a big red ball. It", "Lily", "Tom had a toy", "Sam"];
+    let lens = [40, 12, 30, 25, 8];
+    let alone: Vec<String> = prompts
+        .iter()
+        .zip(lens)
+        .map(|(p, n)| {
+            let mut s = Session::new(e.clone(), 0).unwrap();
+            let mut out = String::new();
+            s.generate(p, false, &greedy(), n, |t| {
+                out.push_str(t);
+                true
+            })
+            .unwrap();
+            out
+        })
+        .collect();
+    let outs: Vec<Rc<RefCell<String>>> = prompts.iter().map(|_| Rc::default()).collect();
+    let request = |i: usize| {
+        let out = outs[i].clone();
+        Request {
+            prompt: Prompt::Text { text: prompts[i].to_string(), parse_special: false },
+            params: greedy(),
+            max_new: lens[i],
+            on_text: Box::new(move |t: &str| {
+                out.borrow_mut().push_str(t);
+                true
+            }),
+            on_logprob: None,
+        }
+    };
+    let mut batch = ContinuousBatch::new(&e);
+    // Two start; the others join one by one while those decode; each leaves as soon as it ends.
+    for i in 0..2 {
+        assert!(batch.add(Session::new(e.clone(), 0).unwrap(), request(i), i).is_ok());
+    }
+    let (mut next, mut ended, mut steps, mut left_early) = (2, Vec::new(), 0, false);
+    while !batch.is_empty() || next < prompts.len() {
+        if steps % 5 == 4 && next < prompts.len() {
+            assert!(batch.add(Session::new(e.clone(), 0).unwrap(), request(next), next).is_ok());
+            next += 1;
+        }
+        for f in batch.step() {
+            let r = f.result.unwrap();
+            assert_eq!(f.session.tokens().len(), f.session.state.pos);
+            left_early |= !batch.is_empty() || next < prompts.len();
+            ended.push((f.tag, r.generated.len()));
+        }
+        steps += 1;
+    }
+    let got: Vec<String> = outs.iter().map(|o| o.borrow().clone()).collect();
+    assert_eq!(got, alone);
+    assert!(left_early, "a request left while others still ran");
+    // The short reply (request 1) ended before the long first one.
+    let pos = |i: usize| ended.iter().position(|&(t, _)| t == i).unwrap();
+    assert!(pos(1) < pos(0), "{ended:?}");
+    // A refused request comes back at once with its session.
+    let bad = Request { params: SamplingParams { temperature: -1.0, ..greedy() }, ..request(0) };
+    let f = batch.add(Session::new(e.clone(), 0).unwrap(), bad, 9).unwrap_err();
+    assert!(f.result.unwrap_err().to_string().contains("temperature") && f.tag == 9);
+}
+
+#[test]
 fn int8_kv_session_saves_its_codes_and_continues_exactly() {
     use sprig_backend::KvDtype;
     let e = Arc::new(cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2));

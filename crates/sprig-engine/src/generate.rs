@@ -214,94 +214,137 @@ impl<B: Backend> Engine<B> {
     /// Each item behaves as [`Engine::generate`] alone would; with a session (`run`), prefill chunks end on
     /// block boundaries, completed blocks go into the prefix cache, and a full context asks `run.make_room`.
     pub(crate) fn generate_batch(&self, items: Vec<BatchItem<'_, '_, B>>) -> Vec<Result<GenerationStats>> {
-        let mut gens: Vec<Gen<'_, '_, '_, B>> = items.into_iter().map(|it| Gen::start(self, it)).collect();
-        let mut batch: Option<sprig_models::Batch<B>> = None;
-        let mut batch_logits = Vec::new();
-        let mut step: Vec<usize> = Vec::with_capacity(gens.len());
-        let mut tokens: Vec<u32> = Vec::with_capacity(gens.len());
-        // Round-robin over prefilling generations.
-        let mut next_prefill = 0;
-        loop {
-            let n = gens.len();
-            let decoding = gens.iter().any(|g| g.live() && g.prefilled());
-            let prefilling = (next_prefill..n).chain(0..next_prefill).find(|&i| gens[i].live() && !gens[i].prefilled());
-            if let Some(i) = prefilling {
-                next_prefill = i + 1;
-                // While others decode, a long prompt goes in shorter chunks so that they do not stall.
-                let max = if decoding { INTERLEAVED_PREFILL_CHUNK } else { PREFILL_CHUNK };
-                gens[i].prefill_chunk(self, max);
+        let mut r = Runner::new(self);
+        items.into_iter().for_each(|it| r.add(it));
+        while r.step() {}
+        r.gens.into_iter().map(|g| g.finish(self).1).collect()
+    }
+}
+
+/// Generations running together (see [`Engine::generate_batch`]); more may join between steps, and those that
+/// have ended may leave (a continuous batch, [`crate::session::ContinuousBatch`]).
+pub(crate) struct Runner<'t, B: Backend, I: Item<B>> {
+    e: &'t Engine<B>,
+    gens: Vec<Gen<'t, B, I>>,
+    batch: Option<sprig_models::Batch<B>>,
+    batch_logits: Vec<f32>,
+    step: Vec<usize>,
+    tokens: Vec<u32>,
+    /// Round-robin over prefilling generations.
+    next_prefill: usize,
+}
+
+impl<'t, B: Backend, I: Item<B>> Runner<'t, B, I> {
+    pub(crate) fn new(e: &'t Engine<B>) -> Self {
+        Runner { e, gens: Vec::new(), batch: None, batch_logits: Vec::new(), step: Vec::new(), tokens: Vec::new(), next_prefill: 0 }
+    }
+
+    /// Starts a generation; it joins the next step.
+    pub(crate) fn add(&mut self, item: I) {
+        self.gens.push(Gen::start(self.e, item));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.gens.len()
+    }
+
+    /// Takes the generations that have ended, in order, with their results.
+    pub(crate) fn take_finished(&mut self) -> Vec<(I, Result<GenerationStats>)> {
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.gens.len() {
+            if self.gens[i].live() {
+                i += 1;
+            } else {
+                done.push(self.gens.remove(i).finish(self.e));
             }
-            // Every generation past its prompt samples its next token; those that go on are fed as one batch.
-            step.clear();
-            tokens.clear();
-            let mut forced_run = false;
-            for (i, g) in gens.iter_mut().enumerate() {
-                if !(g.live() && g.prefilled()) {
-                    continue;
-                }
-                let logits = g.batch_row.take().map(|r| &batch_logits[r * g.vocab..(r + 1) * g.vocab]);
-                if let Some(next) = g.sample(self, logits) {
-                    if g.forced.is_empty() {
-                        step.push(i);
-                        tokens.push(next);
-                    } else {
-                        // Tokens a constraint forces after it: one forward pass of them all, outside the batch
-                        // (they end `generated`, after `next`).
-                        let run = &g.generated[g.generated.len() - 1 - g.forced.len()..];
-                        let r = self.model.forward(g.item.state, run, Logits::Last);
-                        g.fed(r.map_err(Into::into), None);
-                        forced_run = true;
-                    }
-                }
+        }
+        done
+    }
+
+    /// One round: a prefill chunk of one generation still reading its prompt, then a decode step of every
+    /// generation past its prompt. False when nothing was left to run.
+    pub(crate) fn step(&mut self) -> bool {
+        let e = self.e;
+        let gens = &mut self.gens;
+        let n = gens.len();
+        let decoding = gens.iter().any(|g| g.live() && g.prefilled());
+        let start = self.next_prefill.min(n);
+        let prefilling = (start..n).chain(0..start).find(|&i| gens[i].live() && !gens[i].prefilled());
+        if let Some(i) = prefilling {
+            self.next_prefill = i + 1;
+            // While others decode, a long prompt goes in shorter chunks so that they do not stall.
+            let max = if decoding { INTERLEAVED_PREFILL_CHUNK } else { PREFILL_CHUNK };
+            gens[i].prefill_chunk(e, max);
+        }
+        // Every generation past its prompt samples its next token; those that go on are fed as one batch.
+        let (step, tokens) = (&mut self.step, &mut self.tokens);
+        step.clear();
+        tokens.clear();
+        let mut forced_run = false;
+        for (i, g) in gens.iter_mut().enumerate() {
+            if !(g.live() && g.prefilled()) {
+                continue;
             }
-            match step.len() {
-                0 => {
-                    if prefilling.is_none() && !forced_run {
-                        break;
-                    }
-                }
-                // One sequence: its own forward pass (no batch bookkeeping, nothing allocated per token).
-                1 => {
-                    let g = &mut gens[step[0]];
-                    let r = self.model.forward(g.item.state, &tokens, Logits::Last);
+            let logits = g.batch_row.take().map(|r| &self.batch_logits[r * g.vocab..(r + 1) * g.vocab]);
+            if let Some(next) = g.sample(e, logits) {
+                if g.forced.is_empty() {
+                    step.push(i);
+                    tokens.push(next);
+                } else {
+                    // Tokens a constraint forces after it: one forward pass of them all, outside the batch
+                    // (they end `generated`, after `next`).
+                    let run = &g.generated[g.generated.len() - 1 - g.forced.len()..];
+                    let r = e.model.forward(g.item.parts().state, run, Logits::Last);
                     g.fed(r.map_err(Into::into), None);
+                    forced_run = true;
                 }
-                _ => {
-                    let r = match batch.as_mut() {
-                        Some(b) => Ok(b),
-                        None => self.model.new_batch().map(|b| batch.insert(b)),
-                    }
-                    .and_then(|b| {
-                        // `step` is in increasing order: the states of its generations, in its order.
-                        let mut states: Vec<&mut State<B>> = gens
-                            .iter_mut()
-                            .enumerate()
-                            .filter(|(i, _)| step.binary_search(i).is_ok())
-                            .map(|(_, g)| &mut *g.item.state)
-                            .collect();
-                        self.model.forward_batch(b, &mut states, &tokens)?;
-                        self.model.read_batch_logits(b, &mut batch_logits)
-                    });
-                    match r {
-                        Ok(()) => {
-                            for (row, &i) in step.iter().enumerate() {
-                                gens[i].fed(Ok(()), Some(row));
-                            }
+            }
+        }
+        match step.len() {
+            0 => return prefilling.is_some() || forced_run,
+            // One sequence: its own forward pass (no batch bookkeeping, nothing allocated per token).
+            1 => {
+                let g = &mut gens[step[0]];
+                let r = e.model.forward(g.item.parts().state, tokens, Logits::Last);
+                g.fed(r.map_err(Into::into), None);
+            }
+            _ => {
+                let batch_logits = &mut self.batch_logits;
+                let r = match self.batch.as_mut() {
+                    Some(b) => Ok(b),
+                    None => e.model.new_batch().map(|b| self.batch.insert(b)),
+                }
+                .and_then(|b| {
+                    // `step` is in increasing order: the states of its generations, in its order.
+                    let mut states: Vec<&mut State<B>> = gens
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| step.binary_search(i).is_ok())
+                        .map(|(_, g)| g.item.parts().state)
+                        .collect();
+                    e.model.forward_batch(b, &mut states, tokens)?;
+                    e.model.read_batch_logits(b, batch_logits)
+                });
+                match r {
+                    Ok(()) => {
+                        for (row, &i) in step.iter().enumerate() {
+                            gens[i].fed(Ok(()), Some(row));
                         }
-                        // The batch's states are in an unknown state: every generation in it fails, each with
-                        // the error's text (one error value cannot be handed to all of them).
-                        Err(e) => {
-                            let message = e.to_string();
-                            for &i in &step {
-                                let failed = sprig_backend::BackendError::DeviceFailed { op: "forward_batch", message: message.clone() };
-                                gens[i].fed(Err(sprig_models::ModelError::Backend(failed).into()), None);
-                            }
+                    }
+                    // The batch's states are in an unknown state: every generation in it fails, each with
+                    // the error's text (one error value cannot be handed to all of them).
+                    Err(err) => {
+                        let message = err.to_string();
+                        for &i in step.iter() {
+                            let failed = sprig_backend::BackendError::DeviceFailed { op: "forward_batch", message: message.clone() };
+                            gens[i].fed(Err(sprig_models::ModelError::Backend(failed).into()), None);
                         }
                     }
                 }
             }
         }
-        gens.into_iter().map(|g| g.finish(self)).collect()
+        true
     }
 }
 
@@ -321,9 +364,30 @@ pub(crate) struct BatchItem<'a, 'b, B: Backend> {
     pub on_logprob: Option<&'a mut dyn FnMut(&TokenLogprob)>,
 }
 
+/// What a generation runs on, lent out for each use: a [`BatchItem`] of borrowed parts, or a request that
+/// owns its session (a continuous batch's, which outlives no borrow).
+pub(crate) trait Item<B: Backend> {
+    fn parts(&mut self) -> BatchItem<'_, '_, B>;
+}
+
+impl<B: Backend> Item<B> for BatchItem<'_, '_, B> {
+    fn parts(&mut self) -> BatchItem<'_, '_, B> {
+        BatchItem {
+            state: &mut *self.state,
+            run: self.run.as_mut().map(|r| SessionRun { held: &mut *r.held, make_room: &mut *r.make_room }),
+            prompt: self.prompt,
+            max_new: self.max_new,
+            sampler: &mut *self.sampler,
+            echo_prompt: self.echo_prompt,
+            on_text: &mut *self.on_text,
+            on_logprob: self.on_logprob.as_mut().map(|f| &mut **f as &mut dyn FnMut(&TokenLogprob)),
+        }
+    }
+}
+
 /// A generation in progress.
-struct Gen<'a, 'b, 't, B: Backend> {
-    item: BatchItem<'a, 'b, B>,
+pub(crate) struct Gen<'t, B: Backend, I: Item<B>> {
+    item: I,
     dec: StreamDecoder<'t>,
     /// One text buffer for every piece: decode allocates nothing per token once it has grown.
     piece: String,
@@ -334,6 +398,7 @@ struct Gen<'a, 'b, 't, B: Backend> {
     layout: sprig_backend::KvLayout,
     caching: bool,
     chunk_limit: usize,
+    prompt_len: usize,
     processed: usize,
     generated: Vec<u32>,
     /// Generated tokens run into the state.
@@ -350,26 +415,38 @@ struct Gen<'a, 'b, 't, B: Backend> {
     t0: Instant,
     prefill_secs: f64,
     t1: Option<Instant>,
+    backend: std::marker::PhantomData<B>,
 }
 
-impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
-    fn start(e: &'t Engine<B>, item: BatchItem<'a, 'b, B>) -> Self {
-        let state = &*item.state;
-        let layout = e.model.state_kv_layout(state);
-        let caching = item.run.is_some() && e.prefix_cache.enabled();
+/// Records the first error of a generation.
+fn fail(slot: &mut Option<EngineError>, e: EngineError) {
+    if slot.is_none() {
+        *slot = Some(e);
+    }
+}
+
+impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
+    fn start(e: &'t Engine<B>, mut item: I) -> Self {
+        let it = item.parts();
+        let layout = e.model.state_kv_layout(it.state);
+        let caching = it.run.is_some() && e.prefix_cache.enabled();
         let chunk_limit = if caching { prefix_cache::chunk_limit(&layout, PREFILL_CHUNK) } else { PREFILL_CHUNK };
+        let stops = StopStrings::new(it.sampler.params().stop.clone());
+        let (pos, ctx, n) = (it.state.pos, it.state.max_context, it.prompt.len());
+        let generated = Vec::with_capacity(it.max_new.min(ctx.saturating_sub(pos) + 1));
         let mut g = Gen {
             dec: StreamDecoder::new(&e.tokenizer),
             piece: String::with_capacity(e.tokenizer.max_piece_bytes()),
             shown: String::new(),
-            stops: StopStrings::new(item.sampler.params().stop.clone()),
+            stops,
             logits: Vec::new(),
             vocab: e.model.config.vocab_size,
             layout,
             caching,
             chunk_limit,
+            prompt_len: n,
             processed: 0,
-            generated: Vec::with_capacity(item.max_new.min(state.max_context.saturating_sub(state.pos) + 1)),
+            generated,
             fed: 0,
             forced: Vec::new(),
             stop: None,
@@ -380,21 +457,22 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             t0: Instant::now(),
             prefill_secs: 0.0,
             t1: None,
+            backend: std::marker::PhantomData,
             item,
         };
         g.shown.reserve(g.piece.capacity());
         // Checked once, here, before anything runs: a prompt that cannot fit leaves the state untouched.
-        let (pos, ctx, n) = (g.item.state.pos, g.item.state.max_context, g.item.prompt.len());
         if n == 0 {
-            g.fail(EngineError::EmptyPrompt);
+            fail(&mut g.error, EngineError::EmptyPrompt);
         } else if pos + n > ctx {
-            g.fail(sprig_models::ModelError::ContextOverflow { pos, new: n, ctx }.into());
+            fail(&mut g.error, sprig_models::ModelError::ContextOverflow { pos, new: n, ctx }.into());
         }
         // The request's constraint, compiled now: a bad one fails before anything runs.
-        if let Some(c) = g.item.sampler.params().constraint.clone() {
+        let it = g.item.parts();
+        if let Some(c) = it.sampler.params().constraint.clone() {
             match e.guide(&c) {
-                Ok(guide) => g.item.sampler.constrain(guide),
-                Err(err) => g.fail(err),
+                Ok(guide) => it.sampler.constrain(guide),
+                Err(err) => fail(&mut g.error, err),
             }
         }
         if g.error.is_some() {
@@ -403,13 +481,14 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
         // The decoder sees the prompt either way: the generated text continues it (no leading space dropped as
         // if it started the output).
         let bos = e.tokenizer.bos();
-        for &t in g.item.prompt {
+        let it = g.item.parts();
+        for &t in it.prompt {
             g.piece.clear();
             if let Err(err) = g.dec.push_into(t, &mut g.piece) {
-                g.fail(err.into());
+                fail(&mut g.error, err.into());
                 return g;
             }
-            if g.item.echo_prompt && Some(t) != bos && !g.piece.is_empty() && g.stop.is_none() && !(g.item.on_text)(&g.piece) {
+            if it.echo_prompt && Some(t) != bos && !g.piece.is_empty() && g.stop.is_none() && !(it.on_text)(&g.piece) {
                 g.stop = Some(StopReason::Cancelled);
             }
         }
@@ -422,36 +501,31 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
     }
 
     fn prefilled(&self) -> bool {
-        self.processed == self.item.prompt.len()
-    }
-
-    fn fail(&mut self, e: EngineError) {
-        if self.error.is_none() {
-            self.error = Some(e);
-        }
+        self.processed == self.prompt_len
     }
 
     /// Runs the next chunk of the prompt (at most `max` tokens), after asking `on_text` whether to go on.
     fn prefill_chunk(&mut self, e: &Engine<B>, max: usize) {
-        if !(self.item.on_text)("") {
+        let it = self.item.parts();
+        if !(it.on_text)("") {
             self.stop = Some(StopReason::Cancelled);
             return;
         }
-        let state = &mut *self.item.state;
-        let left = self.item.prompt.len() - self.processed;
+        let state = it.state;
+        let left = it.prompt.len() - self.processed;
         let limit = self.chunk_limit.min(max);
         let n = if self.caching { prefix_cache::chunk_end(state.pos, state.pos + left, limit) - state.pos } else { limit.min(left) };
-        let chunk = &self.item.prompt[self.processed..self.processed + n];
+        let chunk = &it.prompt[self.processed..self.processed + n];
         if let Err(err) = e.model.forward(state, chunk, Logits::Last) {
-            return self.fail(err.into());
+            return fail(&mut self.error, err.into());
         }
-        chunk.iter().for_each(|&t| self.item.sampler.accept(t));
+        chunk.iter().for_each(|&t| it.sampler.accept(t));
         self.processed += n;
-        if let Some(r) = self.item.run.as_mut() {
+        if let Some(r) = it.run {
             r.held.extend_from_slice(chunk);
             if self.caching {
                 if let Err(err) = e.prefix_cache.insert_from(&*e.model.backend, state, &self.layout, r.held) {
-                    return self.fail(err);
+                    return fail(&mut self.error, err);
                 }
             }
         }
@@ -464,7 +538,8 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
     /// Samples the next token from `logits` (a batch's row) or the state's, shows its text; returns it when it
     /// is to be fed (the generation goes on), after freeing room in a full context.
     fn sample(&mut self, e: &Engine<B>, logits: Option<&[f32]>) -> Option<u32> {
-        if self.item.sampler.guide().is_some_and(|g| g.finished()) {
+        let it = self.item.parts();
+        if it.sampler.guide().is_some_and(|g| g.finished()) {
             // The constrained output is complete (its last tokens are in the state): only the end may follow.
             self.stop = Some(StopReason::StopToken);
             return None;
@@ -472,17 +547,17 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
         let logits = match logits {
             Some(l) => l,
             None => {
-                if let Err(err) = e.model.read_logits(self.item.state, &mut self.logits) {
-                    self.fail(err.into());
+                if let Err(err) = e.model.read_logits(it.state, &mut self.logits) {
+                    fail(&mut self.error, err.into());
                     return None;
                 }
                 &self.logits[..]
             }
         };
-        let next = match self.item.sampler.sample(logits) {
+        let next = match it.sampler.sample(logits) {
             Ok(t) => t,
             Err(err) => {
-                self.fail(err);
+                fail(&mut self.error, err);
                 return None;
             }
         };
@@ -490,17 +565,18 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             self.stop = Some(StopReason::StopToken);
             return None;
         }
-        let entry = self.item.sampler.params().top_logprobs.map(|n| TokenLogprob::from_logits(logits, next, n));
+        let entry = it.sampler.params().top_logprobs.map(|n| TokenLogprob::from_logits(logits, next, n));
         if !self.emit(next, entry) {
             return None;
         }
-        let state = &mut *self.item.state;
+        let it = self.item.parts();
+        let state = it.state;
         if state.pos >= state.max_context {
-            let freed = match self.item.run.as_mut() {
+            let freed = match it.run {
                 Some(r) => match (r.make_room)(e, state, r.held) {
                     Ok(n) => n,
                     Err(err) => {
-                        self.fail(err);
+                        fail(&mut self.error, err);
                         return None;
                     }
                 },
@@ -514,12 +590,12 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
         }
         // What the constraint forces next is fed with this token, without sampling: as many as fit in the
         // context, and one fewer than the length left (the length stop comes from a sampled token).
-        let (pos, ctx) = (self.item.state.pos, self.item.state.max_context);
-        let max = (ctx - pos - 1).min((self.item.max_new - self.generated.len()).saturating_sub(1));
-        if let Some(g) = self.item.sampler.guide() {
+        let (pos, ctx) = (state.pos, state.max_context);
+        let max = (ctx - pos - 1).min((it.max_new - self.generated.len()).saturating_sub(1));
+        if let Some(g) = it.sampler.guide() {
             let mut forced = std::mem::take(&mut self.forced);
             if let Err(err) = g.forced(max, &mut forced) {
-                self.fail(err);
+                fail(&mut self.error, err);
                 return None;
             }
             for &t in &forced {
@@ -535,23 +611,24 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
     /// Adds a generated token: its text goes out (held back while it could start a stop string); false when
     /// the generation ends with it (a stop string, a cancellation, the length).
     fn emit(&mut self, t: u32, logprob: Option<TokenLogprob>) -> bool {
+        let it = self.item.parts();
         self.generated.push(t);
-        if self.item.sampler.params().top_logprobs.is_some() {
+        if it.sampler.params().top_logprobs.is_some() {
             // A forced token comes without an entry (see `TokenLogprob`).
             let entry = logprob.unwrap_or_else(|| TokenLogprob::forced(t));
-            if let Some(cb) = self.item.on_logprob.as_mut() {
+            if let Some(cb) = it.on_logprob {
                 cb(&entry);
             }
             self.logprobs.push(entry);
         }
         self.piece.clear();
         if let Err(err) = self.dec.push_into(t, &mut self.piece) {
-            self.fail(err.into());
+            fail(&mut self.error, err.into());
             return false;
         }
         self.shown.clear();
         let hit = self.stops.push(&self.piece, &mut self.shown);
-        if !(self.item.on_text)(&self.shown) {
+        if !(it.on_text)(&self.shown) {
             self.stop = Some(StopReason::Cancelled);
             return false;
         }
@@ -559,7 +636,7 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             self.stop = Some(StopReason::StopString);
             return false;
         }
-        if self.generated.len() >= self.item.max_new {
+        if self.generated.len() >= it.max_new {
             self.stop = Some(StopReason::Length);
             return false;
         }
@@ -571,28 +648,38 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
     fn fed(&mut self, r: Result<()>, row: Option<usize>) {
         match r {
             Ok(()) => {
+                let it = self.item.parts();
                 let n = 1 + self.forced.len();
+                let mut run = it.run;
                 for &t in &self.generated[self.generated.len() - n..] {
-                    self.item.sampler.accept(t);
-                    if let Some(run) = self.item.run.as_mut() {
-                        run.held.push(t);
+                    it.sampler.accept(t);
+                    if let Some(r) = run.as_mut() {
+                        r.held.push(t);
                     }
                 }
                 self.fed += n;
                 self.forced.clear();
                 self.batch_row = row;
             }
-            Err(err) => self.fail(err),
+            Err(err) => fail(&mut self.error, err),
         }
     }
 
-    fn finish(mut self, e: &Engine<B>) -> Result<GenerationStats> {
+    /// The generation's end: what was held back goes out, the reply's blocks go into the prefix cache. Returns
+    /// the item with the result.
+    fn finish(mut self, e: &Engine<B>) -> (I, Result<GenerationStats>) {
+        let r = self.stats(e);
+        (self.item, r)
+    }
+
+    fn stats(&mut self, e: &Engine<B>) -> Result<GenerationStats> {
         if let Some(err) = self.error.take() {
             return Err(err);
         }
+        let it = self.item.parts();
         let mut stop = self.stop.unwrap_or(StopReason::Length);
         let unfinished = matches!(stop, StopReason::Length | StopReason::ContextFull | StopReason::StopString);
-        if unfinished && self.item.sampler.guide().is_some_and(|g| !g.satisfied()) {
+        if unfinished && it.sampler.guide().is_some_and(|g| !g.satisfied()) {
             stop = StopReason::ConstraintUnsatisfied;
         }
         if stop != StopReason::StopString && stop != StopReason::Cancelled {
@@ -600,17 +687,17 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             let mut tail = self.stops.finish();
             tail.push_str(&self.dec.finish());
             if !tail.is_empty() {
-                (self.item.on_text)(&tail);
+                (it.on_text)(&tail);
             }
         }
-        if let (Some(r), true) = (self.item.run.as_mut(), self.caching) {
+        if let (Some(r), true) = (it.run, self.caching) {
             // Blocks the reply completed: the next turn's prompt starts with them.
-            e.prefix_cache.insert_from(&*e.model.backend, self.item.state, &self.layout, r.held)?;
+            e.prefix_cache.insert_from(&*e.model.backend, it.state, &self.layout, r.held)?;
         }
         let prefill_secs = if self.t1.is_some() { self.prefill_secs } else { self.t0.elapsed().as_secs_f64() };
         Ok(GenerationStats {
             prompt_tokens: self.processed,
-            generated: self.generated,
+            generated: std::mem::take(&mut self.generated),
             fed: self.fed,
             prefill_secs,
             decode_secs: self.t1.map_or(0.0, |t| t.elapsed().as_secs_f64()),
@@ -619,12 +706,8 @@ impl<'a, 'b, 't, B: Backend> Gen<'a, 'b, 't, B> {
             prefix_cache_tokens: 0,
             context_dropped: self.context_dropped,
             tool_calls: Vec::new(),
-            constraint: self
-                .item
-                .sampler
-                .guide()
-                .map(|g| ConstraintStats { forced_tokens: g.forced_tokens, masks: g.masks, secs: g.secs }),
-            logprobs: self.logprobs,
+            constraint: it.sampler.guide().map(|g| ConstraintStats { forced_tokens: g.forced_tokens, masks: g.masks, secs: g.secs }),
+            logprobs: std::mem::take(&mut self.logprobs),
         })
     }
 }

@@ -28,7 +28,7 @@ pub use load::{open_model_file, LoadOptions};
 pub use sampler::{Sampler, SamplingParams, TokenLogprob};
 pub use prefix_cache::PrefixCacheStats;
 pub use tools::{Tool, ToolCall, ToolChoice, ToolFormat, Tools};
-pub use session::{run_batch, BatchRequest, ContextPolicy, Prompt, Session};
+pub use session::{run_batch, BatchRequest, ContextPolicy, ContinuousBatch, Finished, Prompt, Request, Session};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -10,7 +10,7 @@ use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
 
 use crate::chat::ChatMessage;
-use crate::generate::{BatchItem, Engine, GenerationStats, SessionRun, StopReason};
+use crate::generate::{BatchItem, Engine, GenerationStats, Item, MakeRoom, Runner, SessionRun, StopReason};
 use crate::sampler::{Sampler, SamplingParams, TokenLogprob};
 use crate::session_file::{self, Header};
 use crate::tools::{Tool, ToolChoice, Tools};
@@ -352,6 +352,22 @@ impl<B: Backend> Session<B> {
         Ok(())
     }
 
+    /// [`Session::finish`], then for a chat the reply recorded (its tool calls parsed, also into the result).
+    fn conclude(&mut self, p: Prepared, prompt: &Prompt, reply: &str, stats: Result<GenerationStats>) -> Result<GenerationStats> {
+        let mut stats = self.finish(p, stats);
+        let chat = match prompt {
+            Prompt::Chat(m) => Some((m, None)),
+            Prompt::ChatWithTools(m, t) => Some((m, Some(t))),
+            Prompt::Text { .. } => None,
+        };
+        if let (Ok(st), Some((m, tools))) = (&mut stats, chat) {
+            let engine = self.engine.clone();
+            let answer = answer(&engine, tools, reply, st);
+            self.record_chat(m, st, answer);
+        }
+        stats
+    }
+
     /// See [`resume`].
     fn reuse(&mut self, target: &[u32]) -> Result<(usize, usize)> {
         resume(&self.engine, &mut self.state, &mut self.cached, target)
@@ -501,7 +517,7 @@ pub enum Prompt {
 }
 
 /// A request's text callback.
-type OnText<'a> = dyn FnMut(&str) -> bool + 'a;
+pub type OnText<'a> = dyn FnMut(&str) -> bool + 'a;
 
 /// A request's log-probability callback.
 pub type OnLogprob<'a> = dyn FnMut(&TokenLogprob) + 'a;
@@ -614,22 +630,139 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
             Err(e) => Err(e),
             Ok((p, _)) => {
                 let stats = ran.next().expect("one result per item");
-                let mut stats = s.finish(p, stats);
-                let chat = match prompt {
-                    Prompt::Chat(m) => Some((m, None)),
-                    Prompt::ChatWithTools(m, t) => Some((m, Some(t))),
-                    Prompt::Text { .. } => None,
-                };
-                if let (Ok(st), Some((m, tools))) = (&mut stats, chat) {
-                    let answer = answer(&engine, tools, &reply, st);
-                    s.record_chat(m, st, answer);
-                }
-                stats
+                s.conclude(p, prompt, &reply, stats)
             }
         };
         results.push(result);
     }
     results
+}
+
+/// A request of a [`ContinuousBatch`]: what [`BatchRequest`] says, owned.
+pub struct Request {
+    pub prompt: Prompt,
+    pub params: SamplingParams,
+    pub max_new: usize,
+    /// Each piece of text, and an empty piece to poll; false stops the request.
+    pub on_text: Box<OnText<'static>>,
+    /// With `params.top_logprobs`: each generated token's entry as it comes, before its text.
+    pub on_logprob: Option<Box<OnLogprob<'static>>>,
+}
+
+/// A request that has left a [`ContinuousBatch`]: its session back, the caller's tag, its result.
+pub struct Finished<B: Backend, T> {
+    pub session: Session<B>,
+    pub tag: T,
+    pub result: Result<GenerationStats>,
+}
+
+/// Requests of several sessions of one engine running together as [`run_batch`] runs them, except that a
+/// request may join between two steps and leaves as soon as it ends (continuous batching, as servers do): a
+/// new request's prompt is prefilled in chunks interleaved with the others' decode steps, so that it waits
+/// for no one's reply to end. Each session is owned by the batch while its request runs.
+pub struct ContinuousBatch<'e, B: Backend, T> {
+    engine: &'e Arc<Engine<B>>,
+    runner: Runner<'e, B, Slot<B, T>>,
+}
+
+impl<'e, B: Backend, T> ContinuousBatch<'e, B, T> {
+    pub fn new(engine: &'e Arc<Engine<B>>) -> Self {
+        ContinuousBatch { engine, runner: Runner::new(engine) }
+    }
+
+    /// Requests running (or ended and not yet returned by [`ContinuousBatch::step`]).
+    pub fn len(&self) -> usize {
+        self.runner.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Prepares `r` on `session` (as [`Session::chat`] or [`Session::generate`] would) and lets it join at the
+    /// next step. A request refused before it runs (a bad parameter, a prompt too long, a session of another
+    /// engine) comes back at once with its error.
+    pub fn add(&mut self, mut session: Session<B>, r: Request, tag: T) -> std::result::Result<(), Box<Finished<B, T>>> {
+        let prepared = (|| {
+            if !Arc::ptr_eq(&session.engine, self.engine) {
+                return Err(EngineError::Eval("a batch runs sessions of one model only".into()));
+            }
+            r.params.validate()?;
+            let constrained = match &r.prompt {
+                Prompt::ChatWithTools(_, t) => tool_params(self.engine, Some(t), &r.params)?,
+                _ => None,
+            };
+            let params = constrained.as_ref().unwrap_or(&r.params);
+            let (full, pinned) = session.conversation(r.prompt.as_ask())?;
+            Ok((session.prepare(full, pinned, params, r.max_new)?, pinned))
+        })();
+        let (p, pinned) = match prepared {
+            Ok(x) => x,
+            Err(e) => return Err(Box::new(Finished { session, tag, result: Err(e) })),
+        };
+        let reply = std::rc::Rc::new(std::cell::RefCell::new(String::new()));
+        let (shown, mut cb) = (reply.clone(), r.on_text);
+        let slot = Slot {
+            room: Box::new(room_maker::<B>(session.policy, pinned)),
+            session,
+            p,
+            on_text: Box::new(move |t: &str| {
+                shown.borrow_mut().push_str(t);
+                cb(t)
+            }),
+            on_logprob: r.on_logprob,
+            reply,
+            max_new: r.max_new,
+            prompt: r.prompt,
+            tag,
+        };
+        self.runner.add(slot);
+        Ok(())
+    }
+
+    /// Runs one step (a prefill chunk of a request still reading its prompt, a decode step of the others) and
+    /// returns the requests that have ended, their sessions holding their conversations.
+    pub fn step(&mut self) -> Vec<Finished<B, T>> {
+        self.runner.step();
+        self.runner
+            .take_finished()
+            .into_iter()
+            .map(|(slot, stats)| {
+                let Slot { mut session, p, reply, prompt, tag, .. } = slot;
+                let result = session.conclude(p, &prompt, &reply.borrow(), stats);
+                Finished { session, tag, result }
+            })
+            .collect()
+    }
+}
+
+/// A request of a [`ContinuousBatch`] with its session, while it runs.
+struct Slot<B: Backend, T> {
+    session: Session<B>,
+    p: Prepared,
+    room: Box<MakeRoom<'static, B>>,
+    on_text: Box<OnText<'static>>,
+    on_logprob: Option<Box<OnLogprob<'static>>>,
+    /// The text shown so far (a chat's reply is recorded from it).
+    reply: std::rc::Rc<std::cell::RefCell<String>>,
+    max_new: usize,
+    prompt: Prompt,
+    tag: T,
+}
+
+impl<B: Backend, T> Item<B> for Slot<B, T> {
+    fn parts(&mut self) -> BatchItem<'_, '_, B> {
+        BatchItem {
+            state: &mut self.session.state,
+            run: Some(SessionRun { held: &mut self.session.cached, make_room: &mut *self.room }),
+            prompt: &self.p.target[self.p.start..],
+            max_new: self.max_new,
+            sampler: &mut self.p.sampler,
+            echo_prompt: false,
+            on_text: &mut *self.on_text,
+            on_logprob: self.on_logprob.as_mut().map(|f| &mut **f as &mut dyn FnMut(&TokenLogprob)),
+        }
+    }
 }
 
 /// A request between [`Session::prepare`] and [`Session::finish`].

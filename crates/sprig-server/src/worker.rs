@@ -1,7 +1,7 @@
 //! One worker thread per model: it takes requests from a bounded queue and runs them together through the
-//! session engine ([`sprig_engine::run_batch`]): every request waiting when a batch starts joins it (up to
-//! `max_concurrent`), their prompts share the model's prefix cache, and their decode steps go through the model
-//! as one batch. Sessions are pooled: a request gets the idle session whose KV cache holds the longest start of
+//! session engine's continuous batch ([`sprig_engine::ContinuousBatch`]): a request joins the running batch at
+//! its next step (up to `max_concurrent`; the rest wait in the queue) and leaves when it ends, their prompts
+//! share the model's prefix cache, and their decode steps go through the model as one batch. Sessions are pooled: a request gets the idle session whose KV cache holds the longest start of
 //! its prompt (a client continuing its conversation usually finds its own), and a session's memory is reused.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +10,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sprig_backend::Backend;
-use sprig_engine::{run_batch, BatchRequest, ContextPolicy, Engine, EngineError, GenerationStats, Prompt, SamplingParams, Session, TokenLogprob};
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use sprig_engine::generate::StopReason;
+use sprig_engine::session::OnLogprob;
+use sprig_engine::{ContextPolicy, ContinuousBatch, Engine, EngineError, Finished, GenerationStats, Prompt, Request, SamplingParams, Session, TokenLogprob};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::ModelMetrics;
@@ -99,44 +104,113 @@ pub fn spawn<B: Backend + 'static>(
     Ok(Handle { queue: tx, metrics, alive })
 }
 
-fn work<B: Backend>(engine: Arc<Engine<B>>, rx: Receiver<Job>, config: &WorkerConfig, metrics: &ModelMetrics) {
+fn work<B: Backend>(engine: Arc<Engine<B>>, rx: Receiver<Job>, config: &WorkerConfig, metrics: &Arc<ModelMetrics>) {
     let mut pool: Vec<Session<B>> = Vec::new();
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < config.max_concurrent {
+    let mut batch: ContinuousBatch<'_, B, Tag> = ContinuousBatch::new(&engine);
+    loop {
+        // Idle: wait for a request. Busy: take those waiting, up to the limit, and go on at once.
+        if batch.is_empty() {
+            match rx.recv() {
+                Ok(job) => admit(job, &mut batch, &mut pool, &engine, config, metrics),
+                Err(_) => return,
+            }
+        }
+        while batch.len() < config.max_concurrent {
             match rx.try_recv() {
-                Ok(j) => jobs.push(j),
+                Ok(job) => admit(job, &mut batch, &mut pool, &engine, config, metrics),
                 Err(_) => break,
             }
         }
-        metrics.queue_depth.dec_by(jobs.len() as i64);
-        // Clients gone while their request waited: nothing to run.
-        jobs.retain(|j| {
-            let gone = j.events.is_closed();
-            if gone {
+        metrics.active.set(batch.len() as i64);
+        for f in batch.step() {
+            deliver(f, &mut pool, metrics);
+        }
+        metrics.active.set(batch.len() as i64);
+    }
+}
+
+/// What the worker keeps of a running request: where its events go.
+struct Tag {
+    events: UnboundedSender<Event>,
+    /// Log-probability entries not yet sent with a piece of text.
+    pending: Rc<RefCell<Vec<TokenLogprob>>>,
+}
+
+/// A job joins the batch on a pooled session (or is answered at once when it cannot).
+fn admit<B: Backend>(
+    job: Job,
+    batch: &mut ContinuousBatch<'_, B, Tag>,
+    pool: &mut Vec<Session<B>>,
+    engine: &Arc<Engine<B>>,
+    config: &WorkerConfig,
+    metrics: &Arc<ModelMetrics>,
+) {
+    metrics.queue_depth.dec();
+    // A client gone while its request waited: nothing to run.
+    if job.events.is_closed() {
+        metrics.cancelled.inc();
+        return;
+    }
+    let session = match take_session(pool, engine, config.context, &job.tokens) {
+        Ok(s) => s,
+        Err(e) => {
+            metrics.failed.inc();
+            let _ = job.events.send(Event::Done(Err(e)));
+            return;
+        }
+    };
+    let pending: Rc<RefCell<Vec<TokenLogprob>>> = Rc::default();
+    let (events, lps, m, queued) = (job.events.clone(), pending.clone(), metrics.clone(), job.queued);
+    let mut first = true;
+    let on_text = move |t: &str| {
+        if !t.is_empty() {
+            if first {
+                first = false;
+                m.time_to_first_token.observe(queued.elapsed().as_secs_f64());
+            }
+            let _ = events.send(Event::Text(t.to_string(), std::mem::take(&mut *lps.borrow_mut())));
+        }
+        // A closed channel: the client has gone; stop now.
+        !events.is_closed()
+    };
+    let lps = pending.clone();
+    let on_logprob = job
+        .params
+        .top_logprobs
+        .is_some()
+        .then(|| Box::new(move |e: &TokenLogprob| lps.borrow_mut().push(e.clone())) as Box<OnLogprob<'static>>);
+    let request = Request { prompt: job.prompt, params: job.params, max_new: job.max_new, on_text: Box::new(on_text), on_logprob };
+    if let Err(f) = batch.add(session, request, Tag { events: job.events, pending }) {
+        deliver(*f, pool, metrics);
+    }
+}
+
+/// A request has ended: its figures counted, its end sent, its session back in the pool.
+fn deliver<B: Backend>(f: Finished<B, Tag>, pool: &mut Vec<Session<B>>, metrics: &ModelMetrics) {
+    match &f.result {
+        Ok(s) => {
+            metrics.prompt_tokens.inc_by((s.prompt_tokens + s.cached_tokens) as u64);
+            metrics.cached_prompt_tokens.inc_by(s.cached_tokens as u64);
+            metrics.prefix_cache_tokens.inc_by(s.prefix_cache_tokens as u64);
+            if s.prefix_cache_tokens > 0 {
+                metrics.prefix_cache_hits.inc();
+            }
+            metrics.generated_tokens.inc_by(s.generated.len() as u64);
+            if s.stop == StopReason::Cancelled {
                 metrics.cancelled.inc();
             }
-            !gone
-        });
-        let mut sessions = Vec::with_capacity(jobs.len());
-        let mut runnable = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            match take_session(&mut pool, &engine, config.context, &job.tokens) {
-                Ok(s) => {
-                    sessions.push(s);
-                    runnable.push(job);
-                }
-                Err(e) => {
-                    let _ = job.events.send(Event::Done(Err(e)));
-                }
-            }
         }
-        metrics.active.set(runnable.len() as i64);
-        run(&mut sessions, &runnable, metrics);
-        metrics.active.set(0);
-        pool.extend(sessions);
-        pool.truncate(config.max_concurrent);
+        Err(_) => {
+            metrics.failed.inc();
+        }
     }
+    // Entries of tokens whose text never came (held back, then cut by a stop string): with the end.
+    let left = std::mem::take(&mut *f.tag.pending.borrow_mut());
+    if !left.is_empty() {
+        let _ = f.tag.events.send(Event::Text(String::new(), left));
+    }
+    let _ = f.tag.events.send(Event::Done(f.result));
+    pool.push(f.session);
 }
 
 /// The idle session holding the longest start of `tokens`, or a new one.
@@ -154,66 +228,4 @@ fn take_session<B: Backend>(pool: &mut Vec<Session<B>>, engine: &Arc<Engine<B>>,
     // stops with `length`, as OpenAI's do: nothing is dropped from a conversation behind the client's back.
     s.set_context_policy(ContextPolicy::Error, 0);
     Ok(s)
-}
-
-/// Runs `jobs` (one per session) as one batch, streaming their text and sending each its end.
-fn run<B: Backend>(sessions: &mut [Session<B>], jobs: &[Job], metrics: &ModelMetrics) {
-    // Per job: log-probability entries not yet sent with a piece of text, and whether text has come.
-    let pending: Vec<std::cell::RefCell<(Vec<TokenLogprob>, bool)>> = jobs.iter().map(|_| Default::default()).collect();
-    let requests: Vec<BatchRequest<'_, B>> = sessions
-        .iter_mut()
-        .zip(jobs)
-        .zip(&pending)
-        .map(|((session, job), pending)| {
-            let on_text = move |t: &str| {
-                if !t.is_empty() {
-                    let mut p = pending.borrow_mut();
-                    if !p.1 {
-                        p.1 = true;
-                        metrics.time_to_first_token.observe(job.queued.elapsed().as_secs_f64());
-                    }
-                    let _ = job.events.send(Event::Text(t.to_string(), std::mem::take(&mut p.0)));
-                }
-                // A closed channel: the client has gone; stop now.
-                !job.events.is_closed()
-            };
-            let on_logprob = job.params.top_logprobs.is_some().then(|| {
-                Box::new(move |e: &TokenLogprob| pending.borrow_mut().0.push(e.clone())) as Box<dyn FnMut(&TokenLogprob)>
-            });
-            BatchRequest {
-                session,
-                prompt: job.prompt.clone(),
-                params: job.params.clone(),
-                max_new: job.max_new,
-                on_text: Box::new(on_text),
-                on_logprob,
-            }
-        })
-        .collect();
-    let results = run_batch(requests);
-    for ((job, result), pending) in jobs.iter().zip(results).zip(&pending) {
-        match &result {
-            Ok(s) => {
-                metrics.prompt_tokens.inc_by((s.prompt_tokens + s.cached_tokens) as u64);
-                metrics.cached_prompt_tokens.inc_by(s.cached_tokens as u64);
-                metrics.prefix_cache_tokens.inc_by(s.prefix_cache_tokens as u64);
-                if s.prefix_cache_tokens > 0 {
-                    metrics.prefix_cache_hits.inc();
-                }
-                metrics.generated_tokens.inc_by(s.generated.len() as u64);
-                if s.stop == sprig_engine::generate::StopReason::Cancelled {
-                    metrics.cancelled.inc();
-                }
-            }
-            Err(_) => {
-                metrics.failed.inc();
-            }
-        }
-        // Entries of tokens whose text never came (held back, then cut by a stop string): with the end.
-        let left = std::mem::take(&mut pending.borrow_mut().0);
-        if !left.is_empty() {
-            let _ = job.events.send(Event::Text(String::new(), left));
-        }
-        let _ = job.events.send(Event::Done(result));
-    }
 }
