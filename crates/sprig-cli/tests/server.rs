@@ -231,6 +231,33 @@ fn bad_requests_get_the_right_4xx_and_the_server_keeps_serving() {
     api_error(http(a, "GET", "/v1/chat/completions", &[(k, &key)], b""), 405);
     api_error(http(a, "GET", "/v1/nothing", &[(k, &key)], b""), 404);
 
+    // A client that hangs up on a non-streamed request cancels it (the soak test covers streamed ones).
+    {
+        let mut c = TcpStream::connect(a).unwrap();
+        // The end-of-turn and end-of-text tokens banned: it would run to the server's ceiling of 64 tokens.
+        let body = chat("").replace(r#""max_tokens":4"#, r#""max_tokens":64,"logit_bias":{"0":-100,"2":-100}"#);
+        let req = format!("POST /v1/chat/completions HTTP/1.1\r\nHost: {a}\r\nAuthorization: {key}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        c.write_all(req.as_bytes()).unwrap();
+        // Hang up once it is generating.
+        let generating = (0..300).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            http(a, "GET", "/metrics", &[(k, &key)], b"").1.contains(r#"sprig_active_requests{model="smollm2-135m-instruct"} 1"#)
+        });
+        if !generating {
+            let mut out = String::new();
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let _ = c.read_to_string(&mut out);
+            panic!("the request never started: {out}");
+        }
+    }
+    let cancelled = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        let (_, m) = http(a, "GET", "/metrics", &[(k, &key)], b"");
+        m.contains(r#"sprig_cancelled_requests_total{model="smollm2-135m-instruct"} 1"#)
+            && m.contains(r#"sprig_active_requests{model="smollm2-135m-instruct"} 0"#)
+    });
+    assert!(cancelled, "the hung-up request was not cancelled: {}", http(a, "GET", "/metrics", &[(k, &key)], b"").1);
+
     // Still serving, and the refusals were counted.
     let (st, body) = post(a, "/v1/chat/completions", chat(r#","temperature":0"#).as_bytes());
     assert_eq!(st, 200, "{body}");
