@@ -244,6 +244,76 @@ pub struct SamplingArgs {
     pub grammar: Option<std::path::PathBuf>,
 }
 
+/// `--spec`: when speculative decoding runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SpecArg {
+    /// While it is faster than plain decoding (measured; switched off for the session otherwise).
+    Auto,
+    /// Always.
+    On,
+    /// Never (ignore --draft and --lookup).
+    Off,
+}
+
+/// Speculative decoding flags: a drafter proposes tokens, the model checks them in one pass (exact: greedy
+/// output is unchanged, sampled output keeps its distribution).
+#[derive(Args, Clone)]
+pub struct SpecArgs {
+    /// Draft with this smaller model of the same tokenizer (a known name or a path), e.g.
+    /// qwen2.5-coder-0.5b-instruct for qwen2.5-coder-1.5b-instruct.
+    #[arg(long, value_name = "MODEL")]
+    pub draft: Option<PathBuf>,
+    /// Draft by prompt lookup: what followed the latest earlier occurrence of the last few tokens.
+    #[arg(long, conflicts_with = "draft")]
+    pub lookup: bool,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub spec: SpecArg,
+    /// Most tokens drafted per pass (the length adapts to the acceptance).
+    #[arg(long, default_value_t = 8)]
+    pub draft_max: usize,
+}
+
+impl SpecArgs {
+    /// The speculation these flags ask for, drafting for `target` (`None`: plain decoding). A draft model is
+    /// loaded with `load`'s settings and a context of `ctx`.
+    pub fn speculation<B: sprig_backend::Backend>(
+        &self,
+        target: &sprig_engine::Engine<B>,
+        load: &LoadArgs,
+        ctx: usize,
+    ) -> Result<Option<sprig_engine::speculative::Speculation>> {
+        use sprig_engine::speculative::{DraftModel, Drafter, PromptLookup, SpecMode, Speculation};
+        let mode = match self.spec {
+            SpecArg::Off => return Ok(None),
+            SpecArg::On => SpecMode::On,
+            SpecArg::Auto => SpecMode::Auto,
+        };
+        let drafter: Box<dyn Drafter> = match (&self.draft, self.lookup) {
+            (Some(path), _) => {
+                let d = load.engine(path)?;
+                sprig_engine::with_engine!(&d, |d| Box::new(DraftModel::new(d.clone(), target, ctx)?) as Box<dyn Drafter>)
+            }
+            (None, true) => Box::new(PromptLookup::default()),
+            (None, false) => return Ok(None),
+        };
+        Ok(Some(Speculation::new(drafter, mode, self.draft_max)))
+    }
+}
+
+/// One line of what speculative decoding did.
+pub fn spec_line(s: &sprig_engine::speculative::SpecStats) -> String {
+    format!(
+        "speculative: {} drafted, {} accepted ({:.0} %), {:.2} tokens per pass of {:.1} ms (drafting included; a plain step {}){}",
+        s.drafted,
+        s.accepted,
+        100.0 * s.acceptance(),
+        s.tokens_per_pass(),
+        1e3 * s.spec_secs / s.passes.max(1) as f64,
+        if s.plain_tokens > 0 { format!("{:.1} ms", 1e3 * s.plain_secs / s.plain_tokens as f64) } else { "not measured".into() },
+        if s.switched_off { "; switched off: slower than plain decoding here" } else { "" }
+    )
+}
+
 /// Tool-calling flags (chat templates show the tools; replies are parsed into calls).
 #[derive(Args)]
 pub struct ToolArgs {

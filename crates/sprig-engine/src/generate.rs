@@ -13,6 +13,7 @@ use crate::constraint::{Constraint, Grammars, Guide};
 use crate::tools::{ToolCall, ToolFormat, Tools};
 use crate::prefix_cache::{self, PrefixCache};
 use crate::sampler::{Sampler, TokenLogprob};
+use crate::speculative::{SpecStats, Speculation};
 use crate::{EngineError, Result};
 
 /// Longest prompt slice run through the model in one batched forward pass.
@@ -84,6 +85,8 @@ pub struct GenerationStats {
     pub constraint: Option<ConstraintStats>,
     /// With [`crate::SamplingParams::top_logprobs`]: one entry per generated token, in order.
     pub logprobs: Vec<TokenLogprob>,
+    /// With speculative decoding: what it did in this generation.
+    pub speculation: Option<SpecStats>,
 }
 
 /// What a request's constraint did and cost.
@@ -201,10 +204,24 @@ impl<B: Backend> Engine<B> {
         max_new: usize,
         sampler: &mut Sampler,
         echo_prompt: bool,
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        self.generate_speculative(state, prompt, max_new, sampler, echo_prompt, None, on_text)
+    }
+
+    /// [`Engine::generate`] with speculative decoding (`spec`; `None`: plain decoding).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate_speculative(
+        &self,
+        state: &mut State<B>,
+        prompt: &[u32],
+        max_new: usize,
+        sampler: &mut Sampler,
+        echo_prompt: bool,
+        spec: Option<&mut Speculation>,
         mut on_text: impl FnMut(&str) -> bool,
     ) -> Result<GenerationStats> {
-        let item =
-            BatchItem { state, run: None, prompt, max_new, sampler, echo_prompt, on_text: &mut on_text, on_logprob: None };
+        let item = BatchItem { state, run: None, prompt, max_new, sampler, echo_prompt, on_text: &mut on_text, on_logprob: None, spec };
         self.generate_batch(vec![item]).pop().expect("one result per item")
     }
 
@@ -303,11 +320,18 @@ impl<'t, B: Backend, I: Item<B>> Runner<'t, B, I> {
         }
         match step.len() {
             0 => return prefilling.is_some() || forced_run,
-            // One sequence: its own forward pass (no batch bookkeeping, nothing allocated per token).
+            // One sequence: its own forward pass (no batch bookkeeping, nothing allocated per token), or a
+            // speculative one checking drafted tokens after it.
             1 => {
                 let g = &mut gens[step[0]];
-                let r = e.model.forward(g.item.parts().state, tokens, Logits::Last);
-                g.fed(r.map_err(Into::into), None);
+                if !g.speculate(e, tokens[0]) {
+                    let t0 = Instant::now();
+                    let r = e.model.forward(g.item.parts().state, tokens, Logits::Last);
+                    g.fed(r.map_err(Into::into), None);
+                    if let Some(spec) = g.item.parts().spec {
+                        spec.record_plain(t0.elapsed(), &mut g.spec_stats);
+                    }
+                }
             }
             _ => {
                 let batch_logits = &mut self.batch_logits;
@@ -362,6 +386,8 @@ pub(crate) struct BatchItem<'a, 'b, B: Backend> {
     pub on_text: &'a mut dyn FnMut(&str) -> bool,
     /// With `top_logprobs`: each generated token's entry, before its text goes to `on_text`.
     pub on_logprob: Option<&'a mut dyn FnMut(&TokenLogprob)>,
+    /// Speculative decoding, when this generation runs alone (never in a batch of several).
+    pub spec: Option<&'a mut Speculation>,
 }
 
 /// What a generation runs on, lent out for each use: a [`BatchItem`] of borrowed parts, or a request that
@@ -381,6 +407,7 @@ impl<B: Backend> Item<B> for BatchItem<'_, '_, B> {
             echo_prompt: self.echo_prompt,
             on_text: &mut *self.on_text,
             on_logprob: self.on_logprob.as_mut().map(|f| &mut **f as &mut dyn FnMut(&TokenLogprob)),
+            spec: self.spec.as_deref_mut(),
         }
     }
 }
@@ -408,6 +435,11 @@ pub(crate) struct Gen<'t, B: Backend, I: Item<B>> {
     /// Why it ended (`None` while it runs).
     stop: Option<StopReason>,
     logprobs: Vec<TokenLogprob>,
+    /// A token the last speculative pass chose (with its log-probability entry) but did not run: the next
+    /// step's token, instead of a sample.
+    pending: Option<(u32, Option<TokenLogprob>)>,
+    drafts: Vec<u32>,
+    spec_stats: SpecStats,
     error: Option<EngineError>,
     /// Row of the batch's logits holding this generation's next-token logits (else its state's).
     batch_row: Option<usize>,
@@ -451,6 +483,9 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             forced: Vec::new(),
             stop: None,
             logprobs: Vec::new(),
+            pending: None,
+            drafts: Vec::new(),
+            spec_stats: SpecStats::default(),
             error: None,
             batch_row: None,
             context_dropped: 0,
@@ -544,28 +579,33 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             self.stop = Some(StopReason::StopToken);
             return None;
         }
-        let logits = match logits {
-            Some(l) => l,
+        let (next, entry) = match self.pending.take() {
+            Some(p) => p,
             None => {
-                if let Err(err) = e.model.read_logits(it.state, &mut self.logits) {
-                    fail(&mut self.error, err.into());
-                    return None;
-                }
-                &self.logits[..]
-            }
-        };
-        let next = match it.sampler.sample(logits) {
-            Ok(t) => t,
-            Err(err) => {
-                fail(&mut self.error, err);
-                return None;
+                let logits = match logits {
+                    Some(l) => l,
+                    None => {
+                        if let Err(err) = e.model.read_logits(it.state, &mut self.logits) {
+                            fail(&mut self.error, err.into());
+                            return None;
+                        }
+                        &self.logits[..]
+                    }
+                };
+                let next = match it.sampler.sample(logits) {
+                    Ok(t) => t,
+                    Err(err) => {
+                        fail(&mut self.error, err);
+                        return None;
+                    }
+                };
+                (next, it.sampler.params().top_logprobs.map(|n| TokenLogprob::from_logits(logits, next, n)))
             }
         };
         if e.tokenizer.is_stop(next) {
             self.stop = Some(StopReason::StopToken);
             return None;
         }
-        let entry = it.sampler.params().top_logprobs.map(|n| TokenLogprob::from_logits(logits, next, n));
         if !self.emit(next, entry) {
             return None;
         }
@@ -606,6 +646,116 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             self.forced = forced;
         }
         Some(next)
+    }
+
+    /// Runs `next` (sampled, shown) with tokens a drafter proposes after it in one pass, keeps the drafts the
+    /// sampler agrees with ([`Sampler::verify`]) and rolls the state back past the rest; the token the sampler
+    /// chose instead (or after them all) is the next step's. False when this step does not speculate (no
+    /// speculation, a constraint, no room, no draft): the caller runs `next` alone.
+    fn speculate(&mut self, e: &Engine<B>, next: u32) -> bool {
+        let it = self.item.parts();
+        let Some(spec) = it.spec else { return false };
+        if !spec.wanted() || it.sampler.guide().is_some() || !self.forced.is_empty() {
+            return false;
+        }
+        let (pos, ctx) = (it.state.pos, it.state.max_context);
+        // Room for the drafts and the token after them, in the context and in the length.
+        let room = (ctx - pos).saturating_sub(2).min(it.max_new.saturating_sub(self.generated.len() + 1));
+        let k = spec.draft_len().min(room);
+        if k == 0 {
+            return false;
+        }
+        let mut history = match &it.run {
+            Some(r) => r.held.clone(),
+            None => [&it.prompt[..self.processed], &self.generated[..self.fed]].concat(),
+        };
+        history.push(next);
+        let t0 = Instant::now();
+        let mut drafts = std::mem::take(&mut self.drafts);
+        drafts.clear();
+        if spec.draft(&history, k, &mut drafts).is_err() {
+            // A drafter that fails (out of memory, say) only costs the speed-up.
+            drafts.clear();
+        }
+        drafts.truncate(k);
+        if drafts.is_empty() {
+            self.drafts = drafts;
+            return false;
+        }
+        let n = drafts.len();
+        let run: Vec<u32> = std::iter::once(next).chain(drafts.iter().copied()).collect();
+        let checkpoint = match e.model.ring_checkpoint(it.state, run.len()) {
+            Ok(c) => c,
+            Err(err) => {
+                fail(&mut self.error, err.into());
+                return true;
+            }
+        };
+        if let Err(err) = e.model.forward(it.state, &run, Logits::All).and_then(|()| e.model.read_logits(it.state, &mut self.logits)) {
+            fail(&mut self.error, err.into());
+            return true;
+        }
+        // `next` is in the state now.
+        it.sampler.accept(next);
+        let mut held = it.run.map(|r| r.held);
+        if let Some(h) = held.as_mut() {
+            h.push(next);
+        }
+        self.fed += 1;
+        let v = self.vocab;
+        let (mut accepted, mut chosen) = (0, None);
+        for (i, &d) in drafts.iter().enumerate() {
+            let it = self.item.parts();
+            let row = &self.logits[i * v..(i + 1) * v];
+            let (t, ok) = match it.sampler.verify(row, d) {
+                Ok(x) => x,
+                Err(err) => {
+                    fail(&mut self.error, err);
+                    break;
+                }
+            };
+            let entry = it.sampler.params().top_logprobs.map(|n| TokenLogprob::from_logits(row, t, n));
+            if !ok {
+                chosen = Some((t, entry));
+                break;
+            }
+            if e.tokenizer.is_stop(t) {
+                self.stop = Some(StopReason::StopToken);
+                break;
+            }
+            // Shown (and counted) like a sampled token; run already.
+            if !self.emit(t, entry) {
+                break;
+            }
+            let it = self.item.parts();
+            it.sampler.accept(t);
+            if let Some(r) = it.run {
+                r.held.push(t);
+            }
+            self.fed += 1;
+            accepted += 1;
+        }
+        if self.live() && chosen.is_none() && accepted == n {
+            // Every draft accepted: the logits after the last one give one more token.
+            let it = self.item.parts();
+            let row = &self.logits[n * v..(n + 1) * v];
+            match it.sampler.sample(row) {
+                Ok(t) => chosen = Some((t, it.sampler.params().top_logprobs.map(|k| TokenLogprob::from_logits(row, t, k)))),
+                Err(err) => fail(&mut self.error, err),
+            }
+        }
+        let it = self.item.parts();
+        if let Err(err) = e.model.rollback(it.state, pos + 1 + accepted, &checkpoint) {
+            fail(&mut self.error, err.into());
+        }
+        let live = self.stop.is_none() && self.error.is_none();
+        self.pending = if live { chosen } else { None };
+        let tokens = accepted + usize::from(self.pending.is_some());
+        if let Some(spec) = it.spec {
+            spec.record_pass(t0.elapsed(), n, accepted, tokens, &mut self.spec_stats);
+        }
+        self.drafts = drafts;
+        true
     }
 
     /// Adds a generated token: its text goes out (held back while it could start a stop string); false when
@@ -708,6 +858,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             tool_calls: Vec::new(),
             constraint: it.sampler.guide().map(|g| ConstraintStats { forced_tokens: g.forced_tokens, masks: g.masks, secs: g.secs }),
             logprobs: std::mem::take(&mut self.logprobs),
+            speculation: it.spec.is_some().then_some(self.spec_stats),
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod sampler;
 pub mod session;
 pub mod session_file;
+pub mod speculative;
 pub mod tools;
 
 pub use chat::{ChatMessage, ChatTemplate};

@@ -275,11 +275,61 @@ impl Sampler {
     }
 
     /// The chain over `logits`, with the tokens `mask` forbids removed after bias and penalties.
+    /// Speculative verification of `draft`, a token a drafter proposed after the tokens seen so far, against
+    /// `logits` (the model's at that position). Drafts here are deterministic (the drafter's distribution is
+    /// a point mass), so the rule of speculative sampling (Leviathan et al. 2023) becomes: accept the draft
+    /// with the chain's probability of it, otherwise draw from the chain's distribution without it — together
+    /// exactly the chain's distribution. Greedy: the chain's pick, accepted when it is the draft. Returns the
+    /// token and whether it is the draft. Not for constrained requests (the caller does not speculate there).
+    pub fn verify(&mut self, logits: &[f32], draft: u32) -> Result<(u32, bool)> {
+        if let Some(i) = logits.iter().position(|l| !l.is_finite()) {
+            return Err(EngineError::BadLogits { index: i, value: logits[i] });
+        }
+        if let Some(t) = self.chain(logits, None)? {
+            return Ok((t, t == draft));
+        }
+        let total: f32 = self.cand.iter().map(|c| c.0).sum();
+        let p_draft = self.cand.iter().find(|c| c.1 == draft).map_or(0.0, |c| c.0) / total;
+        self.draws += 1;
+        if self.rng.gen::<f32>() < p_draft {
+            return Ok((draft, true));
+        }
+        self.cand.retain(|c| c.1 != draft);
+        if self.cand.is_empty() {
+            return Ok((draft, true));
+        }
+        Ok((self.pick(), false))
+    }
+
     fn draw(&mut self, logits: &[f32], mask: Option<&SimpleVob>) -> Result<u32> {
+        match self.chain(logits, mask)? {
+            Some(t) => Ok(t),
+            None => Ok(self.pick()),
+        }
+    }
+
+    /// One draw from the candidates the chain left (unnormalised weights, largest first).
+    fn pick(&mut self) -> u32 {
+        let total: f32 = self.cand.iter().map(|c| c.0).sum();
+        // One u32 word per draw (rand 0.8's f32), counted so a saved session can replay the stream.
+        let mut r = self.rng.gen::<f32>() * total;
+        self.draws += 1;
+        for c in &self.cand {
+            r -= c.0;
+            if r <= 0.0 {
+                return c.1;
+            }
+        }
+        self.cand[self.cand.len() - 1].1
+    }
+
+    /// The chain up to the draw: the token when it is decided without one (greedy), else `None` with the
+    /// candidates and their unnormalised probabilities in `self.cand`, largest first.
+    fn chain(&mut self, logits: &[f32], mask: Option<&SimpleVob>) -> Result<Option<u32>> {
         let p = &self.params;
         if p.temperature < GREEDY_BELOW && p.logit_bias.is_empty() && !p.penalties_on() && mask.is_none() {
             // Nothing changes the logits: the best one, without copying them.
-            return Ok(argmax(logits));
+            return Ok(Some(argmax(logits)));
         }
         self.cand.clear();
         self.cand.extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
@@ -318,7 +368,7 @@ impl Sampler {
             }
         }
         if p.temperature < GREEDY_BELOW {
-            return Ok(best(&self.cand));
+            return Ok(Some(best(&self.cand)));
         }
         let t = p.temperature;
         self.cand.iter_mut().for_each(|c| c.0 /= t);
@@ -355,17 +405,7 @@ impl Sampler {
             let floor = self.cand[0].0 * p.min_p;
             self.cand.retain(|c| c.0 >= floor);
         }
-        let total: f32 = self.cand.iter().map(|c| c.0).sum();
-        // One u32 word per draw (rand 0.8's f32), counted so a saved session can replay the stream.
-        let mut r = self.rng.gen::<f32>() * total;
-        self.draws += 1;
-        for c in &self.cand {
-            r -= c.0;
-            if r <= 0.0 {
-                return Ok(c.1);
-            }
-        }
-        Ok(self.cand[self.cand.len() - 1].1)
+        Ok(None)
     }
 }
 
@@ -541,6 +581,42 @@ mod tests {
             // 99.9th percentile of chi-square with ≤ 7 degrees of freedom is ≤ 24.3.
             assert!(chi < 24.3, "{what}: chi-square {chi:.1}");
         }
+    }
+
+    #[test]
+    fn speculative_verification_keeps_the_exact_distribution() {
+        // Whatever the draft (likely, unlikely, filtered out by top-k), accept-or-resample gives the chain's
+        // distribution, and the draft is accepted as often as the chain would pick it.
+        let base = sampling(1.0);
+        for p in [base.clone(), SamplingParams { temperature: 0.7, top_k: 4, repeat_penalty: 1.3, ..base.clone() }] {
+            let history = [1u32, 3];
+            let probs = expected(&LOGITS, &p, &history);
+            for draft in [0u32, 3, 7] {
+                let mut s = Sampler::new(p.clone()).unwrap();
+                history.iter().for_each(|&t| s.accept(t));
+                let (n, mut counts, mut accepted) = (20_000, vec![0usize; LOGITS.len()], 0);
+                for _ in 0..n {
+                    let (t, ok) = s.verify(&LOGITS, draft).unwrap();
+                    assert_eq!(ok, t == draft);
+                    counts[t as usize] += 1;
+                    accepted += usize::from(ok);
+                }
+                let mut chi = 0.0;
+                for (i, &q) in probs.iter().enumerate() {
+                    if q == 0.0 {
+                        assert_eq!(counts[i], 0, "{p:?} draft {draft}: token {i} drawn with probability 0");
+                        continue;
+                    }
+                    chi += (counts[i] as f64 - q * n as f64).powi(2) / (q * n as f64);
+                }
+                assert!(chi < 24.3, "{p:?} draft {draft}: chi-square {chi:.1}");
+                assert_eq!(accepted, counts[draft as usize]);
+            }
+        }
+        // Greedy: the chain's pick, accepted only when it is the draft.
+        let mut g = Sampler::new(SamplingParams::default()).unwrap();
+        assert_eq!(g.verify(&LOGITS, 0).unwrap(), (0, true));
+        assert_eq!(g.verify(&LOGITS, 2).unwrap(), (0, false));
     }
 
     #[test]

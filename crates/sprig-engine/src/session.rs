@@ -13,6 +13,7 @@ use crate::chat::ChatMessage;
 use crate::generate::{BatchItem, Engine, GenerationStats, Item, MakeRoom, Runner, SessionRun, StopReason};
 use crate::sampler::{Sampler, SamplingParams, TokenLogprob};
 use crate::session_file::{self, Header};
+use crate::speculative::Speculation;
 use crate::tools::{Tool, ToolChoice, Tools};
 use crate::{EngineError, Result};
 
@@ -38,6 +39,8 @@ pub struct Session<B: Backend> {
     pinned: Option<(PinKey, usize)>,
     /// After [`Session::trim`]: the tokens the state held before its KV cache was let go.
     trimmed: Option<Vec<u32>>,
+    /// Speculative decoding of this session's requests (when each runs alone).
+    spec: Option<Speculation>,
 }
 
 /// What a session does when a request would not fit its context.
@@ -94,7 +97,19 @@ impl<B: Backend> Session<B> {
             keep: 0,
             pinned: None,
             trimmed: None,
+            spec: None,
         })
+    }
+
+    /// Speculative decoding for this session's requests from now on (`None`: off). Requests run in a batch of
+    /// several never speculate.
+    pub fn set_speculation(&mut self, spec: Option<Speculation>) {
+        self.spec = spec;
+    }
+
+    /// The session's speculative decoding and its figures so far.
+    pub fn speculation(&self) -> Option<&Speculation> {
+        self.spec.as_ref()
     }
 
     /// What to do when a request would overflow the context; `keep`: tokens at the start of a raw
@@ -254,6 +269,7 @@ impl<B: Backend> Session<B> {
             echo_prompt: false,
             on_text: &mut on_text,
             on_logprob: None,
+            spec: self.spec.as_mut(),
         };
         let stats = engine.generate_batch(vec![item]).pop().expect("one result per item");
         self.finish(p, stats)
@@ -620,6 +636,8 @@ pub fn run_batch<B: Backend>(requests: Vec<BatchRequest<'_, B>>) -> Vec<Result<G
             echo_prompt: false,
             on_text: &mut **cb,
             on_logprob: lp.as_mut().map(|f| &mut **f as &mut dyn FnMut(&TokenLogprob)),
+            // Batched decode reads the weights once for all sequences already: no speculation.
+            spec: None,
         });
     }
     let mut ran = engine.generate_batch(items).into_iter();
@@ -761,6 +779,7 @@ impl<B: Backend, T> Item<B> for Slot<B, T> {
             echo_prompt: false,
             on_text: &mut *self.on_text,
             on_logprob: self.on_logprob.as_mut().map(|f| &mut **f as &mut dyn FnMut(&TokenLogprob)),
+            spec: None,
         }
     }
 }

@@ -174,6 +174,21 @@ impl<B: Backend> Scratch<B> {
 }
 
 /// Per-sequence run state (llama2.c's `RunState`): position, KV cache and its activation buffers.
+/// Ring entries a speculative pass will overwrite (see [`Model::ring_checkpoint`]).
+pub struct RingCheckpoint {
+    pos: usize,
+    kv_dim: usize,
+    saved: Vec<SavedRows>,
+}
+
+/// Keys and values of positions `first ..` of one layer, `[positions, kv_dim]` each.
+struct SavedRows {
+    layer: usize,
+    first: usize,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
 pub struct State<B: Backend> {
     /// Positions already in the KV cache (the next token's position).
     pub pos: usize,
@@ -415,6 +430,45 @@ impl<B: Backend> Model<B> {
             // At most `capacity` consecutive positions: their slots differ from those of the kept ones below
             // `keep`, which stay untouched.
             b.kv_write(&mut st.kv, l, lo, &k, &v)?;
+        }
+        st.pos = to;
+        Ok(())
+    }
+
+    /// Saves what a forward pass of `n` tokens from `st.pos` will overwrite in sliding-window rings (the
+    /// positions that fall out of a window), so that [`Model::rollback`] can undo that pass exactly. Global
+    /// layers keep every position: nothing to save.
+    pub fn ring_checkpoint(&self, st: &State<B>, n: usize) -> Result<RingCheckpoint> {
+        let layout = self.state_kv_layout(st);
+        let mut saved = Vec::new();
+        for l in 0..self.layers.len() {
+            let cap = layout.layer_capacity(l);
+            // Writing position p + i overwrites position p + i - cap.
+            let (lo, hi) = (st.pos.saturating_sub(cap), (st.pos + n).saturating_sub(cap).min(st.pos));
+            if layout.windows[l].is_none() || lo >= hi {
+                continue;
+            }
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            self.backend.kv_read(&st.kv, l, lo..hi, &mut k, &mut v)?;
+            saved.push(SavedRows { layer: l, first: lo, k, v });
+        }
+        Ok(RingCheckpoint { pos: st.pos, kv_dim: layout.kv_dim, saved })
+    }
+
+    /// Takes `st` back to `to` positions after a pass that began at `cp`'s (speculative decoding rejecting
+    /// drafted tokens): what rings lost to the discarded positions is written back.
+    pub fn rollback(&self, st: &mut State<B>, to: usize, cp: &RingCheckpoint) -> Result<()> {
+        if to < cp.pos || to > st.pos {
+            return Err(ModelError::ContextOverflow { pos: st.pos, new: 0, ctx: to });
+        }
+        let layout = self.state_kv_layout(st);
+        for r in &cp.saved {
+            // Position x's slot holds x + cap now; it goes back to x when x + cap was discarded (>= to).
+            let first = r.first.max(to.saturating_sub(layout.layer_capacity(r.layer)));
+            let off = (first - r.first) * cp.kv_dim;
+            if off < r.k.len() {
+                self.backend.kv_write(&mut st.kv, r.layer, first, &r.k[off..], &r.v[off..])?;
+            }
         }
         st.pos = to;
         Ok(())

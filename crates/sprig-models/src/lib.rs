@@ -14,7 +14,7 @@
 
 pub mod decoder;
 
-pub use decoder::{Batch, Logits, Model, State};
+pub use decoder::{Batch, Logits, Model, RingCheckpoint, State};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

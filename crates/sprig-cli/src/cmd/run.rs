@@ -9,7 +9,7 @@ use sprig_engine::generate::{GenerationStats, StopReason};
 use sprig_engine::{with_engine, ChatMessage, Engine, Sampler, Session};
 use sprig_format::ModelFile;
 
-use crate::args::{ModelArgs, SamplingArgs, ToolArgs};
+use crate::args::{spec_line, ModelArgs, SamplingArgs, SpecArgs, ToolArgs};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -34,6 +34,8 @@ pub struct RunArgs {
     /// printed after it as a JSON array (`tool_calls: [...]`).
     #[command(flatten)]
     tools: ToolArgs,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -46,6 +48,7 @@ fn run_on<B: Backend>(e: std::sync::Arc<Engine<B>>, a: &RunArgs) -> Result<()> {
     if let Some(tools) = a.tools.tools()? {
         // One user turn offering the tools; the reply streams, then its calls.
         let mut session = Session::new(e.clone(), a.model.load.ctx_size)?;
+        session.set_speculation(a.spec.speculation(&e, &a.model.load, a.model.load.ctx_size)?);
         let mut out = std::io::stdout().lock();
         let msgs = [ChatMessage::new("user", &a.prompt)];
         let stats = session.chat_with_tools(&msgs, Some(&tools), &params, a.n, |s| {
@@ -63,8 +66,9 @@ fn run_on<B: Backend>(e: std::sync::Arc<Engine<B>>, a: &RunArgs) -> Result<()> {
     let add_bos = e.tokenizer.special().add_bos;
     let prompt = e.tokenizer.encode_parts(&[(&a.prompt, a.special)], add_bos)?;
     let mut st = e.model.new_state(a.model.load.ctx_size)?;
+    let mut spec = a.spec.speculation(&e, &a.model.load, a.model.load.ctx_size)?;
     let mut out = std::io::stdout().lock();
-    let stats = e.generate(&mut st, &prompt, a.n, &mut sampler, true, |s| {
+    let stats = e.generate_speculative(&mut st, &prompt, a.n, &mut sampler, true, spec.as_mut(), |s| {
         let _ = out.write_all(s.as_bytes());
         let _ = out.flush();
         true
@@ -94,6 +98,9 @@ fn report<B: Backend>(e: &Engine<B>, stats: &GenerationStats, ctx: usize) {
         stats.decode_tok_s(),
         e.model.backend.name()
     );
+    if let Some(s) = &stats.speculation {
+        eprintln!("sprig: {}", spec_line(s));
+    }
 }
 
 /// Per MoE layer: how many tokens each expert took and how many expert weight bytes were read per token.

@@ -1,0 +1,264 @@
+//! Speculative decoding: a cheap drafter proposes the next few tokens, the model scores them all in one
+//! forward pass (the prefill path: its weights read once for all of them) and keeps the longest prefix its own
+//! sampling agrees with, plus one token of its own. Exact: greedy output is token for token plain decoding's,
+//! sampled output has the same distribution ([`crate::Sampler::verify`]). Rejected positions are rolled back,
+//! ring caches of sliding-window layers included ([`sprig_models::Model::rollback`]).
+//!
+//! Drafters: [`PromptLookup`] (n-grams of the context itself: code edits, RAG and tool output repeat it) and
+//! [`DraftModel`] (a small model with the same tokenizer, keeping its own KV cache, resynchronised after
+//! rejections). The draft length adapts to the acceptance; in `auto` mode speculation switches itself off for
+//! the session when it decodes slower than plain decoding did.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sprig_backend::Backend;
+use sprig_models::{Logits, State};
+
+use crate::generate::Engine;
+use crate::sampler::argmax;
+use crate::{EngineError, Result};
+
+/// Proposes tokens to follow a context.
+pub trait Drafter: Send {
+    /// Appends to `out` up to `k` tokens likely to follow `history` (every token of the sequence so far).
+    fn draft(&mut self, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()>;
+    fn name(&self) -> String;
+}
+
+/// Prompt-lookup drafting: finds the most recent earlier occurrence of the context's last n tokens (longest n
+/// first) and proposes what followed it.
+#[derive(Clone, Debug)]
+pub struct PromptLookup {
+    pub min_ngram: usize,
+    pub max_ngram: usize,
+}
+
+impl Default for PromptLookup {
+    fn default() -> Self {
+        PromptLookup { min_ngram: 2, max_ngram: 4 }
+    }
+}
+
+impl Drafter for PromptLookup {
+    fn draft(&mut self, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+        let len = history.len();
+        for n in (self.min_ngram.max(1)..=self.max_ngram).rev() {
+            if len <= n {
+                continue;
+            }
+            let tail = &history[len - n..];
+            // The latest earlier match whose continuation is not the tail itself.
+            if let Some(j) = (0..len - n).rev().find(|&j| &history[j..j + n] == tail) {
+                let from = j + n;
+                out.extend_from_slice(&history[from..(from + k).min(len)]);
+                if !out.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        format!("prompt lookup ({}..{}-grams)", self.min_ngram, self.max_ngram)
+    }
+}
+
+/// A small model with the target's tokenizer, drafting greedily. It keeps its own KV cache: each call runs
+/// only what it has not seen (after a rejection, from where the contexts part).
+pub struct DraftModel<B: Backend> {
+    engine: Arc<Engine<B>>,
+    state: State<B>,
+    /// Tokens `state` holds.
+    held: Vec<u32>,
+    logits: Vec<f32>,
+    sliding: bool,
+}
+
+impl<B: Backend> DraftModel<B> {
+    /// A drafter for `target` on `draft`'s weights, with a context of `ctx` (0: the draft model's). Refuses a
+    /// model whose tokenizer is not the target's.
+    pub fn new<T: Backend>(draft: Arc<Engine<B>>, target: &Engine<T>, ctx: usize) -> Result<Self> {
+        let (a, b) = (&draft.tokenizer, &target.tokenizer);
+        let same = a.vocab_size() == b.vocab_size()
+            && a.special().eos == b.special().eos
+            && (0..a.vocab_size() as u32).step_by(97).all(|t| a.token_bytes(t).ok() == b.token_bytes(t).ok());
+        if !same {
+            return Err(EngineError::Eval("the draft model's tokenizer differs from the target's; speculative decoding needs the same vocabulary".into()));
+        }
+        let state = draft.model.new_state(ctx)?;
+        let sliding = draft.model.config.attention.iter().any(|k| *k != sprig_format::AttentionKind::Global);
+        Ok(DraftModel { engine: draft, state, held: Vec::new(), logits: Vec::new(), sliding })
+    }
+}
+
+impl<B: Backend> Drafter for DraftModel<B> {
+    fn draft(&mut self, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+        let m = &self.engine.model;
+        // Reuse what the draft's cache holds of `history` (all of it but the last token, whose logits are
+        // needed); a sliding-window draft model keeps its cache only when nothing was rejected.
+        let mut common = self.held.iter().zip(history).take_while(|(a, b)| a == b).count().min(history.len().saturating_sub(1));
+        if self.sliding && common < self.held.len() {
+            common = 0;
+        }
+        if history.len() + k > self.state.max_context {
+            // Out of the draft's context: no draft (the target goes on alone).
+            return Ok(());
+        }
+        self.held.truncate(common);
+        self.state.pos = common;
+        for chunk in history[common..].chunks(crate::generate::PREFILL_CHUNK) {
+            m.forward(&mut self.state, chunk, Logits::Last)?;
+        }
+        self.held.extend_from_slice(&history[common..]);
+        for i in 0..k {
+            m.read_logits(&self.state, &mut self.logits)?;
+            let t = argmax(&self.logits);
+            if self.engine.tokenizer.is_stop(t) {
+                break;
+            }
+            out.push(t);
+            if i + 1 < k {
+                m.forward(&mut self.state, &[t], Logits::Last)?;
+                self.held.push(t);
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        format!("draft model ({} layers)", self.engine.model.config.n_layers)
+    }
+}
+
+/// When to speculate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpecMode {
+    /// Always (for measurements and tests).
+    On,
+    /// While it pays: switched off for the session when speculative steps decode slower than plain ones.
+    Auto,
+}
+
+/// What speculation did (one generation's, or a session's so far).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SpecStats {
+    /// Tokens proposed by the drafter and checked by the model.
+    pub drafted: u64,
+    /// Of those, accepted.
+    pub accepted: u64,
+    /// Verification passes of the model.
+    pub passes: u64,
+    /// Tokens the speculative passes produced (accepted drafts + the model's own token each) and their time.
+    pub spec_tokens: u64,
+    pub spec_secs: f64,
+    /// Plain decode steps measured (the baseline `auto` compares against) and their time.
+    pub plain_tokens: u64,
+    pub plain_secs: f64,
+    /// `auto` found speculation slower and switched it off.
+    pub switched_off: bool,
+}
+
+impl SpecStats {
+    pub fn acceptance(&self) -> f64 {
+        self.accepted as f64 / self.drafted.max(1) as f64
+    }
+    /// Tokens per verification pass (the speed-up's upper bound, before the drafter's cost).
+    pub fn tokens_per_pass(&self) -> f64 {
+        self.spec_tokens as f64 / self.passes.max(1) as f64
+    }
+    fn add(&mut self, o: &SpecStats) {
+        self.drafted += o.drafted;
+        self.accepted += o.accepted;
+        self.passes += o.passes;
+        self.spec_tokens += o.spec_tokens;
+        self.spec_secs += o.spec_secs;
+        self.plain_tokens += o.plain_tokens;
+        self.plain_secs += o.plain_secs;
+    }
+}
+
+/// Plain steps `auto` measures before it speculates, and passes after which it judges.
+const PROBE_PLAIN: u64 = 4;
+const JUDGE_AFTER: u64 = 8;
+
+/// A session's speculative decoding: its drafter, the adaptive draft length and what it measured.
+pub struct Speculation {
+    drafter: Box<dyn Drafter>,
+    mode: SpecMode,
+    k: usize,
+    max_k: usize,
+    stats: SpecStats,
+}
+
+impl Speculation {
+    /// `max_draft`: most tokens drafted per pass (the length adapts between 1 and it).
+    pub fn new(drafter: Box<dyn Drafter>, mode: SpecMode, max_draft: usize) -> Self {
+        let max_k = max_draft.clamp(1, 32);
+        Speculation { drafter, mode, k: max_k.min(4), max_k, stats: SpecStats::default() }
+    }
+
+    /// The session's figures so far.
+    pub fn stats(&self) -> SpecStats {
+        self.stats
+    }
+
+    pub fn drafter_name(&self) -> String {
+        self.drafter.name()
+    }
+
+    /// Whether the next step should speculate: `auto` first measures a few plain steps, and stops for good
+    /// when speculating was slower.
+    pub(crate) fn wanted(&self) -> bool {
+        match self.mode {
+            SpecMode::On => true,
+            SpecMode::Auto => !self.stats.switched_off && self.stats.plain_tokens >= PROBE_PLAIN,
+        }
+    }
+
+    /// Draft length for the next pass.
+    pub(crate) fn draft_len(&self) -> usize {
+        self.k
+    }
+
+    pub(crate) fn draft(&mut self, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+        self.drafter.draft(history, k, out)
+    }
+
+    /// A plain decode step took `t`.
+    pub(crate) fn record_plain(&mut self, t: Duration, gen: &mut SpecStats) {
+        let s = SpecStats { plain_tokens: 1, plain_secs: t.as_secs_f64(), ..Default::default() };
+        self.stats.add(&s);
+        gen.add(&s);
+    }
+
+    /// A verification pass of `drafted` tokens accepted `accepted` and produced `tokens` in `t`: the draft
+    /// length adapts (all accepted: longer; under half: shorter), and `auto` judges the speed.
+    pub(crate) fn record_pass(&mut self, t: Duration, drafted: usize, accepted: usize, tokens: usize, gen: &mut SpecStats) {
+        let s = SpecStats {
+            drafted: drafted as u64,
+            accepted: accepted as u64,
+            passes: 1,
+            spec_tokens: tokens as u64,
+            spec_secs: t.as_secs_f64(),
+            ..Default::default()
+        };
+        self.stats.add(&s);
+        gen.add(&s);
+        if accepted == drafted {
+            self.k = (self.k + 1).min(self.max_k);
+        } else if accepted * 2 < drafted {
+            self.k = (self.k - 1).max(1);
+        }
+        let st = &mut self.stats;
+        if self.mode == SpecMode::Auto && st.passes >= JUDGE_AFTER && st.plain_tokens > 0 {
+            let spec = st.spec_tokens as f64 / st.spec_secs.max(1e-9);
+            let plain = st.plain_tokens as f64 / st.plain_secs.max(1e-9);
+            if spec < plain {
+                st.switched_off = true;
+                gen.switched_off = true;
+            }
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! Speculative decoding is exact: greedy output is plain decoding's token for token (with drafts accepted and
+//! rejected, on global and sliding-window models whose rings must be rolled back), and sampled output keeps
+//! the sampler's distribution (frequencies of whole continuations against their exact probabilities).
+
+use std::sync::Arc;
+
+use sprig_backend::cpu::CpuBackend;
+use sprig_engine::speculative::{DraftModel, Drafter, PromptLookup, SpecMode, Speculation};
+use sprig_engine::{Engine, Sampler, SamplingParams, Session};
+use sprig_import::synth::{write_gguf, Arch, SynthSpec};
+use sprig_import::QuantChoice;
+use sprig_tests::*;
+
+fn tmp(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sprig-spec-{}-{name}", std::process::id()))
+}
+
+fn synthetic(spec: SynthSpec, name: &str) -> Arc<Engine<CpuBackend>> {
+    synthetic_pair(spec, name).0
+}
+
+/// A synthetic model as written (f32) and re-quantized to int4 (a draft that mostly agrees with it).
+fn synthetic_pair(spec: SynthSpec, name: &str) -> (Arc<Engine<CpuBackend>>, Arc<Engine<CpuBackend>>) {
+    let path = tmp(name);
+    write_gguf(&spec, &path).unwrap();
+    let e = Arc::new(cpu_engine(open(&path, None, QuantChoice::Keep), 2));
+    let q = Arc::new(cpu_engine(open(&path, None, QuantChoice::Q4), 1));
+    let _ = std::fs::remove_file(path);
+    (e, q)
+}
+
+/// Stop tokens banned, so that random models run to the length.
+fn no_stops<B: sprig_backend::Backend>(e: &Engine<B>, p: SamplingParams) -> SamplingParams {
+    let stops = (0..e.model.config.vocab_size as u32).filter(|&t| e.tokenizer.is_stop(t));
+    SamplingParams { logit_bias: stops.map(|t| (t, f32::NEG_INFINITY)).collect(), ..p }
+}
+
+fn generate<B: sprig_backend::Backend>(e: &Engine<B>, prompt: &[u32], n: usize, p: &SamplingParams, spec: Option<&mut Speculation>) -> Vec<u32> {
+    let mut st = e.model.new_state(0).unwrap();
+    let mut sampler = Sampler::new(p.clone()).unwrap();
+    e.generate_speculative(&mut st, prompt, n, &mut sampler, false, spec, |_| true).unwrap().generated
+}
+
+#[test]
+fn greedy_speculation_is_plain_decoding_token_for_token() {
+    let (model, tok) = stories260k();
+    let target = Arc::new(cpu_engine(open(&model, Some(tok.clone()), QuantChoice::Keep), 2));
+    // A draft of the same model at int4: mostly agrees, sometimes not.
+    let draft = Arc::new(cpu_engine(open(&model, Some(tok), QuantChoice::Q4), 1));
+    // Sliding-window models (window 8: rings wrap within the prompt) and a different one as the draft.
+    let gemma = |seed| SynthSpec { n_layers: 6, sliding: Some((8, 3)), seed, ..SynthSpec::tiny(Arch::Gemma3) };
+    let (g_target, g_draft) = (synthetic(gemma(1), "g1.gguf"), synthetic(gemma(2), "g2.gguf"));
+    type Cpu = Arc<Engine<CpuBackend>>;
+    let cases: Vec<(&str, Cpu, Cpu)> = vec![
+        ("stories260K", target.clone(), draft),
+        ("stories260K drafting for itself", target.clone(), target.clone()),
+        ("sliding window", g_target.clone(), g_draft),
+        ("sliding window drafting for itself", g_target.clone(), g_target),
+    ];
+    let prompts = ["Once upon a time", "The dog ran to the park and saw a big red ball. The dog ran to the park and", "Lily and Tom"];
+    for (what, t, d) in cases {
+        let greedy = no_stops(&t, SamplingParams::default());
+        for p in prompts {
+            let prompt = t.tokenizer.encode(p, true).unwrap();
+            let plain = generate(&t, &prompt, 80, &greedy, None);
+            let drafters: Vec<Box<dyn Drafter>> =
+                vec![Box::new(DraftModel::new(d.clone(), &*t, 0).unwrap()), Box::new(PromptLookup::default())];
+            for drafter in drafters {
+                let name = drafter.name();
+                let mut spec = Speculation::new(drafter, SpecMode::On, 6);
+                let got = generate(&t, &prompt, 80, &greedy, Some(&mut spec));
+                assert_eq!(got, plain, "{what}, {name}, {p:?}");
+                let s = spec.stats();
+                if name.starts_with("draft") {
+                    assert!(s.passes > 0 && s.drafted > 0, "{what}: {s:?}");
+                    if what.ends_with("itself") {
+                        assert_eq!(s.accepted, s.drafted, "{what}: a model drafting for itself is always right");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sessions_speculate_across_turns_with_the_same_replies() {
+    let e = Arc::new(cpu_engine(open(&registry_model("smollm2-135m-instruct"), None, QuantChoice::Keep), 2));
+    let turns = ["Repeat after me: the quick brown fox jumps over the lazy dog.", "Again, twice."];
+    let run = |spec: Option<Speculation>| {
+        let mut s = Session::new(e.clone(), 1024).unwrap();
+        s.set_speculation(spec);
+        let mut msgs = Vec::new();
+        let mut replies = Vec::new();
+        for t in turns {
+            msgs.push(sprig_engine::ChatMessage::new("user", t));
+            let mut out = String::new();
+            let r = s
+                .chat(&msgs, &SamplingParams::default(), 48, |p| {
+                    out.push_str(p);
+                    true
+                })
+                .unwrap();
+            assert_eq!(r.speculation.is_some(), s.speculation().is_some());
+            msgs.push(sprig_engine::ChatMessage::new("assistant", &out));
+            replies.push(out);
+        }
+        (replies, s.speculation().map(|x| x.stats()))
+    };
+    let (plain, _) = run(None);
+    let (spec, stats) = run(Some(Speculation::new(Box::new(PromptLookup::default()), SpecMode::On, 8)));
+    assert_eq!(spec, plain);
+    let stats = stats.unwrap();
+    assert!(stats.accepted > 0, "repeating the prompt, lookup drafts are accepted: {stats:?}");
+}
+
+#[test]
+fn sampled_speculation_keeps_the_distribution() {
+    // Three tokens from the top 3 at each step: 27 continuations whose exact probabilities come from the
+    // model's logits; 4,000 speculative runs (its int4 copy drafting greedily, so drafts are accepted and
+    // rejected) must match them (chi-square, 26 degrees of freedom).
+    let (t, d) = synthetic_pair(SynthSpec { seed: 5, ..SynthSpec::tiny(Arch::Llama) }, "l5.gguf");
+    let params = no_stops(&t, SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, ..Default::default() });
+    let prompt = t.tokenizer.encode("abc", true).unwrap();
+    let banned: Vec<u32> = params.logit_bias.iter().map(|b| b.0).collect();
+    // The chain's distribution after `ctx`: top 3 of the allowed tokens, softmax over them.
+    let next = |ctx: &[u32]| -> Vec<(u32, f64)> {
+        let mut st = t.model.new_state(0).unwrap();
+        t.model.forward(&mut st, ctx, sprig_models::Logits::Last).unwrap();
+        let mut l = Vec::new();
+        t.model.read_logits(&st, &mut l).unwrap();
+        let mut c: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &x)| (i as u32, x)).filter(|(i, _)| !banned.contains(i)).collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1));
+        c.truncate(3);
+        let z: f64 = c.iter().map(|x| (x.1 as f64).exp()).sum();
+        c.iter().map(|&(i, x)| (i, (x as f64).exp() / z)).collect()
+    };
+    let mut exact: Vec<(Vec<u32>, f64)> = Vec::new();
+    for (a, pa) in next(&prompt) {
+        for (b, pb) in next(&[&prompt[..], &[a]].concat()) {
+            for (c, pc) in next(&[&prompt[..], &[a, b]].concat()) {
+                exact.push((vec![a, b, c], pa * pb * pc));
+            }
+        }
+    }
+    let n = 4000;
+    let mut counts = vec![0usize; exact.len()];
+    let mut spec = Speculation::new(Box::new(DraftModel::new(d, &*t, 0).unwrap()), SpecMode::On, 2);
+    for seed in 0..n {
+        let got = generate(&t, &prompt, 3, &SamplingParams { seed, ..params.clone() }, Some(&mut spec));
+        let i = exact.iter().position(|(s, _)| *s == got).unwrap_or_else(|| panic!("{got:?} is not a top-3 path"));
+        counts[i] += 1;
+    }
+    let chi: f64 = exact.iter().zip(&counts).map(|((_, p), &c)| (c as f64 - p * n as f64).powi(2) / (p * n as f64)).sum();
+    // 99.9th percentile of chi-square with 26 degrees of freedom: 54.05.
+    assert!(chi < 54.05, "chi-square {chi:.1}: {counts:?}");
+    let s = spec.stats();
+    assert!(s.accepted > 0 && s.accepted < s.drafted, "drafts both accepted and rejected: {s:?}");
+}
