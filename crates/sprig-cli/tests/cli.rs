@@ -76,6 +76,22 @@ fn run_convert_inspect_and_errors() {
 }
 
 #[test]
+fn speculative_flags_keep_the_golden_text() {
+    let (m, t) = (fixture("stories260K/stories260K.bin"), fixture("stories260K/tok512.bin"));
+    let (m, t) = (m.to_str().unwrap(), t.to_str().unwrap());
+    let golden = std::fs::read_to_string(fixture("stories260K/golden_once_upon_a_time_steps256.txt")).unwrap();
+    let base = ["run", "-m", m, "--tokenizer", t, "-p", "Once upon a time", "-n", "252", "-t", "1", "--spec", "on"];
+    let (out, err) = run_ok(&[&base[..], &["--lookup"]].concat());
+    assert_eq!(out, golden);
+    assert!(err.contains("speculative:") && err.contains("tokens per pass"), "{err}");
+    // The model drafting for itself: every draft accepted, the same text.
+    let (out, err) = run_ok(&[&base[..], &["--draft", m, "--draft-max", "5"]].concat());
+    assert_eq!(out, golden);
+    assert!(err.contains("(100 %)"), "{err}");
+    assert!(run_err(&[&base[..], &["--draft", m, "--lookup"]].concat()).contains("--lookup"));
+}
+
+#[test]
 fn chat_reads_turns_from_a_pipe() {
     let dir = std::env::temp_dir().join(format!("sprig-cli-chat-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -140,10 +140,18 @@ fn script(name: &str) -> PathBuf {
 #[test]
 fn the_openai_python_sdk_works_unchanged() {
     let py = python();
-    let server = Server::start(&["-m", MODEL, "--api-key", KEY, "-t", "2"]);
+    // With speculative decoding (prompt lookup, always on): requests that decode alone speculate, and every
+    // answer must be as without it (greedy repeatability, streaming equal to the whole, logprobs per token).
+    let server = Server::start(&["-m", MODEL, "--api-key", KEY, "-t", "2", "--lookup", "--spec", "on"]);
     let out = Command::new(py).arg(script("openai_client.py")).args([&server.url(), KEY, MODEL]).output().unwrap();
     let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && so.contains("all ok"), "{so}\n{se}");
+    let (_, metrics) = http(&server.addr, "GET", "/metrics", &[("Authorization", &auth().1)], b"");
+    let drafted = metrics
+        .lines()
+        .find(|l| l.starts_with("sprig_drafted_tokens_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(drafted.is_some_and(|d| d > 0.0), "no speculation ran: {metrics}");
 }
 
 #[test]

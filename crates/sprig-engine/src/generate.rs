@@ -682,6 +682,8 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             self.drafts = drafts;
             return false;
         }
+        let drafting = t0.elapsed();
+        let t0 = Instant::now();
         let n = drafts.len();
         let run: Vec<u32> = std::iter::once(next).chain(drafts.iter().copied()).collect();
         let checkpoint = match e.model.ring_checkpoint(it.state, run.len()) {
@@ -752,7 +754,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
         self.pending = if live { chosen } else { None };
         let tokens = accepted + usize::from(self.pending.is_some());
         if let Some(spec) = it.spec {
-            spec.record_pass(t0.elapsed(), n, accepted, tokens, &mut self.spec_stats);
+            spec.record_pass(drafting, t0.elapsed(), n, accepted, tokens, &mut self.spec_stats);
         }
         self.drafts = drafts;
         true

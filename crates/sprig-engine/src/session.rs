@@ -677,7 +677,8 @@ pub struct Finished<B: Backend, T> {
 /// Requests of several sessions of one engine running together as [`run_batch`] runs them, except that a
 /// request may join between two steps and leaves as soon as it ends (continuous batching, as servers do): a
 /// new request's prompt is prefilled in chunks interleaved with the others' decode steps, so that it waits
-/// for no one's reply to end. Each session is owned by the batch while its request runs.
+/// for no one's reply to end. Each session is owned by the batch while its request runs. A session with
+/// speculative decoding speculates in the steps where its request is the only one decoding.
 pub struct ContinuousBatch<'e, B: Backend, T> {
     engine: &'e Arc<Engine<B>>,
     runner: Runner<'e, B, Slot<B, T>>,
@@ -779,7 +780,9 @@ impl<B: Backend, T> Item<B> for Slot<B, T> {
             echo_prompt: false,
             on_text: &mut *self.on_text,
             on_logprob: self.on_logprob.as_mut().map(|f| &mut **f as &mut dyn FnMut(&TokenLogprob)),
-            spec: None,
+            // The session's speculation runs while this request decodes alone (a batch step of several
+            // sequences reads the weights once for all of them instead).
+            spec: self.session.spec.as_mut(),
         }
     }
 }

@@ -190,13 +190,52 @@ pub struct Speculation {
     k: usize,
     max_k: usize,
     stats: SpecStats,
+    /// The cost model the draft length is chosen by (see [`Speculation::choose_len`]).
+    cost: CostModel,
+}
+
+/// What speculation costs and earns here, measured as it runs: a drafted token is accepted with probability
+/// `alpha` (successes / trials), a verification pass of `r` rows takes `plain + extra_row · (r - 1)` (a plain
+/// step plus what each further row adds: nothing on a memory-bound CPU, much on a compute-bound one), and
+/// drafting takes `draft` per token.
+#[derive(Clone, Copy, Debug, Default)]
+struct CostModel {
+    trials: f64,
+    successes: f64,
+    plain: Option<f64>,
+    extra_row: Option<f64>,
+    draft: Option<f64>,
+}
+
+/// Weight of a new measurement in the running averages.
+const EWMA: f64 = 0.2;
+
+fn ewma(old: Option<f64>, new: f64) -> Option<f64> {
+    Some(old.map_or(new, |o| o + EWMA * (new - o)))
+}
+
+impl CostModel {
+    /// The draft length up to `max` with the most tokens per second: a pass drafting `k` yields
+    /// `1 + alpha + ... + alpha^k` tokens on average. `None` until the costs are known.
+    fn best_len(&self, max: usize) -> Option<usize> {
+        let (plain, extra, draft) = (self.plain?, self.extra_row?, self.draft?);
+        // A prior of one success in two trials until drafts have been checked.
+        let alpha = ((self.successes + 1.0) / (self.trials + 2.0)).min(0.99);
+        (1..=max)
+            .map(|k| {
+                let tokens = (1.0 - alpha.powi(k as i32 + 1)) / (1.0 - alpha);
+                (k, tokens / (plain + extra * k as f64 + draft * k as f64))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(k, _)| k)
+    }
 }
 
 impl Speculation {
     /// `max_draft`: most tokens drafted per pass (the length adapts between 1 and it).
     pub fn new(drafter: Box<dyn Drafter>, mode: SpecMode, max_draft: usize) -> Self {
         let max_k = max_draft.clamp(1, 32);
-        Speculation { drafter, mode, k: max_k.min(4), max_k, stats: SpecStats::default() }
+        Speculation { drafter, mode, k: max_k.min(4), max_k, stats: SpecStats::default(), cost: CostModel::default() }
     }
 
     /// The session's figures so far.
@@ -231,26 +270,45 @@ impl Speculation {
         let s = SpecStats { plain_tokens: 1, plain_secs: t.as_secs_f64(), ..Default::default() };
         self.stats.add(&s);
         gen.add(&s);
+        self.cost.plain = ewma(self.cost.plain, t.as_secs_f64());
     }
 
-    /// A verification pass of `drafted` tokens accepted `accepted` and produced `tokens` in `t`: the draft
-    /// length adapts (all accepted: longer; under half: shorter), and `auto` judges the speed.
-    pub(crate) fn record_pass(&mut self, t: Duration, drafted: usize, accepted: usize, tokens: usize, gen: &mut SpecStats) {
+    /// A pass drafted `drafted` tokens in `drafting`, checked them in `verifying` (`drafted + 1` rows), accepted
+    /// `accepted` and produced `tokens`: the cost model learns, the draft length follows it (before the costs
+    /// are known: longer when all were accepted, shorter when under half were), and `auto` judges the speed.
+    pub(crate) fn record_pass(
+        &mut self,
+        drafting: Duration,
+        verifying: Duration,
+        drafted: usize,
+        accepted: usize,
+        tokens: usize,
+        gen: &mut SpecStats,
+    ) {
         let s = SpecStats {
             drafted: drafted as u64,
             accepted: accepted as u64,
             passes: 1,
             spec_tokens: tokens as u64,
-            spec_secs: t.as_secs_f64(),
+            spec_secs: (drafting + verifying).as_secs_f64(),
             ..Default::default()
         };
         self.stats.add(&s);
         gen.add(&s);
-        if accepted == drafted {
-            self.k = (self.k + 1).min(self.max_k);
-        } else if accepted * 2 < drafted {
-            self.k = (self.k - 1).max(1);
+        let c = &mut self.cost;
+        // Trials: every accepted draft, and the one rejected (if any).
+        c.trials += (accepted + usize::from(accepted < drafted)) as f64;
+        c.successes += accepted as f64;
+        c.draft = ewma(c.draft, drafting.as_secs_f64() / drafted.max(1) as f64);
+        if let Some(plain) = c.plain {
+            c.extra_row = ewma(c.extra_row, ((verifying.as_secs_f64() - plain) / drafted.max(1) as f64).max(0.0));
         }
+        self.k = match c.best_len(self.max_k) {
+            Some(k) => k,
+            None if accepted == drafted => (self.k + 1).min(self.max_k),
+            None if accepted * 2 < drafted => (self.k - 1).max(1),
+            None => self.k,
+        };
         let st = &mut self.stats;
         if self.mode == SpecMode::Auto && st.passes >= JUDGE_AFTER && st.plain_tokens > 0 {
             let spec = st.spec_tokens as f64 / st.spec_secs.max(1e-9);

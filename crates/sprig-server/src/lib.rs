@@ -60,10 +60,16 @@ pub struct ServerConfig {
     pub context: usize,
 }
 
+/// Makes a session's speculative decoding (each pooled session gets its own: a draft model keeps a KV cache
+/// per session).
+pub type SpeculationFactory = Arc<dyn Fn() -> sprig_engine::Result<sprig_engine::speculative::Speculation> + Send + Sync>;
+
 /// A model to serve under `name` (what requests put in `model`).
 pub struct ServedModel {
     pub name: String,
     pub engine: AnyEngine,
+    /// Speculative decoding for requests that decode alone.
+    pub speculation: Option<SpeculationFactory>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +117,12 @@ pub fn serve(config: ServerConfig, models: Vec<ServedModel>, on_listening: impl 
             return Err(ServeError::Config(format!("two models are named {:?}; each needs a name of its own", m.name)));
         }
         let mm = Arc::new(metrics.add_model(&m.name));
-        let wc = || worker::WorkerConfig { max_concurrent: config.max_concurrent, max_queue: config.max_queue, context: config.context };
+        let wc = || worker::WorkerConfig {
+            max_concurrent: config.max_concurrent,
+            max_queue: config.max_queue,
+            context: config.context,
+            speculation: m.speculation.clone(),
+        };
         let worker = with_engine!(&m.engine, |e| worker::spawn(&m.name, e.clone(), wc(), mm.clone()))?;
         let trained = m.engine.context_length();
         let context = if config.context == 0 { trained } else { config.context.min(trained) };

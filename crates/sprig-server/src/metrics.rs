@@ -31,6 +31,9 @@ pub struct ModelMetrics {
     pub time_to_first_token: Histogram,
     /// Bytes the shared prefix cache holds (refreshed when scraped).
     pub prefix_cache_bytes: Gauge,
+    /// Speculative decoding: tokens drafted and accepted.
+    pub drafted_tokens: Counter,
+    pub accepted_tokens: Counter,
 }
 
 pub struct Metrics {
@@ -61,6 +64,8 @@ impl Metrics {
             active: Gauge::default(),
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             prefix_cache_bytes: Gauge::default(),
+            drafted_tokens: Counter::default(),
+            accepted_tokens: Counter::default(),
         };
         let r = self.registry.sub_registry_with_label((Cow::Borrowed("model"), Cow::Owned(name.to_string())));
         r.register("prompt_tokens", "Prompt tokens of finished requests, cached or run", m.prompt_tokens.clone());
@@ -74,6 +79,8 @@ impl Metrics {
         r.register("active_requests", "Requests generating now", m.active.clone());
         r.register("time_to_first_token_seconds", "From queueing to the first piece of text", m.time_to_first_token.clone());
         r.register("prefix_cache_bytes", "Bytes held by the shared prefix cache", m.prefix_cache_bytes.clone());
+        r.register("drafted_tokens", "Speculative decoding: tokens drafted and checked", m.drafted_tokens.clone());
+        r.register("accepted_tokens", "Speculative decoding: drafted tokens accepted", m.accepted_tokens.clone());
         m
     }
 

@@ -80,6 +80,7 @@ pub struct WorkerConfig {
     pub max_queue: usize,
     /// Each session's context (0: the model's).
     pub context: usize,
+    pub speculation: Option<crate::SpeculationFactory>,
 }
 
 /// Starts the worker of `engine`.
@@ -151,7 +152,7 @@ fn admit<B: Backend>(
         metrics.cancelled.inc();
         return;
     }
-    let session = match take_session(pool, engine, config.context, &job.tokens) {
+    let session = match take_session(pool, engine, config, &job.tokens) {
         Ok(s) => s,
         Err(e) => {
             metrics.failed.inc();
@@ -199,6 +200,10 @@ fn deliver<B: Backend>(f: Finished<B, Tag>, pool: &mut Vec<Session<B>>, metrics:
             if s.stop == StopReason::Cancelled {
                 metrics.cancelled.inc();
             }
+            if let Some(sp) = &s.speculation {
+                metrics.drafted_tokens.inc_by(sp.drafted);
+                metrics.accepted_tokens.inc_by(sp.accepted);
+            }
         }
         Err(_) => {
             metrics.failed.inc();
@@ -214,7 +219,7 @@ fn deliver<B: Backend>(f: Finished<B, Tag>, pool: &mut Vec<Session<B>>, metrics:
 }
 
 /// The idle session holding the longest start of `tokens`, or a new one.
-fn take_session<B: Backend>(pool: &mut Vec<Session<B>>, engine: &Arc<Engine<B>>, context: usize, tokens: &[u32]) -> Result<Session<B>, EngineError> {
+fn take_session<B: Backend>(pool: &mut Vec<Session<B>>, engine: &Arc<Engine<B>>, config: &WorkerConfig, tokens: &[u32]) -> Result<Session<B>, EngineError> {
     let common = |s: &Session<B>| s.tokens().iter().zip(tokens).take_while(|(a, b)| a == b).count();
     if let Some((i, _)) = pool.iter().enumerate().max_by_key(|(_, s)| common(s)) {
         let mut s = pool.swap_remove(i);
@@ -223,7 +228,10 @@ fn take_session<B: Backend>(pool: &mut Vec<Session<B>>, engine: &Arc<Engine<B>>,
         s.start_over();
         return Ok(s);
     }
-    let mut s = Session::new(engine.clone(), context)?;
+    let mut s = Session::new(engine.clone(), config.context)?;
+    if let Some(make) = &config.speculation {
+        s.set_speculation(Some(make()?));
+    }
     // A request longer than the context is refused up front (400); one that grows past it while decoding
     // stops with `length`, as OpenAI's do: nothing is dropped from a conversation behind the client's back.
     s.set_context_policy(ContextPolicy::Error, 0);

@@ -47,6 +47,13 @@ pub struct BenchArgs {
     /// `prompts`, e.g. tests/data/structured/schemas.json): -r prompts each, -n tokens per reply.
     #[arg(long, value_name = "FILE")]
     structured: Option<std::path::PathBuf>,
+    /// Instead: speculative decoding against plain decoding over the prompts of FILE (a JSON array of raw
+    /// prompts, e.g. tests/data/spec/code-completion.json), with --draft or --lookup: greedy, -n tokens each;
+    /// decode tokens/s of both, acceptance, and whether the outputs are identical.
+    #[arg(long, value_name = "FILE")]
+    spec_prompts: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    spec: crate::args::SpecArgs,
     /// Instead: tool-calling accuracy over the requests of FILE (e.g. tests/data/tools/car-requests.json),
     /// constrained and unconstrained, offering the tools of --tool-defs.
     #[arg(long, value_name = "FILE", requires = "tool_defs")]
@@ -77,6 +84,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(path) = &a.agent_trace {
         let o = super::agent_trace::TraceOptions { path: path.clone(), ctx: a.model.load.ctx_size, reply: a.gen, json: a.json };
         return with_engine!(&e, |e| super::agent_trace::run(e, &o));
+    }
+    if let Some(path) = &a.spec_prompts {
+        let load = LoadArgs { threads, ..a.model.load.clone() };
+        return with_engine!(&e, |e| super::structured_bench::speculative(e, path, &a.spec, &load, a.gen, a.json));
     }
     if let Some(path) = &a.structured {
         return with_engine!(&e, |e| super::structured_bench::schema_overhead(e, path, a.reps, a.gen, a.json));

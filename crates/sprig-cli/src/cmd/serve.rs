@@ -8,7 +8,7 @@ use clap::Args;
 use sprig_engine::registry;
 use sprig_server::{ServedModel, ServerConfig};
 
-use crate::args::LoadArgs;
+use crate::args::{LoadArgs, SpecArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -40,6 +40,9 @@ pub struct ServeArgs {
     pub max_tokens: usize,
     #[command(flatten)]
     pub load: LoadArgs,
+    /// Speculative decoding for requests that decode alone (a batch of several never speculates).
+    #[command(flatten)]
+    pub spec: SpecArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -52,7 +55,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     for (name, path) in expand(&given)? {
         let engine = a.load.engine(&path)?;
         eprintln!("sprig serve: model {name:?} from {} on {}", path.display(), engine.backend_name());
-        models.push(ServedModel { name, engine });
+        let speculation = speculation_factory(&a, &engine)?;
+        models.push(ServedModel { name, engine, speculation });
     }
     let config = ServerConfig {
         host: a.host,
@@ -100,4 +104,29 @@ fn name_of(p: &Path) -> String {
     }
     let n = if p.is_dir() { p.file_name() } else { p.file_stem() };
     n.map_or_else(|| p.to_string_lossy().into_owned(), |s| s.to_string_lossy().into_owned())
+}
+
+/// What makes each session's speculation, when asked for: the draft model is loaded once (and its tokenizer
+/// checked against the target's) and shared; each session gets its own drafter state.
+fn speculation_factory(a: &ServeArgs, target: &sprig_engine::AnyEngine) -> Result<Option<sprig_server::SpeculationFactory>> {
+    use sprig_engine::speculative::{DraftModel, PromptLookup, SpecMode, Speculation};
+    let mode = match a.spec.spec {
+        crate::args::SpecArg::Off => return Ok(None),
+        crate::args::SpecArg::On => SpecMode::On,
+        crate::args::SpecArg::Auto => SpecMode::Auto,
+    };
+    let max = a.spec.draft_max;
+    let ctx = a.load.ctx_size;
+    if a.spec.lookup {
+        return Ok(Some(std::sync::Arc::new(move || Ok(Speculation::new(Box::new(PromptLookup::default()), mode, max)))));
+    }
+    let Some(path) = &a.spec.draft else { return Ok(None) };
+    let draft = a.load.engine(path)?;
+    sprig_engine::with_engine!(target, |t| sprig_engine::with_engine!(&draft, |d| {
+        // Checked now: a draft of another tokenizer is a start-up error, not a per-request one.
+        DraftModel::new(d.clone(), t, ctx)?;
+        let (d, t) = (d.clone(), t.clone());
+        Ok(Some(std::sync::Arc::new(move || Ok(Speculation::new(Box::new(DraftModel::new(d.clone(), &*t, ctx)?), mode, max)))
+            as sprig_server::SpeculationFactory))
+    }))
 }

@@ -1,6 +1,6 @@
-//! `sprig bench --structured FILE` (what a JSON-schema constraint costs in decode speed) and
+//! `sprig bench --structured FILE` (what a JSON-schema constraint costs in decode speed),
 //! `sprig bench --tools FILE` (how often a model calls the right tool with the right arguments, constrained or
-//! not).
+//! not) and `sprig bench --spec-prompts FILE` (speculative decoding against plain decoding).
 
 use std::sync::Arc;
 
@@ -166,6 +166,72 @@ pub fn tool_accuracy<B: Backend>(
         for m in o["misses"].as_array().into_iter().flatten() {
             println!("    miss: {} -> {}", m["prompt"], m["reply"].as_str().unwrap_or("").replace('\n', " "));
         }
+    }
+    Ok(())
+}
+
+/// Each prompt of the fixture (a JSON array of raw prompts) decoded greedily, `gen` tokens, plainly and with the
+/// speculation of `spec` (one speculation for all prompts, as a session keeps it: `auto` may switch it off),
+/// alternating; decode tokens/s of each, their ratio, the acceptance, and whether the outputs are identical
+/// (they must be).
+pub fn speculative<B: Backend>(
+    e: &Arc<Engine<B>>,
+    path: &std::path::Path,
+    spec: &crate::args::SpecArgs,
+    load: &crate::args::LoadArgs,
+    gen: usize,
+    json_out: bool,
+) -> Result<()> {
+    let data = read_json(path)?;
+    let prompts: Vec<&str> = data.as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    if prompts.is_empty() {
+        bail!("{}: expected a JSON array of prompt strings", path.display());
+    }
+    let Some(mut speculation) = spec.speculation(e, load, 0)? else { bail!("--spec-prompts needs --draft MODEL or --lookup (and --spec auto or on)") };
+    let params = SamplingParams::default();
+    let (mut plain, mut fast, mut same) = ((0usize, 0.0f64), (0usize, 0.0f64), 0usize);
+    let before = speculation.stats();
+    for p in &prompts {
+        let prompt = e.tokenizer.encode_parts(&[(p, false)], e.tokenizer.special().add_bos)?;
+        let mut outs = Vec::new();
+        for with_spec in [false, true] {
+            let mut st = e.model.new_state(0)?;
+            let mut sampler = sprig_engine::Sampler::new(params.clone())?;
+            let s = if with_spec { Some(&mut speculation) } else { None };
+            let r = e.generate_speculative(&mut st, &prompt, gen, &mut sampler, false, s, |_| true)?;
+            let acc = if with_spec { &mut fast } else { &mut plain };
+            acc.0 += r.generated.len().saturating_sub(1);
+            acc.1 += r.decode_secs;
+            outs.push(r.generated);
+        }
+        same += usize::from(outs[0] == outs[1]);
+    }
+    let s = speculation.stats();
+    let (drafted, accepted) = (s.drafted - before.drafted, s.accepted - before.accepted);
+    let tps = |x: (usize, f64)| x.0 as f64 / x.1.max(1e-9);
+    let ratio = tps(fast) / tps(plain).max(1e-9);
+    if json_out {
+        println!(
+            "{}",
+            json!({"prompts": prompts.len(), "drafter": speculation.drafter_name(), "plain_tok_s": tps(plain), "spec_tok_s": tps(fast),
+                   "ratio": ratio, "drafted": drafted, "accepted": accepted, "tokens_per_pass": s.tokens_per_pass(), "identical": same,
+                   "switched_off": s.switched_off})
+        );
+    } else {
+        println!(
+            "{} prompts, {gen} tokens each, {}: plain {:.1} tok/s, speculative {:.1} tok/s ({ratio:.2}x); {drafted} drafted, {accepted} accepted ({:.0} %), {:.2} tokens per pass{}; greedy outputs identical: {same}/{}",
+            prompts.len(),
+            speculation.drafter_name(),
+            tps(plain),
+            tps(fast),
+            100.0 * accepted as f64 / drafted.max(1) as f64,
+            s.tokens_per_pass(),
+            if s.switched_off { "; auto switched it off (slower than plain here)" } else { "" },
+            prompts.len()
+        );
+    }
+    if same != prompts.len() {
+        bail!("speculative output differed from plain decoding on {} prompts", prompts.len() - same);
     }
     Ok(())
 }
