@@ -190,6 +190,13 @@ impl AnyEngine {
         with_engine!(self, |e| e.prefix_cache.set_budget(bytes))
     }
 
+    /// A draft model drafting for `target` (checked: the same tokenizer), with its own KV cache of `ctx`.
+    pub fn drafter_for(&self, target: &AnyEngine, ctx: usize) -> Result<Box<dyn crate::speculative::Drafter>> {
+        with_engine!(self, |d| with_engine!(target, |t| {
+            Ok(Box::new(crate::speculative::DraftModel::new(d.clone(), &**t, ctx)?) as Box<dyn crate::speculative::Drafter>)
+        }))
+    }
+
     pub fn new_session(&self, max_context: usize) -> Result<AnySession> {
         Ok(match self {
             AnyEngine::Cpu(e) => AnySession::Cpu(Session::new(e.clone(), max_context)?),
@@ -251,6 +258,21 @@ impl AnySession {
     /// See [`Session::trim`].
     pub fn trim(&mut self) -> Result<u64> {
         with_session!(self, |s| s.trim())
+    }
+    /// The engine the session runs on.
+    pub fn engine(&self) -> AnyEngine {
+        match self {
+            AnySession::Cpu(s) => AnyEngine::Cpu(s.engine.clone()),
+            AnySession::Gpu(s) => AnyEngine::Gpu(s.engine.clone()),
+        }
+    }
+    /// See [`Session::set_speculation`].
+    pub fn set_speculation(&mut self, spec: Option<crate::speculative::Speculation>) {
+        with_session!(self, |s| s.set_speculation(spec))
+    }
+    /// The session's speculative decoding figures so far (`None`: it does not speculate).
+    pub fn speculation_stats(&self) -> Option<crate::speculative::SpecStats> {
+        with_session!(self, |s| s.speculation().map(|x| x.stats()))
     }
     /// See [`Session::set_context_policy`].
     pub fn set_context_policy(&mut self, policy: ContextPolicy, keep: usize) {

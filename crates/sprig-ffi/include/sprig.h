@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 // Bumped when a function signature or struct layout changes incompatibly.
-#define SPRIG_ABI_VERSION 5
+#define SPRIG_ABI_VERSION 6
 
 // Run on the CPU.
 #define SPRIG_DEVICE_CPU 0
@@ -74,6 +74,21 @@
 
 // int8 codes with a scale per position and KV head: about a quarter of the f32 bytes.
 #define SPRIG_KV_Q8 1
+
+// `sprig_session_set_speculation`: no speculative decoding.
+#define SPRIG_SPEC_OFF 0
+
+// Draft by prompt lookup (what followed the latest earlier occurrence of the last few tokens).
+#define SPRIG_SPEC_LOOKUP 1
+
+// Draft with a smaller loaded model of the same tokenizer.
+#define SPRIG_SPEC_DRAFT_MODEL 2
+
+// Speculate while it is faster than plain decoding (measured; switched off for the session otherwise).
+#define SPRIG_SPEC_MODE_AUTO 0
+
+// Always speculate.
+#define SPRIG_SPEC_MODE_ON 1
 
 // Status codes (`SprigStatus` in C; the same numbers in `SprigException.code` on the JVM).
 typedef enum SprigStatus {
@@ -196,6 +211,20 @@ typedef struct SprigPrefixCacheStats {
   uint64_t budget_bytes;
   uint64_t evicted_blocks;
 } SprigPrefixCacheStats;
+
+// What a session's speculative decoding did so far.
+typedef struct SprigSpecStats {
+  // Tokens drafted and checked by the model.
+  uint64_t drafted;
+  // Of those, accepted.
+  uint64_t accepted;
+  // Verification passes.
+  uint64_t passes;
+  // Tokens the passes produced (accepted drafts + one of the model's own each).
+  uint64_t pass_tokens;
+  // 1 when `SPRIG_SPEC_MODE_AUTO` found speculation slower and switched it off.
+  uint32_t switched_off;
+} SprigSpecStats;
 
 // Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).
 // Return false to stop generating. Called on the thread that called generate/chat.
@@ -331,6 +360,26 @@ enum SprigStatus sprig_session_trim(struct SprigSession *session,
 // memory tightens. Thread safety: any thread.
 enum SprigStatus sprig_model_shrink_prefix_cache(const struct SprigModel *model,
                                                  uint64_t bytes);
+
+// Speculative decoding for the session's generations from the next one on (exact: greedy output is
+// unchanged, sampled output keeps its distribution): `drafter` is `SPRIG_SPEC_OFF`, `SPRIG_SPEC_LOOKUP` or
+// `SPRIG_SPEC_DRAFT_MODEL` with `draft_model` a loaded model of the same tokenizer (else
+// `SPRIG_STATUS_INVALID_ARGUMENT`; the session keeps its own KV cache of it); `mode` `SPRIG_SPEC_MODE_AUTO` or
+// `SPRIG_SPEC_MODE_ON`; `max_draft` (1..=32) the most tokens drafted per pass. Constrained generations do not
+// speculate. `SPRIG_STATUS_BUSY` while the session generates. Thread safety: any thread.
+enum SprigStatus sprig_session_set_speculation(struct SprigSession *session,
+                                               uint32_t drafter,
+                                               const struct SprigModel *draft_model,
+                                               uint32_t mode,
+                                               uint32_t max_draft);
+
+// The session's speculative decoding figures so far into `out` (zeros when it does not speculate).
+// `SPRIG_STATUS_BUSY` while it generates. Thread safety: any thread.
+//
+// # Safety
+// `out` is NULL or writable.
+enum SprigStatus sprig_session_speculation_stats(struct SprigSession *session,
+                                                 struct SprigSpecStats *out);
 
 // Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with
 // `SPRIG_STOP_CANCELLED`). Safe from any thread; no effect on a later generation.

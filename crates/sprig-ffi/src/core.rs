@@ -243,7 +243,11 @@ pub fn new_session(model_id: u64) -> FfiResult<u64> {
     let m = model(model_id)?;
     let mut session = m.engine.new_session(m.context_length).map_err(|e| engine_error(e, false))?;
     session.set_context_policy(m.context_policy, 0);
-    Ok(SESSIONS.insert(SessionHandle { session: Mutex::new(session), cancel: AtomicBool::new(false), tool_calls: Mutex::new("[]".into()) }))
+    Ok(SESSIONS.insert(SessionHandle {
+        session: Mutex::new(session),
+        cancel: AtomicBool::new(false),
+        tool_calls: Mutex::new("[]".into()),
+    }))
 }
 
 /// Freeing a session while it generates on another thread cancels that generation; its memory goes when it
@@ -305,6 +309,41 @@ pub fn load_session(id: u64, path: &str) -> FfiResult<()> {
     let s = SESSIONS.get(id, "session")?;
     let r = lock(&s)?.load(std::path::Path::new(path)).map_err(|e| engine_error(e, true));
     r
+}
+
+/// Speculative decoding for session `id` from its next generation on: drafter 0 = off, 1 = prompt lookup, 2 =
+/// the model `draft_model` (same tokenizer); mode 0 = auto, 1 = always; `max_draft` 1..=32.
+pub fn set_speculation(id: u64, drafter: u32, draft_model: Option<u64>, mode: u32, max_draft: u32) -> FfiResult<()> {
+    use sprig_engine::speculative::{PromptLookup, SpecMode, Speculation};
+    let mode = match mode {
+        0 => SpecMode::Auto,
+        1 => SpecMode::On,
+        m => return Err(FfiError::arg(format!("speculation mode {m} is not a SPRIG_SPEC_MODE_* value"))),
+    };
+    if !(1..=32).contains(&max_draft) {
+        return Err(FfiError::arg(format!("max_draft {max_draft} is not in 1..=32")));
+    }
+    let s = SESSIONS.get(id, "session")?;
+    let mut session = lock(&s)?;
+    let spec = match (drafter, draft_model) {
+        (0, _) => None,
+        (1, _) => Some(Box::new(PromptLookup::default()) as Box<dyn sprig_engine::speculative::Drafter>),
+        (2, Some(m)) => {
+            let draft = model(m)?;
+            Some(draft.engine.drafter_for(&session.engine(), draft.context_length).map_err(|e| engine_error(e, false))?)
+        }
+        (2, None) => return Err(FfiError::arg("SPRIG_SPEC_DRAFT_MODEL needs a draft model")),
+        (d, _) => return Err(FfiError::arg(format!("drafter {d} is not a SPRIG_SPEC_* value"))),
+    };
+    session.set_speculation(spec.map(|d| Speculation::new(d, mode, max_draft as usize)));
+    Ok(())
+}
+
+/// Session `id`'s speculative decoding figures (zeros when it does not speculate).
+pub fn speculation_stats(id: u64) -> FfiResult<sprig_engine::speculative::SpecStats> {
+    let s = SESSIONS.get(id, "session")?;
+    let stats = lock(&s)?.speculation_stats().unwrap_or_default();
+    Ok(stats)
 }
 
 /// What a generation did (`SprigGenerateResult` in C).

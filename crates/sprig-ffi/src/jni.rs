@@ -189,6 +189,39 @@ pub extern "system" fn Java_dev_sprig_Native_sessionFree<'l>(mut env: JNIEnv<'l>
 }
 
 #[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_sessionSetSpeculation<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    drafter: jint,
+    draft_model: jlong,
+    mode: jint,
+    max_draft: jint,
+) {
+    entry(&mut env, (), |_| {
+        let draft = (draft_model != 0).then(|| id(draft_model));
+        core::set_speculation(id(h), drafter as u32, draft, mode as u32, max_draft.max(0) as u32)
+    })
+}
+
+/// `[drafted, accepted, passes, pass tokens, switched off (0/1)]`.
+#[no_mangle]
+pub extern "system" fn Java_dev_sprig_Native_sessionSpeculationStats<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+) -> jlongArray {
+    entry(&mut env, std::ptr::null_mut(), |env| {
+        let s = core::speculation_stats(id(h))?;
+        let v = [s.drafted, s.accepted, s.passes, s.spec_tokens, u64::from(s.switched_off)];
+        let v: Vec<i64> = v.iter().map(|&x| x.min(i64::MAX as u64) as i64).collect();
+        let arr = env.new_long_array(v.len() as i32).map_err(internal)?;
+        env.set_long_array_region(&arr, 0, &v).map_err(internal)?;
+        Ok(arr.into_raw())
+    })
+}
+
+#[no_mangle]
 pub extern "system" fn Java_dev_sprig_Native_sessionReset<'l>(mut env: JNIEnv<'l>, _c: JClass<'l>, h: jlong) {
     entry(&mut env, (), |_| core::reset(id(h)))
 }

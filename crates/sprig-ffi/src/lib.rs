@@ -24,7 +24,7 @@ use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
 use sprig_engine::Constraint;
 
 /// Bumped when a function signature or struct layout changes incompatibly.
-pub const SPRIG_ABI_VERSION: u32 = 5;
+pub const SPRIG_ABI_VERSION: u32 = 6;
 
 /// Run on the CPU.
 pub const SPRIG_DEVICE_CPU: u32 = 0;
@@ -72,6 +72,33 @@ pub const SPRIG_CONTEXT_ERROR: u32 = 2;
 pub const SPRIG_KV_F32: u32 = 0;
 /// int8 codes with a scale per position and KV head: about a quarter of the f32 bytes.
 pub const SPRIG_KV_Q8: u32 = 1;
+
+/// `sprig_session_set_speculation`: no speculative decoding.
+pub const SPRIG_SPEC_OFF: u32 = 0;
+/// Draft by prompt lookup (what followed the latest earlier occurrence of the last few tokens).
+pub const SPRIG_SPEC_LOOKUP: u32 = 1;
+/// Draft with a smaller loaded model of the same tokenizer.
+pub const SPRIG_SPEC_DRAFT_MODEL: u32 = 2;
+/// Speculate while it is faster than plain decoding (measured; switched off for the session otherwise).
+pub const SPRIG_SPEC_MODE_AUTO: u32 = 0;
+/// Always speculate.
+pub const SPRIG_SPEC_MODE_ON: u32 = 1;
+
+/// What a session's speculative decoding did so far.
+#[repr(C)]
+#[derive(Default)]
+pub struct SprigSpecStats {
+    /// Tokens drafted and checked by the model.
+    pub drafted: u64,
+    /// Of those, accepted.
+    pub accepted: u64,
+    /// Verification passes.
+    pub passes: u64,
+    /// Tokens the passes produced (accepted drafts + one of the model's own each).
+    pub pass_tokens: u64,
+    /// 1 when `SPRIG_SPEC_MODE_AUTO` found speculation slower and switched it off.
+    pub switched_off: u32,
+}
 
 /// A loaded model (opaque).
 pub struct SprigModel {
@@ -531,6 +558,52 @@ pub unsafe extern "C" fn sprig_session_trim(session: *mut SprigSession, out_byte
 #[no_mangle]
 pub extern "C" fn sprig_model_shrink_prefix_cache(model: *const SprigModel, bytes: u64) -> SprigStatus {
     call(|| core::shrink_prefix_cache(handle_id(model, "model")?, bytes))
+}
+
+/// Speculative decoding for the session's generations from the next one on (exact: greedy output is
+/// unchanged, sampled output keeps its distribution): `drafter` is `SPRIG_SPEC_OFF`, `SPRIG_SPEC_LOOKUP` or
+/// `SPRIG_SPEC_DRAFT_MODEL` with `draft_model` a loaded model of the same tokenizer (else
+/// `SPRIG_STATUS_INVALID_ARGUMENT`; the session keeps its own KV cache of it); `mode` `SPRIG_SPEC_MODE_AUTO` or
+/// `SPRIG_SPEC_MODE_ON`; `max_draft` (1..=32) the most tokens drafted per pass. Constrained generations do not
+/// speculate. `SPRIG_STATUS_BUSY` while the session generates. Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn sprig_session_set_speculation(
+    session: *mut SprigSession,
+    drafter: u32,
+    draft_model: *const SprigModel,
+    mode: u32,
+    max_draft: u32,
+) -> SprigStatus {
+    call(|| {
+        let id = handle_id(session, "session")?;
+        let draft = if draft_model.is_null() { None } else { Some(handle_id(draft_model, "draft_model")?) };
+        core::set_speculation(id, drafter, draft, mode, max_draft)
+    })
+}
+
+/// The session's speculative decoding figures so far into `out` (zeros when it does not speculate).
+/// `SPRIG_STATUS_BUSY` while it generates. Thread safety: any thread.
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_speculation_stats(session: *mut SprigSession, out: *mut SprigSpecStats) -> SprigStatus {
+    call(|| {
+        let s = core::speculation_stats(handle_id(session, "session")?)?;
+        if out.is_null() {
+            return Err(FfiError::arg("out is NULL"));
+        }
+        let st = SprigSpecStats {
+            drafted: s.drafted,
+            accepted: s.accepted,
+            passes: s.passes,
+            pass_tokens: s.spec_tokens,
+            switched_off: u32::from(s.switched_off),
+        };
+        // SAFETY: non-null and writable per the caller contract.
+        unsafe { out.write(st) };
+        Ok(())
+    })
 }
 
 /// Asks the generation running on `session` to stop before its next token (it returns `SPRIG_STATUS_OK` with

@@ -181,6 +181,39 @@ int main(int argc, char **argv) {
     CHECK(res.prompt_tokens == 5 && res.stop_reason == SPRIG_STOP_LENGTH && res.generated_tokens == 252,
           "result: prompt %u generated %u stop %u", res.prompt_tokens, res.generated_tokens, res.stop_reason);
 
+    /* Speculative decoding keeps the golden text: prompt lookup, and the model drafting for itself (every
+       draft accepted); bad arguments are refused. */
+    for (int kind = SPRIG_SPEC_LOOKUP; kind <= SPRIG_SPEC_DRAFT_MODEL; kind++) {
+        SprigSession *spec = NULL;
+        CHECK(sprig_session_new(model, &spec) == SPRIG_STATUS_OK, "spec session");
+        CHECK(sprig_session_set_speculation(spec, (uint32_t)kind, kind == SPRIG_SPEC_DRAFT_MODEL ? model : NULL,
+                                            SPRIG_SPEC_MODE_ON, 5) == SPRIG_STATUS_OK, "set speculation %d", kind);
+        struct buffer sout = {0};
+        CHECK(sprig_session_generate(spec, "Once upon a time", &greedy, collect, &sout, NULL) == SPRIG_STATUS_OK,
+              "speculative generate");
+        char sgot[8192];
+        snprintf(sgot, sizeof sgot, "Once upon a time%s", sout.data ? sout.data : "");
+        CHECK(strcmp(sgot, expected) == 0, "speculative (%d) golden text differs:\n%s", kind, sgot);
+        SprigSpecStats st;
+        CHECK(sprig_session_speculation_stats(spec, &st) == SPRIG_STATUS_OK && st.passes > 0 &&
+                  (kind != SPRIG_SPEC_DRAFT_MODEL || st.accepted == st.drafted),
+              "spec stats %d: %llu drafted %llu accepted", kind, (unsigned long long)st.drafted,
+              (unsigned long long)st.accepted);
+        EXPECT_ERR(sprig_session_set_speculation(spec, SPRIG_SPEC_DRAFT_MODEL, NULL, SPRIG_SPEC_MODE_ON, 4),
+                   SPRIG_STATUS_INVALID_ARGUMENT);
+        EXPECT_ERR(sprig_session_set_speculation(spec, 7, NULL, SPRIG_SPEC_MODE_ON, 4), SPRIG_STATUS_INVALID_ARGUMENT);
+        EXPECT_ERR(sprig_session_set_speculation(spec, SPRIG_SPEC_LOOKUP, NULL, 9, 4), SPRIG_STATUS_INVALID_ARGUMENT);
+        EXPECT_ERR(sprig_session_set_speculation(spec, SPRIG_SPEC_LOOKUP, NULL, SPRIG_SPEC_MODE_ON, 0),
+                   SPRIG_STATUS_INVALID_ARGUMENT);
+        EXPECT_ERR(sprig_session_speculation_stats(spec, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
+        CHECK(sprig_session_set_speculation(spec, SPRIG_SPEC_OFF, NULL, SPRIG_SPEC_MODE_AUTO, 8) == SPRIG_STATUS_OK,
+              "speculation off");
+        free(sout.data);
+        CHECK(sprig_session_free(spec) == SPRIG_STATUS_OK, "free spec session");
+    }
+    EXPECT_ERR(sprig_session_set_speculation(NULL, SPRIG_SPEC_LOOKUP, NULL, SPRIG_SPEC_MODE_ON, 4),
+               SPRIG_STATUS_INVALID_HANDLE);
+
     /* Bad generation arguments. */
     EXPECT_ERR(sprig_session_generate(session, NULL, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);
     EXPECT_ERR(sprig_session_generate(session, "caf\xc3", NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);

@@ -81,6 +81,21 @@ fun main(args: Array<String>) {
         check(r.stopReason == StopReason.LENGTH && r.generatedTokens == 252 && r.promptTokens == 5) { "$r" }
         check(c.pieces > 100) { "only ${c.pieces} pieces: not streamed" }
 
+        // Speculative decoding keeps the golden text: prompt lookup, and the model drafting for itself (every
+        // draft accepted).
+        for (spec in listOf(Speculation(mode = SpecMode.ON), Speculation(draftModel = model, mode = SpecMode.ON, maxDraft = 5))) {
+            model.newSession().use { s ->
+                s.setSpeculation(spec)
+                val sc = Collect()
+                s.generateStreaming("Once upon a time", greedy, sc)
+                check("Once upon a time" + sc.text == golden) { "speculative ($spec) golden text differs:\n${sc.text}" }
+                val st = s.speculationStats
+                check(st.passes > 0 && (spec.draftModel == null || st.accepted == st.drafted)) { "$spec: $st" }
+                s.setSpeculation(null)
+                expectError(SprigStatus.INVALID_ARGUMENT, "max draft 0") { s.setSpeculation(Speculation(maxDraft = 0)) }
+            }
+        }
+
         // A stop string that spans pieces: the text up to it, then STOP_STRING; the same through a penalty and
         // a bias that changes nothing greedy picks (a bias on a token of the vocabulary's tail).
         val tail = golden.removePrefix("Once upon a time")

@@ -180,6 +180,8 @@ internal object Native {
     @JvmStatic external fun modelPrefixCacheStats(model: Long): LongArray
     @JvmStatic external fun modelShrinkPrefixCache(model: Long, bytes: Long)
     @JvmStatic external fun sessionTrim(session: Long): Long
+    @JvmStatic external fun sessionSetSpeculation(session: Long, drafter: Int, draftModel: Long, mode: Int, maxDraft: Int)
+    @JvmStatic external fun sessionSpeculationStats(session: Long): LongArray
     @JvmStatic external fun sessionNew(model: Long): Long
     @JvmStatic external fun sessionFree(session: Long)
     @JvmStatic external fun sessionReset(session: Long)
@@ -199,12 +201,28 @@ internal object Native {
     ): GenerationResult
 }
 
+/** When speculative decoding runs: [AUTO] while it is faster than plain decoding (measured), [ON] always. */
+enum class SpecMode { AUTO, ON }
+
+/**
+ * Speculative decoding: a drafter proposes tokens that the model checks in one pass. [draftModel] `null` drafts
+ * by prompt lookup (what followed the latest earlier occurrence of the last few tokens); otherwise a smaller
+ * loaded model of the same tokenizer drafts. [maxDraft] (1..32): most tokens drafted per pass.
+ */
+data class Speculation(val draftModel: SprigModel? = null, val mode: SpecMode = SpecMode.AUTO, val maxDraft: Int = 8)
+
+/** What a session's speculative decoding did: drafted and accepted tokens, verification passes, the tokens they
+ *  produced, and whether [SpecMode.AUTO] switched it off. */
+data class SpeculationStats(val drafted: Long, val accepted: Long, val passes: Long, val passTokens: Long, val switchedOff: Boolean) {
+    val acceptance: Double get() = if (drafted == 0L) 0.0 else accepted.toDouble() / drafted
+}
+
 /**
  * A loaded model. Thread-safe; share it between sessions. [close] releases it (sessions still open keep the
  * weights alive until they are closed); closing twice does nothing; any other use after close throws
  * [SprigException] with status INVALID_HANDLE.
  */
-class SprigModel private constructor(private val handle: Long) : AutoCloseable {
+class SprigModel private constructor(internal val handle: Long) : AutoCloseable {
     @Volatile private var closed = false
 
     companion object {
@@ -289,6 +307,24 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
      * into the model's prefix cache first, so the next call restores them from there. Returns the bytes held.
      */
     fun trim(): Long = Native.sessionTrim(handle)
+
+    /**
+     * Speculative decoding for this session's generations from the next one on (`null`: off). Exact: greedy
+     * output is unchanged, sampled output keeps its distribution; constrained generations do not speculate.
+     */
+    fun setSpeculation(speculation: Speculation?) {
+        val s = speculation
+        val drafter = when {
+            s == null -> 0
+            s.draftModel == null -> 1
+            else -> 2
+        }
+        Native.sessionSetSpeculation(handle, drafter, s?.draftModel?.handle ?: 0L, s?.mode?.ordinal ?: 0, s?.maxDraft ?: 8)
+    }
+
+    /** What speculative decoding did on this session so far (zeros when it does not speculate). */
+    val speculationStats: SpeculationStats
+        get() = Native.sessionSpeculationStats(handle).let { SpeculationStats(it[0], it[1], it[2], it[3], it[4] != 0L) }
 
     /** Forgets the conversation. */
     fun reset() = Native.sessionReset(handle)
