@@ -3,7 +3,7 @@
 //! `dev.sprig.SprigException(code, message)`, and a panic becomes one too (never an abort of the JVM).
 
 use jni::objects::{JClass, JFloatArray, JIntArray, JObject, JObjectArray, JString, JValue};
-use jni::sys::{jdouble, jint, jlong, jlongArray, jobject, jstring};
+use jni::sys::{jboolean, jdouble, jint, jlong, jlongArray, jobject, jstring};
 use sprig_engine::{ContextPolicy, DeviceChoice};
 use jni::JNIEnv;
 
@@ -193,14 +193,24 @@ pub extern "system" fn Java_dev_sprig_Native_sessionSetSpeculation<'l>(
     mut env: JNIEnv<'l>,
     _c: JClass<'l>,
     h: jlong,
-    drafter: jint,
+    lookup: jboolean,
     draft_model: jlong,
-    mode: jint,
+    mode: JString<'l>,
     max_draft: jint,
 ) {
-    entry(&mut env, (), |_| {
-        let draft = (draft_model != 0).then(|| id(draft_model));
-        core::set_speculation(id(h), drafter as u32, draft, mode as u32, max_draft.max(0) as u32)
+    entry(&mut env, (), |env| {
+        // By name, as every enum crosses JNI: `SpecMode.AUTO` / `ON`.
+        let mode = match string(env, &mode, "mode")?.as_str() {
+            "AUTO" => crate::SPRIG_SPEC_MODE_AUTO,
+            "ON" => crate::SPRIG_SPEC_MODE_ON,
+            m => return Err(FfiError::arg(format!("unknown speculation mode {m}"))),
+        };
+        let (drafter, draft) = match (lookup != 0, draft_model != 0) {
+            (true, _) => (crate::SPRIG_SPEC_LOOKUP, None),
+            (false, true) => (crate::SPRIG_SPEC_DRAFT_MODEL, Some(id(draft_model))),
+            (false, false) => (crate::SPRIG_SPEC_OFF, None),
+        };
+        core::set_speculation(id(h), drafter, draft, mode, max_draft.max(0) as u32)
     })
 }
 

@@ -180,7 +180,7 @@ internal object Native {
     @JvmStatic external fun modelPrefixCacheStats(model: Long): LongArray
     @JvmStatic external fun modelShrinkPrefixCache(model: Long, bytes: Long)
     @JvmStatic external fun sessionTrim(session: Long): Long
-    @JvmStatic external fun sessionSetSpeculation(session: Long, drafter: Int, draftModel: Long, mode: Int, maxDraft: Int)
+    @JvmStatic external fun sessionSetSpeculation(session: Long, lookup: Boolean, draftModel: Long, mode: String, maxDraft: Int)
     @JvmStatic external fun sessionSpeculationStats(session: Long): LongArray
     @JvmStatic external fun sessionNew(model: Long): Long
     @JvmStatic external fun sessionFree(session: Long)
@@ -314,12 +314,9 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
      */
     fun setSpeculation(speculation: Speculation?) {
         val s = speculation
-        val drafter = when {
-            s == null -> 0
-            s.draftModel == null -> 1
-            else -> 2
-        }
-        Native.sessionSetSpeculation(handle, drafter, s?.draftModel?.handle ?: 0L, s?.mode?.ordinal ?: 0, s?.maxDraft ?: 8)
+        Native.sessionSetSpeculation(
+            handle, s != null && s.draftModel == null, s?.draftModel?.handle ?: 0L, (s?.mode ?: SpecMode.AUTO).name, s?.maxDraft ?: 8
+        )
     }
 
     /** What speculative decoding did on this session so far (zeros when it does not speculate). */
