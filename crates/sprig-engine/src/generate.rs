@@ -438,7 +438,10 @@ pub(crate) struct Gen<'t, B: Backend, I: Item<B>> {
     /// A token the last speculative pass chose (with its log-probability entry) but did not run: the next
     /// step's token, instead of a sample.
     pending: Option<(u32, Option<TokenLogprob>)>,
+    /// A speculative pass's tokens (`next`, then the drafts), and the sequence shown to the drafter when no
+    /// session holds it: buffers kept from pass to pass.
     drafts: Vec<u32>,
+    history: Vec<u32>,
     spec_stats: SpecStats,
     error: Option<EngineError>,
     /// Row of the batch's logits holding this generation's next-token logits (else its state's).
@@ -485,6 +488,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             logprobs: Vec::new(),
             pending: None,
             drafts: Vec::new(),
+            history: Vec::new(),
             spec_stats: SpecStats::default(),
             error: None,
             batch_row: None,
@@ -653,7 +657,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
     /// chose instead (or after them all) is the next step's. False when this step does not speculate (no
     /// speculation, a constraint, no room, no draft): the caller runs `next` alone.
     fn speculate(&mut self, e: &Engine<B>, next: u32) -> bool {
-        let it = self.item.parts();
+        let mut it = self.item.parts();
         let Some(spec) = it.spec else { return false };
         if !spec.wanted() || it.sampler.guide().is_some() || !self.forced.is_empty() {
             return false;
@@ -665,27 +669,38 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
         if k == 0 {
             return false;
         }
-        let mut history = match &it.run {
-            Some(r) => r.held.clone(),
-            None => [&it.prompt[..self.processed], &self.generated[..self.fed]].concat(),
-        };
-        history.push(next);
         let t0 = Instant::now();
-        let mut drafts = std::mem::take(&mut self.drafts);
-        drafts.clear();
-        if spec.draft(&history, k, &mut drafts).is_err() {
-            // A drafter that fails (out of memory, say) only costs the speed-up.
-            drafts.clear();
-        }
-        drafts.truncate(k);
-        if drafts.is_empty() {
-            self.drafts = drafts;
+        // The pass's tokens, in buffers kept from pass to pass: `next`, then the drafts.
+        let mut run = std::mem::take(&mut self.drafts);
+        run.clear();
+        run.push(next);
+        // The drafter sees the whole sequence, `next` included: a session's tokens (with `next` for the
+        // call), else the prompt and the reply so far.
+        let drafted = match it.run.as_mut() {
+            Some(r) => {
+                r.held.push(next);
+                let d = spec.draft(r.held, k, &mut run);
+                r.held.pop();
+                d
+            }
+            None => {
+                let history = &mut self.history;
+                history.clear();
+                history.extend_from_slice(&it.prompt[..self.processed]);
+                history.extend_from_slice(&self.generated[..self.fed]);
+                history.push(next);
+                spec.draft(history, k, &mut run)
+            }
+        };
+        // A drafter that fails (out of memory, say) only costs the speed-up.
+        run.truncate(if drafted.is_ok() { 1 + k } else { 1 });
+        if run.len() == 1 {
+            self.drafts = run;
             return false;
         }
         let drafting = t0.elapsed();
         let t0 = Instant::now();
-        let n = drafts.len();
-        let run: Vec<u32> = std::iter::once(next).chain(drafts.iter().copied()).collect();
+        let n = run.len() - 1;
         let checkpoint = match e.model.ring_checkpoint(it.state, run.len()) {
             Ok(c) => c,
             Err(err) => {
@@ -699,14 +714,13 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
         }
         // `next` is in the state now.
         it.sampler.accept(next);
-        let mut held = it.run.map(|r| r.held);
-        if let Some(h) = held.as_mut() {
-            h.push(next);
+        if let Some(r) = it.run {
+            r.held.push(next);
         }
         self.fed += 1;
         let v = self.vocab;
         let (mut accepted, mut chosen) = (0, None);
-        for (i, &d) in drafts.iter().enumerate() {
+        for (i, &d) in run[1..].iter().enumerate() {
             let it = self.item.parts();
             let row = &self.logits[i * v..(i + 1) * v];
             let (t, ok) = match it.sampler.verify(row, d) {
@@ -756,7 +770,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
         if let Some(spec) = it.spec {
             spec.record_pass(drafting, t0.elapsed(), n, accepted, tokens, &mut self.spec_stats);
         }
-        self.drafts = drafts;
+        self.drafts = run;
         true
     }
 

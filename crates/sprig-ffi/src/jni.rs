@@ -42,6 +42,14 @@ fn string(env: &mut JNIEnv, s: &JString, what: &str) -> FfiResult<String> {
     env.get_string(s).map(Into::into).map_err(|e| FfiError::arg(format!("{what}: {e}")))
 }
 
+/// Figures as a Java `long[]` (saturated at `Long.MAX_VALUE`).
+fn long_array(env: &mut JNIEnv, v: &[u64]) -> FfiResult<jlongArray> {
+    let v: Vec<i64> = v.iter().map(|&x| x.min(i64::MAX as u64) as i64).collect();
+    let arr = env.new_long_array(v.len() as i32).map_err(internal)?;
+    env.set_long_array_region(&arr, 0, &v).map_err(internal)?;
+    Ok(arr.into_raw())
+}
+
 fn id(h: jlong) -> u64 {
     h as u64
 }
@@ -143,11 +151,7 @@ pub extern "system" fn Java_dev_sprig_Native_modelPrefixCacheStats<'l>(
 ) -> jlongArray {
     entry(&mut env, std::ptr::null_mut(), |env| {
         let s = core::prefix_cache_stats(id(h))?;
-        let v = [s.requests, s.prompt_tokens, s.cached_tokens, s.shared_tokens, s.blocks as u64, s.bytes as u64, s.budget as u64, s.evicted_blocks];
-        let v: Vec<i64> = v.iter().map(|&x| x.min(i64::MAX as u64) as i64).collect();
-        let arr = env.new_long_array(v.len() as i32).map_err(internal)?;
-        env.set_long_array_region(&arr, 0, &v).map_err(internal)?;
-        Ok(arr.into_raw())
+        long_array(env, &[s.requests, s.prompt_tokens, s.cached_tokens, s.shared_tokens, s.blocks as u64, s.bytes as u64, s.budget as u64, s.evicted_blocks])
     })
 }
 
@@ -223,11 +227,7 @@ pub extern "system" fn Java_dev_sprig_Native_sessionSpeculationStats<'l>(
 ) -> jlongArray {
     entry(&mut env, std::ptr::null_mut(), |env| {
         let s = core::speculation_stats(id(h))?;
-        let v = [s.drafted, s.accepted, s.passes, s.spec_tokens, u64::from(s.switched_off)];
-        let v: Vec<i64> = v.iter().map(|&x| x.min(i64::MAX as u64) as i64).collect();
-        let arr = env.new_long_array(v.len() as i32).map_err(internal)?;
-        env.set_long_array_region(&arr, 0, &v).map_err(internal)?;
-        Ok(arr.into_raw())
+        long_array(env, &[s.drafted, s.accepted, s.passes, s.spec_tokens, u64::from(s.switched_off)])
     })
 }
 
