@@ -18,6 +18,8 @@ missing=()
 command -v npm >/dev/null || missing+=(npm)
 command -v java >/dev/null || missing+=(default-jdk-headless)
 command -v cc >/dev/null || missing+=(gcc)
+# The server tests run the `openai` package in a venv of their own (Debian/Ubuntu split venv's pip out).
+python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)
 # The GPU backend's tests run on Mesa's software Vulkan driver (lavapipe) when the machine has no GPU.
 [ -e /usr/share/vulkan/icd.d/lvp_icd.x86_64.json ] || [ -e /usr/share/vulkan/icd.d/lvp_icd.aarch64.json ] \
     || missing+=(mesa-vulkan-drivers)
