@@ -45,6 +45,18 @@ if [ ! -x "$SPRIG_KOTLIN_HOME/bin/kotlinc-jvm" ]; then
     rm -rf "$tmp"
 fi
 
+# A shared target directory keeps every feature set, toolchain and dependency version it ever built; when the
+# disk under it runs low, start it afresh (a cold build) rather than fail mid-link. A full build of the tests
+# takes ~NEED GB.
+mkdir -p "$CARGO_TARGET_DIR"
+free_gb=$(df -Pk "$CARGO_TARGET_DIR" | awk 'NR==2 {print int($4 / 1048576)}')
+if [ "$free_gb" -lt 20 ]; then
+    echo "test.sh: ${free_gb} GB free under $CARGO_TARGET_DIR; removing its debug builds" >&2
+    rm -rf "$CARGO_TARGET_DIR/debug" "$CARGO_TARGET_DIR/ffi-host" "$CARGO_TARGET_DIR/aarch64-unknown-linux-gnu"
+fi
+# One-shot builds: incremental caches would only take disk.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
 # XDG_RUNTIME_DIR silences Mesa's harmless warnings on headless machines.
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 
