@@ -47,7 +47,7 @@ fi
 
 # A shared target directory keeps every feature set, toolchain and dependency version it ever built; when the
 # disk under it runs low, start it afresh (a cold build) rather than fail mid-link. A full build of the tests
-# takes ~NEED GB.
+# takes ~8 GB (line tables only: see Cargo.toml).
 mkdir -p "$CARGO_TARGET_DIR"
 free_gb=$(df -Pk "$CARGO_TARGET_DIR" | awk 'NR==2 {print int($4 / 1048576)}')
 if [ "$free_gb" -lt 20 ]; then

@@ -156,3 +156,17 @@ fn sampled_speculation_keeps_the_distribution() {
     let s = spec.stats();
     assert!(s.accepted > 0 && s.accepted < s.drafted, "drafts both accepted and rejected: {s:?}");
 }
+
+#[test]
+fn a_draft_model_with_another_tokenizer_is_refused() {
+    let target = synthetic(SynthSpec::tiny(Arch::Qwen2), "tok-a.gguf");
+    // Same architecture and shapes, a vocabulary of another size: drafts would be other tokens.
+    let other = synthetic(SynthSpec { vocab: Some(300), ..SynthSpec::tiny(Arch::Qwen2) }, "tok-b.gguf");
+    assert_ne!(target.tokenizer.vocab_size(), other.tokenizer.vocab_size());
+    match sprig_engine::speculative::DraftModel::new(other.clone(), &target, 0) {
+        Err(e) => assert!(e.to_string().contains("tokenizer differs"), "{e}"),
+        Ok(_) => panic!("a draft model with another vocabulary was accepted"),
+    }
+    // Its own tokenizer (the same model) is accepted.
+    assert!(sprig_engine::speculative::DraftModel::new(target.clone(), &target, 0).is_ok());
+}

@@ -99,6 +99,106 @@ fn ask(e: &Arc<Engine<CpuBackend>>, prompt: &str, p: &SamplingParams, max_new: u
     (text, r)
 }
 
+/// Masks computed ahead (on a helper thread while the forward pass runs, once sampled tokens are often
+/// rejected) change nothing in the output, greedy or sampled, and are used: the enum schema rejects about half
+/// of SmolLM2's first choices.
+#[test]
+fn masks_computed_ahead_give_the_same_output() {
+    let e = engine("smollm2-135m-instruct");
+    let data = fixture();
+    let schema = data["schemas"]["enums"].to_string();
+    let validator = jsonschema::validator_for(&data["schemas"]["enums"]).unwrap();
+    let prompts: Vec<&str> = data["prompts"].as_array().unwrap().iter().take(6).map(|p| p.as_str().unwrap()).collect();
+    let (mut ahead, mut rejected) = (0, 0);
+    for (i, prompt) in prompts.iter().enumerate() {
+        let p = params(i, Constraint::JsonSchema(schema.clone()));
+        let mut texts = Vec::new();
+        for on in [false, true] {
+            e.masks_ahead.store(on, std::sync::atomic::Ordering::Relaxed);
+            // Both runs prefill the whole prompt (a prefix-cache hit prefills its tail in other chunks, which can
+            // move a sampled token at a near tie).
+            e.prefix_cache.shrink_to(0);
+            let (text, r) = ask(&e, &format!("{prompt} Reply with JSON only."), &p, 96);
+            let c = r.unwrap().constraint.unwrap();
+            if on {
+                ahead += c.masks_ahead;
+                rejected += c.rejected;
+            } else {
+                assert_eq!(c.masks_ahead, 0);
+            }
+            texts.push(text);
+        }
+        assert_eq!(texts[0], texts[1], "prompt {i}");
+        assert!(validator.is_valid(&serde_json::from_str(&texts[1]).unwrap()), "{}", texts[1]);
+    }
+    assert!(rejected > 0 && ahead > 0, "rejected {rejected}, masks computed ahead {ahead}");
+}
+
+/// Speculative decoding under a constraint: drafts are cut to what the schema accepts and checked against
+/// the constrained chain, so greedy replies are those of plain constrained decoding (with the model drafting
+/// for itself, where every draft the schema allows is accepted, and with prompt lookup), and sampled replies
+/// validate.
+#[test]
+fn constrained_requests_speculate_with_the_same_greedy_output() {
+    use sprig_engine::speculative::{DraftModel, Drafter, PromptLookup, SpecMode, Speculation};
+    let e = engine("smollm2-135m-instruct");
+    let data = fixture();
+    let prompts: Vec<&str> = data["prompts"].as_array().unwrap().iter().take(3).map(|p| p.as_str().unwrap()).collect();
+    let (mut drafted, mut accepted) = (0, 0);
+    for name in ["nested", "enums"] {
+        let schema = Constraint::JsonSchema(data["schemas"][name].to_string());
+        let validator = jsonschema::validator_for(&data["schemas"][name]).unwrap();
+        for (i, prompt) in prompts.iter().enumerate() {
+            let msgs = [ChatMessage::new("user", &format!("{prompt} Reply with JSON only."))];
+            let run = |spec: Option<Box<dyn Drafter>>, p: &SamplingParams| {
+                // Every run prefills the whole prompt (see `masks_computed_ahead_give_the_same_output`).
+                e.prefix_cache.shrink_to(0);
+                let mut s = Session::new(e.clone(), 1024).unwrap();
+                s.set_speculation(spec.map(|d| Speculation::new(d, SpecMode::On, 6)));
+                let mut text = String::new();
+                let r = s
+                    .chat(&msgs, p, 128, |t| {
+                        text.push_str(t);
+                        true
+                    })
+                    .unwrap();
+                (text, r)
+            };
+            let greedy = params(0, schema.clone());
+            let (plain, _) = run(None, &greedy);
+            let own: Box<dyn Drafter> = Box::new(DraftModel::new(e.clone(), &e, 0).unwrap());
+            for (j, drafter) in [own, Box::new(PromptLookup::default()) as Box<dyn Drafter>].into_iter().enumerate() {
+                let (text, r) = run(Some(drafter), &greedy);
+                assert_eq!(text, plain, "{name}, prompt {i}, drafter {j}");
+                let st = r.speculation.unwrap();
+                (drafted, accepted) = (drafted + st.drafted, accepted + st.accepted);
+            }
+            let (text, _) = run(Some(Box::new(PromptLookup::default())), &params(2 * i + 1, schema.clone()));
+            assert!(validator.is_valid(&serde_json::from_str(&text).unwrap()), "{name}, sampled: {text}");
+        }
+    }
+    assert!(drafted > 0 && accepted > 0, "drafted {drafted}, accepted {accepted}");
+    // A reply whose last token (the full stop that ends the regex) is sampled after accepted drafts: the
+    // drafter never proposes it (no draft may end the constraint), the verification pass samples it.
+    let sentence = SamplingParams { constraint: Some(Constraint::Regex("[A-Za-z ,']{1,300}\\.".into())), ..Default::default() };
+    let prompt = "Write one sentence about the sea.";
+    e.prefix_cache.shrink_to(0);
+    let (plain, _) = ask(&e, prompt, &sentence, 96);
+    let mut s = Session::new(e.clone(), 1024).unwrap();
+    s.set_speculation(Some(Speculation::new(Box::new(DraftModel::new(e.clone(), &e, 0).unwrap()), SpecMode::On, 6)));
+    let mut text = String::new();
+    e.prefix_cache.shrink_to(0);
+    let r = s
+        .chat(&[ChatMessage::new("user", prompt)], &sentence, 96, |t| {
+            text.push_str(t);
+            true
+        })
+        .unwrap();
+    assert!(plain.ends_with('.'), "{plain}");
+    assert!(r.speculation.unwrap().accepted > 0);
+    assert_eq!(text, plain);
+}
+
 #[test]
 fn regex_grammar_bad_input_budget_cancellation_and_prefix_cache() {
     let e = engine("smollm2-135m-instruct");

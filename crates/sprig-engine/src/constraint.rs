@@ -136,7 +136,7 @@ impl Grammars {
 
     /// A fresh guide for one generation; an invalid or unsupported constraint is an error here, before any
     /// token is generated.
-    pub fn guide(&self, c: &Constraint) -> Result<Guide> {
+    pub fn guide(&self, c: &Constraint, ahead: bool) -> Result<Guide> {
         let len = match c {
             Constraint::JsonSchema(s) | Constraint::Regex(s) | Constraint::Lark(s) => s.len(),
             Constraint::JsonObject => 0,
@@ -149,42 +149,208 @@ impl Grammars {
         if let Some(e) = matcher.get_error() {
             return Err(bad(c, e));
         }
-        Ok(Guide { matcher, kind: c.kind(), masks: 0, forced_tokens: 0, secs: 0.0 })
+        Ok(Guide::new(matcher, c.kind(), ahead))
     }
 }
 
 /// One generation's constraint state: which tokens may come next, advanced by each token generated.
+///
+/// The sampler first checks the token it drew without the constraint and builds the full mask only when that
+/// token is rejected (the fast path: a check costs microseconds, a mask over 151k tokens far more). When
+/// rejections are frequent, the next mask is computed on a helper thread while the forward pass runs
+/// ([`Guide::prefetch`]), so it is ready when the sampler needs it.
 pub struct Guide {
-    matcher: Matcher,
+    matcher: Slot,
     kind: &'static str,
-    /// Full token masks computed (each for a sampled token the constraint rejected).
+    /// Masks may be computed ahead.
+    ahead: bool,
+    /// The next position's mask, computed ahead (consumed or dropped by the next check, commit or mask).
+    ready: Option<SimpleVob>,
+    /// Recent share of sampled tokens the constraint rejected (an exponential average): prefetch when high.
+    rejecting: f32,
+    helper: Option<Helper>,
+    /// Sampled tokens the constraint rejected (each needs the full mask and a second pass of the sampler).
+    pub rejected: u64,
+    /// Full token masks computed (for rejected tokens, or ahead of time).
     pub masks: u64,
+    /// Of those, the ones computed ahead, while a forward pass ran.
+    pub prefetched: u64,
     /// Tokens the constraint forced (fed without sampling).
     pub forced_tokens: u64,
-    /// Time spent checking, masking, advancing and forcing: the constraint's cost.
+    /// Time the generation spent in the constraint: checking, masking, advancing, forcing, and waiting for a
+    /// mask computed ahead.
     pub secs: f64,
+    /// Time the helper thread spent computing masks ahead (beside the forward pass, not on the way to a token).
+    pub ahead_secs: f64,
 }
 
+/// Where the matcher is: here, or on the helper thread computing the next mask.
+enum Slot {
+    Here(Box<Matcher>),
+    Away,
+    /// The helper thread is gone (a panic in llguidance): the generation fails with an error.
+    Lost,
+}
+
+/// A thread that computes masks ahead: it receives the matcher and sends it back with the mask.
+struct Helper {
+    to: std::sync::mpsc::Sender<Box<Matcher>>,
+    from: std::sync::mpsc::Receiver<(Box<Matcher>, std::result::Result<SimpleVob, String>, f64)>,
+}
+
+impl Helper {
+    fn spawn() -> std::io::Result<Helper> {
+        let (to, jobs) = std::sync::mpsc::channel::<Box<Matcher>>();
+        let (done, from) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("sprig-mask".into()).spawn(move || {
+            // Ends when the guide (the sender) is dropped.
+            for mut m in jobs {
+                let t0 = std::time::Instant::now();
+                let mask = m.compute_mask().map_err(|e| e.to_string());
+                if done.send((m, mask, t0.elapsed().as_secs_f64())).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(Helper { to, from })
+    }
+}
+
+/// Prefetch once this share of recent sampled tokens was rejected (each rejection needs the mask anyway).
+const PREFETCH_ABOVE: f32 = 0.25;
+
 impl Guide {
+    fn new(matcher: Matcher, kind: &'static str, ahead: bool) -> Guide {
+        Guide {
+            matcher: Slot::Here(Box::new(matcher)),
+            kind,
+            ahead,
+            ready: None,
+            rejecting: 0.0,
+            helper: None,
+            rejected: 0,
+            masks: 0,
+            prefetched: 0,
+            forced_tokens: 0,
+            secs: 0.0,
+            ahead_secs: 0.0,
+        }
+    }
+
     fn failed(&self, e: impl std::fmt::Display) -> EngineError {
         EngineError::Constraint { kind: self.kind, detail: format!("while generating: {e}") }
     }
 
+    /// The matcher, back from the helper thread if it is computing a mask (which then waits in `ready`).
+    fn matcher(&mut self) -> Result<&mut Matcher> {
+        if let Slot::Away = self.matcher {
+            let t0 = std::time::Instant::now();
+            let back = self.helper.as_ref().and_then(|h| h.from.recv().ok());
+            self.secs += t0.elapsed().as_secs_f64();
+            self.matcher = match back {
+                Some((m, mask, secs)) => {
+                    self.ahead_secs += secs;
+                    // A failed mask is left for the sampler's own `mask` call to report.
+                    self.ready = mask.ok();
+                    Slot::Here(m)
+                }
+                None => Slot::Lost,
+            };
+        }
+        match &mut self.matcher {
+            Slot::Here(m) => Ok(m),
+            _ => Err(EngineError::Constraint { kind: self.kind, detail: "while generating: the mask thread failed".into() }),
+        }
+    }
+
+    /// Starts computing the next position's mask on the helper thread, when recent tokens were often rejected
+    /// (the caller runs the forward pass meanwhile). The next check, mask or commit waits for it.
+    pub fn prefetch(&mut self) {
+        let Slot::Here(m) = &self.matcher else { return };
+        if !self.ahead || self.rejecting < PREFETCH_ABOVE || self.ready.is_some() || m.is_stopped() {
+            return;
+        }
+        if self.helper.is_none() {
+            // No thread to be had: the mask is computed when needed, as without prefetch.
+            self.helper = Helper::spawn().ok();
+        }
+        let Some(h) = &self.helper else { return };
+        let Slot::Here(m) = std::mem::replace(&mut self.matcher, Slot::Away) else { unreachable!() };
+        if let Err(std::sync::mpsc::SendError(m)) = h.to.send(m) {
+            self.matcher = Slot::Here(m);
+            self.helper = None;
+            return;
+        }
+        self.masks += 1;
+        self.prefetched += 1;
+    }
+
     /// May `token` come next?
     pub fn allows(&mut self, token: u32) -> Result<bool> {
+        self.matcher()?;
+        let ok = if let Some(mask) = &self.ready {
+            mask.is_allowed(token)
+        } else {
+            let t0 = std::time::Instant::now();
+            let n = self.matcher()?.validate_tokens(&[token]).map_err(|e| e.to_string());
+            self.secs += t0.elapsed().as_secs_f64();
+            n.map_err(|e| self.failed(e))? == 1
+        };
+        self.rejecting = 0.8 * self.rejecting + if ok { 0.0 } else { 0.2 };
+        self.rejected += u64::from(!ok);
+        Ok(ok)
+    }
+
+    /// How many of `drafts` are worth verifying from here: those the constraint accepts in a row, up to (not
+    /// including) the first after which it would force tokens or end — plain decoding feeds forced tokens
+    /// without sampling, so drafts past that point would not be the tokens it produces. Leaves the constraint
+    /// where it was.
+    pub fn draftable(&mut self, drafts: &[u32]) -> Result<usize> {
         let t0 = std::time::Instant::now();
-        let n = self.matcher.validate_tokens(&[token]).map_err(|e| self.failed(e));
+        let r: std::result::Result<usize, String> = {
+            let m = self.matcher()?;
+            let (mut consumed, mut n, mut err) = (0, 0, None);
+            for &t in drafts {
+                match m.validate_tokens(&[t]) {
+                    Ok(1) => {}
+                    Ok(_) => break,
+                    Err(e) => {
+                        err = Some(e.to_string());
+                        break;
+                    }
+                }
+                if let Err(e) = m.consume_token(t) {
+                    err = Some(e.to_string());
+                    break;
+                }
+                consumed += 1;
+                if m.is_stopped() || !m.compute_ff_tokens().is_empty() {
+                    break;
+                }
+                n += 1;
+            }
+            if let Err(e) = m.rollback(consumed) {
+                err.get_or_insert(e.to_string());
+            }
+            err.map_or(Ok(n), Err)
+        };
         self.secs += t0.elapsed().as_secs_f64();
-        Ok(n? == 1)
+        r.map_err(|e| self.failed(e))
     }
 
     /// Every token that may come next.
     pub fn mask(&mut self) -> Result<SimpleVob> {
-        self.masks += 1;
-        let t0 = std::time::Instant::now();
-        let m = self.matcher.compute_mask().map_err(|e| self.failed(e));
-        self.secs += t0.elapsed().as_secs_f64();
-        let m = m?;
+        self.matcher()?;
+        let m = match self.ready.take() {
+            Some(m) => m,
+            None => {
+                self.masks += 1;
+                let t0 = std::time::Instant::now();
+                let m = self.matcher()?.compute_mask().map_err(|e| e.to_string());
+                self.secs += t0.elapsed().as_secs_f64();
+                m.map_err(|e| self.failed(e))?
+            }
+        };
         if m.is_zero() {
             return Err(self.failed("no token can continue the output"));
         }
@@ -193,40 +359,46 @@ impl Guide {
 
     /// Advances past `token` (generated, so allowed).
     pub fn commit(&mut self, token: u32) -> Result<()> {
+        self.matcher()?;
+        self.ready = None;
         let t0 = std::time::Instant::now();
-        let r = self.matcher.consume_token(token).map_err(|e| self.failed(e));
+        let r = self.matcher()?.consume_token(token).map_err(|e| e.to_string());
         self.secs += t0.elapsed().as_secs_f64();
-        r
+        r.map_err(|e| self.failed(e))
     }
 
     /// Tokens the constraint forces next (at most `max`), already committed: they are fed without sampling.
     pub fn forced(&mut self, max: usize, out: &mut Vec<u32>) -> Result<()> {
-        if max == 0 || self.matcher.is_stopped() {
+        if max == 0 || self.matcher()?.is_stopped() {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
-        let mut ff = self.matcher.compute_ff_tokens();
-        let r = match self.matcher.get_error() {
-            Some(e) => Err(self.failed(e)),
+        let m = self.matcher()?;
+        let mut ff = m.compute_ff_tokens();
+        let r = match m.get_error() {
+            Some(e) => Err(e),
             None => {
                 ff.truncate(max);
-                self.matcher.consume_tokens(&ff).map_err(|e| self.failed(e))
+                m.consume_tokens(&ff).map_err(|e| e.to_string())
             }
         };
         self.secs += t0.elapsed().as_secs_f64();
-        r?;
+        r.map_err(|e| self.failed(e))?;
+        if !ff.is_empty() {
+            self.ready = None;
+        }
         self.forced_tokens += ff.len() as u64;
         out.extend_from_slice(&ff);
         Ok(())
     }
 
     /// The output is complete: nothing but the end of the sequence may follow.
-    pub fn finished(&self) -> bool {
-        self.matcher.is_stopped() && !self.matcher.is_error()
+    pub fn finished(&mut self) -> bool {
+        self.matcher().is_ok_and(|m| m.is_stopped() && !m.is_error())
     }
 
     /// The output so far is a complete instance (it may end here).
     pub fn satisfied(&mut self) -> bool {
-        self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
+        self.matcher().is_ok_and(|m| m.is_stopped() || m.is_accepting().unwrap_or(false))
     }
 }

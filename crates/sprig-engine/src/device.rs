@@ -221,6 +221,42 @@ macro_rules! with_session {
     };
 }
 
+/// Runs a request of the session in `slot` through its engine's shared batch ([`Engine::generate_together`]),
+/// with the other sessions of the model generating at the same time. The session leaves `slot` while it runs
+/// and comes back; were it lost (the batch thread failing, sprig's bug), a fresh session of the same model
+/// takes its place and the error is returned.
+pub fn generate_together(
+    slot: &mut Option<AnySession>,
+    prompt: crate::Prompt,
+    params: SamplingParams,
+    max_new: usize,
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    on_text: impl FnMut(&str) -> bool,
+) -> Result<GenerationStats> {
+    fn run<B: sprig_backend::Backend>(
+        s: Session<B>,
+        put: impl FnOnce(Session<B>) -> AnySession,
+        slot: &mut Option<AnySession>,
+        job: (crate::Prompt, SamplingParams, usize, Arc<std::sync::atomic::AtomicBool>),
+        on_text: impl FnMut(&str) -> bool,
+    ) -> Result<GenerationStats> {
+        let (engine, ctx) = (s.engine.clone(), s.max_context());
+        let (back, r) = engine.generate_together(s, job.0, job.1, job.2, job.3, on_text);
+        let back = match back {
+            Some(s) => s,
+            None => Session::new(engine, ctx)?,
+        };
+        *slot = Some(put(back));
+        r
+    }
+    let job = (prompt, params, max_new, cancel);
+    match slot.take() {
+        Some(AnySession::Cpu(s)) => run(s, AnySession::Cpu, slot, job, on_text),
+        Some(AnySession::Gpu(s)) => run(s, AnySession::Gpu, slot, job, on_text),
+        None => Err(crate::EngineError::Eval("the session is not there (a request on it failed)".into())),
+    }
+}
+
 impl AnySession {
     pub fn reset(&mut self) -> Result<()> {
         with_session!(self, |s| s.reset())

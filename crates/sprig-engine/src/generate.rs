@@ -30,6 +30,11 @@ pub struct Engine<B: Backend> {
     fingerprint: std::sync::OnceLock<String>,
     /// The tokenizer as constrained decoding sees it, built on the first constrained request.
     grammars: std::sync::OnceLock<std::result::Result<Grammars, String>>,
+    /// Constrained requests compute the next mask on a helper thread while the forward pass runs, when their
+    /// sampled tokens are often rejected (see [`Guide::prefetch`]). On by default; off to measure what it saves.
+    pub masks_ahead: std::sync::atomic::AtomicBool,
+    /// The batch thread of [`Engine::generate_together`].
+    pub(crate) together: crate::together::Queue<B>,
 }
 
 /// Frees room in a full context while decoding: drops tokens from what the state holds (and from the
@@ -87,6 +92,8 @@ pub struct GenerationStats {
     pub logprobs: Vec<TokenLogprob>,
     /// With speculative decoding: what it did in this generation.
     pub speculation: Option<SpecStats>,
+    /// Decode steps this generation ran in one forward pass with other sessions' (batched decoding).
+    pub batched_steps: usize,
 }
 
 /// What a request's constraint did and cost.
@@ -94,10 +101,17 @@ pub struct GenerationStats {
 pub struct ConstraintStats {
     /// Of the generated tokens, those the constraint forced (fed without sampling, several per forward pass).
     pub forced_tokens: u64,
-    /// Sampled tokens the constraint rejected (each cost a full mask and a second pass of the sampler).
+    /// Sampled tokens the constraint rejected (each needs a full mask and a second pass of the sampler).
+    pub rejected: u64,
+    /// Full masks computed: for rejected tokens, or ahead of the sampler while the forward pass ran.
     pub masks: u64,
-    /// Time in the constraint: checking, masking, advancing, forcing.
+    /// Of `masks`, those computed ahead (when recent tokens were often rejected; some go unused).
+    pub masks_ahead: u64,
+    /// Time the generation spent in the constraint: checking, masking, advancing, forcing, waiting for a mask
+    /// computed ahead.
     pub secs: f64,
+    /// Time a helper thread spent computing masks ahead, beside the forward pass.
+    pub ahead_secs: f64,
 }
 
 impl GenerationStats {
@@ -130,7 +144,16 @@ impl<B: Backend> Engine<B> {
         let model = Model::load(backend, file)?;
         release_freed_heap();
         let prefix_cache = PrefixCache::new(prefix_cache::DEFAULT_BUDGET_BYTES);
-        Ok(Engine { model, tokenizer, template, prefix_cache, fingerprint: Default::default(), grammars: Default::default() })
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+            prefix_cache,
+            fingerprint: Default::default(),
+            grammars: Default::default(),
+            masks_ahead: true.into(),
+            together: Default::default(),
+        })
     }
 
     /// Compiles `c` for one generation. An invalid or unsupported constraint is an error here, before anything
@@ -140,7 +163,7 @@ impl<B: Backend> Engine<B> {
             .grammars
             .get_or_init(|| Grammars::new(self.tokenizer.clone(), self.model.config.vocab_size).map_err(|e| e.to_string()));
         match grammars {
-            Ok(g) => g.guide(c),
+            Ok(g) => g.guide(c, self.masks_ahead.load(std::sync::atomic::Ordering::Relaxed)),
             Err(detail) => Err(EngineError::Constraint { kind: "tokenizer", detail: detail.clone() }),
         }
     }
@@ -353,6 +376,7 @@ impl<'t, B: Backend, I: Item<B>> Runner<'t, B, I> {
                 match r {
                     Ok(()) => {
                         for (row, &i) in step.iter().enumerate() {
+                            gens[i].batched_steps += 1;
                             gens[i].fed(Ok(()), Some(row));
                         }
                     }
@@ -443,6 +467,8 @@ pub(crate) struct Gen<'t, B: Backend, I: Item<B>> {
     drafts: Vec<u32>,
     history: Vec<u32>,
     spec_stats: SpecStats,
+    /// Decode steps run in a batch with other generations.
+    batched_steps: usize,
     error: Option<EngineError>,
     /// Row of the batch's logits holding this generation's next-token logits (else its state's).
     batch_row: Option<usize>,
@@ -490,6 +516,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             drafts: Vec::new(),
             history: Vec::new(),
             spec_stats: SpecStats::default(),
+            batched_steps: 0,
             error: None,
             batch_row: None,
             context_dropped: 0,
@@ -578,7 +605,9 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
     /// is to be fed (the generation goes on), after freeing room in a full context.
     fn sample(&mut self, e: &Engine<B>, logits: Option<&[f32]>) -> Option<u32> {
         let it = self.item.parts();
-        if it.sampler.guide().is_some_and(|g| g.finished()) {
+        // A token chosen by the last speculative pass is already committed to the constraint (it may be the one
+        // that completes it): it is shown first.
+        if self.pending.is_none() && it.sampler.guide().is_some_and(|g| g.finished()) {
             // The constrained output is complete (its last tokens are in the state): only the end may follow.
             self.stop = Some(StopReason::StopToken);
             return None;
@@ -648,6 +677,11 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
                 }
             }
             self.forced = forced;
+            // The next position's mask, computed beside the forward pass that comes next (when the sampler is
+            // likely to need it).
+            if let Some(g) = self.item.parts().sampler.guide() {
+                g.prefetch();
+            }
         }
         Some(next)
     }
@@ -659,7 +693,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
     fn speculate(&mut self, e: &Engine<B>, next: u32) -> bool {
         let mut it = self.item.parts();
         let Some(spec) = it.spec else { return false };
-        if !spec.wanted() || it.sampler.guide().is_some() || !self.forced.is_empty() {
+        if !spec.wanted() || !self.forced.is_empty() {
             return false;
         }
         let (pos, ctx) = (it.state.pos, it.state.max_context);
@@ -694,6 +728,17 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
         };
         // A drafter that fails (out of memory, say) only costs the speed-up.
         run.truncate(if drafted.is_ok() { 1 + k } else { 1 });
+        // Under a constraint, only the drafts plain decoding could sample are worth checking.
+        if let (Some(g), true) = (it.sampler.guide(), run.len() > 1) {
+            match g.draftable(&run[1..]) {
+                Ok(n) => run.truncate(1 + n),
+                Err(err) => {
+                    fail(&mut self.error, err);
+                    self.drafts = run;
+                    return true;
+                }
+            }
+        }
         if run.len() == 1 {
             self.drafts = run;
             return false;
@@ -872,9 +917,17 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             prefix_cache_tokens: 0,
             context_dropped: self.context_dropped,
             tool_calls: Vec::new(),
-            constraint: it.sampler.guide().map(|g| ConstraintStats { forced_tokens: g.forced_tokens, masks: g.masks, secs: g.secs }),
+            constraint: it.sampler.guide().map(|g| ConstraintStats {
+                forced_tokens: g.forced_tokens,
+                rejected: g.rejected,
+                masks: g.masks,
+                masks_ahead: g.prefetched,
+                secs: g.secs,
+                ahead_secs: g.ahead_secs,
+            }),
             logprobs: std::mem::take(&mut self.logprobs),
             speculation: it.spec.is_some().then_some(self.spec_stats),
+            batched_steps: self.batched_steps,
         })
     }
 }

@@ -20,10 +20,11 @@ pub mod session;
 pub mod session_file;
 pub mod speculative;
 pub mod tools;
+mod together;
 
 pub use chat::{ChatMessage, ChatTemplate};
 pub use constraint::Constraint;
-pub use device::{AnyEngine, AnySession, DeviceChoice};
+pub use device::{generate_together, AnyEngine, AnySession, DeviceChoice};
 pub use generate::{Engine, GenerationStats};
 pub use load::{open_model_file, LoadOptions};
 pub use sampler::{Sampler, SamplingParams, TokenLogprob};

@@ -274,18 +274,45 @@ impl Sampler {
         r
     }
 
-    /// The chain over `logits`, with the tokens `mask` forbids removed after bias and penalties.
     /// Speculative verification of `draft`, a token a drafter proposed after the tokens seen so far, against
     /// `logits` (the model's at that position). Drafts here are deterministic (the drafter's distribution is
     /// a point mass), so the rule of speculative sampling (Leviathan et al. 2023) becomes: accept the draft
     /// with the chain's probability of it, otherwise draw from the chain's distribution without it — together
     /// exactly the chain's distribution. Greedy: the chain's pick, accepted when it is the draft. Returns the
-    /// token and whether it is the draft. Not for constrained requests (the caller does not speculate there).
+    /// token and whether it is the draft.
+    ///
+    /// Under a constraint (the draft already validated against it): the chain is the constrained one — greedy
+    /// checks its pick first and masks only when the constraint rejects it, as [`Sampler::sample`] does, so
+    /// the tokens are those of plain decoding; sampled, the full mask gives the constrained distribution. The
+    /// returned token is committed to the constraint.
     pub fn verify(&mut self, logits: &[f32], draft: u32) -> Result<(u32, bool)> {
         if let Some(i) = logits.iter().position(|l| !l.is_finite()) {
             return Err(EngineError::BadLogits { index: i, value: logits[i] });
         }
-        if let Some(t) = self.chain(logits, None)? {
+        let Some(mut guide) = self.guide.take() else { return self.verify_with(logits, draft, None) };
+        let r = (|| {
+            let (t, ok) = match self.chain(logits, None)? {
+                Some(t) if guide.allows(t)? => (t, t == draft),
+                Some(_) => {
+                    let mask = guide.mask()?;
+                    let t = self.draw(logits, Some(&mask))?;
+                    (t, t == draft)
+                }
+                None => {
+                    let mask = guide.mask()?;
+                    self.verify_with(logits, draft, Some(&mask))?
+                }
+            };
+            guide.commit(t)?;
+            Ok((t, ok))
+        })();
+        self.guide = Some(guide);
+        r
+    }
+
+    /// [`Sampler::verify`] over the chain with the tokens `mask` forbids removed.
+    fn verify_with(&mut self, logits: &[f32], draft: u32, mask: Option<&SimpleVob>) -> Result<(u32, bool)> {
+        if let Some(t) = self.chain(logits, mask)? {
             return Ok((t, t == draft));
         }
         let total: f32 = self.cand.iter().map(|c| c.0).sum();
@@ -301,6 +328,7 @@ impl Sampler {
         Ok((self.pick(), false))
     }
 
+    /// A draw from the chain over `logits`, with the tokens `mask` forbids removed after bias and penalties.
     fn draw(&mut self, logits: &[f32], mask: Option<&SimpleVob>) -> Result<u32> {
         match self.chain(logits, mask)? {
             Some(t) => Ok(t),

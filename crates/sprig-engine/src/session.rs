@@ -82,6 +82,11 @@ struct Stream {
 }
 
 impl<B: Backend> Session<B> {
+    /// The context it was made with (0: the model's trained context).
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
     /// `max_context = 0`: the model's trained context. Fails when its KV cache cannot be allocated.
     pub fn new(engine: Arc<Engine<B>>, max_context: usize) -> Result<Self> {
         let state = engine.model.new_state(max_context)?;

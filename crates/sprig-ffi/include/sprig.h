@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 // Bumped when a function signature or struct layout changes incompatibly.
-#define SPRIG_ABI_VERSION 6
+#define SPRIG_ABI_VERSION 7
 
 // Run on the CPU.
 #define SPRIG_DEVICE_CPU 0
@@ -246,6 +246,9 @@ typedef struct SprigGenerateResult {
   uint32_t context_dropped_tokens;
   // Tool calls in the reply (a chat with `tools_json`); `sprig_session_tool_calls` gives them.
   uint32_t tool_calls;
+  // Decode steps this request ran in one batch with other sessions of the model generating at the same
+  // time (their tokens went through the weights together).
+  uint32_t batched_steps;
 } SprigGenerateResult;
 
 // One chat turn.
@@ -400,7 +403,10 @@ enum SprigStatus sprig_session_tool_calls(struct SprigSession *session,
 
 // Continues the session's context with raw `prompt` text and generates, streaming text to `callback`.
 // `params` may be NULL (defaults), `callback` may be NULL, `out_result` may be NULL.
-// Thread safety: any thread; one generation per session at a time (`SPRIG_STATUS_BUSY` otherwise).
+// Thread safety: any thread; one generation per session at a time (`SPRIG_STATUS_BUSY` otherwise). Sessions
+// of one model generating at the same time from different threads decode as one batch (the model's batch
+// thread runs them; `callback` still runs on the calling thread, and stopping through it ends the request
+// within a token).
 //
 // # Safety
 // `prompt` is NULL or NUL-terminated; `params` is NULL or valid; `callback` is NULL or valid for the call;

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, TryLockError};
 use sprig_engine::generate::StopReason;
 use sprig_engine::{
     AnyEngine, AnySession, ChatMessage, ContextPolicy, DeviceChoice, EngineError, GenerationStats, LoadOptions,
-    PrefixCacheStats, SamplingParams, ToolChoice, Tools,
+    PrefixCacheStats, Prompt, SamplingParams, ToolChoice, Tools,
 };
 use sprig_import::QuantChoice;
 
@@ -152,8 +152,10 @@ pub fn prefix_cache_stats(id: u64) -> FfiResult<PrefixCacheStats> {
 }
 
 pub struct SessionHandle {
-    session: Mutex<AnySession>,
-    cancel: AtomicBool,
+    /// Empty only while a generation runs (the session is then on its model's batch thread).
+    session: Mutex<Option<AnySession>>,
+    /// Set by `cancel` and `free`; shared with the batch thread running the session's request.
+    cancel: Arc<AtomicBool>,
     /// The tool calls of the last chat reply, as OpenAI's JSON array.
     tool_calls: Mutex<String>,
 }
@@ -244,8 +246,8 @@ pub fn new_session(model_id: u64) -> FfiResult<u64> {
     let mut session = m.engine.new_session(m.context_length).map_err(|e| engine_error(e, false))?;
     session.set_context_policy(m.context_policy, 0);
     Ok(SESSIONS.insert(SessionHandle {
-        session: Mutex::new(session),
-        cancel: AtomicBool::new(false),
+        session: Mutex::new(Some(session)),
+        cancel: Arc::new(AtomicBool::new(false)),
         tool_calls: Mutex::new("[]".into()),
     }))
 }
@@ -263,18 +265,41 @@ pub fn cancel(id: u64) -> FfiResult<()> {
     Ok(())
 }
 
-fn lock(s: &SessionHandle) -> FfiResult<std::sync::MutexGuard<'_, AnySession>> {
-    match s.session.try_lock() {
-        Ok(g) => Ok(g),
+/// A session, locked for one call.
+struct Locked<'a>(std::sync::MutexGuard<'a, Option<AnySession>>);
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = AnySession;
+    fn deref(&self) -> &AnySession {
+        // `lock` hands out only a filled slot, and `generate` fills it again before it returns.
+        self.0.as_ref().expect("a locked session is in its slot")
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut AnySession {
+        self.0.as_mut().expect("a locked session is in its slot")
+    }
+}
+
+fn lock(s: &SessionHandle) -> FfiResult<Locked<'_>> {
+    let g = match s.session.try_lock() {
+        Ok(g) => g,
         Err(TryLockError::WouldBlock) => {
-            Err(FfiError::new(SprigStatus::Busy, "another generation is running on this session"))
+            return Err(FfiError::new(SprigStatus::Busy, "another generation is running on this session"))
         }
         // A previous call panicked mid-generation: the state is unknown, start the conversation over.
         Err(TryLockError::Poisoned(p)) => {
             let mut g = p.into_inner();
-            g.reset().map_err(|e| engine_error(e, false))?;
-            Ok(g)
+            if let Some(s) = g.as_mut() {
+                s.reset().map_err(|e| engine_error(e, false))?;
+            }
+            g
         }
+    };
+    match g.is_some() {
+        true => Ok(Locked(g)),
+        false => Err(FfiError::new(SprigStatus::Internal, "the session was lost by a failed generation; free it")),
     }
 }
 
@@ -359,6 +384,8 @@ pub struct Outcome {
     pub context_dropped: u32,
     /// The reply's tool calls (a chat with tools).
     pub tool_calls: Vec<sprig_engine::ToolCall>,
+    /// Decode steps run in one batch with other sessions' requests.
+    pub batched_steps: u32,
 }
 
 /// Tool calls as OpenAI's JSON array (`arguments` a JSON string).
@@ -389,6 +416,7 @@ fn outcome(s: &GenerationStats) -> Outcome {
         prefix_cache_tokens: s.prefix_cache_tokens as u32,
         context_dropped: s.context_dropped as u32,
         tool_calls: s.tool_calls.clone(),
+        batched_steps: s.batched_steps as u32,
     }
 }
 
@@ -422,26 +450,25 @@ pub enum Input<'a> {
 /// Runs one generation on session `id`; `on_text` gets each piece of text and returns false to stop.
 /// Cancellation (another thread calling [`cancel`]) is checked between prefill chunks and before each new
 /// token; afterwards the session holds exactly the tokens that were run, and the next call continues from there.
-pub fn generate(id: u64, input: Input, p: &Sampling, mut on_text: impl FnMut(&str) -> bool) -> FfiResult<Outcome> {
+pub fn generate(id: u64, input: Input, p: &Sampling, on_text: impl FnMut(&str) -> bool) -> FfiResult<Outcome> {
     let handle = SESSIONS.get(id, "session")?;
     let mut session = lock(&handle)?;
     handle.cancel.store(false, Ordering::SeqCst);
-    let params = &p.params;
-    let cancelled = || handle.cancel.load(Ordering::SeqCst);
-    // An empty piece is the engine's poll: only the cancel flag is consulted, the host sees text only.
-    let cb = |s: &str| !cancelled() && (s.is_empty() || on_text(s)) && !cancelled();
-    let max = p.max_tokens as usize;
-    let stats = match input {
+    let prompt = match input {
         Input::Text(_) if p.tools.is_some() => return Err(FfiError::arg("tools are offered in a chat; use chat")),
-        Input::Text(t) => session.generate(t, p.parse_special, params, max, cb),
-        Input::Chat(m) => {
-            if !session.has_chat_template() {
-                return Err(FfiError::arg("this model carries no chat template; use generate"));
-            }
-            session.chat_with_tools(&m, p.tools.as_ref(), params, max, cb)
+        Input::Text(t) => Prompt::Text { text: t.to_string(), parse_special: p.parse_special },
+        Input::Chat(_) if !session.has_chat_template() => {
+            return Err(FfiError::arg("this model carries no chat template; use generate"))
         }
-    }
-    .map_err(|e| engine_error(e, false))?;
+        Input::Chat(m) => match &p.tools {
+            Some(t) => Prompt::ChatWithTools(m, t.clone()),
+            None => Prompt::Chat(m),
+        },
+    };
+    // Through the model's batch thread: sessions of one model generating at the same time (from the host's
+    // threads or coroutines) decode as one batch. `on_text` runs here, on the calling thread.
+    let stats = sprig_engine::generate_together(&mut session.0, prompt, p.params.clone(), p.max_tokens as usize, handle.cancel.clone(), on_text)
+        .map_err(|e| engine_error(e, false))?;
     let out = outcome(&stats);
     if let Ok(mut c) = handle.tool_calls.lock() {
         *c = tool_calls_json(&out.tool_calls);

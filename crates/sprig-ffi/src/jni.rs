@@ -425,11 +425,12 @@ fn generate<'l>(env: &mut JNIEnv<'l>, h: jlong, input: Input, p: Sampling, callb
         JValue::Object(&columns[0]),
         JValue::Object(&columns[1]),
         JValue::Object(&columns[2]),
+        JValue::Int(r.batched_steps as jint),
     ];
     let obj = env
         .new_object(
             "dev/sprig/GenerationResult",
-            "(Ldev/sprig/StopReason;IIIII[Ljava/lang/String;[Ljava/lang/String;[Ljava/lang/String;)V",
+            "(Ldev/sprig/StopReason;IIIII[Ljava/lang/String;[Ljava/lang/String;[Ljava/lang/String;I)V",
             &args,
         )
         .map_err(internal)?;

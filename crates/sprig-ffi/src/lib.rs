@@ -24,7 +24,7 @@ use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
 use sprig_engine::Constraint;
 
 /// Bumped when a function signature or struct layout changes incompatibly.
-pub const SPRIG_ABI_VERSION: u32 = 6;
+pub const SPRIG_ABI_VERSION: u32 = 7;
 
 /// Run on the CPU.
 pub const SPRIG_DEVICE_CPU: u32 = 0;
@@ -237,6 +237,9 @@ pub struct SprigGenerateResult {
     pub context_dropped_tokens: u32,
     /// Tool calls in the reply (a chat with `tools_json`); `sprig_session_tool_calls` gives them.
     pub tool_calls: u32,
+    /// Decode steps this request ran in one batch with other sessions of the model generating at the same
+    /// time (their tokens went through the weights together).
+    pub batched_steps: u32,
 }
 
 /// Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).
@@ -759,6 +762,7 @@ unsafe fn run_generation<'a>(
                     prefix_cache_tokens: r.prefix_cache_tokens,
                     context_dropped_tokens: r.context_dropped,
                     tool_calls: r.tool_calls.len() as u32,
+                    batched_steps: r.batched_steps,
                 }
             };
         }
@@ -768,7 +772,10 @@ unsafe fn run_generation<'a>(
 
 /// Continues the session's context with raw `prompt` text and generates, streaming text to `callback`.
 /// `params` may be NULL (defaults), `callback` may be NULL, `out_result` may be NULL.
-/// Thread safety: any thread; one generation per session at a time (`SPRIG_STATUS_BUSY` otherwise).
+/// Thread safety: any thread; one generation per session at a time (`SPRIG_STATUS_BUSY` otherwise). Sessions
+/// of one model generating at the same time from different threads decode as one batch (the model's batch
+/// thread runs them; `callback` still runs on the calling thread, and stopping through it ends the request
+/// within a token).
 ///
 /// # Safety
 /// `prompt` is NULL or NUL-terminated; `params` is NULL or valid; `callback` is NULL or valid for the call;

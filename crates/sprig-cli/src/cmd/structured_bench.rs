@@ -24,65 +24,104 @@ pub fn schema_overhead<B: Backend>(e: &Arc<Engine<B>>, path: &std::path::Path, p
     };
     let prompts: Vec<&str> = all_prompts.iter().filter_map(Value::as_str).take(prompts.max(1)).collect();
     let mut rows = Vec::new();
-    let (mut all_free, mut all_con) = ((0usize, 0.0f64), (0usize, 0.0f64));
+    // Decode (tokens, seconds): free, constrained with masks computed only when needed, constrained with
+    // masks computed ahead beside the forward pass (the default).
+    let mut all = [(0usize, 0.0f64); 3];
+    let ahead = |on: bool| e.masks_ahead.store(on, std::sync::atomic::Ordering::Relaxed);
     for (name, schema) in schemas {
-        let (mut free, mut con) = ((0usize, 0.0f64), (0usize, 0.0f64));
-        let (mut forced, mut masks, mut guide_secs) = (0u64, 0u64, 0.0f64);
+        let mut runs = [(0usize, 0.0f64); 3];
+        let (mut forced, mut rejected, mut guide_secs, mut ahead_masks, mut ahead_secs, mut ahead_guide_secs) =
+            (0u64, 0u64, 0.0f64, 0u64, 0.0f64, 0.0f64);
         for p in &prompts {
             let msgs = [ChatMessage::new("user", &format!("{p} Reply with JSON only."))];
-            for constrained in [false, true] {
+            for (run, acc) in runs.iter_mut().enumerate() {
+                ahead(run == 2);
                 let params = SamplingParams {
-                    constraint: constrained.then(|| Constraint::JsonSchema(schema.to_string())),
+                    constraint: (run > 0).then(|| Constraint::JsonSchema(schema.to_string())),
                     ..Default::default()
                 };
-                // A fresh session each time: both runs prefill the same prompt and decode from the same state.
+                // A fresh session each time: every run prefills the same prompt and decodes from the same state.
                 let mut s = Session::new(e.clone(), 2048)?;
                 let r = s.chat(&msgs, &params, gen, |_| true)?;
                 // The first token comes from the prefill; decode time covers the rest.
-                let n = r.generated.len().saturating_sub(1);
-                let acc = if constrained { &mut con } else { &mut free };
-                acc.0 += n;
+                acc.0 += r.generated.len().saturating_sub(1);
                 acc.1 += r.decode_secs;
-                if let Some(c) = r.constraint {
-                    forced += c.forced_tokens;
-                    masks += c.masks;
-                    guide_secs += c.secs;
+                match (run, r.constraint) {
+                    (1, Some(c)) => {
+                        forced += c.forced_tokens;
+                        rejected += c.rejected;
+                        guide_secs += c.secs;
+                    }
+                    (2, Some(c)) => {
+                        ahead_masks += c.masks_ahead;
+                        ahead_secs += c.ahead_secs;
+                        ahead_guide_secs += c.secs;
+                    }
+                    _ => {}
                 }
             }
         }
-        let (tf, tc) = (free.0 as f64 / free.1.max(1e-9), con.0 as f64 / con.1.max(1e-9));
+        ahead(true);
+        let tok_s = |r: (usize, f64)| r.0 as f64 / r.1.max(1e-9);
+        let (tf, tc, ta) = (tok_s(runs[0]), tok_s(runs[1]), tok_s(runs[2]));
+        let con = runs[1];
         let sampled = (con.0 as u64 + prompts.len() as u64).saturating_sub(forced);
         rows.push(json!({
             "schema": name, "free_tok_s": tf, "constrained_tok_s": tc, "ratio": tc / tf,
             "constrained_tokens": con.0, "forced_share": forced as f64 / con.0.max(1) as f64,
-            "masks_per_sampled_token": masks as f64 / sampled.max(1) as f64,
+            "rejected_per_sampled_token": rejected as f64 / sampled.max(1) as f64,
             "constraint_share_of_decode": guide_secs / con.1.max(1e-9),
+            "masks_ahead": {
+                "tok_s": ta, "ratio": ta / tf, "masks_computed_ahead": ahead_masks,
+                "constraint_share_of_decode": ahead_guide_secs / runs[2].1.max(1e-9),
+                "ahead_share_of_decode": ahead_secs / runs[2].1.max(1e-9),
+            },
         }));
-        all_free = (all_free.0 + free.0, all_free.1 + free.1);
-        all_con = (all_con.0 + con.0, all_con.1 + con.1);
+        for (a, r) in all.iter_mut().zip(runs) {
+            *a = (a.0 + r.0, a.1 + r.1);
+        }
     }
-    let (tf, tc) = (all_free.0 as f64 / all_free.1.max(1e-9), all_con.0 as f64 / all_con.1.max(1e-9));
+    let tok_s = |r: (usize, f64)| r.0 as f64 / r.1.max(1e-9);
+    let (tf, tc, ta) = (tok_s(all[0]), tok_s(all[1]), tok_s(all[2]));
     if json_out {
-        println!("{}", json!({"vocab": e.model.config.vocab_size, "schemas": rows, "free_tok_s": tf, "constrained_tok_s": tc, "ratio": tc / tf}));
+        println!(
+            "{}",
+            json!({"vocab": e.model.config.vocab_size, "schemas": rows, "free_tok_s": tf, "constrained_tok_s": tc,
+                   "ratio": tc / tf, "masks_ahead_tok_s": ta, "masks_ahead_ratio": ta / tf})
+        );
         return Ok(());
     }
     println!(
-        "{:<10} {:>10} {:>14} {:>7} {:>9} {:>14} {:>12}",
-        "schema", "free tok/s", "schema tok/s", "ratio", "forced %", "masks/sampled", "constraint %"
+        "{:<10} {:>10} {:>12} {:>7} {:>9} {:>14} {:>12} | {:>12} {:>7} {:>6} {:>12} {:>8}",
+        "schema", "free tok/s", "schema tok/s", "ratio", "forced %", "reject/sampled", "constraint %",
+        "ahead tok/s", "ratio", "masks", "constraint %", "ahead %"
     );
     for r in &rows {
+        let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+        let a = &r["masks_ahead"];
         println!(
-            "{:<10} {:>10.1} {:>14.1} {:>6.2}x {:>8.1}% {:>14.3} {:>11.1}%",
+            "{:<10} {:>10.1} {:>12.1} {:>6.2}x {:>8.1}% {:>14.3} {:>11.1}% | {:>12.1} {:>6.2}x {:>6} {:>11.1}% {:>7.1}%",
             r["schema"].as_str().unwrap_or(""),
-            r["free_tok_s"].as_f64().unwrap_or(0.0),
-            r["constrained_tok_s"].as_f64().unwrap_or(0.0),
-            r["ratio"].as_f64().unwrap_or(0.0),
-            100.0 * r["forced_share"].as_f64().unwrap_or(0.0),
-            r["masks_per_sampled_token"].as_f64().unwrap_or(0.0),
-            100.0 * r["constraint_share_of_decode"].as_f64().unwrap_or(0.0),
+            f(&r["free_tok_s"]),
+            f(&r["constrained_tok_s"]),
+            f(&r["ratio"]),
+            100.0 * f(&r["forced_share"]),
+            f(&r["rejected_per_sampled_token"]),
+            100.0 * f(&r["constraint_share_of_decode"]),
+            f(&a["tok_s"]),
+            f(&a["ratio"]),
+            a["masks_computed_ahead"].as_u64().unwrap_or(0),
+            100.0 * f(&a["constraint_share_of_decode"]),
+            100.0 * f(&a["ahead_share_of_decode"]),
         );
     }
-    println!("all        {tf:>10.1} {tc:>14.1} {:>6.2}x   (vocabulary {})", tc / tf, e.model.config.vocab_size);
+    println!(
+        "all        {tf:>10.1} {tc:>12.1} {:>6.2}x {:>55} {ta:>12.1} {:>6.2}x   (vocabulary {})",
+        tc / tf,
+        "",
+        ta / tf,
+        e.model.config.vocab_size
+    );
     Ok(())
 }
 

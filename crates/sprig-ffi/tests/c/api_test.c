@@ -113,6 +113,38 @@ static bool busy_collect(const char *text, size_t len, void *user_data) {
     return true;
 }
 
+/* --- two sessions of one model generating at the same time --- */
+struct together_ctx {
+    SprigModel *model;
+    const SprigSamplingParams *params;
+    volatile int *flowing; /* set by the first thread's first piece; the second starts then */
+    int first;
+    struct buffer buf;
+    SprigGenerateResult res;
+    SprigStatus status;
+};
+
+static bool together_collect(const char *text, size_t len, void *user_data) {
+    struct together_ctx *c = user_data;
+    collect(text, len, &c->buf);
+    if (c->first) *c->flowing = 1;
+    return true;
+}
+
+static void *together(void *arg) {
+    struct together_ctx *c = arg;
+    SprigSession *s = NULL;
+    c->status = sprig_session_new(c->model, &s);
+    if (c->status == SPRIG_STATUS_OK) {
+        if (!c->first)
+            while (!*c->flowing) usleep(50);
+        c->status = sprig_session_generate(s, "Once upon a time", c->params, together_collect, c, &c->res);
+        sprig_session_free(s);
+    }
+    if (c->first) *c->flowing = 1;
+    return NULL;
+}
+
 int main(int argc, char **argv) {
     if (argc != 5) {
         fprintf(stderr, "usage: %s MODEL.bin TOKENIZER.bin GOLDEN.txt CHAT_MODEL.gguf\n", argv[0]);
@@ -180,6 +212,27 @@ int main(int argc, char **argv) {
     CHECK(strcmp(got, expected) == 0, "golden text differs:\n--- got\n%s\n--- expected\n%s", got, expected);
     CHECK(res.prompt_tokens == 5 && res.stop_reason == SPRIG_STOP_LENGTH && res.generated_tokens == 252,
           "result: prompt %u generated %u stop %u", res.prompt_tokens, res.generated_tokens, res.stop_reason);
+
+    /* Sessions of one model generating at the same time (two threads, the second starting once the first's text
+       flows) decode as one batch, each with the golden text. */
+    uint32_t batched = 0;
+    for (int attempt = 0; attempt < 10 && batched == 0; attempt++) {
+        volatile int flowing = 0;
+        struct together_ctx tc[2] = {{model, &greedy, &flowing, 1, {0}, {0}, 0}, {model, &greedy, &flowing, 0, {0}, {0}, 0}};
+        pthread_t th[2];
+        for (int i = 0; i < 2; i++) pthread_create(&th[i], NULL, together, &tc[i]);
+        for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
+        for (int i = 0; i < 2; i++) {
+            char tgot[8192];
+            snprintf(tgot, sizeof tgot, "Once upon a time%s", tc[i].buf.data ? tc[i].buf.data : "");
+            CHECK(tc[i].status == SPRIG_STATUS_OK && strcmp(tgot, expected) == 0,
+                  "concurrent session %d: status %d, text:\n%s", i, (int)tc[i].status, tgot);
+            batched += tc[i].res.batched_steps;
+            free(tc[i].buf.data);
+        }
+    }
+    CHECK(batched > 0, "two sessions generating at once never shared a step");
+    CHECK(res.batched_steps == 0, "a session generating alone: %u batched steps", res.batched_steps);
 
     /* Speculative decoding keeps the golden text: prompt lookup, and the model drafting for itself (every
        draft accepted); bad arguments are refused. */

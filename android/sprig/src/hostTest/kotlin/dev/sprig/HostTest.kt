@@ -141,6 +141,30 @@ fun main(args: Array<String>) {
         canceller?.join()
         check(rc.stopReason == StopReason.CANCELLED && slow.pieces in 5..251) { "cancel: $rc after ${slow.pieces}" }
 
+        // Two sessions generating at the same time (the second starts when the first's text flows) decode as
+        // one batch, each with its own golden text.
+        var batched = 0
+        for (attempt in 1..10) {
+            val texts = arrayOfNulls<String>(2)
+            val results = arrayOfNulls<GenerationResult>(2)
+            val flowing = java.util.concurrent.CountDownLatch(1)
+            val threads = (0..1).map { i ->
+                thread {
+                    model.newSession().use { s ->
+                        if (i == 1) flowing.await()
+                        val col = Collect { n -> if (i == 0 && n == 1) flowing.countDown() }
+                        results[i] = s.generateStreaming("Once upon a time", greedy, col)
+                        texts[i] = col.text.toString()
+                    }
+                }
+            }
+            threads.forEach { it.join() }
+            for (i in 0..1) check("Once upon a time" + texts[i] == golden) { "concurrent session $i:\n${texts[i]}" }
+            batched = results.sumOf { it!!.batchedSteps }
+            if (batched > 0) break
+        }
+        check(batched > 0) { "two sessions generating at once never shared a step" }
+
         // A concurrent generate on the same session is refused with BUSY.
         session.reset()
         var busyChecked = false

@@ -135,7 +135,9 @@ enum class StopReason { STOP_TOKEN, LENGTH, CANCELLED, CONTEXT_FULL, STOP_STRING
 /**
  * What a generation did: [promptTokens] ran, [cachedTokens] more were reused (from the session's cache or,
  * [prefixCacheTokens] of them, from the prefix cache the model's sessions share); [contextDroppedTokens] were
- * dropped by the context policy.
+ * dropped by the context policy; [batchedSteps] decode steps ran in one batch with other sessions of the model
+ * generating at the same time (sessions generating concurrently, from several threads or coroutines, batch
+ * without asking).
  */
 data class GenerationResult(
     val stopReason: StopReason,
@@ -145,15 +147,17 @@ data class GenerationResult(
     val prefixCacheTokens: Int,
     val contextDroppedTokens: Int,
     /** The reply's tool calls (a chat with [SamplingParams.tools]); empty for a text reply. */
-    val toolCalls: List<ToolCall> = emptyList()
+    val toolCalls: List<ToolCall> = emptyList(),
+    val batchedSteps: Int = 0
 ) {
     /** Built natively: the tool calls as parallel arrays. */
     internal constructor(
         stopReason: StopReason, promptTokens: Int, generatedTokens: Int, cachedTokens: Int, prefixCacheTokens: Int,
-        contextDroppedTokens: Int, callIds: Array<String>, callNames: Array<String>, callArguments: Array<String>
+        contextDroppedTokens: Int, callIds: Array<String>, callNames: Array<String>, callArguments: Array<String>,
+        batchedSteps: Int
     ) : this(
         stopReason, promptTokens, generatedTokens, cachedTokens, prefixCacheTokens, contextDroppedTokens,
-        callIds.indices.map { ToolCall(callIds[it], callNames[it], callArguments[it]) }
+        callIds.indices.map { ToolCall(callIds[it], callNames[it], callArguments[it]) }, batchedSteps
     )
 }
 
