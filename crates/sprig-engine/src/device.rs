@@ -295,6 +295,10 @@ impl AnySession {
     pub fn trim(&mut self) -> Result<u64> {
         with_session!(self, |s| s.trim())
     }
+    /// See [`Session::kv_resident_bytes`].
+    pub fn kv_resident_bytes(&self) -> u64 {
+        with_session!(self, |s| s.kv_resident_bytes())
+    }
     /// The engine the session runs on.
     pub fn engine(&self) -> AnyEngine {
         match self {

@@ -482,6 +482,12 @@ impl<B: Backend> Session<B> {
         self.trimmed.as_deref().unwrap_or(&self.cached)
     }
 
+    /// Bytes of KV cache the session's tokens occupy (the pages a forward pass has touched; 0 once trimmed).
+    pub fn kv_resident_bytes(&self) -> u64 {
+        let layout = self.engine.model.state_kv_layout(&self.state);
+        (0..layout.windows.len()).map(|l| self.state.pos.min(layout.layer_capacity(l)) as u64).sum::<u64>() * layout.bytes_per_position()
+    }
+
     /// Lets the KV cache go while keeping the conversation, for an idle session when memory tightens (an
     /// app's `onTrimMemory`): its blocks go into the prefix cache first (as far as its budget allows), so the
     /// next request restores them from there, or runs them again if they were evicted meanwhile. Returns the
@@ -493,9 +499,7 @@ impl<B: Backend> Session<B> {
         let e = &self.engine;
         let layout = e.model.state_kv_layout(&self.state);
         e.prefix_cache.insert_from(&*e.model.backend, &self.state, &layout, &self.cached)?;
-        let held: u64 =
-            (0..layout.windows.len()).map(|l| self.state.pos.min(layout.layer_capacity(l)) as u64).sum::<u64>()
-                * layout.bytes_per_position();
+        let held = self.kv_resident_bytes();
         self.trimmed = Some(std::mem::take(&mut self.cached));
         // A fresh state: the old cache's pages go back to the system, the new one's are touched only when used.
         self.state = e.model.new_state(self.max_context)?;

@@ -127,9 +127,11 @@ typedef struct SprigModelOptions {
   uint32_t device;
   // Tokens each session can hold; 0 = the model's trained context.
   uint32_t context_length;
-  // MiB the model and one session may use (weights + KV cache + scratch), checked before loading
-  // (`SPRIG_STATUS_OUT_OF_MEMORY` when it does not fit); 0 = no budget. The memory the system has available
-  // is checked either way.
+  // MiB the model and its sessions may use (weights + KV caches + prefix cache + scratch); 0 = no budget.
+  // Checked before loading with one session (`SPRIG_STATUS_OUT_OF_MEMORY` when it does not fit; the memory
+  // the system has available is checked either way), then kept as sessions are made and run: the prefix
+  // cache, then the longest-idle sessions (trimmed as by `sprig_session_trim`) give way, and a new session or
+  // request that still does not fit is `SPRIG_STATUS_OUT_OF_MEMORY`.
   uint32_t memory_budget_mb;
   // MiB of K/V of prompt blocks shared by the model's sessions (a request starting like an earlier one
   // runs only the rest); 0 = off. Shrunk to what `memory_budget_mb` leaves. Default 256.

@@ -110,7 +110,7 @@ pub struct LoadRequest<'a> {
     pub threads: u32,
     pub device: DeviceChoice,
     pub context_length: u32,
-    /// MiB the model and one session may use (0 = no budget; the available memory is checked either way).
+    /// MiB the model and its sessions may use (0 = no budget; the available memory is checked either way).
     pub memory_budget_mb: u32,
     /// MiB of the prefix cache shared by the model's sessions (0 = off); shrunk to what the budget leaves.
     pub prefix_cache_mb: u32,
@@ -144,6 +144,10 @@ pub struct ModelHandle {
     pub context_length: usize,
     /// Given to each new session.
     pub context_policy: ContextPolicy,
+    /// The caller's memory budget in bytes, kept by [`fit`] as sessions are made and run.
+    budget: Option<u64>,
+    /// The weights, one session's whole KV cache and the scratch (what the load was checked against).
+    need: sprig_engine::memory::MemoryNeed,
 }
 
 /// What the model's prefix cache holds and saved.
@@ -154,6 +158,10 @@ pub fn prefix_cache_stats(id: u64) -> FfiResult<PrefixCacheStats> {
 pub struct SessionHandle {
     /// Empty only while a generation runs (the session is then on its model's batch thread).
     session: Mutex<Option<AnySession>>,
+    /// The model's handle (its sessions share its memory budget).
+    model: u64,
+    /// When it last generated, on a counter shared by all sessions: the budget trims the longest idle first.
+    last_used: AtomicU64,
     /// Set by `cancel` and `free`; shared with the batch thread running the session's request.
     cancel: Arc<AtomicBool>,
     /// The tool calls of the last chat reply, as OpenAI's JSON array.
@@ -215,7 +223,7 @@ pub fn load_model(r: &LoadRequest) -> FfiResult<u64> {
     engine.set_kv_dtype(r.kv_dtype);
     let prefix = sprig_engine::memory::prefix_cache_budget(r.prefix_cache_mb as u64 * (1 << 20), &need, budget);
     engine.set_prefix_cache_budget(prefix as usize);
-    Ok(MODELS.insert(ModelHandle { engine, context_length: ctx, context_policy: r.context_policy }))
+    Ok(MODELS.insert(ModelHandle { engine, context_length: ctx, context_policy: r.context_policy, budget, need }))
 }
 
 pub fn model(id: u64) -> FfiResult<Arc<ModelHandle>> {
@@ -243,13 +251,85 @@ pub fn free_model(id: u64) -> FfiResult<()> {
 
 pub fn new_session(model_id: u64) -> FfiResult<u64> {
     let m = model(model_id)?;
+    fit(model_id, &m, None)?;
     let mut session = m.engine.new_session(m.context_length).map_err(|e| engine_error(e, false))?;
     session.set_context_policy(m.context_policy, 0);
     Ok(SESSIONS.insert(SessionHandle {
         session: Mutex::new(Some(session)),
+        model: model_id,
+        last_used: AtomicU64::new(TICK.fetch_add(1, Ordering::Relaxed)),
         cancel: Arc::new(AtomicBool::new(false)),
         tool_calls: Mutex::new("[]".into()),
     }))
+}
+
+/// Orders sessions by use (see `SessionHandle::last_used`).
+static TICK: AtomicU64 = AtomicU64::new(0);
+
+/// Keeps model `model_id`'s memory budget as a session is made (`active` = None) or starts a request: the
+/// weights, the scratch and that session's whole KV cache, plus what the model's other sessions hold (an idle
+/// one its touched KV pages, one generating its whole cache) and the prefix cache, must fit. What gives way, in
+/// order: the prefix cache, then idle sessions, longest idle first (trimmed: their KV cache goes, their
+/// conversation stays and continues exactly, see `Session::trim`). Fails with `OUT_OF_MEMORY` when even that
+/// is not enough.
+fn fit(model_id: u64, m: &ModelHandle, active: Option<u64>) -> FfiResult<()> {
+    let Some(budget) = m.budget else { return Ok(()) };
+    let others: Vec<Arc<SessionHandle>> =
+        SESSIONS.with(|map| map.iter().filter(|(id, s)| s.model == model_id && Some(**id) != active).map(|(_, s)| s.clone()).collect());
+    let (mut held, mut idle) = (0u64, Vec::new());
+    for s in others {
+        let resident = match s.session.try_lock() {
+            Ok(g) => g.as_ref().map(|x| x.kv_resident_bytes()),
+            Err(_) => None,
+        };
+        match resident {
+            Some(r) => {
+                held += r;
+                if r > 0 {
+                    idle.push((s.last_used.load(Ordering::Relaxed), r, s));
+                }
+            }
+            // Generating (or lost by a failure): it may fill its whole cache.
+            None => held += m.need.kv_cache,
+        }
+    }
+    let fixed = m.need.total();
+    let over = |held: u64| -> u64 {
+        let prefix = m.engine.prefix_cache_stats().bytes as u64;
+        (fixed + held + prefix).saturating_sub(budget)
+    };
+    // The prefix cache first, as far as it can go.
+    let shrink = |over: u64| {
+        let prefix = m.engine.prefix_cache_stats().bytes as u64;
+        m.engine.shrink_prefix_cache(prefix.saturating_sub(over) as usize);
+    };
+    shrink(over(held));
+    idle.sort_by_key(|x| x.0);
+    for (_, resident, s) in idle {
+        if over(held) == 0 {
+            break;
+        }
+        // A session that started generating meanwhile is left alone.
+        let Ok(mut g) = s.session.try_lock() else { continue };
+        let Some(x) = g.as_mut() else { continue };
+        x.trim().map_err(|e| engine_error(e, false))?;
+        held -= resident;
+        // Its blocks went into the prefix cache, which gives way again.
+        shrink(over(held));
+    }
+    let left = over(held);
+    if left > 0 {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        return Err(FfiError::new(
+            SprigStatus::OutOfMemory,
+            format!(
+                "the model's sessions need {:.1} MiB more than the memory budget of {:.1} MiB (sessions generating now cannot give way; free a session or use a smaller context)",
+                mib(left),
+                mib(budget)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Freeing a session while it generates on another thread cancels that generation; its memory goes when it
@@ -453,6 +533,11 @@ pub enum Input<'a> {
 pub fn generate(id: u64, input: Input, p: &Sampling, on_text: impl FnMut(&str) -> bool) -> FfiResult<Outcome> {
     let handle = SESSIONS.get(id, "session")?;
     let mut session = lock(&handle)?;
+    handle.last_used.store(TICK.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+    // A freed model's sessions keep its weights but no longer its budget.
+    if let Ok(m) = model(handle.model) {
+        fit(handle.model, &m, Some(id))?;
+    }
     handle.cancel.store(false, Ordering::SeqCst);
     let prompt = match input {
         Input::Text(_) if p.tools.is_some() => return Err(FfiError::arg("tools are offered in a chat; use chat")),

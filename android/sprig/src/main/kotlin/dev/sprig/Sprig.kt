@@ -30,8 +30,10 @@ enum class KvType { F32, Q8 }
 
 /**
  * Options of [SprigModel.load]. `threads = 0`: one per core; `contextLength = 0`: the model's own;
- * `memoryBudgetMb`: what the model and one session may use (weights + KV cache + scratch), checked before
- * loading (OUT_OF_MEMORY instead of the low-memory killer); 0 = no budget (the available memory is checked).
+ * `memoryBudgetMb`: what the model and its sessions may use (weights + KV caches + prefix cache + scratch),
+ * checked before loading with one session (OUT_OF_MEMORY instead of the low-memory killer) and kept as sessions
+ * are made and run: the prefix cache, then the longest-idle sessions (trimmed: their conversation stays) give
+ * way first; 0 = no budget (the available memory is checked).
  * `prefixCacheMb`: K/V of prompt blocks shared by the model's sessions (0 = off; shrunk to what the budget
  * leaves); `contextPolicy`: see [ContextPolicy]; `kvType`: see [KvType].
  */
