@@ -35,6 +35,9 @@ pub enum Command {
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(cmd::eval::EvalCommand),
+    /// The teacher/student bridge: how far a student is from its teacher on its own answers.
+    #[command(subcommand)]
+    Distill(cmd::distill::DistillCommand),
     /// Fetch a known model (see `sprig models`), verify its sha256, convert and cache it; prints its path.
     Pull { name: Option<String> },
     /// List the known models.
@@ -58,6 +61,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Convert(a) => cmd::convert::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Eval(cmd::eval::EvalCommand::Perplexity(a)) => cmd::eval::perplexity(a),
+        Command::Distill(cmd::distill::DistillCommand::Eval(a)) => cmd::distill::eval(a),
         Command::Pull { name } => cmd::registry::pull(name),
         Command::Models => cmd::registry::models(),
         Command::Bench(a) => cmd::bench::run(a),

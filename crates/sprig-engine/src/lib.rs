@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod chat;
 pub mod constraint;
 pub mod device;
+pub mod distill;
 pub mod eval;
 pub mod generate;
 #[cfg(not(feature = "wgpu"))]

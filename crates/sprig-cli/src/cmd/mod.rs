@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chat;
 pub mod convert;
 pub mod devices;
+pub mod distill;
 pub mod eval;
 pub mod gen;
 pub mod inspect;
