@@ -8,6 +8,7 @@ use std::sync::Arc;
 use sprig_backend::Backend;
 use sprig_models::Logits;
 
+use crate::eval::log_softmax;
 use crate::generate::Engine;
 use crate::sampler::{argmax, SamplingParams};
 use crate::session::Session;
@@ -59,14 +60,6 @@ pub fn same_vocabulary(a: &sprig_tokenizer::Tokenizer, b: &sprig_tokenizer::Toke
     a.vocab_size() == b.vocab_size()
         && a.special().eos == b.special().eos
         && (0..a.vocab_size() as u32).all(|t| a.token_bytes(t).ok() == b.token_bytes(t).ok())
-}
-
-/// `logits` → log-probabilities (f64).
-fn log_softmax(x: &[f32], out: &mut Vec<f64>) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
-    out.clear();
-    out.extend(x.iter().map(|&v| v as f64 - lse));
 }
 
 /// The student answers `prompt` (as a user turn with its chat template, or as raw text when it has none) with

@@ -25,7 +25,8 @@ pub struct PerplexityReport {
     pub top1_agreement: Option<f64>,
 }
 
-fn log_softmax(x: &[f32], out: &mut Vec<f64>) {
+/// `x` (logits) → log-probabilities in f64.
+pub(crate) fn log_softmax(x: &[f32], out: &mut Vec<f64>) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let lse = x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
     out.clear();
