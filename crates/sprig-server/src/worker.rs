@@ -123,10 +123,12 @@ fn work<B: Backend>(engine: Arc<Engine<B>>, rx: Receiver<Job>, config: &WorkerCo
             }
         }
         metrics.active.set(batch.len() as i64);
-        for f in batch.step() {
+        let finished = batch.step();
+        // Counted before the ends go out: a client that reads the metrics after its reply sees itself gone.
+        metrics.active.set(batch.len() as i64);
+        for f in finished {
             deliver(f, &mut pool, metrics);
         }
-        metrics.active.set(batch.len() as i64);
     }
 }
 
