@@ -153,6 +153,24 @@ impl Grammars {
     }
 }
 
+/// What a request's constraint did and cost.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConstraintStats {
+    /// Of the generated tokens, those the constraint forced (fed without sampling, several per forward pass).
+    pub forced_tokens: u64,
+    /// Sampled tokens the constraint rejected (each needs a full mask and a second pass of the sampler).
+    pub rejected: u64,
+    /// Full masks computed: for rejected tokens, or ahead of the sampler while the forward pass ran.
+    pub masks: u64,
+    /// Of `masks`, those computed ahead (when recent tokens were often rejected; some go unused).
+    pub masks_ahead: u64,
+    /// Time the generation spent in the constraint: checking, masking, advancing, forcing, waiting for a mask
+    /// computed ahead.
+    pub secs: f64,
+    /// Time a helper thread spent computing masks ahead, beside the forward pass.
+    pub ahead_secs: f64,
+}
+
 /// One generation's constraint state: which tokens may come next, advanced by each token generated.
 ///
 /// The sampler first checks the token it drew without the constraint and builds the full mask only when that
@@ -169,19 +187,8 @@ pub struct Guide {
     /// Recent share of sampled tokens the constraint rejected (an exponential average): prefetch when high.
     rejecting: f32,
     helper: Option<Helper>,
-    /// Sampled tokens the constraint rejected (each needs the full mask and a second pass of the sampler).
-    pub rejected: u64,
-    /// Full token masks computed (for rejected tokens, or ahead of time).
-    pub masks: u64,
-    /// Of those, the ones computed ahead, while a forward pass ran.
-    pub prefetched: u64,
-    /// Tokens the constraint forced (fed without sampling).
-    pub forced_tokens: u64,
-    /// Time the generation spent in the constraint: checking, masking, advancing, forcing, and waiting for a
-    /// mask computed ahead.
-    pub secs: f64,
-    /// Time the helper thread spent computing masks ahead (beside the forward pass, not on the way to a token).
-    pub ahead_secs: f64,
+    /// What it did and cost so far.
+    pub stats: ConstraintStats,
 }
 
 /// Where the matcher is: here, or on the helper thread computing the next mask.
@@ -228,12 +235,7 @@ impl Guide {
             ready: None,
             rejecting: 0.0,
             helper: None,
-            rejected: 0,
-            masks: 0,
-            prefetched: 0,
-            forced_tokens: 0,
-            secs: 0.0,
-            ahead_secs: 0.0,
+            stats: ConstraintStats::default(),
         }
     }
 
@@ -246,10 +248,10 @@ impl Guide {
         if let Slot::Away = self.matcher {
             let t0 = std::time::Instant::now();
             let back = self.helper.as_ref().and_then(|h| h.from.recv().ok());
-            self.secs += t0.elapsed().as_secs_f64();
+            self.stats.secs += t0.elapsed().as_secs_f64();
             self.matcher = match back {
                 Some((m, mask, secs)) => {
-                    self.ahead_secs += secs;
+                    self.stats.ahead_secs += secs;
                     // A failed mask is left for the sampler's own `mask` call to report.
                     self.ready = mask.ok();
                     Slot::Here(m)
@@ -281,8 +283,18 @@ impl Guide {
             self.helper = None;
             return;
         }
-        self.masks += 1;
-        self.prefetched += 1;
+        self.stats.masks += 1;
+        self.stats.masks_ahead += 1;
+    }
+
+    /// Runs `f` on the matcher (back from the helper thread first), its time counted as the constraint's and
+    /// its error as a constraint error.
+    fn timed<R>(&mut self, f: impl FnOnce(&mut Matcher) -> std::result::Result<R, String>) -> Result<R> {
+        let m = self.matcher()?;
+        let t0 = std::time::Instant::now();
+        let r = f(m);
+        self.stats.secs += t0.elapsed().as_secs_f64();
+        r.map_err(|e| self.failed(e))
     }
 
     /// May `token` come next?
@@ -291,13 +303,10 @@ impl Guide {
         let ok = if let Some(mask) = &self.ready {
             mask.is_allowed(token)
         } else {
-            let t0 = std::time::Instant::now();
-            let n = self.matcher()?.validate_tokens(&[token]).map_err(|e| e.to_string());
-            self.secs += t0.elapsed().as_secs_f64();
-            n.map_err(|e| self.failed(e))? == 1
+            self.timed(|m| m.validate_tokens(&[token]).map_err(|e| e.to_string()))? == 1
         };
         self.rejecting = 0.8 * self.rejecting + if ok { 0.0 } else { 0.2 };
-        self.rejected += u64::from(!ok);
+        self.stats.rejected += u64::from(!ok);
         Ok(ok)
     }
 
@@ -306,9 +315,7 @@ impl Guide {
     /// without sampling, so drafts past that point would not be the tokens it produces. Leaves the constraint
     /// where it was.
     pub fn draftable(&mut self, drafts: &[u32]) -> Result<usize> {
-        let t0 = std::time::Instant::now();
-        let r: std::result::Result<usize, String> = {
-            let m = self.matcher()?;
+        self.timed(|m| {
             let (mut consumed, mut n, mut err) = (0, 0, None);
             for &t in drafts {
                 match m.validate_tokens(&[t]) {
@@ -333,9 +340,7 @@ impl Guide {
                 err.get_or_insert(e.to_string());
             }
             err.map_or(Ok(n), Err)
-        };
-        self.secs += t0.elapsed().as_secs_f64();
-        r.map_err(|e| self.failed(e))
+        })
     }
 
     /// Every token that may come next.
@@ -344,11 +349,8 @@ impl Guide {
         let m = match self.ready.take() {
             Some(m) => m,
             None => {
-                self.masks += 1;
-                let t0 = std::time::Instant::now();
-                let m = self.matcher()?.compute_mask().map_err(|e| e.to_string());
-                self.secs += t0.elapsed().as_secs_f64();
-                m.map_err(|e| self.failed(e))?
+                self.stats.masks += 1;
+                self.timed(|m| m.compute_mask().map_err(|e| e.to_string()))?
             }
         };
         if m.is_zero() {
@@ -361,10 +363,7 @@ impl Guide {
     pub fn commit(&mut self, token: u32) -> Result<()> {
         self.matcher()?;
         self.ready = None;
-        let t0 = std::time::Instant::now();
-        let r = self.matcher()?.consume_token(token).map_err(|e| e.to_string());
-        self.secs += t0.elapsed().as_secs_f64();
-        r.map_err(|e| self.failed(e))
+        self.timed(|m| m.consume_token(token).map_err(|e| e.to_string()))
     }
 
     /// Tokens the constraint forces next (at most `max`), already committed: they are fed without sampling.
@@ -372,22 +371,19 @@ impl Guide {
         if max == 0 || self.matcher()?.is_stopped() {
             return Ok(());
         }
-        let t0 = std::time::Instant::now();
-        let m = self.matcher()?;
-        let mut ff = m.compute_ff_tokens();
-        let r = match m.get_error() {
-            Some(e) => Err(e),
-            None => {
-                ff.truncate(max);
-                m.consume_tokens(&ff).map_err(|e| e.to_string())
+        let ff = self.timed(|m| {
+            let mut ff = m.compute_ff_tokens();
+            if let Some(e) = m.get_error() {
+                return Err(e);
             }
-        };
-        self.secs += t0.elapsed().as_secs_f64();
-        r.map_err(|e| self.failed(e))?;
+            ff.truncate(max);
+            m.consume_tokens(&ff).map_err(|e| e.to_string())?;
+            Ok(ff)
+        })?;
         if !ff.is_empty() {
             self.ready = None;
         }
-        self.forced_tokens += ff.len() as u64;
+        self.stats.forced_tokens += ff.len() as u64;
         out.extend_from_slice(&ff);
         Ok(())
     }

@@ -54,14 +54,6 @@ impl PromptScore {
     }
 }
 
-/// Teacher and student share one vocabulary (ids, bytes and end tokens), or their distributions cannot be
-/// compared token by token.
-pub fn same_vocabulary(a: &sprig_tokenizer::Tokenizer, b: &sprig_tokenizer::Tokenizer) -> bool {
-    a.vocab_size() == b.vocab_size()
-        && a.special().eos == b.special().eos
-        && (0..a.vocab_size() as u32).all(|t| a.token_bytes(t).ok() == b.token_bytes(t).ok())
-}
-
 /// The student answers `prompt` (as a user turn with its chat template, or as raw text when it has none) with
 /// `params`, up to `max_new` tokens; the teacher scores each generated token. Refuses a teacher of another
 /// vocabulary.
@@ -72,7 +64,7 @@ pub fn score_reply<B: Backend, T: Backend>(
     params: &SamplingParams,
     max_new: usize,
 ) -> Result<PromptScore> {
-    if !same_vocabulary(&student.tokenizer, &teacher.tokenizer) {
+    if !student.tokenizer.same_vocabulary(&teacher.tokenizer) {
         return Err(EngineError::Eval(
             "the teacher's vocabulary differs from the student's; token-level scores need the same tokenizer".into(),
         ));

@@ -9,6 +9,7 @@ use sprig_models::{Logits, Model, State};
 use sprig_tokenizer::{StreamDecoder, Tokenizer};
 
 use crate::chat::{ChatMessage, ChatTemplate};
+pub use crate::constraint::ConstraintStats;
 use crate::constraint::{Constraint, Grammars, Guide};
 use crate::tools::{ToolCall, ToolFormat, Tools};
 use crate::prefix_cache::{self, PrefixCache};
@@ -94,24 +95,6 @@ pub struct GenerationStats {
     pub speculation: Option<SpecStats>,
     /// Decode steps this generation ran in one forward pass with other sessions' (batched decoding).
     pub batched_steps: usize,
-}
-
-/// What a request's constraint did and cost.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ConstraintStats {
-    /// Of the generated tokens, those the constraint forced (fed without sampling, several per forward pass).
-    pub forced_tokens: u64,
-    /// Sampled tokens the constraint rejected (each needs a full mask and a second pass of the sampler).
-    pub rejected: u64,
-    /// Full masks computed: for rejected tokens, or ahead of the sampler while the forward pass ran.
-    pub masks: u64,
-    /// Of `masks`, those computed ahead (when recent tokens were often rejected; some go unused).
-    pub masks_ahead: u64,
-    /// Time the generation spent in the constraint: checking, masking, advancing, forcing, waiting for a mask
-    /// computed ahead.
-    pub secs: f64,
-    /// Time a helper thread spent computing masks ahead, beside the forward pass.
-    pub ahead_secs: f64,
 }
 
 impl GenerationStats {
@@ -917,14 +900,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             prefix_cache_tokens: 0,
             context_dropped: self.context_dropped,
             tool_calls: Vec::new(),
-            constraint: it.sampler.guide().map(|g| ConstraintStats {
-                forced_tokens: g.forced_tokens,
-                rejected: g.rejected,
-                masks: g.masks,
-                masks_ahead: g.prefetched,
-                secs: g.secs,
-                ahead_secs: g.ahead_secs,
-            }),
+            constraint: it.sampler.guide().map(|g| g.stats),
             logprobs: std::mem::take(&mut self.logprobs),
             speculation: it.spec.is_some().then_some(self.spec_stats),
             batched_steps: self.batched_steps,

@@ -80,7 +80,7 @@ impl<B: Backend> DraftModel<B> {
     /// A drafter for `target` on `draft`'s weights, with a context of `ctx` (0: the draft model's). Refuses a
     /// model whose tokenizer is not the target's.
     pub fn new<T: Backend>(draft: Arc<Engine<B>>, target: &Engine<T>, ctx: usize) -> Result<Self> {
-        if !crate::distill::same_vocabulary(&draft.tokenizer, &target.tokenizer) {
+        if !draft.tokenizer.same_vocabulary(&target.tokenizer) {
             return Err(EngineError::Eval("the draft model's tokenizer differs from the target's; speculative decoding needs the same vocabulary".into()));
         }
         let state = draft.model.new_state(ctx)?;

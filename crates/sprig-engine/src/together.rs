@@ -37,6 +37,8 @@ struct Job<B: Backend> {
     max_new: usize,
     cancel: Arc<AtomicBool>,
     events: Sender<Event<B>>,
+    /// Text buffers the caller has shown, back for the next pieces (no allocation per token once warm).
+    spare: Receiver<String>,
 }
 
 enum Event<B: Backend> {
@@ -92,11 +94,19 @@ fn work<B: Backend>(jobs: Receiver<Job<B>>) {
 }
 
 fn admit<B: Backend>(job: Job<B>, batch: &mut ContinuousBatch<'_, B, Sender<Event<B>>>) {
-    let Job { session, prompt, params, max_new, cancel, events } = job;
+    let Job { session, prompt, params, max_new, cancel, events, spare } = job;
     let text = events.clone();
-    // Each piece goes to the caller; an empty piece is the engine's poll. Stops when the caller cancels or
-    // is gone.
-    let on_text = move |t: &str| (t.is_empty() || text.send(Event::Text(t.to_string())).is_ok()) && !cancel.load(Ordering::SeqCst);
+    // Each piece goes to the caller in a buffer it sent back (or a new one); an empty piece is the engine's
+    // poll. Stops when the caller cancels or is gone.
+    let on_text = move |t: &str| {
+        let send = |t: &str| {
+            let mut piece = spare.try_recv().unwrap_or_default();
+            piece.clear();
+            piece.push_str(t);
+            text.send(Event::Text(piece)).is_ok()
+        };
+        (t.is_empty() || send(t)) && !cancel.load(Ordering::SeqCst)
+    };
     let request = Request { prompt, params, max_new, on_text: Box::new(on_text), on_logprob: None };
     if let Err(f) = batch.add(session, request, events) {
         deliver(*f);
@@ -126,7 +136,8 @@ impl<B: Backend> Engine<B> {
             return (Some(session), Err(EngineError::Eval("the session belongs to another model".into())));
         }
         let (events, rx) = channel();
-        let job = Job { session, prompt, params, max_new, cancel: cancel.clone(), events };
+        let (spare_tx, spare) = channel();
+        let job = Job { session, prompt, params, max_new, cancel: cancel.clone(), events, spare };
         if let Err(job) = self.together.submit(job) {
             return (Some(job.session), Err(EngineError::Eval("could not start the batch thread".into())));
         }
@@ -134,13 +145,13 @@ impl<B: Backend> Engine<B> {
         for event in rx {
             match event {
                 // Text after the callback said stop (sent before the batch saw the cancel) is not shown.
-                Event::Text(t) if !stopped => {
-                    if !on_text(&t) {
+                Event::Text(t) => {
+                    if !stopped && !on_text(&t) {
                         stopped = true;
                         cancel.store(true, Ordering::SeqCst);
                     }
+                    let _ = spare_tx.send(t);
                 }
-                Event::Text(_) => {}
                 Event::Done(session, result) => return (Some(*session), result),
             }
         }

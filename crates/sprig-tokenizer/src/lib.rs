@@ -177,6 +177,14 @@ impl Tokenizer {
         })
     }
 
+    /// `other` has the same vocabulary: the same ids with the same bytes and the same end tokens (so that
+    /// token-level distributions of two models compare, and one model's tokens are the other's).
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        self.vocab_size() == other.vocab_size()
+            && self.special().eos == other.special().eos
+            && (0..self.vocab_size() as u32).all(|t| self.token_bytes(t).ok() == other.token_bytes(t).ok())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.token_bytes.len()
     }
