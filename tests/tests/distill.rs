@@ -36,13 +36,13 @@ fn on_policy_kl_is_zero_against_itself_and_matches_numpy() {
         ..Default::default()
     };
 
-    let same = score_reply(&student, &*student, "abc", &params, 24).unwrap();
+    let same = score_reply(&student, &*student, "abc", &params, 24, 0).unwrap();
     assert_eq!(same.tokens.len(), 24);
     for t in &same.tokens {
         assert!(t.kl.abs() < 1e-9 && t.greedy_agree && t.teacher_nll == t.student_nll, "{t:?}");
     }
 
-    let r = score_reply(&student, &*teacher, "abc", &params, 24).unwrap();
+    let r = score_reply(&student, &*teacher, "abc", &params, 24, 0).unwrap();
     assert_eq!(r.tokens.len(), 24);
     assert!(r.mean_kl() > 0.0);
     // The same sequence through both models, the generated tokens' rows handed to numpy.

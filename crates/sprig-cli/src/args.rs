@@ -62,6 +62,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Inspect(a) => cmd::inspect::run(a),
         Command::Eval(cmd::eval::EvalCommand::Perplexity(a)) => cmd::eval::perplexity(a),
         Command::Distill(cmd::distill::DistillCommand::Eval(a)) => cmd::distill::eval(a),
+        Command::Distill(cmd::distill::DistillCommand::Collect(a)) => cmd::distill::collect(a),
         Command::Pull { name } => cmd::registry::pull(name),
         Command::Models => cmd::registry::models(),
         Command::Bench(a) => cmd::bench::run(a),
@@ -378,5 +379,48 @@ impl SamplingArgs {
             constraint,
             top_logprobs: None,
         })
+    }
+}
+
+/// Escalation flags: hand the turns the model is unsure of to a teacher behind an OpenAI-compatible endpoint.
+#[derive(Args, Clone)]
+pub struct EscalateArgs {
+    /// The teacher's endpoint (`http://host:port`): turns go there as the policy says, answered through
+    /// `/v1/chat/completions` (streamed). Unreachable, slow, failing or malformed: the local model answers.
+    #[arg(long, value_name = "URL")]
+    pub escalate_to: Option<String>,
+    /// `model` of the requests to the teacher.
+    #[arg(long, default_value = "teacher")]
+    pub escalate_model: String,
+    /// Bearer token for the teacher (or SPRIG_ESCALATE_KEY).
+    #[arg(long)]
+    pub escalate_key: Option<String>,
+    /// never, threshold (the local model's mean entropy over its first reply tokens above --escalate-threshold)
+    /// or always.
+    #[arg(long, default_value = "threshold")]
+    pub escalate_policy: String,
+    /// Mean entropy (nats) above which a turn escalates.
+    #[arg(long, default_value_t = sprig_engine::escalate::DEFAULT_THRESHOLD)]
+    pub escalate_threshold: f32,
+    /// Reply tokens whose mean entropy is the signal (held back until it is known).
+    #[arg(long, default_value_t = sprig_engine::escalate::DEFAULT_WINDOW)]
+    pub escalate_window: usize,
+    /// Seconds a teacher's answer may take before the local model answers instead.
+    #[arg(long, default_value_t = 30)]
+    pub escalate_timeout: u64,
+}
+
+impl EscalateArgs {
+    /// The escalation and its teacher, when --escalate-to is given.
+    pub fn escalation(&self) -> Result<Option<(sprig_engine::escalate::Escalation, sprig_remote::Endpoint)>> {
+        let Some(url) = &self.escalate_to else { return Ok(None) };
+        let policy = sprig_engine::escalate::EscalationPolicy::parse(&self.escalate_policy, self.escalate_threshold)?;
+        if self.escalate_window == 0 {
+            anyhow::bail!("--escalate-window must be at least 1");
+        }
+        let mut ep = sprig_remote::Endpoint::new(url, &self.escalate_model)?;
+        ep.api_key = self.escalate_key.clone().or_else(|| std::env::var("SPRIG_ESCALATE_KEY").ok().filter(|k| !k.is_empty()));
+        ep.timeout = std::time::Duration::from_secs(self.escalate_timeout.max(1));
+        Ok(Some((sprig_engine::escalate::Escalation { policy, window: self.escalate_window }, ep)))
     }
 }

@@ -232,6 +232,7 @@ pub fn generate_together(
     max_new: usize,
     cancel: Arc<std::sync::atomic::AtomicBool>,
     on_text: impl FnMut(&str) -> bool,
+    on_logprob: Option<&mut dyn FnMut(&crate::TokenLogprob)>,
 ) -> Result<GenerationStats> {
     fn run<B: sprig_backend::Backend>(
         s: Session<B>,
@@ -239,9 +240,10 @@ pub fn generate_together(
         slot: &mut Option<AnySession>,
         job: (crate::Prompt, SamplingParams, usize, Arc<std::sync::atomic::AtomicBool>),
         on_text: impl FnMut(&str) -> bool,
+        on_logprob: Option<&mut dyn FnMut(&crate::TokenLogprob)>,
     ) -> Result<GenerationStats> {
         let (engine, ctx) = (s.engine.clone(), s.max_context());
-        let (back, r) = engine.generate_together(s, job.0, job.1, job.2, job.3, on_text);
+        let (back, r) = engine.generate_together(s, job.0, job.1, job.2, job.3, on_text, on_logprob);
         let back = match back {
             Some(s) => s,
             None => Session::new(engine, ctx)?,
@@ -251,8 +253,8 @@ pub fn generate_together(
     }
     let job = (prompt, params, max_new, cancel);
     match slot.take() {
-        Some(AnySession::Cpu(s)) => run(s, AnySession::Cpu, slot, job, on_text),
-        Some(AnySession::Gpu(s)) => run(s, AnySession::Gpu, slot, job, on_text),
+        Some(AnySession::Cpu(s)) => run(s, AnySession::Cpu, slot, job, on_text, on_logprob),
+        Some(AnySession::Gpu(s)) => run(s, AnySession::Gpu, slot, job, on_text, on_logprob),
         None => Err(crate::EngineError::Eval("the session is not there (a request on it failed)".into())),
     }
 }

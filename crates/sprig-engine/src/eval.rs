@@ -122,3 +122,35 @@ pub fn perplexity<B: Backend, T: Backend>(
         top1_agreement: teacher.map(|_| agree as f64 / count as f64),
     })
 }
+
+/// Tokens run per forward pass when scoring a whole sequence (the logits of every position of a chunk are
+/// held at once: `chunk × vocabulary` floats).
+const SCORE_CHUNK: usize = 64;
+
+impl<B: Backend> Engine<B> {
+    /// The model's log-probability of each token of `tokens` from the second on (given those before it), with
+    /// the `k` most likely tokens at each position: what an OpenAI-compatible server returns for `echo` with
+    /// `logprobs` (a teacher scoring a student's sequence). Runs from an empty state, in chunks.
+    pub fn prompt_logprobs(&self, tokens: &[u32], k: usize) -> Result<Vec<crate::TokenLogprob>> {
+        let v = self.model.config.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= v) {
+            return Err(EngineError::Eval(format!("token {bad} is past the vocabulary ({v} tokens)")));
+        }
+        let mut out = Vec::with_capacity(tokens.len().saturating_sub(1));
+        if tokens.len() < 2 {
+            return Ok(out);
+        }
+        let run = &tokens[..tokens.len() - 1];
+        let mut st = self.model.new_state(run.len())?;
+        let mut logits = Vec::new();
+        for (c, chunk) in run.chunks(SCORE_CHUNK).enumerate() {
+            self.model.forward(&mut st, chunk, Logits::All)?;
+            self.model.read_logits(&st, &mut logits)?;
+            for (i, row) in logits.chunks_exact(v).enumerate() {
+                let next = tokens[c * SCORE_CHUNK + i + 1];
+                out.push(crate::TokenLogprob::from_logits(row, next, k));
+            }
+        }
+        Ok(out)
+    }
+}

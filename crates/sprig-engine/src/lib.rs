@@ -7,6 +7,7 @@ pub mod chat;
 pub mod constraint;
 pub mod device;
 pub mod distill;
+pub mod escalate;
 pub mod eval;
 pub mod generate;
 #[cfg(not(feature = "wgpu"))]

@@ -73,13 +73,23 @@ pub struct TokenLogprob {
     pub logprob: f32,
     /// (token, log-probability), most likely first.
     pub top: Vec<(u32, f32)>,
+    /// Entropy of the step's whole next-token distribution, in nats: how unsure the model was there (the
+    /// confidence signal of escalation, [`crate::escalate`]). 0 for a forced token.
+    pub entropy: f32,
 }
 
 impl TokenLogprob {
     /// `token`'s entry from its step's `logits`, with the `n` best alternatives.
     pub fn from_logits(logits: &[f32], token: u32, n: usize) -> Self {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let log_z = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+        // One pass for both: Z = Σ e^(l−max) and Σ e^(l−max)·(l−max); H = ln Z − that / Z.
+        let (z, zl) = logits.iter().fold((0f32, 0f32), |(z, zl), &l| {
+            let d = l - max;
+            let e = d.exp();
+            (z + e, if e > 0.0 { zl + e * d } else { zl })
+        });
+        let log_z = max + z.ln();
+        let entropy = (z.ln() - zl / z).max(0.0);
         let lp = |t: u32| logits.get(t as usize).map_or(f32::NEG_INFINITY, |&l| l - log_z);
         let mut top: Vec<(u32, f32)> = Vec::with_capacity(n + 1);
         if n > 0 {
@@ -94,12 +104,12 @@ impl TokenLogprob {
             }
             top.iter_mut().for_each(|e| e.1 -= log_z);
         }
-        TokenLogprob { token, logprob: lp(token), top }
+        TokenLogprob { token, logprob: lp(token), top, entropy }
     }
 
     /// A forced token's entry (see the type's note).
     pub fn forced(token: u32) -> Self {
-        TokenLogprob { token, logprob: 0.0, top: Vec::new() }
+        TokenLogprob { token, logprob: 0.0, top: Vec::new(), entropy: 0.0 }
     }
 }
 
@@ -683,6 +693,10 @@ mod tests {
         for &(i, l) in &e.top {
             assert!((l - lp(i as usize)).abs() < 1e-5);
         }
+        let entropy: f64 = (0..logits.len()).map(|i| -(lp(i) as f64).exp() * lp(i) as f64).sum();
+        assert!((e.entropy as f64 - entropy).abs() < 1e-5, "{} vs {entropy}", e.entropy);
+        // A certain step (one token takes all the mass) has entropy 0.
+        assert!(TokenLogprob::from_logits(&[0.0, f32::NEG_INFINITY, 90.0], 2, 1).entropy.abs() < 1e-6);
         assert!(TokenLogprob::from_logits(&logits, 1, 0).top.is_empty());
         // More alternatives than tokens: all of them.
         assert_eq!(TokenLogprob::from_logits(&logits, 0, 20).top.len(), 5);

@@ -209,6 +209,12 @@ impl<B: Backend> Session<B> {
                 let pinned = self.pinned_tokens(messages, tools, &full)?;
                 Ok((full, pinned))
             }
+            Ask::ChatContinuing(messages, start) => {
+                let mut full = self.engine.chat_tokens(messages)?;
+                full.extend(self.engine.tokenizer.encode_parts(&[(start, false)], false)?);
+                let pinned = self.pinned_tokens(messages, None, &full)?;
+                Ok((full, pinned))
+            }
             Ask::Text { text, parse_special } => {
                 let tok = &self.engine.tokenizer;
                 let add_bos = self.logical.is_empty() && tok.special().add_bos;
@@ -377,13 +383,14 @@ impl<B: Backend> Session<B> {
     fn conclude(&mut self, p: Prepared, prompt: &Prompt, reply: &str, stats: Result<GenerationStats>) -> Result<GenerationStats> {
         let mut stats = self.finish(p, stats);
         let chat = match prompt {
-            Prompt::Chat(m) => Some((m, None)),
-            Prompt::ChatWithTools(m, t) => Some((m, Some(t))),
+            Prompt::Chat(m) => Some((m, None, "")),
+            Prompt::ChatWithTools(m, t) => Some((m, Some(t), "")),
+            Prompt::ChatContinuing(m, start) => Some((m, None, start.as_str())),
             Prompt::Text { .. } => None,
         };
-        if let (Ok(st), Some((m, tools))) = (&mut stats, chat) {
+        if let (Ok(st), Some((m, tools, start))) = (&mut stats, chat) {
             let engine = self.engine.clone();
-            let answer = answer(&engine, tools, reply, st);
+            let answer = answer(&engine, tools, &[start, reply].concat(), st);
             self.record_chat(m, st, answer);
         }
         stats
@@ -392,6 +399,14 @@ impl<B: Backend> Session<B> {
     /// See [`resume`].
     fn reuse(&mut self, target: &[u32]) -> Result<(usize, usize)> {
         resume(&self.engine, &mut self.state, &mut self.cached, target)
+    }
+
+    /// Records `reply` as the answer to `messages` (the conversation a save keeps and [`Session::messages`]
+    /// shows), for a turn answered elsewhere (escalation's teacher). The next chat renders the conversation
+    /// whole, so what the session's cache held of another reply is simply not reused.
+    pub fn record_reply(&mut self, messages: &[ChatMessage], reply: &str) {
+        self.messages = messages.to_vec();
+        self.messages.push(ChatMessage::new("assistant", reply.trim()));
     }
 
     /// The conversation of the last chat call with its reply (restored with a saved session), to continue it.
@@ -539,6 +554,10 @@ pub enum Prompt {
     ChatWithTools(Vec<ChatMessage>, Tools),
     /// Raw text continuing the context, as [`Session::generate`] takes it.
     Text { text: String, parse_special: bool },
+    /// A conversation whose reply has begun with the given text: the model writes on after it (the reply
+    /// recorded is that start and what follows; only what follows is streamed). Escalation's fallback when a
+    /// teacher's answer broke off midway ([`crate::escalate`]).
+    ChatContinuing(Vec<ChatMessage>, String),
 }
 
 /// A request's text callback.
@@ -551,6 +570,7 @@ pub type OnLogprob<'a> = dyn FnMut(&TokenLogprob) + 'a;
 #[derive(Clone, Copy)]
 enum Ask<'a> {
     Chat(&'a [ChatMessage], Option<&'a Tools>),
+    ChatContinuing(&'a [ChatMessage], &'a str),
     Text { text: &'a str, parse_special: bool },
 }
 
@@ -560,6 +580,7 @@ impl Prompt {
             Prompt::Chat(m) => Ask::Chat(m, None),
             Prompt::ChatWithTools(m, t) => Ask::Chat(m, Some(t)),
             Prompt::Text { text, parse_special } => Ask::Text { text, parse_special: *parse_special },
+            Prompt::ChatContinuing(m, start) => Ask::ChatContinuing(m, start),
         }
     }
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use sprig_backend::Backend;
 
 use crate::generate::{Engine, GenerationStats};
-use crate::sampler::SamplingParams;
+use crate::sampler::{SamplingParams, TokenLogprob};
 use crate::session::{ContinuousBatch, Finished, Prompt, Request, Session};
 use crate::{EngineError, Result};
 
@@ -36,6 +36,8 @@ struct Job<B: Backend> {
     params: SamplingParams,
     max_new: usize,
     cancel: Arc<AtomicBool>,
+    /// Each token's log-probability entry goes back too (the request asks for them).
+    logprobs: bool,
     events: Sender<Event<B>>,
     /// Text buffers the caller has shown, back for the next pieces (no allocation per token once warm).
     spare: Receiver<String>,
@@ -43,6 +45,7 @@ struct Job<B: Backend> {
 
 enum Event<B: Backend> {
     Text(String),
+    Logprob(TokenLogprob),
     Done(Box<Session<B>>, Result<GenerationStats>),
 }
 
@@ -94,8 +97,14 @@ fn work<B: Backend>(jobs: Receiver<Job<B>>) {
 }
 
 fn admit<B: Backend>(job: Job<B>, batch: &mut ContinuousBatch<'_, B, Sender<Event<B>>>) {
-    let Job { session, prompt, params, max_new, cancel, events, spare } = job;
+    let Job { session, prompt, params, max_new, cancel, logprobs, events, spare } = job;
     let text = events.clone();
+    let entries = events.clone();
+    let on_logprob = logprobs.then(|| {
+        Box::new(move |e: &TokenLogprob| {
+            let _ = entries.send(Event::Logprob(e.clone()));
+        }) as Box<crate::session::OnLogprob<'static>>
+    });
     // Each piece goes to the caller in a buffer it sent back (or a new one); an empty piece is the engine's
     // poll. Stops when the caller cancels or is gone.
     let on_text = move |t: &str| {
@@ -107,7 +116,7 @@ fn admit<B: Backend>(job: Job<B>, batch: &mut ContinuousBatch<'_, B, Sender<Even
         };
         (t.is_empty() || send(t)) && !cancel.load(Ordering::SeqCst)
     };
-    let request = Request { prompt, params, max_new, on_text: Box::new(on_text), on_logprob: None };
+    let request = Request { prompt, params, max_new, on_text: Box::new(on_text), on_logprob };
     if let Err(f) = batch.add(session, request, events) {
         deliver(*f);
     }
@@ -120,8 +129,9 @@ fn deliver<B: Backend>(f: Finished<B, Sender<Event<B>>>) {
 impl<B: Backend> Engine<B> {
     /// Runs `prompt` on `session` (as [`Session::chat`], [`Session::chat_with_tools`] or [`Session::generate`]
     /// would) in this engine's shared batch, together with whatever other sessions of it are generating. Each
-    /// piece of text goes to `on_text` on the calling thread; false from it, or `cancel` set from any thread,
-    /// stops the request at its next token. The session comes back with the result (`None` only when the
+    /// piece of text goes to `on_text` on the calling thread (and, when the request asks for log-probabilities,
+    /// each token's entry to `on_logprob` before its text); false from `on_text`, or `cancel` set from any
+    /// thread, stops the request at its next token. The session comes back with the result (`None` only when the
     /// batch thread failed while running it, which would be sprig's bug).
     pub fn generate_together(
         &self,
@@ -131,13 +141,15 @@ impl<B: Backend> Engine<B> {
         max_new: usize,
         cancel: Arc<AtomicBool>,
         mut on_text: impl FnMut(&str) -> bool,
+        mut on_logprob: Option<&mut dyn FnMut(&TokenLogprob)>,
     ) -> (Option<Session<B>>, Result<GenerationStats>) {
         if !std::ptr::eq(Arc::as_ptr(&session.engine), self) {
             return (Some(session), Err(EngineError::Eval("the session belongs to another model".into())));
         }
         let (events, rx) = channel();
         let (spare_tx, spare) = channel();
-        let job = Job { session, prompt, params, max_new, cancel: cancel.clone(), events, spare };
+        let logprobs = on_logprob.is_some() && params.top_logprobs.is_some();
+        let job = Job { session, prompt, params, max_new, cancel: cancel.clone(), logprobs, events, spare };
         if let Err(job) = self.together.submit(job) {
             return (Some(job.session), Err(EngineError::Eval("could not start the batch thread".into())));
         }
@@ -151,6 +163,11 @@ impl<B: Backend> Engine<B> {
                         cancel.store(true, Ordering::SeqCst);
                     }
                     let _ = spare_tx.send(t);
+                }
+                Event::Logprob(e) => {
+                    if let (false, Some(f)) = (stopped, on_logprob.as_mut()) {
+                        f(&e);
+                    }
                 }
                 Event::Done(session, result) => return (Some(*session), result),
             }

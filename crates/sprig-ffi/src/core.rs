@@ -552,7 +552,7 @@ pub fn generate(id: u64, input: Input, p: &Sampling, on_text: impl FnMut(&str) -
     };
     // Through the model's batch thread: sessions of one model generating at the same time (from the host's
     // threads or coroutines) decode as one batch. `on_text` runs here, on the calling thread.
-    let stats = sprig_engine::generate_together(&mut session.0, prompt, p.params.clone(), p.max_tokens as usize, handle.cancel.clone(), on_text)
+    let stats = sprig_engine::generate_together(&mut session.0, prompt, p.params.clone(), p.max_tokens as usize, handle.cancel.clone(), on_text, None)
         .map_err(|e| engine_error(e, false))?;
     let out = outcome(&stats);
     if let Ok(mut c) = handle.tool_calls.lock() {

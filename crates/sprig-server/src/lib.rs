@@ -296,8 +296,18 @@ impl AppState {
 
     /// Queues a checked request; its events come back on the returned channel.
     fn submit(&self, r: Ready) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        self.queue(r, None)
+    }
+
+    /// Queues a prompt to score (its top-k from the request's `top_logprobs`); one [`Event::Scored`] comes back.
+    fn submit_scoring(&self, r: Ready) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
+        let k = r.params.top_logprobs.unwrap_or(0);
+        self.queue(r, Some(k))
+    }
+
+    fn queue(&self, r: Ready, score: Option<usize>) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let job = Job { prompt: r.prompt, params: r.params, max_new: r.max_new, tokens: r.tokens, events: tx, queued: Instant::now() };
+        let job = Job { prompt: r.prompt, params: r.params, max_new: r.max_new, tokens: r.tokens, score, events: tx, queued: Instant::now() };
         match self.models[r.model].worker.submit(job) {
             Ok(()) => Ok(rx),
             Err(Refused::Busy) => Err(ApiError::busy()),
@@ -387,16 +397,35 @@ async fn completions_inner(st: Arc<AppState>, b: Result<Bytes, BytesRejection>) 
         return Err(ApiError::param("best_of", "only best_of = 1 is supported"));
     }
     if let Some(n) = req.logprobs {
-        if n > 5 {
-            return Err(ApiError::param("logprobs", format!("logprobs must be in [0, 5], got {n}")));
+        let most = sprig_engine::sampler::MAX_TOP_LOGPROBS;
+        if n as usize > most {
+            return Err(ApiError::param("logprobs", format!("logprobs must be in [0, {most}], got {n}")));
         }
         params.top_logprobs = Some(n as usize);
     }
     let echo = req.echo.unwrap_or(false);
+    let as_ids = req.return_tokens_as_token_ids.unwrap_or(false);
     if echo && req.logprobs.is_some() {
-        return Err(ApiError::param("echo", "echo together with logprobs is not supported (the prompt's tokens have no log-probabilities here)"));
+        // Scoring a given sequence (a student's tokens scored by this server as teacher).
+        if req.common.max_tokens != Some(0) {
+            return Err(ApiError::param("max_tokens", "echo with logprobs scores the prompt: set max_tokens to 0"));
+        }
+        if req.common.stream() {
+            return Err(ApiError::param("stream", "echo with logprobs (scoring) is not streamed"));
+        }
+        return score_prompt(st, model, req.prompt.input()?, req.logprobs.unwrap_or(0) as usize, as_ids).await;
     }
-    let text = req.prompt.text()?;
+    let text = match req.prompt.input()? {
+        openai::PromptInput::Text(t) => t,
+        openai::PromptInput::Tokens(t) => {
+            let v = st.models[model].vocab;
+            if let Some(bad) = t.iter().find(|&&id| id as usize >= v) {
+                return Err(ApiError::param("prompt", format!("token id {bad} is past the vocabulary ({v} tokens)")));
+            }
+            with_engine!(&st.models[model].engine, |e| e.tokenizer.decode(&t))
+                .map_err(|e| ApiError::param("prompt", format!("token ids that are not text: {e}")))?
+        }
+    };
     let (stream, usage) = (req.common.stream(), req.common.include_usage());
     let requested = Some(req.common.max_tokens.unwrap_or(16));
     let st2 = st.clone();
@@ -424,6 +453,53 @@ async fn completions_inner(st: Arc<AppState>, b: Result<Bytes, BytesRejection>) 
     } else {
         reply.completion_once(rx, echoed).await
     }
+}
+
+/// `echo` with `logprobs` and `max_tokens` 0: the model's log-probability of every token of the prompt after
+/// the first, with the `k` most likely tokens at each position (what a teacher returns to `sprig distill`).
+async fn score_prompt(st: Arc<AppState>, model: usize, prompt: openai::PromptInput, k: usize, as_ids: bool) -> Result<Response, ApiError> {
+    let st2 = st.clone();
+    let ready = blocking(move || {
+        let m = &st2.models[model];
+        let tokens = match prompt {
+            openai::PromptInput::Tokens(t) => {
+                if let Some(bad) = t.iter().find(|&&id| id as usize >= m.vocab) {
+                    return Err(ApiError::param("prompt", format!("token id {bad} is past the vocabulary ({} tokens)", m.vocab)));
+                }
+                t
+            }
+            openai::PromptInput::Text(text) => with_engine!(&m.engine, |e| e.tokenizer.encode_parts(&[(&text, true)], e.tokenizer.special().add_bos))
+                .map_err(sprig_engine::EngineError::from)?,
+        };
+        if tokens.is_empty() {
+            return Err(ApiError::param("prompt", "the prompt is empty"));
+        }
+        if tokens.len() > m.context {
+            return Err(ApiError::param("prompt", format!(
+                "This model's maximum context length is {} tokens. However, your prompt resulted in {} tokens. Please reduce the length of the prompt.",
+                m.context,
+                tokens.len()
+            ))
+            .with_code("context_length_exceeded"));
+        }
+        let params = SamplingParams { top_logprobs: Some(k), ..SamplingParams::default() };
+        Ok(Ready { model, prompt: Prompt::Text { text: String::new(), parse_special: false }, params, max_new: 0, tokens })
+    })
+    .await?;
+    let tokens = ready.tokens.clone();
+    let mut rx = st.submit_scoring(ready)?;
+    let entries = match rx.recv().await {
+        Some(Event::Scored(Ok(e))) => e,
+        Some(Event::Scored(Err(e))) => return Err(e.into()),
+        _ => return Err(ApiError::internal("the model's worker stopped while scoring")),
+    };
+    let reply = Reply { st, model, id: random_id("cmpl-"), created: now(), logprobs: true, calls: None };
+    let tok = reply.tokenizer();
+    let text = tok.decode(&tokens).unwrap_or_default();
+    let lp = openai::scored_prompt_logprobs(&tok, &tokens, &entries, as_ids);
+    let mut body = reply.completion_body(&text, Some(lp), Some("length"));
+    body["usage"] = json!({"prompt_tokens": tokens.len(), "completion_tokens": 0, "total_tokens": tokens.len()});
+    Ok(json_response(body))
 }
 
 /// A request's answer in the making.
@@ -507,6 +583,7 @@ impl Reply {
                     lps.extend(l);
                 }
                 Event::Done(r) => return Ok((text, lps, r?)),
+                Event::Scored(_) => break,
             }
         }
         Err(ApiError::internal("the model's worker stopped during the request"))
@@ -581,6 +658,7 @@ impl Reply {
                         let _ = send(&tx, &ApiError::from(e).body()).await;
                         return send_done(&tx).await;
                     }
+                    Event::Scored(_) => return,
                     Event::Done(Ok(stats)) => {
                         let mut reason = finish_reason(stats.stop);
                         if !held.is_empty() || !held_lps.is_empty() {
@@ -667,6 +745,7 @@ impl Reply {
                         let _ = send(&tx, &ApiError::from(e).body()).await;
                         return send_done(&tx).await;
                     }
+                    Event::Scored(_) => return,
                     Event::Done(Ok(stats)) => {
                         if !send(&tx, &with_usage(self.completion_body("", None, Some(finish_reason(stats.stop))))).await {
                             return;

@@ -86,6 +86,8 @@ pub struct CompletionRequest {
     /// Legacy completions: the number of alternatives to report per token (0..=5).
     pub logprobs: Option<u32>,
     pub echo: Option<bool>,
+    /// vLLM's extension: tokens in `logprobs` are named `token_id:N` instead of by their text.
+    pub return_tokens_as_token_ids: Option<bool>,
     pub suffix: Option<String>,
     pub best_of: Option<u32>,
     #[serde(flatten)]
@@ -97,14 +99,24 @@ pub struct CompletionRequest {
 pub enum PromptField {
     One(String),
     Many(Vec<String>),
+    /// The prompt as token ids (as OpenAI's API and vLLM take it).
+    Tokens(Vec<u32>),
+}
+
+/// A completion request's prompt: text, or token ids.
+pub enum PromptInput {
+    Text(String),
+    Tokens(Vec<u32>),
 }
 
 impl PromptField {
-    pub fn text(self) -> Result<String, ApiError> {
+    pub fn input(self) -> Result<PromptInput, ApiError> {
         match self {
-            PromptField::One(s) => Ok(s),
-            PromptField::Many(mut v) if v.len() == 1 => Ok(v.remove(0)),
+            PromptField::One(s) => Ok(PromptInput::Text(s)),
+            PromptField::Many(mut v) if v.len() == 1 => Ok(PromptInput::Text(v.remove(0))),
             PromptField::Many(_) => Err(ApiError::param("prompt", "one prompt per request (a list must hold exactly one string)")),
+            PromptField::Tokens(t) if t.is_empty() => Err(ApiError::param("prompt", "the prompt is empty")),
+            PromptField::Tokens(t) => Ok(PromptInput::Tokens(t)),
         }
     }
 }
@@ -177,7 +189,7 @@ pub const CHAT_FIELDS: &[&str] = &[
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice",
     "parallel_tool_calls", "store", "metadata", "service_tier",
 ];
-pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "suffix", "best_of"];
+pub const COMPLETION_FIELDS: &[&str] = &["prompt", "logprobs", "echo", "suffix", "best_of", "return_tokens_as_token_ids"];
 
 /// Parses a request body: a 400 that says what is wrong (not UTF-8, not JSON, not an object, a field this
 /// endpoint does not know, a wrong type).
@@ -386,6 +398,25 @@ pub fn chat_logprobs(tokenizer: &sprig_tokenizer::Tokenizer, entries: &[TokenLog
             })
             .collect(),
     )
+}
+
+/// Legacy completions' `logprobs` object for a scored prompt (`echo` with `max_tokens` 0): every token of
+/// the prompt, the first without a log-probability (nothing predicts it), named by text or as `token_id:N`.
+pub fn scored_prompt_logprobs(tokenizer: &sprig_tokenizer::Tokenizer, tokens: &[u32], entries: &[TokenLogprob], as_ids: bool) -> Value {
+    let name = |id: u32| if as_ids { format!("token_id:{id}") } else { token_fields(tokenizer, id).0 };
+    let (mut names, mut lps, mut tops, mut offsets) = (vec![], vec![Value::Null], vec![Value::Null], vec![]);
+    let mut at = 0;
+    for &t in tokens {
+        names.push(name(t));
+        offsets.push(at);
+        at += tokenizer.token_bytes(t).map_or(0, <[u8]>::len);
+    }
+    for e in entries {
+        lps.push(json!(e.logprob));
+        let top: serde_json::Map<String, Value> = e.top.iter().map(|&(id, lp)| (name(id), json!(lp))).collect();
+        tops.push(Value::Object(top));
+    }
+    json!({"tokens": names, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
 }
 
 /// Legacy completions' `logprobs` object (`text_offset` counts bytes from the start of the returned text).

@@ -27,6 +27,9 @@ pub struct Job {
     pub max_new: usize,
     /// The prompt's tokens as the handler rendered them: picks the pooled session holding most of them.
     pub tokens: Vec<u32>,
+    /// `Some(k)`: not a generation: score `tokens` (each one's log-probability and the k most likely tokens
+    /// at its position), answered with one [`Event::Scored`].
+    pub score: Option<usize>,
     /// Where the generation goes; when its receiver is gone (the client disconnected) the generation stops at
     /// its next token.
     pub events: UnboundedSender<Event>,
@@ -38,6 +41,8 @@ pub enum Event {
     Text(String, Vec<TokenLogprob>),
     /// The end: the generation's figures, or why it failed.
     Done(Result<GenerationStats, EngineError>),
+    /// A scoring job's answer: one entry per token of the sequence after the first.
+    Scored(Result<Vec<TokenLogprob>, EngineError>),
 }
 
 /// The HTTP layer's end of a worker.
@@ -152,6 +157,20 @@ fn admit<B: Backend>(
     // A client gone while its request waited: nothing to run.
     if job.events.is_closed() {
         metrics.cancelled.inc();
+        return;
+    }
+    if let Some(k) = job.score {
+        // Run at once, between the batch's steps (as long as a prompt's prefill).
+        let r = engine.prompt_logprobs(&job.tokens, k);
+        match &r {
+            Ok(_) => {
+                metrics.prompt_tokens.inc_by(job.tokens.len() as u64);
+            }
+            Err(_) => {
+                metrics.failed.inc();
+            }
+        }
+        let _ = job.events.send(Event::Scored(r));
         return;
     }
     let session = match take_session(pool, engine, config, &job.tokens) {

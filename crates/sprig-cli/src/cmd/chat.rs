@@ -8,7 +8,7 @@ use clap::Args;
 use sprig_backend::Backend;
 use sprig_engine::{with_engine, ChatMessage, Engine, Sampler, Session};
 
-use crate::args::{ContextPolicyArg, ModelArgs, SamplingArgs, ToolArgs};
+use crate::args::{ContextPolicyArg, EscalateArgs, ModelArgs, SamplingArgs, ToolArgs};
 
 #[derive(Args)]
 pub struct ChatArgs {
@@ -37,6 +37,10 @@ pub struct ChatArgs {
     /// `/tool NAME: RESULT` answers a call with the tool's result, and the assistant's turn continues.
     #[command(flatten)]
     tools: ToolArgs,
+    /// With --escalate-to, each turn the local model is unsure of goes to the teacher (one line on stderr per
+    /// decision).
+    #[command(flatten)]
+    escalate: EscalateArgs,
 }
 
 pub fn run(a: ChatArgs) -> Result<()> {
@@ -57,6 +61,10 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
     let tools = a.tools.tools()?;
     if let Some(t) = tools.as_ref().and_then(|t| t.constraint(e.tool_format())) {
         e.guide(&t)?;
+    }
+    let escalation = a.escalate.escalation()?;
+    if escalation.is_some() && (tools.is_some() || params.constraint.is_some()) {
+        bail!("--escalate-to answers plain chat turns: not with tools or a constraint");
     }
     let mut messages: Vec<ChatMessage> = a.system.iter().map(|s| ChatMessage::new("system", s)).collect();
     let interactive = std::io::stdin().is_terminal();
@@ -100,14 +108,31 @@ fn chat_on<B: Backend>(e: Arc<Engine<B>>, a: &ChatArgs) -> Result<()> {
         let mut out = std::io::stdout().lock();
         let t0 = std::time::Instant::now();
         let mut first: Option<f64> = None;
-        let r = session.chat_with_tools(&messages, tools.as_ref(), &params, a.n, |s| {
+        let mut show = |s: &str| {
             if !s.is_empty() && first.is_none() {
                 first = Some(t0.elapsed().as_secs_f64());
             }
             let _ = out.write_all(s.as_bytes());
             let _ = out.flush();
             true
-        })?;
+        };
+        let r = match &escalation {
+            None => session.chat_with_tools(&messages, tools.as_ref(), &params, a.n, show)?,
+            Some((esc, teacher)) => {
+                match super::escalation::answer_turn(&mut session, esc, teacher, &messages, &params, a.n, &mut show)? {
+                    (Some(stats), _) => stats,
+                    // The teacher answered without the local model running: nothing of its own to report.
+                    (None, _) => {
+                        writeln!(out)?;
+                        messages = session.messages().to_vec();
+                        if let Some(path) = &a.session {
+                            session.save(path).with_context(|| format!("saving the session to {}", path.display()))?;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
         writeln!(out)?;
         if tools.is_some() {
             let calls: Vec<serde_json::Value> = r.tool_calls.iter().map(|c| c.to_openai()).collect();

@@ -3,6 +3,7 @@
 pub mod agent_trace;
 pub mod bench;
 pub mod chat;
+pub mod escalation;
 pub mod convert;
 pub mod devices;
 pub mod distill;

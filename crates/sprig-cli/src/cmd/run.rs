@@ -9,7 +9,7 @@ use sprig_engine::generate::{GenerationStats, StopReason};
 use sprig_engine::{with_engine, ChatMessage, Engine, Sampler, Session};
 use sprig_format::ModelFile;
 
-use crate::args::{spec_line, ModelArgs, SamplingArgs, SpecArgs, ToolArgs};
+use crate::args::{spec_line, EscalateArgs, ModelArgs, SamplingArgs, SpecArgs, ToolArgs};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -36,6 +36,10 @@ pub struct RunArgs {
     tools: ToolArgs,
     #[command(flatten)]
     spec: SpecArgs,
+    /// With --escalate-to, the prompt is one user turn through the chat template, answered locally or by the
+    /// teacher as the escalation policy decides.
+    #[command(flatten)]
+    escalate: EscalateArgs,
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
@@ -45,6 +49,27 @@ pub fn run(a: RunArgs) -> Result<()> {
 
 fn run_on<B: Backend>(e: std::sync::Arc<Engine<B>>, a: &RunArgs) -> Result<()> {
     let params = a.sampling.params()?;
+    if let Some((escalation, teacher)) = a.escalate.escalation()? {
+        if a.tools.tools()?.is_some() || params.constraint.is_some() {
+            anyhow::bail!("--escalate-to answers plain chat turns: not with tools or a constraint");
+        }
+        if e.template.is_none() {
+            anyhow::bail!("--escalate-to sends a chat turn: this model carries no chat template");
+        }
+        let mut session = Session::new(e.clone(), a.model.load.ctx_size)?;
+        let mut out = std::io::stdout().lock();
+        let msgs = [ChatMessage::new("user", &a.prompt)];
+        let (stats, _) = super::escalation::answer_turn(&mut session, &escalation, &teacher, &msgs, &params, a.n, &mut |s| {
+            let _ = out.write_all(s.as_bytes());
+            let _ = out.flush();
+            true
+        })?;
+        writeln!(out)?;
+        if let Some(stats) = stats {
+            report(&e, &stats, session.state.max_context);
+        }
+        return Ok(());
+    }
     if let Some(tools) = a.tools.tools()? {
         // One user turn offering the tools; the reply streams, then its calls.
         let mut session = Session::new(e.clone(), a.model.load.ctx_size)?;
