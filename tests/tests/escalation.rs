@@ -3,13 +3,12 @@
 //! teacher's answer, and an offline / slow / failing / malformed / broken teacher leaves the turn to the student
 //! with the reason recorded — never lost, never hung.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use sprig_backend::cpu::CpuBackend;
 use sprig_engine::distill::{kl_top_k, score_reply, score_reply_with, TeacherPosition};
 use sprig_engine::escalate::{self, AnsweredBy, Escalation, EscalationPolicy, Turn};
@@ -17,134 +16,8 @@ use sprig_engine::{run_batch, BatchRequest, ChatMessage, Engine, EngineError, Sa
 use sprig_import::synth::{write_gguf, Arch, SynthSpec};
 use sprig_import::QuantChoice;
 use sprig_remote::{Endpoint, RemoteError};
+use sprig_tests::teacher_stub::{Mode, Stub, TEACHER_TEXT};
 use sprig_tests::*;
-
-/// How the stub answers.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Mode {
-    /// A streamed chat answer, then `[DONE]`.
-    Answer,
-    /// HTTP 500 in OpenAI's error shape.
-    ServerError,
-    /// 200 with events that are not JSON.
-    Malformed,
-    /// Nothing for 5 s.
-    Slow,
-    /// Two pieces, then the connection closes without `[DONE]`.
-    BrokenStream,
-}
-
-const TEACHER_TEXT: [&str; 3] = ["Hello", " from the", " teacher."];
-
-struct Stub {
-    port: u16,
-    mode: Arc<Mutex<Mode>>,
-    requests: Arc<AtomicUsize>,
-    /// The last request body.
-    last: Arc<Mutex<Value>>,
-}
-
-impl Stub {
-    /// Serves chat answers as `mode` says and scores sequences with `teacher`'s log-probabilities.
-    fn start(teacher: Arc<Engine<CpuBackend>>) -> Stub {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let mode = Arc::new(Mutex::new(Mode::Answer));
-        let requests = Arc::new(AtomicUsize::new(0));
-        let last = Arc::new(Mutex::new(Value::Null));
-        let (m, r, l) = (mode.clone(), requests.clone(), last.clone());
-        // The thread ends with the test process (it only ever waits on this listener).
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
-                let (m, r, l, t) = (m.clone(), r.clone(), l.clone(), teacher.clone());
-                std::thread::spawn(move || serve(conn, *m.lock().unwrap(), &r, &l, &t));
-            }
-        });
-        Stub { port, mode, requests, last }
-    }
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-    fn set(&self, mode: Mode) {
-        *self.mode.lock().unwrap() = mode;
-    }
-    fn endpoint(&self, timeout: Duration) -> Endpoint {
-        let mut e = Endpoint::new(&self.url(), "stub-teacher").unwrap();
-        e.timeout = timeout;
-        e
-    }
-}
-
-fn serve(mut conn: TcpStream, mode: Mode, requests: &AtomicUsize, last: &Mutex<Value>, teacher: &Engine<CpuBackend>) {
-    requests.fetch_add(1, Ordering::SeqCst);
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut len = 0;
-    loop {
-        let mut h = String::new();
-        reader.read_line(&mut h).unwrap();
-        if h == "\r\n" || h.is_empty() {
-            break;
-        }
-        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap();
-        }
-    }
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body).unwrap();
-    let req: Value = serde_json::from_slice(&body).unwrap();
-    *last.lock().unwrap() = req.clone();
-    let head = |status: &str, ctype: &str| format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nConnection: close\r\n\r\n");
-    if path == "/v1/completions" {
-        // Scoring: the teacher's log-probabilities of the given ids, keyed `token_id:N`.
-        let ids: Vec<u32> = req["prompt"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let k = req["logprobs"].as_u64().unwrap() as usize;
-        assert_eq!((req["echo"].as_bool(), req["max_tokens"].as_u64()), (Some(true), Some(0)));
-        assert_eq!(req["return_tokens_as_token_ids"].as_bool(), Some(true));
-        let entries = teacher.prompt_logprobs(&ids, k).unwrap();
-        let mut lps = vec![Value::Null];
-        let mut tops = vec![Value::Null];
-        for e in &entries {
-            lps.push(json!(e.logprob));
-            tops.push(Value::Object(e.top.iter().map(|&(t, l)| (format!("token_id:{t}"), json!(l))).collect()));
-        }
-        let tokens: Vec<String> = ids.iter().map(|t| format!("token_id:{t}")).collect();
-        let reply = json!({"choices": [{"text": "", "index": 0, "finish_reason": "length",
-            "logprobs": {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops}}]});
-        let _ = write!(conn, "{}{}", head("200 OK", "application/json"), reply);
-        return;
-    }
-    assert_eq!(path, "/v1/chat/completions");
-    assert_eq!(req["stream"].as_bool(), Some(true));
-    let chunk = |t: &str| format!("data: {}\n\n", json!({"choices": [{"index": 0, "delta": {"content": t}}]}));
-    match mode {
-        Mode::Answer => {
-            let _ = write!(conn, "{}", head("200 OK", "text/event-stream"));
-            for t in TEACHER_TEXT {
-                let _ = write!(conn, "{}", chunk(t));
-                let _ = conn.flush();
-            }
-            let _ = write!(conn, "data: [DONE]\n\n");
-        }
-        Mode::ServerError => {
-            let err = json!({"error": {"message": "the teacher is overloaded", "type": "server_error"}});
-            let _ = write!(conn, "{}{}", head("500 Internal Server Error", "application/json"), err);
-        }
-        Mode::Malformed => {
-            let _ = write!(conn, "{}data: {{not json\n\n", head("200 OK", "text/event-stream"));
-        }
-        Mode::Slow => {
-            std::thread::sleep(Duration::from_secs(5));
-            let _ = write!(conn, "{}", head("200 OK", "text/event-stream"));
-        }
-        Mode::BrokenStream => {
-            let _ = write!(conn, "{}{}{}", head("200 OK", "text/event-stream"), chunk("Partial"), chunk(" answer"));
-        }
-    }
-}
 
 fn synth_engine(seed: u64, quant: QuantChoice) -> Arc<Engine<CpuBackend>> {
     // Tests run at once: each file its own name.
@@ -167,7 +40,8 @@ fn long_answers(e: &Engine<CpuBackend>, seed: u64) -> SamplingParams {
 fn remote_teacher_scores_equal_the_local_computation() {
     let student = synth_engine(3, QuantChoice::Keep);
     let teacher = synth_engine(5, QuantChoice::Keep);
-    let stub = Stub::start(teacher.clone());
+    let t = teacher.clone();
+    let stub = Stub::start(Some(Arc::new(move |ids: &[u32], k: usize| t.prompt_logprobs(ids, k).unwrap())));
     let ep = stub.endpoint(Duration::from_secs(30));
     let v = student.model.config.vocab_size;
     let params = long_answers(&student, 7);
@@ -234,7 +108,7 @@ fn turn(student: &Arc<Engine<CpuBackend>>, escalation: Escalation, teacher: Opti
 #[test]
 fn escalation_streams_the_teacher_or_falls_back_to_the_student() {
     let student = synth_engine(3, QuantChoice::Keep);
-    let stub = Stub::start(student.clone());
+    let stub = Stub::start(None);
     let params = long_answers(&student, 9);
     let window = 6;
     let esc = |policy| Escalation { policy, window };

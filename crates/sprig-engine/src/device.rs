@@ -320,6 +320,10 @@ impl AnySession {
     pub fn set_context_policy(&mut self, policy: ContextPolicy, keep: usize) {
         with_session!(self, |s| s.set_context_policy(policy, keep))
     }
+    /// See [`Session::record_reply`].
+    pub fn record_reply(&mut self, messages: &[ChatMessage], reply: &str) {
+        with_session!(self, |s| s.record_reply(messages, reply))
+    }
     pub fn has_chat_template(&self) -> bool {
         with_session!(self, |s| s.engine.template.is_some())
     }

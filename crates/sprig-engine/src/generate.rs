@@ -50,9 +50,10 @@ pub(crate) struct SessionRun<'a, 'b, B: Backend> {
     pub make_room: &'a mut MakeRoom<'b, B>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum StopReason {
     /// The model produced a stop token (EOS / end of turn).
+    #[default]
     StopToken,
     /// `max_new` tokens were generated.
     Length,
@@ -67,7 +68,8 @@ pub enum StopReason {
     ConstraintUnsatisfied,
 }
 
-#[derive(Clone, Debug)]
+/// `Default`: nothing ran (a turn answered elsewhere, by escalation's teacher).
+#[derive(Clone, Debug, Default)]
 pub struct GenerationStats {
     /// Prompt tokens run into the state (fewer than given when the request was cancelled during prefill).
     pub prompt_tokens: usize,

@@ -36,6 +36,8 @@ struct Job<B: Backend> {
     params: SamplingParams,
     max_new: usize,
     cancel: Arc<AtomicBool>,
+    /// Set when the caller's callback said stop (the caller's `cancel` flag is left as it was).
+    stop: Arc<AtomicBool>,
     /// Each token's log-probability entry goes back too (the request asks for them).
     logprobs: bool,
     events: Sender<Event<B>>,
@@ -97,7 +99,7 @@ fn work<B: Backend>(jobs: Receiver<Job<B>>) {
 }
 
 fn admit<B: Backend>(job: Job<B>, batch: &mut ContinuousBatch<'_, B, Sender<Event<B>>>) {
-    let Job { session, prompt, params, max_new, cancel, logprobs, events, spare } = job;
+    let Job { session, prompt, params, max_new, cancel, stop, logprobs, events, spare } = job;
     let text = events.clone();
     let entries = events.clone();
     let on_logprob = logprobs.then(|| {
@@ -114,7 +116,7 @@ fn admit<B: Backend>(job: Job<B>, batch: &mut ContinuousBatch<'_, B, Sender<Even
             piece.push_str(t);
             text.send(Event::Text(piece)).is_ok()
         };
-        (t.is_empty() || send(t)) && !cancel.load(Ordering::SeqCst)
+        (t.is_empty() || send(t)) && !cancel.load(Ordering::SeqCst) && !stop.load(Ordering::SeqCst)
     };
     let request = Request { prompt, params, max_new, on_text: Box::new(on_text), on_logprob };
     if let Err(f) = batch.add(session, request, events) {
@@ -149,7 +151,8 @@ impl<B: Backend> Engine<B> {
         let (events, rx) = channel();
         let (spare_tx, spare) = channel();
         let logprobs = on_logprob.is_some() && params.top_logprobs.is_some();
-        let job = Job { session, prompt, params, max_new, cancel: cancel.clone(), logprobs, events, spare };
+        let stop = Arc::new(AtomicBool::new(false));
+        let job = Job { session, prompt, params, max_new, cancel, stop: stop.clone(), logprobs, events, spare };
         if let Err(job) = self.together.submit(job) {
             return (Some(job.session), Err(EngineError::Eval("could not start the batch thread".into())));
         }
@@ -160,7 +163,7 @@ impl<B: Backend> Engine<B> {
                 Event::Text(t) => {
                     if !stopped && !on_text(&t) {
                         stopped = true;
-                        cancel.store(true, Ordering::SeqCst);
+                        stop.store(true, Ordering::SeqCst);
                     }
                     let _ = spare_tx.send(t);
                 }

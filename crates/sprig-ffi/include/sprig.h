@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 // Bumped when a function signature or struct layout changes incompatibly.
-#define SPRIG_ABI_VERSION 7
+#define SPRIG_ABI_VERSION 8
 
 // Run on the CPU.
 #define SPRIG_DEVICE_CPU 0
@@ -89,6 +89,24 @@
 
 // Always speculate.
 #define SPRIG_SPEC_MODE_ON 1
+
+// `SprigEscalation.policy`: the local model answers every turn (the signal is still measured).
+#define SPRIG_ESCALATE_NEVER 0
+
+// The teacher answers when the local model's mean entropy over its first reply tokens exceeds `threshold`.
+#define SPRIG_ESCALATE_THRESHOLD 1
+
+// The teacher answers every turn it can.
+#define SPRIG_ESCALATE_ALWAYS 2
+
+// `SprigGenerateResult.answered_by`: the local model.
+#define SPRIG_ANSWERED_LOCAL 0
+
+// The teacher (escalated; its text came through the callback).
+#define SPRIG_ANSWERED_TEACHER 1
+
+// Escalated, but the teacher could not answer (`sprig_session_escalation_reason` says why): the local model did.
+#define SPRIG_ANSWERED_LOCAL_AFTER_TEACHER_FAILED 2
 
 // Status codes (`SprigStatus` in C; the same numbers in `SprigException.code` on the JVM).
 typedef enum SprigStatus {
@@ -228,6 +246,26 @@ typedef struct SprigSpecStats {
   uint32_t switched_off;
 } SprigSpecStats;
 
+// Where a session's chats escalate: a teacher behind an OpenAI-compatible endpoint, answering through
+// `/v1/chat/completions` (streamed). Offline, slow (`timeout_ms`), failing or malformed: the local model
+// answers and the reason is kept. Plain `http://` unless the library was built with the `tls` feature.
+typedef struct SprigEscalation {
+  // `http://host:port` (or its `/v1`). NUL-terminated UTF-8.
+  const char *url;
+  // `model` of the requests; NULL: "teacher".
+  const char *model;
+  // Sent as `Authorization: Bearer …`; NULL: none.
+  const char *api_key;
+  // `SPRIG_ESCALATE_*`.
+  uint32_t policy;
+  // Mean entropy (nats) above which a turn escalates (`SPRIG_ESCALATE_THRESHOLD`).
+  float threshold;
+  // Reply tokens whose mean entropy is the signal (held back until it is known), ≥ 1.
+  uint32_t window;
+  // Longest a teacher's answer may take, in milliseconds (≥ 1).
+  uint32_t timeout_ms;
+} SprigEscalation;
+
 // Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).
 // Return false to stop generating. Called on the thread that called generate/chat.
 typedef bool (*SprigTokenCallback)(const char *text, size_t len, void *user_data);
@@ -251,6 +289,11 @@ typedef struct SprigGenerateResult {
   // Decode steps this request ran in one batch with other sessions of the model generating at the same
   // time (their tokens went through the weights together).
   uint32_t batched_steps;
+  // `SPRIG_ANSWERED_*`: who answered a chat under escalation (always `SPRIG_ANSWERED_LOCAL` without).
+  uint32_t answered_by;
+  // Escalation's signal for the turn: the local model's mean entropy over its first reply tokens (nats);
+  // NaN when it did not run first or the session does not escalate.
+  float escalation_signal;
 } SprigGenerateResult;
 
 // One chat turn.
@@ -402,6 +445,30 @@ enum SprigStatus sprig_session_tool_calls(struct SprigSession *session,
                                           char *buf,
                                           size_t cap,
                                           size_t *out_len);
+
+// Escalation off, and the defaults of the rest: threshold policy at 1.0 nats over 16 tokens, 30 s timeout.
+// Thread safety: any thread.
+struct SprigEscalation sprig_escalation_default(void);
+
+// Makes `session`'s chats escalate as `escalation` says (NULL, or a NULL `url`: no escalation). Raw-text
+// generations, chats with tools and constrained chats are never escalated. A bad URL, policy, threshold,
+// window or timeout is `SPRIG_STATUS_INVALID_ARGUMENT`. Thread safety: any thread; takes effect at the
+// session's next chat.
+//
+// # Safety
+// `escalation` is NULL or valid, its strings NULL or NUL-terminated.
+enum SprigStatus sprig_session_set_escalation(struct SprigSession *session,
+                                              const struct SprigEscalation *escalation);
+
+// Why the session's last escalated chat fell back to the local model (offline, timed out, an HTTP status, a
+// malformed reply), or "" when it did not; written as `sprig_session_tool_calls` writes its JSON.
+//
+// # Safety
+// `buf` is NULL or writable for `cap` bytes; `out_len` is NULL or writable.
+enum SprigStatus sprig_session_escalation_reason(struct SprigSession *session,
+                                                 char *buf,
+                                                 size_t cap,
+                                                 size_t *out_len);
 
 // Continues the session's context with raw `prompt` text and generates, streaming text to `callback`.
 // `params` may be NULL (defaults), `callback` may be NULL, `out_result` may be NULL.

@@ -11,7 +11,9 @@ use sprig_engine::{
     AnyEngine, AnySession, ChatMessage, ContextPolicy, DeviceChoice, EngineError, GenerationStats, LoadOptions,
     PrefixCacheStats, Prompt, SamplingParams, ToolChoice, Tools,
 };
+use sprig_engine::escalate::{self, AnsweredBy, Escalation};
 use sprig_import::QuantChoice;
+use sprig_remote::Endpoint;
 
 use crate::{
     SPRIG_DEVICE_AUTO, SPRIG_DEVICE_CPU, SPRIG_DEVICE_GPU, SPRIG_STOP_CANCELLED, SPRIG_STOP_CONSTRAINT_UNSATISFIED,
@@ -166,6 +168,10 @@ pub struct SessionHandle {
     cancel: Arc<AtomicBool>,
     /// The tool calls of the last chat reply, as OpenAI's JSON array.
     tool_calls: Mutex<String>,
+    /// Chats hand the turns the model is unsure of to this teacher (see `set_escalation`).
+    escalation: Mutex<Option<(Escalation, Arc<Endpoint>)>>,
+    /// Why the last escalated turn's teacher did not answer (empty: it did, or nothing was escalated).
+    escalation_reason: Mutex<String>,
 }
 
 struct Registry<T> {
@@ -260,6 +266,8 @@ pub fn new_session(model_id: u64) -> FfiResult<u64> {
         last_used: AtomicU64::new(TICK.fetch_add(1, Ordering::Relaxed)),
         cancel: Arc::new(AtomicBool::new(false)),
         tool_calls: Mutex::new("[]".into()),
+        escalation: Mutex::new(None),
+        escalation_reason: Mutex::new(String::new()),
     }))
 }
 
@@ -466,6 +474,10 @@ pub struct Outcome {
     pub tool_calls: Vec<sprig_engine::ToolCall>,
     /// Decode steps run in one batch with other sessions' requests.
     pub batched_steps: u32,
+    /// Who answered (always the local model without escalation).
+    pub answered_by: AnsweredBy,
+    /// Escalation's signal for this turn (mean entropy, nats) when the local model ran first.
+    pub escalation_signal: Option<f32>,
 }
 
 /// Tool calls as OpenAI's JSON array (`arguments` a JSON string).
@@ -497,6 +509,8 @@ fn outcome(s: &GenerationStats) -> Outcome {
         context_dropped: s.context_dropped as u32,
         tool_calls: s.tool_calls.clone(),
         batched_steps: s.batched_steps as u32,
+        answered_by: AnsweredBy::Student,
+        escalation_signal: None,
     }
 }
 
@@ -550,6 +564,15 @@ pub fn generate(id: u64, input: Input, p: &Sampling, on_text: impl FnMut(&str) -
             None => Prompt::Chat(m),
         },
     };
+    if let Ok(mut r) = handle.escalation_reason.lock() {
+        r.clear();
+    }
+    let escalation = handle.escalation.lock().ok().and_then(|g| g.clone());
+    if let (Prompt::Chat(messages), Some((esc, teacher))) = (&prompt, escalation) {
+        if p.params.constraint.is_none() {
+            return escalated(&handle, &mut session.0, messages.clone(), p, &esc, &teacher, on_text);
+        }
+    }
     // Through the model's batch thread: sessions of one model generating at the same time (from the host's
     // threads or coroutines) decode as one batch. `on_text` runs here, on the calling thread.
     let stats = sprig_engine::generate_together(&mut session.0, prompt, p.params.clone(), p.max_tokens as usize, handle.cancel.clone(), on_text, None)
@@ -559,6 +582,75 @@ pub fn generate(id: u64, input: Input, p: &Sampling, on_text: impl FnMut(&str) -
         *c = tool_calls_json(&out.tool_calls);
     }
     Ok(out)
+}
+
+/// A chat turn under the session's escalation: the local model first (through the batch thread, as any
+/// request), the teacher when the policy and the signal say so; `sprig_session_cancel` stops either.
+fn escalated(
+    handle: &SessionHandle,
+    slot: &mut Option<AnySession>,
+    messages: Vec<ChatMessage>,
+    p: &Sampling,
+    esc: &Escalation,
+    teacher: &Endpoint,
+    mut on_text: impl FnMut(&str) -> bool,
+) -> FfiResult<Outcome> {
+    let max = p.max_tokens as usize;
+    let cancel = handle.cancel.clone();
+    let mut run_student = |prompt, params: &SamplingParams, text: &mut dyn FnMut(&str) -> bool, lp: &mut dyn FnMut(&sprig_engine::TokenLogprob)| {
+        sprig_engine::generate_together(slot, prompt, params.clone(), max, cancel.clone(), text, Some(lp))
+    };
+    let mut shown = |t: &str| !handle.cancel.load(Ordering::SeqCst) && on_text(t);
+    let turn = escalate::answer(esc, Some(teacher), &messages, &p.params, max, &mut run_student, &mut shown)
+        .map_err(|e| engine_error(e, false))?;
+    if let Ok(mut r) = handle.escalation_reason.lock() {
+        *r = turn.report.reason.clone().unwrap_or_default();
+    }
+    if let Ok(mut c) = handle.tool_calls.lock() {
+        *c = "[]".into();
+    }
+    let mut out = match &turn.stats {
+        Some(s) => outcome(s),
+        None => Outcome {
+            stop: StopReason::StopToken,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            prefill_tok_s: 0.0,
+            decode_tok_s: 0.0,
+            cached_tokens: 0,
+            prefix_cache_tokens: 0,
+            context_dropped: 0,
+            tool_calls: Vec::new(),
+            batched_steps: 0,
+            answered_by: AnsweredBy::Teacher,
+            escalation_signal: None,
+        },
+    };
+    if turn.report.answered_by == AnsweredBy::Teacher {
+        // The teacher's reply is the conversation's; the local model's stopped start is not.
+        if let Some(s) = slot.as_mut() {
+            s.record_reply(&messages, &turn.text);
+        }
+        out.stop = if handle.cancel.load(Ordering::SeqCst) { StopReason::Cancelled } else { StopReason::StopToken };
+    }
+    out.answered_by = turn.report.answered_by;
+    out.escalation_signal = turn.report.signal;
+    Ok(out)
+}
+
+/// Sets (or, with `None`, removes) the teacher that session `id`'s chats escalate to.
+pub fn set_escalation(id: u64, escalation: Option<(Escalation, Endpoint)>) -> FfiResult<()> {
+    let h = SESSIONS.get(id, "session")?;
+    let mut g = h.escalation.lock().map_err(|_| FfiError::new(SprigStatus::Internal, "the session's lock is poisoned"))?;
+    *g = escalation.map(|(e, ep)| (e, Arc::new(ep)));
+    Ok(())
+}
+
+/// Why session `id`'s last escalated turn fell back to the local model ("" when it did not).
+pub fn escalation_reason(id: u64) -> FfiResult<String> {
+    let h = SESSIONS.get(id, "session")?;
+    let r = h.escalation_reason.lock().map(|r| r.clone()).unwrap_or_default();
+    Ok(r)
 }
 
 /// Runs `f`, turning a panic into an `Internal` error so none crosses the boundary.

@@ -218,6 +218,40 @@ pub extern "system" fn Java_dev_sprig_Native_sessionSetSpeculation<'l>(
     })
 }
 
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub extern "system" fn Java_dev_sprig_Native_sessionSetEscalation<'l>(
+    mut env: JNIEnv<'l>,
+    _c: JClass<'l>,
+    h: jlong,
+    url: JString<'l>,
+    model: JString<'l>,
+    api_key: JString<'l>,
+    policy: JString<'l>,
+    threshold: f32,
+    window: jint,
+    timeout_ms: jint,
+) {
+    entry(&mut env, (), |env| {
+        if url.is_null() {
+            return core::set_escalation(id(h), None);
+        }
+        let url = string(env, &url, "url")?;
+        let model = string(env, &model, "model")?;
+        let key = if api_key.is_null() { None } else { Some(string(env, &api_key, "apiKey")?) };
+        // By name: `EscalationPolicy.NEVER` / `THRESHOLD` / `ALWAYS`.
+        let name = string(env, &policy, "policy")?.to_ascii_lowercase();
+        let policy = sprig_engine::escalate::EscalationPolicy::parse(&name, threshold).map_err(|e| FfiError::arg(e.to_string()))?;
+        if window < 1 || timeout_ms < 1 {
+            return Err(FfiError::arg("window and timeoutMs must be at least 1"));
+        }
+        let mut ep = sprig_remote::Endpoint::new(&url, &model).map_err(|e| FfiError::arg(format!("url: {e}")))?;
+        ep.api_key = key;
+        ep.timeout = std::time::Duration::from_millis(timeout_ms as u64);
+        core::set_escalation(id(h), Some((sprig_engine::escalate::Escalation { policy, window: window as usize }, ep)))
+    })
+}
+
 /// `[drafted, accepted, passes, pass tokens, switched off (0/1)]`.
 #[no_mangle]
 pub extern "system" fn Java_dev_sprig_Native_sessionSpeculationStats<'l>(
@@ -415,6 +449,14 @@ fn generate<'l>(env: &mut JNIEnv<'l>, h: jlong, input: Input, p: Sampling, callb
         }
         columns.push(arr);
     }
+    let answered = env
+        .new_string(match r.answered_by {
+            sprig_engine::escalate::AnsweredBy::Student => "LOCAL",
+            sprig_engine::escalate::AnsweredBy::Teacher => "TEACHER",
+            sprig_engine::escalate::AnsweredBy::StudentAfterTeacherFailed => "LOCAL_AFTER_TEACHER_FAILED",
+        })
+        .map_err(internal)?;
+    let failure = env.new_string(core::escalation_reason(id(h)).unwrap_or_default()).map_err(internal)?;
     let args = [
         JValue::Object(&reason),
         JValue::Int(r.prompt_tokens as jint),
@@ -426,11 +468,14 @@ fn generate<'l>(env: &mut JNIEnv<'l>, h: jlong, input: Input, p: Sampling, callb
         JValue::Object(&columns[1]),
         JValue::Object(&columns[2]),
         JValue::Int(r.batched_steps as jint),
+        JValue::Object(&answered),
+        JValue::Float(r.escalation_signal.unwrap_or(f32::NAN)),
+        JValue::Object(&failure),
     ];
     let obj = env
         .new_object(
             "dev/sprig/GenerationResult",
-            "(Ldev/sprig/StopReason;IIIII[Ljava/lang/String;[Ljava/lang/String;[Ljava/lang/String;I)V",
+            "(Ldev/sprig/StopReason;IIIII[Ljava/lang/String;[Ljava/lang/String;[Ljava/lang/String;ILjava/lang/String;FLjava/lang/String;)V",
             &args,
         )
         .map_err(internal)?;

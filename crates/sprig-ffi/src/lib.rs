@@ -24,7 +24,7 @@ use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
 use sprig_engine::Constraint;
 
 /// Bumped when a function signature or struct layout changes incompatibly.
-pub const SPRIG_ABI_VERSION: u32 = 7;
+pub const SPRIG_ABI_VERSION: u32 = 8;
 
 /// Run on the CPU.
 pub const SPRIG_DEVICE_CPU: u32 = 0;
@@ -83,6 +83,41 @@ pub const SPRIG_SPEC_DRAFT_MODEL: u32 = 2;
 pub const SPRIG_SPEC_MODE_AUTO: u32 = 0;
 /// Always speculate.
 pub const SPRIG_SPEC_MODE_ON: u32 = 1;
+
+/// `SprigEscalation.policy`: the local model answers every turn (the signal is still measured).
+pub const SPRIG_ESCALATE_NEVER: u32 = 0;
+/// The teacher answers when the local model's mean entropy over its first reply tokens exceeds `threshold`.
+pub const SPRIG_ESCALATE_THRESHOLD: u32 = 1;
+/// The teacher answers every turn it can.
+pub const SPRIG_ESCALATE_ALWAYS: u32 = 2;
+
+/// `SprigGenerateResult.answered_by`: the local model.
+pub const SPRIG_ANSWERED_LOCAL: u32 = 0;
+/// The teacher (escalated; its text came through the callback).
+pub const SPRIG_ANSWERED_TEACHER: u32 = 1;
+/// Escalated, but the teacher could not answer (`sprig_session_escalation_reason` says why): the local model did.
+pub const SPRIG_ANSWERED_LOCAL_AFTER_TEACHER_FAILED: u32 = 2;
+
+/// Where a session's chats escalate: a teacher behind an OpenAI-compatible endpoint, answering through
+/// `/v1/chat/completions` (streamed). Offline, slow (`timeout_ms`), failing or malformed: the local model
+/// answers and the reason is kept. Plain `http://` unless the library was built with the `tls` feature.
+#[repr(C)]
+pub struct SprigEscalation {
+    /// `http://host:port` (or its `/v1`). NUL-terminated UTF-8.
+    pub url: *const c_char,
+    /// `model` of the requests; NULL: "teacher".
+    pub model: *const c_char,
+    /// Sent as `Authorization: Bearer …`; NULL: none.
+    pub api_key: *const c_char,
+    /// `SPRIG_ESCALATE_*`.
+    pub policy: u32,
+    /// Mean entropy (nats) above which a turn escalates (`SPRIG_ESCALATE_THRESHOLD`).
+    pub threshold: f32,
+    /// Reply tokens whose mean entropy is the signal (held back until it is known), ≥ 1.
+    pub window: u32,
+    /// Longest a teacher's answer may take, in milliseconds (≥ 1).
+    pub timeout_ms: u32,
+}
 
 /// What a session's speculative decoding did so far.
 #[repr(C)]
@@ -242,6 +277,11 @@ pub struct SprigGenerateResult {
     /// Decode steps this request ran in one batch with other sessions of the model generating at the same
     /// time (their tokens went through the weights together).
     pub batched_steps: u32,
+    /// `SPRIG_ANSWERED_*`: who answered a chat under escalation (always `SPRIG_ANSWERED_LOCAL` without).
+    pub answered_by: u32,
+    /// Escalation's signal for the turn: the local model's mean entropy over its first reply tokens (nats);
+    /// NaN when it did not run first or the session does not escalate.
+    pub escalation_signal: f32,
 }
 
 /// Receives each piece of generated text (`len` bytes of UTF-8, NUL-terminated, valid during the call only).
@@ -635,23 +675,106 @@ pub unsafe extern "C" fn sprig_session_tool_calls(
 ) -> SprigStatus {
     call(|| {
         let json = core::last_tool_calls(handle_id(session, "session")?)?;
-        if !out_len.is_null() {
-            // SAFETY: non-null and writable per the caller contract.
-            unsafe { *out_len = json.len() };
+        // SAFETY: caller contract on `buf`, `cap` and `out_len`.
+        unsafe { write_text(&json, buf, cap, out_len, "the tool calls") }
+    })
+}
+
+/// Writes `text` to `buf` as `sprig_session_tool_calls` documents (length to `out_len`, NUL-terminated when
+/// it fits, `buf` NULL with `cap` 0 to ask the length).
+///
+/// # Safety
+/// `buf` is NULL or writable for `cap` bytes; `out_len` is NULL or writable.
+unsafe fn write_text(text: &str, buf: *mut c_char, cap: usize, out_len: *mut usize, what: &str) -> FfiResult<()> {
+    if !out_len.is_null() {
+        // SAFETY: non-null and writable per the caller contract.
+        unsafe { *out_len = text.len() };
+    }
+    if buf.is_null() && cap == 0 {
+        return Ok(());
+    }
+    if buf.is_null() || cap < text.len() + 1 {
+        return Err(FfiError::arg(format!("buf holds {cap} bytes; {what} need {}", text.len() + 1)));
+    }
+    // SAFETY: `buf` is writable for `cap` ≥ len + 1 bytes (checked above, caller contract); the source is a
+    // distinct Rust allocation.
+    unsafe {
+        std::ptr::copy_nonoverlapping(text.as_ptr(), buf.cast::<u8>(), text.len());
+        *buf.add(text.len()) = 0;
+    }
+    Ok(())
+}
+
+/// Escalation off, and the defaults of the rest: threshold policy at 1.0 nats over 16 tokens, 30 s timeout.
+/// Thread safety: any thread.
+#[no_mangle]
+pub extern "C" fn sprig_escalation_default() -> SprigEscalation {
+    SprigEscalation {
+        url: std::ptr::null(),
+        model: std::ptr::null(),
+        api_key: std::ptr::null(),
+        policy: SPRIG_ESCALATE_THRESHOLD,
+        threshold: sprig_engine::escalate::DEFAULT_THRESHOLD,
+        window: sprig_engine::escalate::DEFAULT_WINDOW as u32,
+        timeout_ms: 30_000,
+    }
+}
+
+/// Makes `session`'s chats escalate as `escalation` says (NULL, or a NULL `url`: no escalation). Raw-text
+/// generations, chats with tools and constrained chats are never escalated. A bad URL, policy, threshold,
+/// window or timeout is `SPRIG_STATUS_INVALID_ARGUMENT`. Thread safety: any thread; takes effect at the
+/// session's next chat.
+///
+/// # Safety
+/// `escalation` is NULL or valid, its strings NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_set_escalation(session: *mut SprigSession, escalation: *const SprigEscalation) -> SprigStatus {
+    call(|| {
+        let id = handle_id(session, "session")?;
+        // SAFETY: caller contract: NULL or valid.
+        let Some(e) = (unsafe { escalation.as_ref() }) else { return core::set_escalation(id, None) };
+        if e.url.is_null() {
+            return core::set_escalation(id, None);
         }
-        if buf.is_null() && cap == 0 {
-            return Ok(());
+        // SAFETY: caller contract: each string is NULL or NUL-terminated.
+        let url = unsafe { str_arg(e.url, "escalation.url") }?;
+        // SAFETY: as above.
+        let model = if e.model.is_null() { "teacher" } else { unsafe { str_arg(e.model, "escalation.model") }? };
+        // SAFETY: as above.
+        let key = if e.api_key.is_null() { None } else { Some(unsafe { str_arg(e.api_key, "escalation.api_key") }?.to_string()) };
+        let name = match e.policy {
+            SPRIG_ESCALATE_NEVER => "never",
+            SPRIG_ESCALATE_THRESHOLD => "threshold",
+            SPRIG_ESCALATE_ALWAYS => "always",
+            p => return Err(FfiError::arg(format!("escalation.policy {p} is not a SPRIG_ESCALATE_* value"))),
+        };
+        let policy = sprig_engine::escalate::EscalationPolicy::parse(name, e.threshold).map_err(|x| FfiError::arg(x.to_string()))?;
+        if e.window == 0 || e.timeout_ms == 0 {
+            return Err(FfiError::arg("escalation.window and escalation.timeout_ms must be at least 1"));
         }
-        if buf.is_null() || cap < json.len() + 1 {
-            return Err(FfiError::arg(format!("buf holds {cap} bytes; the tool calls need {}", json.len() + 1)));
-        }
-        // SAFETY: `buf` is writable for `cap` ≥ len + 1 bytes (checked above, caller contract); the source is a
-        // distinct Rust allocation.
-        unsafe {
-            std::ptr::copy_nonoverlapping(json.as_ptr(), buf.cast::<u8>(), json.len());
-            *buf.add(json.len()) = 0;
-        }
-        Ok(())
+        let mut ep = sprig_remote::Endpoint::new(url, model).map_err(|x| FfiError::arg(format!("escalation.url: {x}")))?;
+        ep.api_key = key;
+        ep.timeout = std::time::Duration::from_millis(u64::from(e.timeout_ms));
+        core::set_escalation(id, Some((sprig_engine::escalate::Escalation { policy, window: e.window as usize }, ep)))
+    })
+}
+
+/// Why the session's last escalated chat fell back to the local model (offline, timed out, an HTTP status, a
+/// malformed reply), or "" when it did not; written as `sprig_session_tool_calls` writes its JSON.
+///
+/// # Safety
+/// `buf` is NULL or writable for `cap` bytes; `out_len` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn sprig_session_escalation_reason(
+    session: *mut SprigSession,
+    buf: *mut c_char,
+    cap: usize,
+    out_len: *mut usize,
+) -> SprigStatus {
+    call(|| {
+        let reason = core::escalation_reason(handle_id(session, "session")?)?;
+        // SAFETY: caller contract on `buf`, `cap` and `out_len`.
+        unsafe { write_text(&reason, buf, cap, out_len, "the reason") }
     })
 }
 
@@ -765,6 +888,12 @@ unsafe fn run_generation<'a>(
                     context_dropped_tokens: r.context_dropped,
                     tool_calls: r.tool_calls.len() as u32,
                     batched_steps: r.batched_steps,
+                    answered_by: match r.answered_by {
+                        sprig_engine::escalate::AnsweredBy::Student => SPRIG_ANSWERED_LOCAL,
+                        sprig_engine::escalate::AnsweredBy::Teacher => SPRIG_ANSWERED_TEACHER,
+                        sprig_engine::escalate::AnsweredBy::StudentAfterTeacherFailed => SPRIG_ANSWERED_LOCAL_AFTER_TEACHER_FAILED,
+                    },
+                    escalation_signal: r.escalation_signal.unwrap_or(f32::NAN),
                 }
             };
         }

@@ -1,6 +1,6 @@
 //! Compiles `tests/c/api_test.c` with the system C compiler against the checked-in header, links it with the
 //! host-built `libsprig.so`, and runs it on stories260K (golden text) and a generated chat model; the C program
-//! also exercises every error path of the API.
+//! also exercises every error path of the API, and escalation against a stub teacher endpoint.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,17 +25,20 @@ fn c_program_runs_the_golden_text_and_every_error_path() {
         .arg("-L")
         .arg(&lib)
         .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .args(["-lsprig", "-lpthread"])
+        .args(["-lsprig", "-lpthread", "-lm"])
         .output()
         .unwrap_or_else(|e| panic!("running {cc}: {e}"));
     assert!(out.status.success(), "cc failed:\n{}", String::from_utf8_lossy(&out.stderr));
 
+    // The teacher the escalation checks talk to (a stub endpoint on 127.0.0.1).
+    let teacher = sprig_tests::teacher_stub::Stub::start(None);
     let m = fixtures().join("stories260K");
     let run = Command::new(&exe)
         .arg(m.join("stories260K.bin"))
         .arg(m.join("tok512.bin"))
         .arg(m.join("golden_once_upon_a_time_steps256.txt"))
         .arg(chat_model(&tmp))
+        .arg(teacher.url())
         // `cargo test` puts its own target/debug/deps on LD_LIBRARY_PATH, which beats the program's RUNPATH: that
         // libsprig.so may be one built with other features (e.g. `wgpu`). Load the one linked against.
         .env_remove("LD_LIBRARY_PATH")

@@ -58,6 +58,8 @@ fn kotlin_library_on_the_host_jvm() {
 
     let m = common::fixtures().join("stories260K");
     let classpath = std::env::join_paths([&jar, &coroutines]).unwrap();
+    // The teacher the escalation checks talk to (a stub endpoint on 127.0.0.1).
+    let teacher = sprig_tests::teacher_stub::Stub::start(None);
     // A fixed, pre-touched heap: the RSS check measures native memory, not the heap growing.
     let run = Command::new("java")
         .args(["-Xms64m", "-Xmx64m", "-XX:+AlwaysPreTouch"])
@@ -69,6 +71,7 @@ fn kotlin_library_on_the_host_jvm() {
         .arg(m.join("tok512.bin"))
         .arg(m.join("golden_once_upon_a_time_steps256.txt"))
         .arg(common::chat_model(&tmp))
+        .arg(teacher.url())
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));

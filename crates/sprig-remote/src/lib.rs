@@ -141,7 +141,9 @@ impl Endpoint {
         let msgs: Vec<Value> = messages.iter().map(message_json).collect();
         let mut body = json!({
             "model": self.model, "messages": msgs, "stream": true, "max_tokens": max_tokens,
-            "temperature": params.temperature, "top_p": params.top_p, "seed": params.seed,
+            "temperature": params.temperature, "top_p": params.top_p,
+            // OpenAI's seed is an int64; sprig's is any u64 (a random one when the request gave none).
+            "seed": params.seed & i64::MAX as u64,
         });
         if !params.stop.is_empty() {
             body["stop"] = json!(params.stop);

@@ -34,6 +34,8 @@ pub struct ModelMetrics {
     /// Speculative decoding: tokens drafted and accepted.
     pub drafted_tokens: Counter,
     pub accepted_tokens: Counter,
+    /// Escalation: chat turns handed to the teacher, by outcome (`teacher`, `fallback`).
+    pub escalated: Family<Vec<(String, String)>, Counter>,
 }
 
 pub struct Metrics {
@@ -66,6 +68,7 @@ impl Metrics {
             prefix_cache_bytes: Gauge::default(),
             drafted_tokens: Counter::default(),
             accepted_tokens: Counter::default(),
+            escalated: Family::default(),
         };
         let r = self.registry.sub_registry_with_label((Cow::Borrowed("model"), Cow::Owned(name.to_string())));
         r.register("prompt_tokens", "Prompt tokens of finished requests, cached or run", m.prompt_tokens.clone());
@@ -81,6 +84,7 @@ impl Metrics {
         r.register("prefix_cache_bytes", "Bytes held by the shared prefix cache", m.prefix_cache_bytes.clone());
         r.register("drafted_tokens", "Speculative decoding: tokens drafted and checked", m.drafted_tokens.clone());
         r.register("accepted_tokens", "Speculative decoding: drafted tokens accepted", m.accepted_tokens.clone());
+        r.register("escalated_requests", "Chat turns handed to the teacher (outcome: teacher answered, or fallback to this model)", m.escalated.clone());
         m
     }
 

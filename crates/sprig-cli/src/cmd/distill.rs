@@ -286,9 +286,9 @@ pub struct CollectArgs {
     /// Samples per prompt (sample i is drawn with seed + i).
     #[arg(long, default_value_t = 1)]
     samples: usize,
-    /// Alternatives per position in the traces, for both models.
+    /// Alternatives per position in the traces (top log-probabilities), for both models.
     #[arg(long, default_value_t = 20)]
-    top_k: usize,
+    logprobs: usize,
     /// Most tokens per answer.
     #[arg(short = 'n', long, default_value_t = 128)]
     max_tokens: usize,
@@ -341,8 +341,8 @@ fn logprob_list(top: &[(u32, f32)]) -> Value {
 pub fn collect(a: CollectArgs) -> Result<()> {
     let prompts = prompts(&a.file)?;
     let base = a.sampling.params()?;
-    if a.samples == 0 || a.top_k == 0 {
-        bail!("--samples and --top-k must be at least 1");
+    if a.samples == 0 || a.logprobs == 0 {
+        bail!("--samples and --logprobs must be at least 1");
     }
     let done = resume(&a.out)?;
     let todo: Vec<(String, &PromptLine, usize)> = prompts
@@ -365,7 +365,7 @@ pub fn collect(a: CollectArgs) -> Result<()> {
         .with_context(|| format!("opening {}", a.out.display()))?;
     for (id, p, i) in todo {
         let params = SamplingParams { seed: base.seed.wrapping_add(i as u64), ..base.clone() };
-        let s = score(&student, &teacher, &p.prompt, &params, a.max_tokens, a.top_k).with_context(|| format!("prompt {}", p.id))?;
+        let s = score(&student, &teacher, &p.prompt, &params, a.max_tokens, a.logprobs).with_context(|| format!("prompt {}", p.id))?;
         let record = json!({
             "id": id,
             "prompt": p.prompt,
@@ -377,7 +377,7 @@ pub fn collect(a: CollectArgs) -> Result<()> {
             "student_top_logprobs": s.tokens.iter().map(|t| logprob_list(&t.student_top)).collect::<Vec<_>>(),
             "teacher_top_logprobs": s.tokens.iter().map(|t| logprob_list(&t.teacher_top)).collect::<Vec<_>>(),
             "meta": {
-                "student": meta_student, "teacher": meta_teacher, "top_k": a.top_k, "sample": i,
+                "student": meta_student, "teacher": meta_teacher, "top_k": a.logprobs, "sample": i,
                 "sampling": {
                     "temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
                     "min_p": params.min_p, "seed": params.seed, "max_tokens": a.max_tokens,

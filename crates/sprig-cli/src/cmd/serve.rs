@@ -8,7 +8,7 @@ use clap::Args;
 use sprig_engine::registry;
 use sprig_server::{ServedModel, ServerConfig};
 
-use crate::args::{LoadArgs, SpecArgs};
+use crate::args::{EscalateArgs, LoadArgs, SpecArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// Speculative decoding for requests that decode alone (a batch of several never speculates).
     #[command(flatten)]
     pub spec: SpecArgs,
+    /// With --escalate-to, chat requests (without tools or a response format) that the model is unsure of are
+    /// answered by the teacher; one line on stderr per decision, `sprig_escalated_requests` in /metrics.
+    #[command(flatten)]
+    pub escalate: EscalateArgs,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -67,6 +71,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         max_tokens: a.max_tokens,
         context: a.load.ctx_size,
+        escalation: a.escalate.escalation()?.map(|(e, ep)| (e, std::sync::Arc::new(ep))),
     };
     let names: Vec<String> = models.iter().map(|m| m.name.clone()).collect();
     sprig_server::serve(config, models, move |addr| {

@@ -4,6 +4,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -146,11 +147,11 @@ static void *together(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 5) {
-        fprintf(stderr, "usage: %s MODEL.bin TOKENIZER.bin GOLDEN.txt CHAT_MODEL.gguf\n", argv[0]);
+    if (argc != 6) {
+        fprintf(stderr, "usage: %s MODEL.bin TOKENIZER.bin GOLDEN.txt CHAT_MODEL.gguf TEACHER_URL\n", argv[0]);
         return 2;
     }
-    const char *model_path = argv[1], *tok_path = argv[2], *chat_path = argv[4];
+    const char *model_path = argv[1], *tok_path = argv[2], *chat_path = argv[4], *teacher_url = argv[5];
     char *golden = read_file(argv[3]);
     CHECK(golden != NULL, "cannot read golden file");
 
@@ -493,6 +494,56 @@ int main(int argc, char **argv) {
     CHECK(sprig_session_free(cs) == SPRIG_STATUS_OK, "free constrained session");
     free(yn.data);
     free(none_out.data);
+
+    /* Escalation to a teacher endpoint (the test's stub): streamed through the callback; an offline teacher
+       leaves the turn to the local model with the reason kept; bad settings are refused. */
+    SprigSession *es = NULL;
+    CHECK(sprig_session_new(chat_model, &es) == SPRIG_STATUS_OK, "escalation session");
+    SprigEscalation esc = sprig_escalation_default();
+    CHECK(esc.url == NULL && esc.policy == SPRIG_ESCALATE_THRESHOLD && esc.window == 16 && esc.timeout_ms == 30000,
+          "escalation defaults");
+    esc.url = teacher_url;
+    esc.policy = SPRIG_ESCALATE_ALWAYS;
+    CHECK(sprig_session_set_escalation(es, &esc) == SPRIG_STATUS_OK, "set escalation: %s", sprig_last_error());
+    struct buffer taught = {0};
+    CHECK(sprig_session_chat(es, turn1, 1, &few_tokens, collect, &taught, &res) == SPRIG_STATUS_OK &&
+              res.answered_by == SPRIG_ANSWERED_TEACHER && isnan(res.escalation_signal) && taught.data &&
+              strcmp(taught.data, "Hello from the teacher.") == 0,
+          "escalated chat: answered by %u, '%s' (%s)", res.answered_by, taught.data ? taught.data : "", sprig_last_error());
+    size_t reason_len = 99;
+    CHECK(sprig_session_escalation_reason(es, NULL, 0, &reason_len) == SPRIG_STATUS_OK && reason_len == 0,
+          "no failure reason after the teacher answered");
+    esc.url = "http://127.0.0.1:1"; /* nothing listens there */
+    esc.timeout_ms = 2000;
+    CHECK(sprig_session_set_escalation(es, &esc) == SPRIG_STATUS_OK, "set offline escalation");
+    struct buffer fallback = {0};
+    CHECK(sprig_session_chat(es, turn1, 1, &few_tokens, collect, &fallback, &res) == SPRIG_STATUS_OK &&
+              res.answered_by == SPRIG_ANSWERED_LOCAL_AFTER_TEACHER_FAILED && fallback.data && fallback.len > 0,
+          "offline teacher: answered by %u (%s)", res.answered_by, sprig_last_error());
+    char reason[512];
+    CHECK(sprig_session_escalation_reason(es, reason, sizeof reason, NULL) == SPRIG_STATUS_OK && strstr(reason, "offline"),
+          "failure reason: '%s'", reason);
+    SprigEscalation bad_esc = esc;
+    bad_esc.policy = 9;
+    EXPECT_ERR(sprig_session_set_escalation(es, &bad_esc), SPRIG_STATUS_INVALID_ARGUMENT);
+    bad_esc = esc;
+    bad_esc.policy = SPRIG_ESCALATE_THRESHOLD;
+    bad_esc.threshold = -1.0f;
+    EXPECT_ERR(sprig_session_set_escalation(es, &bad_esc), SPRIG_STATUS_INVALID_ARGUMENT);
+    bad_esc = esc;
+    bad_esc.window = 0;
+    EXPECT_ERR(sprig_session_set_escalation(es, &bad_esc), SPRIG_STATUS_INVALID_ARGUMENT);
+    bad_esc = esc;
+    bad_esc.url = "ftp://teacher";
+    EXPECT_ERR(sprig_session_set_escalation(es, &bad_esc), SPRIG_STATUS_INVALID_ARGUMENT);
+    EXPECT_ERR(sprig_session_set_escalation(NULL, &esc), SPRIG_STATUS_INVALID_HANDLE);
+    CHECK(sprig_session_set_escalation(es, NULL) == SPRIG_STATUS_OK, "escalation off");
+    CHECK(sprig_session_chat(es, turn1, 1, &few_tokens, NULL, NULL, &res) == SPRIG_STATUS_OK &&
+              res.answered_by == SPRIG_ANSWERED_LOCAL && isnan(res.escalation_signal),
+          "no escalation: answered by %u", res.answered_by);
+    CHECK(sprig_session_free(es) == SPRIG_STATUS_OK, "free escalation session");
+    free(taught.data);
+    free(fallback.data);
 
     SprigChatMessage bad_msg = {"user", NULL};
     EXPECT_ERR(sprig_session_chat(chat, &bad_msg, 1, NULL, NULL, NULL, NULL), SPRIG_STATUS_INVALID_ARGUMENT);

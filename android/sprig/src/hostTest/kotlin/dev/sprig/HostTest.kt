@@ -55,6 +55,7 @@ private fun leakPerCycle(cycle: () -> Unit): Double {
 
 fun main(args: Array<String>) {
     val (modelPath, tokPath, goldenPath, chatPath) = args
+    val teacherUrl = args[4]
     val golden = File(goldenPath).readText().trimEnd('\n')
     check(SprigModel.version.isNotEmpty()) { "empty version" }
     val opts = ModelOptions(tokenizerPath = tokPath, threads = 1)
@@ -278,6 +279,29 @@ fun main(args: Array<String>) {
                 model.shrinkPrefixCache(0L)
                 check(model.prefixCacheStats.blocks == 0L) { "shrink: ${model.prefixCacheStats}" }
             }
+        }
+        // Escalation: the teacher (the test's stub endpoint) answers through the same callback; an offline one
+        // leaves the turn to the local model with the reason; bad settings throw.
+        model.newSession().use { s ->
+            val p = SamplingParams(temperature = 0f, maxTokens = 5)
+            s.setEscalation(Escalation(teacherUrl, policy = EscalationPolicy.ALWAYS))
+            val taught = Collect()
+            val r = s.chatStreaming(listOf(ChatMessage("user", "the cat")), p, taught)
+            check(r.answeredBy == AnsweredBy.TEACHER && taught.text.toString() == "Hello from the teacher." &&
+                r.escalationSignal == null && r.escalationFailure == null) { "escalated: $r '${taught.text}'" }
+            s.setEscalation(Escalation("http://127.0.0.1:1", policy = EscalationPolicy.ALWAYS, timeoutMs = 2000))
+            val local = Collect()
+            val f = s.chatStreaming(listOf(ChatMessage("user", "the cat")), p, local)
+            check(f.answeredBy == AnsweredBy.LOCAL_AFTER_TEACHER_FAILED && local.text.isNotEmpty() &&
+                f.escalationFailure?.contains("offline") == true) { "offline teacher: $f" }
+            expectError(SprigStatus.INVALID_ARGUMENT, "a negative threshold") {
+                s.setEscalation(Escalation(teacherUrl, threshold = -1f))
+            }
+            expectError(SprigStatus.INVALID_ARGUMENT, "an ftp URL") { s.setEscalation(Escalation("ftp://teacher")) }
+            expectError(SprigStatus.INVALID_ARGUMENT, "window 0") { s.setEscalation(Escalation(teacherUrl, window = 0)) }
+            s.setEscalation(null)
+            val plain = s.chatStreaming(listOf(ChatMessage("user", "the cat")), p, Collect())
+            check(plain.answeredBy == AnsweredBy.LOCAL && plain.escalationSignal == null) { "escalation off: $plain" }
         }
         // Constrained output and tool calls.
         model.newSession().use { s ->

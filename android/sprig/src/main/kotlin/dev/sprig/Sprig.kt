@@ -150,18 +150,48 @@ data class GenerationResult(
     val contextDroppedTokens: Int,
     /** The reply's tool calls (a chat with [SamplingParams.tools]); empty for a text reply. */
     val toolCalls: List<ToolCall> = emptyList(),
-    val batchedSteps: Int = 0
+    val batchedSteps: Int = 0,
+    /** Who answered a chat under [SprigSession.setEscalation] (always [AnsweredBy.LOCAL] without). */
+    val answeredBy: AnsweredBy = AnsweredBy.LOCAL,
+    /** Escalation's signal: the local model's mean entropy over its first reply tokens (nats); null when it did
+     *  not run first or the session does not escalate. */
+    val escalationSignal: Float? = null,
+    /** Why an escalated turn's teacher did not answer (offline, timed out, an HTTP status, a malformed reply). */
+    val escalationFailure: String? = null
 ) {
-    /** Built natively: the tool calls as parallel arrays. */
+    /** Built natively: the tool calls as parallel arrays, the escalation by name (NaN / "" for none). */
     internal constructor(
         stopReason: StopReason, promptTokens: Int, generatedTokens: Int, cachedTokens: Int, prefixCacheTokens: Int,
         contextDroppedTokens: Int, callIds: Array<String>, callNames: Array<String>, callArguments: Array<String>,
-        batchedSteps: Int
+        batchedSteps: Int, answeredBy: String, escalationSignal: Float, escalationFailure: String
     ) : this(
         stopReason, promptTokens, generatedTokens, cachedTokens, prefixCacheTokens, contextDroppedTokens,
-        callIds.indices.map { ToolCall(callIds[it], callNames[it], callArguments[it]) }, batchedSteps
+        callIds.indices.map { ToolCall(callIds[it], callNames[it], callArguments[it]) }, batchedSteps,
+        AnsweredBy.valueOf(answeredBy), escalationSignal.takeUnless { it.isNaN() }, escalationFailure.ifEmpty { null }
     )
 }
+
+/** Who answered a chat turn under escalation. */
+enum class AnsweredBy { LOCAL, TEACHER, LOCAL_AFTER_TEACHER_FAILED }
+
+/** When a turn goes to the teacher: [THRESHOLD] when the local model's mean entropy over its first reply tokens
+ *  exceeds [Escalation.threshold]. */
+enum class EscalationPolicy { NEVER, THRESHOLD, ALWAYS }
+
+/**
+ * Where a session's chats escalate: a teacher behind an OpenAI-compatible endpoint ([url] `http://host:port`),
+ * answering through `/v1/chat/completions`, streamed through the same callback. Offline, slower than
+ * [timeoutMs], failing or malformed: the local model answers and [GenerationResult.escalationFailure] says why.
+ */
+data class Escalation(
+    val url: String,
+    val model: String = "teacher",
+    val apiKey: String? = null,
+    val policy: EscalationPolicy = EscalationPolicy.THRESHOLD,
+    val threshold: Float = 1.0f,
+    val window: Int = 16,
+    val timeoutMs: Int = 30_000
+)
 
 /** Receives generated text piece by piece; return false to stop. Called on the generating thread. */
 interface TokenCallback {
@@ -188,6 +218,10 @@ internal object Native {
     @JvmStatic external fun sessionTrim(session: Long): Long
     @JvmStatic external fun sessionSetSpeculation(session: Long, lookup: Boolean, draftModel: Long, mode: String, maxDraft: Int)
     @JvmStatic external fun sessionSpeculationStats(session: Long): LongArray
+    @JvmStatic external fun sessionSetEscalation(
+        session: Long, url: String?, model: String, apiKey: String?, policy: String, threshold: Float, window: Int,
+        timeoutMs: Int
+    )
     @JvmStatic external fun sessionNew(model: Long): Long
     @JvmStatic external fun sessionFree(session: Long)
     @JvmStatic external fun sessionReset(session: Long)
@@ -322,6 +356,19 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
         val s = speculation
         Native.sessionSetSpeculation(
             handle, s != null && s.draftModel == null, s?.draftModel?.handle ?: 0L, (s?.mode ?: SpecMode.AUTO).name, s?.maxDraft ?: 8
+        )
+    }
+
+    /**
+     * Hands the chat turns the local model is unsure of to a teacher from the next chat on (`null`: off). Raw
+     * generations, chats with tools and constrained chats are not escalated. A bad URL or setting throws
+     * [SprigException] (INVALID_ARGUMENT).
+     */
+    fun setEscalation(escalation: Escalation?) {
+        val e = escalation
+        Native.sessionSetEscalation(
+            handle, e?.url, e?.model ?: "teacher", e?.apiKey, (e?.policy ?: EscalationPolicy.THRESHOLD).name,
+            e?.threshold ?: 1.0f, e?.window ?: 16, e?.timeoutMs ?: 30_000
         )
     }
 
