@@ -94,7 +94,8 @@ fn serve(mut conn: TcpStream, mode: Mode, requests: &AtomicUsize, last: &Mutex<V
     reader.read_exact(&mut body).unwrap();
     let req: Value = serde_json::from_slice(&body).unwrap();
     *last.lock().unwrap() = req.clone();
-    let head = |status: &str, ctype: &str| format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nConnection: close\r\n\r\n");
+    let head =
+        |status: &str, ctype: &str| format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nConnection: close\r\n\r\n");
     if path == "/v1/completions" {
         // Scoring: the teacher's log-probabilities of the given ids, keyed `token_id:N`.
         let ids: Vec<u32> = req["prompt"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
@@ -142,4 +143,3 @@ fn serve(mut conn: TcpStream, mode: Mode, requests: &AtomicUsize, last: &Mutex<V
         }
     }
 }
-

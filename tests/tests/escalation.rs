@@ -33,7 +33,12 @@ fn synth_engine(seed: u64, quant: QuantChoice) -> Arc<Engine<CpuBackend>> {
 /// Sampled, stop tokens banned: the random model answers at length.
 fn long_answers(e: &Engine<CpuBackend>, seed: u64) -> SamplingParams {
     let stops = (0..e.model.config.vocab_size as u32).filter(|&t| e.tokenizer.is_stop(t));
-    SamplingParams { temperature: 0.9, seed, logit_bias: stops.map(|t| (t, f32::NEG_INFINITY)).collect(), ..Default::default() }
+    SamplingParams {
+        temperature: 0.9,
+        seed,
+        logit_bias: stops.map(|t| (t, f32::NEG_INFINITY)).collect(),
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -74,7 +79,10 @@ fn remote_teacher_scores_equal_the_local_computation() {
         for &(id, lp) in &sfull[pos].top {
             srow[id as usize] = lp as f64;
         }
-        let tp = TeacherPosition { logprob: t.logprob as f64, top: t.top[..5].iter().map(|&(i, l)| (i, l as f64)).collect() };
+        let tp = TeacherPosition {
+            logprob: t.logprob as f64,
+            top: t.top[..5].iter().map(|&(i, l)| (i, l as f64)).collect(),
+        };
         let expect = kl_top_k(&srow, &tp, c.token);
         assert!((c.kl - expect).abs() <= 1e-4 * (1.0 + expect), "top-5 KL {} vs {expect}", c.kl);
     }
@@ -83,21 +91,42 @@ fn remote_teacher_scores_equal_the_local_computation() {
 }
 
 /// One chat turn under `escalation` on a fresh session, as `sprig run` does it. The text pieces as shown.
-fn turn(student: &Arc<Engine<CpuBackend>>, escalation: Escalation, teacher: Option<&Endpoint>, params: &SamplingParams) -> (Turn, Vec<String>, Session<CpuBackend>) {
+fn turn(
+    student: &Arc<Engine<CpuBackend>>,
+    escalation: Escalation,
+    teacher: Option<&Endpoint>,
+    params: &SamplingParams,
+) -> (Turn, Vec<String>, Session<CpuBackend>) {
     student.prefix_cache.shrink_to(0);
     let mut session = Session::new(student.clone(), 0).unwrap();
     let messages = [ChatMessage::new("user", "hi")];
     let mut shown = Vec::new();
-    let mut run_student = |prompt, p: &SamplingParams, text: &mut dyn FnMut(&str) -> bool, lp: &mut dyn FnMut(&TokenLogprob)| {
-        let r = BatchRequest { session: &mut session, prompt, params: p.clone(), max_new: 40, on_text: Box::new(text), on_logprob: Some(Box::new(lp)) };
-        run_batch(vec![r]).pop().unwrap()
-    };
-    let t = escalate::answer(&escalation, teacher.map(|t| t as &dyn escalate::Teacher), &messages, params, 40, &mut run_student, &mut |s| {
-        if !s.is_empty() {
-            shown.push(s.to_string());
-        }
-        true
-    })
+    let mut run_student =
+        |prompt, p: &SamplingParams, text: &mut dyn FnMut(&str) -> bool, lp: &mut dyn FnMut(&TokenLogprob)| {
+            let r = BatchRequest {
+                session: &mut session,
+                prompt,
+                params: p.clone(),
+                max_new: 40,
+                on_text: Box::new(text),
+                on_logprob: Some(Box::new(lp)),
+            };
+            run_batch(vec![r]).pop().unwrap()
+        };
+    let t = escalate::answer(
+        &escalation,
+        teacher.map(|t| t as &dyn escalate::Teacher),
+        &messages,
+        params,
+        40,
+        &mut run_student,
+        &mut |s| {
+            if !s.is_empty() {
+                shown.push(s.to_string());
+            }
+            true
+        },
+    )
     .unwrap();
     if t.report.answered_by == AnsweredBy::Teacher {
         session.record_reply(&messages, &t.text);
@@ -146,13 +175,21 @@ fn escalation_streams_the_teacher_or_falls_back_to_the_student() {
         let n = student.tokenizer.decode(&alone.stats.as_ref().unwrap().generated[..window]).unwrap();
         n.chars().count()
     };
-    for (mode, why) in [(Mode::ServerError, "HTTP 500: the teacher is overloaded"), (Mode::Malformed, "malformed reply"), (Mode::Slow, "timed out")] {
+    for (mode, why) in [
+        (Mode::ServerError, "HTTP 500: the teacher is overloaded"),
+        (Mode::Malformed, "malformed reply"),
+        (Mode::Slow, "timed out"),
+    ] {
         stub.set(mode);
         let ep = stub.endpoint(Duration::from_millis(1500));
         let t0 = Instant::now();
         let (t, _, _) = turn(&student, esc(EscalationPolicy::Threshold(signal - 0.01)), Some(&ep), &params);
         assert!(t0.elapsed() < Duration::from_secs(4), "{mode:?}: {:?}", t0.elapsed());
-        assert_eq!((t.report.answered_by, t.report.escalated), (AnsweredBy::StudentAfterTeacherFailed, true), "{mode:?}");
+        assert_eq!(
+            (t.report.answered_by, t.report.escalated),
+            (AnsweredBy::StudentAfterTeacherFailed, true),
+            "{mode:?}"
+        );
         let reason = t.report.reason.clone().unwrap();
         assert!(reason.contains(why), "{mode:?}: {reason}");
         // The student's held start, then its continuation: the turn is whole.

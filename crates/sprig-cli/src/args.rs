@@ -414,13 +414,10 @@ impl EscalateArgs {
     /// The escalation and its teacher, when --escalate-to is given.
     pub fn escalation(&self) -> Result<Option<(sprig_engine::escalate::Escalation, sprig_remote::Endpoint)>> {
         let Some(url) = &self.escalate_to else { return Ok(None) };
-        let policy = sprig_engine::escalate::EscalationPolicy::parse(&self.escalate_policy, self.escalate_threshold)?;
-        if self.escalate_window == 0 {
-            anyhow::bail!("--escalate-window must be at least 1");
-        }
-        let mut ep = sprig_remote::Endpoint::new(url, &self.escalate_model)?;
-        ep.api_key = self.escalate_key.clone().or_else(|| std::env::var("SPRIG_ESCALATE_KEY").ok().filter(|k| !k.is_empty()));
-        ep.timeout = std::time::Duration::from_secs(self.escalate_timeout.max(1));
-        Ok(Some((sprig_engine::escalate::Escalation { policy, window: self.escalate_window }, ep)))
+        let key = self.escalate_key.clone().or_else(|| std::env::var("SPRIG_ESCALATE_KEY").ok().filter(|k| !k.is_empty()));
+        let timeout = std::time::Duration::from_secs(self.escalate_timeout);
+        let (e, ep) = sprig_remote::escalation(url, &self.escalate_model, key, &self.escalate_policy, self.escalate_threshold, self.escalate_window, timeout)
+            .map_err(|e| anyhow::anyhow!("--escalate-*: {e}"))?;
+        Ok(Some((e, ep)))
     }
 }

@@ -100,7 +100,8 @@ fn a_teacher_behind_sprig_serve_scores_as_the_local_teacher() {
     let dir = tmp("remote");
     let (s, t, _) = models(&dir);
     let (s, t) = (s.to_str().unwrap(), t.to_str().unwrap());
-    let prompts = write(&dir.join("p.jsonl"), "{\"prompt\": \"the cat\"}\n{\"prompt\": \"on a mat\", \"id\": \"two\"}\n");
+    let prompts =
+        write(&dir.join("p.jsonl"), "{\"prompt\": \"the cat\"}\n{\"prompt\": \"on a mat\", \"id\": \"two\"}\n");
     let server = Server::start(&["-m", t, "-t", "1"]);
     let root = format!("http://{}", server.addr);
     let common = ["distill", "eval", "--student", s, "-f", &prompts, "-n", "12", "--jsonl", "-t", "1"];
@@ -132,9 +133,17 @@ fn a_teacher_behind_sprig_serve_scores_as_the_local_teacher() {
     let shares: Vec<f64> = curve.iter().map(|c| c["escalated"].as_f64().unwrap()).collect();
     assert!(shares.windows(2).all(|w| w[0] >= w[1]), "{shares:?}");
     // The server refuses what a teacher must not be asked: a token past its vocabulary, streaming a score.
-    let (code, body) = post(&server.addr, "/v1/completions", br#"{"model": "teacher", "prompt": [1, 999999], "max_tokens": 0, "echo": true, "logprobs": 2}"#);
+    let (code, body) = post(
+        &server.addr,
+        "/v1/completions",
+        br#"{"model": "teacher", "prompt": [1, 999999], "max_tokens": 0, "echo": true, "logprobs": 2}"#,
+    );
     assert!(code == 400 && body.contains("past the vocabulary"), "{code} {body}");
-    let (code, body) = post(&server.addr, "/v1/completions", br#"{"model": "teacher", "prompt": [1, 2], "max_tokens": 3, "echo": true, "logprobs": 2}"#);
+    let (code, body) = post(
+        &server.addr,
+        "/v1/completions",
+        br#"{"model": "teacher", "prompt": [1, 2], "max_tokens": 3, "echo": true, "logprobs": 2}"#,
+    );
     assert!(code == 400 && body.contains("max_tokens"), "{code} {body}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -148,7 +157,26 @@ fn collect_writes_whole_trace_lines_and_resumes() {
     write(&prompts, "{\"prompt\": \"the cat\"}\n{\"prompt\": \"a dog\"}\n");
     let out = dir.join("traces.jsonl");
     let (p, o) = (prompts.to_str().unwrap(), out.to_str().unwrap());
-    let args = ["distill", "collect", "--student", s, "--teacher", t, "-f", p, "-o", o, "--samples", "2", "--logprobs", "5", "-n", "8", "-t", "1"];
+    let args = [
+        "distill",
+        "collect",
+        "--student",
+        s,
+        "--teacher",
+        t,
+        "-f",
+        p,
+        "-o",
+        o,
+        "--samples",
+        "2",
+        "--logprobs",
+        "5",
+        "-n",
+        "8",
+        "-t",
+        "1",
+    ];
     let collect = || {
         let mut a = args.to_vec();
         a.extend_from_slice(&SAMPLING);
@@ -227,7 +255,18 @@ fn serve_escalates_to_a_teacher_and_falls_back_when_it_is_gone() {
     let (_, body) = post(&alone.addr, "/v1/chat/completions", ask);
     let own: Value = serde_json::from_str(&body).unwrap();
     drop(teacher);
-    let orphan = Server::start(&["-m", s, "-t", "1", "--escalate-to", &url, "--escalate-policy", "always", "--escalate-timeout", "2"]);
+    let orphan = Server::start(&[
+        "-m",
+        s,
+        "-t",
+        "1",
+        "--escalate-to",
+        &url,
+        "--escalate-policy",
+        "always",
+        "--escalate-timeout",
+        "2",
+    ]);
     let (code, body) = post(&orphan.addr, "/v1/chat/completions", ask);
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
@@ -235,7 +274,20 @@ fn serve_escalates_to_a_teacher_and_falls_back_when_it_is_gone() {
     let (_, metrics) = get(&orphan.addr, "/metrics");
     assert!(metrics.contains(r#"sprig_escalated_requests_total{model="student",outcome="fallback"} 1"#), "{metrics}");
     // Threshold 0: every turn escalates (the signal is above 0 for a random model), nobody answers, the student does.
-    let eager = Server::start(&["-m", s, "-t", "1", "--escalate-to", &url, "--escalate-threshold", "0", "--escalate-window", "4", "--escalate-timeout", "2"]);
+    let eager = Server::start(&[
+        "-m",
+        s,
+        "-t",
+        "1",
+        "--escalate-to",
+        &url,
+        "--escalate-threshold",
+        "0",
+        "--escalate-window",
+        "4",
+        "--escalate-timeout",
+        "2",
+    ]);
     let (code, body) = post(&eager.addr, "/v1/chat/completions", ask);
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();

@@ -34,8 +34,12 @@ impl EscalationPolicy {
             "never" => Ok(EscalationPolicy::Never),
             "always" => Ok(EscalationPolicy::Always),
             "threshold" if threshold.is_finite() && threshold >= 0.0 => Ok(EscalationPolicy::Threshold(threshold)),
-            "threshold" => Err(EngineError::Eval(format!("escalation threshold {threshold}: must be a finite entropy ≥ 0 (nats)"))),
-            other => Err(EngineError::Eval(format!("escalation policy `{other}`: expected never, threshold or always"))),
+            "threshold" => {
+                Err(EngineError::Eval(format!("escalation threshold {threshold}: must be a finite entropy ≥ 0 (nats)")))
+            }
+            other => {
+                Err(EngineError::Eval(format!("escalation policy `{other}`: expected never, threshold or always")))
+            }
         }
     }
 }
@@ -128,8 +132,13 @@ pub struct Turn {
 
 /// Runs the student on a prompt: each text piece to the first callback (false stops it), each token's
 /// entry to the second (the request asks for log-probabilities).
-pub type RunStudent<'a> =
-    dyn FnMut(Prompt, &SamplingParams, &mut dyn FnMut(&str) -> bool, &mut dyn FnMut(&TokenLogprob)) -> Result<GenerationStats> + 'a;
+pub type RunStudent<'a> = dyn FnMut(
+        Prompt,
+        &SamplingParams,
+        &mut dyn FnMut(&str) -> bool,
+        &mut dyn FnMut(&TokenLogprob),
+    ) -> Result<GenerationStats>
+    + 'a;
 
 /// Answers the conversation's last turn under `escalation`: the student through `run_student`, the teacher
 /// when the policy and the signal say so and one is given. Text goes to `on_text` (false from it stops the
@@ -144,8 +153,13 @@ pub fn answer(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Turn> {
     let mut text = String::new();
-    let mut report =
-        EscalationReport { answered_by: AnsweredBy::Student, signal: None, signal_tokens: 0, escalated: false, reason: None };
+    let mut report = EscalationReport {
+        answered_by: AnsweredBy::Student,
+        signal: None,
+        signal_tokens: 0,
+        escalated: false,
+        reason: None,
+    };
     let mut emit = |t: &str, text: &mut String| {
         text.push_str(t);
         on_text(t)
@@ -225,7 +239,12 @@ pub fn answer(
     let (sum, n) = (signal.mean() * signal.tokens() as f32, signal.tokens());
     report.signal = (n > 0).then(|| sum / n as f32);
     report.signal_tokens = n;
-    if user_stopped {
+    // Stopped by the caller (its callback, or a cancel flag the student's runner watches), not by escalation:
+    // the turn ends here, with what was held shown.
+    if user_stopped || (stats.stop == StopReason::Cancelled && decided != Some(true)) {
+        if !user_stopped && !held.is_empty() {
+            emit(&held, &mut text);
+        }
         return Ok(Turn { text, stats: Some(stats), report });
     }
     // A reply shorter than the window ends undecided: decide on what there is.

@@ -638,6 +638,20 @@ fn escalated(
     Ok(out)
 }
 
+/// An escalation from the C/JNI settings (`policy` by name: never, threshold, always), checked.
+pub fn escalation(
+    url: &str,
+    model: &str,
+    api_key: Option<String>,
+    policy: &str,
+    threshold: f32,
+    window: i64,
+    timeout_ms: i64,
+) -> FfiResult<(Escalation, Endpoint)> {
+    let (window, timeout) = (window.max(0) as usize, std::time::Duration::from_millis(timeout_ms.max(0) as u64));
+    sprig_remote::escalation(url, model, api_key, policy, threshold, window, timeout).map_err(FfiError::arg)
+}
+
 /// Sets (or, with `None`, removes) the teacher that session `id`'s chats escalate to.
 pub fn set_escalation(id: u64, escalation: Option<(Escalation, Endpoint)>) -> FfiResult<()> {
     let h = SESSIONS.get(id, "session")?;

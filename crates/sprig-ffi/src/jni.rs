@@ -241,14 +241,8 @@ pub extern "system" fn Java_dev_sprig_Native_sessionSetEscalation<'l>(
         let key = if api_key.is_null() { None } else { Some(string(env, &api_key, "apiKey")?) };
         // By name: `EscalationPolicy.NEVER` / `THRESHOLD` / `ALWAYS`.
         let name = string(env, &policy, "policy")?.to_ascii_lowercase();
-        let policy = sprig_engine::escalate::EscalationPolicy::parse(&name, threshold).map_err(|e| FfiError::arg(e.to_string()))?;
-        if window < 1 || timeout_ms < 1 {
-            return Err(FfiError::arg("window and timeoutMs must be at least 1"));
-        }
-        let mut ep = sprig_remote::Endpoint::new(&url, &model).map_err(|e| FfiError::arg(format!("url: {e}")))?;
-        ep.api_key = key;
-        ep.timeout = std::time::Duration::from_millis(timeout_ms as u64);
-        core::set_escalation(id(h), Some((sprig_engine::escalate::Escalation { policy, window: window as usize }, ep)))
+        let esc = core::escalation(&url, &model, key, &name, threshold, i64::from(window), i64::from(timeout_ms))?;
+        core::set_escalation(id(h), Some(esc))
     })
 }
 

@@ -748,14 +748,8 @@ pub unsafe extern "C" fn sprig_session_set_escalation(session: *mut SprigSession
             SPRIG_ESCALATE_ALWAYS => "always",
             p => return Err(FfiError::arg(format!("escalation.policy {p} is not a SPRIG_ESCALATE_* value"))),
         };
-        let policy = sprig_engine::escalate::EscalationPolicy::parse(name, e.threshold).map_err(|x| FfiError::arg(x.to_string()))?;
-        if e.window == 0 || e.timeout_ms == 0 {
-            return Err(FfiError::arg("escalation.window and escalation.timeout_ms must be at least 1"));
-        }
-        let mut ep = sprig_remote::Endpoint::new(url, model).map_err(|x| FfiError::arg(format!("escalation.url: {x}")))?;
-        ep.api_key = key;
-        ep.timeout = std::time::Duration::from_millis(u64::from(e.timeout_ms));
-        core::set_escalation(id, Some((sprig_engine::escalate::Escalation { policy, window: e.window as usize }, ep)))
+        let esc = core::escalation(url, model, key, name, e.threshold, i64::from(e.window), i64::from(e.timeout_ms))?;
+        core::set_escalation(id, Some(esc))
     })
 }
 

@@ -179,6 +179,27 @@ impl Endpoint {
     }
 }
 
+/// An escalation to the endpoint at `url` from the settings every surface takes (the CLI's flags, the C and
+/// JNI structs): `policy` by name (never, threshold, always), `window` tokens, `timeout` for an answer.
+pub fn escalation(
+    url: &str,
+    model: &str,
+    api_key: Option<String>,
+    policy: &str,
+    threshold: f32,
+    window: usize,
+    timeout: Duration,
+) -> Result<(sprig_engine::escalate::Escalation, Endpoint), String> {
+    let policy = sprig_engine::escalate::EscalationPolicy::parse(policy, threshold).map_err(|e| e.to_string())?;
+    if window == 0 || timeout.is_zero() {
+        return Err("the escalation's window and timeout must be at least 1".into());
+    }
+    let mut ep = Endpoint::new(url, model).map_err(|e| format!("escalation url: {e}"))?;
+    ep.api_key = api_key;
+    ep.timeout = timeout;
+    Ok((sprig_engine::escalate::Escalation { policy, window }, ep))
+}
+
 impl Teacher for Endpoint {
     fn answer(
         &self,

@@ -66,7 +66,10 @@ impl TeacherArgs {
                     bail!("--teacher-top-k must be at least 1 (the teacher's greedy token is its top one)");
                 }
                 let mut ep = Endpoint::new(url, &self.teacher_model)?;
-                ep.api_key = self.teacher_key.clone().or_else(|| std::env::var("SPRIG_TEACHER_KEY").ok().filter(|k| !k.is_empty()));
+                ep.api_key = self
+                    .teacher_key
+                    .clone()
+                    .or_else(|| std::env::var("SPRIG_TEACHER_KEY").ok().filter(|k| !k.is_empty()));
                 ep.timeout = Duration::from_secs(self.teacher_timeout.max(1));
                 Ok(Scorer::Remote(ep, self.teacher_top_k))
             }
@@ -85,7 +88,14 @@ impl TeacherArgs {
 }
 
 /// The student's reply to one prompt, scored.
-fn score(student: &AnyEngine, teacher: &Scorer, prompt: &str, params: &SamplingParams, max_new: usize, top_k: usize) -> Result<PromptScore> {
+fn score(
+    student: &AnyEngine,
+    teacher: &Scorer,
+    prompt: &str,
+    params: &SamplingParams,
+    max_new: usize,
+    top_k: usize,
+) -> Result<PromptScore> {
     Ok(match teacher {
         Scorer::Local(t) => {
             with_engine!(student, |s| with_engine!(t, |t| score_reply(s, &**t, prompt, params, max_new, top_k)))?
@@ -173,10 +183,14 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let teacher = a.teacher.scorer(&a.load)?;
     let mut scores: Vec<PromptScore> = Vec::new();
     if !a.jsonl {
-        println!("{:>4} {:>7} {:>10} {:>12} {:>9} {:>8}  reply", "#", "tokens", "mean KL", "teacher NLL", "agree %", "signal");
+        println!(
+            "{:>4} {:>7} {:>10} {:>12} {:>9} {:>8}  reply",
+            "#", "tokens", "mean KL", "teacher NLL", "agree %", "signal"
+        );
     }
     for (i, p) in prompts.iter().enumerate() {
-        let s = score(&student, &teacher, &p.prompt, &params, a.max_tokens, 0).with_context(|| format!("prompt {}", p.id))?;
+        let s = score(&student, &teacher, &p.prompt, &params, a.max_tokens, 0)
+            .with_context(|| format!("prompt {}", p.id))?;
         if a.jsonl {
             println!(
                 "{}",
@@ -243,7 +257,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             println!("  {l:>9}: {c:>6} ({:.1} %)", 100.0 * c as f64 / n);
         }
         println!("escalation curve (signal: the student's mean entropy over its first {} reply tokens):", a.window);
-        println!("  {:>9} {:>11} {:>26} {:>22}", "threshold", "escalated", "agreement with teacher", "mean KL of answers");
+        println!(
+            "  {:>9} {:>11} {:>26} {:>22}",
+            "threshold", "escalated", "agreement with teacher", "mean KL of answers"
+        );
         for c in &curve {
             println!(
                 "  {:>9.3} {:>10.1}% {:>25.1}% {:>22.4}",
@@ -322,8 +339,11 @@ fn resume(path: &Path) -> Result<std::collections::HashSet<String>> {
         if n == 0 || !line.ends_with('\n') {
             break;
         }
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("{}: a line that is not JSON (not a traces file?)", path.display()))?;
-        let Some(id) = v["id"].as_str() else { bail!("{}: a line without an `id` (not a traces file?)", path.display()) };
+        let v: Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}: a line that is not JSON (not a traces file?)", path.display()))?;
+        let Some(id) = v["id"].as_str() else {
+            bail!("{}: a line without an `id` (not a traces file?)", path.display())
+        };
         done.insert(id.to_string());
         whole += n as u64;
     }
@@ -365,7 +385,8 @@ pub fn collect(a: CollectArgs) -> Result<()> {
         .with_context(|| format!("opening {}", a.out.display()))?;
     for (id, p, i) in todo {
         let params = SamplingParams { seed: base.seed.wrapping_add(i as u64), ..base.clone() };
-        let s = score(&student, &teacher, &p.prompt, &params, a.max_tokens, a.logprobs).with_context(|| format!("prompt {}", p.id))?;
+        let s = score(&student, &teacher, &p.prompt, &params, a.max_tokens, a.logprobs)
+            .with_context(|| format!("prompt {}", p.id))?;
         let record = json!({
             "id": id,
             "prompt": p.prompt,

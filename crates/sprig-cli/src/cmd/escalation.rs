@@ -20,7 +20,10 @@ pub fn answer_turn<B: Backend>(
     max_new: usize,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(Option<GenerationStats>, EscalationReport)> {
-    let mut run_student = |prompt, p: &SamplingParams, text: &mut dyn FnMut(&str) -> bool, lp: &mut dyn FnMut(&sprig_engine::TokenLogprob)| {
+    let mut run_student = |prompt,
+                           p: &SamplingParams,
+                           text: &mut dyn FnMut(&str) -> bool,
+                           lp: &mut dyn FnMut(&sprig_engine::TokenLogprob)| {
         let request = BatchRequest {
             session: &mut *session,
             prompt,
@@ -52,7 +55,9 @@ pub fn log(r: &EscalationReport, e: &Escalation, teacher: &Endpoint) {
     };
     let outcome = match (r.answered_by, &r.reason) {
         (AnsweredBy::Teacher, _) => format!("escalated: {} answered", teacher.base()),
-        (AnsweredBy::StudentAfterTeacherFailed, Some(why)) => format!("escalated, but the teacher failed ({why}): the local model answered"),
+        (AnsweredBy::StudentAfterTeacherFailed, Some(why)) => {
+            format!("escalated, but the teacher failed ({why}): the local model answered")
+        }
         _ => "kept: the local model answered".to_string(),
     };
     eprintln!("sprig: escalation ({policy}): {signal}; {outcome}");

@@ -3,9 +3,9 @@
 
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 pub fn sprig() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sprig"))
@@ -84,13 +84,13 @@ impl Drop for Server {
     }
 }
 
-
 /// A response's status and body (`Connection: close`, so the body is what follows the headers; never chunked
 /// for the JSON answers these tests read).
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -101,8 +101,11 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
     let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
     (status, body)
 }
-
