@@ -32,5 +32,5 @@ pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/health" > /dev/null && break; sleep 1; done
 head -n "${REMOTE_PROMPTS:-12}" "$prompts" > "$out/remote-prompts.jsonl"
-"$sprig" distill eval --student "$student" --teacher-url "http://127.0.0.1:$port" -f "$out/remote-prompts.jsonl" -n "$n" -t 2 | tee "$out/remote.txt"
+"$sprig" distill eval --student "$student" --teacher-url "http://127.0.0.1:$port" --teacher-model "$teacher" -f "$out/remote-prompts.jsonl" -n "$n" -t 2 | tee "$out/remote.txt"
 "$sprig" distill eval --student "$student" --teacher "$teacher" -f "$out/remote-prompts.jsonl" -n "$n" -t 2 | tee "$out/remote-local.txt"
