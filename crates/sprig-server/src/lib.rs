@@ -499,7 +499,7 @@ fn escalating(
         let mut finished: Option<Event> = None;
         let mut signal = None;
         if let (Some(mut rx), Some(th)) = (student, threshold) {
-            let escalate = loop {
+            loop {
                 let ev = tokio::select! {
                     ev = rx.recv() => ev,
                     // The client has gone: dropping the local model's channel stops it.
@@ -518,7 +518,7 @@ fn escalating(
                             let mean = sum / n as f32;
                             signal = Some(mean);
                             if mean > th {
-                                break true;
+                                break;
                             }
                             // Kept: what was held, then the rest as it comes.
                             for e in held.drain(..) {
@@ -544,7 +544,7 @@ fn escalating(
                             eprintln!("sprig serve: {name}: escalation (threshold {th}): signal {mean:.3} nats over {n} tokens; kept");
                             return;
                         }
-                        break true;
+                        break;
                     }
                     Some(Event::Scored(_)) => {}
                     None => {
@@ -552,9 +552,8 @@ fn escalating(
                         return;
                     }
                 }
-            };
-            debug_assert!(escalate);
-            // Stops the local model (its request sees its channel closed at the next token).
+            }
+            // Escalated. Stops the local model (its request sees its channel closed at the next token).
             drop(rx);
         }
         // The teacher, off the async threads (a blocking client), its text straight into the reply.

@@ -85,9 +85,14 @@ impl HfTokenizer {
 
     pub fn all_token_bytes(&self) -> Vec<Vec<u8>> {
         let n = self.tok.get_vocab_size(true);
-        let specials: std::collections::HashSet<u32> =
-            self.tok.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
-        let unicode_to_byte: HashMap<char, u8> = bytes_to_unicode().into_iter().map(|(b, c)| (c, b)).collect();
+        // `get_added_tokens_decoder` returns a copy of the map: taken once, not once per token.
+        let added = self.tok.get_added_tokens_decoder();
+        let specials: std::collections::HashSet<u32> = added.iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
+        // GPT-2's byte characters are all below U+0200: a table, not a map (151,936 tokens on a Qwen vocabulary).
+        let mut unicode_to_byte = [None::<u8>; 0x200];
+        for (b, c) in bytes_to_unicode() {
+            unicode_to_byte[c as usize] = Some(b);
+        }
         (0..n as u32)
             .map(|id| {
                 if specials.contains(&id) {
@@ -96,10 +101,10 @@ impl HfTokenizer {
                 let Some(piece) = self.tok.id_to_token(id) else { return Vec::new() };
                 if self.byte_level {
                     // Added non-special tokens are stored as plain text, not byte-level encoded.
-                    if self.tok.get_added_tokens_decoder().contains_key(&id) {
+                    if added.contains_key(&id) {
                         return piece.into_bytes();
                     }
-                    piece.chars().map(|c| unicode_to_byte.get(&c).copied().unwrap_or(b'?')).collect()
+                    piece.chars().map(|c| unicode_to_byte.get(c as usize).copied().flatten().unwrap_or(b'?')).collect()
                 } else if let Some(b) = piece
                     .strip_prefix("<0x")
                     .and_then(|h| h.strip_suffix('>'))
