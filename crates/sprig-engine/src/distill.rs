@@ -16,7 +16,7 @@ use sprig_models::Logits;
 
 use crate::eval::log_softmax;
 use crate::generate::Engine;
-use crate::sampler::{argmax, SamplingParams};
+use crate::sampler::{argmax, SamplingParams, TokenLogprob};
 use crate::session::Session;
 use crate::{ChatMessage, EngineError, Result};
 
@@ -112,17 +112,13 @@ fn entropy(row: &[f64]) -> f64 {
     -row.iter().map(|&l| if l.is_finite() { l.exp() * l } else { 0.0 }).sum::<f64>()
 }
 
-/// The `k` most likely tokens of a log-softmax row, best first.
-fn top_of(row: &[f64], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-    let k = k.min(row.len());
+/// The `k` most likely tokens of a step's logits with their log-probabilities, best first (as `logprobs` reports
+/// them); nothing for `k` = 0.
+fn top_of(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return Vec::new();
     }
-    idx.select_nth_unstable_by(k - 1, |&a, &b| row[b as usize].total_cmp(&row[a as usize]));
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
-    idx.into_iter().map(|i| (i, row[i as usize] as f32)).collect()
+    TokenLogprob::from_logits(logits, 0, k).top
 }
 
 /// The student answers `prompt` (as a user turn with its chat template, or as raw text when it has none) with
@@ -162,8 +158,8 @@ pub fn score_reply<B: Backend, T: Backend>(
                 student_nll: -ps[token as usize],
                 student_entropy: entropy(&ps),
                 greedy_agree: argmax(srow) == argmax(trow),
-                student_top: top_of(&ps, top_k),
-                teacher_top: top_of(&pt, top_k),
+                student_top: top_of(srow, top_k),
+                teacher_top: top_of(trow, top_k),
             });
         }
     }
@@ -213,7 +209,7 @@ pub fn score_reply_with<B: Backend>(
                 student_nll: -ps[token as usize],
                 student_entropy: entropy(&ps),
                 greedy_agree: argmax(srow) == teacher_best,
-                student_top: top_of(&ps, top_k),
+                student_top: top_of(srow, top_k),
                 teacher_top: t.top.iter().take(top_k).map(|&(i, l)| (i, l as f32)).collect(),
             });
         }

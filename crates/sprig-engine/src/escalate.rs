@@ -121,6 +121,29 @@ pub struct EscalationReport {
     pub reason: Option<String>,
 }
 
+impl EscalationReport {
+    /// The decision as one log line: the policy, the signal, who answered and why (`teacher`: its URL).
+    pub fn line(&self, escalation: &Escalation, teacher: &str) -> String {
+        let policy = match escalation.policy {
+            EscalationPolicy::Never => "never".to_string(),
+            EscalationPolicy::Always => "always".to_string(),
+            EscalationPolicy::Threshold(t) => format!("threshold {t}"),
+        };
+        let signal = match self.signal {
+            Some(s) => format!("signal {s:.3} nats over {} tokens", self.signal_tokens),
+            None => "no signal (the local model did not run first)".into(),
+        };
+        let outcome = match (self.answered_by, &self.reason) {
+            (AnsweredBy::Teacher, _) => format!("escalated: {teacher} answered"),
+            (AnsweredBy::StudentAfterTeacherFailed, Some(why)) => {
+                format!("escalated, but the teacher failed ({why}): the local model answered")
+            }
+            _ => "kept: the local model answered".to_string(),
+        };
+        format!("escalation ({policy}): {signal}; {outcome}")
+    }
+}
+
 /// One answered turn.
 pub struct Turn {
     /// The reply as the user saw it.

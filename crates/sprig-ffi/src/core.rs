@@ -609,23 +609,8 @@ fn escalated(
     if let Ok(mut c) = handle.tool_calls.lock() {
         *c = "[]".into();
     }
-    let mut out = match &turn.stats {
-        Some(s) => outcome(s),
-        None => Outcome {
-            stop: StopReason::StopToken,
-            prompt_tokens: 0,
-            generated_tokens: 0,
-            prefill_tok_s: 0.0,
-            decode_tok_s: 0.0,
-            cached_tokens: 0,
-            prefix_cache_tokens: 0,
-            context_dropped: 0,
-            tool_calls: Vec::new(),
-            batched_steps: 0,
-            answered_by: AnsweredBy::Teacher,
-            escalation_signal: None,
-        },
-    };
+    // Nothing ran locally when the teacher answered at once: zeros.
+    let mut out = outcome(turn.stats.as_ref().unwrap_or(&GenerationStats::default()));
     if turn.report.answered_by == AnsweredBy::Teacher {
         // The teacher's reply is the conversation's; the local model's stopped start is not.
         if let Some(s) = slot.as_mut() {

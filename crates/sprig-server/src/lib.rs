@@ -462,163 +462,95 @@ async fn completions_inner(st: Arc<AppState>, b: Result<Bytes, BytesRejection>) 
     }
 }
 
-/// A chat request under escalation: the events its reply is made of, as a plain request's would be. The
-/// local model runs first (its first `window` tokens held back while the signal is measured) unless the policy
-/// is `always`; a turn the policy hands over is answered by the teacher (its text as `Text` events), and when
-/// the teacher cannot answer, by the local model after all — going on from its own held start or from where the
-/// teacher's stream broke off. Each decision is logged on stderr and counted in the metrics.
+/// A chat request under escalation: the events its reply is made of, as a plain request's would be.
+/// [`sprig_engine::escalate::answer`] decides, off the async threads (the teacher's client blocks): the local
+/// model runs as an ordinary request of the model's worker, its text going out as the escalation lets it; a turn
+/// handed over is the teacher's text. Each decision is logged on stderr and counted in the metrics.
 fn escalating(
     st: Arc<AppState>,
     ready: Ready,
     esc: sprig_engine::escalate::Escalation,
     teacher: Arc<sprig_remote::Endpoint>,
 ) -> Result<mpsc::UnboundedReceiver<Event>, ApiError> {
-    use sprig_engine::escalate::EscalationPolicy;
+    use sprig_engine::escalate::{self, AnsweredBy, EscalationPolicy};
+    use sprig_engine::generate::StopReason;
+    use sprig_engine::EngineError;
     let Prompt::Chat(messages) = ready.prompt.clone() else { return st.submit(ready) };
-    let (model, user_logprobs) = (ready.model, ready.params.top_logprobs);
+    if esc.policy == EscalationPolicy::Never {
+        return st.submit(ready);
+    }
+    let (model, asked_logprobs) = (ready.model, ready.params.top_logprobs);
     let (params, max_new, tokens) = (ready.params.clone(), ready.max_new, ready.tokens.clone());
+    // The local model's first request is queued now, so that a full queue is a 503 as for any request (the
+    // parameters `answer` runs it with: its log-probabilities carry the signal).
+    let mut first = match esc.policy {
+        EscalationPolicy::Threshold(_) => {
+            let p = SamplingParams { top_logprobs: Some(asked_logprobs.unwrap_or(0)), ..ready.params.clone() };
+            Some(st.submit(Ready { params: p, ..ready })?)
+        }
+        _ => None,
+    };
     let (out, out_rx) = mpsc::unbounded_channel();
-    let threshold = match esc.policy {
-        EscalationPolicy::Never => return st.submit(ready),
-        EscalationPolicy::Threshold(t) => Some(t),
-        EscalationPolicy::Always => None,
-    };
-    // The local model's entries carry the signal; asking for them changes no sampling.
-    let student = match threshold {
-        Some(_) => Some(st.submit(Ready { params: SamplingParams { top_logprobs: Some(user_logprobs.unwrap_or(0)), ..params.clone() }, ..ready })?),
-        None => None,
-    };
-    let name = st.models[model].name.clone();
-    tokio::spawn(async move {
-        // The held events (text with the entries of its tokens) and the signal so far.
-        let strip = |e: Event| match e {
-            Event::Text(t, _) if user_logprobs.is_none() => Event::Text(t, Vec::new()),
-            e => e,
-        };
-        let (mut held, mut n, mut sum) = (Vec::new(), 0usize, 0f32);
-        let mut finished: Option<Event> = None;
-        let mut signal = None;
-        if let (Some(mut rx), Some(th)) = (student, threshold) {
-            loop {
-                let ev = tokio::select! {
-                    ev = rx.recv() => ev,
-                    // The client has gone: dropping the local model's channel stops it.
-                    _ = out.closed() => return,
-                };
+    tokio::task::spawn_blocking(move || {
+        // Entries of the tokens whose text has not gone out (sent only when the client asked for them).
+        let pending = std::cell::RefCell::new(Vec::new());
+        let mut run_student = |prompt, p: &SamplingParams, text: &mut dyn FnMut(&str) -> bool, lp: &mut dyn FnMut(&TokenLogprob)| {
+            let mut rx = match first.take() {
+                Some(rx) => rx,
+                None => st
+                    .submit(Ready { model, prompt, params: p.clone(), max_new, tokens: tokens.clone() })
+                    .map_err(|e| EngineError::Eval(e.message))?,
+            };
+            while let Some(ev) = rx.blocking_recv() {
                 match ev {
-                    Some(Event::Text(t, l)) => {
-                        for e in &l {
-                            if n < esc.window {
-                                sum += e.entropy;
-                                n += 1;
-                            }
+                    Event::Text(t, l) => {
+                        l.iter().for_each(&mut *lp);
+                        if asked_logprobs.is_some() {
+                            pending.borrow_mut().extend(l);
                         }
-                        held.push(Event::Text(t, l));
-                        if n >= esc.window {
-                            let mean = sum / n as f32;
-                            signal = Some(mean);
-                            if mean > th {
-                                break;
-                            }
-                            // Kept: what was held, then the rest as it comes.
-                            for e in held.drain(..) {
-                                let _ = out.send(strip(e));
-                            }
-                            while let Some(ev) = tokio::select! { ev = rx.recv() => ev, _ = out.closed() => return } {
-                                let _ = out.send(strip(ev));
-                            }
-                            eprintln!("sprig serve: {name}: escalation (threshold {th}): signal {mean:.3} nats over {n} tokens; kept");
-                            return;
+                        if out.is_closed() || !text(&t) {
+                            // Handed over, or the client has gone: dropping the channel stops the request, and
+                            // what it held back is not shown.
+                            pending.borrow_mut().clear();
+                            return Ok(GenerationStats { stop: StopReason::Cancelled, ..GenerationStats::default() });
                         }
                     }
-                    Some(Event::Done(r)) => {
-                        // A reply shorter than the window: decided on what there is.
-                        let mean = if n > 0 { sum / n as f32 } else { 0.0 };
-                        signal = (n > 0).then_some(mean);
-                        let up = n > 0 && mean > th && r.is_ok();
-                        finished = Some(Event::Done(r));
-                        if !up {
-                            for e in held.drain(..).chain(finished.take()) {
-                                let _ = out.send(strip(e));
-                            }
-                            eprintln!("sprig serve: {name}: escalation (threshold {th}): signal {mean:.3} nats over {n} tokens; kept");
-                            return;
-                        }
-                        break;
-                    }
-                    Some(Event::Scored(_)) => {}
-                    None => {
-                        let _ = out.send(Event::Done(Err(sprig_engine::EngineError::Eval("the model's worker stopped during the request".into()))));
-                        return;
-                    }
+                    Event::Done(r) => return r,
+                    Event::Scored(_) => {}
                 }
             }
-            // Escalated. Stops the local model (its request sees its channel closed at the next token).
-            drop(rx);
-        }
-        // The teacher, off the async threads (a blocking client), its text straight into the reply.
-        let (t_out, msgs, p) = (out.clone(), messages.clone(), params.clone());
-        let sent = Arc::new(std::sync::Mutex::new(String::new()));
-        let sent2 = sent.clone();
-        let asked = tokio::task::spawn_blocking(move || {
-            teacher.chat_stream(&msgs, &p, max_new, &mut |t| {
-                if let Ok(mut s) = sent2.lock() {
-                    s.push_str(t);
-                }
-                t_out.send(Event::Text(t.to_string(), Vec::new())).is_ok()
-            })
-            .map_err(|e| format!("{}: {e}", teacher.base()))
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("the teacher's request failed: {e}")));
-        let said = sent.lock().map(|s| s.clone()).unwrap_or_default();
-        let sig = signal.map_or("no signal (policy always)".to_string(), |m| format!("signal {m:.3} nats over {n} tokens"));
-        let m = &st.models[model].metrics;
-        match asked {
-            Ok(()) => {
-                m.escalated.get_or_create(&vec![("outcome".into(), "teacher".into())]).inc();
-                eprintln!("sprig serve: {name}: escalation: {sig}; escalated: the teacher answered");
-                let generated = with_engine!(&st.models[model].engine, |e| e.tokenizer.encode_parts(&[(&said, false)], false)).unwrap_or_default();
-                let stats = GenerationStats { prompt_tokens: tokens.len(), generated, ..GenerationStats::default() };
-                let _ = out.send(Event::Done(Ok(stats)));
+            Err(EngineError::Eval("the model's worker stopped during the request".into()))
+        };
+        let mut show = |t: &str| {
+            let l = std::mem::take(&mut *pending.borrow_mut());
+            if t.is_empty() && l.is_empty() {
+                return !out.is_closed();
             }
-            Err(why) => {
-                m.escalated.get_or_create(&vec![("outcome".into(), "fallback".into())]).inc();
-                eprintln!("sprig serve: {name}: escalation: {sig}; escalated, but the teacher failed ({why}): this model answers");
-                if said.is_empty() && finished.is_some() {
-                    // The local model's whole (short) reply was held: it stands.
-                    for e in held.drain(..).chain(finished.take()) {
-                        let _ = out.send(strip(e));
-                    }
-                    return;
-                }
-                // The local model goes on from its held start, or from the teacher's words.
-                let start = if said.is_empty() {
-                    let mut s = String::new();
-                    for e in held.drain(..) {
-                        if let Event::Text(t, _) = &e {
-                            s.push_str(t);
-                        }
-                        let _ = out.send(strip(e));
-                    }
-                    s
-                } else {
-                    said
-                };
-                let prompt = if start.is_empty() { Prompt::Chat(messages) } else { Prompt::ChatContinuing(messages, start) };
-                let again = Ready { model, prompt, params, max_new, tokens };
-                match st.submit(again) {
-                    Ok(mut rx) => {
-                        while let Some(ev) = tokio::select! { ev = rx.recv() => ev, _ = out.closed() => return } {
-                            let _ = out.send(ev);
-                        }
-                    }
-                    Err(e) => {
-                        let _ = out.send(Event::Done(Err(sprig_engine::EngineError::Eval(e.message))));
-                    }
-                }
+            out.send(Event::Text(t.to_string(), l)).is_ok()
+        };
+        let turn = escalate::answer(&esc, Some(&*teacher), &messages, &params, max_new, &mut run_student, &mut show);
+        let m = &st.models[model];
+        let done = turn.map(|turn| {
+            eprintln!("sprig serve: {}: {}", m.name, turn.report.line(&esc, teacher.base()));
+            let outcome = match turn.report.answered_by {
+                AnsweredBy::Teacher => Some("teacher"),
+                AnsweredBy::StudentAfterTeacherFailed => Some("fallback"),
+                AnsweredBy::Student => None,
+            };
+            if let Some(o) = outcome {
+                m.metrics.escalated.get_or_create(&vec![("outcome".into(), o.into())]).inc();
             }
-        }
+            match turn.report.answered_by {
+                // The teacher's reply, counted in this model's tokens for the usage.
+                AnsweredBy::Teacher => {
+                    let generated =
+                        with_engine!(&m.engine, |e| e.tokenizer.encode_parts(&[(&turn.text, false)], false)).unwrap_or_default();
+                    GenerationStats { prompt_tokens: tokens.len(), generated, ..GenerationStats::default() }
+                }
+                _ => turn.stats.unwrap_or_default(),
+            }
+        });
+        let _ = out.send(Event::Done(done));
     });
     Ok(out_rx)
 }

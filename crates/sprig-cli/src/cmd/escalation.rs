@@ -44,21 +44,5 @@ pub fn answer_turn<B: Backend>(
 
 /// One line on stderr per decision.
 pub fn log(r: &EscalationReport, e: &Escalation, teacher: &Endpoint) {
-    let signal = match r.signal {
-        Some(s) => format!("signal {s:.3} nats over {} tokens", r.signal_tokens),
-        None => "no signal (the local model did not run first)".into(),
-    };
-    let policy = match e.policy {
-        escalate::EscalationPolicy::Never => "never".to_string(),
-        escalate::EscalationPolicy::Always => "always".to_string(),
-        escalate::EscalationPolicy::Threshold(t) => format!("threshold {t}"),
-    };
-    let outcome = match (r.answered_by, &r.reason) {
-        (AnsweredBy::Teacher, _) => format!("escalated: {} answered", teacher.base()),
-        (AnsweredBy::StudentAfterTeacherFailed, Some(why)) => {
-            format!("escalated, but the teacher failed ({why}): the local model answered")
-        }
-        _ => "kept: the local model answered".to_string(),
-    };
-    eprintln!("sprig: escalation ({policy}): {signal}; {outcome}");
+    eprintln!("sprig: {}", r.line(e, teacher.base()));
 }
