@@ -215,6 +215,16 @@ fn collect_writes_whole_trace_lines_and_resumes() {
     // Run again: nothing left to do, nothing written.
     collect();
     assert_eq!(std::fs::read_to_string(&out).unwrap(), second);
+    // An output file that is not a traces file is refused, not appended to.
+    for (text, want) in [("not json\n", "not JSON"), ("{\"prompt\": \"x\"}\n", "without an `id`")] {
+        let other = dir.join("other.jsonl");
+        std::fs::write(&other, text).unwrap();
+        let mut a = args.to_vec();
+        a[9] = other.to_str().unwrap();
+        let e = run_err(&a);
+        assert!(e.contains(want), "{e}");
+        assert_eq!(std::fs::read_to_string(&other).unwrap(), text);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
