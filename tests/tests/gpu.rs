@@ -168,3 +168,28 @@ fn moe_usage_matches_the_cpu() {
     assert_eq!(bytes(&ug), bytes(&uc));
     let _ = std::fs::remove_file(&path);
 }
+
+#[test]
+fn an_mtp_head_drafts_on_the_gpu() {
+    use sprig_engine::speculative::{MtpHead, SpecMode, Speculation};
+    use sprig_engine::{Sampler, SamplingParams};
+    // The head that mirrors its one-layer model (tests/tests/mtp.rs): exact, and mostly accepted, on the GPU.
+    let path = tmp("mtp-mirror.gguf");
+    let spec = SynthSpec { n_layers: 1, mtp: Some(sprig_import::synth::SynthMtp::Mirror), ..SynthSpec::tiny(Arch::Llama) };
+    write_gguf(&spec, &path).unwrap();
+    let e = gpu_engine(open(&path, None, QuantChoice::Keep), WgpuOptions::default());
+    let _ = std::fs::remove_file(&path);
+    let stops = (0..e.model.config.vocab_size as u32).filter(|&t| e.tokenizer.is_stop(t));
+    let greedy = SamplingParams { logit_bias: stops.map(|t| (t, f32::NEG_INFINITY)).collect(), ..Default::default() };
+    let prompt = e.tokenizer.encode("the cat sat on the mat", true).unwrap();
+    let run = |spec: Option<&mut Speculation>| {
+        let mut st = e.model.new_state(0).unwrap();
+        let mut sampler = Sampler::new(greedy.clone()).unwrap();
+        e.generate_speculative(&mut st, &prompt, 48, &mut sampler, false, spec, |_| true).unwrap().generated
+    };
+    let plain = run(None);
+    let mut spec = Speculation::new(Box::new(MtpHead), SpecMode::On, 4);
+    assert_eq!(run(Some(&mut spec)), plain);
+    let s = spec.stats();
+    assert!(s.drafted > 0 && s.acceptance() > 0.9, "{s:?}");
+}

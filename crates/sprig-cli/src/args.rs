@@ -256,7 +256,7 @@ pub enum SpecArg {
     Auto,
     /// Always.
     On,
-    /// Never (ignore --draft and --lookup).
+    /// Never (ignore --draft, --lookup and --mtp).
     Off,
 }
 
@@ -271,6 +271,10 @@ pub struct SpecArgs {
     /// Draft by prompt lookup: what followed the latest earlier occurrence of the last few tokens.
     #[arg(long, conflicts_with = "draft")]
     pub lookup: bool,
+    /// Draft with the model's own multi-token-prediction head (GGUF `nextn` layers, as DeepSeek-V3 and
+    /// GLM-4.5 ship them).
+    #[arg(long, conflicts_with_all = ["draft", "lookup"])]
+    pub mtp: bool,
     #[arg(long, value_enum, default_value = "auto")]
     pub spec: SpecArg,
     /// Most tokens drafted per pass (the length adapts to the acceptance).
@@ -287,13 +291,17 @@ impl SpecArgs {
         load: &LoadArgs,
         ctx: usize,
     ) -> Result<Option<sprig_engine::speculative::Speculation>> {
-        use sprig_engine::speculative::{DraftModel, Drafter, PromptLookup, SpecMode, Speculation};
+        use sprig_engine::speculative::{DraftModel, Drafter, MtpHead, PromptLookup, SpecMode, Speculation};
         let mode = match self.spec {
             SpecArg::Off => return Ok(None),
             SpecArg::On => SpecMode::On,
             SpecArg::Auto => SpecMode::Auto,
         };
+        if self.mtp {
+            check_mtp(target.model.has_mtp())?;
+        }
         let drafter: Box<dyn Drafter> = match (&self.draft, self.lookup) {
+            _ if self.mtp => Box::new(MtpHead),
             (Some(path), _) => {
                 let d = load.engine(path)?;
                 sprig_engine::with_engine!(&d, |d| Box::new(DraftModel::new(d.clone(), target, ctx)?) as Box<dyn Drafter>)
@@ -303,6 +311,14 @@ impl SpecArgs {
         };
         Ok(Some(Speculation::new(drafter, mode, self.draft_max)))
     }
+}
+
+/// `--mtp` on a model without an MTP head: one line saying so.
+pub fn check_mtp(has: bool) -> Result<()> {
+    if !has {
+        anyhow::bail!("--mtp: this model has no multi-token-prediction head (its file has no `nextn` layers); use --draft MODEL or --lookup");
+    }
+    Ok(())
 }
 
 /// One line of what speculative decoding did.

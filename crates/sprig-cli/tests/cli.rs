@@ -89,6 +89,25 @@ fn speculative_flags_keep_the_golden_text() {
     assert_eq!(out, golden);
     assert!(err.contains("(100 %)"), "{err}");
     assert!(run_err(&[&base[..], &["--draft", m, "--lookup"]].concat()).contains("--lookup"));
+    // stories260K has no MTP head: one line saying so.
+    let e = run_err(&[&base[..], &["--mtp"]].concat());
+    assert!(e.contains("no multi-token-prediction head"), "{e}");
+
+    // A generated model whose MTP head mirrors it (`sprig gen --mtp mirror`): the same text as plain
+    // decoding, the head's drafts accepted.
+    let dir = std::env::temp_dir().join(format!("sprig-cli-mtp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let g = dir.join("mtp.gguf");
+    let g = g.to_str().unwrap();
+    run_ok(&["gen", "--arch", "llama", "--format", "gguf", "--layers", "1", "--mtp", "mirror", "-o", g]);
+    let e = run_err(&["gen", "--arch", "llama", "--format", "hf", "--mtp", "random", "-o", g]);
+    assert!(e.contains("GGUF"), "{e}");
+    let base = ["run", "-m", g, "-p", "the cat", "-n", "40", "-t", "1", "--temp", "0"];
+    let (plain, _) = run_ok(&base);
+    let (out, err) = run_ok(&[&base[..], &["--mtp", "--spec", "on"]].concat());
+    assert_eq!(out, plain);
+    assert!(err.contains("speculative:") && !err.contains(" 0 accepted"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

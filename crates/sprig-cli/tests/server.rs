@@ -227,3 +227,35 @@ fn soak_with_clients_hanging_up() {
     eprintln!("{so}");
     assert!(out.status.success(), "{so}\n{se}");
 }
+
+#[test]
+fn serve_drafts_with_a_models_mtp_head() {
+    // A model without a head: a start-up error (after the model's load line), before listening.
+    let out = sprig().args(["serve", "-m", MODEL, "--mtp"]).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code() == Some(1) && e.contains("error: --mtp: this model has no multi-token-prediction head"), "{e}");
+    // A generated model whose head mirrors it: the same greedy completion with and without it, drafts accepted.
+    let dir = std::env::temp_dir().join(format!("sprig-serve-mtp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let g = dir.join("mtp.gguf");
+    let g = g.to_str().unwrap();
+    run_ok(&["gen", "--arch", "llama", "--format", "gguf", "--layers", "1", "--mtp", "mirror", "-o", g]);
+    let body = r#"{"model":"mtp","prompt":"the cat sat","max_tokens":32,"temperature":0}"#;
+    let complete = |args: &[&str]| {
+        let s = Server::start(&[&["-m", g, "--api-key", KEY, "-t", "1"], args].concat());
+        let (k, key) = auth();
+        let (st, out) = http(&s.addr, "POST", "/v1/completions", &[(k, &key)], body.as_bytes());
+        assert_eq!(st, 200, "{out}");
+        let text = serde_json::from_str::<serde_json::Value>(&out).unwrap()["choices"][0]["text"].as_str().unwrap().to_string();
+        let (_, metrics) = http(&s.addr, "GET", "/metrics", &[(k, &key)], b"");
+        let counter = |name: &str| {
+            metrics.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        (text, counter("sprig_drafted_tokens_total"), counter("sprig_accepted_tokens_total"))
+    };
+    let (plain, _, _) = complete(&[]);
+    let (text, drafted, accepted) = complete(&["--mtp", "--spec", "on"]);
+    assert_eq!(text, plain);
+    assert!(drafted > 0.0 && accepted > 0.0, "drafted {drafted}, accepted {accepted}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

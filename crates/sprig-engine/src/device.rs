@@ -191,6 +191,11 @@ impl AnyEngine {
     }
 
     /// A draft model drafting for `target` (checked: the same tokenizer), with its own KV cache of `ctx`.
+    /// Whether the model has a multi-token-prediction head to draft with.
+    pub fn has_mtp(&self) -> bool {
+        with_engine!(self, |e| e.model.has_mtp())
+    }
+
     pub fn drafter_for(&self, target: &AnyEngine, ctx: usize) -> Result<Box<dyn crate::speculative::Drafter>> {
         with_engine!(self, |d| with_engine!(target, |t| {
             Ok(Box::new(crate::speculative::DraftModel::new(d.clone(), &**t, ctx)?) as Box<dyn crate::speculative::Drafter>)

@@ -14,7 +14,7 @@ use crate::constraint::{Constraint, Grammars, Guide};
 use crate::tools::{ToolCall, ToolFormat, Tools};
 use crate::prefix_cache::{self, PrefixCache};
 use crate::sampler::{Sampler, TokenLogprob};
-use crate::speculative::{SpecStats, Speculation};
+use crate::speculative::{SpecStats, Speculation, TargetState};
 use crate::{EngineError, Result};
 
 /// Longest prompt slice run through the model in one batched forward pass.
@@ -512,6 +512,16 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
             item,
         };
         g.shown.reserve(g.piece.capacity());
+        // A drafter that reads the model's state (an MTP head) needs it kept from the prompt on; once `auto`
+        // has switched speculation off, the head's cache is dropped (it costs a block per token).
+        let it = g.item.parts();
+        if let Some(spec) = it.spec.filter(|s| s.needs_target_state()) {
+            if spec.stats().switched_off {
+                e.model.disable_mtp(it.state);
+            } else if let Err(err) = e.model.enable_mtp(it.state) {
+                fail(&mut g.error, err.into());
+            }
+        }
         // Checked once, here, before anything runs: a prompt that cannot fit leaves the state untouched.
         if n == 0 {
             fail(&mut g.error, EngineError::EmptyPrompt);
@@ -695,10 +705,11 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
         run.push(next);
         // The drafter sees the whole sequence, `next` included: a session's tokens (with `next` for the
         // call), else the prompt and the reply so far.
+        let mut target = TargetState { engine: e, state: &mut *it.state };
         let drafted = match it.run.as_mut() {
             Some(r) => {
                 r.held.push(next);
-                let d = spec.draft(r.held, k, &mut run);
+                let d = spec.draft(&mut target, r.held, k, &mut run);
                 r.held.pop();
                 d
             }
@@ -708,7 +719,7 @@ impl<'t, B: Backend, I: Item<B>> Gen<'t, B, I> {
                 history.extend_from_slice(&it.prompt[..self.processed]);
                 history.extend_from_slice(&self.generated[..self.fed]);
                 history.push(next);
-                spec.draft(history, k, &mut run)
+                spec.draft(&mut target, history, k, &mut run)
             }
         };
         // A drafter that fails (out of memory, say) only costs the speed-up.

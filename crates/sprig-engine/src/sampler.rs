@@ -478,16 +478,7 @@ fn best(cand: &[(f32, u32)]) -> u32 {
     cand[b].1
 }
 
-/// Index of the largest logit (first on ties, as llama2.c).
-pub fn argmax(x: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in x.iter().enumerate() {
-        if v > x[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
+pub use sprig_models::argmax;
 
 #[cfg(test)]
 mod tests {

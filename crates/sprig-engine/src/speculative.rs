@@ -24,6 +24,67 @@ pub trait Drafter: Send {
     /// Appends to `out` up to `k` tokens likely to follow `history` (every token of the sequence so far).
     fn draft(&mut self, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()>;
     fn name(&self) -> String;
+    /// [`Drafter::draft`] with the model being drafted for at hand (an MTP head reads its state); by default
+    /// the model is not needed.
+    fn draft_for(&mut self, _target: &mut dyn Target, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+        self.draft(history, k, out)
+    }
+    /// Whether the model's sequence state must carry what [`Drafter::draft_for`] reads (an MTP head's cache,
+    /// enabled before the prompt runs).
+    fn needs_target_state(&self) -> bool {
+        false
+    }
+}
+
+/// The model being drafted for, as a drafter sees it: its sequence state after the last pass.
+pub trait Target {
+    /// Up to `k` drafts of the model's MTP head after `next`, the token about to run (see
+    /// [`sprig_models::Model::mtp_draft`]), ending before a stop token.
+    fn mtp_draft(&mut self, next: u32, k: usize, out: &mut Vec<u32>) -> Result<()>;
+}
+
+/// Drafting with the model's own multi-token-prediction head (GGUF `nextn` layers; DeepSeek-V3 and GLM-4.5
+/// ship them): no second model, one extra block per drafted token, a cache fed with the hidden states of the
+/// model's own passes.
+#[derive(Clone, Debug, Default)]
+pub struct MtpHead;
+
+impl Drafter for MtpHead {
+    fn draft(&mut self, _history: &[u32], _k: usize, _out: &mut Vec<u32>) -> Result<()> {
+        Err(EngineError::Eval("an MTP head drafts from the model's own state (Drafter::draft_for)".into()))
+    }
+
+    fn draft_for(&mut self, target: &mut dyn Target, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+        match history.last() {
+            Some(&next) => target.mtp_draft(next, k, out),
+            None => Ok(()),
+        }
+    }
+
+    fn needs_target_state(&self) -> bool {
+        true
+    }
+
+    fn name(&self) -> String {
+        "MTP head".into()
+    }
+}
+
+/// A model and one of its sequence states, as the [`Target`] of a drafter.
+pub(crate) struct TargetState<'a, B: Backend> {
+    pub engine: &'a Engine<B>,
+    pub state: &'a mut State<B>,
+}
+
+impl<B: Backend> Target for TargetState<'_, B> {
+    fn mtp_draft(&mut self, next: u32, k: usize, out: &mut Vec<u32>) -> Result<()> {
+        let start = out.len();
+        self.engine.model.mtp_draft(self.state, next, k, out)?;
+        if let Some(stop) = out[start..].iter().position(|&t| self.engine.tokenizer.is_stop(t)) {
+            out.truncate(start + stop);
+        }
+        Ok(())
+    }
 }
 
 /// Prompt-lookup drafting: finds the most recent earlier occurrence of the context's last n tokens (longest n
@@ -257,8 +318,13 @@ impl Speculation {
         self.k
     }
 
-    pub(crate) fn draft(&mut self, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
-        self.drafter.draft(history, k, out)
+    pub(crate) fn draft(&mut self, target: &mut dyn Target, history: &[u32], k: usize, out: &mut Vec<u32>) -> Result<()> {
+        self.drafter.draft_for(target, history, k, out)
+    }
+
+    /// Whether the drafter reads the model's sequence state ([`Drafter::needs_target_state`]).
+    pub fn needs_target_state(&self) -> bool {
+        self.drafter.needs_target_state()
     }
 
     /// A plain decode step took `t`.

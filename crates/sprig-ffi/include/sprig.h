@@ -12,7 +12,7 @@
 #include <stdlib.h>
 
 // Bumped when a function signature or struct layout changes incompatibly.
-#define SPRIG_ABI_VERSION 8
+#define SPRIG_ABI_VERSION 9
 
 // Run on the CPU.
 #define SPRIG_DEVICE_CPU 0
@@ -83,6 +83,9 @@
 
 // Draft with a smaller loaded model of the same tokenizer.
 #define SPRIG_SPEC_DRAFT_MODEL 2
+
+// Draft with the model's own multi-token-prediction head (a file with GGUF `nextn` layers).
+#define SPRIG_SPEC_MTP 3
 
 // Speculate while it is faster than plain decoding (measured; switched off for the session otherwise).
 #define SPRIG_SPEC_MODE_AUTO 0
@@ -410,9 +413,10 @@ enum SprigStatus sprig_model_shrink_prefix_cache(const struct SprigModel *model,
                                                  uint64_t bytes);
 
 // Speculative decoding for the session's generations from the next one on (exact: greedy output is
-// unchanged, sampled output keeps its distribution): `drafter` is `SPRIG_SPEC_OFF`, `SPRIG_SPEC_LOOKUP` or
+// unchanged, sampled output keeps its distribution): `drafter` is `SPRIG_SPEC_OFF`, `SPRIG_SPEC_LOOKUP`,
 // `SPRIG_SPEC_DRAFT_MODEL` with `draft_model` a loaded model of the same tokenizer (else
-// `SPRIG_STATUS_INVALID_ARGUMENT`; the session keeps its own KV cache of it); `mode` `SPRIG_SPEC_MODE_AUTO` or
+// `SPRIG_STATUS_INVALID_ARGUMENT`; the session keeps its own KV cache of it) or `SPRIG_SPEC_MTP` (the
+// session's model must have an MTP head, else `SPRIG_STATUS_INVALID_ARGUMENT`); `mode` `SPRIG_SPEC_MODE_AUTO` or
 // `SPRIG_SPEC_MODE_ON`; `max_draft` (1..=32) the most tokens drafted per pass. Constrained generations do not
 // speculate. `SPRIG_STATUS_BUSY` while the session generates. Thread safety: any thread.
 enum SprigStatus sprig_session_set_speculation(struct SprigSession *session,

@@ -425,9 +425,10 @@ pub fn load_session(id: u64, path: &str) -> FfiResult<()> {
 }
 
 /// Speculative decoding for session `id` from its next generation on: drafter 0 = off, 1 = prompt lookup, 2 =
-/// the model `draft_model` (same tokenizer); mode 0 = auto, 1 = always; `max_draft` 1..=32.
+/// the model `draft_model` (same tokenizer), 3 = the model's MTP head; mode 0 = auto, 1 = always; `max_draft`
+/// 1..=32.
 pub fn set_speculation(id: u64, drafter: u32, draft_model: Option<u64>, mode: u32, max_draft: u32) -> FfiResult<()> {
-    use sprig_engine::speculative::{PromptLookup, SpecMode, Speculation};
+    use sprig_engine::speculative::{MtpHead, PromptLookup, SpecMode, Speculation};
     let mode = match mode {
         0 => SpecMode::Auto,
         1 => SpecMode::On,
@@ -446,6 +447,10 @@ pub fn set_speculation(id: u64, drafter: u32, draft_model: Option<u64>, mode: u3
             Some(draft.engine.drafter_for(&session.engine(), draft.context_length).map_err(|e| engine_error(e, false))?)
         }
         (2, None) => return Err(FfiError::arg("SPRIG_SPEC_DRAFT_MODEL needs a draft model")),
+        (3, _) if !session.engine().has_mtp() => {
+            return Err(FfiError::arg("SPRIG_SPEC_MTP: the session's model has no multi-token-prediction head"))
+        }
+        (3, _) => Some(Box::new(MtpHead) as Box<dyn sprig_engine::speculative::Drafter>),
         (d, _) => return Err(FfiError::arg(format!("drafter {d} is not a SPRIG_SPEC_* value"))),
     };
     session.set_speculation(spec.map(|d| Speculation::new(d, mode, max_draft as usize)));

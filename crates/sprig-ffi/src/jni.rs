@@ -3,7 +3,7 @@
 //! `dev.sprig.SprigException(code, message)`, and a panic becomes one too (never an abort of the JVM).
 
 use jni::objects::{JClass, JFloatArray, JIntArray, JObject, JObjectArray, JString, JValue};
-use jni::sys::{jboolean, jdouble, jint, jlong, jlongArray, jobject, jstring};
+use jni::sys::{jdouble, jint, jlong, jlongArray, jobject, jstring};
 use sprig_engine::{ContextPolicy, DeviceChoice};
 use jni::JNIEnv;
 
@@ -197,7 +197,7 @@ pub extern "system" fn Java_dev_sprig_Native_sessionSetSpeculation<'l>(
     mut env: JNIEnv<'l>,
     _c: JClass<'l>,
     h: jlong,
-    lookup: jboolean,
+    drafter: jint,
     draft_model: jlong,
     mode: JString<'l>,
     max_draft: jint,
@@ -209,12 +209,9 @@ pub extern "system" fn Java_dev_sprig_Native_sessionSetSpeculation<'l>(
             "ON" => crate::SPRIG_SPEC_MODE_ON,
             m => return Err(FfiError::arg(format!("unknown speculation mode {m}"))),
         };
-        let (drafter, draft) = match (lookup != 0, draft_model != 0) {
-            (true, _) => (crate::SPRIG_SPEC_LOOKUP, None),
-            (false, true) => (crate::SPRIG_SPEC_DRAFT_MODEL, Some(id(draft_model))),
-            (false, false) => (crate::SPRIG_SPEC_OFF, None),
-        };
-        core::set_speculation(id(h), drafter, draft, mode, max_draft.max(0) as u32)
+        // `drafter`: a SPRIG_SPEC_* value (Kotlin's `Speculation` picks it).
+        let draft = (draft_model != 0).then(|| id(draft_model));
+        core::set_speculation(id(h), drafter.max(0) as u32, draft, mode, max_draft.max(0) as u32)
     })
 }
 

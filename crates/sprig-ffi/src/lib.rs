@@ -24,7 +24,7 @@ use crate::core::{FfiError, FfiResult, Input, LoadRequest, Outcome, Sampling};
 use sprig_engine::Constraint;
 
 /// Bumped when a function signature or struct layout changes incompatibly.
-pub const SPRIG_ABI_VERSION: u32 = 8;
+pub const SPRIG_ABI_VERSION: u32 = 9;
 
 /// Run on the CPU.
 pub const SPRIG_DEVICE_CPU: u32 = 0;
@@ -79,6 +79,8 @@ pub const SPRIG_SPEC_OFF: u32 = 0;
 pub const SPRIG_SPEC_LOOKUP: u32 = 1;
 /// Draft with a smaller loaded model of the same tokenizer.
 pub const SPRIG_SPEC_DRAFT_MODEL: u32 = 2;
+/// Draft with the model's own multi-token-prediction head (a file with GGUF `nextn` layers).
+pub const SPRIG_SPEC_MTP: u32 = 3;
 /// Speculate while it is faster than plain decoding (measured; switched off for the session otherwise).
 pub const SPRIG_SPEC_MODE_AUTO: u32 = 0;
 /// Always speculate.
@@ -606,9 +608,10 @@ pub extern "C" fn sprig_model_shrink_prefix_cache(model: *const SprigModel, byte
 }
 
 /// Speculative decoding for the session's generations from the next one on (exact: greedy output is
-/// unchanged, sampled output keeps its distribution): `drafter` is `SPRIG_SPEC_OFF`, `SPRIG_SPEC_LOOKUP` or
+/// unchanged, sampled output keeps its distribution): `drafter` is `SPRIG_SPEC_OFF`, `SPRIG_SPEC_LOOKUP`,
 /// `SPRIG_SPEC_DRAFT_MODEL` with `draft_model` a loaded model of the same tokenizer (else
-/// `SPRIG_STATUS_INVALID_ARGUMENT`; the session keeps its own KV cache of it); `mode` `SPRIG_SPEC_MODE_AUTO` or
+/// `SPRIG_STATUS_INVALID_ARGUMENT`; the session keeps its own KV cache of it) or `SPRIG_SPEC_MTP` (the
+/// session's model must have an MTP head, else `SPRIG_STATUS_INVALID_ARGUMENT`); `mode` `SPRIG_SPEC_MODE_AUTO` or
 /// `SPRIG_SPEC_MODE_ON`; `max_draft` (1..=32) the most tokens drafted per pass. Constrained generations do not
 /// speculate. `SPRIG_STATUS_BUSY` while the session generates. Thread safety: any thread.
 #[no_mangle]

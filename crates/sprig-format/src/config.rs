@@ -253,7 +253,27 @@ pub struct ModelConfig {
     /// Gemma-style final logit soft-capping.
     #[serde(default)]
     pub final_logit_softcap: Option<f32>,
+    /// Multi-token-prediction heads stored after the layers (`None`: none).
+    #[serde(default)]
+    pub mtp: Option<MtpConfig>,
 }
+
+/// Multi-token prediction (DeepSeek-V3 / GLM-4.5 "nextn" layers, as llama.cpp names them): a block that
+/// predicts the token after next from the model's hidden state at a position and the embedding of the token
+/// that follows it. Head `j` is stored as layer `n_layers + j` (`blk.{n_layers + j}.*`) with
+/// `nextn.enorm`, `nextn.hnorm`, `nextn.eh_proj_embd` / `nextn.eh_proj_hidden` (the two column halves of
+/// GGUF's `nextn.eh_proj`), `nextn.shared_head_norm` and optionally its own `nextn.shared_head_head` and
+/// `nextn.embed_tokens` (else the model's). Its attention is global and has a KV cache of its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MtpConfig {
+    /// Heads in the file (GGUF `nextn_predict_layers`); sprig drafts with the first, chaining it.
+    pub layers: usize,
+    /// The heads' FFN is a Mixture-of-Experts of the model's MoE shape (else dense, `hidden_dim`).
+    pub moe: bool,
+}
+
+/// Most MTP heads a file may declare.
+pub const MAX_MTP_LAYERS: usize = 16;
 
 /// Largest dimension accepted from a file: guards allocations against hostile headers.
 pub const MAX_DIM: usize = 1 << 20;
@@ -336,6 +356,14 @@ impl ModelConfig {
             }
             if m.moe_layers.len() != self.n_layers {
                 return bad("moe.moe_layers", format!("{} entries for {} layers", m.moe_layers.len(), self.n_layers));
+            }
+        }
+        if let Some(m) = &self.mtp {
+            if m.layers == 0 || m.layers > MAX_MTP_LAYERS {
+                return bad("mtp.layers", format!("{} is out of range 1..={MAX_MTP_LAYERS}", m.layers));
+            }
+            if m.moe && self.moe.is_none() {
+                return bad("mtp.moe", "an MoE head in a model without MoE settings".into());
             }
         }
         Ok(())

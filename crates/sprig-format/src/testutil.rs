@@ -26,5 +26,6 @@ pub fn tiny_config() -> ModelConfig {
         moe: None,
         attn_scale: None,
         final_logit_softcap: None,
+        mtp: None,
     }
 }

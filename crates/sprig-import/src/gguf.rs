@@ -6,7 +6,7 @@ use std::path::Path;
 
 use memmap2::Mmap;
 use sprig_format::arch::{self, Arch, ArchRules};
-use sprig_format::config::{AttentionKind, ModelConfig, MoeConfig, RopeLayout, RopeScaling, RouterScoring};
+use sprig_format::config::{AttentionKind, ModelConfig, MoeConfig, MtpConfig, RopeLayout, RopeScaling, RouterScoring};
 use sprig_format::ContainerWriter;
 use sprig_quant::ggml::GgmlType;
 use sprig_tokenizer::{hf as hftok, token_type, SpecialTokens, TokenizerSpec};
@@ -337,6 +337,7 @@ fn attention_from_gguf(
     k: &dyn Fn(&str) -> String,
     rules: &ArchRules,
     n_layers: usize,
+    blocks: usize,
 ) -> Result<Vec<AttentionKind>> {
     let Some(window) = g.get(&k("attention.sliding_window")).and_then(|v| v.as_u64()).map(|v| v as usize) else {
         if rules.sliding_every.is_some() {
@@ -347,10 +348,11 @@ fn attention_from_gguf(
     let key = k("attention.sliding_window_pattern");
     match g.get(&key) {
         Some(v) => match (v.as_array(), v.as_u64()) {
-            (Some(a), _) if a.len() != n_layers => {
+            // One entry per block, MTP layers included, or per layer.
+            (Some(a), _) if a.len() != n_layers && a.len() != blocks => {
                 Err(invalid(format!("GGUF: `{key}` has {} entries for {n_layers} layers", a.len())))
             }
-            (Some(a), _) => a
+            (Some(a), _) => a[..n_layers]
                 .iter()
                 .map(|v| match v.as_bool() {
                     Some(true) => Ok(AttentionKind::Sliding { window }),
@@ -381,7 +383,13 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     let rules = arch.rules();
     let k = |s: &str| format!("{name}.{s}");
     let dim = g.req_u(&k("embedding_length"))?;
-    let n_layers = g.req_u(&k("block_count"))?;
+    // MTP ("nextn") layers are counted in block_count and come last (llama.cpp's GLM-4.5 / DeepSeek layout).
+    let blocks = g.req_u(&k("block_count"))?;
+    let nextn = g.get(&k("nextn_predict_layers")).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    if nextn >= blocks {
+        return Err(invalid(format!("GGUF: `{}` = {nextn} leaves no layers of {blocks} blocks", k("nextn_predict_layers"))));
+    }
+    let n_layers = blocks - nextn;
     let n_heads = g.req_u(&k("attention.head_count"))?;
     let n_kv_heads =
         g.get(&k("attention.head_count_kv")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(n_heads);
@@ -390,7 +398,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
     let hidden_dim = g.get(&k("feed_forward_length")).and_then(|v| v.as_u64()).map(|v| v as usize).unwrap_or(0);
     let tokens = g.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len());
     let vocab_size = g.get(&k("vocab_size")).and_then(|v| v.as_u64()).map(|v| v as usize).or(tokens).unwrap_or(0);
-    let attention = attention_from_gguf(g, &k, rules, n_layers)?;
+    let attention = attention_from_gguf(g, &k, rules, n_layers, blocks)?;
     let moe = match g.get(&k("expert_count")).and_then(|v| v.as_u64()) {
         Some(n) if n > 0 => {
             let top_k = g.req_u(&k("expert_used_count"))?;
@@ -461,6 +469,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         moe,
         attn_scale: None,
         final_logit_softcap: g.opt_f(&k("final_logit_softcapping")).map(|v| v as f32),
+        mtp: (nextn > 0).then(|| MtpConfig {
+            layers: nextn,
+            moe: g.tensor(&format!("blk.{n_layers}.ffn_gate_inp.weight")).is_some(),
+        }),
     };
     cfg.validate()?;
     Ok(cfg)
@@ -521,6 +533,21 @@ pub fn tokenizer_from_gguf(g: &GgufFile) -> Result<TokenizerSpec> {
     }
 }
 
+/// An MTP head's `eh_proj` (`[dim, 2 dim]`: the normalised token embedding's columns, then the hidden
+/// state's) stored as its two halves, so the head adds two products instead of concatenating its inputs.
+fn split_eh_proj(sink: &mut Sink, prefix: &str, ty: GgmlType, shape: &[usize], data: &[u8], dim: usize) -> Result<()> {
+    if shape != [dim, 2 * dim] {
+        return Err(invalid(format!("GGUF: `{prefix}.nextn.eh_proj.weight` is {shape:?}, expected [{dim}, {}]", 2 * dim)));
+    }
+    let mut f = vec![0.0; 2 * dim * dim];
+    sprig_quant::ggml::dequantize(ty, data, &mut f);
+    for (half, part) in ["embd", "hidden"].into_iter().enumerate() {
+        let cols: Vec<f32> = f.chunks_exact(2 * dim).flat_map(|row| &row[half * dim..(half + 1) * dim]).copied().collect();
+        sink.add_f32(&format!("{prefix}.nextn.eh_proj_{part}.weight"), &[dim, dim], &cols);
+    }
+    Ok(())
+}
+
 pub fn import(path: &Path, opts: &ImportOptions, progress: Progress) -> Result<Imported> {
     let g = GgufFile::open(path)?;
     import_file(&g, opts, progress)
@@ -553,6 +580,12 @@ pub fn import_file(g: &GgufFile, opts: &ImportOptions, progress: Progress) -> Re
         }
         if shape.len() > 3 {
             return Err(invalid(format!("GGUF: tensor `{}` has {} dims", t.name, shape.len())));
+        }
+        if let Some(prefix) = t.name.strip_suffix(".nextn.eh_proj.weight") {
+            split_eh_proj(&mut sink, prefix, t.ty, &shape, g.tensor_data(t), config.dim)?;
+            g.release(t);
+            progress(i + 1, total);
+            continue;
         }
         sink.add_ggml(&t.name, t.ty, &shape, g.tensor_data(t));
         g.release(t);

@@ -87,6 +87,7 @@ pub fn config_from_hf(c: &Value) -> Result<ModelConfig> {
         moe: moe_from_hf(c, rules, n_layers)?,
         attn_scale: c.get("query_pre_attn_scalar").and_then(|v| v.as_f64()).map(|s| (1.0 / s.sqrt()) as f32),
         final_logit_softcap: c.get("final_logit_softcapping").and_then(|v| v.as_f64()).map(|v| v as f32),
+        mtp: None,
     };
     cfg.validate()?;
     Ok(cfg)

@@ -229,6 +229,7 @@ pub fn import_bytes(bytes: &[u8], tok_bytes: &[u8], opts: &ImportOptions, progre
         moe: None,
         attn_scale: None,
         final_logit_softcap: None,
+        mtp: None,
     };
     config.validate()?;
     let spec = read_tokenizer(tok_bytes, v)?;

@@ -38,6 +38,21 @@ pub struct SynthSpec {
     pub vocab: Option<usize>,
     /// Trained context length written to the file.
     pub context: usize,
+    /// A multi-token-prediction head after the layers (GGUF only: `nextn_predict_layers` = 1).
+    pub mtp: Option<SynthMtp>,
+}
+
+/// The MTP head the generator writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynthMtp {
+    /// A block of random weights (its drafts are mostly rejected: exactness tests).
+    Random,
+    /// A head that predicts what the model itself would (for a one-layer model): its block is a copy of
+    /// layer 0, `eh_proj` passes the token's embedding through and ignores the hidden state, the norms are the
+    /// model's, and the embedding rows are scaled to RMS 1 (so `enorm` changes nothing). Its draft for
+    /// position `p + 2` is then the model's own prediction from the tokens after position 0 — most are
+    /// accepted, and a wrong position, token or cache shows as rejections.
+    Mirror,
 }
 
 /// Mixture-of-Experts FFNs for the generator.
@@ -101,6 +116,7 @@ impl SynthSpec {
             moe: None,
             vocab: None,
             context: 256,
+            mtp: None,
         }
     }
     /// A small MoE model (8 experts, top-2, a dense first layer) of `arch`'s MoE form: its own for the MoE
@@ -293,6 +309,48 @@ fn moe_weights(
     }
 }
 
+/// The MTP head's tensors as layer `n_layers`: its block with HF names (mapped and stacked on writing like
+/// the layers'), its own tensors with their GGUF names.
+fn mtp_weights(s: &SynthSpec, kind: SynthMtp, trunk: &[(String, Vec<usize>, Vec<f32>)], vocab: usize) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let (d, l) = (s.dim, s.n_layers);
+    // The block: layer 0 of the model (mirror) or of a one-layer model of another seed, MoE when the model is.
+    let block: Vec<_> = match kind {
+        SynthMtp::Mirror => trunk.iter().filter(|t| t.0.starts_with("model.layers.0.")).cloned().collect(),
+        SynthMtp::Random => {
+            let moe = s.moe.clone().map(|m| SynthMoe { leading_dense: 0, ..m });
+            let one = SynthSpec { n_layers: 1, seed: s.seed ^ 0x6d7470, moe, mtp: None, ..s.clone() };
+            synth_weights(&one, vocab).into_iter().filter(|t| t.0.starts_with("model.layers.0.")).collect()
+        }
+    };
+    let mut out: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (name, shape, w) in block {
+        out.push((name.replacen("model.layers.0.", &format!("model.layers.{l}."), 1), shape, w));
+    }
+    let norm = |seed: u64| -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..d).map(|_| 1.0 + rng.gen_range(-0.2..0.2)).collect()
+    };
+    let output_norm = trunk.iter().find(|t| t.0 == "model.norm.weight").expect("norm").2.clone();
+    let (enorm, hnorm, eh, head_norm) = match kind {
+        SynthMtp::Mirror => {
+            let eh: Vec<f32> = (0..d * 2 * d).map(|i| if i % (2 * d) == i / (2 * d) { 1.0 } else { 0.0 }).collect();
+            (vec![1.0; d], vec![1.0; d], eh, output_norm)
+        }
+        SynthMtp::Random => {
+            let mut rng = StdRng::seed_from_u64(s.seed ^ 0xe4);
+            let ws = 1.0 / (2.0 * d as f32).sqrt();
+            let eh = (0..d * 2 * d).map(|_| rng.gen_range(-ws..ws)).collect();
+            (norm(s.seed ^ 1), norm(s.seed ^ 2), eh, norm(s.seed ^ 3))
+        }
+    };
+    let p = format!("blk.{l}.nextn");
+    out.push((format!("{p}.enorm.weight"), vec![d], enorm));
+    out.push((format!("{p}.hnorm.weight"), vec![d], hnorm));
+    out.push((format!("{p}.eh_proj.weight"), vec![d, 2 * d], eh));
+    out.push((format!("{p}.shared_head_norm.weight"), vec![d], head_norm));
+    out
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HfDtype {
     F32,
@@ -302,6 +360,9 @@ pub enum HfDtype {
 
 /// Writes an HF directory; `shards > 1` splits the weights over several safetensors files.
 pub fn write_hf_dir(s: &SynthSpec, dir: &Path, dtype: HfDtype, shards: usize) -> Result<()> {
+    if s.mtp.is_some() {
+        return Err(invalid("the generator writes MTP heads to GGUF files only"));
+    }
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let v = synth_vocab(s.vocab);
     let mut config = json!({
@@ -483,6 +544,12 @@ impl GgufWriter {
         let dims = shape.iter().rev().map(|&d| d as u64).collect();
         self.tensors.push((name.into(), dims, ty, bytes));
     }
+    /// Drops a tensor already added (tests that replace one with a malformed one).
+    pub fn remove_tensor(&mut self, name: &str) -> bool {
+        let before = self.tensors.len();
+        self.tensors.retain(|t| t.0 != name);
+        self.tensors.len() < before
+    }
     pub fn tensor_f32(&mut self, name: &str, shape: &[usize], v: &[f32]) {
         self.tensor(name, shape, 0, bytemuck::cast_slice(v).to_vec());
     }
@@ -551,6 +618,10 @@ pub fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
             g.u32(&format!("{a}.attention.sliding_window_pattern"), every as u32);
         }
     }
+    if s.mtp.is_some() {
+        g.u32(&format!("{a}.block_count"), s.n_layers as u32 + 1);
+        g.u32(&format!("{a}.nextn_predict_layers"), 1);
+    }
     g.str("tokenizer.ggml.model", "gpt2");
     g.str("tokenizer.ggml.pre", "gpt-2");
     g.strs("tokenizer.ggml.tokens", &v.tokens);
@@ -575,13 +646,29 @@ pub fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     }
     // Per-expert tensors are stacked into GGUF's 3-D [experts, rows, cols] tensors.
     let mut stacks: std::collections::BTreeMap<String, (Vec<usize>, Vec<Vec<f32>>)> = Default::default();
-    for (name, shape, w) in synth_weights(s, v.tokens.len()) {
+    let mut trunk = synth_weights(s, v.tokens.len());
+    if s.mtp == Some(SynthMtp::Mirror) {
+        if s.n_layers != 1 || s.moe.is_some() {
+            return Err(invalid("a mirror MTP head needs a one-layer dense model"));
+        }
+        let embd = &mut trunk.iter_mut().find(|t| t.0 == "model.embed_tokens.weight").expect("embedding").2;
+        for row in embd.chunks_exact_mut(s.dim) {
+            let rms = (row.iter().map(|x| x * x).sum::<f32>() / s.dim as f32).sqrt();
+            row.iter_mut().for_each(|x| *x /= rms);
+        }
+    }
+    let mtp = match s.mtp {
+        None => Vec::new(),
+        Some(kind) => mtp_weights(s, kind, &trunk, v.tokens.len()),
+    };
+    for (name, shape, w) in trunk.into_iter().chain(mtp) {
         if let Some((stacked, _)) = arch::hf_expert_tensor_name(&name) {
             let entry = stacks.entry(stacked).or_insert_with(|| (shape.clone(), Vec::new()));
             entry.1.push(w);
             continue;
         }
-        let native = arch::hf_tensor_name(&name, s.arch).expect("synthetic names map");
+        // MTP tensors come with their GGUF names.
+        let native = if name.starts_with("blk.") { name.clone() } else { arch::hf_tensor_name(&name, s.arch).expect("synthetic names map") };
         // GGUF keeps the shared-expert gate as a vector.
         let shape = if native.ends_with("ffn_gate_inp_shexp.weight") { vec![shape[1]] } else { shape };
         let w = if rules.gguf_qk_permuted && native.ends_with("attn_q.weight") {

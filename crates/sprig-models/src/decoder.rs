@@ -66,6 +66,25 @@ enum Ffn<B: Backend> {
     },
 }
 
+/// A multi-token-prediction head ([`sprig_format::MtpConfig`]): from the model's hidden state at position `p`
+/// (after the final norm) and the embedding of the token at `p + 1`, one block with its own KV cache predicts
+/// the token at `p + 2`. Drafting chains it: its own normalised output stands in for the next hidden state.
+struct MtpHead<B: Backend> {
+    /// `[1, dim]` norms of the token's embedding and of the hidden state.
+    enorm: B::Weight,
+    hnorm: B::Weight,
+    /// `[dim, dim]` each: the two column halves of `eh_proj`, applied to the normalised embedding and hidden
+    /// state and summed (= `eh_proj · [enorm(e); hnorm(h)]`).
+    eh_embd: B::Weight,
+    eh_hidden: B::Weight,
+    block: Layer<B>,
+    /// `[1, dim]` norm before the output projection.
+    head_norm: B::Weight,
+    /// `[vocab, dim]` own output projection and embedding table, when the file has them (else the model's).
+    head: Option<B::Weight>,
+    embd: Option<B::Weight>,
+}
+
 /// `x += norm(y)` with a post-norm (Gemma), else `x += y`; `scratch` holds the normalised `y`.
 fn residual<B: Backend>(
     b: &B,
@@ -94,12 +113,17 @@ pub struct Model<B: Backend> {
     output: Option<B::Weight>,
     output_norm: B::Weight,
     layers: Vec<Layer<B>>,
+    /// The file's first MTP head, if it has one.
+    mtp: Option<MtpHead<B>>,
     /// How states made from now on store keys and values (int8 when set: [`Model::set_kv_dtype`]).
     kv_q8: std::sync::atomic::AtomicBool,
 }
 
 /// Sees each linear layer's input: the names of the weights that read it, and the activations.
 pub type LinearInputObserver<'a> = dyn FnMut(&[&str], &[f32]) + 'a;
+
+/// Shows a layer's linear inputs to a [`LinearInputObserver`]: the tensor, the layer, the weights' names.
+type ShowInput<'a, B> = dyn FnMut(&B, &<B as Backend>::Tensor, usize, &[&str]) -> Result<()> + 'a;
 
 /// Which positions' logits a forward pass produces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +168,8 @@ pub struct Scratch<B: Backend> {
     shared: B::Tensor,
     /// The last row of `x`, `[1, dim]` (logits of the last token only).
     last: B::Tensor,
+    /// Every row of `x` after the final norm, `[T, dim]` (kept for an MTP head; an MTP pass's last row).
+    hidden: B::Tensor,
     /// Logits of the last forward pass: `[1 or T, vocab]`.
     logits: B::Tensor,
 }
@@ -168,6 +194,7 @@ impl<B: Backend> Scratch<B> {
             router: b.tensor(),
             shared: b.tensor(),
             last: b.tensor(),
+            hidden: b.tensor(),
             logits: b.tensor(),
         }
     }
@@ -202,6 +229,34 @@ pub struct State<B: Backend> {
     /// Per layer (`None` for dense layers): the MoE layer's counters and scratch, accumulated over this
     /// sequence's forward passes (read them with [`Model::moe_usage`]).
     moe: Vec<Option<B::MoeState>>,
+    /// The MTP head's state, once [`Model::enable_mtp`] made it: every forward pass then also runs the head
+    /// over the pass's hidden states, so that it can draft after the pass.
+    mtp: Option<MtpState<B>>,
+    /// Position of the first token of the last forward pass (row 0 of `s.hidden`).
+    pass_start: usize,
+}
+
+/// An MTP head's cache beside a sequence's: slot `j` holds the head's keys and values for the model's hidden
+/// state at position `offset + j` with the token after it. It starts where the sequence was when the head last
+/// lost track (enabled late, a restored session, a context shift): drafts are then worse, never wrong.
+struct MtpState<B: Backend> {
+    kv: B::KvCache,
+    /// Slots in `kv` (the head's next position).
+    pos: usize,
+    max_context: usize,
+    /// The sequence position of slot 0.
+    offset: usize,
+    /// Sequence position of `pending_h`: the last hidden state, whose next token comes with the next pass.
+    pending: Option<usize>,
+    /// `[1, dim]`
+    pending_h: B::Tensor,
+    /// The hidden states of the head's pass `[rows, dim]`, and a scratch copy.
+    h_in: B::Tensor,
+    h_tmp: B::Tensor,
+    s: Scratch<B>,
+    /// The head's MoE state (when its FFN is MoE).
+    moe: Option<B::MoeState>,
+    logits: Vec<f32>,
 }
 
 /// Buffers of batched decode steps ([`Model::forward_batch`]): one token of each of several sequences per
@@ -263,7 +318,8 @@ impl<B: Backend> Model<B> {
         // Long-context scaling applies to global layers (Gemma 3's local layers keep their own base).
         let rope_global = RopeParams::new(0, hd, c.rope_theta, c.rope_scaling.as_ref(), c.rope_layout);
         let rope_local = RopeParams::new(0, hd, c.rope_theta_local.unwrap_or(c.rope_theta), None, c.rope_layout);
-        for i in 0..c.n_layers {
+        // Layer `i` (the MTP head's block is layer `n_layers`), with an MoE FFN or a dense one.
+        let load_layer = |i: usize, moe_ffn: bool, kind: AttentionKind| -> Result<Layer<B>> {
             let n = |s: &str| format!("blk.{i}.{s}");
             let bias = match opt(&n("attn_q.bias"), 1, qd)? {
                 Some(bq) => Some([bq, load(&n("attn_k.bias"), 1, kvd)?, load(&n("attn_v.bias"), 1, kvd)?]),
@@ -284,7 +340,7 @@ impl<B: Backend> Model<B> {
                 })
             };
             let ffn = match &c.moe {
-                Some(m) if m.moe_layers[i] => {
+                Some(m) if moe_ffn => {
                     let (ne, eh) = (m.n_experts, m.expert_hidden_dim);
                     let shared = match m.shared_expert_hidden_dim {
                         Some(sh) => Some((glu("ffn", "_shexp", sh)?, opt(&n("ffn_gate_inp_shexp.weight"), 1, d)?)),
@@ -309,11 +365,11 @@ impl<B: Backend> Model<B> {
                 }
                 _ => Ffn::Dense(glu("ffn", "", c.hidden_dim)?),
             };
-            let (window, rope) = match c.attention[i] {
+            let (window, rope) = match kind {
                 AttentionKind::Global => (None, &rope_global),
                 AttentionKind::Sliding { window } => (Some(window), &rope_local),
             };
-            layers.push(Layer {
+            Ok(Layer {
                 attn_norm: load(&n("attn_norm.weight"), 1, d)?,
                 wq: load(&n("attn_q.weight"), qd, d)?,
                 wk: load(&n("attn_k.weight"), kvd, d)?,
@@ -333,9 +389,30 @@ impl<B: Backend> Model<B> {
                     window,
                 },
                 rope: rope.clone(),
-            });
+            })
+        };
+        for i in 0..c.n_layers {
+            let moe_ffn = c.moe.as_ref().is_some_and(|m| m.moe_layers[i]);
+            layers.push(load_layer(i, moe_ffn, c.attention[i])?);
         }
-        Ok(Model { config: c, file, backend, embd, output, output_norm, layers, kv_q8: Default::default() })
+        let mtp = match &c.mtp {
+            None => None,
+            Some(m) => {
+                let l = c.n_layers;
+                let n = |s: &str| format!("blk.{l}.nextn.{s}");
+                Some(MtpHead {
+                    enorm: load(&n("enorm.weight"), 1, d)?,
+                    hnorm: load(&n("hnorm.weight"), 1, d)?,
+                    eh_embd: load(&n("eh_proj_embd.weight"), d, d)?,
+                    eh_hidden: load(&n("eh_proj_hidden.weight"), d, d)?,
+                    block: load_layer(l, m.moe, AttentionKind::Global)?,
+                    head_norm: load(&n("shared_head_norm.weight"), 1, d)?,
+                    head: opt(&n("shared_head_head.weight"), c.vocab_size, d)?,
+                    embd: opt(&n("embed_tokens.weight"), c.vocab_size, d)?,
+                })
+            }
+        };
+        Ok(Model { config: c, file, backend, embd, output, output_norm, layers, mtp, kv_q8: Default::default() })
     }
 
     /// A fresh sequence state holding up to `max_context` positions (0 = the model's trained context). Fails
@@ -351,7 +428,48 @@ impl<B: Backend> Model<B> {
             kv_dtype: layout.dtype,
             s: Scratch::new(b),
             moe: self.moe_states()?,
+            mtp: None,
+            pass_start: 0,
         })
+    }
+
+    /// Whether the model has an MTP head to draft with.
+    pub fn has_mtp(&self) -> bool {
+        self.mtp.is_some()
+    }
+
+    /// Gives `st` the MTP head's state (its own KV cache of `st`'s context; nothing when it has one): from
+    /// the next forward pass on, [`Model::mtp_draft`] can draft. Fails on a model without an MTP head.
+    pub fn enable_mtp(&self, st: &mut State<B>) -> Result<()> {
+        let head = self.mtp.as_ref().ok_or(ModelError::NoMtpHead)?;
+        if st.mtp.is_some() {
+            return Ok(());
+        }
+        let b = &*self.backend;
+        let layout = KvLayout { windows: vec![None], ..self.state_kv_layout(st) };
+        let moe = match &head.block.ffn {
+            Ffn::Moe { params, .. } => Some(b.moe_state(params)?),
+            Ffn::Dense(_) => None,
+        };
+        st.mtp = Some(MtpState {
+            kv: b.kv_cache(&layout)?,
+            pos: 0,
+            max_context: st.max_context,
+            offset: st.pos,
+            pending: None,
+            pending_h: b.tensor(),
+            h_in: b.tensor(),
+            h_tmp: b.tensor(),
+            s: Scratch::new(b),
+            moe,
+            logits: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Drops `st`'s MTP head state (its forward passes stop feeding the head).
+    pub fn disable_mtp(&self, st: &mut State<B>) {
+        st.mtp = None;
     }
 
     /// Buffers for [`Model::forward_batch`].
@@ -432,6 +550,10 @@ impl<B: Backend> Model<B> {
             b.kv_write(&mut st.kv, l, lo, &k, &v)?;
         }
         st.pos = to;
+        // The MTP head's cache no longer matches the positions: it restarts with the next pass.
+        if let Some(m) = st.mtp.as_mut() {
+            m.pending = None;
+        }
         Ok(())
     }
 
@@ -471,6 +593,17 @@ impl<B: Backend> Model<B> {
             }
         }
         st.pos = to;
+        // The MTP head keeps what it took of the kept positions; the last kept hidden state is pending again.
+        if let Some(m) = st.mtp.as_mut() {
+            match to.checked_sub(1) {
+                Some(last) if last >= st.pass_start && last >= m.offset => {
+                    self.backend.rows(&st.s.hidden, last - st.pass_start, 1, &mut m.pending_h)?;
+                    m.pending = Some(last);
+                    m.pos = last - m.offset;
+                }
+                _ => m.pending = None,
+            }
+        }
         Ok(())
     }
 
@@ -489,9 +622,15 @@ impl<B: Backend> Model<B> {
         mode: Logits,
         observe: Option<&mut LinearInputObserver>,
     ) -> Result<()> {
-        let State { pos, max_context, kv, s, moe, .. } = st;
+        let State { pos, max_context, kv, s, moe, mtp, pass_start, .. } = st;
+        let a = *pos;
         let mut seqs = [Seq { kv, pos, max_context: *max_context, rows: tokens.len() }];
-        self.forward_seqs(s, moe, &mut seqs, tokens, mode, observe)
+        self.forward_seqs(s, moe, &mut seqs, tokens, mode, mtp.is_some(), observe)?;
+        *pass_start = a;
+        match mtp {
+            Some(m) => self.mtp_catch_up(m, &s.hidden, 0, a, tokens),
+            None => Ok(()),
+        }
     }
 
     /// One decode step of several sequences at once: `tokens[i]` continues `states[i]`. The linear layers run
@@ -505,12 +644,25 @@ impl<B: Backend> Model<B> {
                 detail: format!("{} tokens for {} sequences", tokens.len(), states.len()),
             }));
         }
-        let mut seqs: Vec<Seq<'_, B>> = states
-            .iter_mut()
-            .map(|st| Seq { kv: &mut st.kv, pos: &mut st.pos, max_context: st.max_context, rows: 1 })
-            .collect();
+        let keep_hidden = states.iter().any(|st| st.mtp.is_some());
         let Batch { s, moe } = batch;
-        self.backend.run(|| self.forward_seqs(s, moe, &mut seqs, tokens, Logits::All, None))
+        self.backend.run(|| {
+            let mut seqs: Vec<Seq<'_, B>> = states
+                .iter_mut()
+                .map(|st| Seq { kv: &mut st.kv, pos: &mut st.pos, max_context: st.max_context, rows: 1 })
+                .collect();
+            self.forward_seqs(s, moe, &mut seqs, tokens, Logits::All, keep_hidden, None)?;
+            drop(seqs);
+            // Each sequence's MTP head takes its row (its hidden state for the pass is row i).
+            for (i, st) in states.iter_mut().enumerate() {
+                // Its hidden state is in the batch's buffers, not the state's: nothing to roll back to.
+                st.pass_start = usize::MAX;
+                if let Some(m) = st.mtp.as_mut() {
+                    self.mtp_catch_up(m, &s.hidden, i, st.pos - 1, &tokens[i..i + 1])?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Copies the logits of the batch's last step to the host, `[sequences, vocab]`.
@@ -518,7 +670,9 @@ impl<B: Backend> Model<B> {
         Ok(self.backend.download(&batch.s.logits, out)?)
     }
 
-    /// The forward pass of `seqs`, whose tokens are consecutive rows of `tokens`.
+    /// The forward pass of `seqs`, whose tokens are consecutive rows of `tokens`; with `keep_hidden`, every
+    /// row's final-norm output stays in `st.hidden` (for MTP heads).
+    #[allow(clippy::too_many_arguments)]
     fn forward_seqs(
         &self,
         st: &mut Scratch<B>,
@@ -526,6 +680,7 @@ impl<B: Backend> Model<B> {
         seqs: &mut [Seq<'_, B>],
         tokens: &[u32],
         mode: Logits,
+        keep_hidden: bool,
         mut observe: Option<&mut LinearInputObserver>,
     ) -> Result<()> {
         let mut host = Vec::new();
@@ -557,77 +712,13 @@ impl<B: Backend> Model<B> {
         let eps = c.norm_eps;
         b.embed(&self.embd, tokens, c.embedding_scale.unwrap_or(1.0), &mut st.x)?;
         for (li, l) in self.layers.iter().enumerate() {
-            // Attention block.
-            b.rms_norm(&st.x, &l.attn_norm, eps, &mut st.xn)?;
-            show(b, &st.xn, li, &["attn_q", "attn_k", "attn_v"])?;
-            let bias = |i: usize| l.bias.as_ref().map(|x| &x[i]);
-            b.linear_many(
-                &st.xn,
-                &[(&l.wq, bias(0)), (&l.wk, bias(1)), (&l.wv, bias(2))],
-                &mut [&mut st.q, &mut st.k, &mut st.v],
-            )?;
-            if let Some([qn, kn]) = &l.qk_norm {
-                b.rms_norm(&st.q, qn, eps, &mut st.att)?;
-                std::mem::swap(&mut st.q, &mut st.att);
-                b.rms_norm(&st.k, kn, eps, &mut st.att)?;
-                std::mem::swap(&mut st.k, &mut st.att);
-            }
-            let (rope_q, rope_k) =
-                (RopeParams { n_heads: c.n_heads, ..l.rope.clone() }, RopeParams { n_heads: c.n_kv_heads, ..l.rope.clone() });
-            if let [q] = seqs {
-                b.rope(&mut st.q, *q.pos, &rope_q)?;
-                b.rope(&mut st.k, *q.pos, &rope_k)?;
-                b.attention(&st.q, &st.k, &st.v, q.kv, li, *q.pos, &l.attn, &mut st.att)?;
-            } else {
-                // Each sequence's rows at its own positions over its own cache, written back into the batch.
-                b.rows(&st.q, 0, tokens.len(), &mut st.att)?;
-                let mut row = 0;
-                for q in seqs.iter_mut() {
-                    b.rows(&st.q, row, q.rows, &mut st.seq_q)?;
-                    b.rows(&st.k, row, q.rows, &mut st.seq_k)?;
-                    b.rows(&st.v, row, q.rows, &mut st.seq_v)?;
-                    b.rope(&mut st.seq_q, *q.pos, &rope_q)?;
-                    b.rope(&mut st.seq_k, *q.pos, &rope_k)?;
-                    b.attention(&st.seq_q, &st.seq_k, &st.seq_v, q.kv, li, *q.pos, &l.attn, &mut st.seq_att)?;
-                    b.set_rows(&mut st.att, row, &st.seq_att)?;
-                    row += q.rows;
-                }
-            }
-            show(b, &st.att, li, &["attn_output"])?;
-            b.linear(&st.att, &l.wo, None, &mut st.proj)?;
-            residual(b, &mut st.x, &st.proj, l.post_attn_norm.as_ref(), eps, &mut st.xn)?;
-            // Feed-forward block.
-            b.rms_norm(&st.x, &l.ffn_norm, eps, &mut st.xn)?;
-            match &l.ffn {
-                Ffn::Dense(f) => {
-                    show(b, &st.xn, li, &["ffn_gate", "ffn_up"])?;
-                    f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.proj)?;
-                    show(b, &st.hid, li, &["ffn_down"])?;
-                }
-                Ffn::Moe { router, gate, up, down, shared, params } => {
-                    show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"])?;
-                    b.linear(&st.xn, router, None, &mut st.router)?;
-                    let experts = ExpertWeights { gate, up, down };
-                    let moe_state = moe[li]
-                        .as_mut()
-                        .ok_or(ModelError::ForeignState { layer: li })?;
-                    b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, moe_state)?;
-                    if let Some((f, gate_inp)) = shared {
-                        show(b, &st.xn, li, &["ffn_gate_shexp", "ffn_up_shexp"])?;
-                        f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.shared)?;
-                        show(b, &st.hid, li, &["ffn_down_shexp"])?;
-                        if let Some(g) = gate_inp {
-                            b.linear(&st.xn, g, None, &mut st.router)?;
-                            b.sigmoid_gate(&mut st.shared, &mut st.router)?;
-                        }
-                        b.add(&mut st.proj, &st.shared)?;
-                    }
-                }
-            }
-            residual(b, &mut st.x, &st.proj, l.post_ffn_norm.as_ref(), eps, &mut st.xn)?;
+            self.block(l, li, li, st, moe[li].as_mut(), seqs, tokens.len(), &mut show)?;
         }
         for q in seqs.iter_mut() {
             *q.pos += q.rows;
+        }
+        if keep_hidden {
+            b.rms_norm(&st.x, &self.output_norm, eps, &mut st.hidden)?;
         }
         let head_in = match mode {
             Logits::Last => {
@@ -642,6 +733,191 @@ impl<B: Backend> Model<B> {
             b.softcap(&mut st.logits, cap)?;
         }
         Ok(())
+    }
+
+    /// One transformer block over `st.x` (`rows` rows of `seqs`): layer `l` (named `blk.{li}` to `show`),
+    /// attending over layer `kv_layer` of each sequence's cache. Positions are not advanced.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        l: &Layer<B>,
+        li: usize,
+        kv_layer: usize,
+        st: &mut Scratch<B>,
+        moe: Option<&mut B::MoeState>,
+        seqs: &mut [Seq<'_, B>],
+        rows: usize,
+        show: &mut ShowInput<'_, B>,
+    ) -> Result<()> {
+        let c = &self.config;
+        let b = &*self.backend;
+        let eps = c.norm_eps;
+        // Attention block.
+        b.rms_norm(&st.x, &l.attn_norm, eps, &mut st.xn)?;
+        show(b, &st.xn, li, &["attn_q", "attn_k", "attn_v"])?;
+        let bias = |i: usize| l.bias.as_ref().map(|x| &x[i]);
+        b.linear_many(
+            &st.xn,
+            &[(&l.wq, bias(0)), (&l.wk, bias(1)), (&l.wv, bias(2))],
+            &mut [&mut st.q, &mut st.k, &mut st.v],
+        )?;
+        if let Some([qn, kn]) = &l.qk_norm {
+            b.rms_norm(&st.q, qn, eps, &mut st.att)?;
+            std::mem::swap(&mut st.q, &mut st.att);
+            b.rms_norm(&st.k, kn, eps, &mut st.att)?;
+            std::mem::swap(&mut st.k, &mut st.att);
+        }
+        let (rope_q, rope_k) =
+            (RopeParams { n_heads: c.n_heads, ..l.rope.clone() }, RopeParams { n_heads: c.n_kv_heads, ..l.rope.clone() });
+        if let [q] = seqs {
+            b.rope(&mut st.q, *q.pos, &rope_q)?;
+            b.rope(&mut st.k, *q.pos, &rope_k)?;
+            b.attention(&st.q, &st.k, &st.v, q.kv, kv_layer, *q.pos, &l.attn, &mut st.att)?;
+        } else {
+            // Each sequence's rows at its own positions over its own cache, written back into the batch.
+            b.rows(&st.q, 0, rows, &mut st.att)?;
+            let mut row = 0;
+            for q in seqs.iter_mut() {
+                b.rows(&st.q, row, q.rows, &mut st.seq_q)?;
+                b.rows(&st.k, row, q.rows, &mut st.seq_k)?;
+                b.rows(&st.v, row, q.rows, &mut st.seq_v)?;
+                b.rope(&mut st.seq_q, *q.pos, &rope_q)?;
+                b.rope(&mut st.seq_k, *q.pos, &rope_k)?;
+                b.attention(&st.seq_q, &st.seq_k, &st.seq_v, q.kv, kv_layer, *q.pos, &l.attn, &mut st.seq_att)?;
+                b.set_rows(&mut st.att, row, &st.seq_att)?;
+                row += q.rows;
+            }
+        }
+        show(b, &st.att, li, &["attn_output"])?;
+        b.linear(&st.att, &l.wo, None, &mut st.proj)?;
+        residual(b, &mut st.x, &st.proj, l.post_attn_norm.as_ref(), eps, &mut st.xn)?;
+        // Feed-forward block.
+        b.rms_norm(&st.x, &l.ffn_norm, eps, &mut st.xn)?;
+        match &l.ffn {
+            Ffn::Dense(f) => {
+                show(b, &st.xn, li, &["ffn_gate", "ffn_up"])?;
+                f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.proj)?;
+                show(b, &st.hid, li, &["ffn_down"])?;
+            }
+            Ffn::Moe { router, gate, up, down, shared, params } => {
+                show(b, &st.xn, li, &["ffn_gate_inp", "ffn_gate_exps", "ffn_up_exps"])?;
+                b.linear(&st.xn, router, None, &mut st.router)?;
+                let experts = ExpertWeights { gate, up, down };
+                let moe_state = moe.ok_or(ModelError::ForeignState { layer: li })?;
+                b.moe(&st.xn, &st.router, &experts, params, &mut st.proj, moe_state)?;
+                if let Some((f, gate_inp)) = shared {
+                    show(b, &st.xn, li, &["ffn_gate_shexp", "ffn_up_shexp"])?;
+                    f.run(b, c.activation, &st.xn, [&mut st.gate, &mut st.up, &mut st.hid], &mut st.shared)?;
+                    show(b, &st.hid, li, &["ffn_down_shexp"])?;
+                    if let Some(g) = gate_inp {
+                        b.linear(&st.xn, g, None, &mut st.router)?;
+                        b.sigmoid_gate(&mut st.shared, &mut st.router)?;
+                    }
+                    b.add(&mut st.proj, &st.shared)?;
+                }
+            }
+        }
+        Ok(residual(b, &mut st.x, &st.proj, l.post_ffn_norm.as_ref(), eps, &mut st.xn)?)
+    }
+
+    /// Runs the MTP head over `m.h_in` (hidden states, `[tokens, dim]`) and `tokens` (each the token after
+    /// its hidden state's position) from slot `m.pos`; with `logits`, leaves the last row's normalised output
+    /// in `m.s.hidden` and its logits in `m.logits`.
+    fn mtp_forward(&self, head: &MtpHead<B>, m: &mut MtpState<B>, tokens: &[u32], logits: bool) -> Result<()> {
+        let c = &self.config;
+        let b = &*self.backend;
+        let eps = c.norm_eps;
+        let n = tokens.len();
+        if m.pos + n > m.max_context {
+            return Err(ModelError::ContextOverflow { pos: m.pos, new: n, ctx: m.max_context });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::BadToken { id, vocab: c.vocab_size });
+        }
+        let s = &mut m.s;
+        // x = eh_proj · [enorm(embed(t)); hnorm(h)], as two halves.
+        b.embed(head.embd.as_ref().unwrap_or(&self.embd), tokens, c.embedding_scale.unwrap_or(1.0), &mut s.att)?;
+        b.rms_norm(&s.att, &head.enorm, eps, &mut s.xn)?;
+        b.linear(&s.xn, &head.eh_embd, None, &mut s.x)?;
+        b.rms_norm(&m.h_in, &head.hnorm, eps, &mut s.xn)?;
+        b.linear(&s.xn, &head.eh_hidden, None, &mut s.proj)?;
+        b.add(&mut s.x, &s.proj)?;
+        let mut seqs = [Seq { kv: &mut m.kv, pos: &mut m.pos, max_context: m.max_context, rows: n }];
+        let mut no_show = |_: &B, _: &B::Tensor, _: usize, _: &[&str]| -> Result<()> { Ok(()) };
+        self.block(&head.block, c.n_layers, 0, s, m.moe.as_mut(), &mut seqs, n, &mut no_show)?;
+        m.pos += n;
+        if logits {
+            b.rows(&s.x, n - 1, 1, &mut s.last)?;
+            b.rms_norm(&s.last, &head.head_norm, eps, &mut s.hidden)?;
+            let out = head.head.as_ref().or(self.output.as_ref()).unwrap_or(&self.embd);
+            b.linear(&s.hidden, out, None, &mut s.logits)?;
+            if let Some(cap) = c.final_logit_softcap {
+                b.softcap(&mut s.logits, cap)?;
+            }
+            b.download(&s.logits, &mut m.logits)?;
+        }
+        Ok(())
+    }
+
+    /// After a pass of `tokens` from sequence position `a` whose hidden states are rows `row0 ..` of
+    /// `hidden`: the head's cache takes every hidden state whose next token is now known (the one pending
+    /// from the pass before, when it is `a - 1`'s, and all of this pass's but the last, which becomes pending).
+    fn mtp_catch_up(&self, m: &mut MtpState<B>, hidden: &B::Tensor, row0: usize, a: usize, tokens: &[u32]) -> Result<()> {
+        let Some(head) = self.mtp.as_ref() else { return Ok(()) };
+        let b = &*self.backend;
+        let n = tokens.len();
+        let cont = a > 0 && m.pending == Some(a - 1);
+        let run = if cont {
+            m.pos = a - 1 - m.offset;
+            // [pending; hidden rows of this pass but the last]
+            b.rows(hidden, row0, n, &mut m.h_in)?;
+            if n > 1 {
+                b.rows(hidden, row0, n - 1, &mut m.h_tmp)?;
+                b.set_rows(&mut m.h_in, 1, &m.h_tmp)?;
+            }
+            b.set_rows(&mut m.h_in, 0, &m.pending_h)?;
+            tokens
+        } else {
+            // Lost track (or the start): the head's cache restarts at this pass.
+            m.offset = a;
+            m.pos = 0;
+            if n > 1 {
+                b.rows(hidden, row0, n - 1, &mut m.h_in)?;
+            }
+            &tokens[1..]
+        };
+        b.rows(hidden, row0 + n - 1, 1, &mut m.pending_h)?;
+        m.pending = None;
+        if !run.is_empty() {
+            self.mtp_forward(head, m, run, false)?;
+        }
+        m.pending = Some(a + n - 1);
+        Ok(())
+    }
+
+    /// Up to `k` greedy drafts from `st`'s MTP head for the tokens after `next` (the token about to run at
+    /// `st.pos`), appended to `out`: none while the head has not seen the hidden state before `next` (it was
+    /// just enabled, or lost track). Fails on a state without the head ([`Model::enable_mtp`]).
+    pub fn mtp_draft(&self, st: &mut State<B>, next: u32, k: usize, out: &mut Vec<u32>) -> Result<()> {
+        let head = self.mtp.as_ref().ok_or(ModelError::NoMtpHead)?;
+        let m = st.mtp.as_mut().ok_or(ModelError::NoMtpHead)?;
+        if st.pos == 0 || m.pending != Some(st.pos - 1) {
+            return Ok(());
+        }
+        let b = &*self.backend;
+        self.backend.run(|| {
+            m.pos = st.pos - 1 - m.offset;
+            b.rows(&m.pending_h, 0, 1, &mut m.h_in)?;
+            let mut t = next;
+            for _ in 0..k.min(m.max_context.saturating_sub(m.pos)) {
+                self.mtp_forward(head, m, &[t], true)?;
+                t = crate::argmax(&m.logits);
+                out.push(t);
+                // Chained: the head's normalised output stands in for the model's next hidden state.
+                std::mem::swap(&mut m.h_in, &mut m.s.hidden);
+            }
+            Ok(())
+        })
     }
 
     /// Per layer (`None` for dense layers): tokens routed to each expert and expert bytes read over the

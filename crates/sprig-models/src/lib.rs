@@ -33,6 +33,20 @@ pub enum ModelError {
     ShiftUnavailable { layer: usize, position: usize },
     #[error("layer {layer}: the state was made for another model")]
     ForeignState { layer: usize },
+    #[error("this model has no multi-token-prediction (MTP) head: its file has no `nextn` layers")]
+    NoMtpHead,
 }
 
 pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// Index of the largest logit (first on ties, as llama2.c).
+pub fn argmax(x: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+

@@ -4,9 +4,18 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthMoe, SynthSpec};
+use sprig_import::synth::{write_gguf, write_hf_dir, HfDtype, SynthMoe, SynthMtp, SynthSpec};
 
 use crate::args::ArchArg;
+
+/// The multi-token-prediction head written after the layers (see `SynthMtp`).
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MtpArg {
+    /// Random weights.
+    Random,
+    /// A copy of a one-layer model's own layer: it drafts what the model would predict.
+    Mirror,
+}
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Format {
@@ -56,6 +65,9 @@ pub struct GenArgs {
     /// Vocabulary size (padded with filler tokens; at least the generator's 267).
     #[arg(long)]
     vocab: Option<usize>,
+    /// A multi-token-prediction head (GGUF `nextn` tensors; --format gguf).
+    #[arg(long, value_enum)]
+    mtp: Option<MtpArg>,
 }
 
 pub fn run(a: GenArgs) -> Result<()> {
@@ -110,6 +122,10 @@ pub fn run(a: GenArgs) -> Result<()> {
         moe,
         vocab: a.vocab,
         context: 256,
+        mtp: a.mtp.map(|m| match m {
+            MtpArg::Random => SynthMtp::Random,
+            MtpArg::Mirror => SynthMtp::Mirror,
+        }),
     };
     if spec.n_heads == 0
         || !spec.dim.is_multiple_of(spec.n_heads)

@@ -114,7 +114,7 @@ fn name_of(p: &Path) -> String {
 /// What makes each session's speculation, when asked for: the draft model is loaded once (and its tokenizer
 /// checked against the target's) and shared; each session gets its own drafter state.
 fn speculation_factory(a: &ServeArgs, target: &sprig_engine::AnyEngine) -> Result<Option<sprig_server::SpeculationFactory>> {
-    use sprig_engine::speculative::{DraftModel, PromptLookup, SpecMode, Speculation};
+    use sprig_engine::speculative::{DraftModel, MtpHead, PromptLookup, SpecMode, Speculation};
     let mode = match a.spec.spec {
         crate::args::SpecArg::Off => return Ok(None),
         crate::args::SpecArg::On => SpecMode::On,
@@ -124,6 +124,10 @@ fn speculation_factory(a: &ServeArgs, target: &sprig_engine::AnyEngine) -> Resul
     let ctx = a.load.ctx_size;
     if a.spec.lookup {
         return Ok(Some(std::sync::Arc::new(move || Ok(Speculation::new(Box::new(PromptLookup::default()), mode, max)))));
+    }
+    if a.spec.mtp {
+        crate::args::check_mtp(sprig_engine::with_engine!(target, |t| t.model.has_mtp()))?;
+        return Ok(Some(std::sync::Arc::new(move || Ok(Speculation::new(Box::new(MtpHead), mode, max)))));
     }
     let Some(path) = &a.spec.draft else { return Ok(None) };
     let draft = a.load.engine(path)?;

@@ -29,11 +29,12 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("../../tests/data")
 }
 
-/// A small synthetic model with a ChatML template, as a GGUF file.
+/// A small synthetic model with a ChatML template and a (random) MTP head, as a GGUF file.
 pub fn chat_model(dir: &Path) -> PathBuf {
+    use sprig_import::synth::{Arch, SynthMtp, SynthSpec};
     let p = dir.join("chat.gguf");
     // A context of 1024: a tools prompt in this byte-level vocabulary takes ~300 tokens.
-    let spec = sprig_import::synth::SynthSpec { context: 1024, ..sprig_import::synth::SynthSpec::tiny(sprig_import::synth::Arch::Qwen2) };
+    let spec = SynthSpec { context: 1024, mtp: Some(SynthMtp::Random), ..SynthSpec::tiny(Arch::Qwen2) };
     sprig_import::synth::write_gguf(&spec, &p).unwrap();
     p
 }

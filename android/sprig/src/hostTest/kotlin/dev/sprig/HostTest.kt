@@ -94,6 +94,7 @@ fun main(args: Array<String>) {
                 check(st.passes > 0 && (spec.draftModel == null || st.accepted == st.drafted)) { "$spec: $st" }
                 s.setSpeculation(null)
                 expectError(SprigStatus.INVALID_ARGUMENT, "max draft 0") { s.setSpeculation(Speculation(maxDraft = 0)) }
+                expectError(SprigStatus.INVALID_ARGUMENT, "no MTP head") { s.setSpeculation(Speculation(mtp = true)) }
             }
         }
 
@@ -279,6 +280,17 @@ fun main(args: Array<String>) {
                 model.shrinkPrefixCache(0L)
                 check(model.prefixCacheStats.blocks == 0L) { "shrink: ${model.prefixCacheStats}" }
             }
+        }
+        // The chat model's MTP head drafts; the text is plain decoding's.
+        val twenty = SamplingParams(temperature = 0f, maxTokens = 20)
+        val plainText = model.newSession().use { s -> Collect().also { s.generateStreaming("the cat", twenty, it) }.text.toString() }
+        model.newSession().use { s ->
+            s.setSpeculation(Speculation(mtp = true, mode = SpecMode.ON, maxDraft = 4))
+            val c = Collect()
+            s.generateStreaming("the cat", twenty, c)
+            check(c.text.toString() == plainText) { "MTP speculation changed the text:\n${c.text}\nvs\n$plainText" }
+            val st = s.speculationStats
+            check(st.passes > 0 && st.drafted > 0) { "MTP: $st" }
         }
         // Escalation: the teacher (the test's stub endpoint) answers through the same callback; an offline one
         // leaves the turn to the local model with the reason; bad settings throw.

@@ -216,7 +216,8 @@ internal object Native {
     @JvmStatic external fun modelPrefixCacheStats(model: Long): LongArray
     @JvmStatic external fun modelShrinkPrefixCache(model: Long, bytes: Long)
     @JvmStatic external fun sessionTrim(session: Long): Long
-    @JvmStatic external fun sessionSetSpeculation(session: Long, lookup: Boolean, draftModel: Long, mode: String, maxDraft: Int)
+    /** `drafter`: 0 off, 1 prompt lookup, 2 draft model, 3 MTP head (the C ABI's SPRIG_SPEC_* values). */
+    @JvmStatic external fun sessionSetSpeculation(session: Long, drafter: Int, draftModel: Long, mode: String, maxDraft: Int)
     @JvmStatic external fun sessionSpeculationStats(session: Long): LongArray
     @JvmStatic external fun sessionSetEscalation(
         session: Long, url: String?, model: String, apiKey: String?, policy: String, threshold: Float, window: Int,
@@ -247,9 +248,20 @@ enum class SpecMode { AUTO, ON }
 /**
  * Speculative decoding: a drafter proposes tokens that the model checks in one pass. [draftModel] `null` drafts
  * by prompt lookup (what followed the latest earlier occurrence of the last few tokens); otherwise a smaller
- * loaded model of the same tokenizer drafts. [maxDraft] (1..32): most tokens drafted per pass.
+ * loaded model of the same tokenizer drafts. [mtp] drafts with the model's own multi-token-prediction head
+ * instead (a file with GGUF `nextn` layers; [draftModel] must be `null`). [maxDraft] (1..32): most tokens
+ * drafted per pass.
  */
-data class Speculation(val draftModel: SprigModel? = null, val mode: SpecMode = SpecMode.AUTO, val maxDraft: Int = 8)
+data class Speculation(
+    val draftModel: SprigModel? = null,
+    val mode: SpecMode = SpecMode.AUTO,
+    val maxDraft: Int = 8,
+    val mtp: Boolean = false,
+) {
+    init {
+        require(!(mtp && draftModel != null)) { "an MTP head or a draft model, not both" }
+    }
+}
 
 /** What a session's speculative decoding did: drafted and accepted tokens, verification passes, the tokens they
  *  produced, and whether [SpecMode.AUTO] switched it off. */
@@ -354,9 +366,13 @@ class SprigSession internal constructor(private val handle: Long) : AutoCloseabl
      */
     fun setSpeculation(speculation: Speculation?) {
         val s = speculation
-        Native.sessionSetSpeculation(
-            handle, s != null && s.draftModel == null, s?.draftModel?.handle ?: 0L, (s?.mode ?: SpecMode.AUTO).name, s?.maxDraft ?: 8
-        )
+        val drafter = when {
+            s == null -> 0
+            s.mtp -> 3
+            s.draftModel != null -> 2
+            else -> 1
+        }
+        Native.sessionSetSpeculation(handle, drafter, s?.draftModel?.handle ?: 0L, (s?.mode ?: SpecMode.AUTO).name, s?.maxDraft ?: 8)
     }
 
     /**
