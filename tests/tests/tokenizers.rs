@@ -63,3 +63,62 @@ fn smollm2_chatml_prompt_matches_llama_cpp() {
     assert!(text.contains("What is the capital of France? Answer in one word. 1234 café 🙂"), "{text}");
     assert!(!text.contains("<|im_start|>"));
 }
+
+/// The fast `tokenizer.json` reader (one typed pass, used at every start) against the `tokenizers` crate's own:
+/// the same bytes for every token, the same added tokens and flags, the same ids for varied text. On the
+/// registry's byte-level vocabularies (SmolLM2's, Qwen2.5's 151k) and on generated ones (an HF directory's
+/// file and one converted from GGUF).
+#[test]
+fn fast_tokenizer_json_reader_matches_the_tokenizers_crate() {
+    use sprig_tokenizer::hf::HfTokenizer;
+    use sprig_tokenizer::TokenizerSpec;
+    let hf_json = |file: &std::path::Path| -> String {
+        let f = open(file, None, sprig_import::QuantChoice::Keep);
+        match serde_json::from_str::<TokenizerSpec>(&f.tokenizer_json).unwrap() {
+            TokenizerSpec::HuggingFace { tokenizer_json, .. } => tokenizer_json,
+            _ => panic!("{} has no HF tokenizer", file.display()),
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("sprig-fast-tok-{}", std::process::id()));
+    let synth = sprig_import::synth::SynthSpec::tiny(sprig_import::synth::Arch::Qwen2);
+    sprig_import::synth::write_hf_dir(&synth, &dir, sprig_import::synth::HfDtype::F32, 1).unwrap();
+    let gguf = dir.join("m.gguf");
+    sprig_import::synth::write_gguf(&synth, &gguf).unwrap();
+    let cases = [
+        ("smollm2", hf_json(&registry_model("smollm2-135m-instruct"))),
+        ("qwen2.5-coder-0.5b", hf_json(&registry_model("qwen2.5-coder-0.5b-instruct"))),
+        ("generated HF directory", std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()),
+        ("generated GGUF", hf_json(&gguf)),
+    ];
+    let texts = [
+        "Hello, world! 1234567 — naïve café 🙂 ok",
+        "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n\t  trailing   ",
+        "<|im_start|>user\nthe cat<|im_end|> <|endoftext|>",
+        "日本語のテキストと中文 and ΑΒΓ, \u{0}\u{7f} control",
+        "",
+    ];
+    for (what, json) in cases {
+        let mut fast = HfTokenizer::from_json_fast(&json).unwrap_or_else(|| panic!("{what}: the fast reader declined"));
+        let mut slow = HfTokenizer::from_json_generic(&json).unwrap();
+        assert_eq!(fast.is_byte_level(), slow.is_byte_level(), "{what}");
+        assert_eq!(fast.strips_leading_space(), slow.strips_leading_space(), "{what}");
+        let sorted = |t: &HfTokenizer| {
+            let mut a = t.added_tokens().to_vec();
+            a.sort();
+            a
+        };
+        assert_eq!(sorted(&fast), sorted(&slow), "{what}: added tokens");
+        let (fb, sb) = (fast.all_token_bytes(), slow.all_token_bytes());
+        assert_eq!(fb.len(), sb.len(), "{what}: vocabulary size");
+        if let Some(i) = (0..fb.len()).find(|&i| fb[i] != sb[i]) {
+            panic!("{what}: token {i} decodes to {:?} vs {:?}", fb[i], sb[i]);
+        }
+        for text in texts {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            fast.encode(text, &mut a).unwrap();
+            slow.encode(text, &mut b).unwrap();
+            assert_eq!(a, b, "{what}: {text:?}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -179,6 +179,11 @@ fn hf_bad_inputs() {
 fn mutation_fuzz_parsers() {
     let gguf = synth_gguf();
     let moe = gguf_bytes(&SynthSpec { dim: 32, hidden_dim: 40, ..SynthSpec::tiny_moe(Arch::Qwen2Moe) }).unwrap();
+    let mtp = gguf_bytes(&SynthSpec { mtp: Some(sprig_import::synth::SynthMtp::Random), ..SynthSpec::tiny(Arch::Llama) }).unwrap();
+    let dir = std::env::temp_dir().join(format!("sprig-mutate-tok-{}", std::process::id()));
+    sprig_import::synth::write_hf_dir(&SynthSpec::tiny(Arch::Qwen2), &dir, sprig_import::synth::HfDtype::F32, 1).unwrap();
+    let tok_json = std::fs::read(dir.join("tokenizer.json")).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
     let model = std::fs::read(fixture("stories260K/stories260K.bin")).unwrap();
     let tok = std::fs::read(fixture("stories260K/tok512.bin")).unwrap();
     let imported = llama2c::import_bytes(&model, &tok, &ImportOptions::quant(QuantChoice::Q4), &mut |_, _| {}).unwrap();
@@ -209,5 +214,11 @@ fn mutation_fuzz_parsers() {
         let _ = sprig_format::ModelFile::from_bytes(&n);
         let t = mutate(&tok, &mut rng);
         let _ = llama2c::import_bytes(&model, &t, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {});
+        if let Ok(f) = GgufFile::from_bytes(mutate(&mtp, &mut rng)) {
+            let _ = sprig_import::gguf::import_file(&f, &ImportOptions::quant(QuantChoice::Keep), &mut |_, _| {});
+        }
+        // tokenizer.json: the fast reader, and the generic one it falls back to.
+        let j = String::from_utf8_lossy(&mutate(&tok_json, &mut rng)).into_owned();
+        let _ = sprig_tokenizer::hf::HfTokenizer::from_json(&j);
     }
 }

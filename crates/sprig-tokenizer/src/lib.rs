@@ -130,7 +130,7 @@ impl Tokenizer {
                 Self::checked(Inner::Spm(Box::new(t)), special.clone(), token_bytes, *add_space_prefix, true)
             }
             TokenizerSpec::HuggingFace { tokenizer_json, special } => {
-                let t = hf::HfTokenizer::from_json(tokenizer_json)?;
+                let mut t = hf::HfTokenizer::from_json(tokenizer_json)?;
                 let token_bytes = t.all_token_bytes();
                 let strip = t.strips_leading_space();
                 let marker = !t.is_byte_level();
