@@ -107,3 +107,41 @@ pub fn stories260k_greedy_text<B: sprig_backend::Backend>(e: &Engine<B>) -> Stri
     .unwrap();
     text + "\n"
 }
+
+/// The exact distribution of the 3-token continuations of `prompt` under top-3 sampling at temperature 1 with
+/// `banned` tokens excluded: 27 paths and their probabilities, from the model's own logits (what speculative
+/// sampling must reproduce).
+pub fn top3_paths<B: sprig_backend::Backend>(e: &Engine<B>, prompt: &[u32], banned: &[u32]) -> Vec<(Vec<u32>, f64)> {
+    let next = |ctx: &[u32]| -> Vec<(u32, f64)> {
+        let mut st = e.model.new_state(0).unwrap();
+        e.model.forward(&mut st, ctx, sprig_models::Logits::Last).unwrap();
+        let mut l = Vec::new();
+        e.model.read_logits(&st, &mut l).unwrap();
+        let mut c: Vec<(u32, f32)> =
+            l.iter().enumerate().map(|(i, &x)| (i as u32, x)).filter(|(i, _)| !banned.contains(i)).collect();
+        c.sort_by(|a, b| b.1.total_cmp(&a.1));
+        c.truncate(3);
+        let z: f64 = c.iter().map(|x| (x.1 as f64).exp()).sum();
+        c.iter().map(|&(i, x)| (i, (x as f64).exp() / z)).collect()
+    };
+    let mut exact = Vec::new();
+    for (a, pa) in next(prompt) {
+        for (b, pb) in next(&[prompt, &[a]].concat()) {
+            for (c, pc) in next(&[prompt, &[a, b]].concat()) {
+                exact.push((vec![a, b, c], pa * pb * pc));
+            }
+        }
+    }
+    exact
+}
+
+/// Pearson's chi-square of `counts` (of `n` draws) against the `exact` probabilities.
+pub fn chi_square(exact: &[(Vec<u32>, f64)], counts: &[usize], n: usize) -> f64 {
+    exact.iter().zip(counts).map(|((_, p), &c)| (c as f64 - p * n as f64).powi(2) / (p * n as f64)).sum()
+}
+
+/// `p` with the model's stop tokens banned, so that random models run to the length.
+pub fn no_stops<B: sprig_backend::Backend>(e: &Engine<B>, p: sprig_engine::SamplingParams) -> sprig_engine::SamplingParams {
+    let stops = (0..e.model.config.vocab_size as u32).filter(|&t| e.tokenizer.is_stop(t));
+    sprig_engine::SamplingParams { logit_bias: stops.map(|t| (t, f32::NEG_INFINITY)).collect(), ..p }
+}

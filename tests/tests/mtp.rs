@@ -24,12 +24,6 @@ fn synthetic(spec: &SynthSpec, name: &str, quant: QuantChoice) -> Arc<Engine<Cpu
     e
 }
 
-/// Stop tokens banned, so that random models run to the length.
-fn no_stops<B: sprig_backend::Backend>(e: &Engine<B>, p: SamplingParams) -> SamplingParams {
-    let stops = (0..e.model.config.vocab_size as u32).filter(|&t| e.tokenizer.is_stop(t));
-    SamplingParams { logit_bias: stops.map(|t| (t, f32::NEG_INFINITY)).collect(), ..p }
-}
-
 fn generate(
     e: &Engine<CpuBackend>,
     prompt: &[u32],
@@ -130,26 +124,7 @@ fn sampled_mtp_speculation_keeps_the_distribution() {
     let params = no_stops(&t, SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, ..Default::default() });
     let prompt = t.tokenizer.encode("the cat", true).unwrap();
     let banned: Vec<u32> = params.logit_bias.iter().map(|b| b.0).collect();
-    let next = |ctx: &[u32]| -> Vec<(u32, f64)> {
-        let mut st = t.model.new_state(0).unwrap();
-        t.model.forward(&mut st, ctx, sprig_models::Logits::Last).unwrap();
-        let mut l = Vec::new();
-        t.model.read_logits(&st, &mut l).unwrap();
-        let mut c: Vec<(u32, f32)> =
-            l.iter().enumerate().map(|(i, &x)| (i as u32, x)).filter(|(i, _)| !banned.contains(i)).collect();
-        c.sort_by(|a, b| b.1.total_cmp(&a.1));
-        c.truncate(3);
-        let z: f64 = c.iter().map(|x| (x.1 as f64).exp()).sum();
-        c.iter().map(|&(i, x)| (i, (x as f64).exp() / z)).collect()
-    };
-    let mut exact: Vec<(Vec<u32>, f64)> = Vec::new();
-    for (a, pa) in next(&prompt) {
-        for (b, pb) in next(&[&prompt[..], &[a]].concat()) {
-            for (c, pc) in next(&[&prompt[..], &[a, b]].concat()) {
-                exact.push((vec![a, b, c], pa * pb * pc));
-            }
-        }
-    }
+    let exact = top3_paths(&*t, &prompt, &banned);
     let n = 4000;
     let mut counts = vec![0usize; exact.len()];
     let mut spec = Speculation::new(Box::new(MtpHead), SpecMode::On, 2);
@@ -158,8 +133,7 @@ fn sampled_mtp_speculation_keeps_the_distribution() {
         let i = exact.iter().position(|(s, _)| *s == got).unwrap_or_else(|| panic!("{got:?} is not a top-3 path"));
         counts[i] += 1;
     }
-    let chi: f64 =
-        exact.iter().zip(&counts).map(|((_, p), &c)| (c as f64 - p * n as f64).powi(2) / (p * n as f64)).sum();
+    let chi = chi_square(&exact, &counts, n as usize);
     // 99.9th percentile of chi-square with 26 degrees of freedom: 54.05.
     assert!(chi < 54.05, "chi-square {chi:.1}: {counts:?}");
     let s = spec.stats();
@@ -206,4 +180,65 @@ fn mtp_bad_input_is_a_clear_error() {
     g.tensor_f32("blk.2.nextn.eh_proj.weight", &[64, 64], &vec![0.0; 64 * 64]);
     let err = import(g, "eh-proj.gguf");
     assert!(err.contains("eh_proj"), "{err}");
+}
+
+#[test]
+fn constrained_chat_with_an_mtp_head_is_plain_constrained_decoding() {
+    use sprig_engine::Constraint;
+    // Drafts are cut to what the constraint allows before the verification pass; the second session starts
+    // from the model's prefix cache, where the head's cache restarts.
+    let m = synthetic(&mirror(), "constrained.gguf", QuantChoice::Keep);
+    let p = SamplingParams { constraint: Some(Constraint::Regex("[^\\n<]{1,80}\\n".into())), ..Default::default() };
+    let run = |spec: Option<Speculation>| {
+        let mut s = Session::new(m.clone(), 256).unwrap();
+        s.set_speculation(spec);
+        let mut text = String::new();
+        let r = s
+            .chat(&[ChatMessage::new("user", "the cat")], &p, 48, |t| {
+                text.push_str(t);
+                true
+            })
+            .unwrap();
+        (text, r)
+    };
+    let (plain, _) = run(None);
+    let (text, r) = run(Some(Speculation::new(Box::new(MtpHead), SpecMode::On, 4)));
+    assert_eq!(text, plain);
+    let st = r.speculation.unwrap();
+    assert!(st.drafted > 0 && st.accepted > 0, "{st:?}");
+}
+
+#[test]
+fn an_mtp_head_follows_context_shifts_and_truncation() {
+    use sprig_engine::ContextPolicy;
+    // A conversation several times the context: each policy's replies with the head drafting equal those
+    // without it (the head's cache restarts where the model's positions move).
+    let m = synthetic(&mirror(), "shift.gguf", QuantChoice::Keep);
+    let params = no_stops(&m, SamplingParams::default());
+    for policy in [ContextPolicy::TruncateMiddle, ContextPolicy::Shift] {
+        let run = |spec: Option<Speculation>| {
+            let mut s = Session::new(m.clone(), 96).unwrap();
+            s.set_context_policy(policy, 0);
+            s.set_speculation(spec);
+            let mut msgs = Vec::new();
+            let mut replies = Vec::new();
+            for t in ["the cat sat", "on the mat", "then", "the end", "again the cat", "in the"] {
+                msgs.push(ChatMessage::new("user", t));
+                let mut out = String::new();
+                s.chat(&msgs, &params, 20, |p| {
+                    out.push_str(p);
+                    true
+                })
+                .unwrap();
+                msgs.push(ChatMessage::new("assistant", &out));
+                replies.push(out);
+            }
+            (replies, s.speculation().map(|x| x.stats()))
+        };
+        let (plain, _) = run(None);
+        let (spec, stats) = run(Some(Speculation::new(Box::new(MtpHead), SpecMode::On, 4)));
+        assert_eq!(spec, plain, "{policy:?}");
+        let stats = stats.unwrap();
+        assert!(stats.accepted > 0, "{policy:?}: {stats:?}");
+    }
 }

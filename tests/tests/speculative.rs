@@ -29,12 +29,6 @@ fn synthetic_pair(spec: SynthSpec, name: &str) -> (Arc<Engine<CpuBackend>>, Arc<
     (e, q)
 }
 
-/// Stop tokens banned, so that random models run to the length.
-fn no_stops<B: sprig_backend::Backend>(e: &Engine<B>, p: SamplingParams) -> SamplingParams {
-    let stops = (0..e.model.config.vocab_size as u32).filter(|&t| e.tokenizer.is_stop(t));
-    SamplingParams { logit_bias: stops.map(|t| (t, f32::NEG_INFINITY)).collect(), ..p }
-}
-
 fn generate<B: sprig_backend::Backend>(e: &Engine<B>, prompt: &[u32], n: usize, p: &SamplingParams, spec: Option<&mut Speculation>) -> Vec<u32> {
     let mut st = e.model.new_state(0).unwrap();
     let mut sampler = Sampler::new(p.clone()).unwrap();
@@ -122,26 +116,7 @@ fn sampled_speculation_keeps_the_distribution() {
     let params = no_stops(&t, SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, ..Default::default() });
     let prompt = t.tokenizer.encode("abc", true).unwrap();
     let banned: Vec<u32> = params.logit_bias.iter().map(|b| b.0).collect();
-    // The chain's distribution after `ctx`: top 3 of the allowed tokens, softmax over them.
-    let next = |ctx: &[u32]| -> Vec<(u32, f64)> {
-        let mut st = t.model.new_state(0).unwrap();
-        t.model.forward(&mut st, ctx, sprig_models::Logits::Last).unwrap();
-        let mut l = Vec::new();
-        t.model.read_logits(&st, &mut l).unwrap();
-        let mut c: Vec<(u32, f32)> = l.iter().enumerate().map(|(i, &x)| (i as u32, x)).filter(|(i, _)| !banned.contains(i)).collect();
-        c.sort_by(|a, b| b.1.total_cmp(&a.1));
-        c.truncate(3);
-        let z: f64 = c.iter().map(|x| (x.1 as f64).exp()).sum();
-        c.iter().map(|&(i, x)| (i, (x as f64).exp() / z)).collect()
-    };
-    let mut exact: Vec<(Vec<u32>, f64)> = Vec::new();
-    for (a, pa) in next(&prompt) {
-        for (b, pb) in next(&[&prompt[..], &[a]].concat()) {
-            for (c, pc) in next(&[&prompt[..], &[a, b]].concat()) {
-                exact.push((vec![a, b, c], pa * pb * pc));
-            }
-        }
-    }
+    let exact = top3_paths(&*t, &prompt, &banned);
     let n = 4000;
     let mut counts = vec![0usize; exact.len()];
     let mut spec = Speculation::new(Box::new(DraftModel::new(d, &*t, 0).unwrap()), SpecMode::On, 2);
@@ -150,7 +125,7 @@ fn sampled_speculation_keeps_the_distribution() {
         let i = exact.iter().position(|(s, _)| *s == got).unwrap_or_else(|| panic!("{got:?} is not a top-3 path"));
         counts[i] += 1;
     }
-    let chi: f64 = exact.iter().zip(&counts).map(|((_, p), &c)| (c as f64 - p * n as f64).powi(2) / (p * n as f64)).sum();
+    let chi = chi_square(&exact, &counts, n as usize);
     // 99.9th percentile of chi-square with 26 degrees of freedom: 54.05.
     assert!(chi < 54.05, "chi-square {chi:.1}: {counts:?}");
     let s = spec.stats();

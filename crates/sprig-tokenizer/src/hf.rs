@@ -120,34 +120,44 @@ impl HfTokenizer {
         // `get_added_tokens_decoder` returns a copy of the map: taken once, not once per token.
         let added = self.tok.get_added_tokens_decoder();
         let specials: std::collections::HashSet<u32> = added.iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
-        // GPT-2's byte characters are all below U+0200: a table, not a map (151,936 tokens on a Qwen vocabulary).
-        let mut unicode_to_byte = [None::<u8>; 0x200];
-        for (b, c) in bytes_to_unicode() {
-            unicode_to_byte[c as usize] = Some(b);
-        }
+        let table = unicode_to_byte();
         (0..n as u32)
             .map(|id| {
                 if specials.contains(&id) {
                     return Vec::new();
                 }
                 let Some(piece) = self.tok.id_to_token(id) else { return Vec::new() };
-                if self.byte_level {
-                    // Added non-special tokens are stored as plain text, not byte-level encoded.
-                    if added.contains_key(&id) {
-                        return piece.into_bytes();
-                    }
-                    piece.chars().map(|c| unicode_to_byte.get(c as usize).copied().flatten().unwrap_or(b'?')).collect()
-                } else if let Some(b) = piece
-                    .strip_prefix("<0x")
-                    .and_then(|h| h.strip_suffix('>'))
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    vec![b]
-                } else {
-                    piece.replace('▁', " ").into_bytes()
+                // Added non-special tokens are stored as plain text, not byte-level encoded.
+                if self.byte_level && added.contains_key(&id) {
+                    return piece.into_bytes();
                 }
+                piece_bytes(&piece, self.byte_level, &table)
             })
             .collect()
+    }
+}
+
+/// GPT-2's byte characters are all below U+0200: a table from character to byte, not a map (151,936 tokens
+/// on a Qwen vocabulary).
+fn unicode_to_byte() -> [Option<u8>; 0x200] {
+    let mut table = [None::<u8>; 0x200];
+    for (b, c) in bytes_to_unicode() {
+        table[c as usize] = Some(b);
+    }
+    table
+}
+
+/// The bytes a vocabulary piece decodes to: byte-level characters mapped back to bytes, else `<0xXX>` pieces
+/// as that byte and `▁` as a space.
+fn piece_bytes(piece: &str, byte_level: bool, table: &[Option<u8>; 0x200]) -> Vec<u8> {
+    if byte_level {
+        piece.chars().map(|c| table.get(c as usize).copied().flatten().unwrap_or(b'?')).collect()
+    } else if let Some(b) =
+        piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')).and_then(|h| u8::from_str_radix(h, 16).ok())
+    {
+        vec![b]
+    } else {
+        piece.replace('▁', " ").into_bytes()
     }
 }
 
@@ -239,7 +249,7 @@ mod fast {
     use tokenizers::models::bpe::{Vocab, BPE};
     use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper};
 
-    use super::{bytes_to_unicode, HfTokenizer};
+    use super::{piece_bytes, unicode_to_byte, HfTokenizer};
 
     #[derive(Deserialize)]
     struct File<'a> {
@@ -392,22 +402,9 @@ mod fast {
             return None;
         }
         let mut bytes = vec![Vec::new(); n];
-        let mut unicode_to_byte = [None::<u8>; 0x200];
-        for (b, c) in bytes_to_unicode() {
-            unicode_to_byte[c as usize] = Some(b);
-        }
+        let table = unicode_to_byte();
         for (piece, &id) in &m.vocab {
-            bytes[id as usize] = if byte_level {
-                piece.chars().map(|c| unicode_to_byte.get(c as usize).copied().flatten().unwrap_or(b'?')).collect()
-            } else if let Some(b) = piece
-                .strip_prefix("<0x")
-                .and_then(|h| h.strip_suffix('>'))
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                vec![b]
-            } else {
-                piece.replace('\u{2581}', " ").into_bytes()
-            };
+            bytes[id as usize] = piece_bytes(piece, byte_level, &table);
         }
         for a in &f.added_tokens {
             // Added tokens are plain text; control tokens decode to nothing.

@@ -48,7 +48,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     structured: Option<std::path::PathBuf>,
     /// Instead: speculative decoding against plain decoding over the prompts of FILE (a JSON array of raw
-    /// prompts, e.g. tests/data/spec/code-completion.json), with --draft or --lookup: greedy, -n tokens each;
+    /// prompts, e.g. tests/data/spec/code-completion.json), with --draft, --lookup or --mtp: greedy, -n tokens each;
     /// decode tokens/s of both, acceptance, and whether the outputs are identical.
     #[arg(long, value_name = "FILE")]
     spec_prompts: Option<std::path::PathBuf>,

@@ -226,7 +226,7 @@ pub fn speculative<B: Backend>(
     if prompts.is_empty() {
         bail!("{}: expected a JSON array of prompt strings", path.display());
     }
-    let Some(mut speculation) = spec.speculation(e, load, 0)? else { bail!("--spec-prompts needs --draft MODEL or --lookup (and --spec auto or on)") };
+    let Some(mut speculation) = spec.speculation(e, load, 0)? else { bail!("--spec-prompts needs --draft MODEL, --lookup or --mtp (and --spec auto or on)") };
     let params = SamplingParams::default();
     let (mut plain, mut fast, mut same) = ((0usize, 0.0f64), (0usize, 0.0f64), 0usize);
     let before = speculation.stats();
