@@ -6,7 +6,6 @@ package dev.sprig
 
 import kotlinx.coroutines.Dispatchers
 import kotlinx.coroutines.channels.awaitClose
-import kotlinx.coroutines.channels.trySendBlocking
 import kotlinx.coroutines.flow.Flow
 import kotlinx.coroutines.flow.callbackFlow
 import kotlinx.coroutines.launch
@@ -16,7 +15,18 @@ private fun SprigSession.stream(run: SprigSession.(TokenCallback) -> GenerationR
     launch(Dispatchers.IO) {
         try {
             session.run(object : TokenCallback {
-                override fun onToken(text: String): Boolean = trySendBlocking(text).isSuccess
+                // A full buffer makes the native thread wait for the collector (no piece dropped); a closed
+                // channel (the collector cancelled or failed) stops the generation. Polled rather than
+                // `trySendBlocking`, whose nested runBlocking on this dispatcher thread was seen to hang
+                // once the collector had been cancelled (host test, 2-core machine).
+                override fun onToken(text: String): Boolean {
+                    while (true) {
+                        val r = trySend(text)
+                        if (r.isSuccess) return true
+                        if (r.isClosed) return false
+                        Thread.sleep(1)
+                    }
+                }
             })
             close()
         } catch (e: Throwable) {
