@@ -24,18 +24,6 @@ fn synthetic(spec: &SynthSpec, name: &str, quant: QuantChoice) -> Arc<Engine<Cpu
     e
 }
 
-fn generate(
-    e: &Engine<CpuBackend>,
-    prompt: &[u32],
-    n: usize,
-    p: &SamplingParams,
-    spec: Option<&mut Speculation>,
-) -> Vec<u32> {
-    let mut st = e.model.new_state(0).unwrap();
-    let mut sampler = Sampler::new(p.clone()).unwrap();
-    e.generate_speculative(&mut st, prompt, n, &mut sampler, false, spec, |_| true).unwrap().generated
-}
-
 fn mirror() -> SynthSpec {
     SynthSpec { n_layers: 1, mtp: Some(SynthMtp::Mirror), ..SynthSpec::tiny(Arch::Llama) }
 }
@@ -86,29 +74,41 @@ fn mtp_drafts_are_exact_and_a_mirror_head_is_mostly_right() {
     check_greedy(&moe, "qwen2moe int4", 48);
 }
 
+/// A session of context `ctx` (`policy` when the conversation outgrows it) through `turns`, greedy, each reply
+/// fed back: the replies, and the speculation's figures when `spec` drafts.
+fn chat_turns(
+    m: &Arc<Engine<CpuBackend>>,
+    ctx: usize,
+    policy: sprig_engine::ContextPolicy,
+    turns: &[&str],
+    max_new: usize,
+    spec: Option<Speculation>,
+) -> (Vec<String>, Option<SpecStats>) {
+    let params = no_stops(m, SamplingParams::default());
+    let mut s = Session::new(m.clone(), ctx).unwrap();
+    s.set_context_policy(policy, 0);
+    s.set_speculation(spec);
+    let mut msgs = Vec::new();
+    let mut replies = Vec::new();
+    for t in turns {
+        msgs.push(ChatMessage::new("user", t));
+        let mut out = String::new();
+        s.chat(&msgs, &params, max_new, |p| {
+            out.push_str(p);
+            true
+        })
+        .unwrap();
+        msgs.push(ChatMessage::new("assistant", &out));
+        replies.push(out);
+    }
+    (replies, s.speculation().map(|x| x.stats()))
+}
+
 #[test]
 fn a_session_with_an_mtp_head_keeps_its_replies_across_turns() {
     let m = synthetic(&mirror(), "session.gguf", QuantChoice::Keep);
-    let params = no_stops(&m, SamplingParams::default());
     let turns = ["the cat", "then the mat", "again"];
-    let run = |spec: Option<Speculation>| {
-        let mut s = Session::new(m.clone(), 256).unwrap();
-        s.set_speculation(spec);
-        let mut msgs = Vec::new();
-        let mut replies = Vec::new();
-        for t in turns {
-            msgs.push(ChatMessage::new("user", t));
-            let mut out = String::new();
-            s.chat(&msgs, &params, 24, |p| {
-                out.push_str(p);
-                true
-            })
-            .unwrap();
-            msgs.push(ChatMessage::new("assistant", &out));
-            replies.push(out);
-        }
-        (replies, s.speculation().map(|x| x.stats()))
-    };
+    let run = |spec| chat_turns(&m, 256, Default::default(), &turns, 24, spec);
     let (plain, _) = run(None);
     let (spec, stats) = run(Some(Speculation::new(Box::new(MtpHead), SpecMode::On, 4)));
     assert_eq!(spec, plain);
@@ -121,21 +121,8 @@ fn sampled_mtp_speculation_keeps_the_distribution() {
     // As speculative.rs's test: 27 three-token continuations from the top 3, their exact probabilities from
     // the model's logits, 4,000 runs with the mirror head drafting (accepted and rejected) vs them.
     let t = synthetic(&SynthSpec { seed: 5, ..mirror() }, "sampled.gguf", QuantChoice::Keep);
-    let params = no_stops(&t, SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, ..Default::default() });
-    let prompt = t.tokenizer.encode("the cat", true).unwrap();
-    let banned: Vec<u32> = params.logit_bias.iter().map(|b| b.0).collect();
-    let exact = top3_paths(&*t, &prompt, &banned);
-    let n = 4000;
-    let mut counts = vec![0usize; exact.len()];
     let mut spec = Speculation::new(Box::new(MtpHead), SpecMode::On, 2);
-    for seed in 0..n {
-        let got = generate(&t, &prompt, 3, &SamplingParams { seed, ..params.clone() }, Some(&mut spec));
-        let i = exact.iter().position(|(s, _)| *s == got).unwrap_or_else(|| panic!("{got:?} is not a top-3 path"));
-        counts[i] += 1;
-    }
-    let chi = chi_square(&exact, &counts, n as usize);
-    // 99.9th percentile of chi-square with 26 degrees of freedom: 54.05.
-    assert!(chi < 54.05, "chi-square {chi:.1}: {counts:?}");
+    check_sampled_speculation(&*t, "the cat", &mut spec);
     let s = spec.stats();
     assert!(s.accepted > 0 && s.accepted < s.drafted, "drafts both accepted and rejected: {s:?}");
 }
@@ -214,27 +201,9 @@ fn an_mtp_head_follows_context_shifts_and_truncation() {
     // A conversation several times the context: each policy's replies with the head drafting equal those
     // without it (the head's cache restarts where the model's positions move).
     let m = synthetic(&mirror(), "shift.gguf", QuantChoice::Keep);
-    let params = no_stops(&m, SamplingParams::default());
+    let turns = ["the cat sat", "on the mat", "then", "the end", "again the cat", "in the"];
     for policy in [ContextPolicy::TruncateMiddle, ContextPolicy::Shift] {
-        let run = |spec: Option<Speculation>| {
-            let mut s = Session::new(m.clone(), 96).unwrap();
-            s.set_context_policy(policy, 0);
-            s.set_speculation(spec);
-            let mut msgs = Vec::new();
-            let mut replies = Vec::new();
-            for t in ["the cat sat", "on the mat", "then", "the end", "again the cat", "in the"] {
-                msgs.push(ChatMessage::new("user", t));
-                let mut out = String::new();
-                s.chat(&msgs, &params, 20, |p| {
-                    out.push_str(p);
-                    true
-                })
-                .unwrap();
-                msgs.push(ChatMessage::new("assistant", &out));
-                replies.push(out);
-            }
-            (replies, s.speculation().map(|x| x.stats()))
-        };
+        let run = |spec| chat_turns(&m, 96, policy, &turns, 20, spec);
         let (plain, _) = run(None);
         let (spec, stats) = run(Some(Speculation::new(Box::new(MtpHead), SpecMode::On, 4)));
         assert_eq!(spec, plain, "{policy:?}");

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use sprig_backend::cpu::CpuBackend;
 use sprig_engine::speculative::{DraftModel, Drafter, PromptLookup, SpecMode, Speculation};
-use sprig_engine::{Engine, Sampler, SamplingParams, Session};
+use sprig_engine::{Engine, SamplingParams, Session};
 use sprig_import::synth::{write_gguf, Arch, SynthSpec};
 use sprig_import::QuantChoice;
 use sprig_tests::*;
@@ -27,12 +27,6 @@ fn synthetic_pair(spec: SynthSpec, name: &str) -> (Arc<Engine<CpuBackend>>, Arc<
     let q = Arc::new(cpu_engine(open(&path, None, QuantChoice::Q4), 1));
     let _ = std::fs::remove_file(path);
     (e, q)
-}
-
-fn generate<B: sprig_backend::Backend>(e: &Engine<B>, prompt: &[u32], n: usize, p: &SamplingParams, spec: Option<&mut Speculation>) -> Vec<u32> {
-    let mut st = e.model.new_state(0).unwrap();
-    let mut sampler = Sampler::new(p.clone()).unwrap();
-    e.generate_speculative(&mut st, prompt, n, &mut sampler, false, spec, |_| true).unwrap().generated
 }
 
 #[test]
@@ -113,21 +107,8 @@ fn sampled_speculation_keeps_the_distribution() {
     // model's logits; 4,000 speculative runs (its int4 copy drafting greedily, so drafts are accepted and
     // rejected) must match them (chi-square, 26 degrees of freedom).
     let (t, d) = synthetic_pair(SynthSpec { seed: 5, ..SynthSpec::tiny(Arch::Llama) }, "l5.gguf");
-    let params = no_stops(&t, SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0, ..Default::default() });
-    let prompt = t.tokenizer.encode("abc", true).unwrap();
-    let banned: Vec<u32> = params.logit_bias.iter().map(|b| b.0).collect();
-    let exact = top3_paths(&*t, &prompt, &banned);
-    let n = 4000;
-    let mut counts = vec![0usize; exact.len()];
     let mut spec = Speculation::new(Box::new(DraftModel::new(d, &*t, 0).unwrap()), SpecMode::On, 2);
-    for seed in 0..n {
-        let got = generate(&t, &prompt, 3, &SamplingParams { seed, ..params.clone() }, Some(&mut spec));
-        let i = exact.iter().position(|(s, _)| *s == got).unwrap_or_else(|| panic!("{got:?} is not a top-3 path"));
-        counts[i] += 1;
-    }
-    let chi = chi_square(&exact, &counts, n as usize);
-    // 99.9th percentile of chi-square with 26 degrees of freedom: 54.05.
-    assert!(chi < 54.05, "chi-square {chi:.1}: {counts:?}");
+    check_sampled_speculation(&*t, "abc", &mut spec);
     let s = spec.stats();
     assert!(s.accepted > 0 && s.accepted < s.drafted, "drafts both accepted and rejected: {s:?}");
 }

@@ -581,13 +581,10 @@ pub fn import_file(g: &GgufFile, opts: &ImportOptions, progress: Progress) -> Re
         if shape.len() > 3 {
             return Err(invalid(format!("GGUF: tensor `{}` has {} dims", t.name, shape.len())));
         }
-        if let Some(prefix) = t.name.strip_suffix(".nextn.eh_proj.weight") {
-            split_eh_proj(&mut sink, prefix, t.ty, &shape, g.tensor_data(t), config.dim)?;
-            g.release(t);
-            progress(i + 1, total);
-            continue;
+        match t.name.strip_suffix(".nextn.eh_proj.weight") {
+            Some(prefix) => split_eh_proj(&mut sink, prefix, t.ty, &shape, g.tensor_data(t), config.dim)?,
+            None => sink.add_ggml(&t.name, t.ty, &shape, g.tensor_data(t)),
         }
-        sink.add_ggml(&t.name, t.ty, &shape, g.tensor_data(t));
         g.release(t);
         progress(i + 1, total);
     }

@@ -604,7 +604,8 @@ pub fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
     g.str("general.architecture", a);
     g.str("general.name", &format!("sprig synthetic {a}"));
     g.u32(&format!("{a}.embedding_length"), s.dim as u32);
-    g.u32(&format!("{a}.block_count"), s.n_layers as u32);
+    // An MTP head is one more block, the last (llama.cpp's `nextn` layout).
+    g.u32(&format!("{a}.block_count"), (s.n_layers + usize::from(s.mtp.is_some())) as u32);
     g.u32(&format!("{a}.attention.head_count"), s.n_heads as u32);
     g.u32(&format!("{a}.attention.head_count_kv"), s.n_kv_heads as u32);
     g.u32(&format!("{a}.feed_forward_length"), s.hidden_dim as u32);
@@ -619,7 +620,6 @@ pub fn gguf_writer(s: &SynthSpec) -> Result<GgufWriter> {
         }
     }
     if s.mtp.is_some() {
-        g.u32(&format!("{a}.block_count"), s.n_layers as u32 + 1);
         g.u32(&format!("{a}.nextn_predict_layers"), 1);
     }
     g.str("tokenizer.ggml.model", "gpt2");

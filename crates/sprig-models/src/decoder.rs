@@ -717,18 +717,30 @@ impl<B: Backend> Model<B> {
         for q in seqs.iter_mut() {
             *q.pos += q.rows;
         }
-        if keep_hidden {
-            b.rms_norm(&st.x, &self.output_norm, eps, &mut st.hidden)?;
-        }
-        let head_in = match mode {
-            Logits::Last => {
-                b.rows(&st.x, tokens.len() - 1, 1, &mut st.last)?;
-                &st.last
+        // The output head's input: the final norm of the rows it needs, or of every row when an MTP head
+        // keeps them (then the head reads them from there).
+        let head_in = match (keep_hidden, mode) {
+            (true, _) => {
+                b.rms_norm(&st.x, &self.output_norm, eps, &mut st.hidden)?;
+                match mode {
+                    Logits::Last => {
+                        b.rows(&st.hidden, tokens.len() - 1, 1, &mut st.last)?;
+                        &st.last
+                    }
+                    Logits::All => &st.hidden,
+                }
             }
-            Logits::All => &st.x,
+            (false, Logits::Last) => {
+                b.rows(&st.x, tokens.len() - 1, 1, &mut st.last)?;
+                b.rms_norm(&st.last, &self.output_norm, eps, &mut st.xn)?;
+                &st.xn
+            }
+            (false, Logits::All) => {
+                b.rms_norm(&st.x, &self.output_norm, eps, &mut st.xn)?;
+                &st.xn
+            }
         };
-        b.rms_norm(head_in, &self.output_norm, eps, &mut st.xn)?;
-        b.linear(&st.xn, self.output.as_ref().unwrap_or(&self.embd), None, &mut st.logits)?;
+        b.linear(head_in, self.output.as_ref().unwrap_or(&self.embd), None, &mut st.logits)?;
         if let Some(cap) = c.final_logit_softcap {
             b.softcap(&mut st.logits, cap)?;
         }
@@ -869,13 +881,15 @@ impl<B: Backend> Model<B> {
         let cont = a > 0 && m.pending == Some(a - 1);
         let run = if cont {
             m.pos = a - 1 - m.offset;
-            // [pending; hidden rows of this pass but the last]
-            b.rows(hidden, row0, n, &mut m.h_in)?;
-            if n > 1 {
+            // [pending; hidden rows of this pass but the last]: a decode step's is the pending row alone.
+            if n == 1 {
+                std::mem::swap(&mut m.h_in, &mut m.pending_h);
+            } else {
+                b.rows(hidden, row0, n, &mut m.h_in)?;
                 b.rows(hidden, row0, n - 1, &mut m.h_tmp)?;
                 b.set_rows(&mut m.h_in, 1, &m.h_tmp)?;
+                b.set_rows(&mut m.h_in, 0, &m.pending_h)?;
             }
-            b.set_rows(&mut m.h_in, 0, &m.pending_h)?;
             tokens
         } else {
             // Lost track (or the start): the head's cache restarts at this pass.
