@@ -71,9 +71,9 @@ pub fn open_model_file(path: &Path, opts: &LoadOptions) -> Result<Arc<ModelFile>
     }
 }
 
-/// Where the converted form of `path` (with `opts`) is cached under `cache`: keyed by sprig's version, the
-/// source's size, modification time and a hash of its first MiB (the GGUF header and metadata), the tokenizer
-/// file likewise, and the precision. `None` for directories, small files, or with `SPRIG_NO_CONVERT_CACHE=1`.
+/// Where the converted form of `path` (with `opts`) is cached under `cache`: keyed by sprig's version and
+/// converter revision, the source's size, modification time and a hash of its first MiB (the GGUF header and
+/// metadata), the tokenizer file likewise, and the precision. `None` for directories, small files, or with `SPRIG_NO_CONVERT_CACHE=1`.
 pub fn converted_cache_path(path: &Path, opts: &LoadOptions, cache: &Path) -> Option<PathBuf> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
@@ -96,8 +96,9 @@ pub fn converted_cache_path(path: &Path, opts: &LoadOptions, cache: &Path) -> Op
         None => String::new(),
     };
     let key = format!(
-        "sprig {}; source {}; tokenizer {tokenizer}; quant {:?}",
+        "sprig {} r{}; source {}; tokenizer {tokenizer}; quant {:?}",
         env!("CARGO_PKG_VERSION"),
+        sprig_import::CONVERTER_REVISION,
         stamp(path)?,
         opts.quant
     );

@@ -210,7 +210,7 @@ const SOURCE_KEY: &str = "sprig.source";
 /// precision it was made from; when the registry entry changes, it is rebuilt.
 pub fn pull(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     let native = cache_dir().join(format!("{}.safetensors", e.name));
-    let stamp = format!("{} {}", e.sha256, e.quant);
+    let stamp = format!("{} {} r{}", e.sha256, e.quant, sprig_import::CONVERTER_REVISION);
     if let Ok(f) = sprig_format::ModelFile::open(&native) {
         if f.metadata.get(SOURCE_KEY) == Some(&stamp) {
             return Ok(native);

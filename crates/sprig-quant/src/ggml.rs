@@ -1,14 +1,15 @@
 //! GGUF/ggml tensor block types: sizes, decoding to f32, and conversion to the native schemes.
 //!
 //! Q4_0, Q4_1, Q8_0, Q5_0 (→ int8) and Q5_1 (→ int8 with min) map bit-exactly onto native planes.
-//! Q4_K and Q5_K have 32-weight sub-blocks whose scale/min are 6-bit multiples of an f16 super-scale: they map
-//! onto Q4A/Q8A with the products rounded to f16 (tiny, reported loss). Q6_K's 16-weight sub-blocks do not fit a
-//! 32-group scheme: it is decoded and requantized to Q8 (reported loss).
+//! Q4_K maps bit-exactly onto the native `Q4K` (its codes reordered into the int4 plane, its 6-bit sub-scales
+//! repacked). Q5_K has the same 32-weight sub-blocks: it maps onto Q8A with the products of its 6-bit scales and
+//! f16 super-scales rounded to f16 (tiny, reported loss).
+//! Q6_K maps bit-exactly onto the native `Q6K` (6-bit codes, an int8 scale per 16 weights).
 
 use half::{bf16, f16};
 
 use crate::quantize::pack_q4;
-use crate::scheme::{QMatrixOwned, Scheme, BLOCK};
+use crate::scheme::{k4_pack_sub, q6k_pack_block, QMatrixOwned, Scheme, BLOCK, K4_SUB_BYTES, SUPER};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GgmlType {
@@ -253,27 +254,13 @@ pub fn to_native(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<
     assert_eq!(data.len(), rows * row_bytes, "to_native: size");
     let scheme = match ty {
         GgmlType::Q4_0 => Scheme::Q4,
-        GgmlType::Q4_1 | GgmlType::Q4K => Scheme::Q4A,
-        GgmlType::Q8_0 | GgmlType::Q5_0 | GgmlType::Q6K => Scheme::Q8,
+        GgmlType::Q4_1 => Scheme::Q4A,
+        GgmlType::Q4K => return Some(NativeMapping { matrix: q4k_to_native(data, rows, cols), rel_rms_error: None }),
+        GgmlType::Q6K => return Some(NativeMapping { matrix: q6k_to_native(data, rows, cols), rel_rms_error: None }),
+        GgmlType::Q8_0 | GgmlType::Q5_0 => Scheme::Q8,
         GgmlType::Q5_1 | GgmlType::Q5K => Scheme::Q8A,
         _ => return None,
     };
-    if ty == GgmlType::Q6K {
-        // Requantized to int8 a slice of rows at a time: no full-size f32 copy (an output projection is
-        // 100+ MB as f32, which would set the load's peak memory).
-        let mut matrix = QMatrixOwned::new(Scheme::Q8, rows, cols);
-        let (nb, mut err) = (matrix.view().nb(), RmsError::default());
-        for r0 in (0..rows).step_by(CHUNK_ROWS) {
-            let n = CHUNK_ROWS.min(rows - r0);
-            let mut f = vec![0.0; n * cols];
-            dequantize(ty, &data[r0 * row_bytes..(r0 + n) * row_bytes], &mut f);
-            let part = crate::quantize::quantize_absmax_q8(&f, n, cols);
-            err.add(&f, &part.view().dequantize());
-            matrix.qs[r0 * nb * 32..(r0 + n) * nb * 32].copy_from_slice(&part.qs);
-            matrix.scales[r0 * nb..(r0 + n) * nb].copy_from_slice(&part.scales);
-        }
-        return Some(NativeMapping { matrix, rel_rms_error: Some(err.value()) });
-    }
     let mut m = QMatrixOwned::new(scheme, rows, cols);
     let qpb = scheme.qs_bytes_per_block();
     let mut put = |i: usize, d: f32, mn: f32, codes: &[i32; 32]| {
@@ -294,7 +281,7 @@ pub fn to_native(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<
     let mut i = 0;
     for blk in data.chunks_exact(bb) {
         match ty {
-            GgmlType::Q4K | GgmlType::Q5K => for_k_subblocks(ty, blk, |sb, d, mn, codes| {
+            GgmlType::Q5K => for_k_subblocks(ty, blk, |sb, d, mn, codes| {
                 put(i + sb, d, -mn, &codes.map(|c| c as i32));
             }),
             _ => {
@@ -305,7 +292,7 @@ pub fn to_native(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<
         i += ty.block_elems() / BLOCK;
     }
     let rel_rms_error = match ty {
-        GgmlType::Q4K | GgmlType::Q5K => {
+        GgmlType::Q5K => {
             let mut err = RmsError::default();
             for r0 in (0..rows).step_by(CHUNK_ROWS) {
                 let n = CHUNK_ROWS.min(rows - r0);
@@ -318,6 +305,70 @@ pub fn to_native(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Option<
         _ => None,
     };
     Some(NativeMapping { matrix: m, rel_rms_error })
+}
+
+/// GGUF Q4_K rows (`cols` a multiple of 256) as a native [`Scheme::Q4K`] matrix, bit for bit: each superblock's
+/// f16 `d`/`dmin` into the scale/min planes, its 6-bit sub-scales repacked into the `sub` plane, its codes (a
+/// 64-weight chunk per 32 bytes: sub-block 2c in the low nibbles, 2c+1 in the high) into the int4 plane.
+fn q4k_to_native(data: &[u8], rows: usize, cols: usize) -> QMatrixOwned {
+    let mut m = QMatrixOwned::new(Scheme::Q4K, rows, cols);
+    let mins = m.mins.as_mut().expect("q4k has mins");
+    let sub = m.sub.as_mut().expect("q4k has a sub plane");
+    for (s, blk) in data.chunks_exact(GgmlType::Q4K.block_bytes()).enumerate() {
+        m.scales[s] = f16::from_le_bytes([blk[0], blk[1]]);
+        mins[s] = f16::from_le_bytes([blk[2], blk[3]]);
+        let (mut sc, mut mn) = ([0u8; SUPER], [0u8; SUPER]);
+        for j in 0..SUPER {
+            (sc[j], mn[j]) = scale_min_k4(j, &blk[4..16]);
+        }
+        sub[s * K4_SUB_BYTES..(s + 1) * K4_SUB_BYTES].copy_from_slice(&k4_pack_sub(&sc, &mn));
+        let qs = &blk[16..144];
+        for j in 0..SUPER {
+            let q = &qs[(j / 2) * 32..(j / 2) * 32 + 32];
+            let codes: [u8; 32] = std::array::from_fn(|l| if j % 2 == 0 { q[l] & 0xf } else { q[l] >> 4 });
+            let b = s * SUPER + j;
+            pack_q4(&codes, &mut m.qs[b * 16..(b + 1) * 16]);
+        }
+    }
+    m
+}
+
+/// GGUF Q6_K rows (`cols` a multiple of 256) as a native [`Scheme::Q6K`] matrix, bit for bit: each superblock's
+/// f16 `d` into the scale plane, its 16 int8 scales into the `sub` plane, its 6-bit codes (GGUF: low 4 bits in
+/// `ql`, high 2 in `qh`, interleaved over 128-weight halves) repacked per 32-weight block.
+fn q6k_to_native(data: &[u8], rows: usize, cols: usize) -> QMatrixOwned {
+    let mut m = QMatrixOwned::new(Scheme::Q6K, rows, cols);
+    let nb = cols / BLOCK;
+    let ns = nb / SUPER;
+    let sub = m.sub.as_mut().expect("q6k has a sub plane");
+    for (i, blk) in data.chunks_exact(GgmlType::Q6K.block_bytes()).enumerate() {
+        let (r, s) = (i / ns, i % ns);
+        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+        m.scales[i] = f16::from_le_bytes([blk[208], blk[209]]);
+        // Code of weight `l` (0..256) of the superblock, as `dequantize` reads it.
+        let code = |l: usize| {
+            let (n, l) = (l / 128, l % 128);
+            let (ql, qh) = (&ql[n * 64..], &qh[n * 32..]);
+            let (quarter, l) = (l / 32, l % 32);
+            let low = match quarter {
+                0 => ql[l] & 0xf,
+                1 => ql[l + 32] & 0xf,
+                2 => ql[l] >> 4,
+                _ => ql[l + 32] >> 4,
+            };
+            low | ((qh[l] >> (2 * quarter)) & 3) << 4
+        };
+        let row = &mut m.qs[r * nb * 24..(r + 1) * nb * 24];
+        let (low, high) = row.split_at_mut(nb * 16);
+        for j in 0..SUPER {
+            let b = s * SUPER + j;
+            let codes: [u8; BLOCK] = std::array::from_fn(|k| code(j * BLOCK + k));
+            q6k_pack_block(&codes, &mut low[b * 16..(b + 1) * 16], &mut high[b * 8..(b + 1) * 8]);
+        }
+        // GGUF's scale `is` covers weights 16·is..16·is+16: block j's halves are scales 2j and 2j+1.
+        sub[(r * nb + s * SUPER) * 2..(r * nb + (s + 1) * SUPER) * 2].copy_from_slice(sc);
+    }
+    m
 }
 
 /// Rows converted at a time when a block type must go through f32.
@@ -390,8 +441,23 @@ mod tests {
     }
 
     #[test]
+    fn q4_k_and_q6_k_map_exactly_at_their_size() {
+        for (ty, scheme, seed) in [(GgmlType::Q4K, Scheme::Q4K, 5), (GgmlType::Q6K, Scheme::Q6K, 6)] {
+            let (rows, cols) = (3, 768);
+            let data = random_blocks(ty, rows * cols / 256, seed);
+            let mut f = vec![0.0; rows * cols];
+            dequantize(ty, &data, &mut f);
+            let m = to_native(ty, &data, rows, cols).unwrap();
+            assert!(m.rel_rms_error.is_none());
+            assert_eq!(m.matrix.scheme, Some(scheme));
+            assert_eq!(m.matrix.view().bytes(), data.len(), "{ty:?}: bits per weight as the source's");
+            assert_eq!(m.matrix.view().dequantize(), f, "{ty:?}");
+        }
+    }
+
+    #[test]
     fn k_quants_map_with_small_reported_loss() {
-        for ty in [GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        for ty in [GgmlType::Q5K] {
             let (rows, cols) = (2, 512);
             let data = random_blocks(ty, rows * cols / 256, 4);
             let m = to_native(ty, &data, rows, cols).unwrap();

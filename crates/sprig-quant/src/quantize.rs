@@ -8,7 +8,7 @@
 use half::f16;
 use rayon::prelude::*;
 
-use crate::scheme::{blocks_per_row, QMatrixOwned, Scheme, BLOCK};
+use crate::scheme::{blocks_per_row, k4_pack_sub, q6k_pack_block, QMatrixOwned, Scheme, BLOCK, K4_SUB_BYTES, SUPER};
 
 /// Quantizes a row-major `rows x cols` f32 matrix.
 pub fn quantize(x: &[f32], rows: usize, cols: usize, scheme: Scheme) -> QMatrixOwned {
@@ -29,6 +29,11 @@ pub fn quantize_with_importance(
     assert_eq!(x.len(), rows * cols, "matrix size");
     if let Some(imp) = importance {
         assert_eq!(imp.len(), cols, "importance length");
+    }
+    match scheme {
+        Scheme::Q4K => return quantize_q4k(x, rows, cols),
+        Scheme::Q6K => return quantize_q6k(x, rows, cols),
+        _ => {}
     }
     let mut out = QMatrixOwned::new(scheme, rows, cols);
     let nb = blocks_per_row(cols);
@@ -89,6 +94,7 @@ pub fn quantize_with_importance(
                         mins[b] = m;
                         pack_q4(&codes.map(|c| c as u8), qs);
                     }
+                    Scheme::Q4K | Scheme::Q6K => unreachable!("quantized by quantize_q4k / quantize_q6k"),
                     Scheme::Q8A => {
                         let (d, m, codes) = search_asymmetric(&group, 255);
                         // int8 codes are signed: shift the range down by 128 and fold it into the min.
@@ -102,6 +108,126 @@ pub fn quantize_with_importance(
             }
         });
     out
+}
+
+/// [`Scheme::Q4K`]: each block's asymmetric int4 fit (as Q4A), its scale and min then expressed as 6-bit
+/// multiples of the superblock's f16 super-scale and super-min (Q4_K's grid: mins at or below zero), and the
+/// codes re-fitted to the rounded block scales.
+fn quantize_q4k(x: &[f32], rows: usize, cols: usize) -> QMatrixOwned {
+    assert_eq!(x.len(), rows * cols, "matrix size");
+    let mut out = QMatrixOwned::new(Scheme::Q4K, rows, cols);
+    let nb = blocks_per_row(cols);
+    let ns = Scheme::Q4K.scales_per_row(nb);
+    if rows == 0 || nb == 0 {
+        return out;
+    }
+    let (mins, sub) = (out.mins.as_mut().expect("q4k mins"), out.sub.as_mut().expect("q4k sub"));
+    out.qs
+        .par_chunks_mut(nb * 16)
+        .zip(out.scales.par_chunks_mut(ns))
+        .zip(mins.par_chunks_mut(ns))
+        .zip(sub.par_chunks_mut(ns * K4_SUB_BYTES))
+        .enumerate()
+        .for_each(|(r, (((qs, scales), mins), sub))| {
+            let row = &x[r * cols..(r + 1) * cols];
+            for s in 0..ns {
+                let blocks = s * SUPER..((s + 1) * SUPER).min(nb);
+                let groups: Vec<[f32; BLOCK]> = blocks
+                    .clone()
+                    .map(|b| {
+                        let mut g = [0.0f32; BLOCK];
+                        let src = &row[b * BLOCK..((b + 1) * BLOCK).min(cols)];
+                        g[..src.len()].copy_from_slice(src);
+                        g
+                    })
+                    .collect();
+                let fits: Vec<(f32, f32)> = groups
+                    .iter()
+                    .map(|g| {
+                        let (d, m, _) = search_asymmetric(g, 15);
+                        (d.to_f32(), (-m.to_f32()).max(0.0))
+                    })
+                    .collect();
+                let d = super_scale(fits.iter().fold(0.0f32, |a, f| a.max(f.0)), 63);
+                let dmin = super_scale(fits.iter().fold(0.0f32, |a, f| a.max(f.1)), 63);
+                let mult =
+                    |v: f32, of: f16| if of.to_f32() > 0.0 { (v / of.to_f32()).round().min(63.0) as u8 } else { 0 };
+                let (mut sc, mut mn) = ([0u8; SUPER], [0u8; SUPER]);
+                for (j, (g, f)) in groups.iter().zip(&fits).enumerate() {
+                    (sc[j], mn[j]) = (mult(f.0, d), mult(f.1, dmin));
+                    let (db, mb) = (d.to_f32() * sc[j] as f32, dmin.to_f32() * mn[j] as f32);
+                    let id = if db > 0.0 { 1.0 / db } else { 0.0 };
+                    let codes = g.map(|v| ((v + mb) * id).round().clamp(0.0, 15.0) as u8);
+                    let b = s * SUPER + j;
+                    pack_q4(&codes, &mut qs[b * 16..(b + 1) * 16]);
+                }
+                scales[s] = d;
+                mins[s] = dmin;
+                sub[s * K4_SUB_BYTES..(s + 1) * K4_SUB_BYTES].copy_from_slice(&k4_pack_sub(&sc, &mn));
+            }
+        });
+    out
+}
+
+/// [`Scheme::Q6K`] (Q6_K's grid): per 16 weights a signed scale `max|x| / 31`, expressed as an int8 multiple
+/// of the superblock's f16 super-scale; codes `round(x / scale) + 32` clamped to 0..63.
+fn quantize_q6k(x: &[f32], rows: usize, cols: usize) -> QMatrixOwned {
+    assert_eq!(x.len(), rows * cols, "matrix size");
+    let mut out = QMatrixOwned::new(Scheme::Q6K, rows, cols);
+    let nb = blocks_per_row(cols);
+    let ns = Scheme::Q6K.scales_per_row(nb);
+    if rows == 0 || nb == 0 {
+        return out;
+    }
+    let sub = out.sub.as_mut().expect("q6k sub");
+    out.qs
+        .par_chunks_mut(nb * 24)
+        .zip(out.scales.par_chunks_mut(ns))
+        .zip(sub.par_chunks_mut(nb * 2))
+        .enumerate()
+        .for_each(|(r, ((qs, scales), sub))| {
+            let row = &x[r * cols..(r + 1) * cols];
+            let at = |k: usize| if k < cols { row[k] } else { 0.0 };
+            let (low, high) = qs.split_at_mut(nb * 16);
+            for s in 0..ns {
+                let blocks = s * SUPER..((s + 1) * SUPER).min(nb);
+                let half_scale = |h: usize| (0..16).fold(0.0f32, |m, k| m.max(at(h * 16 + k).abs())) / 31.0;
+                let halves: Vec<f32> = (2 * blocks.start..2 * blocks.end).map(half_scale).collect();
+                let top = halves.iter().fold(0.0f32, |m, &v| m.max(v));
+                let d = super_scale(top, 127);
+                scales[s] = d;
+                for b in blocks {
+                    let mut codes = [0u8; BLOCK];
+                    for h in 0..2 {
+                        let sc = if d.to_f32() > 0.0 {
+                            (halves[2 * (b - s * SUPER) + h] / d.to_f32()).round().min(127.0)
+                        } else {
+                            0.0
+                        };
+                        sub[2 * b + h] = sc as i8 as u8;
+                        let step = d.to_f32() * sc;
+                        let id = if step > 0.0 { 1.0 / step } else { 0.0 };
+                        for k in 0..16 {
+                            let v = at(b * BLOCK + h * 16 + k);
+                            codes[h * 16 + k] = ((v * id).round() + 32.0).clamp(0.0, 63.0) as u8;
+                        }
+                    }
+                    q6k_pack_block(&codes, &mut low[b * 16..(b + 1) * 16], &mut high[b * 8..(b + 1) * 8]);
+                }
+            }
+        });
+    out
+}
+
+/// The smallest f16 `d` with `d · steps >= top`: a K-quant super-scale under which every sub-scale up to `top`
+/// is a multiple of at most `steps`.
+fn super_scale(top: f32, steps: u16) -> f16 {
+    let d = f16::from_f32(top / steps as f32);
+    if d.to_f32() * (steps as f32) < top {
+        f16::from_bits(d.to_bits() + 1)
+    } else {
+        d
+    }
 }
 
 /// Packs 32 codes 0..15 into 16 bytes: byte j = code j | code j+16 << 4.
@@ -293,7 +419,14 @@ mod tests {
     fn all_schemes_roundtrip_within_their_precision() {
         let (rows, cols) = (8, 70);
         let x = gaussian(rows * cols, 2);
-        for (scheme, tol) in [(Scheme::Q4, 0.12), (Scheme::Q4A, 0.12), (Scheme::Q8, 0.01), (Scheme::Q8A, 0.01)] {
+        for (scheme, tol) in [
+            (Scheme::Q4, 0.12),
+            (Scheme::Q4A, 0.12),
+            (Scheme::Q4K, 0.13),
+            (Scheme::Q6K, 0.04),
+            (Scheme::Q8, 0.01),
+            (Scheme::Q8A, 0.01),
+        ] {
             let q = quantize(&x, rows, cols, scheme);
             q.view().validate().unwrap();
             let e = rms_err(&x, &q.view().dequantize());

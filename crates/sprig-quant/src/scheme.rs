@@ -20,6 +20,26 @@
 //!
 //! Bits per weight: Q4 4.5, Q4A 5.0, Q8 8.5, Q8A 9.0.
 //!
+//! `Q4K` carries GGUF `Q4_K` without loss at its 4.5 bits per weight: `qs` as Q4A, and the block scales as
+//! Q4_K stores them, multiples of a per-superblock ([`SUPER`] = 8 blocks, 256 weights) f16 super-scale:
+//!
+//! | plane   | dtype | shape            | content                                                         |
+//! |---------|-------|------------------|-----------------------------------------------------------------|
+//! | `scale` | f16   | `[rows, nsb]`    | `d`, one per superblock (`nsb = ceil(nb/8)`)                     |
+//! | `min`   | f16   | `[rows, nsb]`    | `dmin`, one per superblock                                       |
+//! | `sub`   | u8    | `[rows, nsb*12]` | 6-bit `sc[j]`, then 6-bit `m[j]`, j = 0..8, as one little-endian bit string: value i at bits 6i..6i+6 |
+//!
+//! Block `j` of a superblock decodes as `w = (d·sc[j])·q − dmin·m[j]`; both products are exact in f32.
+//!
+//! `Q6K` carries GGUF `Q6_K` without loss at its 6.5625 bits per weight: 6-bit codes with a signed 8-bit scale
+//! per 16 weights (each block's two halves) under an f16 super-scale per superblock, `w = (d·sc[h])·(q − 32)`:
+//!
+//! | plane   | dtype | shape           | content                                                          |
+//! |---------|-------|-----------------|------------------------------------------------------------------|
+//! | `qs`    | u8    | `[rows, nb*24]` | per row: the low 4 bits of every block as the int4 plane (`nb*16` bytes), then the high 2 bits (`nb*8` bytes; byte `i` of a block holds weights `i`, `i+8`, `i+16`, `i+24` at bits 0, 2, 4, 6) |
+//! | `scale` | f16   | `[rows, nsb]`   | `d`, one per superblock                                           |
+//! | `sub`   | i8    | `[rows, nb*2]`  | `sc` of each block's weights 0..16, then of 16..32                |
+//!
 //! The kernels treat every scheme as `w = d * q + m` with `m = -8 d` for Q4 and `m = 0` for Q8, so one
 //! integer dot product `sum(q_w * q_x)` per block plus a precomputed activation block sum covers all four.
 
@@ -27,6 +47,10 @@ use half::f16;
 
 /// Weights per quantization group, along the input dimension.
 pub const BLOCK: usize = 32;
+/// Blocks per superblock of the K-quant scheme ([`Scheme::Q4K`]).
+pub const SUPER: usize = 8;
+/// Bytes of packed 6-bit sub-scales and sub-mins per [`Scheme::Q4K`] superblock.
+pub const K4_SUB_BYTES: usize = 12;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scheme {
@@ -38,6 +62,10 @@ pub enum Scheme {
     Q8,
     /// int8 with an f16 min (carries GGUF Q5_1 exactly).
     Q8A,
+    /// int4 asymmetric with 6-bit block scales and mins under f16 superblock scales (carries GGUF Q4_K exactly).
+    Q4K,
+    /// 6-bit codes with int8 scales per 16 weights under f16 superblock scales (carries GGUF Q6_K exactly).
+    Q6K,
 }
 
 impl Scheme {
@@ -47,6 +75,8 @@ impl Scheme {
             Scheme::Q4A => "q4a",
             Scheme::Q8 => "q8",
             Scheme::Q8A => "q8a",
+            Scheme::Q4K => "q4k",
+            Scheme::Q6K => "q6k",
         }
     }
     pub fn from_name(s: &str) -> Option<Self> {
@@ -55,27 +85,82 @@ impl Scheme {
             "q4a" => Scheme::Q4A,
             "q8" => Scheme::Q8,
             "q8a" => Scheme::Q8A,
+            "q4k" => Scheme::Q4K,
+            "q6k" => Scheme::Q6K,
             _ => return None,
         })
     }
     /// Bytes of `qs` per block.
     pub fn qs_bytes_per_block(self) -> usize {
         match self {
-            Scheme::Q4 | Scheme::Q4A => BLOCK / 2,
+            Scheme::Q4 | Scheme::Q4A | Scheme::Q4K => BLOCK / 2,
             Scheme::Q8 | Scheme::Q8A => BLOCK,
+            Scheme::Q6K => 24,
         }
     }
     pub fn has_min(self) -> bool {
-        matches!(self, Scheme::Q4A | Scheme::Q8A)
+        matches!(self, Scheme::Q4A | Scheme::Q8A | Scheme::Q4K)
     }
     pub fn is_int4(self) -> bool {
-        matches!(self, Scheme::Q4 | Scheme::Q4A)
+        matches!(self, Scheme::Q4 | Scheme::Q4A | Scheme::Q4K)
     }
-    /// Storage bits per weight (for a K that is a multiple of the block).
+    /// Entries per row of the `scale` (and `min`) plane for `nb` blocks per row: one per block, or one per
+    /// superblock for [`Scheme::Q4K`].
+    pub fn scales_per_row(self, nb: usize) -> usize {
+        match self {
+            Scheme::Q4K | Scheme::Q6K => nb.div_ceil(SUPER),
+            _ => nb,
+        }
+    }
+    /// Bytes per row of the `sub` plane (sub-scales of the K-quant schemes; none for the others).
+    pub fn sub_bytes_per_row(self, nb: usize) -> usize {
+        match self {
+            Scheme::Q4K => nb.div_ceil(SUPER) * K4_SUB_BYTES,
+            Scheme::Q6K => nb * 2,
+            _ => 0,
+        }
+    }
+    /// Whether the code plane holds signed bytes (int8 schemes) rather than packed unsigned codes.
+    pub fn signed_codes(self) -> bool {
+        matches!(self, Scheme::Q8 | Scheme::Q8A)
+    }
+    /// Storage bits per weight (for a K that is a multiple of the superblock).
     pub fn bits_per_weight(self) -> f64 {
-        let bytes = self.qs_bytes_per_block() + 2 + if self.has_min() { 2 } else { 0 };
-        bytes as f64 * 8.0 / BLOCK as f64
+        let nb = SUPER;
+        let scale_planes = if self.has_min() { 2 } else { 1 };
+        let bytes =
+            nb * self.qs_bytes_per_block() + 2 * scale_planes * self.scales_per_row(nb) + self.sub_bytes_per_row(nb);
+        bytes as f64 * 8.0 / (nb * BLOCK) as f64
     }
+}
+
+/// Sub-scale `sc[j]` and sub-min `m[j]` (j < 8) of one [`Scheme::Q4K`] superblock's packed `sub` bytes.
+#[inline]
+pub fn k4_sub(sub: &[u8], j: usize) -> (u8, u8) {
+    let bits = u128::from_le_bytes(std::array::from_fn(|i| sub.get(i).copied().unwrap_or(0)));
+    let at = |i: usize| ((bits >> (6 * i)) & 63) as u8;
+    (at(j), at(SUPER + j))
+}
+
+/// Packs one block's 6-bit codes (0..63) into [`Scheme::Q6K`]'s row planes: `low` (16 bytes, the int4 layout)
+/// and `high` (8 bytes: byte `i` holds the top two bits of codes `i`, `i+8`, `i+16`, `i+24`).
+pub fn q6k_pack_block(codes: &[u8; BLOCK], low: &mut [u8], high: &mut [u8]) {
+    for j in 0..BLOCK / 2 {
+        low[j] = (codes[j] & 0x0f) | (codes[j + BLOCK / 2] & 0x0f) << 4;
+    }
+    for (i, h) in high[..8].iter_mut().enumerate() {
+        *h = (0..4).fold(0, |acc, k| acc | ((codes[i + 8 * k] >> 4) & 3) << (2 * k));
+    }
+}
+
+/// Packs one superblock's 6-bit sub-scales and sub-mins (each < 64) into its [`K4_SUB_BYTES`] `sub` bytes.
+pub fn k4_pack_sub(sc: &[u8; SUPER], m: &[u8; SUPER]) -> [u8; K4_SUB_BYTES] {
+    let mut bits = 0u128;
+    for j in 0..SUPER {
+        debug_assert!(sc[j] < 64 && m[j] < 64, "6-bit sub-scales");
+        bits |= ((sc[j] & 63) as u128) << (6 * j) | ((m[j] & 63) as u128) << (6 * (SUPER + j));
+    }
+    bits.to_le_bytes()[..K4_SUB_BYTES].try_into().unwrap()
 }
 
 /// Number of blocks per row for `cols` input features.
@@ -95,6 +180,8 @@ pub struct QMatrix<'a> {
     pub(crate) qs: &'a [u8],
     pub(crate) scales: &'a [f16],
     pub(crate) mins: Option<&'a [f16]>,
+    /// Packed sub-scales ([`Scheme::Q4K`] only).
+    pub(crate) sub: Option<&'a [u8]>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -105,6 +192,10 @@ pub enum LayoutError {
     MissingMin(&'static str),
     #[error("scheme {0} takes no `min` plane")]
     UnexpectedMin(&'static str),
+    #[error("scheme {0} needs a `sub` plane")]
+    MissingSub(&'static str),
+    #[error("scheme {0} takes no `sub` plane")]
+    UnexpectedSub(&'static str),
     #[error("non-finite scale or min in block {block} of row {row}")]
     NonFinite { row: usize, block: usize },
 }
@@ -119,8 +210,9 @@ impl<'a> QMatrix<'a> {
         qs: &'a [u8],
         scales: &'a [f16],
         mins: Option<&'a [f16]>,
+        sub: Option<&'a [u8]>,
     ) -> Result<Self, LayoutError> {
-        let m = QMatrix { scheme, rows, cols, qs, scales, mins };
+        let m = QMatrix { scheme, rows, cols, qs, scales, mins, sub };
         m.check_planes()?;
         Ok(m)
     }
@@ -138,13 +230,21 @@ impl<'a> QMatrix<'a> {
     pub fn qs(&self) -> &'a [u8] {
         self.qs
     }
-    /// One f16 scale per block: `rows * nb`.
+    /// One f16 scale per block: `rows * nb` (per superblock for [`Scheme::Q4K`]: `rows * nsb`).
     pub fn scales(&self) -> &'a [f16] {
         self.scales
     }
-    /// One f16 min per block (asymmetric schemes).
+    /// One f16 min per block (asymmetric schemes; per superblock for [`Scheme::Q4K`]).
     pub fn mins(&self) -> Option<&'a [f16]> {
         self.mins
+    }
+    /// Packed sub-scales ([`Scheme::Q4K`]): `rows * nsb * 12` bytes.
+    pub fn sub(&self) -> Option<&'a [u8]> {
+        self.sub
+    }
+    /// Bytes of every plane together (what one pass over the matrix reads).
+    pub fn bytes(&self) -> usize {
+        self.qs.len() + 2 * (self.scales.len() + self.mins.map_or(0, |m| m.len())) + self.sub.map_or(0, |s| s.len())
     }
 
     pub fn nb(&self) -> usize {
@@ -167,11 +267,18 @@ impl<'a> QMatrix<'a> {
             }),
         };
         check("qs", self.qs.len(), size(self.rows))?;
-        check("scale", self.scales.len(), self.rows.checked_mul(nb))?;
+        let nsc = self.rows.checked_mul(self.scheme.scales_per_row(nb));
+        check("scale", self.scales.len(), nsc)?;
         match (self.scheme.has_min(), self.mins) {
-            (true, None) => Err(LayoutError::MissingMin(s)),
-            (false, Some(_)) => Err(LayoutError::UnexpectedMin(s)),
-            (true, Some(m)) => check("min", m.len(), self.rows.checked_mul(nb)),
+            (true, None) => return Err(LayoutError::MissingMin(s)),
+            (false, Some(_)) => return Err(LayoutError::UnexpectedMin(s)),
+            (true, Some(m)) => check("min", m.len(), nsc)?,
+            _ => {}
+        }
+        match (self.scheme.sub_bytes_per_row(nb) > 0, self.sub) {
+            (true, None) => Err(LayoutError::MissingSub(s)),
+            (false, Some(_)) => Err(LayoutError::UnexpectedSub(s)),
+            (true, Some(b)) => check("sub", b.len(), self.rows.checked_mul(self.scheme.sub_bytes_per_row(nb))),
             _ => Ok(()),
         }
     }
@@ -180,7 +287,10 @@ impl<'a> QMatrix<'a> {
     pub fn validate(&self) -> Result<(), LayoutError> {
         self.check_planes()?;
         let nb = self.nb();
-        let bad = |i: usize| LayoutError::NonFinite { row: i / nb.max(1), block: i % nb.max(1) };
+        // Index i of a scale plane: row and first block it scales.
+        let per_row = self.scheme.scales_per_row(nb).max(1);
+        let per_entry = if matches!(self.scheme, Scheme::Q4K | Scheme::Q6K) { SUPER } else { 1 };
+        let bad = |i: usize| LayoutError::NonFinite { row: i / per_row, block: i % per_row * per_entry };
         if let Some(i) = self.scales.iter().position(|d| !d.is_finite()) {
             return Err(bad(i));
         }
@@ -200,23 +310,91 @@ impl<'a> QMatrix<'a> {
         assert!(start <= end && end <= self.rows, "rows {start}..{end} of {}", self.rows);
         let nb = self.nb();
         let qb = nb * self.scheme.qs_bytes_per_block();
+        let ns = self.scheme.scales_per_row(nb);
+        let nsub = self.scheme.sub_bytes_per_row(nb);
         QMatrix {
             scheme: self.scheme,
             rows: end - start,
             cols: self.cols,
             qs: &self.qs[start * qb..end * qb],
-            scales: &self.scales[start * nb..end * nb],
-            mins: self.mins.map(|m| &m[start * nb..end * nb]),
+            scales: &self.scales[start * ns..end * ns],
+            mins: self.mins.map(|m| &m[start * ns..end * ns]),
+            sub: self.sub.map(|b| &b[start * nsub..end * nsub]),
         }
     }
 
-    /// Effective min of block `i` (flat index) in the `w = d*q + m` form the kernels use.
+    /// Scale `d` and effective min `m` of block `b` of row `r` in the `w = d*q + m` form the kernels use
+    /// (int4's −8 folded into `m`). For [`Scheme::Q6K`] `d` is the superblock's scale, by which the block's
+    /// integer sum with its sub-scales applied (`sc[0]·Σ₀..₁₆ + sc[1]·Σ₁₆..₃₂` of `(q − 32)·x`) is multiplied.
     #[inline]
-    pub fn eff_min(&self, i: usize) -> f32 {
+    pub fn block_scale(&self, r: usize, b: usize) -> (f32, f32) {
+        let i = r * self.nb() + b;
         match self.scheme {
-            Scheme::Q4 => -8.0 * self.scales[i].to_f32(),
-            Scheme::Q8 => 0.0,
-            Scheme::Q4A | Scheme::Q8A => self.mins.map_or(0.0, |m| m[i].to_f32()),
+            Scheme::Q4 => {
+                let d = self.scales[i].to_f32();
+                (d, -8.0 * d)
+            }
+            Scheme::Q8 => (self.scales[i].to_f32(), 0.0),
+            Scheme::Q4A | Scheme::Q8A => (self.scales[i].to_f32(), self.mins.map_or(0.0, |m| m[i].to_f32())),
+            Scheme::Q4K => {
+                let s = r * self.scheme.scales_per_row(self.nb()) + b / SUPER;
+                let sub = self.sub.expect("validated: q4k has a sub plane");
+                let (sc, m) = k4_sub(&sub[s * K4_SUB_BYTES..(s + 1) * K4_SUB_BYTES], b % SUPER);
+                let dmin = self.mins.expect("validated: q4k has a min plane")[s].to_f32();
+                (self.scales[s].to_f32() * sc as f32, -(dmin * m as f32))
+            }
+            Scheme::Q6K => (self.scales[r * self.scheme.scales_per_row(self.nb()) + b / SUPER].to_f32(), 0.0),
+        }
+    }
+
+    /// [`Scheme::Q6K`]: the signed sub-scales of block `b` of row `r`'s weights 0..16 and 16..32.
+    #[inline]
+    pub fn q6k_sub(&self, r: usize, b: usize) -> (i8, i8) {
+        let sub = self.sub.expect("validated: q6k has a sub plane");
+        let i = (r * self.nb() + b) * 2;
+        (sub[i] as i8, sub[i + 1] as i8)
+    }
+
+    /// [`Scheme::Q6K`]: the scales of block `b` of row `r`'s two halves (`d·sc`, exact in f32).
+    #[inline]
+    pub fn q6k_half_scales(&self, r: usize, b: usize) -> (f32, f32) {
+        let (d, _) = self.block_scale(r, b);
+        let (lo, hi) = self.q6k_sub(r, b);
+        (d * lo as f32, d * hi as f32)
+    }
+
+    /// Every block's `(d, m)` of row `r` (as [`QMatrix::block_scale`]) into `d[..nb]` and `m[..nb]`, each
+    /// superblock's sub-scales unpacked once.
+    pub fn row_block_scales(&self, r: usize, d: &mut [f32], m: &mut [f32]) {
+        let nb = self.nb();
+        let (d, m) = (&mut d[..nb], &mut m[..nb]);
+        if self.scheme != Scheme::Q4K {
+            // (For Q6K the superblock scale, as `block_scale`.)
+            for b in 0..nb {
+                (d[b], m[b]) = self.block_scale(r, b);
+            }
+            return;
+        }
+        let ns = self.scheme.scales_per_row(nb);
+        let sub = self.sub.expect("validated: q4k has a sub plane");
+        let mins = self.mins.expect("validated: q4k has a min plane");
+        for s in 0..ns {
+            let i = r * ns + s;
+            let bits =
+                u128::from_le_bytes(std::array::from_fn(
+                    |k| {
+                        if k < K4_SUB_BYTES {
+                            sub[i * K4_SUB_BYTES + k]
+                        } else {
+                            0
+                        }
+                    },
+                ));
+            let (ds, dm) = (self.scales[i].to_f32(), mins[i].to_f32());
+            for j in 0..SUPER.min(nb - s * SUPER) {
+                d[s * SUPER + j] = ds * ((bits >> (6 * j)) & 63) as f32;
+                m[s * SUPER + j] = -(dm * ((bits >> (6 * (SUPER + j))) & 63) as f32);
+            }
         }
     }
 
@@ -226,20 +404,31 @@ impl<'a> QMatrix<'a> {
         let nb = self.nb();
         let (b, j) = (k / BLOCK, k % BLOCK);
         match self.scheme {
-            Scheme::Q4 | Scheme::Q4A => {
+            Scheme::Q4 | Scheme::Q4A | Scheme::Q4K => {
                 let byte = self.qs[(r * nb + b) * 16 + (j % 16)];
                 (if j < 16 { byte & 0x0f } else { byte >> 4 }) as i32
             }
             Scheme::Q8 | Scheme::Q8A => self.qs[(r * nb + b) * 32 + j] as i8 as i32,
+            Scheme::Q6K => {
+                let row = &self.qs[r * nb * 24..(r + 1) * nb * 24];
+                let low = row[b * 16 + j % 16];
+                let low = if j < 16 { low & 0x0f } else { low >> 4 };
+                let high = (row[nb * 16 + b * 8 + j % 8] >> (2 * (j / 8))) & 3;
+                (low | high << 4) as i32 - 32
+            }
         }
     }
 
     /// Dequantizes row `r` into `out` (`out.len() == cols`).
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let nb = self.nb();
-        for (k, o) in out.iter_mut().enumerate().take(self.cols) {
-            let i = r * nb + k / BLOCK;
-            *o = self.scales[i].to_f32() * self.code(r, k) as f32 + self.eff_min(i);
+        for b in 0..nb {
+            let (d, m) = self.block_scale(r, b);
+            let halves = if self.scheme == Scheme::Q6K { self.q6k_half_scales(r, b) } else { (d, d) };
+            for k in b * BLOCK..((b + 1) * BLOCK).min(self.cols) {
+                let d = if k % BLOCK < BLOCK / 2 { halves.0 } else { halves.1 };
+                out[k] = d * self.code(r, k) as f32 + m;
+            }
         }
     }
 
@@ -261,18 +450,22 @@ pub struct QMatrixOwned {
     pub qs: Vec<u8>,
     pub scales: Vec<f16>,
     pub mins: Option<Vec<f16>>,
+    pub sub: Option<Vec<u8>>,
 }
 
 impl QMatrixOwned {
     pub fn new(scheme: Scheme, rows: usize, cols: usize) -> Self {
         let nb = blocks_per_row(cols);
+        let ns = rows * scheme.scales_per_row(nb);
+        let nsub = rows * scheme.sub_bytes_per_row(nb);
         QMatrixOwned {
             scheme: Some(scheme),
             rows,
             cols,
             qs: vec![0; rows * nb * scheme.qs_bytes_per_block()],
-            scales: vec![f16::ZERO; rows * nb],
-            mins: scheme.has_min().then(|| vec![f16::ZERO; rows * nb]),
+            scales: vec![f16::ZERO; ns],
+            mins: scheme.has_min().then(|| vec![f16::ZERO; ns]),
+            sub: (nsub > 0).then(|| vec![0; nsub]),
         }
     }
     pub fn view(&self) -> QMatrix<'_> {
@@ -283,6 +476,7 @@ impl QMatrixOwned {
             qs: &self.qs,
             scales: &self.scales,
             mins: self.mins.as_deref(),
+            sub: self.sub.as_deref(),
         }
     }
 }
@@ -297,15 +491,33 @@ mod tests {
         let nb = blocks_per_row(cols);
         let qs = vec![0u8; rows * nb * 16];
         let sc = vec![f16::ONE; rows * nb];
-        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc, None).is_ok());
+        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc, None, None).is_ok());
         // One byte, one scale short, a min plane too short or missing, or an absurd shape: errors, so no kernel
         // ever loads past a plane.
-        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs[1..], &sc, None).is_err());
-        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc[1..], None).is_err());
-        assert!(QMatrix::new(Scheme::Q4A, rows, cols, &qs, &sc, None).is_err());
-        assert!(QMatrix::new(Scheme::Q4A, rows, cols, &qs, &sc, Some(&sc[2..])).is_err());
-        assert!(QMatrix::new(Scheme::Q4, rows + 1, cols, &qs, &sc, None).is_err());
-        assert!(QMatrix::new(Scheme::Q8, usize::MAX / 2, cols, &qs, &sc, None).is_err());
-        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc, Some(&sc)).is_err());
+        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs[1..], &sc, None, None).is_err());
+        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc[1..], None, None).is_err());
+        assert!(QMatrix::new(Scheme::Q4A, rows, cols, &qs, &sc, None, None).is_err());
+        assert!(QMatrix::new(Scheme::Q4A, rows, cols, &qs, &sc, Some(&sc[2..]), None).is_err());
+        assert!(QMatrix::new(Scheme::Q4, rows + 1, cols, &qs, &sc, None, None).is_err());
+        assert!(QMatrix::new(Scheme::Q8, usize::MAX / 2, cols, &qs, &sc, None, None).is_err());
+        assert!(QMatrix::new(Scheme::Q4, rows, cols, &qs, &sc, Some(&sc), None).is_err());
+        // Q4K: scales and mins per superblock (3 blocks → 1 superblock per row), a sub plane of 12 bytes per.
+        let (ksc, sub) = (vec![f16::ONE; rows], vec![0u8; rows * K4_SUB_BYTES]);
+        assert!(QMatrix::new(Scheme::Q4K, rows, cols, &qs, &ksc, Some(&ksc), Some(&sub)).is_ok());
+        assert!(QMatrix::new(Scheme::Q4K, rows, cols, &qs, &ksc, Some(&ksc), None).is_err());
+        assert!(QMatrix::new(Scheme::Q4K, rows, cols, &qs, &ksc, Some(&ksc), Some(&sub[1..])).is_err());
+        assert!(QMatrix::new(Scheme::Q4K, rows, cols, &qs, &sc, Some(&sc), Some(&sub)).is_err());
+        assert!(QMatrix::new(Scheme::Q4A, rows, cols, &qs, &sc, Some(&sc), Some(&sub)).is_err());
+    }
+
+    #[test]
+    fn k4_sub_scales_round_trip() {
+        let sc: [u8; SUPER] = std::array::from_fn(|j| (j * 9 + 5) as u8 % 64);
+        let m: [u8; SUPER] = std::array::from_fn(|j| 63 - (j * 7) as u8);
+        let packed = k4_pack_sub(&sc, &m);
+        for j in 0..SUPER {
+            assert_eq!(k4_sub(&packed, j), (sc[j], m[j]));
+        }
+        assert_eq!(Scheme::Q4K.bits_per_weight(), 4.5);
     }
 }

@@ -450,7 +450,11 @@ impl Backend for WgpuBackend {
         let file_bytes = v.bytes();
         let nb = cols.div_ceil(32);
         let (kind, row_bytes) = match &v {
-            WeightView::Quant(q) => (Kind::Quant(q.scheme()), nb * q.scheme().qs_bytes_per_block()),
+            WeightView::Quant(q) => {
+                // Q6K goes up widened to int8 (below).
+                let up = if q.scheme() == Scheme::Q6K { Scheme::Q8 } else { q.scheme() };
+                (Kind::Quant(up), nb * up.qs_bytes_per_block())
+            }
             _ => (Kind::F32, 4 * cols),
         };
         if rows == 0 || cols == 0 {
@@ -462,6 +466,16 @@ impl Backend for WgpuBackend {
         while row0 < rows {
             let n = per_chunk.min(rows - row0);
             let part = v.rows_range(row0, row0 + n);
+            // Q6K's scales per 16 weights have no shader yet: its rows go up as int8 (absmax per 32, the
+            // precision GGUF Q6_K files had on every backend before the CPU ran them natively).
+            let widened;
+            let part = match part {
+                WeightView::Quant(q) if q.scheme() == Scheme::Q6K => {
+                    widened = sprig_quant::quantize::quantize_absmax_q8(&q.dequantize(), q.rows(), q.cols());
+                    WeightView::Quant(widened.view())
+                }
+                other => other,
+            };
             let chunk = match part {
                 WeightView::Quant(q) => {
                     if q.qs().len() % 4 != 0 {
@@ -472,8 +486,20 @@ impl Backend for WgpuBackend {
                     }
                     let words: Vec<u32> =
                         q.qs().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-                    let scales: Vec<f32> = q.scales().iter().map(|s| s.to_f32()).collect();
-                    let mins = q.mins().map(|m| self.upload_slice(&m.iter().map(|s| s.to_f32()).collect::<Vec<_>>()));
+                    let (scales, mins) = if q.scheme() == Scheme::Q4K {
+                        // Per-superblock scales: each block's product unpacked here (exact in f32), so the
+                        // shader sees Q4A's per-block scale and min.
+                        let nb = q.nb();
+                        let (mut d, mut m) = (vec![0.0f32; q.rows() * nb], vec![0.0f32; q.rows() * nb]);
+                        for r in 0..q.rows() {
+                            q.row_block_scales(r, &mut d[r * nb..(r + 1) * nb], &mut m[r * nb..(r + 1) * nb]);
+                        }
+                        (d, Some(m))
+                    } else {
+                        let scales: Vec<f32> = q.scales().iter().map(|s| s.to_f32()).collect();
+                        (scales, q.mins().map(|m| m.iter().map(|s| s.to_f32()).collect::<Vec<_>>()))
+                    };
+                    let mins = mins.map(|m| self.upload_slice(&m));
                     Chunk {
                         row0,
                         rows: n,

@@ -181,7 +181,7 @@ impl CpuBackend {
             if bytes >= DECODE_PROBE_BYTES && *l != last_layer {
                 break;
             }
-            bytes += q.qs().len() + 2 * (q.scales().len() + q.mins().map_or(0, |m| m.len()));
+            bytes += q.bytes();
             last_layer = *l;
             decode_set.push(*q);
         }

@@ -17,7 +17,7 @@ use std::arch::x86_64::*;
 use std::cell::RefCell;
 
 use crate::activation::QuantizedActivations;
-use crate::scheme::{QMatrix, Scheme, BLOCK};
+use crate::scheme::{QMatrix, Scheme, BLOCK, K4_SUB_BYTES, SUPER};
 
 /// Blocks per group: one 64-byte code vector holds one half of each of four blocks.
 const GROUP: usize = 4;
@@ -149,14 +149,27 @@ impl Tile<'_> {
         let qs_row = nb * w.scheme.qs_bytes_per_block();
         let scales: *const u16 = w.scales.as_ptr().cast();
         let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
+        let k4 = w.scheme == Scheme::Q4K;
+        let k6 = w.scheme == Scheme::Q6K;
+        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
+        let nsr = w.scheme.scales_per_row(nb);
         let (has_min, offset) = match w.scheme {
             Scheme::Q4 => (false, -8.0),
-            Scheme::Q4A => (true, 0.0),
+            Scheme::Q4A | Scheme::Q4K => (true, 0.0),
             // int8 codes are made unsigned by flipping the top bit (q + 128); the offset takes the 128 back.
             Scheme::Q8 => (false, -128.0),
             Scheme::Q8A => (true, -128.0),
+            // Q6K takes its −32 back in integer arithmetic (below).
+            Scheme::Q6K => (false, 0.0),
         };
         let low4 = _mm512_set1_epi8(0x0f);
+        let top2 = _mm512_set1_epi8(0x30);
+        let c32 = _mm512_set1_epi8(32);
+        // Q6K high bits: each block's 8 bytes in both quadwords of its 128-bit lane, moved to bits 4..6 of the
+        // code bytes of weights 0..8 / 8..16 (low halves) and 16..24 / 24..32 (high halves).
+        let k6_spread = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);
+        let (k6_lo_shift, k6_hi_shift) =
+            (_mm512_set_epi64(2, 4, 2, 4, 2, 4, 2, 4), _mm512_set_epi64(2, 0, 2, 0, 2, 0, 2, 0));
         let flip = _mm512_set1_epi8(-128);
         // 128-bit lanes (0, 2) of the first register and (0, 2) of the second: the low halves of 4 int8 blocks.
         let int8_lo = _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0);
@@ -168,16 +181,33 @@ impl Tile<'_> {
             let nbk = (nb - k).min(16);
             let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
             let mut dw = [_mm512_setzero_ps(); R];
+            // Q6K: the scales of the blocks' high halves (`dw` holds the low halves').
+            let mut dw_hi = [_mm512_setzero_ps(); R];
             for r in 0..R {
-                let at = (r0 + r) * nb + k;
-                // SAFETY: the masked load reads only blocks k..k+nbk of row r0+r, all inside the scale plane.
-                dw[r] = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, scales.add(at).cast()) });
-                let mut m = _mm512_mul_ps(dw[r], _mm512_set1_ps(offset));
-                if has_min {
-                    // SAFETY: as above, in the min plane (present: has_min schemes are validated to carry one).
-                    let mn = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, mins.add(at).cast()) });
-                    m = _mm512_add_ps(m, mn);
+                if k6 {
+                    // SAFETY: blocks k..k+nbk of row r0+r and their superblocks lie inside the scale and sub
+                    // planes (present: validated for q6k).
+                    (dw[r], dw_hi[r]) = unsafe { k6_chunk_scales(scales, sub, r0 + r, nb, k, nbk) };
+                    continue;
                 }
+                let m = if k4 {
+                    // SAFETY: superblocks k/8.. of row r0+r cover blocks k..k+nbk, inside its scale, min and
+                    // sub planes (present: validated for q4k).
+                    let (d, m) = unsafe { k4_chunk_scales(scales, mins, sub, (r0 + r) * nsr + k / SUPER, nbk) };
+                    dw[r] = d;
+                    m
+                } else {
+                    let at = (r0 + r) * nb + k;
+                    // SAFETY: the masked load reads only blocks k..k+nbk of row r0+r, all inside the scale plane.
+                    dw[r] = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, scales.add(at).cast()) });
+                    let mut m = _mm512_mul_ps(dw[r], _mm512_set1_ps(offset));
+                    if has_min {
+                        // SAFETY: as above, in the min plane (present: has_min schemes are validated to carry one).
+                        let mn = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, mins.add(at).cast()) });
+                        m = _mm512_add_ps(m, mn);
+                    }
+                    m
+                };
                 for t in 0..T {
                     // SAFETY: the sums of token t0+t hold nb floats; the mask stops at nb.
                     let xs = unsafe { _mm512_maskz_loadu_ps(m16, x.row_sum(t0 + t).as_ptr().add(k)) };
@@ -210,9 +240,28 @@ impl Tile<'_> {
                 let mut lo = [_mm512_setzero_si512(); R];
                 let mut hi = [_mm512_setzero_si512(); R];
                 let mut dwp = [_mm512_setzero_ps(); R];
+                let mut dwp_hi = [_mm512_setzero_ps(); R];
                 for r in 0..R {
                     dwp[r] = _mm512_permutexvar_ps(idx, dw[r]);
-                    if INT8 {
+                    if k6 {
+                        dwp_hi[r] = _mm512_permutexvar_ps(idx, dw_hi[r]);
+                        let row = w.qs.as_ptr().wrapping_add((r0 + r) * qs_row);
+                        // SAFETY: masked loads touch only blocks g*4..g*4+nbg of this row: their low 4 bits (16
+                        // bytes each, from the row's start) and high 2 bits (8 bytes each, after nb*16).
+                        let (v, h) = unsafe {
+                            (
+                                _mm512_maskz_loadu_epi8(byte_mask(16 * nbg), row.add(g * 64).cast()),
+                                _mm512_maskz_loadu_epi8(byte_mask(8 * nbg), row.add(nb * 16 + g * 32).cast()),
+                            )
+                        };
+                        let h = _mm512_permutexvar_epi64(k6_spread, h);
+                        let (hlo, hhi) = (
+                            _mm512_and_si512(_mm512_sllv_epi64(h, k6_lo_shift), top2),
+                            _mm512_and_si512(_mm512_srlv_epi64(h, k6_hi_shift), top2),
+                        );
+                        lo[r] = _mm512_or_si512(_mm512_and_si512(v, low4), hlo);
+                        hi[r] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), hhi);
+                    } else if INT8 {
                         let base = w.qs.as_ptr().wrapping_add((r0 + r) * qs_row + g * 128);
                         let bytes = 32 * nbg;
                         let (ma, mb) = (byte_mask(bytes.min(64)), byte_mask(bytes.saturating_sub(64)));
@@ -240,6 +289,20 @@ impl Tile<'_> {
                             _mm512_loadu_ps(xp.add(128).cast()),
                         )
                     };
+                    if k6 {
+                        // Each half's sums start at −32·Σx, so they come out as Σ(q − 32)·x, then take their
+                        // own scales.
+                        let zero = _mm512_setzero_si512();
+                        let nlo = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c32, xlo));
+                        let nhi = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c32, xhi));
+                        for r in 0..R {
+                            let sl = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nlo, lo[r], xlo));
+                            let sh = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nhi, hi[r], xhi));
+                            acc[r][t] = _mm512_fmadd_ps(sl, _mm512_mul_ps(dwp[r], dx), acc[r][t]);
+                            acc[r][t] = _mm512_fmadd_ps(sh, _mm512_mul_ps(dwp_hi[r], dx), acc[r][t]);
+                        }
+                        continue;
+                    }
                     for r in 0..R {
                         let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xlo);
                         let s = _mm512_dpbusd_epi32(s, hi[r], xhi);
@@ -257,6 +320,98 @@ impl Tile<'_> {
             }
         }
     }
+}
+
+/// Where each 6-bit value of a [`Scheme::Q4K`] chunk (two superblocks' `sub` bytes, 24 bytes as 12 words)
+/// lies: for 32-bit lane `i` (block `i` of the chunk), the two words that hold its bits and its shift in them;
+/// `MIN` picks the sub-mins (48 bits after the sub-scales).
+const fn k4_lanes<const MIN: bool>() -> ([u16; 32], [u32; 16]) {
+    let (mut words, mut shifts) = ([0u16; 32], [0u32; 16]);
+    let mut i = 0;
+    while i < 16 {
+        let bit = 96 * (i / SUPER) + 6 * (i % SUPER) + if MIN { 48 } else { 0 };
+        words[2 * i] = (bit / 16) as u16;
+        words[2 * i + 1] = (bit / 16 + 1) as u16;
+        shifts[i] = (bit % 16) as u32;
+        i += 1;
+    }
+    (words, shifts)
+}
+const K4_SC: ([u16; 32], [u32; 16]) = k4_lanes::<false>();
+const K4_MIN: ([u16; 32], [u32; 16]) = k4_lanes::<true>();
+
+/// Block scales and effective mins (`d·sc[j]`, `−dmin·m[j]`) of the (up to) 16 blocks of a [`Scheme::Q4K`]
+/// chunk starting at flat superblock `s0`, unpacked in registers; lanes past `nbk` blocks hold finite values.
+///
+/// # Safety
+/// AVX-512 BW/VL available; superblocks `s0..s0 + ceil(nbk/8)` lie inside the `scales`, `mins` and `sub`
+/// planes (`sub`: 12 bytes each).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn k4_chunk_scales(
+    scales: *const u16,
+    mins: *const u16,
+    sub: *const u8,
+    s0: usize,
+    nbk: usize,
+) -> (__m512, __m512) {
+    let nsb = nbk.div_ceil(SUPER);
+    let m2: __mmask8 = if nsb >= 2 { 0b11 } else { 0b01 };
+    // SAFETY: (for all three loads) the masks stop at the chunk's superblocks, inside the planes.
+    let (d2, dm2, bytes) = unsafe {
+        (
+            _mm_cvtph_ps(_mm_maskz_loadu_epi16(m2, scales.add(s0).cast())),
+            _mm_cvtph_ps(_mm_maskz_loadu_epi16(m2, mins.add(s0).cast())),
+            _mm512_maskz_loadu_epi8(byte_mask(K4_SUB_BYTES * nsb), sub.add(s0 * K4_SUB_BYTES).cast()),
+        )
+    };
+    // Lanes 0..8 take superblock 0's scale, 8..16 superblock 1's.
+    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d2));
+    let dm = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(dm2));
+    let six = _mm512_set1_epi32(63);
+    let unpack = |(words, shifts): &([u16; 32], [u32; 16])| {
+        // SAFETY: both tables are 64 bytes.
+        let (idx, sh) =
+            unsafe { (_mm512_loadu_si512(words.as_ptr().cast()), _mm512_loadu_si512(shifts.as_ptr().cast())) };
+        _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi16(idx, bytes), sh), six))
+    };
+    (_mm512_mul_ps(d, unpack(&K4_SC)), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dm, unpack(&K4_MIN))))
+}
+
+/// Scales of the low and high halves (`d·sc`) of the (up to) 16 blocks of a [`Scheme::Q6K`] chunk: blocks
+/// `k..k+nbk` of row `row`; lanes past `nbk` are zero.
+///
+/// # Safety
+/// AVX-512 BW/VL available; the blocks and their superblocks lie inside the `scales` and `sub` planes of a
+/// matrix with `nb` blocks per row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn k6_chunk_scales(
+    scales: *const u16,
+    sub: *const u8,
+    row: usize,
+    nb: usize,
+    k: usize,
+    nbk: usize,
+) -> (__m512, __m512) {
+    let nsr = nb.div_ceil(SUPER);
+    let m2: __mmask8 = if nbk > SUPER { 0b11 } else { 0b01 };
+    let m32: __mmask32 = if nbk >= 16 { !0 } else { (1u32 << (2 * nbk)) - 1 };
+    // SAFETY: the masks stop at the chunk's superblocks and blocks, inside the planes.
+    let (d2, sc) = unsafe {
+        (
+            _mm_cvtph_ps(_mm_maskz_loadu_epi16(m2, scales.add(row * nsr + k / SUPER).cast())),
+            _mm256_maskz_loadu_epi8(m32, sub.add((row * nb + k) * 2).cast()),
+        )
+    };
+    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let d = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d2));
+    // Each block's two int8 scales as one 32-bit lane of two i16: the low one sign-extended, the high one.
+    let pairs = _mm512_cvtepi8_epi16(sc);
+    let lo = _mm512_srai_epi32(_mm512_slli_epi32(pairs, 16), 16);
+    let hi = _mm512_srai_epi32(pairs, 16);
+    (_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)))
 }
 
 #[inline]
@@ -298,9 +453,11 @@ unsafe fn gemm_panels(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo:
     assert!(qrow.checked_mul(PANEL_ROWS).is_some_and(|v| v < i32::MAX as usize), "row too long for gather offsets");
     let (neg_offset, has_min) = match w.scheme {
         Scheme::Q4 => (-8, false),
-        Scheme::Q4A => (0, true),
+        Scheme::Q4A | Scheme::Q4K => (0, true),
         Scheme::Q8 => (-128, false),
         Scheme::Q8A => (-128, true),
+        // Q6K: codes 0..63, each half block's sum starts at −32·Σx (see `PanelRun::tokens`).
+        Scheme::Q6K => (-32, false),
     };
     PANEL.with(|cell| {
         let mut panel = cell.borrow_mut();
@@ -310,7 +467,8 @@ unsafe fn gemm_panels(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo:
             let rmask: __mmask16 = if nr == PANEL_ROWS { !0 } else { (1u16 << nr) - 1 };
             // SAFETY: rows r0..r0+nr exist; AVX-512 is enabled in this function.
             unsafe { build_panel(w, r0, nr, rmask, &mut panel) };
-            let p = PanelRun { x, panel: &panel, nb, neg_offset, has_min, out, ldo, r0, rmask };
+            let k6 = w.scheme == Scheme::Q6K;
+            let p = PanelRun { x, panel: &panel, nb, neg_offset, has_min, k6, out, ldo, r0, rmask };
             let mut t0 = 0;
             while t0 < x.rows {
                 let left = x.rows - t0;
@@ -355,7 +513,30 @@ unsafe fn build_panel(w: &QMatrix, r0: usize, nr: usize, rmask: __mmask16, panel
     let (mut d, mut m) = ([0.0f32; PANEL_ROWS], [0.0f32; PANEL_ROWS]);
     for b in 0..nb {
         let p = &mut panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
-        if int4 {
+        if w.scheme == Scheme::Q6K {
+            // Low 4 bits as int4 (from the row's start), high 2 bits from the row's second part: 4 bytes of a
+            // block's 8 hold bits of codes i, i+8, i+16, i+24 for i in 0..4 (first 4) or 4..8 (last 4).
+            let high = |half: usize| {
+                let idx = _mm512_add_epi32(row_offsets, _mm512_set1_epi32((nb * 16 + b * 8 + 4 * half) as i32));
+                // SAFETY: lane r (< nr) reads 4 bytes of block b's high bits in row r0+r; masked lanes read nothing.
+                unsafe { _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), rmask, idx, base.cast()) }
+            };
+            let h = [high(0), high(1)];
+            let three = _mm512_set1_epi8(3);
+            for q in 0..4 {
+                let idx = _mm512_add_epi32(row_offsets, _mm512_set1_epi32((b * 16 + 4 * q) as i32));
+                // SAFETY: lane r (< nr) reads 4 bytes of block b's low bits in row r0+r; masked lanes read nothing.
+                let g = unsafe { _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), rmask, idx, base.cast()) };
+                // Codes 4q..4q+4 (high bits at 2·(q/2) in bytes 4·(q%2)..) and 16+4q.. (at 4 + 2·(q/2)).
+                let bits = |shift: u32| {
+                    let v = _mm512_and_si512(_mm512_srlv_epi32(h[q % 2], _mm512_set1_epi32(shift as i32)), three);
+                    _mm512_slli_epi32(v, 4)
+                };
+                p[q] = _mm512_or_si512(_mm512_and_si512(g, low4), bits(2 * (q as u32 / 2)));
+                p[4 + q] =
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(g, 4), low4), bits(4 + 2 * (q as u32 / 2)));
+            }
+        } else if int4 {
             for q in 0..4 {
                 let idx = _mm512_add_epi32(row_offsets, _mm512_set1_epi32((b * 16 + 4 * q) as i32));
                 // SAFETY: lane r (< nr) reads 4 bytes of block b of row r0+r; masked-off lanes read nothing.
@@ -372,9 +553,16 @@ unsafe fn build_panel(w: &QMatrix, r0: usize, nr: usize, rmask: __mmask16, panel
             }
         }
         for r in 0..nr {
-            let i = (r0 + r) * nb + b;
-            d[r] = w.scales[i].to_f32();
-            m[r] = w.mins.map_or(0.0, |mins| mins[i].to_f32());
+            if w.scheme == Scheme::Q4K {
+                (d[r], m[r]) = w.block_scale(r0 + r, b);
+            } else if w.scheme == Scheme::Q6K {
+                // The two halves' scales in the scale and min slots.
+                (d[r], m[r]) = w.q6k_half_scales(r0 + r, b);
+            } else {
+                let i = (r0 + r) * nb + b;
+                d[r] = w.scales[i].to_f32();
+                m[r] = w.mins.map_or(0.0, |mins| mins[i].to_f32());
+            }
         }
         // SAFETY: both arrays hold 16 floats.
         unsafe {
@@ -391,6 +579,8 @@ struct PanelRun<'a> {
     nb: usize,
     neg_offset: i32,
     has_min: bool,
+    /// Q6K: codes 0..16 and 16..32 of a block have scales of their own (the panel's scale and min slots).
+    k6: bool,
     out: *mut f32,
     ldo: usize,
     r0: usize,
@@ -410,6 +600,11 @@ impl PanelRun<'_> {
         let mut acc = [_mm512_setzero_ps(); T];
         for b in 0..nb {
             let p = &self.panel[b * PANEL_BLOCK..(b + 1) * PANEL_BLOCK];
+            if self.k6 {
+                // SAFETY: as below, for the two halves of block b.
+                unsafe { self.k6_block::<T>(t0, b, p, &mut acc) };
+                continue;
+            }
             let mut sums = [_mm512_setzero_si512(); T];
             for (t, s) in sums.iter_mut().enumerate() {
                 *s = _mm512_set1_epi32(self.neg_offset * x.isum[(t0 + t) * nb + b]);
@@ -438,6 +633,43 @@ impl PanelRun<'_> {
             unsafe { _mm512_mask_storeu_ps(self.out.add((t0 + t) * self.ldo + self.r0), self.rmask, *a) };
         }
         T
+    }
+}
+
+impl PanelRun<'_> {
+    /// Block `b` of a Q6K panel against tokens `t0..t0+T`: each half's sums start at −32 times the half's
+    /// activation code sum and take their own scale (the panel's scale slot for codes 0..16, min slot for
+    /// 16..32).
+    ///
+    /// # Safety
+    /// AVX-512 VNNI available; `t0 + T <= x.rows`; `b < nb`; `p` is block b of the panel.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn k6_block<const T: usize>(&self, t0: usize, b: usize, p: &[__m512i], acc: &mut [__m512; T]) {
+        let (x, nb) = (self.x, self.nb);
+        let xq: *const u8 = x.qs.as_ptr().cast();
+        let mut lo = [_mm512_setzero_si512(); T];
+        let mut hi = [_mm512_setzero_si512(); T];
+        for t in 0..T {
+            let i = (t0 + t) * nb + b;
+            let low: i32 = x.qs[i * 32..i * 32 + 16].iter().map(|&v| v as i32).sum();
+            lo[t] = _mm512_set1_epi32(self.neg_offset * low);
+            hi[t] = _mm512_set1_epi32(self.neg_offset * (x.isum[i] - low));
+        }
+        for (q, &wv) in p[..8].iter().enumerate() {
+            let sums = if q < 4 { &mut lo } else { &mut hi };
+            for (t, s) in sums.iter_mut().enumerate() {
+                // SAFETY: codes 4q..4q+4 of block b of token t0+t lie inside `x.qs` (nb*32 per token).
+                let xv = unsafe { (xq.add(((t0 + t) * nb + b) * 32 + 4 * q) as *const i32).read_unaligned() };
+                *s = _mm512_dpbusd_epi32(*s, wv, _mm512_set1_epi32(xv));
+            }
+        }
+        let (dl, dh) = (_mm512_castsi512_ps(p[8]), _mm512_castsi512_ps(p[9]));
+        for t in 0..T {
+            let dx = _mm512_set1_ps(x.d[(t0 + t) * nb + b]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[t]), _mm512_mul_ps(dl, dx), acc[t]);
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[t]), _mm512_mul_ps(dh, dx), acc[t]);
+        }
     }
 }
 

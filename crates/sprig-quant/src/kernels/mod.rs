@@ -199,6 +199,12 @@ impl PaddedScales {
         self.w_row0 = start;
         for r in start..end {
             let row = (r - start) * stride..(r - start) * stride + nb;
+            if matches!(w.scheme, crate::Scheme::Q4K | crate::Scheme::Q6K) {
+                // Q4K: products of 6-bit sub-scales with the superblock's f16 scales, exact in f32. Q6K: the
+                // superblock's scale (its int8 sub-scales are applied to the integer sums by the kernels).
+                w.row_block_scales(r, &mut self.w_d[row.clone()], &mut self.w_min[row]);
+                continue;
+            }
             convert(&w.scales[r * nb..(r + 1) * nb], &mut self.w_d[row.clone()]);
             match (w.scheme, w.mins) {
                 (_, Some(m)) => convert(&m[r * nb..(r + 1) * nb], &mut self.w_min[row]),
@@ -412,13 +418,16 @@ mod tests {
             (6, 600, 4),
             (9, 1024, 7),
             (37, 96, 11),
+            // Prefill-sized: the AVX-512 panels (16 rows, from 16 tokens), a partial panel and a ragged chunk.
+            (33, 600, 17),
+            (16, 256, 16),
         ];
         for &(rows, cols, toks) in &shapes {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let x: Vec<f32> = (0..toks * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let mut xq = QuantizedActivations::default();
             xq.quantize(&x, toks, cols);
-            for scheme in [Scheme::Q4, Scheme::Q4A, Scheme::Q8, Scheme::Q8A] {
+            for scheme in [Scheme::Q4, Scheme::Q4A, Scheme::Q4K, Scheme::Q6K, Scheme::Q8, Scheme::Q8A] {
                 let q = quantize(&w, rows, cols, scheme);
                 let ldo = rows + 3;
                 let mut reference = vec![0.0; toks * ldo];

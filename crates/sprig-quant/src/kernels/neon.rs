@@ -119,6 +119,28 @@ unsafe fn weight_block<const INT8: bool>(w: &QMatrix, r: usize, b: usize) -> (in
     }
 }
 
+/// [`Scheme::Q6K`] block `b` of row `r` as two registers of signed codes `q − 32`: codes 0..16 and 16..32.
+///
+/// # Safety
+/// `w` is Q6K, `r < w.rows`, `b < w.nb()`, the planes of `w` match its shape.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn weight_block_q6k(w: &QMatrix, r: usize, b: usize) -> (int8x16_t, int8x16_t) {
+    let nb = w.nb();
+    let row = w.qs.as_ptr().wrapping_add(r * nb * 24);
+    // SAFETY: Q6K rows hold nb*16 low-bit bytes then nb*8 high-bit bytes (caller's contract); block b's.
+    let (raw, h) = unsafe { (vld1q_u8(row.add(b * 16)), vld1_u8(row.add(nb * 16 + b * 8))) };
+    let three = vdup_n_u8(3);
+    // Byte i of `h` holds the top bits of codes i, i+8, i+16, i+24 at bits 0, 2, 4, 6.
+    let top = |s0: uint8x8_t, s1: uint8x8_t| vshlq_n_u8::<4>(vcombine_u8(vand_u8(s0, three), vand_u8(s1, three)));
+    let lo_top = top(h, vshr_n_u8::<2>(h));
+    let hi_top = top(vshr_n_u8::<4>(h), vshr_n_u8::<6>(h));
+    let lo = vorrq_u8(vandq_u8(raw, vdupq_n_u8(0x0f)), lo_top);
+    let hi = vorrq_u8(vshrq_n_u8::<4>(raw), hi_top);
+    let c32 = vdupq_n_s8(32);
+    (vsubq_s8(vreinterpretq_s8_u8(lo), c32), vsubq_s8(vreinterpretq_s8_u8(hi), c32))
+}
+
 /// Block `b` of token `t`'s activation codes as two registers.
 ///
 /// # Safety
@@ -162,7 +184,8 @@ macro_rules! neon_gemm {
         unsafe fn $tile<const R: usize, const T: usize, const INT8: bool>(tile: Tile) {
             let Tile { w, x, scales, r0, t0, out, ldo } = tile;
             let nb = w.nb();
-            let has_offset = w.scheme != Scheme::Q8;
+            let has_offset = !matches!(w.scheme, Scheme::Q8 | Scheme::Q6K);
+            let k6 = w.scheme == Scheme::Q6K;
             let wrow: [_; R] = std::array::from_fn(|r| scales.w_row(r0 + r));
             let xrow: [_; T] = std::array::from_fn(|t| scales.x_row(t0 + t));
             let mut acc = [[vdupq_n_f32(0.0); T]; R];
@@ -183,6 +206,27 @@ macro_rules! neon_gemm {
                             acc[r][t] = vfmaq_f32(acc[r][t], m, unsafe { vld1q_f32(xrow[t].1.as_ptr().add(k)) });
                         }
                     }
+                }
+                if k6 {
+                    // Q6K: signed codes, each half's integer sum times its int8 scale (the superblock's scale is
+                    // in `scale`).
+                    for j in 0..nbk {
+                        let b = k + j;
+                        // SAFETY: rows r0..r0+R and block b exist (our contract); the matrix is Q6K.
+                        let wv: [_; R] = std::array::from_fn(|r| unsafe { weight_block_q6k(w, r0 + r, b) });
+                        let sc: [_; R] = std::array::from_fn(|r| w.q6k_sub(r0 + r, b));
+                        for t in 0..T {
+                            // SAFETY: token t0+t and block b exist (our contract).
+                            let (x0, x1) = unsafe { act_block(x, t0 + t, b) };
+                            for r in 0..R {
+                                let lo = vmulq_n_s32($dot(vdupq_n_s32(0), wv[r].0, x0), sc[r].0 as i32);
+                                let p = vmlaq_n_s32(lo, $dot(vdupq_n_s32(0), wv[r].1, x1), sc[r].1 as i32);
+                                acc[r][t] = vfmaq_n_f32(acc[r][t], vcvtq_f32_s32(p), lane(scale[r][t], j));
+                            }
+                        }
+                    }
+                    k += nbk;
+                    continue;
                 }
                 for j in 0..nbk {
                     let b = k + j;
@@ -233,13 +277,14 @@ neon_gemm!(gemm_neon, tile_neon, "neon", dot_neon);
 neon_gemm!(gemm_dotprod, tile_dotprod, "neon,dotprod", dot_sdot);
 
 /// `out[t * ldo + r] = W[r] · x[t]` with `smmla`: tiles of 2 row pairs × 2 token pairs; a GEMV (one token)
-/// goes to the `sdot` kernel, as half of every `smmla` would be wasted on it.
+/// goes to the `sdot` kernel, as half of every `smmla` would be wasted on it, and so does Q6K (whose scales
+/// per 16 codes split each `smmla` block's sums: not written yet).
 ///
 /// # Safety
 /// As [`gemm_dotprod`], and the CPU must support i8mm.
 #[target_feature(enable = "neon,dotprod,i8mm")]
 pub unsafe fn gemm_i8mm(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
-    if x.rows < 2 {
+    if x.rows < 2 || w.scheme == Scheme::Q6K {
         // SAFETY: forwarded; i8mm implies dotprod here (`has_i8mm` checks both).
         return unsafe { gemm_dotprod(w, x, out, ldo) };
     }

@@ -2,7 +2,7 @@
 //! against this one.
 
 use crate::activation::QuantizedActivations;
-use crate::scheme::{QMatrix, BLOCK};
+use crate::scheme::{QMatrix, Scheme, BLOCK};
 
 pub fn dot_row(w: &QMatrix, r: usize, x: &QuantizedActivations, t: usize) -> f32 {
     let nb = w.nb();
@@ -12,6 +12,14 @@ pub fn dot_row(w: &QMatrix, r: usize, x: &QuantizedActivations, t: usize) -> f32
     for b in 0..nb {
         let i = r * nb + b;
         let xb = &xq[b * BLOCK..(b + 1) * BLOCK];
+        if w.scheme == Scheme::Q6K {
+            // Two halves with scales of their own: `(d·sc)·Σ(q − 32)·x` each.
+            let (lo, hi) = w.q6k_half_scales(r, b);
+            let half =
+                |h: usize| -> i32 { (0..16).map(|j| w.code(r, b * BLOCK + 16 * h + j) * xb[16 * h + j] as i32).sum() };
+            acc += xd[b] * (lo * half(0) as f32 + hi * half(1) as f32);
+            continue;
+        }
         let isum: i32 = if w.scheme.is_int4() {
             let q = &w.qs[i * 16..(i + 1) * 16];
             (0..16).map(|j| (q[j] & 0x0f) as i32 * xb[j] as i32 + (q[j] >> 4) as i32 * xb[j + 16] as i32).sum()
@@ -19,7 +27,8 @@ pub fn dot_row(w: &QMatrix, r: usize, x: &QuantizedActivations, t: usize) -> f32
             let q = &w.qs[i * 32..(i + 1) * 32];
             (0..32).map(|j| q[j] as i8 as i32 * xb[j] as i32).sum()
         };
-        acc += w.scales[i].to_f32() * xd[b] * isum as f32 + w.eff_min(i) * xs[b];
+        let (d, m) = w.block_scale(r, b);
+        acc += d * xd[b] * isum as f32 + m * xs[b];
     }
     acc
 }

@@ -143,7 +143,8 @@ impl Tile<'_> {
         let Tile { w, x, scales, pairs, r0, t0, out, ldo } = self;
         let nb = w.nb();
         let qs_block = w.scheme.qs_bytes_per_block();
-        let has_offset = w.scheme != Scheme::Q8;
+        let has_offset = !matches!(w.scheme, Scheme::Q8 | Scheme::Q6K);
+        let k6 = w.scheme == Scheme::Q6K;
         let xq: *const i8 = x.qs.as_ptr();
         let low4x = _mm256_set1_epi8(0x0f);
         let ones = _mm256_set1_epi16(1);
@@ -178,7 +179,50 @@ impl Tile<'_> {
                     }
                 }
             }
-            if INT8 {
+            if k6 {
+                // Q6K: codes 0..63 unpacked to bytes in weight order; the −32 is taken back per pair of products
+                // (`vpmaddubsw` of 32 against x, once per token and block), and `vpmaddwd` applies each half's
+                // int8 scale while widening.
+                let low4 = _mm_set1_epi8(0x0f);
+                let three = _mm256_set1_epi8(3);
+                let spread = _mm256_setr_epi64x(0, 2, 4, 6);
+                let c32 = _mm256_set1_epi8(32);
+                for j in 0..nbk {
+                    let b = k + j;
+                    let mut wu = [_mm256_setzero_si256(); R];
+                    let mut sc = [_mm256_setzero_si256(); R];
+                    for r in 0..R {
+                        let row = w.qs.as_ptr().wrapping_add((r0 + r) * nb * qs_block);
+                        // SAFETY: Q6K rows hold nb*16 low-bit bytes then nb*8 high-bit bytes (validated
+                        // layout); block b's 16 and 8 of them.
+                        let (v, h) = unsafe {
+                            (
+                                _mm_loadu_si128(row.add(b * 16).cast()),
+                                row.add(nb * 16 + b * 8).cast::<i64>().read_unaligned(),
+                            )
+                        };
+                        let low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low4), _mm_and_si128(v, low4));
+                        // Quadword q of the broadcast holds codes 8q..8q+8's top bits at 2q: moved to bits 4..6.
+                        let high = _mm256_and_si256(_mm256_srlv_epi64(_mm256_set1_epi64x(h), spread), three);
+                        wu[r] = _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+                        let (lo, hi) = w.q6k_sub(r0 + r, b);
+                        sc[r] = _mm256_set_m128i(_mm_set1_epi16(hi as i16), _mm_set1_epi16(lo as i16));
+                    }
+                    for t in 0..T {
+                        let i = (t0 + t) * nb + b;
+                        // SAFETY: token t0+t has nb*32 codes (QuantizedActivations invariant); block b of them.
+                        let xv = unsafe { _mm256_loadu_si256(xq.add(i * 32).cast()) };
+                        let x32 = _mm256_maddubs_epi16(c32, xv);
+                        for r in 0..R {
+                            // Pairs of products of at most 63 · 127 (no saturation), less 32 · (x + x').
+                            let p16 = _mm256_sub_epi16(_mm256_maddubs_epi16(wu[r], xv), x32);
+                            let p = _mm256_madd_epi16(p16, sc[r]);
+                            let s = _mm256_broadcast_ss(&scale[r][t][j]);
+                            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r][t]);
+                        }
+                    }
+                }
+            } else if INT8 {
                 for j in 0..nbk {
                     let b = k + j;
                     // Row r's block b: `wu` the unsigned operand |w|, `ws` the signs to move onto x.
