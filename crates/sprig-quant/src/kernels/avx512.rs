@@ -253,7 +253,7 @@ impl Tile<'_> {
                     }
                     if k6 {
                         dwp_hi[r] = _mm512_permutexvar_ps(idx, dw_hi[r]);
-                        let row = w.qs.as_ptr().wrapping_add((r0 + r) * qs_row);
+                        let row = codes;
                         // SAFETY: masked loads touch only blocks g*4..g*4+nbg of this row: their low 4 bits (16
                         // bytes each, from the row's start) and high 2 bits (8 bytes each, after nb*16).
                         let (v, h) = unsafe {
