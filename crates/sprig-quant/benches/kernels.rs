@@ -1,4 +1,5 @@
-//! Kernel throughput per instruction set and weight scheme: decode GEMV and a 128-token prefill GEMM at a
+//! Kernel throughput per instruction set and weight scheme: decode GEMV, a 4-token product (a speculative
+//! verification pass, four sessions stepping together) and a 128-token prefill GEMM at a
 //! SmolLM2 shape (K = 576) and a Qwen2.5-1.5B one (K = 1536, whole K-quant superblocks).
 //! `cargo bench -p sprig-quant --bench kernels`
 
@@ -14,7 +15,7 @@ fn bench(c: &mut Criterion) {
         let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
         for scheme in [Scheme::Q4, Scheme::Q4A, Scheme::Q4K, Scheme::Q6K, Scheme::Q8] {
             let q = quantize(&w, rows, cols, scheme);
-            for tokens in [1usize, 128] {
+            for tokens in [1usize, 4, 128] {
                 let x: Vec<f32> = (0..tokens * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
                 let mut xq = QuantizedActivations::default();
                 xq.quantize(&x, tokens, cols);

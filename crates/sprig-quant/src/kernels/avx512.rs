@@ -23,8 +23,9 @@ use crate::scheme::{QMatrix, Scheme, BLOCK, K4_SUB_BYTES, SUPER};
 const GROUP: usize = 4;
 /// Bytes of one token's group in the packed activations: low halves, high halves, 16 f32 scales.
 pub const GROUP_BYTES: usize = 192;
-/// Tokens per tile (rows per tile is 4): tiles only serve products over fewer tokens than a panel takes.
-const TILE_TOKENS: usize = 3;
+/// Tokens per register tile (rows per tile is 4): tiles only serve products over fewer tokens than a panel
+/// takes.
+const TILE_TOKENS: usize = 4;
 
 pub fn available() -> bool {
     super::x86::has_avx2()
@@ -90,35 +91,57 @@ pub unsafe fn gemm(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: us
     }
 }
 
+/// How a scheme's codes unpack: each kind compiles its own tiles, so no scheme test is left in their loops.
+const PLAIN4: u8 = 0;
+const INT8: u8 = 1;
+const K4: u8 = 2;
+const K6: u8 = 3;
+
 /// # Safety
 /// As [`gemm`], and `quads` is `x` packed by [`pack`].
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn gemm_packed(w: &QMatrix, x: &QuantizedActivations, quads: &[u8], out: *mut f32, ldo: usize) {
-    let nb = w.nb();
-    assert_eq!(quads.len(), x.rows * nb.div_ceil(GROUP) * GROUP_BYTES, "packed activations size");
+    assert_eq!(quads.len(), x.rows * w.nb().div_ceil(GROUP) * GROUP_BYTES, "packed activations size");
+    // SAFETY (all four): forwarded from our caller.
+    unsafe {
+        match w.scheme {
+            Scheme::Q4 | Scheme::Q4A => tiles::<PLAIN4>(w, x, quads, out, ldo),
+            Scheme::Q8 | Scheme::Q8A => tiles::<INT8>(w, x, quads, out, ldo),
+            Scheme::Q4K => tiles::<K4>(w, x, quads, out, ldo),
+            Scheme::Q6K => tiles::<K6>(w, x, quads, out, ldo),
+        }
+    }
+}
+
+/// [`gemm_packed`] for one kind of code.
+///
+/// # Safety
+/// As [`gemm_packed`], and `K` is `w.scheme`'s kind.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tiles<const K: u8>(w: &QMatrix, x: &QuantizedActivations, quads: &[u8], out: *mut f32, ldo: usize) {
+    // 4-row register tiles over up to TILE_TOKENS tokens each, the token tiles of even size (5 tokens: 3 + 2,
+    // not 4 + 1): a tile's every extra token costs less than unpacking the rows again.
+    let tiles_per_row = x.rows.div_ceil(TILE_TOKENS);
+    let ahead = prefetch_ahead(w.nb() * w.scheme.qs_bytes_per_block());
     let mut r0 = 0;
     while r0 < w.rows {
         let nr = (w.rows - r0).min(4);
         let mut t0 = 0;
-        while t0 < x.rows {
-            let nt = (x.rows - t0).min(TILE_TOKENS);
-            let tile = Tile { w, x, quads, r0, t0, out, ldo };
+        for i in 0..tiles_per_row {
+            let nt = (x.rows - t0).div_ceil(tiles_per_row - i);
+            let tile = Tile { w, x, quads, r0, t0, out, ldo, ahead };
             macro_rules! dispatch {
-                ($($r:literal, $t:literal);*) => {
-                    match (nr, nt, w.scheme.is_int4()) {
-                        $(($r, $t, true) => {
+                ($(($r:literal, $t:literal))*) => {
+                    match (nr, nt) {
+                        $(($r, $t) => {
                             // SAFETY: the tile lies inside the matrix and the token range; the rest is forwarded.
-                            unsafe { tile.run::<$r, $t, false>() }
-                        }
-                        ($r, $t, false) => {
-                            // SAFETY: as above.
-                            unsafe { tile.run::<$r, $t, true>() }
+                            unsafe { tile.run::<$r, $t, K>() }
                         })*
-                        _ => unreachable!("tiles are 1..=4 rows by 1..=3 tokens"),
+                        _ => unreachable!("tiles are 1..=4 rows by 1..=4 tokens"),
                     }
                 };
             }
-            dispatch!(4, 3; 4, 2; 4, 1; 3, 3; 3, 2; 3, 1; 2, 3; 2, 2; 2, 1; 1, 3; 1, 2; 1, 1);
+            dispatch!((4, 4)(4, 3)(4, 2)(4, 1)(3, 4)(3, 3)(3, 2)(3, 1)(2, 4)(2, 3)(2, 2)(2, 1)(1, 4)(1, 3)(1, 2)(1, 1));
             t0 += nt;
         }
         r0 += nr;
@@ -135,198 +158,288 @@ struct Tile<'a> {
     t0: usize,
     out: *mut f32,
     ldo: usize,
+    /// Bytes ahead of a row's current group that it prefetches ([`prefetch_ahead`]).
+    ahead: usize,
+}
+
+/// One group of a row, unpacked for `vpdpbusd`: codes 0..16 and 16..32 of its four blocks as unsigned bytes,
+/// and their scales spread over the lanes the products land in (`hi_scale`: q6k's high halves; else unused).
+#[derive(Clone, Copy)]
+struct Unpacked {
+    lo: __m512i,
+    hi: __m512i,
+    lo_scale: __m512,
+    hi_scale: __m512,
+}
+
+/// One token's group of packed activations (`neg_*`: −32·Σx of each half, for q6k).
+#[derive(Clone, Copy)]
+struct TokenGroup {
+    lo: __m512i,
+    hi: __m512i,
+    scale: __m512,
+    neg_lo: __m512i,
+    neg_hi: __m512i,
 }
 
 impl Tile<'_> {
+    /// A chunk's scales for row `r0 + r` (16 blocks from `k`, `nbk` of them real): the per-block scales of
+    /// the low halves and (q6k) high halves, and the offset term `w = d·q + m` adds per block (`None` for q6k,
+    /// whose −32 is taken back in integer arithmetic).
+    ///
+    /// # Safety
+    /// AVX-512 VNNI available; `r0 + r < w.rows`, `k + nbk <= nb`, `nbk <= 16`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn chunk_scales<const K: u8>(&self, r: usize, k: usize, nbk: usize) -> (__m512, __m512, Option<__m512>) {
+        let w = self.w;
+        let nb = w.nb();
+        let scales: *const u16 = w.scales.as_ptr().cast();
+        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
+        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
+        let row = self.r0 + r;
+        if K == K6 {
+            // SAFETY: blocks k..k+nbk of the row and their superblocks lie inside the scale and sub planes
+            // (present: validated for q6k).
+            let (lo, hi) = unsafe { k6_chunk_scales(scales, sub, row, nb, k, nbk) };
+            return (lo, hi, None);
+        }
+        if K == K4 {
+            // SAFETY: superblocks k/8.. of the row cover blocks k..k+nbk, inside its scale, min and sub
+            // planes (present: validated for q4k).
+            let (d, m) =
+                unsafe { k4_chunk_scales(scales, mins, sub, row * w.scheme.scales_per_row(nb) + k / SUPER, nbk) };
+            return (d, d, Some(m));
+        }
+        let offset = match w.scheme {
+            Scheme::Q4 => -8.0,
+            Scheme::Q4A => 0.0,
+            // int8 codes are made unsigned by flipping the top bit (q + 128); the offset takes the 128 back.
+            _ => -128.0,
+        };
+        let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
+        let at = row * nb + k;
+        // SAFETY: the masked load reads only blocks k..k+nbk of the row, all inside the scale plane.
+        let d = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, scales.add(at).cast()) });
+        let mut m = _mm512_mul_ps(d, _mm512_set1_ps(offset));
+        if w.scheme.has_min() {
+            // SAFETY: as above, in the min plane (present: schemes with mins are validated to carry one).
+            let mn = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, mins.add(at).cast()) });
+            m = _mm512_add_ps(m, mn);
+        }
+        (d, d, Some(m))
+    }
+
+    /// Row `r0 + r`'s group `g` (the `j`-th of its chunk, `nbg` real blocks), given the chunk's scales.
+    ///
+    /// # Safety
+    /// AVX-512 VNNI available; `r0 + r < w.rows`, `g < ceil(nb / 4)`, `nbg` the blocks of group `g`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn unpack<const K: u8>(
+        &self,
+        r: usize,
+        g: usize,
+        j: usize,
+        nbg: usize,
+        scales: (__m512, __m512),
+    ) -> Unpacked {
+        let w = self.w;
+        let nb = w.nb();
+        let k6 = K == K6;
+        let lane = 4 * j as i32;
+        let idx = _mm512_set_epi32(
+            lane + 3,
+            lane + 3,
+            lane + 3,
+            lane + 3,
+            lane + 2,
+            lane + 2,
+            lane + 2,
+            lane + 2,
+            lane + 1,
+            lane + 1,
+            lane + 1,
+            lane + 1,
+            lane,
+            lane,
+            lane,
+            lane,
+        );
+        let lo_scale = _mm512_permutexvar_ps(idx, scales.0);
+        let hi_scale = if k6 { _mm512_permutexvar_ps(idx, scales.1) } else { lo_scale };
+        let low4 = _mm512_set1_epi8(0x0f);
+        // Decode streams 4 rows × (codes, scales) at once, more streams than the hardware prefetchers follow
+        // well: ask for each row's codes `ahead` bytes on (a hint: never faults).
+        let row = w.qs.as_ptr().wrapping_add((self.r0 + r) * nb * w.scheme.qs_bytes_per_block());
+        let per_group = match K {
+            K6 => 64,
+            INT8 => GROUP * BLOCK,
+            _ => GROUP * BLOCK / 2,
+        };
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(g * per_group + self.ahead).cast());
+        let (lo, hi) = if k6 {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(nb * 16 + g * 32 + self.ahead).cast());
+            // SAFETY: masked loads touch only blocks g*4..g*4+nbg of this row: their low 4 bits (16 bytes
+            // each, from the row's start) and high 2 bits (8 bytes each, after nb*16).
+            let (v, h) = unsafe {
+                (
+                    _mm512_maskz_loadu_epi8(byte_mask(16 * nbg), row.add(g * 64).cast()),
+                    _mm512_maskz_loadu_epi8(byte_mask(8 * nbg), row.add(nb * 16 + g * 32).cast()),
+                )
+            };
+            // The high bits: each block's 8 bytes in both quadwords of its 128-bit lane, moved to bits 4..6 of
+            // the code bytes of weights 0..8 / 8..16 (low halves) and 16..24 / 24..32 (high halves).
+            let top2 = _mm512_set1_epi8(0x30);
+            let h = _mm512_permutexvar_epi64(_mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0), h);
+            let hlo = _mm512_and_si512(_mm512_sllv_epi64(h, _mm512_set_epi64(2, 4, 2, 4, 2, 4, 2, 4)), top2);
+            let hhi = _mm512_and_si512(_mm512_srlv_epi64(h, _mm512_set_epi64(2, 0, 2, 0, 2, 0, 2, 0)), top2);
+            (
+                _mm512_or_si512(_mm512_and_si512(v, low4), hlo),
+                _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), hhi),
+            )
+        } else if K == INT8 {
+            let base = row.wrapping_add(g * 128);
+            let bytes = 32 * nbg;
+            let (ma, mb) = (byte_mask(bytes.min(64)), byte_mask(bytes.saturating_sub(64)));
+            // SAFETY: masked loads touch only this row's blocks g*4..g*4+nbg.
+            let (a, b) =
+                unsafe { (_mm512_maskz_loadu_epi8(ma, base.cast()), _mm512_maskz_loadu_epi8(mb, base.add(64).cast())) };
+            // 128-bit lanes (0, 2) of `a` and (0, 2) of `b` are the low halves of the 4 blocks; the top bit's
+            // flip makes the codes unsigned.
+            let flip = _mm512_set1_epi8(-128);
+            (
+                _mm512_xor_si512(_mm512_permutex2var_epi64(a, _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0), b), flip),
+                _mm512_xor_si512(_mm512_permutex2var_epi64(a, _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2), b), flip),
+            )
+        } else {
+            // SAFETY: the masked load touches only this row's blocks g*4..g*4+nbg.
+            let v = unsafe { _mm512_maskz_loadu_epi8(byte_mask(16 * nbg), row.add(g * 64).cast()) };
+            (_mm512_and_si512(v, low4), _mm512_and_si512(_mm512_srli_epi16(v, 4), low4))
+        };
+        Unpacked { lo, hi, lo_scale, hi_scale }
+    }
+
+    /// Token `t0 + t`'s group `g` of the packed activations.
+    ///
+    /// # Safety
+    /// AVX-512 VNNI available; `t0 + t < x.rows`, `g < ceil(nb / 4)`; `quads` is `x` packed.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn token_group<const K: u8>(&self, t: usize, g: usize) -> TokenGroup {
+        let ng = self.w.nb().div_ceil(GROUP);
+        let xp = self.quads.as_ptr().wrapping_add(((self.t0 + t) * ng + g) * GROUP_BYTES);
+        // SAFETY: group g of token t0+t lies inside `quads` (size asserted by the caller).
+        let (lo, hi, scale) = unsafe {
+            (_mm512_loadu_si512(xp.cast()), _mm512_loadu_si512(xp.add(64).cast()), _mm512_loadu_ps(xp.add(128).cast()))
+        };
+        let (mut neg_lo, mut neg_hi) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        if K == K6 {
+            // Each half's sums start at −32·Σx, so they come out as Σ(q − 32)·x.
+            let (zero, c32) = (_mm512_setzero_si512(), _mm512_set1_epi8(32));
+            neg_lo = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c32, lo));
+            neg_hi = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c32, hi));
+        }
+        TokenGroup { lo, hi, scale, neg_lo, neg_hi }
+    }
+
+    /// `acc + W·x` over one group: the integer dot products, each block's sum × its weight scale × its
+    /// activation scale.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    fn group_product<const K: u8>(wg: &Unpacked, x: &TokenGroup, acc: __m512) -> __m512 {
+        if K == K6 {
+            let sl = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(x.neg_lo, wg.lo, x.lo));
+            let sh = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(x.neg_hi, wg.hi, x.hi));
+            let acc = _mm512_fmadd_ps(sl, _mm512_mul_ps(wg.lo_scale, x.scale), acc);
+            return _mm512_fmadd_ps(sh, _mm512_mul_ps(wg.hi_scale, x.scale), acc);
+        }
+        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wg.lo, x.lo);
+        let s = _mm512_dpbusd_epi32(s, wg.hi, x.hi);
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(wg.lo_scale, x.scale), acc)
+    }
+
+    /// Adds a chunk's offset term (`m · Σx` per block) of row `r0 + r` for token `t0 + t`.
+    ///
+    /// # Safety
+    /// AVX-512 available; `t0 + t < x.rows`, `k + nbk <= nb`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn offset_term(&self, t: usize, k: usize, nbk: usize, m: __m512, acc: __m512) -> __m512 {
+        let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
+        // SAFETY: the sums of token t0+t hold nb floats; the mask stops at nb.
+        let xs = unsafe { _mm512_maskz_loadu_ps(m16, self.x.row_sum(self.t0 + t).as_ptr().add(k)) };
+        _mm512_fmadd_ps(m, xs, acc)
+    }
+
+    /// Writes the finished sums of the tile's rows × tokens.
+    ///
+    /// # Safety
+    /// `out` as for [`gemm`]; `r0 + acc.len() <= w.rows`, `t0 + nt <= x.rows`, `nt <= N`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn store<const N: usize>(&self, acc: &[[__m512; N]], nt: usize) {
+        for (r, row) in acc.iter().enumerate() {
+            for (t, sum) in row.iter().take(nt).enumerate() {
+                // SAFETY: (t0+t, r0+r) is inside the output the caller handed us, and ours alone.
+                unsafe { *self.out.add((self.t0 + t) * self.ldo + self.r0 + r) = _mm512_reduce_add_ps(*sum) };
+            }
+        }
+    }
+
+    /// An R-row × T-token register tile.
+    ///
     /// # Safety
     /// AVX-512 VNNI must be available; `r0 + R <= rows`, `t0 + T <= x.rows`; `out` as for [`gemm`].
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-    unsafe fn run<const R: usize, const T: usize, const INT8: bool>(self) {
-        let Tile { w, x, quads, r0, t0, out, ldo } = self;
-        let nb = w.nb();
-        let ng = nb.div_ceil(GROUP);
-        let qs_row = nb * w.scheme.qs_bytes_per_block();
-        let scales: *const u16 = w.scales.as_ptr().cast();
-        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
-        let k4 = w.scheme == Scheme::Q4K;
-        let k6 = w.scheme == Scheme::Q6K;
-        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
-        let nsr = w.scheme.scales_per_row(nb);
-        let (has_min, offset) = match w.scheme {
-            Scheme::Q4 => (false, -8.0),
-            Scheme::Q4A | Scheme::Q4K => (true, 0.0),
-            // int8 codes are made unsigned by flipping the top bit (q + 128); the offset takes the 128 back.
-            Scheme::Q8 => (false, -128.0),
-            Scheme::Q8A => (true, -128.0),
-            // Q6K takes its −32 back in integer arithmetic (below).
-            Scheme::Q6K => (false, 0.0),
+    unsafe fn run<const R: usize, const T: usize, const K: u8>(self) {
+        let nb = self.w.nb();
+        let zero = Unpacked {
+            lo: _mm512_setzero_si512(),
+            hi: _mm512_setzero_si512(),
+            lo_scale: _mm512_setzero_ps(),
+            hi_scale: _mm512_setzero_ps(),
         };
-        let low4 = _mm512_set1_epi8(0x0f);
-        let top2 = _mm512_set1_epi8(0x30);
-        let c32 = _mm512_set1_epi8(32);
-        // Q6K high bits: each block's 8 bytes in both quadwords of its 128-bit lane, moved to bits 4..6 of the
-        // code bytes of weights 0..8 / 8..16 (low halves) and 16..24 / 24..32 (high halves).
-        let k6_spread = _mm512_set_epi64(3, 3, 2, 2, 1, 1, 0, 0);
-        let (k6_lo_shift, k6_hi_shift) =
-            (_mm512_set_epi64(2, 4, 2, 4, 2, 4, 2, 4), _mm512_set_epi64(2, 0, 2, 0, 2, 0, 2, 0));
-        let flip = _mm512_set1_epi8(-128);
-        // 128-bit lanes (0, 2) of the first register and (0, 2) of the second: the low halves of 4 int8 blocks.
-        let int8_lo = _mm512_set_epi64(13, 12, 9, 8, 5, 4, 1, 0);
-        let int8_hi = _mm512_set_epi64(15, 14, 11, 10, 7, 6, 3, 2);
         let mut acc = [[_mm512_setzero_ps(); T]; R];
         let mut k = 0;
         while k < nb {
             // One chunk of 16 blocks: scales for every row, the offset term, then its (up to) four groups.
             let nbk = (nb - k).min(16);
-            let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
-            let mut dw = [_mm512_setzero_ps(); R];
-            // Q6K: the scales of the blocks' high halves (`dw` holds the low halves').
-            let mut dw_hi = [_mm512_setzero_ps(); R];
+            let mut scales = [(_mm512_setzero_ps(), _mm512_setzero_ps()); R];
             for r in 0..R {
-                if k6 {
-                    // SAFETY: blocks k..k+nbk of row r0+r and their superblocks lie inside the scale and sub
-                    // planes (present: validated for q6k).
-                    (dw[r], dw_hi[r]) = unsafe { k6_chunk_scales(scales, sub, r0 + r, nb, k, nbk) };
-                    continue;
-                }
-                let m = if k4 {
-                    // SAFETY: superblocks k/8.. of row r0+r cover blocks k..k+nbk, inside its scale, min and
-                    // sub planes (present: validated for q4k).
-                    let (d, m) = unsafe { k4_chunk_scales(scales, mins, sub, (r0 + r) * nsr + k / SUPER, nbk) };
-                    dw[r] = d;
-                    m
-                } else {
-                    let at = (r0 + r) * nb + k;
-                    // SAFETY: the masked load reads only blocks k..k+nbk of row r0+r, all inside the scale plane.
-                    dw[r] = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, scales.add(at).cast()) });
-                    let mut m = _mm512_mul_ps(dw[r], _mm512_set1_ps(offset));
-                    if has_min {
-                        // SAFETY: as above, in the min plane (present: has_min schemes are validated to carry one).
-                        let mn = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, mins.add(at).cast()) });
-                        m = _mm512_add_ps(m, mn);
+                // SAFETY: row r0+r and blocks k..k+nbk are inside the matrix.
+                let (lo, hi, m) = unsafe { self.chunk_scales::<K>(r, k, nbk) };
+                scales[r] = (lo, hi);
+                if let Some(m) = m {
+                    for t in 0..T {
+                        // SAFETY: token t0+t is inside x.
+                        acc[r][t] = unsafe { self.offset_term(t, k, nbk, m, acc[r][t]) };
                     }
-                    m
-                };
-                for t in 0..T {
-                    // SAFETY: the sums of token t0+t hold nb floats; the mask stops at nb.
-                    let xs = unsafe { _mm512_maskz_loadu_ps(m16, x.row_sum(t0 + t).as_ptr().add(k)) };
-                    acc[r][t] = _mm512_fmadd_ps(m, xs, acc[r][t]);
                 }
             }
             let mut j = 0;
             while j * GROUP < nbk {
                 let g = k / GROUP + j;
                 let nbg = (nb - g * GROUP).min(GROUP);
-                let lane = 4 * j as i32;
-                let idx = _mm512_set_epi32(
-                    lane + 3,
-                    lane + 3,
-                    lane + 3,
-                    lane + 3,
-                    lane + 2,
-                    lane + 2,
-                    lane + 2,
-                    lane + 2,
-                    lane + 1,
-                    lane + 1,
-                    lane + 1,
-                    lane + 1,
-                    lane,
-                    lane,
-                    lane,
-                    lane,
-                );
-                let mut lo = [_mm512_setzero_si512(); R];
-                let mut hi = [_mm512_setzero_si512(); R];
-                let mut dwp = [_mm512_setzero_ps(); R];
-                let mut dwp_hi = [_mm512_setzero_ps(); R];
+                let mut wg = [zero; R];
                 for r in 0..R {
-                    dwp[r] = _mm512_permutexvar_ps(idx, dw[r]);
-                    // Decode streams 4 rows × (codes, scales) at once, more streams than the hardware prefetchers
-                    // follow well: ask for each row's codes PREFETCH bytes ahead (a hint: never faults).
-                    let codes = w.qs.as_ptr().wrapping_add((r0 + r) * qs_row);
-                    let per_group = if k6 { 64 } else { GROUP * w.scheme.qs_bytes_per_block() };
-                    _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(g * per_group + PREFETCH).cast());
-                    if k6 {
-                        _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(nb * 16 + g * 32 + PREFETCH / 2).cast());
-                    }
-                    if k6 {
-                        dwp_hi[r] = _mm512_permutexvar_ps(idx, dw_hi[r]);
-                        let row = codes;
-                        // SAFETY: masked loads touch only blocks g*4..g*4+nbg of this row: their low 4 bits (16
-                        // bytes each, from the row's start) and high 2 bits (8 bytes each, after nb*16).
-                        let (v, h) = unsafe {
-                            (
-                                _mm512_maskz_loadu_epi8(byte_mask(16 * nbg), row.add(g * 64).cast()),
-                                _mm512_maskz_loadu_epi8(byte_mask(8 * nbg), row.add(nb * 16 + g * 32).cast()),
-                            )
-                        };
-                        let h = _mm512_permutexvar_epi64(k6_spread, h);
-                        let (hlo, hhi) = (
-                            _mm512_and_si512(_mm512_sllv_epi64(h, k6_lo_shift), top2),
-                            _mm512_and_si512(_mm512_srlv_epi64(h, k6_hi_shift), top2),
-                        );
-                        lo[r] = _mm512_or_si512(_mm512_and_si512(v, low4), hlo);
-                        hi[r] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), hhi);
-                    } else if INT8 {
-                        let base = w.qs.as_ptr().wrapping_add((r0 + r) * qs_row + g * 128);
-                        let bytes = 32 * nbg;
-                        let (ma, mb) = (byte_mask(bytes.min(64)), byte_mask(bytes.saturating_sub(64)));
-                        // SAFETY: masked loads touch only this row's blocks g*4..g*4+nbg.
-                        let (a, b) = unsafe {
-                            (_mm512_maskz_loadu_epi8(ma, base.cast()), _mm512_maskz_loadu_epi8(mb, base.add(64).cast()))
-                        };
-                        lo[r] = _mm512_xor_si512(_mm512_permutex2var_epi64(a, int8_lo, b), flip);
-                        hi[r] = _mm512_xor_si512(_mm512_permutex2var_epi64(a, int8_hi, b), flip);
-                    } else {
-                        let base = w.qs.as_ptr().wrapping_add((r0 + r) * qs_row + g * 64);
-                        // SAFETY: the masked load touches only this row's blocks g*4..g*4+nbg.
-                        let v = unsafe { _mm512_maskz_loadu_epi8(byte_mask(16 * nbg), base.cast()) };
-                        lo[r] = _mm512_and_si512(v, low4);
-                        hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-                    }
+                    // SAFETY: row r0+r's group g is inside the matrix.
+                    wg[r] = unsafe { self.unpack::<K>(r, g, j, nbg, scales[r]) };
                 }
                 for t in 0..T {
-                    let xp = quads.as_ptr().wrapping_add(((t0 + t) * ng + g) * GROUP_BYTES);
-                    // SAFETY: group g of token t0+t lies inside `quads` (size asserted by the caller).
-                    let (xlo, xhi, dx) = unsafe {
-                        (
-                            _mm512_loadu_si512(xp.cast()),
-                            _mm512_loadu_si512(xp.add(64).cast()),
-                            _mm512_loadu_ps(xp.add(128).cast()),
-                        )
-                    };
-                    if k6 {
-                        // Each half's sums start at −32·Σx, so they come out as Σ(q − 32)·x, then take their
-                        // own scales.
-                        let zero = _mm512_setzero_si512();
-                        let nlo = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c32, xlo));
-                        let nhi = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, c32, xhi));
-                        for r in 0..R {
-                            let sl = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nlo, lo[r], xlo));
-                            let sh = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nhi, hi[r], xhi));
-                            acc[r][t] = _mm512_fmadd_ps(sl, _mm512_mul_ps(dwp[r], dx), acc[r][t]);
-                            acc[r][t] = _mm512_fmadd_ps(sh, _mm512_mul_ps(dwp_hi[r], dx), acc[r][t]);
-                        }
-                        continue;
-                    }
+                    // SAFETY: token t0+t's group g is inside the packed activations.
+                    let xg = unsafe { self.token_group::<K>(t, g) };
                     for r in 0..R {
-                        let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xlo);
-                        let s = _mm512_dpbusd_epi32(s, hi[r], xhi);
-                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(dwp[r], dx), acc[r][t]);
+                        acc[r][t] = Self::group_product::<K>(&wg[r], &xg, acc[r][t]);
                     }
                 }
                 j += 1;
             }
             k += nbk;
         }
-        for r in 0..R {
-            for t in 0..T {
-                // SAFETY: (t0+t, r0+r) is inside the output the caller handed us, and ours alone.
-                unsafe { *out.add((t0 + t) * ldo + r0 + r) = _mm512_reduce_add_ps(acc[r][t]) };
-            }
-        }
+        // SAFETY: forwarded from our caller.
+        unsafe { self.store(&acc, T) };
     }
 }
 
@@ -431,10 +544,21 @@ fn byte_mask(bytes: usize) -> __mmask64 {
     }
 }
 
-/// How far ahead (bytes) the decode tiles prefetch each row's codes.
-const PREFETCH: usize = 1024;
+/// About how far ahead (bytes) of the tiles' combined stream to prefetch: a memory latency at one core's
+/// bandwidth, with margin. Measured on SmolLM2's 576-wide int4 rows (one thread, 600 MB of weights): 10.9 GB/s
+/// at ~1 KiB ahead, 13.0 at 4 KiB, no better further; the 1536- and 8960-wide rows of Qwen 1.5B and int8 rows
+/// gain nothing past one tile (Xeon, session 16).
+const PREFETCH: usize = 4096;
 
-/// Tokens from which a product runs on row panels (below: 4 × 3 tiles on quads). Building a panel costs
+/// How far each row of a 4-row tile prefetches ahead of itself: a whole number of tiles (the tile's rows are
+/// one contiguous stretch of the code plane read as four streams, so the bytes `PREFETCH` ahead of the
+/// combined stream are the same position in the rows of a later tile), at least one.
+fn prefetch_ahead(row_bytes: usize) -> usize {
+    let tile = 4 * row_bytes;
+    tile * ((PREFETCH + tile / 2) / tile).max(1)
+}
+
+/// Tokens from which a product runs on row panels (below: 4-row tiles of up to 4 tokens on quads). Building a panel costs
 /// about as much as running a few tokens through it, so the handful of rows of a batched decode step (one per
 /// session) stay on tiles: 4 sessions of SmolLM2 decoded 181 tok/s on panels, 258 on tiles (Xeon, 2 cores).
 const PANEL_MIN_TOKENS: usize = 16;

@@ -421,6 +421,9 @@ mod tests {
             // Prefill-sized: the AVX-512 panels (16 rows, from 16 tokens), a partial panel and a ragged chunk.
             (33, 600, 17),
             (16, 256, 16),
+            // The AVX-512 tiles' widest splits (13 tokens: 4 + 3 + 3 + 3; 15: 4 + 4 + 4 + 3).
+            (6, 288, 13),
+            (5, 520, 15),
         ];
         for &(rows, cols, toks) in &shapes {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
