@@ -34,6 +34,12 @@ pub trait Drafter: Send {
     fn needs_target_state(&self) -> bool {
         false
     }
+    /// Time the drafter spent since the last call catching up on a new stretch of context (a draft model
+    /// reading a new prompt or turn), which the draft length and `auto`'s judgement leave out: a one-off per
+    /// turn, not a cost of each pass.
+    fn take_one_off(&mut self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 /// The model being drafted for, as a drafter sees it: its sequence state after the last pass.
@@ -135,7 +141,13 @@ pub struct DraftModel<B: Backend> {
     held: Vec<u32>,
     logits: Vec<f32>,
     sliding: bool,
+    /// See [`Drafter::take_one_off`].
+    one_off: Duration,
 }
+
+/// Most context tokens a draft model catches up on as part of a pass (after one, the correction and the last
+/// accepted draft); more is a new prompt or turn.
+const PASS_CATCH_UP: usize = 2;
 
 impl<B: Backend> DraftModel<B> {
     /// A drafter for `target` on `draft`'s weights, with a context of `ctx` (0: the draft model's). Refuses a
@@ -146,7 +158,7 @@ impl<B: Backend> DraftModel<B> {
         }
         let state = draft.model.new_state(ctx)?;
         let sliding = draft.model.config.attention.iter().any(|k| *k != sprig_format::AttentionKind::Global);
-        Ok(DraftModel { engine: draft, state, held: Vec::new(), logits: Vec::new(), sliding })
+        Ok(DraftModel { engine: draft, state, held: Vec::new(), logits: Vec::new(), sliding, one_off: Duration::ZERO })
     }
 }
 
@@ -165,8 +177,12 @@ impl<B: Backend> Drafter for DraftModel<B> {
         }
         self.held.truncate(common);
         self.state.pos = common;
+        let t0 = std::time::Instant::now();
         for chunk in history[common..].chunks(crate::generate::PREFILL_CHUNK) {
             m.forward(&mut self.state, chunk, Logits::Last)?;
+        }
+        if history.len() - common > PASS_CATCH_UP {
+            self.one_off += t0.elapsed();
         }
         self.held.extend_from_slice(&history[common..]);
         for i in 0..k {
@@ -186,6 +202,10 @@ impl<B: Backend> Drafter for DraftModel<B> {
 
     fn name(&self) -> String {
         format!("draft model ({} layers)", self.engine.model.config.n_layers)
+    }
+
+    fn take_one_off(&mut self) -> Duration {
+        std::mem::take(&mut self.one_off)
     }
 }
 
@@ -251,17 +271,29 @@ pub struct Speculation {
     cost: CostModel,
 }
 
+/// Most tokens a pass may draft.
+const MAX_DRAFT: usize = 32;
+
 /// What speculation costs and earns here, measured as it runs: a drafted token is accepted with probability
-/// `alpha` (successes / trials), a verification pass of `r` rows takes `plain + extra_row · (r - 1)` (a plain
-/// step plus what each further row adds: nothing on a memory-bound CPU, much on a compute-bound one), and
-/// drafting takes `draft` per token.
-#[derive(Clone, Copy, Debug, Default)]
+/// `alpha` (successes / trials), a verification pass of `r` rows takes what passes of `r` rows took
+/// (`verify[r]`), or where none ran yet `plain + extra_row · (r - 1)` (a plain step plus what each further row
+/// added on average), and drafting takes `draft` per token. Per row count because a pass's cost is a step
+/// function of it: the CPU kernels take a few rows in one register tile (4 on AVX-512) at about one step's
+/// cost on a memory-bound model, and one more row starts another tile.
+#[derive(Clone, Copy, Debug)]
 struct CostModel {
     trials: f64,
     successes: f64,
     plain: Option<f64>,
     extra_row: Option<f64>,
+    verify: [Option<f64>; MAX_DRAFT + 2],
     draft: Option<f64>,
+}
+
+impl Default for CostModel {
+    fn default() -> Self {
+        CostModel { trials: 0.0, successes: 0.0, plain: None, extra_row: None, verify: [None; MAX_DRAFT + 2], draft: None }
+    }
 }
 
 /// Weight of a new measurement in the running averages.
@@ -281,7 +313,8 @@ impl CostModel {
         (1..=max)
             .map(|k| {
                 let tokens = (1.0 - alpha.powi(k as i32 + 1)) / (1.0 - alpha);
-                (k, tokens / (plain + extra * k as f64 + draft * k as f64))
+                let verify = self.verify[k + 1].unwrap_or(plain + extra * k as f64);
+                (k, tokens / (verify + draft * k as f64))
             })
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(k, _)| k)
@@ -291,7 +324,7 @@ impl CostModel {
 impl Speculation {
     /// `max_draft`: most tokens drafted per pass (the length adapts between 1 and it).
     pub fn new(drafter: Box<dyn Drafter>, mode: SpecMode, max_draft: usize) -> Self {
-        let max_k = max_draft.clamp(1, 32);
+        let max_k = max_draft.clamp(1, MAX_DRAFT);
         Speculation { drafter, mode, k: max_k.min(4), max_k, stats: SpecStats::default(), cost: CostModel::default() }
     }
 
@@ -335,7 +368,7 @@ impl Speculation {
         self.cost.plain = ewma(self.cost.plain, t.as_secs_f64());
     }
 
-    /// A pass drafted `drafted` tokens in `drafting`, checked them in `verifying` (`drafted + 1` rows), accepted
+    /// A pass drafted `drafted` tokens in `drafting` (less the drafter's one-off catch-up), checked them in `verifying` (`drafted + 1` rows), accepted
     /// `accepted` and produced `tokens`: the cost model learns, the draft length follows it (before the costs
     /// are known: longer when all were accepted, shorter when under half were), and `auto` judges the speed.
     pub(crate) fn record_pass(
@@ -347,6 +380,7 @@ impl Speculation {
         tokens: usize,
         gen: &mut SpecStats,
     ) {
+        let drafting = drafting.saturating_sub(self.drafter.take_one_off());
         let s = SpecStats {
             drafted: drafted as u64,
             accepted: accepted as u64,
@@ -365,6 +399,9 @@ impl Speculation {
         if let Some(plain) = c.plain {
             c.extra_row = ewma(c.extra_row, ((verifying.as_secs_f64() - plain) / drafted.max(1) as f64).max(0.0));
         }
+        if let Some(v) = c.verify.get_mut(drafted + 1) {
+            *v = ewma(*v, verifying.as_secs_f64());
+        }
         self.k = match c.best_len(self.max_k) {
             Some(k) => k,
             None if accepted == drafted => (self.k + 1).min(self.max_k),
@@ -380,5 +417,29 @@ impl Speculation {
                 gen.switched_off = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pass's cost as a step function of its rows (4 rows cost one step, 5 to 8 two): the model picks the
+    /// length it measured to pay best, not what a straight line through the average would say.
+    #[test]
+    fn draft_length_follows_measured_pass_costs() {
+        let step = 0.1;
+        let mut c = CostModel { plain: Some(step), draft: Some(0.0), trials: 100.0, successes: 60.0, ..Default::default() };
+        // Only 8-row passes seen: the average extra cost per row is a seventh of a step.
+        c.extra_row = Some(step / 7.0);
+        c.verify[8] = Some(2.0 * step);
+        let blind = c.best_len(8).unwrap();
+        for rows in 2..=8 {
+            c.verify[rows] = Some(if rows <= 4 { step } else { 2.0 * step });
+        }
+        // 60 % acceptance, free drafts: 3 drafted in one step's pass yields ~2.2 tokens per step; 7 in two
+        // steps' yields ~1.2 per step.
+        assert_eq!(c.best_len(8), Some(3));
+        assert_ne!(blind, 3, "the linear estimate alone should not have found it (test premise)");
     }
 }
