@@ -12,9 +12,11 @@ use crate::{EngineError, Result};
 pub struct MemoryNeed {
     /// The weights as stored (mapped from the file; every page is read by a forward pass).
     pub weights: u64,
-    /// One session's KV cache at the context it is opened with.
+    /// One session's KV cache at the context it is opened with; with an MTP head in the file, also the head's
+    /// own cache (one more global layer), which a session drafting with it keeps.
     pub kv_cache: u64,
-    /// One session's activation buffers at the largest prefill chunk (and its logits).
+    /// One session's activation buffers at the largest prefill chunk (and its logits); with an MTP head, the
+    /// head's too.
     pub scratch: u64,
 }
 
@@ -28,13 +30,16 @@ impl MemoryNeed {
     pub fn of(file: &ModelFile, context: usize, kv: KvDtype) -> Self {
         let c = &file.config;
         let ctx = if context == 0 { c.max_seq_len } else { context };
-        let kv_cache = KvLayout::for_model(c, ctx).with_dtype(kv).total_bytes().unwrap_or(u64::MAX);
+        let layout = KvLayout::for_model(c, ctx).with_dtype(kv);
+        let heads = u64::from(c.mtp.is_some());
+        let mtp_kv = layout.bytes_per_position().saturating_mul(ctx as u64).saturating_mul(heads);
+        let kv_cache = layout.total_bytes().map_or(u64::MAX, |b| b.saturating_add(mtp_kv));
         let hidden = c.moe.as_ref().map_or(c.hidden_dim, |m| m.expert_hidden_dim.max(c.hidden_dim));
         let t = PREFILL_CHUNK.min(ctx) as u64;
         // Per token of a chunk: the residual stream and its normalised copy, Q/K/V and the attention output,
         // gate/up/hidden, the projection; plus the logits of the last token (all f32).
         let per_token = 4 * (3 * c.dim + c.q_dim() * 2 + 2 * c.kv_dim() + 3 * hidden) as u64;
-        let scratch = t * per_token + 4 * c.vocab_size as u64;
+        let scratch = (1 + heads) * (t * per_token + 4 * c.vocab_size as u64);
         MemoryNeed { weights: file.file_bytes() as u64, kv_cache, scratch }
     }
 }
@@ -110,5 +115,25 @@ mod tests {
         let e = check(&need, Some(need.total() - 1), "it").unwrap_err().to_string();
         assert!(e.contains("budget") && e.contains("KV cache"), "{e}");
         check(&need, Some(need.total()), "it").unwrap();
+    }
+
+    /// A model with an MTP head: a session drafting with it keeps the head's KV cache (one global layer at
+    /// the session's context) and its buffers, so the budget counts them.
+    #[test]
+    fn an_mtp_heads_cache_is_counted() {
+        let plain = tiny_config();
+        let mut c = plain.clone();
+        c.mtp = Some(sprig_format::config::MtpConfig { layers: 1, moe: false });
+        let file = |c: &sprig_format::ModelConfig| {
+            let mut w = ContainerWriter::new(c, "{}".into(), None);
+            w.add_f32("x", &[4], &[0.0; 4]);
+            ModelFile::from_bytes(&w.to_bytes()).unwrap()
+        };
+        for kv in [KvDtype::F32, KvDtype::Q8] {
+            let (without, with) = (MemoryNeed::of(&file(&plain), 100, kv), MemoryNeed::of(&file(&c), 100, kv));
+            let layer = KvLayout::for_model(&c, 100).with_dtype(kv).bytes_per_position() * 100;
+            assert_eq!(with.kv_cache, without.kv_cache + layer, "{kv:?}");
+            assert!(with.scratch > without.scratch);
+        }
     }
 }

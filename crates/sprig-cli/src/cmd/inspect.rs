@@ -53,7 +53,8 @@ pub fn run(a: InspectArgs) -> Result<()> {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!("\nmemory with one session of {} tokens:", a.kv.unwrap_or(c.max_seq_len));
         println!("  weights (mapped): {:.1} MiB", mib(need.weights));
-        println!("  KV cache ({}):    {:.1} MiB", a.kv_type.0.name(), mib(need.kv_cache));
+        let with_head = if c.mtp.is_some() { ", MTP head's included" } else { "" };
+        println!("  KV cache ({}{with_head}):    {:.1} MiB", a.kv_type.0.name(), mib(need.kv_cache));
         println!("  scratch:          {:.1} MiB", mib(need.scratch));
         println!("  total:            {:.1} MiB", mib(need.total()));
         match sprig_engine::memory::available() {
