@@ -333,6 +333,14 @@ impl Speculation {
         self.stats
     }
 
+    /// What the cost model measured: a plain step's time and, per row count with passes seen, a verification
+    /// pass's time in plain steps (running averages, seconds and ratios).
+    pub fn pass_costs(&self) -> Option<(f64, Vec<(usize, f64)>)> {
+        let plain = self.cost.plain?;
+        let rows = self.cost.verify.iter().enumerate().filter_map(|(r, v)| v.map(|v| (r, v / plain))).collect();
+        Some((plain, rows))
+    }
+
     pub fn drafter_name(&self) -> String {
         self.drafter.name()
     }

@@ -269,6 +269,10 @@ pub fn speculative<B: Backend>(
             prompts.len()
         );
     }
+    if let (false, Some((plain, rows))) = (json_out, speculation.pass_costs()) {
+        let shown: Vec<String> = rows.iter().map(|(r, x)| format!("{r} rows {x:.2}")).collect();
+        println!("cost model: plain step {:.1} ms; verification pass, in plain steps: {}", plain * 1e3, shown.join(", "));
+    }
     if same != prompts.len() {
         bail!("speculative output differed from plain decoding on {} prompts", prompts.len() - same);
     }

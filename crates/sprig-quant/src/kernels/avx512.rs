@@ -558,10 +558,11 @@ fn prefetch_ahead(row_bytes: usize) -> usize {
     tile * ((PREFETCH + tile / 2) / tile).max(1)
 }
 
-/// Tokens from which a product runs on row panels (below: 4-row tiles of up to 4 tokens on quads). Building a panel costs
-/// about as much as running a few tokens through it, so the handful of rows of a batched decode step (one per
-/// session) stay on tiles: 4 sessions of SmolLM2 decoded 181 tok/s on panels, 258 on tiles (Xeon, 2 cores).
-const PANEL_MIN_TOKENS: usize = 16;
+/// Tokens from which a product runs on row panels (below: 4-row tiles of up to 4 tokens on quads). Building a
+/// panel costs about as much as running a few tokens through it; from about a dozen tokens the panels' cheaper
+/// per-token work pays for it (1536 x 1536, one thread, panels / tiles at 12 tokens: q4a 1.02, q8 1.03, q4k
+/// 0.92, q6k 0.84; at 8 tokens 1.01-1.31; at 4, 1.5-2.1).
+const PANEL_MIN_TOKENS: usize = 12;
 /// Rows per panel: one 32-bit lane of a register each.
 const PANEL_ROWS: usize = 16;
 /// Registers per block of a panel: 8 code vectors (codes 4q..4q+4 of each of the 16 rows, one row per 32-bit
@@ -687,22 +688,56 @@ unsafe fn build_panel(w: &QMatrix, r0: usize, nr: usize, rmask: __mmask16, panel
                 *slot = _mm512_xor_si512(g, flip);
             }
         }
-        for r in 0..nr {
-            if w.scheme == Scheme::Q4K {
-                (d[r], m[r]) = w.block_scale(r0 + r, b);
-            } else if w.scheme == Scheme::Q6K {
-                // The two halves' scales in the scale and min slots.
-                (d[r], m[r]) = w.q6k_half_scales(r0 + r, b);
-            } else {
-                let i = (r0 + r) * nb + b;
-                d[r] = w.scales[i].to_f32();
-                m[r] = w.mins.map_or(0.0, |mins| mins[i].to_f32());
+    }
+    {
+        // The block scales (and mins), a row and 16 blocks at a time, the K-quants' unpacked from their sub-scales
+        // in registers as the tiles do: block by block through `QMatrix::block_scale`, building a q4k panel took
+        // ~4x as long (1536 x 1536: 743 us for a 4-token product, 187 us now).
+        let scales: *const u16 = w.scales.as_ptr().cast();
+        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
+        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
+        let nsr = w.scheme.scales_per_row(nb);
+        let slots: *mut f32 = panel.as_mut_ptr().cast();
+        let mut k = 0;
+        while k < nb {
+            let nbk = (nb - k).min(16);
+            for r in 0..nr {
+                let row = r0 + r;
+                // SAFETY: blocks k..k+nbk of the row (and their superblocks) lie inside the scale, min and sub
+                // planes (present where the scheme has them: validated); the masked loads stop at block nb.
+                let (a, b) = unsafe {
+                    match w.scheme {
+                        Scheme::Q4K => k4_chunk_scales(scales, mins, sub, row * nsr + k / SUPER, nbk),
+                        Scheme::Q6K => k6_chunk_scales(scales, sub, row, nb, k, nbk),
+                        _ => {
+                            let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
+                            let at = row * nb + k;
+                            let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, scales.add(at).cast()));
+                            let m = if mins.is_null() {
+                                _mm512_setzero_ps()
+                            } else {
+                                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, mins.add(at).cast()))
+                            };
+                            (d, m)
+                        }
+                    }
+                };
+                // SAFETY: both arrays hold 16 floats.
+                unsafe {
+                    _mm512_storeu_ps(d.as_mut_ptr(), a);
+                    _mm512_storeu_ps(m.as_mut_ptr(), b);
+                }
+                for i in 0..nbk {
+                    let at = ((k + i) * PANEL_BLOCK + 8) * PANEL_ROWS + r;
+                    // SAFETY: block k+i < nb, so slots 8 and 9 of its panel entry (16 floats each) are inside the
+                    // panel, sized `nb * PANEL_BLOCK` vectors above; lane r < 16.
+                    unsafe {
+                        *slots.add(at) = d[i];
+                        *slots.add(at + PANEL_ROWS) = m[i];
+                    }
+                }
             }
-        }
-        // SAFETY: both arrays hold 16 floats.
-        unsafe {
-            p[8] = _mm512_castps_si512(_mm512_loadu_ps(d.as_ptr()));
-            p[9] = _mm512_castps_si512(_mm512_loadu_ps(m.as_ptr()));
+            k += nbk;
         }
     }
 }

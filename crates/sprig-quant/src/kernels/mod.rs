@@ -421,7 +421,7 @@ mod tests {
             // Prefill-sized: the AVX-512 panels (16 rows, from 16 tokens), a partial panel and a ragged chunk.
             (33, 600, 17),
             (16, 256, 16),
-            // The AVX-512 tiles' widest splits (13 tokens: 4 + 3 + 3 + 3; 15: 4 + 4 + 4 + 3).
+            // The AVX-512 panels from 12 tokens (13, 15: a partial block of tokens after the 8s).
             (6, 288, 13),
             (5, 520, 15),
         ];
