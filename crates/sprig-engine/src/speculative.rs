@@ -175,13 +175,16 @@ impl<B: Backend> Drafter for DraftModel<B> {
             // Out of the draft's context: no draft (the target goes on alone).
             return Ok(());
         }
+        // Everything held still stands: what follows is new context (a prompt, a turn), not a pass's rejection
+        // (nor a sliding-window draft's re-read after one, which recurs).
+        let resumed = common == self.held.len();
         self.held.truncate(common);
         self.state.pos = common;
         let t0 = std::time::Instant::now();
         for chunk in history[common..].chunks(crate::generate::PREFILL_CHUNK) {
             m.forward(&mut self.state, chunk, Logits::Last)?;
         }
-        if history.len() - common > PASS_CATCH_UP {
+        if resumed && history.len() - common > PASS_CATCH_UP {
             self.one_off += t0.elapsed();
         }
         self.held.extend_from_slice(&history[common..]);
@@ -325,7 +328,9 @@ impl Speculation {
     /// `max_draft`: most tokens drafted per pass (the length adapts between 1 and it).
     pub fn new(drafter: Box<dyn Drafter>, mode: SpecMode, max_draft: usize) -> Self {
         let max_k = max_draft.clamp(1, MAX_DRAFT);
-        Speculation { drafter, mode, k: max_k.min(4), max_k, stats: SpecStats::default(), cost: CostModel::default() }
+        // First passes draft 3: with the token they follow, 4 rows — one AVX-512 tile, so a pass costs about a
+        // step where the model is memory-bound; 4 drafts would start a second tile before anything is measured.
+        Speculation { drafter, mode, k: max_k.min(3), max_k, stats: SpecStats::default(), cost: CostModel::default() }
     }
 
     /// The session's figures so far.

@@ -102,7 +102,7 @@ const K6: u8 = 3;
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn gemm_packed(w: &QMatrix, x: &QuantizedActivations, quads: &[u8], out: *mut f32, ldo: usize) {
     assert_eq!(quads.len(), x.rows * w.nb().div_ceil(GROUP) * GROUP_BYTES, "packed activations size");
-    // SAFETY (all four): forwarded from our caller.
+    // SAFETY: forwarded from our caller (all four calls).
     unsafe {
         match w.scheme {
             Scheme::Q4 | Scheme::Q4A => tiles::<PLAIN4>(w, x, quads, out, ldo),
