@@ -59,11 +59,9 @@ pub fn quantize_with_importance(
             let row = &x[r * cols..(r + 1) * cols];
             let sigma2 = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
             for b in 0..nb {
-                let mut group = [0.0f32; BLOCK];
-                let src = &row[b * BLOCK..((b + 1) * BLOCK).min(cols)];
-                group[..src.len()].copy_from_slice(src);
+                let (group, real) = padded_block(row, b);
                 let mut weights = [0.0f32; BLOCK];
-                for (j, w) in weights.iter_mut().enumerate().take(src.len()) {
+                for (j, w) in weights.iter_mut().enumerate().take(real) {
                     let v = group[j];
                     *w = match importance {
                         Some(imp) => imp[b * BLOCK + j] * (sigma2 + v * v).sqrt(),
@@ -110,6 +108,14 @@ pub fn quantize_with_importance(
     out
 }
 
+/// Block `b` of `row`, zero-padded past the row's end, and how many of its values are real.
+fn padded_block(row: &[f32], b: usize) -> ([f32; BLOCK], usize) {
+    let src = &row[b * BLOCK..((b + 1) * BLOCK).min(row.len())];
+    let mut g = [0.0f32; BLOCK];
+    g[..src.len()].copy_from_slice(src);
+    (g, src.len())
+}
+
 /// [`Scheme::Q4K`]: each block's asymmetric int4 fit (as Q4A), its scale and min then expressed as 6-bit
 /// multiples of the superblock's f16 super-scale and super-min (Q4_K's grid: mins at or below zero), and the
 /// codes re-fitted to the rounded block scales.
@@ -131,16 +137,8 @@ fn quantize_q4k(x: &[f32], rows: usize, cols: usize) -> QMatrixOwned {
         .for_each(|(r, (((qs, scales), mins), sub))| {
             let row = &x[r * cols..(r + 1) * cols];
             for s in 0..ns {
-                let blocks = s * SUPER..((s + 1) * SUPER).min(nb);
-                let groups: Vec<[f32; BLOCK]> = blocks
-                    .clone()
-                    .map(|b| {
-                        let mut g = [0.0f32; BLOCK];
-                        let src = &row[b * BLOCK..((b + 1) * BLOCK).min(cols)];
-                        g[..src.len()].copy_from_slice(src);
-                        g
-                    })
-                    .collect();
+                let groups: Vec<[f32; BLOCK]> =
+                    (s * SUPER..((s + 1) * SUPER).min(nb)).map(|b| padded_block(row, b).0).collect();
                 let fits: Vec<(f32, f32)> = groups
                     .iter()
                     .map(|g| {

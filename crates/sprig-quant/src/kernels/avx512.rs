@@ -192,42 +192,21 @@ impl Tile<'_> {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
     unsafe fn chunk_scales<const K: u8>(&self, r: usize, k: usize, nbk: usize) -> (__m512, __m512, Option<__m512>) {
-        let w = self.w;
-        let nb = w.nb();
-        let scales: *const u16 = w.scales.as_ptr().cast();
-        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
-        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
-        let row = self.r0 + r;
-        if K == K6 {
-            // SAFETY: blocks k..k+nbk of the row and their superblocks lie inside the scale and sub planes
-            // (present: validated for q6k).
-            let (lo, hi) = unsafe { k6_chunk_scales(scales, sub, row, nb, k, nbk) };
-            return (lo, hi, None);
+        // SAFETY: forwarded from our caller.
+        let (a, b) = unsafe { row_chunk_scales(self.w, self.r0 + r, k, nbk) };
+        match K {
+            K6 => (a, b, None),
+            K4 => (a, a, Some(b)),
+            _ => {
+                let offset = match self.w.scheme {
+                    Scheme::Q4 => -8.0,
+                    Scheme::Q4A => 0.0,
+                    // int8 codes are made unsigned by flipping the top bit (q + 128); the offset takes it back.
+                    _ => -128.0,
+                };
+                (a, a, Some(_mm512_add_ps(_mm512_mul_ps(a, _mm512_set1_ps(offset)), b)))
+            }
         }
-        if K == K4 {
-            // SAFETY: superblocks k/8.. of the row cover blocks k..k+nbk, inside its scale, min and sub
-            // planes (present: validated for q4k).
-            let (d, m) =
-                unsafe { k4_chunk_scales(scales, mins, sub, row * w.scheme.scales_per_row(nb) + k / SUPER, nbk) };
-            return (d, d, Some(m));
-        }
-        let offset = match w.scheme {
-            Scheme::Q4 => -8.0,
-            Scheme::Q4A => 0.0,
-            // int8 codes are made unsigned by flipping the top bit (q + 128); the offset takes the 128 back.
-            _ => -128.0,
-        };
-        let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
-        let at = row * nb + k;
-        // SAFETY: the masked load reads only blocks k..k+nbk of the row, all inside the scale plane.
-        let d = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, scales.add(at).cast()) });
-        let mut m = _mm512_mul_ps(d, _mm512_set1_ps(offset));
-        if w.scheme.has_min() {
-            // SAFETY: as above, in the min plane (present: schemes with mins are validated to carry one).
-            let mn = _mm512_cvtph_ps(unsafe { _mm256_maskz_loadu_epi16(m16, mins.add(at).cast()) });
-            m = _mm512_add_ps(m, mn);
-        }
-        (d, d, Some(m))
     }
 
     /// Row `r0 + r`'s group `g` (the `j`-th of its chunk, `nbg` real blocks), given the chunk's scales.
@@ -440,6 +419,40 @@ impl Tile<'_> {
         }
         // SAFETY: forwarded from our caller.
         unsafe { self.store(&acc, T) };
+    }
+}
+
+/// The stored scales of blocks `k..k+nbk` (`nbk <= 16`) of row `row`, one per lane (lanes past `nbk` finite):
+/// for q4k the block scales and effective mins (`d·sc`, `−dmin·m`), for q6k the scales of the low and high
+/// halves, for the others the f16 scales and mins (zero without a min plane).
+///
+/// # Safety
+/// AVX-512 BW/VL available; `row < w.rows`, `k + nbk <= nb`; the planes of `w` match its shape.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn row_chunk_scales(w: &QMatrix, row: usize, k: usize, nbk: usize) -> (__m512, __m512) {
+    let nb = w.nb();
+    let scales: *const u16 = w.scales.as_ptr().cast();
+    let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
+    let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: (every arm) blocks k..k+nbk of the row (and their superblocks) lie inside the scale, min and sub
+    // planes, present where the scheme has them (validated); the masked loads stop at block k+nbk.
+    unsafe {
+        match w.scheme {
+            Scheme::Q4K => k4_chunk_scales(scales, mins, sub, row * w.scheme.scales_per_row(nb) + k / SUPER, nbk),
+            Scheme::Q6K => k6_chunk_scales(scales, sub, row, nb, k, nbk),
+            _ => {
+                let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
+                let at = row * nb + k;
+                let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, scales.add(at).cast()));
+                let m = if mins.is_null() {
+                    _mm512_setzero_ps()
+                } else {
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, mins.add(at).cast()))
+                };
+                (d, m)
+            }
+        }
     }
 }
 
@@ -693,35 +706,13 @@ unsafe fn build_panel(w: &QMatrix, r0: usize, nr: usize, rmask: __mmask16, panel
         // The block scales (and mins), a row and 16 blocks at a time, the K-quants' unpacked from their sub-scales
         // in registers as the tiles do: block by block through `QMatrix::block_scale`, building a q4k panel took
         // ~4x as long (1536 x 1536: 743 us for a 4-token product, 187 us now).
-        let scales: *const u16 = w.scales.as_ptr().cast();
-        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
-        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
-        let nsr = w.scheme.scales_per_row(nb);
         let slots: *mut f32 = panel.as_mut_ptr().cast();
         let mut k = 0;
         while k < nb {
             let nbk = (nb - k).min(16);
             for r in 0..nr {
-                let row = r0 + r;
-                // SAFETY: blocks k..k+nbk of the row (and their superblocks) lie inside the scale, min and sub
-                // planes (present where the scheme has them: validated); the masked loads stop at block nb.
-                let (a, b) = unsafe {
-                    match w.scheme {
-                        Scheme::Q4K => k4_chunk_scales(scales, mins, sub, row * nsr + k / SUPER, nbk),
-                        Scheme::Q6K => k6_chunk_scales(scales, sub, row, nb, k, nbk),
-                        _ => {
-                            let m16: __mmask16 = if nbk == 16 { !0 } else { (1u16 << nbk) - 1 };
-                            let at = row * nb + k;
-                            let d = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, scales.add(at).cast()));
-                            let m = if mins.is_null() {
-                                _mm512_setzero_ps()
-                            } else {
-                                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m16, mins.add(at).cast()))
-                            };
-                            (d, m)
-                        }
-                    }
-                };
+                // SAFETY: row r0+r exists and blocks k..k+nbk lie inside it.
+                let (a, b) = unsafe { row_chunk_scales(w, r0 + r, k, nbk) };
                 // SAFETY: both arrays hold 16 floats.
                 unsafe {
                     _mm512_storeu_ps(d.as_mut_ptr(), a);
