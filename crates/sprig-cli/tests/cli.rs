@@ -23,6 +23,8 @@ fn run_convert_inspect_and_errors() {
     let (out, _) = run_ok(&["inspect", native.to_str().unwrap(), "--kv", "512", "--memory"]);
     assert!(out.contains("KV cache (f32)") && out.contains("available now"), "{out}");
     assert!(out.contains("architecture: llama") && out.contains("blk.0.attn_q.weight") && out.contains("q8"), "{out}");
+    // stories260K's 64-row matrices are stored in groups of 16 rows.
+    assert!(out.lines().any(|l| l.starts_with("blk.0.attn_q.weight") && l.ends_with("rows16")), "{out}");
     let (out, _) =
         run_ok(&["bench", "-m", native.to_str().unwrap(), "-p", "8", "-n", "8", "-r", "1", "-t", "1", "--json"]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();

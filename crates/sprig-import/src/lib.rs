@@ -38,8 +38,8 @@ pub type Result<T> = std::result::Result<T, ImportError>;
 
 /// Revision of what conversion produces from the same source and precision; part of every cache key of
 /// converted files, so a cache made by an older converter is converted again (2: GGUF Q4_K and Q6_K kept as
-/// the native `q4k` / `q6k`, no longer widened).
-pub const CONVERTER_REVISION: u32 = 2;
+/// the native `q4k` / `q6k`, no longer widened; 3: rows in groups of 16).
+pub const CONVERTER_REVISION: u32 = 3;
 
 /// What an importer produced, plus what it had to approximate.
 pub struct Imported {

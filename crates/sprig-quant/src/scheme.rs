@@ -40,6 +40,15 @@
 //! | `scale` | f16   | `[rows, nsb]`   | `d`, one per superblock                                           |
 //! | `sub`   | i8    | `[rows, nb*2]`  | `sc` of each block's weights 0..16, then of 16..32                |
 //!
+//! **Rows in groups of 16** ([`RowLayout::Grouped`], what `sprig convert` writes): the first `16·⌊rows/16⌋`
+//! rows of every plane are stored in groups of [`ROW_GROUP`] = 16 rows, each group's units interleaved row
+//! fastest — unit `i` of row `r` at unit index `16·per_row·⌊r/16⌋ + 16·i + r mod 16` — and the remaining
+//! `rows mod 16` rows row-major after them. A unit is 4 bytes of `qs` (and of the Q4K `sub` plane), one f16 of
+//! `scale` / `min`, the two sub-scales of a block for Q6K. The planes keep their sizes; a kernel then loads one
+//! vector of 16 rows' codes (or scales) of the same block at once, so one token's product over 16 rows needs
+//! no horizontal sums and a few-token product reuses every unpacked code across its tokens, read straight
+//! from the mapped file.
+//!
 //! The kernels treat every scheme as `w = d * q + m` with `m = -8 d` for Q4 and `m = 0` for Q8, so one
 //! integer dot product `sum(q_w * q_x)` per block plus a precomputed activation block sum covers all four.
 
@@ -51,6 +60,80 @@ pub const BLOCK: usize = 32;
 pub const SUPER: usize = 8;
 /// Bytes of packed 6-bit sub-scales and sub-mins per [`Scheme::Q4K`] superblock.
 pub const K4_SUB_BYTES: usize = 12;
+/// Rows per group of the [`RowLayout::Grouped`] layout: one per 32-bit lane of a 512-bit register.
+pub const ROW_GROUP: usize = 16;
+
+/// How the rows of a quantized matrix's planes are ordered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RowLayout {
+    /// Each plane row-major.
+    #[default]
+    RowMajor,
+    /// Groups of [`ROW_GROUP`] rows with their units interleaved, the last `rows mod 16` rows row-major (see the
+    /// module docs).
+    Grouped,
+}
+
+impl RowLayout {
+    pub fn name(self) -> &'static str {
+        match self {
+            RowLayout::RowMajor => "rows",
+            RowLayout::Grouped => "rows16",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        match s {
+            "rows" => Some(RowLayout::RowMajor),
+            "rows16" => Some(RowLayout::Grouped),
+            _ => None,
+        }
+    }
+}
+
+/// Which plane a unit index is for: its unit size in bytes for `scheme`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plane {
+    Qs,
+    /// `scale` and `min`.
+    Scale,
+    Sub,
+}
+
+impl Plane {
+    /// Bytes per interleaved unit of this plane.
+    pub fn unit_bytes(self, scheme: Scheme) -> usize {
+        match (self, scheme) {
+            (Plane::Qs, _) => 4,
+            (Plane::Scale, _) => 2,
+            (Plane::Sub, Scheme::Q6K) => 2,
+            (Plane::Sub, _) => 4,
+        }
+    }
+}
+
+/// Reorders a plane of `rows` equal rows between [`RowLayout::RowMajor`] and [`RowLayout::Grouped`] with
+/// units of `unit` bytes (`to_grouped`: row-major in, grouped out).
+pub fn regroup_plane(plane: &[u8], rows: usize, unit: usize, to_grouped: bool) -> Vec<u8> {
+    let mut out = plane.to_vec();
+    if rows == 0 {
+        return out;
+    }
+    let row_bytes = plane.len() / rows;
+    assert!(row_bytes * rows == plane.len() && row_bytes % unit == 0, "plane rows are whole units");
+    let per_row = row_bytes / unit;
+    for g in 0..rows / ROW_GROUP {
+        let base = g * ROW_GROUP * row_bytes;
+        for r in 0..ROW_GROUP {
+            for i in 0..per_row {
+                let plain = base + r * row_bytes + i * unit;
+                let grouped = base + (i * ROW_GROUP + r) * unit;
+                let (from, to) = if to_grouped { (plain, grouped) } else { (grouped, plain) };
+                out[to..to + unit].copy_from_slice(&plane[from..from + unit]);
+            }
+        }
+    }
+    out
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scheme {
@@ -182,6 +265,7 @@ pub struct QMatrix<'a> {
     pub(crate) mins: Option<&'a [f16]>,
     /// Packed sub-scales ([`Scheme::Q4K`] only).
     pub(crate) sub: Option<&'a [u8]>,
+    pub(crate) layout: RowLayout,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -212,9 +296,67 @@ impl<'a> QMatrix<'a> {
         mins: Option<&'a [f16]>,
         sub: Option<&'a [u8]>,
     ) -> Result<Self, LayoutError> {
-        let m = QMatrix { scheme, rows, cols, qs, scales, mins, sub };
+        let m = QMatrix { scheme, rows, cols, qs, scales, mins, sub, layout: RowLayout::RowMajor };
         m.check_planes()?;
         Ok(m)
+    }
+
+    /// The same planes read in `layout` (sizes do not depend on it).
+    pub fn with_layout(self, layout: RowLayout) -> Self {
+        QMatrix { layout, ..self }
+    }
+
+    pub fn layout(&self) -> RowLayout {
+        self.layout
+    }
+
+    /// Rows stored in interleaved groups (`16·⌊rows/16⌋` in the grouped layout, else none).
+    pub fn grouped_rows(&self) -> usize {
+        match self.layout {
+            RowLayout::Grouped => self.rows / ROW_GROUP * ROW_GROUP,
+            RowLayout::RowMajor => 0,
+        }
+    }
+
+    /// Index, in units, of unit `i` of row `r` in a plane of `per_row` units per row.
+    #[inline]
+    pub fn unit_index(&self, r: usize, i: usize, per_row: usize) -> usize {
+        if r < self.grouped_rows() {
+            (r / ROW_GROUP * per_row + i) * ROW_GROUP + r % ROW_GROUP
+        } else {
+            r * per_row + i
+        }
+    }
+
+    /// Byte `j` of row `r`'s code plane (as it would lie in a row-major plane).
+    #[inline]
+    pub fn qs_byte(&self, r: usize, j: usize) -> u8 {
+        let per_row = self.nb() * self.scheme.qs_bytes_per_block() / 4;
+        self.qs[self.unit_index(r, j / 4, per_row) * 4 + j % 4]
+    }
+
+    /// Row `r`'s 12 packed sub-scale bytes of superblock `s` ([`Scheme::Q4K`]).
+    #[inline]
+    fn k4_sub_bytes(&self, r: usize, s: usize) -> [u8; K4_SUB_BYTES] {
+        let sub = self.sub.expect("validated: q4k has a sub plane");
+        let per_row = self.scheme.sub_bytes_per_row(self.nb()) / 4;
+        std::array::from_fn(|k| sub[self.unit_index(r, s * 3 + k / 4, per_row) * 4 + k % 4])
+    }
+
+    /// A row-major copy of these planes.
+    pub fn to_owned_row_major(&self) -> QMatrixOwned {
+        let mut o = QMatrixOwned {
+            scheme: Some(self.scheme),
+            rows: self.rows,
+            cols: self.cols,
+            qs: self.qs.to_vec(),
+            scales: self.scales.to_vec(),
+            mins: self.mins.map(|m| m.to_vec()),
+            sub: self.sub.map(|s| s.to_vec()),
+            layout: self.layout,
+        };
+        o.set_layout(RowLayout::RowMajor);
+        o
     }
 
     pub fn scheme(&self) -> Scheme {
@@ -305,9 +447,20 @@ impl<'a> QMatrix<'a> {
         self.rows_range(r, r + 1)
     }
 
-    /// Rows `start..end` (panics when out of range, like slicing).
+    /// Rows `start..end` (panics when out of range, like slicing). In the grouped layout a range must not cut
+    /// a group: `start` a multiple of 16 (or inside the row-major tail), `end` a multiple of 16 or `rows`.
     pub fn rows_range(&self, start: usize, end: usize) -> QMatrix<'a> {
         assert!(start <= end && end <= self.rows, "rows {start}..{end} of {}", self.rows);
+        let g = self.grouped_rows();
+        let layout = if start >= g {
+            RowLayout::RowMajor
+        } else {
+            assert!(
+                start % ROW_GROUP == 0 && (end % ROW_GROUP == 0 || end == self.rows),
+                "rows {start}..{end} cut a group of {ROW_GROUP} interleaved rows"
+            );
+            self.layout
+        };
         let nb = self.nb();
         let qb = nb * self.scheme.qs_bytes_per_block();
         let ns = self.scheme.scales_per_row(nb);
@@ -320,6 +473,7 @@ impl<'a> QMatrix<'a> {
             scales: &self.scales[start * ns..end * ns],
             mins: self.mins.map(|m| &m[start * ns..end * ns]),
             sub: self.sub.map(|b| &b[start * nsub..end * nsub]),
+            layout,
         }
     }
 
@@ -328,7 +482,8 @@ impl<'a> QMatrix<'a> {
     /// integer sum with its sub-scales applied (`sc[0]·Σ₀..₁₆ + sc[1]·Σ₁₆..₃₂` of `(q − 32)·x`) is multiplied.
     #[inline]
     pub fn block_scale(&self, r: usize, b: usize) -> (f32, f32) {
-        let i = r * self.nb() + b;
+        let nb = self.nb();
+        let i = self.unit_index(r, b, nb);
         match self.scheme {
             Scheme::Q4 => {
                 let d = self.scales[i].to_f32();
@@ -337,13 +492,12 @@ impl<'a> QMatrix<'a> {
             Scheme::Q8 => (self.scales[i].to_f32(), 0.0),
             Scheme::Q4A | Scheme::Q8A => (self.scales[i].to_f32(), self.mins.map_or(0.0, |m| m[i].to_f32())),
             Scheme::Q4K => {
-                let s = r * self.scheme.scales_per_row(self.nb()) + b / SUPER;
-                let sub = self.sub.expect("validated: q4k has a sub plane");
-                let (sc, m) = k4_sub(&sub[s * K4_SUB_BYTES..(s + 1) * K4_SUB_BYTES], b % SUPER);
+                let s = self.unit_index(r, b / SUPER, self.scheme.scales_per_row(nb));
+                let (sc, m) = k4_sub(&self.k4_sub_bytes(r, b / SUPER), b % SUPER);
                 let dmin = self.mins.expect("validated: q4k has a min plane")[s].to_f32();
                 (self.scales[s].to_f32() * sc as f32, -(dmin * m as f32))
             }
-            Scheme::Q6K => (self.scales[r * self.scheme.scales_per_row(self.nb()) + b / SUPER].to_f32(), 0.0),
+            Scheme::Q6K => (self.scales[self.unit_index(r, b / SUPER, self.scheme.scales_per_row(nb))].to_f32(), 0.0),
         }
     }
 
@@ -351,7 +505,7 @@ impl<'a> QMatrix<'a> {
     #[inline]
     pub fn q6k_sub(&self, r: usize, b: usize) -> (i8, i8) {
         let sub = self.sub.expect("validated: q6k has a sub plane");
-        let i = (r * self.nb() + b) * 2;
+        let i = self.unit_index(r, b, self.nb()) * 2;
         (sub[i] as i8, sub[i + 1] as i8)
     }
 
@@ -376,20 +530,11 @@ impl<'a> QMatrix<'a> {
             return;
         }
         let ns = self.scheme.scales_per_row(nb);
-        let sub = self.sub.expect("validated: q4k has a sub plane");
         let mins = self.mins.expect("validated: q4k has a min plane");
         for s in 0..ns {
-            let i = r * ns + s;
-            let bits =
-                u128::from_le_bytes(std::array::from_fn(
-                    |k| {
-                        if k < K4_SUB_BYTES {
-                            sub[i * K4_SUB_BYTES + k]
-                        } else {
-                            0
-                        }
-                    },
-                ));
+            let i = self.unit_index(r, s, ns);
+            let sub = self.k4_sub_bytes(r, s);
+            let bits = u128::from_le_bytes(std::array::from_fn(|k| if k < K4_SUB_BYTES { sub[k] } else { 0 }));
             let (ds, dm) = (self.scales[i].to_f32(), mins[i].to_f32());
             for j in 0..SUPER.min(nb - s * SUPER) {
                 d[s * SUPER + j] = ds * ((bits >> (6 * j)) & 63) as f32;
@@ -405,15 +550,14 @@ impl<'a> QMatrix<'a> {
         let (b, j) = (k / BLOCK, k % BLOCK);
         match self.scheme {
             Scheme::Q4 | Scheme::Q4A | Scheme::Q4K => {
-                let byte = self.qs[(r * nb + b) * 16 + (j % 16)];
+                let byte = self.qs_byte(r, b * 16 + j % 16);
                 (if j < 16 { byte & 0x0f } else { byte >> 4 }) as i32
             }
-            Scheme::Q8 | Scheme::Q8A => self.qs[(r * nb + b) * 32 + j] as i8 as i32,
+            Scheme::Q8 | Scheme::Q8A => self.qs_byte(r, b * 32 + j) as i8 as i32,
             Scheme::Q6K => {
-                let row = &self.qs[r * nb * 24..(r + 1) * nb * 24];
-                let low = row[b * 16 + j % 16];
+                let low = self.qs_byte(r, b * 16 + j % 16);
                 let low = if j < 16 { low & 0x0f } else { low >> 4 };
-                let high = (row[nb * 16 + b * 8 + j % 8] >> (2 * (j / 8))) & 3;
+                let high = (self.qs_byte(r, nb * 16 + b * 8 + j % 8) >> (2 * (j / 8))) & 3;
                 (low | high << 4) as i32 - 32
             }
         }
@@ -451,6 +595,7 @@ pub struct QMatrixOwned {
     pub scales: Vec<f16>,
     pub mins: Option<Vec<f16>>,
     pub sub: Option<Vec<u8>>,
+    pub layout: RowLayout,
 }
 
 impl QMatrixOwned {
@@ -466,8 +611,29 @@ impl QMatrixOwned {
             scales: vec![f16::ZERO; ns],
             mins: scheme.has_min().then(|| vec![f16::ZERO; ns]),
             sub: (nsub > 0).then(|| vec![0; nsub]),
+            layout: RowLayout::RowMajor,
         }
     }
+
+    /// Reorders every plane into `layout` (a no-op when already in it).
+    pub fn set_layout(&mut self, layout: RowLayout) {
+        if layout == self.layout {
+            return;
+        }
+        let scheme = self.scheme.expect("scheme set");
+        let to_grouped = layout == RowLayout::Grouped;
+        let rows = self.rows;
+        self.qs = regroup_plane(&self.qs, rows, Plane::Qs.unit_bytes(scheme), to_grouped);
+        let f16s = |v: &[f16]| -> Vec<f16> {
+            let b = regroup_plane(bytemuck::cast_slice(v), rows, 2, to_grouped);
+            b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
+        };
+        self.scales = f16s(&self.scales);
+        self.mins = self.mins.as_deref().map(f16s);
+        self.sub = self.sub.as_deref().map(|s| regroup_plane(s, rows, Plane::Sub.unit_bytes(scheme), to_grouped));
+        self.layout = layout;
+    }
+
     pub fn view(&self) -> QMatrix<'_> {
         QMatrix {
             scheme: self.scheme.expect("scheme set"),
@@ -477,6 +643,7 @@ impl QMatrixOwned {
             scales: &self.scales,
             mins: self.mins.as_deref(),
             sub: self.sub.as_deref(),
+            layout: self.layout,
         }
     }
 }

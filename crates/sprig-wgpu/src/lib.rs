@@ -24,6 +24,7 @@ use sprig_backend::{
     Result, RopeLayout, RopeParams, RouterScoring, Unary,
 };
 use sprig_format::{ModelFile, WeightView};
+use sprig_quant::scheme::RowLayout;
 use sprig_quant::Scheme;
 
 use kernels::*;
@@ -446,6 +447,15 @@ impl Backend for WgpuBackend {
 
     fn load_weight(&self, file: &Arc<ModelFile>, name: &str) -> Result<GpuWeight> {
         let v = file.weight(name).map_err(BackendError::from)?;
+        // The shaders read row-major planes: rows stored in groups of 16 go up reordered (the upload is a copy).
+        let row_major;
+        let v = match v {
+            WeightView::Quant(q) if q.layout() != RowLayout::RowMajor => {
+                row_major = q.to_owned_row_major();
+                WeightView::Quant(row_major.view())
+            }
+            other => other,
+        };
         let (rows, cols) = (v.rows(), v.cols());
         let file_bytes = v.bytes();
         let nb = cols.div_ceil(32);

@@ -682,6 +682,16 @@ impl Backend for CpuBackend {
             shape(experts.down)
         );
         let (gv, uv, dv) = (experts.gate.view(), experts.up.view(), experts.down.view());
+        // An expert is a row range of its stacked tensor: rows stored in groups of 16 must not straddle two.
+        for (v, per) in [(&gv, h), (&uv, h), (&dv, d)] {
+            if let WeightView::Quant(q) = v {
+                ensure_shape!(
+                    q.grouped_rows() == 0 || per % sprig_quant::scheme::ROW_GROUP == 0,
+                    "moe",
+                    "experts of {per} rows stored in groups of 16 rows"
+                );
+            }
+        }
         let per_expert = moe::expert_bytes(gv.bytes(), uv.bytes(), dv.bytes(), ne);
         usage.tokens.resize(ne, 0);
         let mut run = |s: &mut MoeScratch| {

@@ -32,10 +32,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
     println!("config: {}", serde_json::to_string(c)?);
     println!("file bytes: {}", f.file_bytes());
     println!("bits per weight: {:.3}", f.bits_per_weight());
-    println!("\n{:<40} {:>6} {:>16} {:>12}", "tensor", "type", "shape", "bytes");
+    println!("\n{:<40} {:>6} {:>16} {:>12} {:>6}", "tensor", "type", "shape", "bytes", "rows");
     let mut total = 0;
     for (name, e) in f.entries() {
-        println!("{:<40} {:>6} {:>16} {:>12}", name, e.type_name(), format!("{:?}", e.shape()), e.bytes());
+        let rows = e.layout().map_or("", |l| l.name());
+        println!("{:<40} {:>6} {:>16} {:>12} {:>6}", name, e.type_name(), format!("{:?}", e.shape()), e.bytes(), rows);
         total += e.bytes();
     }
     println!("{:<40} {:>6} {:>16} {:>12}", "total", "", "", total);

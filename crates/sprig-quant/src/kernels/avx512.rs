@@ -834,6 +834,265 @@ impl PanelRun<'_> {
     }
 }
 
+/// Products over a matrix whose rows are all stored in groups of 16 ([`crate::scheme::RowLayout::Grouped`]):
+/// the panel computation read straight from the planes, with nothing built. A block of a group is 4 (int4),
+/// 6 (q6k) or 8 (int8) vectors of codes, 16 rows' same 4 bytes per vector, one row per 32-bit lane; each is
+/// unpacked once per block of up to 8 tokens, and each token adds it with one `vpdpbusd` against its 4 codes
+/// broadcast, so a 16-row block costs 8 `vpdpbusd` per token and one scale conversion and FMA per token for
+/// all 16 rows. The 16 rows' scales of a block are one contiguous vector too.
+///
+/// # Safety
+/// As [`gemm`], and `w.grouped_rows() == w.rows`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+pub unsafe fn gemm_grouped(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    assert_eq!(w.grouped_rows(), w.rows, "gemm_grouped: rows outside groups");
+    // SAFETY: forwarded from our caller (all four calls).
+    unsafe {
+        match w.scheme {
+            Scheme::Q4 | Scheme::Q4A => grouped::<PLAIN4>(w, x, out, ldo),
+            Scheme::Q8 | Scheme::Q8A => grouped::<INT8>(w, x, out, ldo),
+            Scheme::Q4K => grouped::<K4>(w, x, out, ldo),
+            Scheme::Q6K => grouped::<K6>(w, x, out, ldo),
+        }
+    }
+}
+
+thread_local! {
+    /// Per token and block, the sum of the activation codes 0..16 (q6k's halves have scales of their own).
+    static LOW_SUMS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// [`gemm_grouped`] for one kind of code.
+///
+/// # Safety
+/// As [`gemm_grouped`], and `K` is `w.scheme`'s kind.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn grouped<const K: u8>(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    let nb = w.nb();
+    LOW_SUMS.with(|cell| {
+        let mut low = cell.borrow_mut();
+        low.clear();
+        if K == K6 {
+            for t in 0..x.rows {
+                let qs = x.row_qs(t);
+                low.extend((0..nb).map(|b| qs[b * BLOCK..b * BLOCK + 16].iter().map(|&v| v as i32).sum::<i32>()));
+            }
+        }
+        let (neg_offset, has_min) = match w.scheme {
+            Scheme::Q4 => (-8, false),
+            Scheme::Q4A | Scheme::Q4K => (0, true),
+            Scheme::Q8 => (-128, false),
+            Scheme::Q8A => (-128, true),
+            Scheme::Q6K => (-32, false),
+        };
+        // q6k holds two sums per token: at most 4 tokens at a time keep them all in registers.
+        let most = if K == K6 { 4 } else { 8 };
+        for g in 0..w.rows / PANEL_ROWS {
+            let run = GroupRun { w, x, low: &low, g, neg_offset, has_min, out, ldo };
+            let mut t0 = 0;
+            while t0 < x.rows {
+                let t = match x.rows - t0 {
+                    n if n >= most => most,
+                    4.. => 4,
+                    2..=3 => 2,
+                    _ => 1,
+                };
+                // SAFETY: tokens t0..t0+t exist; group g lies inside the matrix; forwarded from our caller.
+                unsafe {
+                    match t {
+                        8 => run.tokens::<8, K>(t0),
+                        4 => run.tokens::<4, K>(t0),
+                        2 => run.tokens::<2, K>(t0),
+                        _ => run.tokens::<1, K>(t0),
+                    }
+                }
+                t0 += t;
+            }
+        }
+    });
+}
+
+/// One group of 16 rows of a grouped matrix against the tokens.
+struct GroupRun<'a> {
+    w: &'a QMatrix<'a>,
+    x: &'a QuantizedActivations,
+    /// q6k: activation code sums of each block's first half, per token.
+    low: &'a [i32],
+    g: usize,
+    neg_offset: i32,
+    has_min: bool,
+    out: *mut f32,
+    ldo: usize,
+}
+
+impl GroupRun<'_> {
+    /// Tokens `t0..t0+T` against the group.
+    ///
+    /// # Safety
+    /// AVX-512 VNNI available; `t0 + T <= x.rows`; group `g` lies inside the grouped matrix `w`; `K` is its
+    /// scheme's kind; the output contract of [`gemm`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+    unsafe fn tokens<const T: usize, const K: u8>(&self, t0: usize) {
+        let (w, x, g) = (self.w, self.x, self.g);
+        let nb = w.nb();
+        let nsb = nb.div_ceil(SUPER);
+        // Units (4 bytes) per row of the code plane; a group's unit i is 16 rows' 4 bytes, 64 bytes.
+        let per_row = nb * w.scheme.qs_bytes_per_block() / 4;
+        let codes: *const __m512i = w.qs.as_ptr().wrapping_add(g * PANEL_ROWS * per_row * 4).cast();
+        let scales: *const u16 = w.scales.as_ptr().cast();
+        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
+        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
+        let xq: *const u8 = x.qs.as_ptr().cast();
+        let (low4, flip, three) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(-128), _mm512_set1_epi8(3));
+        let six = _mm512_set1_epi32(63);
+        let mut acc = [_mm512_setzero_ps(); T];
+        // q4k: the current superblock's scales, min scales and 96 bits of sub-scales per row.
+        let (mut kd, mut kdm, mut kw) = (_mm512_setzero_ps(), _mm512_setzero_ps(), [_mm512_setzero_si512(); 3]);
+        for b in 0..nb {
+            // The 16 rows' codes of block b, unsigned, slot s holding codes 4s..4s+4.
+            let mut cv = [_mm512_setzero_si512(); 8];
+            // SAFETY: (all loads of this block) group g's units of block b lie inside the code plane; its scale
+            // entries (16 per block or superblock of the group) inside the scale, min and sub planes, which are
+            // present where the scheme has them (validated).
+            unsafe {
+                match K {
+                    PLAIN4 | K4 => {
+                        for q in 0..4 {
+                            let v = _mm512_loadu_si512(codes.add(b * 4 + q).cast());
+                            cv[q] = _mm512_and_si512(v, low4);
+                            cv[4 + q] = _mm512_and_si512(_mm512_srli_epi32(v, 4), low4);
+                        }
+                    }
+                    INT8 => {
+                        for q in 0..8 {
+                            cv[q] = _mm512_xor_si512(_mm512_loadu_si512(codes.add(b * 8 + q).cast()), flip);
+                        }
+                    }
+                    _ => {
+                        // Low 4 bits as int4; the high 2 bits at nb*4 + 2b + half: byte i of a block's 8 holds
+                        // bits of codes i, i+8, i+16, i+24 (half 0: i < 4).
+                        let h = [
+                            _mm512_loadu_si512(codes.add(nb * 4 + b * 2).cast()),
+                            _mm512_loadu_si512(codes.add(nb * 4 + b * 2 + 1).cast()),
+                        ];
+                        for q in 0..4 {
+                            let v = _mm512_loadu_si512(codes.add(b * 4 + q).cast());
+                            let bits = |shift: i32| {
+                                let hb = _mm512_and_si512(_mm512_srlv_epi32(h[q % 2], _mm512_set1_epi32(shift)), three);
+                                _mm512_slli_epi32(hb, 4)
+                            };
+                            cv[q] = _mm512_or_si512(_mm512_and_si512(v, low4), bits(2 * (q as i32 / 2)));
+                            cv[4 + q] = _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi32(v, 4), low4),
+                                bits(4 + 2 * (q as i32 / 2)),
+                            );
+                        }
+                    }
+                }
+            }
+            // The 16 rows' scales of block b (q6k: of its two halves) and effective mins.
+            // SAFETY: as above.
+            let (d0, d1) = unsafe {
+                match K {
+                    K4 => {
+                        let s = b / SUPER;
+                        if b % SUPER == 0 {
+                            let at = (g * nsb + s) * PANEL_ROWS;
+                            kd = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(at).cast()));
+                            kdm = _mm512_cvtph_ps(_mm256_loadu_si256(mins.add(at).cast()));
+                            for (u, word) in kw.iter_mut().enumerate() {
+                                *word = _mm512_loadu_si512(sub.add(((g * nsb + s) * 3 + u) * 64).cast());
+                            }
+                        }
+                        // 6-bit field f of the 96 bits: sc[j] at f = j, m[j] at f = 8 + j.
+                        let field = |f: usize| {
+                            let (word, shift) = ((6 * f) / 32, (6 * f % 32) as i32);
+                            let lo = _mm512_srlv_epi32(kw[word], _mm512_set1_epi32(shift));
+                            // A count of 32 shifts everything out: fields inside one word take nothing here.
+                            let hi = if word + 1 < 3 {
+                                _mm512_sllv_epi32(kw[word + 1], _mm512_set1_epi32(32 - shift))
+                            } else {
+                                _mm512_setzero_si512()
+                            };
+                            _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_or_si512(lo, hi), six))
+                        };
+                        let j = b % SUPER;
+                        (
+                            _mm512_mul_ps(kd, field(j)),
+                            _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(kdm, field(8 + j))),
+                        )
+                    }
+                    K6 => {
+                        let d =
+                            _mm512_cvtph_ps(_mm256_loadu_si256(scales.add((g * nsb + b / SUPER) * PANEL_ROWS).cast()));
+                        // Each row's two int8 sub-scales as one 16-bit unit, sign-extended to 32 bits.
+                        let pairs = _mm512_cvtepi16_epi32(_mm256_loadu_si256(sub.add((g * nb + b) * 32).cast()));
+                        let lo = _mm512_srai_epi32(_mm512_slli_epi32(pairs, 24), 24);
+                        let hi = _mm512_srai_epi32(pairs, 8);
+                        (_mm512_mul_ps(d, _mm512_cvtepi32_ps(lo)), _mm512_mul_ps(d, _mm512_cvtepi32_ps(hi)))
+                    }
+                    _ => {
+                        let at = (g * nb + b) * PANEL_ROWS;
+                        let d = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(at).cast()));
+                        let m = if self.has_min {
+                            _mm512_cvtph_ps(_mm256_loadu_si256(mins.add(at).cast()))
+                        } else {
+                            _mm512_setzero_ps()
+                        };
+                        (d, m)
+                    }
+                }
+            };
+            if K == K6 {
+                let mut lo = [_mm512_setzero_si512(); T];
+                let mut hi = [_mm512_setzero_si512(); T];
+                for t in 0..T {
+                    let i = (t0 + t) * nb + b;
+                    lo[t] = _mm512_set1_epi32(self.neg_offset * self.low[i]);
+                    hi[t] = _mm512_set1_epi32(self.neg_offset * (x.isum[i] - self.low[i]));
+                }
+                for (q, &wv) in cv.iter().enumerate() {
+                    let sums = if q < 4 { &mut lo } else { &mut hi };
+                    for (t, s) in sums.iter_mut().enumerate() {
+                        // SAFETY: codes 4q..4q+4 of block b of token t0+t lie inside `x.qs` (nb*32 per token).
+                        let xv = unsafe { (xq.add(((t0 + t) * nb + b) * 32 + 4 * q) as *const i32).read_unaligned() };
+                        *s = _mm512_dpbusd_epi32(*s, wv, _mm512_set1_epi32(xv));
+                    }
+                }
+                for t in 0..T {
+                    let dx = _mm512_set1_ps(x.d[(t0 + t) * nb + b]);
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo[t]), _mm512_mul_ps(d0, dx), acc[t]);
+                    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi[t]), _mm512_mul_ps(d1, dx), acc[t]);
+                }
+                continue;
+            }
+            let mut sums = [_mm512_setzero_si512(); T];
+            for (t, s) in sums.iter_mut().enumerate() {
+                *s = _mm512_set1_epi32(self.neg_offset * x.isum[(t0 + t) * nb + b]);
+            }
+            for (q, &wv) in cv.iter().enumerate() {
+                for (t, s) in sums.iter_mut().enumerate() {
+                    // SAFETY: codes 4q..4q+4 of block b of token t0+t lie inside `x.qs` (nb*32 per token).
+                    let xv = unsafe { (xq.add(((t0 + t) * nb + b) * 32 + 4 * q) as *const i32).read_unaligned() };
+                    *s = _mm512_dpbusd_epi32(*s, wv, _mm512_set1_epi32(xv));
+                }
+            }
+            for t in 0..T {
+                let scale = _mm512_mul_ps(d0, _mm512_set1_ps(x.d[(t0 + t) * nb + b]));
+                acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[t]), scale, acc[t]);
+                if self.has_min {
+                    acc[t] = _mm512_fmadd_ps(d1, _mm512_set1_ps(x.sum[(t0 + t) * nb + b]), acc[t]);
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            // SAFETY: the caller owns output elements (t0+t)*ldo + 16g + r, r < 16.
+            unsafe { _mm512_storeu_ps(self.out.add((t0 + t) * self.ldo + g * PANEL_ROWS), *a) };
+        }
+    }
+}
+
 /// [`crate::activation::quantize_row`] with 512-bit registers, bit for bit.
 ///
 /// # Safety

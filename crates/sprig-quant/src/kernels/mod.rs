@@ -43,7 +43,40 @@ pub mod x86;
 use std::cell::RefCell;
 
 use crate::activation::QuantizedActivations;
-use crate::scheme::QMatrix;
+use crate::scheme::{Plane, QMatrix, QMatrixOwned, RowLayout, ROW_GROUP};
+
+thread_local! {
+    /// One group of 16 rows in row-major order, for the kernels that have no grouped form.
+    static GROUP_SCRATCH: RefCell<QMatrixOwned> = RefCell::new(QMatrixOwned::default());
+}
+
+/// Copies one grouped group of [`ROW_GROUP`] rows into `out` in row-major order (no allocation once grown).
+fn ungroup(w: &QMatrix, out: &mut QMatrixOwned) {
+    debug_assert_eq!((w.rows, w.grouped_rows()), (ROW_GROUP, ROW_GROUP));
+    out.scheme = Some(w.scheme);
+    (out.rows, out.cols, out.layout) = (w.rows, w.cols, RowLayout::RowMajor);
+    fn copy<T: Copy>(src: &[T], dst: &mut Vec<T>, unit: usize) {
+        dst.clear();
+        dst.extend_from_slice(src);
+        let per_row = src.len() / ROW_GROUP / unit;
+        for r in 0..ROW_GROUP {
+            for i in 0..per_row {
+                let (from, to) = ((i * ROW_GROUP + r) * unit, (r * per_row + i) * unit);
+                dst[to..to + unit].copy_from_slice(&src[from..from + unit]);
+            }
+        }
+    }
+    copy(w.qs, &mut out.qs, Plane::Qs.unit_bytes(w.scheme));
+    copy(w.scales, &mut out.scales, 1);
+    match w.mins {
+        Some(m) => copy(m, out.mins.get_or_insert_with(Vec::new), 1),
+        None => out.mins = None,
+    }
+    match w.sub {
+        Some(s) => copy(s, out.sub.get_or_insert_with(Vec::new), Plane::Sub.unit_bytes(w.scheme)),
+        None => out.sub = None,
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
@@ -295,6 +328,36 @@ pub fn gemm(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out: &mut [f32], ld
 /// may access those elements during the call; `w.cols == x.cols`; the planes of `w` match its shape.
 pub unsafe fn gemm_strided(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
     assert_eq!(w.cols, x.cols, "gemm: weight has {} inputs, activation {}", w.cols, x.cols);
+    let grouped = w.grouped_rows();
+    if grouped > 0 && isa != Isa::Scalar {
+        if grouped < w.rows {
+            // SAFETY: the row-major tail's outputs are columns grouped.. of the same rows (our caller's).
+            unsafe { gemm_strided(isa, &w.rows_range(grouped, w.rows), x, out.add(grouped), ldo) };
+        }
+        let groups = w.rows_range(0, grouped);
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx512Vnni {
+            assert!(avx512::available(), "AVX-512 VNNI not available");
+            // SAFETY: AVX-512 presence checked just above; output contract forwarded from our caller.
+            return unsafe { avx512::gemm_grouped(&groups, x, out, ldo) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa == Isa::Avx2 {
+            assert!(x86::has_avx2(), "AVX2 not available");
+            // SAFETY: AVX2/FMA/F16C presence checked just above; output contract forwarded from our caller.
+            return unsafe { x86::gemm_grouped(&groups, x, out, ldo) };
+        }
+        // Kernels without a grouped form run each group from a row-major copy made in L1.
+        return GROUP_SCRATCH.with(|cell| {
+            let mut scratch = cell.borrow_mut();
+            for g in 0..grouped / ROW_GROUP {
+                let r0 = g * ROW_GROUP;
+                ungroup(&groups.rows_range(r0, r0 + ROW_GROUP), &mut scratch);
+                // SAFETY: the group's outputs are columns r0..r0+16 of our caller's rows.
+                unsafe { gemm_strided(isa, &scratch.view(), x, out.add(r0), ldo) };
+            }
+        });
+    }
     match isa {
         Isa::Scalar => {
             for r in 0..w.rows {
@@ -424,17 +487,29 @@ mod tests {
             // The AVX-512 panels from 12 tokens (13, 15: a partial block of tokens after the 8s).
             (6, 288, 13),
             (5, 520, 15),
+            // Grouped rows: whole groups only, a group and a tail, token counts around the grouped kernel's 8s.
+            (48, 520, 3),
+            (32, 288, 9),
+            (16, 1024, 2),
+            (35, 64, 8),
         ];
         for &(rows, cols, toks) in &shapes {
             let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let x: Vec<f32> = (0..toks * cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
             let mut xq = QuantizedActivations::default();
             xq.quantize(&x, toks, cols);
-            for scheme in [Scheme::Q4, Scheme::Q4A, Scheme::Q4K, Scheme::Q6K, Scheme::Q8, Scheme::Q8A] {
-                let q = quantize(&w, rows, cols, scheme);
+            for (scheme, layout) in [Scheme::Q4, Scheme::Q4A, Scheme::Q4K, Scheme::Q6K, Scheme::Q8, Scheme::Q8A]
+                .into_iter()
+                .flat_map(|s| [(s, RowLayout::RowMajor), (s, RowLayout::Grouped)])
+            {
+                let mut q = quantize(&w, rows, cols, scheme);
+                let plain = q.clone();
+                q.set_layout(layout);
+                assert_eq!(q.view().dequantize(), plain.view().dequantize(), "{scheme:?}: regrouped planes");
+                let scheme = (scheme, layout);
                 let ldo = rows + 3;
                 let mut reference = vec![0.0; toks * ldo];
-                gemm(Isa::Scalar, &q.view(), &xq, &mut reference, ldo);
+                gemm(Isa::Scalar, &plain.view(), &xq, &mut reference, ldo);
                 // The scalar kernel itself against plain f32 math on the dequantized operands.
                 let wd = q.view().dequantize();
                 for t in 0..toks {

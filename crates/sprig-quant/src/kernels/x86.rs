@@ -311,3 +311,221 @@ impl Tile<'_> {
         }
     }
 }
+
+/// Products over a matrix whose rows are all stored in groups of 16 ([`crate::scheme::RowLayout::Grouped`]),
+/// read straight from the planes: per half group (8 rows, one per 32-bit lane of a 256-bit register) and block,
+/// each 4 bytes of codes meet a token's 4 codes broadcast (`vpmaddubsw`, then `vpmaddwd`), so 8 rows' sums
+/// build up with no horizontal adds, and the 8 rows' scales are one vector.
+///
+/// # Safety
+/// As [`gemm_avx2`], and `w.grouped_rows() == w.rows`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn gemm_grouped(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    assert_eq!(w.grouped_rows(), w.rows, "gemm_grouped: rows outside groups");
+    let low = if w.scheme == Scheme::Q6K {
+        // Per token and block, the sum of the activation codes 0..16 (q6k's halves have scales of their own).
+        (0..x.rows)
+            .flat_map(|t| {
+                let qs = x.row_qs(t);
+                (0..w.nb()).map(move |b| qs[b * 32..b * 32 + 16].iter().map(|&v| v as i32).sum::<i32>())
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for g in 0..w.rows / GROUP_ROWS {
+        for half in 0..2 {
+            let run = HalfGroup { w, x, low: &low, g, half, out, ldo };
+            let mut t0 = 0;
+            while t0 < x.rows {
+                let t = (x.rows - t0).min(4);
+                // SAFETY: tokens t0..t0+t exist; the half group lies inside the matrix; forwarded from our caller.
+                unsafe {
+                    match t {
+                        4 => run.tokens::<4>(t0),
+                        3 => run.tokens::<3>(t0),
+                        2 => run.tokens::<2>(t0),
+                        _ => run.tokens::<1>(t0),
+                    }
+                }
+                t0 += t;
+            }
+        }
+    }
+}
+
+/// Rows per group of the grouped layout.
+const GROUP_ROWS: usize = crate::scheme::ROW_GROUP;
+
+/// Eight rows (half `half` of group `g`) of a grouped matrix against the tokens.
+struct HalfGroup<'a> {
+    w: &'a QMatrix<'a>,
+    x: &'a QuantizedActivations,
+    low: &'a [i32],
+    g: usize,
+    half: usize,
+    out: *mut f32,
+    ldo: usize,
+}
+
+impl HalfGroup<'_> {
+    /// # Safety
+    /// AVX2/FMA/F16C available; `t0 + T <= x.rows`; group `g` lies inside the grouped matrix `w`; the output
+    /// contract of [`gemm_avx2`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tokens<const T: usize>(&self, t0: usize) {
+        let (w, x, g, half) = (self.w, self.x, self.g, self.half);
+        let nb = w.nb();
+        let nsb = nb.div_ceil(crate::scheme::SUPER);
+        let per_row = nb * w.scheme.qs_bytes_per_block() / 4;
+        // Unit i of the group: 64 bytes, this half's 8 rows the 32 at `8 * half` units of 4 bytes.
+        let codes: *const u8 = w.qs.as_ptr().wrapping_add((g * GROUP_ROWS * per_row) * 4 + 32 * half);
+        let unit = |i: usize| codes.wrapping_add(64 * i) as *const __m256i;
+        let scales: *const u16 = w.scales.as_ptr().cast();
+        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
+        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
+        let xq: *const u8 = x.qs.as_ptr().cast();
+        let xv = |t: usize, b: usize, q: usize| {
+            // SAFETY: codes 4q..4q+4 of block b of token t0+t lie inside `x.qs` (nb*32 per token).
+            _mm256_set1_epi32(unsafe { (xq.add(((t0 + t) * nb + b) * 32 + 4 * q) as *const i32).read_unaligned() })
+        };
+        let (low4, ones, six, three) =
+            (_mm256_set1_epi8(0x0f), _mm256_set1_epi16(1), _mm256_set1_epi32(63), _mm256_set1_epi8(3));
+        // Scale entries of this half: 8 f16 of a group's 16 per block (or superblock).
+        let f16x8 = |p: *const u16, entry: usize| {
+            // SAFETY: entry `entry` of the group lies inside the plane (16 values per entry).
+            _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p.add(entry * GROUP_ROWS + 8 * half).cast()) })
+        };
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..nb {
+            let i = |t: usize| (t0 + t) * nb + b;
+            // Integer sums per token: (low half, high half) for q6k, else one.
+            let mut lo = [_mm256_setzero_si256(); T];
+            let mut hi = [_mm256_setzero_si256(); T];
+            // SAFETY: (all code loads) group g's units of block b lie inside the code plane.
+            unsafe {
+                match w.scheme {
+                    Scheme::Q4 | Scheme::Q4A | Scheme::Q4K => {
+                        // int4: 8 products of ≤ 2·15·127 per i16 lane sum to < 2^15, one `vpmaddwd` per token.
+                        let mut s16 = [_mm256_setzero_si256(); T];
+                        for q in 0..4 {
+                            let v = _mm256_loadu_si256(unit(b * 4 + q));
+                            let (c0, c1) = (_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4));
+                            for t in 0..T {
+                                let p = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(c0, xv(t, b, q)),
+                                    _mm256_maddubs_epi16(c1, xv(t, b, 4 + q)),
+                                );
+                                s16[t] = _mm256_add_epi16(s16[t], p);
+                            }
+                        }
+                        for t in 0..T {
+                            lo[t] = _mm256_madd_epi16(s16[t], ones);
+                        }
+                    }
+                    Scheme::Q8 | Scheme::Q8A => {
+                        // Signed codes: |w| · (x · sign(w)), each pair of products inside i16.
+                        for q in 0..8 {
+                            let v = _mm256_loadu_si256(unit(b * 8 + q));
+                            let a = _mm256_sign_epi8(v, v);
+                            for t in 0..T {
+                                let p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(xv(t, b, q), v));
+                                lo[t] = _mm256_add_epi32(lo[t], _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                    }
+                    Scheme::Q6K => {
+                        let h =
+                            [_mm256_loadu_si256(unit(nb * 4 + b * 2)), _mm256_loadu_si256(unit(nb * 4 + b * 2 + 1))];
+                        for q in 0..4 {
+                            let v = _mm256_loadu_si256(unit(b * 4 + q));
+                            let bits = |shift: i32| {
+                                let hb = _mm256_and_si256(_mm256_srlv_epi32(h[q % 2], _mm256_set1_epi32(shift)), three);
+                                _mm256_slli_epi32(hb, 4)
+                            };
+                            let c0 = _mm256_or_si256(_mm256_and_si256(v, low4), bits(2 * (q as i32 / 2)));
+                            let c1 = _mm256_or_si256(
+                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                                bits(4 + 2 * (q as i32 / 2)),
+                            );
+                            for t in 0..T {
+                                let (p0, p1) =
+                                    (_mm256_maddubs_epi16(c0, xv(t, b, q)), _mm256_maddubs_epi16(c1, xv(t, b, 4 + q)));
+                                lo[t] = _mm256_add_epi32(lo[t], _mm256_madd_epi16(p0, ones));
+                                hi[t] = _mm256_add_epi32(hi[t], _mm256_madd_epi16(p1, ones));
+                            }
+                        }
+                    }
+                }
+            }
+            // Unsigned codes' offset (int4 −8, q6k −32) taken back against the activation code sums.
+            let neg_offset = match w.scheme {
+                Scheme::Q4 => -8,
+                Scheme::Q6K => -32,
+                _ => 0,
+            };
+            // SAFETY: (all scale loads) the entries of block b (or its superblock) of group g lie inside the
+            // scale, min and sub planes, present where the scheme has them (validated).
+            let (d0, d1) = unsafe {
+                match w.scheme {
+                    Scheme::Q4K => {
+                        let s = g * nsb + b / crate::scheme::SUPER;
+                        let (kd, kdm) = (f16x8(scales, s), f16x8(mins, s));
+                        let kw: [__m256i; 3] =
+                            std::array::from_fn(|u| _mm256_loadu_si256(sub.add((s * 3 + u) * 64 + 32 * half).cast()));
+                        let field = |f: usize| {
+                            let (word, shift) = ((6 * f) / 32, (6 * f % 32) as i32);
+                            let lo = _mm256_srlv_epi32(kw[word], _mm256_set1_epi32(shift));
+                            // A count of 32 shifts everything out: fields inside one word take nothing here.
+                            let hi = if word + 1 < 3 {
+                                _mm256_sllv_epi32(kw[word + 1], _mm256_set1_epi32(32 - shift))
+                            } else {
+                                _mm256_setzero_si256()
+                            };
+                            _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_or_si256(lo, hi), six))
+                        };
+                        let j = b % crate::scheme::SUPER;
+                        (
+                            _mm256_mul_ps(kd, field(j)),
+                            _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(kdm, field(8 + j))),
+                        )
+                    }
+                    Scheme::Q6K => {
+                        let d = f16x8(scales, g * nsb + b / crate::scheme::SUPER);
+                        let pairs =
+                            _mm256_cvtepi16_epi32(_mm_loadu_si128(sub.add((g * nb + b) * 32 + 16 * half).cast()));
+                        let lo = _mm256_srai_epi32(_mm256_slli_epi32(pairs, 24), 24);
+                        let hi = _mm256_srai_epi32(pairs, 8);
+                        (_mm256_mul_ps(d, _mm256_cvtepi32_ps(lo)), _mm256_mul_ps(d, _mm256_cvtepi32_ps(hi)))
+                    }
+                    _ => {
+                        let d = f16x8(scales, g * nb + b);
+                        let m = if mins.is_null() { _mm256_setzero_ps() } else { f16x8(mins, g * nb + b) };
+                        (d, m)
+                    }
+                }
+            };
+            for t in 0..T {
+                let dx = _mm256_set1_ps(x.d[i(t)]);
+                if w.scheme == Scheme::Q6K {
+                    let l = self.low[i(t)];
+                    let sl = _mm256_add_epi32(lo[t], _mm256_set1_epi32(neg_offset * l));
+                    let sh = _mm256_add_epi32(hi[t], _mm256_set1_epi32(neg_offset * (x.isum[i(t)] - l)));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sl), _mm256_mul_ps(d0, dx), acc[t]);
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), _mm256_mul_ps(d1, dx), acc[t]);
+                    continue;
+                }
+                let s = _mm256_add_epi32(lo[t], _mm256_set1_epi32(neg_offset * x.isum[i(t)]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d0, dx), acc[t]);
+                if w.mins.is_some() {
+                    acc[t] = _mm256_fmadd_ps(d1, _mm256_set1_ps(x.sum[i(t)]), acc[t]);
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            // SAFETY: the caller owns output elements (t0+t)*ldo + 16g + 8·half + r, r < 8.
+            unsafe { _mm256_storeu_ps(self.out.add((t0 + t) * self.ldo + g * GROUP_ROWS + 8 * half), *a) };
+        }
+    }
+}
