@@ -949,7 +949,21 @@ impl GroupRun<'_> {
         let mut acc = [_mm512_setzero_ps(); T];
         // q4k: the current superblock's scales, min scales and 96 bits of sub-scales per row.
         let (mut kd, mut kdm, mut kw) = (_mm512_setzero_ps(), _mm512_setzero_ps(), [_mm512_setzero_si512(); 3]);
+        // Units (64 bytes of a group) per block in the main code stream (q6k: its low bits; the high bits follow
+        // at nb*4 + 2b).
+        let upb = match K {
+            INT8 => 8,
+            _ => 4,
+        };
         for b in 0..nb {
+            // A memory latency ahead in the group's code stream (the prefetch of an address past the plane is a
+            // hint and never faults).
+            for q in 0..upb {
+                _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(b * upb + q).cast::<i8>().wrapping_add(PREFETCH));
+            }
+            if K == K6 {
+                _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(nb * 4 + b * 2).cast::<i8>().wrapping_add(PREFETCH));
+            }
             // The 16 rows' codes of block b, unsigned, slot s holding codes 4s..4s+4.
             let mut cv = [_mm512_setzero_si512(); 8];
             // SAFETY: (all loads of this block) group g's units of block b lie inside the code plane; its scale
