@@ -347,6 +347,12 @@ pub unsafe fn gemm_strided(isa: Isa, w: &QMatrix, x: &QuantizedActivations, out:
             // SAFETY: AVX2/FMA/F16C presence checked just above; output contract forwarded from our caller.
             return unsafe { x86::gemm_grouped(&groups, x, out, ldo) };
         }
+        #[cfg(target_arch = "aarch64")]
+        if matches!(isa, Isa::NeonDot | Isa::NeonI8mm) {
+            assert!(neon::has_dotprod(), "the dot-product extension is not available");
+            // SAFETY: dotprod presence checked just above; output contract forwarded from our caller.
+            return unsafe { neon::gemm_grouped(&groups, x, out, ldo) };
+        }
         // Kernels without a grouped form run each group from a row-major copy made in L1.
         return GROUP_SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();

@@ -388,3 +388,241 @@ unsafe fn tile_i8mm<const INT8: bool>(tile: Tile, nr: usize, nt: usize) {
         }
     }
 }
+
+/// `acc += a · b.4b[LANE]`: `sdot` by element, every 32-bit lane of `a` (4 codes of one row) against the same 4
+/// codes of `b` (the intrinsic is not yet stable, so it is written as one instruction).
+#[inline]
+#[target_feature(enable = "neon,dotprod")]
+fn sdot_lane<const LANE: i32>(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: `sdot` only reads the two source registers and updates `acc`; the dotprod feature is enabled for
+    // this function, so callers have checked the CPU supports it.
+    unsafe {
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.4b[{lane}]",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            lane = const LANE,
+            options(pure, nomem, nostack)
+        );
+    }
+    acc
+}
+
+/// [`sdot_lane`] with a lane known after unrolling.
+#[inline(always)]
+fn sdot_at(acc: int32x4_t, a: int8x16_t, b: int8x16_t, lane: usize) -> int32x4_t {
+    // SAFETY: only reached from the grouped kernel, compiled with dotprod enabled and called on CPUs that have it.
+    unsafe {
+        match lane {
+            0 => sdot_lane::<0>(acc, a, b),
+            1 => sdot_lane::<1>(acc, a, b),
+            2 => sdot_lane::<2>(acc, a, b),
+            _ => sdot_lane::<3>(acc, a, b),
+        }
+    }
+}
+
+/// Four f16 (at `p`) as f32, with `fcvtl`.
+///
+/// # Safety
+/// Four values are readable at `p`.
+#[inline]
+#[target_feature(enable = "neon")]
+unsafe fn f16x4(p: *const u16) -> float32x4_t {
+    // SAFETY: our caller's contract.
+    let h = unsafe { vld1_u16(p) };
+    let f: float32x4_t;
+    // SAFETY: `fcvtl` widens the four halves of one register into another; no memory is touched.
+    unsafe {
+        std::arch::asm!("fcvtl {f:v}.4s, {h:v}.4h", f = out(vreg) f, h = in(vreg) h, options(pure, nomem, nostack));
+    }
+    f
+}
+
+/// Products over a matrix whose rows are all stored in groups of 16 ([`crate::scheme::RowLayout::Grouped`]),
+/// read straight from the planes with `sdot` by element: per quarter group (4 rows, one per 32-bit lane) and
+/// block, each 16-byte vector holds the same 4 codes of the 4 rows and meets a token's 4 codes selected by lane,
+/// so the 4 rows' sums need no horizontal adds and the 4 rows' scales are one vector.
+///
+/// # Safety
+/// The CPU must support dotprod; the contract of [`gemm_dotprod`]; `w.grouped_rows() == w.rows`.
+#[target_feature(enable = "neon,dotprod")]
+pub unsafe fn gemm_grouped(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
+    assert_eq!(w.grouped_rows(), w.rows, "gemm_grouped: rows outside groups");
+    let low: Vec<i32> = if w.scheme == Scheme::Q6K {
+        (0..x.rows)
+            .flat_map(|t| {
+                let qs = x.row_qs(t);
+                (0..w.nb()).map(move |b| qs[b * 32..b * 32 + 16].iter().map(|&v| v as i32).sum::<i32>())
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for g in 0..w.rows / crate::scheme::ROW_GROUP {
+        for quarter in 0..4 {
+            let run = QuarterGroup { w, x, low: &low, g, quarter, out, ldo };
+            let mut t0 = 0;
+            while t0 < x.rows {
+                let t = (x.rows - t0).min(4);
+                // SAFETY: tokens t0..t0+t exist; the quarter group lies inside the matrix; forwarded from our caller.
+                unsafe {
+                    match t {
+                        4 => run.tokens::<4>(t0),
+                        3 => run.tokens::<3>(t0),
+                        2 => run.tokens::<2>(t0),
+                        _ => run.tokens::<1>(t0),
+                    }
+                }
+                t0 += t;
+            }
+        }
+    }
+}
+
+/// Four rows (quarter `quarter` of group `g`) of a grouped matrix against the tokens.
+struct QuarterGroup<'a> {
+    w: &'a QMatrix<'a>,
+    x: &'a QuantizedActivations,
+    low: &'a [i32],
+    g: usize,
+    quarter: usize,
+    out: *mut f32,
+    ldo: usize,
+}
+
+impl QuarterGroup<'_> {
+    /// # Safety
+    /// dotprod available; `t0 + T <= x.rows`; group `g` lies inside the grouped matrix `w`; the output contract
+    /// of [`gemm_dotprod`].
+    #[inline]
+    #[target_feature(enable = "neon,dotprod")]
+    unsafe fn tokens<const T: usize>(&self, t0: usize) {
+        let (w, x, g, quarter) = (self.w, self.x, self.g, self.quarter);
+        let nb = w.nb();
+        let nsb = nb.div_ceil(crate::scheme::SUPER);
+        let rg = crate::scheme::ROW_GROUP;
+        let per_row = nb * w.scheme.qs_bytes_per_block() / 4;
+        // Unit i of the group: 64 bytes, this quarter's 4 rows the 16 at `16 * quarter`.
+        let codes: *const u8 = w.qs.as_ptr().wrapping_add(g * rg * per_row * 4 + 16 * quarter);
+        let unit = |i: usize| codes.wrapping_add(64 * i);
+        let scales: *const u16 = w.scales.as_ptr().cast();
+        let mins: *const u16 = w.mins.map_or(std::ptr::null(), |m| m.as_ptr().cast());
+        let sub: *const u8 = w.sub.map_or(std::ptr::null(), |s| s.as_ptr());
+        // Scale entries of this quarter: 4 of a group's 16 per block (or superblock).
+        // SAFETY: entry `entry` of group g lies inside the plane (16 values per entry).
+        let f16s = |p: *const u16, entry: usize| unsafe { f16x4(p.add(entry * rg + 4 * quarter)) };
+        let neg_offset = match w.scheme {
+            Scheme::Q4 => -8,
+            Scheme::Q6K => -32,
+            _ => 0,
+        };
+        let (low4, three) = (vdupq_n_u8(0x0f), vdupq_n_u8(3));
+        let mut acc = [vdupq_n_f32(0.0); T];
+        for b in 0..nb {
+            let i = |t: usize| (t0 + t) * nb + b;
+            // SAFETY: token t0+t and block b exist (our contract).
+            let xs: [_; T] = std::array::from_fn(|t| unsafe { act_block(x, t0 + t, b) });
+            let mut lo = [vdupq_n_s32(0); T];
+            let mut hi = [vdupq_n_s32(0); T];
+            // SAFETY: (all code loads) group g's units of block b lie inside the code plane.
+            unsafe {
+                match w.scheme {
+                    Scheme::Q4 | Scheme::Q4A | Scheme::Q4K => {
+                        for q in 0..4 {
+                            let v = vld1q_u8(unit(b * 4 + q));
+                            let c0 = vreinterpretq_s8_u8(vandq_u8(v, low4));
+                            let c1 = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                            for t in 0..T {
+                                lo[t] = sdot_at(sdot_at(lo[t], c0, xs[t].0, q), c1, xs[t].1, q);
+                            }
+                        }
+                    }
+                    Scheme::Q8 | Scheme::Q8A => {
+                        for q in 0..8 {
+                            let c = vld1q_s8(unit(b * 8 + q).cast());
+                            for t in 0..T {
+                                let xv = if q < 4 { xs[t].0 } else { xs[t].1 };
+                                lo[t] = sdot_at(lo[t], c, xv, q % 4);
+                            }
+                        }
+                    }
+                    Scheme::Q6K => {
+                        let h = [vld1q_u8(unit(nb * 4 + b * 2)), vld1q_u8(unit(nb * 4 + b * 2 + 1))];
+                        for q in 0..4 {
+                            let v = vld1q_u8(unit(b * 4 + q));
+                            // Codes 4q.. take their top bits at 2·(q/2) of unit q%2's bytes, codes 16+4q.. at 4 + 2·(q/2).
+                            let top =
+                                |shift: i8| vshlq_n_u8::<4>(vandq_u8(vshlq_u8(h[q % 2], vdupq_n_s8(-shift)), three));
+                            let s = 2 * (q as i8 / 2);
+                            let c0 = vreinterpretq_s8_u8(vorrq_u8(vandq_u8(v, low4), top(s)));
+                            let c1 = vreinterpretq_s8_u8(vorrq_u8(vshrq_n_u8::<4>(v), top(4 + s)));
+                            for t in 0..T {
+                                lo[t] = sdot_at(lo[t], c0, xs[t].0, q);
+                                hi[t] = sdot_at(hi[t], c1, xs[t].1, q);
+                            }
+                        }
+                    }
+                }
+            }
+            // SAFETY: (all scale loads) the entries of block b (or its superblock) of group g lie inside the
+            // scale, min and sub planes, present where the scheme has them (validated).
+            let (d0, d1) = unsafe {
+                match w.scheme {
+                    Scheme::Q4K => {
+                        let s = g * nsb + b / crate::scheme::SUPER;
+                        let (kd, kdm) = (f16s(scales, s), f16s(mins, s));
+                        let kw: [uint32x4_t; 3] =
+                            std::array::from_fn(|u| vld1q_u32(sub.add((s * 3 + u) * 64 + 16 * quarter).cast()));
+                        let field = |f: usize| {
+                            let (word, shift) = ((6 * f) / 32, (6 * f % 32) as i32);
+                            let lo = vshlq_u32(kw[word], vdupq_n_s32(-shift));
+                            // A shift by 32 clears the lane: fields inside one word take nothing here.
+                            let hi = if word + 1 < 3 {
+                                vshlq_u32(kw[word + 1], vdupq_n_s32(32 - shift))
+                            } else {
+                                vdupq_n_u32(0)
+                            };
+                            vcvtq_f32_u32(vandq_u32(vorrq_u32(lo, hi), vdupq_n_u32(63)))
+                        };
+                        let j = b % crate::scheme::SUPER;
+                        (vmulq_f32(kd, field(j)), vnegq_f32(vmulq_f32(kdm, field(8 + j))))
+                    }
+                    Scheme::Q6K => {
+                        let d = f16s(scales, g * nsb + b / crate::scheme::SUPER);
+                        let pairs = vmovl_s16(vld1_s16(sub.add((g * nb + b) * 32 + 8 * quarter).cast()));
+                        let lo = vshrq_n_s32::<24>(vshlq_n_s32::<24>(pairs));
+                        let hi = vshrq_n_s32::<8>(pairs);
+                        (vmulq_f32(d, vcvtq_f32_s32(lo)), vmulq_f32(d, vcvtq_f32_s32(hi)))
+                    }
+                    _ => {
+                        let d = f16s(scales, g * nb + b);
+                        let m = if mins.is_null() { vdupq_n_f32(0.0) } else { f16s(mins, g * nb + b) };
+                        (d, m)
+                    }
+                }
+            };
+            for t in 0..T {
+                let dx = x.d[i(t)];
+                if w.scheme == Scheme::Q6K {
+                    let l = self.low[i(t)];
+                    let sl = vaddq_s32(lo[t], vdupq_n_s32(neg_offset * l));
+                    let sh = vaddq_s32(hi[t], vdupq_n_s32(neg_offset * (x.isum[i(t)] - l)));
+                    acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(sl), vmulq_n_f32(d0, dx));
+                    acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(sh), vmulq_n_f32(d1, dx));
+                    continue;
+                }
+                let s = vaddq_s32(lo[t], vdupq_n_s32(neg_offset * x.isum[i(t)]));
+                acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(s), vmulq_n_f32(d0, dx));
+                if w.mins.is_some() {
+                    acc[t] = vfmaq_n_f32(acc[t], d1, x.sum[i(t)]);
+                }
+            }
+        }
+        for (t, a) in acc.iter().enumerate() {
+            // SAFETY: the caller owns output elements (t0+t)*ldo + 16g + 4·quarter + r, r < 4.
+            unsafe { vst1q_f32(self.out.add((t0 + t) * self.ldo + g * rg + 4 * quarter), *a) };
+        }
+    }
+}
