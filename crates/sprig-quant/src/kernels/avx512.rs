@@ -885,23 +885,25 @@ unsafe fn grouped<const K: u8>(w: &QMatrix, x: &QuantizedActivations, out: *mut 
             Scheme::Q8A => (-128, true),
             Scheme::Q6K => (-32, false),
         };
-        // q6k holds two sums per token: at most 4 tokens at a time keep them all in registers.
+        // q6k holds two sums per token: at most 4 tokens at a time keep them all in registers. Every pass
+        // unpacks the group's codes again, so the tokens go in as few passes as the registers allow, of even
+        // size (3 tokens: one pass of 3, not 2 + 1; 10: 5 + 5).
         let most = if K == K6 { 4 } else { 8 };
+        let passes = x.rows.div_ceil(most);
         for g in 0..w.rows / PANEL_ROWS {
             let run = GroupRun { w, x, low: &low, g, neg_offset, has_min, out, ldo };
             let mut t0 = 0;
-            while t0 < x.rows {
-                let t = match x.rows - t0 {
-                    n if n >= most => most,
-                    4.. => 4,
-                    2..=3 => 2,
-                    _ => 1,
-                };
+            for p in 0..passes {
+                let t = (x.rows - t0).div_ceil(passes - p);
                 // SAFETY: tokens t0..t0+t exist; group g lies inside the matrix; forwarded from our caller.
                 unsafe {
                     match t {
                         8 => run.tokens::<8, K>(t0),
+                        7 => run.tokens::<7, K>(t0),
+                        6 => run.tokens::<6, K>(t0),
+                        5 => run.tokens::<5, K>(t0),
                         4 => run.tokens::<4, K>(t0),
+                        3 => run.tokens::<3, K>(t0),
                         2 => run.tokens::<2, K>(t0),
                         _ => run.tokens::<1, K>(t0),
                     }
