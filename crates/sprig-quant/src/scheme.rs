@@ -442,11 +442,6 @@ impl<'a> QMatrix<'a> {
         Ok(())
     }
 
-    /// Row `r` as a borrowed single-row matrix.
-    pub fn row(&self, r: usize) -> QMatrix<'a> {
-        self.rows_range(r, r + 1)
-    }
-
     /// Rows `start..end` (panics when out of range, like slicing). In the grouped layout a range must not cut
     /// a group: `start` a multiple of 16 (or inside the row-major tail), `end` a multiple of 16 or `rows`.
     pub fn rows_range(&self, start: usize, end: usize) -> QMatrix<'a> {
