@@ -1084,8 +1084,12 @@ impl GroupRun<'_> {
                 continue;
             }
             let mut sums = [_mm512_setzero_si512(); T];
-            for (t, s) in sums.iter_mut().enumerate() {
-                *s = _mm512_set1_epi32(self.neg_offset * x.isum[(t0 + t) * nb + b]);
+            // Unsigned codes with no min (q4: −8, int8: −128) start at −offset·Σx; q4a/q4k take their offset
+            // through the min term instead, so their sums start at zero (no per-token broadcast).
+            if K == INT8 || (K == PLAIN4 && !self.has_min) {
+                for (t, s) in sums.iter_mut().enumerate() {
+                    *s = _mm512_set1_epi32(self.neg_offset * x.isum[(t0 + t) * nb + b]);
+                }
             }
             for (q, &wv) in cv.iter().enumerate() {
                 for (t, s) in sums.iter_mut().enumerate() {

@@ -613,7 +613,7 @@ impl QuarterGroup<'_> {
                     acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(sh), vmulq_n_f32(d1, dx));
                     continue;
                 }
-                let s = vaddq_s32(lo[t], vdupq_n_s32(neg_offset * x.isum[i(t)]));
+                let s = if neg_offset == 0 { lo[t] } else { vaddq_s32(lo[t], vdupq_n_s32(neg_offset * x.isum[i(t)])) };
                 acc[t] = vfmaq_f32(acc[t], vcvtq_f32_s32(s), vmulq_n_f32(d0, dx));
                 if w.mins.is_some() {
                     acc[t] = vfmaq_n_f32(acc[t], d1, x.sum[i(t)]);

@@ -516,7 +516,11 @@ impl HalfGroup<'_> {
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sh), _mm256_mul_ps(d1, dx), acc[t]);
                     continue;
                 }
-                let s = _mm256_add_epi32(lo[t], _mm256_set1_epi32(neg_offset * x.isum[i(t)]));
+                let s = if neg_offset == 0 {
+                    lo[t]
+                } else {
+                    _mm256_add_epi32(lo[t], _mm256_set1_epi32(neg_offset * x.isum[i(t)]))
+                };
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d0, dx), acc[t]);
                 if w.mins.is_some() {
                     acc[t] = _mm256_fmadd_ps(d1, _mm256_set1_ps(x.sum[i(t)]), acc[t]);
