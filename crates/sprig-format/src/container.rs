@@ -279,7 +279,7 @@ impl ContainerWriter {
         if name.contains("exps") {
             // Without the config's expert count the experts' boundaries are unknown: row-major.
             let experts = self.experts;
-            if experts == 0 || rows % experts != 0 || (rows / experts) % ROW_GROUP != 0 {
+            if experts == 0 || !rows.is_multiple_of(experts) || !(rows / experts).is_multiple_of(ROW_GROUP) {
                 return RowLayout::RowMajor;
             }
         }

@@ -119,7 +119,7 @@ pub fn regroup_plane(plane: &[u8], rows: usize, unit: usize, to_grouped: bool) -
         return out;
     }
     let row_bytes = plane.len() / rows;
-    assert!(row_bytes * rows == plane.len() && row_bytes % unit == 0, "plane rows are whole units");
+    assert!(row_bytes * rows == plane.len() && row_bytes.is_multiple_of(unit), "plane rows are whole units");
     let per_row = row_bytes / unit;
     for g in 0..rows / ROW_GROUP {
         let base = g * ROW_GROUP * row_bytes;
@@ -328,6 +328,18 @@ impl<'a> QMatrix<'a> {
         }
     }
 
+    /// The row and unit that unit index `i` holds in a plane of `per_row` units per row (inverse of
+    /// [`QMatrix::unit_index`]).
+    pub fn unit_position(&self, i: usize, per_row: usize) -> (usize, usize) {
+        let grouped = self.grouped_rows() * per_row;
+        if i < grouped {
+            let (g, within) = (i / (ROW_GROUP * per_row), i % (ROW_GROUP * per_row));
+            (g * ROW_GROUP + within % ROW_GROUP, within / ROW_GROUP)
+        } else {
+            (i / per_row, i % per_row)
+        }
+    }
+
     /// Byte `j` of row `r`'s code plane (as it would lie in a row-major plane).
     #[inline]
     pub fn qs_byte(&self, r: usize, j: usize) -> u8 {
@@ -432,7 +444,10 @@ impl<'a> QMatrix<'a> {
         // Index i of a scale plane: row and first block it scales.
         let per_row = self.scheme.scales_per_row(nb).max(1);
         let per_entry = if matches!(self.scheme, Scheme::Q4K | Scheme::Q6K) { SUPER } else { 1 };
-        let bad = |i: usize| LayoutError::NonFinite { row: i / per_row, block: i % per_row * per_entry };
+        let bad = |i: usize| {
+            let (row, unit) = self.unit_position(i, per_row);
+            LayoutError::NonFinite { row, block: unit * per_entry }
+        };
         if let Some(i) = self.scales.iter().position(|d| !d.is_finite()) {
             return Err(bad(i));
         }
@@ -451,7 +466,7 @@ impl<'a> QMatrix<'a> {
             RowLayout::RowMajor
         } else {
             assert!(
-                start % ROW_GROUP == 0 && (end % ROW_GROUP == 0 || end == self.rows),
+                start.is_multiple_of(ROW_GROUP) && (end.is_multiple_of(ROW_GROUP) || end == self.rows),
                 "rows {start}..{end} cut a group of {ROW_GROUP} interleaved rows"
             );
             self.layout
@@ -619,12 +634,12 @@ impl QMatrixOwned {
         let to_grouped = layout == RowLayout::Grouped;
         let rows = self.rows;
         self.qs = regroup_plane(&self.qs, rows, Plane::Qs.unit_bytes(scheme), to_grouped);
-        let f16s = |v: &[f16]| -> Vec<f16> {
+        fn f16s(v: &[f16], rows: usize, to_grouped: bool) -> Vec<f16> {
             let b = regroup_plane(bytemuck::cast_slice(v), rows, 2, to_grouped);
             b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
-        };
-        self.scales = f16s(&self.scales);
-        self.mins = self.mins.as_deref().map(f16s);
+        }
+        self.scales = f16s(&self.scales, rows, to_grouped);
+        self.mins = self.mins.as_deref().map(|m| f16s(m, rows, to_grouped));
         self.sub = self.sub.as_deref().map(|s| regroup_plane(s, rows, Plane::Sub.unit_bytes(scheme), to_grouped));
         self.layout = layout;
     }
@@ -670,6 +685,26 @@ mod tests {
         assert!(QMatrix::new(Scheme::Q4K, rows, cols, &qs, &ksc, Some(&ksc), Some(&sub[1..])).is_err());
         assert!(QMatrix::new(Scheme::Q4K, rows, cols, &qs, &sc, Some(&sc), Some(&sub)).is_err());
         assert!(QMatrix::new(Scheme::Q4A, rows, cols, &qs, &sc, Some(&sc), Some(&sub)).is_err());
+    }
+
+    /// Unit positions invert unit indices in both layouts, and a non-finite scale is reported at its row and
+    /// block whichever layout holds it.
+    #[test]
+    fn grouped_units_map_back_to_their_rows() {
+        let (rows, cols) = (37, 96);
+        let mut m = crate::quantize::quantize(&vec![0.25f32; rows * cols], rows, cols, Scheme::Q4);
+        m.scales[20 * 3 + 2] = f16::NAN; // row 20, block 2 (row-major)
+        for layout in [RowLayout::RowMajor, RowLayout::Grouped] {
+            let mut c = m.clone();
+            c.set_layout(layout);
+            let v = c.view();
+            for r in 0..rows {
+                for i in 0..3 {
+                    assert_eq!(v.unit_position(v.unit_index(r, i, 3), 3), (r, i), "{layout:?}");
+                }
+            }
+            assert_eq!(v.validate(), Err(LayoutError::NonFinite { row: 20, block: 2 }), "{layout:?}");
+        }
     }
 
     #[test]
