@@ -857,27 +857,13 @@ pub unsafe fn gemm_grouped(w: &QMatrix, x: &QuantizedActivations, out: *mut f32,
     }
 }
 
-thread_local! {
-    /// Per token and block, the sum of the activation codes 0..16 (q6k's halves have scales of their own).
-    static LOW_SUMS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// [`gemm_grouped`] for one kind of code.
 ///
 /// # Safety
 /// As [`gemm_grouped`], and `K` is `w.scheme`'s kind.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn grouped<const K: u8>(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
-    let nb = w.nb();
-    LOW_SUMS.with(|cell| {
-        let mut low = cell.borrow_mut();
-        low.clear();
-        if K == K6 {
-            for t in 0..x.rows {
-                let qs = x.row_qs(t);
-                low.extend((0..nb).map(|b| qs[b * BLOCK..b * BLOCK + 16].iter().map(|&v| v as i32).sum::<i32>()));
-            }
-        }
+    super::with_low_sums(w, x, |low| {
         let (neg_offset, has_min) = match w.scheme {
             Scheme::Q4 => (-8, false),
             Scheme::Q4A | Scheme::Q4K => (0, true),
@@ -891,7 +877,7 @@ unsafe fn grouped<const K: u8>(w: &QMatrix, x: &QuantizedActivations, out: *mut 
         let most = if K == K6 { 4 } else { 8 };
         let passes = x.rows.div_ceil(most);
         for g in 0..w.rows / PANEL_ROWS {
-            let run = GroupRun { w, x, low: &low, g, neg_offset, has_min, out, ldo };
+            let run = GroupRun { w, x, low, g, neg_offset, has_min, out, ldo };
             let mut t0 = 0;
             for p in 0..passes {
                 let t = (x.rows - t0).div_ceil(passes - p);

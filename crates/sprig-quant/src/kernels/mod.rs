@@ -48,6 +48,26 @@ use crate::scheme::{Plane, QMatrix, QMatrixOwned, RowLayout, ROW_GROUP};
 thread_local! {
     /// One group of 16 rows in row-major order, for the kernels that have no grouped form.
     static GROUP_SCRATCH: RefCell<QMatrixOwned> = RefCell::new(QMatrixOwned::default());
+    /// Per token and block, the sum of the activation codes 0..16 (q6k's halves have scales of their own).
+    static LOW_SUMS: RefCell<Vec<i32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Calls `f` with every token's per-block sums of activation codes 0..16 (`x.rows * nb`, token-major) when `w` is
+/// [`crate::Scheme::Q6K`], else with nothing: the grouped kernels take each half block's offset back with them.
+/// No allocation once grown (decode runs it per product).
+#[allow(dead_code)] // Used by the x86 and aarch64 kernels only.
+pub(crate) fn with_low_sums<R>(w: &QMatrix, x: &QuantizedActivations, f: impl FnOnce(&[i32]) -> R) -> R {
+    LOW_SUMS.with(|cell| {
+        let mut low = cell.borrow_mut();
+        low.clear();
+        if w.scheme == crate::Scheme::Q6K {
+            for t in 0..x.rows {
+                let qs = x.row_qs(t);
+                low.extend((0..x.nb()).map(|b| qs[b * 32..b * 32 + 16].iter().map(|&v| v as i32).sum::<i32>()));
+            }
+        }
+        f(&low)
+    })
 }
 
 /// Copies one grouped group of [`ROW_GROUP`] rows into `out` in row-major order (no allocation once grown).

@@ -450,35 +450,27 @@ unsafe fn f16x4(p: *const u16) -> float32x4_t {
 #[target_feature(enable = "neon,dotprod")]
 pub unsafe fn gemm_grouped(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
     assert_eq!(w.grouped_rows(), w.rows, "gemm_grouped: rows outside groups");
-    let low: Vec<i32> = if w.scheme == Scheme::Q6K {
-        (0..x.rows)
-            .flat_map(|t| {
-                let qs = x.row_qs(t);
-                (0..w.nb()).map(move |b| qs[b * 32..b * 32 + 16].iter().map(|&v| v as i32).sum::<i32>())
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    for g in 0..w.rows / crate::scheme::ROW_GROUP {
-        for quarter in 0..4 {
-            let run = QuarterGroup { w, x, low: &low, g, quarter, out, ldo };
-            let mut t0 = 0;
-            while t0 < x.rows {
-                let t = (x.rows - t0).min(4);
-                // SAFETY: tokens t0..t0+t exist; the quarter group lies inside the matrix; forwarded from our caller.
-                unsafe {
-                    match t {
-                        4 => run.tokens::<4>(t0),
-                        3 => run.tokens::<3>(t0),
-                        2 => run.tokens::<2>(t0),
-                        _ => run.tokens::<1>(t0),
+    super::with_low_sums(w, x, |low| {
+        for g in 0..w.rows / crate::scheme::ROW_GROUP {
+            for quarter in 0..4 {
+                let run = QuarterGroup { w, x, low, g, quarter, out, ldo };
+                let mut t0 = 0;
+                while t0 < x.rows {
+                    let t = (x.rows - t0).min(4);
+                    // SAFETY: tokens t0..t0+t exist; the quarter group lies inside the matrix; forwarded from our caller.
+                    unsafe {
+                        match t {
+                            4 => run.tokens::<4>(t0),
+                            3 => run.tokens::<3>(t0),
+                            2 => run.tokens::<2>(t0),
+                            _ => run.tokens::<1>(t0),
+                        }
                     }
+                    t0 += t;
                 }
-                t0 += t;
             }
         }
-    }
+    })
 }
 
 /// Four rows (quarter `quarter` of group `g`) of a grouped matrix against the tokens.
