@@ -112,26 +112,34 @@ impl Plane {
 }
 
 /// Reorders a plane of `rows` equal rows between [`RowLayout::RowMajor`] and [`RowLayout::Grouped`] with
-/// units of `unit` bytes (`to_grouped`: row-major in, grouped out).
-pub fn regroup_plane(plane: &[u8], rows: usize, unit: usize, to_grouped: bool) -> Vec<u8> {
-    let mut out = plane.to_vec();
+/// units of `unit` elements (`to_grouped`: row-major in, grouped out) into `out` (reused: no allocation once
+/// grown).
+pub fn regroup_into<T: Copy>(plane: &[T], rows: usize, unit: usize, to_grouped: bool, out: &mut Vec<T>) {
+    out.clear();
+    out.extend_from_slice(plane);
     if rows == 0 {
-        return out;
+        return;
     }
-    let row_bytes = plane.len() / rows;
-    assert!(row_bytes * rows == plane.len() && row_bytes.is_multiple_of(unit), "plane rows are whole units");
-    let per_row = row_bytes / unit;
+    let row_len = plane.len() / rows;
+    assert!(row_len * rows == plane.len() && row_len.is_multiple_of(unit), "plane rows are whole units");
+    let per_row = row_len / unit;
     for g in 0..rows / ROW_GROUP {
-        let base = g * ROW_GROUP * row_bytes;
+        let base = g * ROW_GROUP * row_len;
         for r in 0..ROW_GROUP {
             for i in 0..per_row {
-                let plain = base + r * row_bytes + i * unit;
+                let plain = base + r * row_len + i * unit;
                 let grouped = base + (i * ROW_GROUP + r) * unit;
                 let (from, to) = if to_grouped { (plain, grouped) } else { (grouped, plain) };
                 out[to..to + unit].copy_from_slice(&plane[from..from + unit]);
             }
         }
     }
+}
+
+/// [`regroup_into`] into a new plane.
+pub fn regroup_plane<T: Copy>(plane: &[T], rows: usize, unit: usize, to_grouped: bool) -> Vec<T> {
+    let mut out = Vec::new();
+    regroup_into(plane, rows, unit, to_grouped, &mut out);
     out
 }
 
@@ -634,12 +642,8 @@ impl QMatrixOwned {
         let to_grouped = layout == RowLayout::Grouped;
         let rows = self.rows;
         self.qs = regroup_plane(&self.qs, rows, Plane::Qs.unit_bytes(scheme), to_grouped);
-        fn f16s(v: &[f16], rows: usize, to_grouped: bool) -> Vec<f16> {
-            let b = regroup_plane(bytemuck::cast_slice(v), rows, 2, to_grouped);
-            b.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()
-        }
-        self.scales = f16s(&self.scales, rows, to_grouped);
-        self.mins = self.mins.as_deref().map(|m| f16s(m, rows, to_grouped));
+        self.scales = regroup_plane(&self.scales, rows, 1, to_grouped);
+        self.mins = self.mins.as_deref().map(|m| regroup_plane(m, rows, 1, to_grouped));
         self.sub = self.sub.as_deref().map(|s| regroup_plane(s, rows, Plane::Sub.unit_bytes(scheme), to_grouped));
         self.layout = layout;
     }

@@ -571,6 +571,19 @@ fn prefetch_ahead(row_bytes: usize) -> usize {
     tile * ((PREFETCH + tile / 2) / tile).max(1)
 }
 
+/// How the unsigned codes of the panels and grouped kernels take their offset back: `(−offset, has_min)`, a
+/// block's integer sum starting at `−offset·Σx` (int4 8, int8 128 after flipping the sign bit; q6k 32 per half,
+/// see `PanelRun::tokens`), or, for the schemes with a min plane, through the min term.
+fn unsigned_offsets(scheme: Scheme) -> (i32, bool) {
+    match scheme {
+        Scheme::Q4 => (-8, false),
+        Scheme::Q4A | Scheme::Q4K => (0, true),
+        Scheme::Q8 => (-128, false),
+        Scheme::Q8A => (-128, true),
+        Scheme::Q6K => (-32, false),
+    }
+}
+
 /// Tokens from which a product runs on row panels (below: 4-row tiles of up to 4 tokens on quads). Building a
 /// panel costs about as much as running a few tokens through it; from about a dozen tokens the panels' cheaper
 /// per-token work pays for it (1536 x 1536, one thread, panels / tiles at 12 tokens: q4a 1.02, q8 1.03, q4k
@@ -600,14 +613,7 @@ unsafe fn gemm_panels(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo:
     let nb = w.nb();
     let qrow = nb * w.scheme.qs_bytes_per_block();
     assert!(qrow.checked_mul(PANEL_ROWS).is_some_and(|v| v < i32::MAX as usize), "row too long for gather offsets");
-    let (neg_offset, has_min) = match w.scheme {
-        Scheme::Q4 => (-8, false),
-        Scheme::Q4A | Scheme::Q4K => (0, true),
-        Scheme::Q8 => (-128, false),
-        Scheme::Q8A => (-128, true),
-        // Q6K: codes 0..63, each half block's sum starts at −32·Σx (see `PanelRun::tokens`).
-        Scheme::Q6K => (-32, false),
-    };
+    let (neg_offset, has_min) = unsigned_offsets(w.scheme);
     PANEL.with(|cell| {
         let mut panel = cell.borrow_mut();
         let mut r0 = 0;
@@ -864,13 +870,7 @@ pub unsafe fn gemm_grouped(w: &QMatrix, x: &QuantizedActivations, out: *mut f32,
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn grouped<const K: u8>(w: &QMatrix, x: &QuantizedActivations, out: *mut f32, ldo: usize) {
     super::with_low_sums(w, x, |low| {
-        let (neg_offset, has_min) = match w.scheme {
-            Scheme::Q4 => (-8, false),
-            Scheme::Q4A | Scheme::Q4K => (0, true),
-            Scheme::Q8 => (-128, false),
-            Scheme::Q8A => (-128, true),
-            Scheme::Q6K => (-32, false),
-        };
+        let (neg_offset, has_min) = unsigned_offsets(w.scheme);
         // q6k holds two sums per token: at most 4 tokens at a time keep them all in registers. Every pass
         // unpacks the group's codes again, so the tokens go in as few passes as the registers allow, of even
         // size (3 tokens: one pass of 3, not 2 + 1; 10: 5 + 5).

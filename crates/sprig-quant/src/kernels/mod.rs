@@ -43,7 +43,7 @@ pub mod x86;
 use std::cell::RefCell;
 
 use crate::activation::QuantizedActivations;
-use crate::scheme::{Plane, QMatrix, QMatrixOwned, RowLayout, ROW_GROUP};
+use crate::scheme::{regroup_into, Plane, QMatrix, QMatrixOwned, RowLayout, ROW_GROUP};
 
 thread_local! {
     /// One group of 16 rows in row-major order, for the kernels that have no grouped form.
@@ -75,21 +75,11 @@ fn ungroup(w: &QMatrix, out: &mut QMatrixOwned) {
     debug_assert_eq!((w.rows, w.grouped_rows()), (ROW_GROUP, ROW_GROUP));
     out.scheme = Some(w.scheme);
     (out.rows, out.cols, out.layout) = (w.rows, w.cols, RowLayout::RowMajor);
-    fn copy<T: Copy>(src: &[T], dst: &mut Vec<T>, unit: usize) {
-        dst.clear();
-        dst.extend_from_slice(src);
-        let per_row = src.len() / ROW_GROUP / unit;
-        for r in 0..ROW_GROUP {
-            for i in 0..per_row {
-                let (from, to) = ((i * ROW_GROUP + r) * unit, (r * per_row + i) * unit);
-                dst[to..to + unit].copy_from_slice(&src[from..from + unit]);
-            }
-        }
-    }
+    let copy = |src, dst, unit| regroup_into(src, ROW_GROUP, unit, false, dst);
     copy(w.qs, &mut out.qs, Plane::Qs.unit_bytes(w.scheme));
-    copy(w.scales, &mut out.scales, 1);
+    regroup_into(w.scales, ROW_GROUP, 1, false, &mut out.scales);
     match w.mins {
-        Some(m) => copy(m, out.mins.get_or_insert_with(Vec::new), 1),
+        Some(m) => regroup_into(m, ROW_GROUP, 1, false, out.mins.get_or_insert_with(Vec::new)),
         None => out.mins = None,
     }
     match w.sub {
